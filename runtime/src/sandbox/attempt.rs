@@ -1,0 +1,200 @@
+//! One attempt: a fresh store and instance, the call to `run`, and the
+//! classification of how it ended.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+
+use super::bindings::stepbox::step::types::{StepContext as WitContext, StepError};
+use super::capture::CappedPipe;
+use super::component::StepComponent;
+use super::grants::Grants;
+use super::host::StepState;
+use super::host::logging::LogBuffer;
+use super::limits::{InstanceLimiter, Limits};
+use super::outcome::{AttemptReport, Failure, FailureKind, Outcome};
+use crate::store::{KeyValueStore, KvScope};
+
+/// Who is running: passed to the step as its context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepContext {
+    pub run_id: String,
+    pub step_id: String,
+    pub attempt: u32,
+    pub idempotency_key: String,
+    pub tenant: String,
+    /// Key-value state is shared by the steps of one workflow (and tenant).
+    pub workflow: String,
+}
+
+/// Everything one attempt needs besides the component.
+#[derive(Debug, Clone)]
+pub struct AttemptRequest {
+    pub context: StepContext,
+    /// The step's input as JSON text.
+    pub input: String,
+    pub limits: Limits,
+    pub grants: Grants,
+}
+
+pub(crate) async fn run(
+    engine: &Engine,
+    kv: Arc<dyn KeyValueStore>,
+    component: &StepComponent,
+    request: AttemptRequest,
+) -> AttemptReport {
+    let AttemptRequest { context, input, limits, grants } = request;
+    let stdio_cap = usize::try_from(limits.stdio.as_u64()).unwrap_or(usize::MAX);
+    let stdout = CappedPipe::new(stdio_cap);
+    let stderr = CappedPipe::new(stdio_cap);
+    let started = Instant::now();
+
+    let wasi = match grants.wasi_ctx(&stdout, &stderr) {
+        Ok(wasi) => wasi,
+        Err(err) => {
+            // A grant the host cannot honour (a missing directory) is a
+            // problem of the step's configuration: retrying will not fix it.
+            let failure = Failure::new(FailureKind::Fatal, format!("{err:#}"));
+            return report(Outcome::Failed(failure), started, 0, 0, Vec::new(), &stdout, &stderr);
+        }
+    };
+    let state = StepState {
+        wasi,
+        table: ResourceTable::new(),
+        limiter: InstanceLimiter::new(&limits),
+        logs: LogBuffer::new(context.step_id.clone(), usize::try_from(limits.logs.as_u64()).unwrap_or(usize::MAX)),
+        config: Arc::new(grants.config),
+        kv,
+        kv_scope: KvScope { tenant: context.tenant.clone(), workflow: context.workflow.clone() },
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| &mut state.limiter);
+    // Fuel cannot fail to be set on an engine built with fuel metering.
+    let _ = store.set_fuel(limits.fuel);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|_| Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))));
+
+    let wit_context = WitContext {
+        run_id: context.run_id,
+        step_id: context.step_id,
+        attempt: context.attempt,
+        idempotency_key: context.idempotency_key,
+        tenant: context.tenant,
+    };
+    let call = async {
+        let step = component.pre.instantiate_async(&mut store).await?;
+        step.call_run(&mut store, &wit_context, &input).await
+    };
+    // The guest yields at every epoch tick and host calls are async, so the
+    // timeout fires whether the guest computes or waits.
+    let result = tokio::time::timeout(limits.timeout, call).await;
+
+    let fuel_consumed = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+    let outcome = match result {
+        Err(_elapsed) => Outcome::Failed(Failure::new(
+            FailureKind::Timeout,
+            format!("the attempt ran longer than its timeout of {}", humantime::format_duration(limits.timeout)),
+        )),
+        Ok(Err(err)) => Outcome::Failed(classify_error(&err, &store, &stderr)),
+        Ok(Ok(Err(StepError::Retryable(message)))) => Outcome::Failed(Failure::new(FailureKind::Retryable, message)),
+        Ok(Ok(Err(StepError::Fatal(message)))) => Outcome::Failed(Failure::new(FailureKind::Fatal, message)),
+        Ok(Ok(Ok(output))) => check_output(&output, &limits),
+    };
+    let peak_memory = store.data().limiter.peak_memory();
+    let logs = std::mem::replace(&mut store.data_mut().logs, LogBuffer::new(String::new(), 0)).into_records();
+    drop(store);
+    report(outcome, started, fuel_consumed, peak_memory, logs, &stdout, &stderr)
+}
+
+fn report(
+    outcome: Outcome,
+    started: Instant,
+    fuel_consumed: u64,
+    peak_memory: u64,
+    logs: Vec<super::host::logging::LogRecord>,
+    stdout: &CappedPipe,
+    stderr: &CappedPipe,
+) -> AttemptReport {
+    AttemptReport {
+        outcome,
+        duration: started.elapsed(),
+        fuel_consumed,
+        peak_memory,
+        logs,
+        stdout: stdout.captured(),
+        stderr: stderr.captured(),
+    }
+}
+
+fn check_output(output: &str, limits: &Limits) -> Outcome {
+    if output.len() as u64 > limits.output.as_u64() {
+        return Outcome::Failed(Failure::new(
+            FailureKind::OutputLimit,
+            format!(
+                "the step returned {} bytes of output; the limit is {}",
+                output.len(),
+                limits.output.display().iec()
+            ),
+        ));
+    }
+    match serde_json::from_str(output) {
+        Ok(output) => Outcome::Succeeded { output },
+        Err(err) => Outcome::Failed(Failure::new(
+            FailureKind::Fatal,
+            format!("the step's output is not valid JSON ({err}); a step must return JSON text"),
+        )),
+    }
+}
+
+/// Names the failure behind an error from instantiating or calling the guest.
+fn classify_error(err: &wasmtime::Error, store: &Store<StepState>, stderr: &CappedPipe) -> Failure {
+    if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return Failure::new(
+            FailureKind::Trap,
+            format!("the step called exit({}) instead of returning from `run`", exit.0),
+        );
+    }
+    let Some(trap) = err.downcast_ref::<Trap>() else {
+        return Failure::new(FailureKind::Trap, format!("{err:#}"));
+    };
+    match trap {
+        Trap::OutOfFuel => Failure::new(FailureKind::OutOfFuel, "the attempt used up its fuel (raise `limits.fuel` if it needs more)"),
+        Trap::StackOverflow => Failure::new(FailureKind::StackOverflow, "the step overflowed its call stack (unbounded recursion?)"),
+        Trap::Interrupt => Failure::new(FailureKind::Timeout, "the attempt was interrupted"),
+        _ => match store.data().limiter.hit() {
+            // An allocation failure right after a refused growth is the limit.
+            Some(hit) => Failure::new(FailureKind::MemoryLimit, hit.0.clone()),
+            None => {
+                let mut message = format!("the step trapped: {trap}");
+                if let Some(panic) = panic_message(&stderr.captured().text) {
+                    message.push_str(&format!(" ({panic})"));
+                }
+                Failure::new(FailureKind::Trap, message)
+            }
+        },
+    }
+}
+
+/// The message of a Rust panic, as the standard library prints it to stderr:
+/// "thread '…' panicked at FILE:LINE:COL:\nMESSAGE".
+fn panic_message(stderr: &str) -> Option<String> {
+    let start = stderr.rfind("panicked at ")?;
+    let mut lines = stderr[start..].lines();
+    let location = lines.next()?.trim_end_matches(':');
+    let message = lines.next().unwrap_or("").trim();
+    Some(format!("{location}: {message}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_panic_message_from_stderr() {
+        let stderr = "\nthread '<unnamed>' panicked at src/lib.rs:7:5:\nboom\nnote: run with `RUST_BACKTRACE=1`\n";
+        assert_eq!(panic_message(stderr).unwrap(), "panicked at src/lib.rs:7:5: boom");
+        assert_eq!(panic_message("nothing here"), None);
+    }
+}

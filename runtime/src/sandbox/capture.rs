@@ -1,0 +1,137 @@
+//! Capped capture of a guest's stdout or stderr: the first bytes are kept,
+//! the rest is counted and dropped, and the guest never sees an error (a
+//! step that logs a lot should not fail because of it).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::io::AsyncWrite;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+
+#[derive(Debug, Default)]
+struct Buffer {
+    kept: Vec<u8>,
+    dropped: u64,
+}
+
+/// A shared, capped buffer; clones write to the same buffer.
+#[derive(Debug, Clone)]
+pub(crate) struct CappedPipe {
+    capacity: usize,
+    buffer: Arc<Mutex<Buffer>>,
+}
+
+/// What a guest wrote to one stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Captured {
+    /// The kept bytes as text (invalid UTF-8 replaced), ending with a
+    /// `[... N more bytes dropped]` marker when the stream went over its cap.
+    pub text: String,
+    /// How many bytes were dropped.
+    pub dropped_bytes: u64,
+}
+
+impl Captured {
+    pub fn is_truncated(&self) -> bool {
+        self.dropped_bytes > 0
+    }
+}
+
+impl CappedPipe {
+    pub(crate) fn new(capacity: usize) -> Self {
+        CappedPipe { capacity, buffer: Arc::default() }
+    }
+
+    fn append(&self, bytes: &[u8]) {
+        let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let room = self.capacity.saturating_sub(buffer.kept.len());
+        let kept = bytes.len().min(room);
+        buffer.kept.extend_from_slice(&bytes[..kept]);
+        buffer.dropped += (bytes.len() - kept) as u64;
+    }
+
+    pub(crate) fn captured(&self) -> Captured {
+        let buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut text = String::from_utf8_lossy(&buffer.kept).into_owned();
+        if buffer.dropped > 0 {
+            if !text.ends_with('\n') && !text.is_empty() {
+                text.push('\n');
+            }
+            text.push_str(&format!("[... {} more bytes dropped]", buffer.dropped));
+        }
+        Captured { text, dropped_bytes: buffer.dropped }
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl OutputStream for CappedPipe {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        self.append(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        // Always ready: what does not fit is dropped, not refused.
+        Ok(64 * 1024)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for CappedPipe {
+    async fn ready(&mut self) {}
+}
+
+impl AsyncWrite for CappedPipe {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.append(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for CappedPipe {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CappedPipe {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_first_bytes_and_counts_the_rest() {
+        let pipe = CappedPipe::new(4);
+        pipe.append(b"abc");
+        pipe.append(b"defg");
+        let captured = pipe.captured();
+        assert_eq!(captured.text, "abcd\n[... 3 more bytes dropped]");
+        assert_eq!(captured.dropped_bytes, 3);
+    }
+}

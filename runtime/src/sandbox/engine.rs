@@ -1,0 +1,65 @@
+//! The one wasmtime engine of a process, and the thread that ticks its epoch.
+
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the epoch advances: the longest a guest runs before it yields to
+/// the async runtime, so timeouts and cancellation act within about this much.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Process-wide sandbox settings: they size the instance pool, so they are
+/// fixed when the engine is built.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Attempts that may run at the same time.
+    pub max_concurrent_attempts: u32,
+    /// The largest memory limit any attempt may be given.
+    pub max_memory: ByteSize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_concurrent_attempts: 256, max_memory: ByteSize::gib(4) }
+    }
+}
+
+pub(crate) fn build(config: &EngineConfig) -> anyhow::Result<Engine> {
+    let instances = config.max_concurrent_attempts.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(instances)
+        // A component built by Rust or another toolchain holds a few core
+        // instances, memories and tables (its own, the WASI adapter's, shims).
+        .total_core_instances(instances * 8)
+        .total_memories(instances * 2)
+        .total_tables(instances * 4)
+        .total_stacks(instances)
+        .max_memory_size(usize::try_from(config.max_memory.as_u64()).unwrap_or(usize::MAX));
+
+    let mut wasm = Config::new();
+    wasm.wasm_component_model(true)
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .strategy(wasmtime::Strategy::Cranelift)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&wasm).map_err(|err| anyhow::anyhow!("could not create the wasm engine: {err:#}"))
+}
+
+/// Advances the engine's epoch from a plain thread, outside the async
+/// runtime, so a busy runtime cannot delay the ticks that interrupt guests.
+/// The thread ends when the engine is dropped.
+pub(crate) fn start_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
+    let weak: EngineWeak = engine.weak();
+    std::thread::Builder::new()
+        .name("stepbox-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .map_err(|err| anyhow::anyhow!("could not start the epoch thread: {err}"))?;
+    Ok(())
+}

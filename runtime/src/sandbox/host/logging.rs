@@ -1,0 +1,95 @@
+use serde::Serialize;
+
+use super::{StepState, truncate_with_marker};
+use crate::sandbox::bindings::wasi::logging::logging::{Host, Level};
+
+/// Longest single message kept; the rest is cut with a marker.
+const MAX_MESSAGE: usize = 16 * 1024;
+/// Longest context kept.
+const MAX_CONTEXT: usize = 256;
+
+/// A log message a step sent through `wasi:logging`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogRecord {
+    pub level: LogLevel,
+    pub context: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Critical,
+}
+
+impl From<Level> for LogLevel {
+    fn from(level: Level) -> Self {
+        match level {
+            Level::Trace => LogLevel::Trace,
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warn => LogLevel::Warn,
+            Level::Error => LogLevel::Error,
+            Level::Critical => LogLevel::Critical,
+        }
+    }
+}
+
+/// The log records of one attempt, capped in total bytes.
+#[derive(Debug)]
+pub(crate) struct LogBuffer {
+    step_id: String,
+    budget: usize,
+    records: Vec<LogRecord>,
+    dropped: u64,
+}
+
+impl LogBuffer {
+    pub(crate) fn new(step_id: String, budget: usize) -> Self {
+        LogBuffer { step_id, budget, records: Vec::new(), dropped: 0 }
+    }
+
+    /// The kept records, plus a final warning record when some were dropped.
+    pub(crate) fn into_records(mut self) -> Vec<LogRecord> {
+        if self.dropped > 0 {
+            self.records.push(LogRecord {
+                level: LogLevel::Warn,
+                context: "stepbox".into(),
+                message: format!("{} more log messages dropped: the attempt's log limit was reached", self.dropped),
+            });
+        }
+        self.records
+    }
+
+    fn push(&mut self, level: Level, mut context: String, mut message: String) {
+        truncate_with_marker(&mut context, MAX_CONTEXT);
+        truncate_with_marker(&mut message, MAX_MESSAGE);
+        let step = self.step_id.as_str();
+        match level {
+            Level::Trace => tracing::trace!(target: "stepbox::guest", step, context, "{message}"),
+            Level::Debug => tracing::debug!(target: "stepbox::guest", step, context, "{message}"),
+            Level::Info => tracing::info!(target: "stepbox::guest", step, context, "{message}"),
+            Level::Warn => tracing::warn!(target: "stepbox::guest", step, context, "{message}"),
+            Level::Error | Level::Critical => tracing::error!(target: "stepbox::guest", step, context, "{message}"),
+        }
+        let size = context.len() + message.len();
+        if size > self.budget {
+            self.dropped += 1;
+            return;
+        }
+        self.budget -= size;
+        self.records.push(LogRecord { level: level.into(), context, message });
+    }
+}
+
+impl Host for StepState {
+    async fn log(&mut self, level: Level, context: String, message: String) -> wasmtime::Result<()> {
+        self.logs.push(level, context, message);
+        Ok(())
+    }
+}

@@ -1,0 +1,51 @@
+//! The host state of one attempt and the host side of stepbox's imports:
+//! `wasi:logging`, `wasi:keyvalue` and `wasi:config`.
+
+pub(crate) mod config;
+pub(crate) mod keyvalue;
+pub(crate) mod logging;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::limits::InstanceLimiter;
+use crate::store::{KeyValueStore, KvScope};
+
+/// Everything one attempt's `Store` holds. Built fresh per attempt and
+/// dropped with it.
+pub(crate) struct StepState {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limiter: InstanceLimiter,
+    pub(crate) logs: logging::LogBuffer,
+    pub(crate) config: Arc<BTreeMap<String, String>>,
+    pub(crate) kv: Arc<dyn KeyValueStore>,
+    pub(crate) kv_scope: KvScope,
+}
+
+/// `stepbox:step/types` declares types only.
+impl super::bindings::stepbox::step::types::Host for StepState {}
+
+impl WasiView for StepState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Truncates `text` to at most `max` bytes on a character boundary, saying
+/// how much was cut, so oversized guest strings stay readable.
+pub(crate) fn truncate_with_marker(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let cut = text.len() - max;
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!(" [... {cut} more bytes dropped]"));
+}

@@ -1,0 +1,89 @@
+//! The sandbox: one engine per process, components compiled once, and each
+//! attempt run in a fresh, limited instance.
+
+mod attempt;
+mod bindings;
+mod capture;
+mod component;
+mod engine;
+mod grants;
+mod host;
+mod limits;
+mod outcome;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use wasmtime::Engine;
+use wasmtime::component::{HasSelf, Linker};
+
+pub use attempt::{AttemptRequest, StepContext};
+pub use capture::Captured;
+pub use component::{LoadError, StepComponent};
+pub use engine::EngineConfig;
+pub use grants::{DirGrant, Grants};
+pub use host::logging::{LogLevel, LogRecord};
+pub use limits::Limits;
+pub use outcome::{AttemptReport, Failure, FailureKind, Outcome};
+
+use crate::store::KeyValueStore;
+use host::StepState;
+
+/// Runs step components. Cheap to clone; build one per process.
+#[derive(Clone)]
+pub struct Sandbox {
+    engine: Engine,
+    linker: Arc<Linker<StepState>>,
+    kv: Arc<dyn KeyValueStore>,
+    config: EngineConfig,
+}
+
+impl Sandbox {
+    /// Builds the engine, links the host interfaces and starts the epoch
+    /// ticker. `kv` backs every step's `wasi:keyvalue`.
+    pub fn new(config: EngineConfig, kv: Arc<dyn KeyValueStore>) -> anyhow::Result<Self> {
+        let engine = engine::build(&config)?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::StepCore::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        engine::start_epoch_ticker(&engine)?;
+        Ok(Sandbox { engine, linker: Arc::new(linker), kv, config })
+    }
+
+    /// Compiles and validates the component at `path`. Compiling is
+    /// CPU-heavy: call it from a blocking context.
+    pub fn load(&self, path: &Path) -> Result<StepComponent, LoadError> {
+        component::load(&self.engine, &self.linker, path)
+    }
+
+    /// Like [`Sandbox::load`], for bytes already in memory; `path` is only
+    /// used in messages.
+    pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<StepComponent, LoadError> {
+        component::load_bytes(&self.engine, &self.linker, path, bytes)
+    }
+
+    /// Runs one attempt. Never fails: every way an attempt can end is an
+    /// [`Outcome`] in the report.
+    pub async fn run(&self, component: &StepComponent, request: AttemptRequest) -> AttemptReport {
+        if request.limits.memory > self.config.max_memory {
+            let failure = Failure::new(
+                FailureKind::Fatal,
+                format!(
+                    "the memory limit {} is above this sandbox's maximum of {}",
+                    request.limits.memory.display().iec(),
+                    self.config.max_memory.display().iec()
+                ),
+            );
+            return AttemptReport {
+                outcome: Outcome::Failed(failure),
+                duration: std::time::Duration::ZERO,
+                fuel_consumed: 0,
+                peak_memory: 0,
+                logs: Vec::new(),
+                stdout: Captured::default(),
+                stderr: Captured::default(),
+            };
+        }
+        attempt::run(&self.engine, self.kv.clone(), component, request).await
+    }
+}
