@@ -1,0 +1,7 @@
+//! The paths of the guest examples, built by build.rs, for stepbox's
+//! integration tests (here and in `runtime/tests`).
+
+/// Paths of the compiled guest examples, one constant per example.
+pub mod guests {
+    include!(concat!(env!("OUT_DIR"), "/guests.rs"));
+}

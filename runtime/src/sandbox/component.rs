@@ -91,12 +91,6 @@ pub(crate) fn load_bytes(
     let component = Component::from_binary(engine, bytes)
         .map_err(|err| LoadError::Malformed { path: path.clone(), message: format!("{err:#}") })?;
 
-    let exports: Vec<String> = component.component_type().exports(engine).map(|(name, _)| name.to_owned()).collect();
-    if !exports.iter().any(|name| name == "run") {
-        let exports = if exports.is_empty() { "none".to_owned() } else { exports.join(", ") };
-        return Err(LoadError::MissingRun { path, exports });
-    }
-
     let instance_pre = linker.instantiate_pre(&component).map_err(|err| {
         let message = format!("{err:#}");
         match first_quoted(&message) {
@@ -104,6 +98,12 @@ pub(crate) fn load_bytes(
             None => LoadError::Link { path: path.clone(), message },
         }
     })?;
+    let exports: Vec<String> = component.component_type().exports(engine).map(|(name, _)| name.to_owned()).collect();
+    if !exports.iter().any(|name| name == "run") {
+        let exports = if exports.is_empty() { "none".to_owned() } else { exports.join(", ") };
+        return Err(LoadError::MissingRun { path, exports });
+    }
+
     let pre = StepCorePre::new(instance_pre)
         .map_err(|err| LoadError::WrongRun { path: path.clone(), message: format!("{err:#}") })?;
     Ok(StepComponent { path, pre })

@@ -1,0 +1,176 @@
+//! `stepbox step run`: one attempt of one component, for trying out a step.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytesize::ByteSize;
+use stepbox::sandbox::{AttemptReport, AttemptRequest, DirGrant, EngineConfig, Grants, Limits, Outcome, Sandbox, StepContext};
+use stepbox::store::MemoryKeyValueStore;
+
+use super::exit;
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  stepbox step run hello.wasm --input '{\"name\": \"Ada\"}'
+  stepbox step run transform.wasm --input @order.json --config currency=EUR
+  stepbox step run fs-read.wasm --dir ./data:/data:ro --input '{\"path\": \"/data/notes.txt\"}'
+  stepbox step run spin.wasm --fuel 10_000_000 --timeout 2s --json")]
+pub(crate) struct Args {
+    /// The step component (.wasm) to run.
+    component: PathBuf,
+    /// The step's input: JSON text, or @FILE to read it from a file.
+    #[arg(long, short, default_value = "{}", value_name = "JSON|@FILE")]
+    input: String,
+    /// Fuel for the attempt (roughly one unit per wasm instruction).
+    #[arg(long, value_parser = parse_count, value_name = "N")]
+    fuel: Option<u64>,
+    /// Wall-clock limit for the attempt, e.g. 500ms, 5s, 1m.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<humantime::Duration>,
+    /// Memory limit for the whole instance, e.g. 64MiB.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<ByteSize>,
+    /// Grant a host directory: HOST:GUEST, HOST:GUEST:ro (read-only) or HOST:GUEST:rw. Repeatable.
+    #[arg(long = "dir", value_name = "HOST:GUEST[:ro]")]
+    dirs: Vec<DirGrant>,
+    /// A config value the step reads through wasi:config. Repeatable.
+    #[arg(long = "config", value_parser = parse_key_value, value_name = "KEY=VALUE")]
+    config: Vec<(String, String)>,
+    /// An environment variable for the step. Repeatable.
+    #[arg(long = "env", value_parser = parse_key_value, value_name = "KEY=VALUE")]
+    env: Vec<(String, String)>,
+    /// Print the whole attempt report as JSON on stdout instead of the output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Parses a count that may contain `_` separators, as in 500_000_000.
+fn parse_count(text: &str) -> Result<u64, String> {
+    text.replace('_', "").parse().map_err(|err| format!("`{text}` is not a whole number: {err}"))
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("`{text}` is not KEY=VALUE")),
+    }
+}
+
+fn read_input(input: &str) -> Result<String, String> {
+    let text = match input.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|err| format!("cannot read the input file {path}: {err}"))?,
+        None => input.to_owned(),
+    };
+    serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|err| format!("the input is not valid JSON: {err}; pass JSON text or @FILE"))?;
+    Ok(text)
+}
+
+pub(crate) async fn run(args: Args) -> u8 {
+    let input = match read_input(&args.input) {
+        Ok(input) => input,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return exit::USAGE;
+        }
+    };
+    let defaults = Limits::default();
+    let limits = Limits {
+        fuel: args.fuel.unwrap_or(defaults.fuel),
+        timeout: args.timeout.map(Into::into).unwrap_or(defaults.timeout),
+        memory: args.memory.unwrap_or(defaults.memory),
+        ..defaults
+    };
+    let engine_config = EngineConfig { max_concurrent_attempts: 4, max_memory: limits.memory.max(ByteSize::mib(64)) };
+    let sandbox = match Sandbox::new(engine_config, Arc::new(MemoryKeyValueStore::new())) {
+        Ok(sandbox) => sandbox,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return exit::STEP_FAILED;
+        }
+    };
+    let path = args.component.clone();
+    let loader = sandbox.clone();
+    let component = match tokio::task::spawn_blocking(move || loader.load(&path)).await {
+        Ok(Ok(component)) => component,
+        Ok(Err(err)) => {
+            eprintln!("error: {err}");
+            return exit::INVALID_COMPONENT;
+        }
+        Err(err) => {
+            eprintln!("error: loading the component failed: {err}");
+            return exit::INVALID_COMPONENT;
+        }
+    };
+
+    let run_id = format!("run-{:x}", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    let step_id = args.component.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "step".into());
+    let request = AttemptRequest {
+        context: StepContext {
+            idempotency_key: format!("{run_id}/{step_id}"),
+            run_id,
+            step_id,
+            attempt: 1,
+            tenant: "default".into(),
+            workflow: "step-run".into(),
+        },
+        input,
+        limits,
+        grants: Grants {
+            dirs: args.dirs,
+            env: args.env.into_iter().collect(),
+            config: args.config.into_iter().collect::<BTreeMap<_, _>>(),
+            stdin: Vec::new(),
+        },
+    };
+    let report = sandbox.run(&component, request).await;
+    print_report(&report, args.json);
+    match report.outcome {
+        Outcome::Succeeded { .. } => 0,
+        Outcome::Failed(_) => exit::STEP_FAILED,
+    }
+}
+
+fn print_report(report: &AttemptReport, json: bool) {
+    if json {
+        match serde_json::to_string_pretty(report) {
+            Ok(text) => println!("{text}"),
+            Err(err) => eprintln!("error: cannot encode the report: {err}"),
+        }
+    } else {
+        for record in &report.logs {
+            eprintln!("[{:?}] {}: {}", record.level, record.context, record.message);
+        }
+        match &report.outcome {
+            Outcome::Succeeded { output } => println!("{output}"),
+            Outcome::Failed(_) => {
+                for (name, captured) in [("stdout", &report.stdout), ("stderr", &report.stderr)] {
+                    let lines: Vec<&str> = captured.text.lines().collect();
+                    if !lines.is_empty() {
+                        eprintln!("--- step {name} (last lines) ---");
+                        for line in &lines[lines.len().saturating_sub(10)..] {
+                            eprintln!("{line}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{}", summary(report));
+}
+
+/// One line: status, duration, fuel, memory.
+fn summary(report: &AttemptReport) -> String {
+    let status = match &report.outcome {
+        Outcome::Succeeded { .. } => "succeeded".to_owned(),
+        Outcome::Failed(failure) => format!("failed ({}): {}", failure.kind, failure.message),
+    };
+    format!(
+        "{status} · {:.1?} · fuel {} · peak memory {}",
+        report.duration,
+        report.fuel_consumed,
+        ByteSize(report.peak_memory).display().iec()
+    )
+}

@@ -1,0 +1,42 @@
+//! Helpers shared by the integration tests in this directory.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use stepbox::sandbox::{AttemptReport, AttemptRequest, EngineConfig, Grants, Limits, Sandbox, StepComponent, StepContext};
+use stepbox::store::MemoryKeyValueStore;
+
+/// One sandbox per test binary, as in a real process.
+pub fn sandbox() -> &'static Sandbox {
+    static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
+    SANDBOX.get_or_init(|| {
+        Sandbox::new(EngineConfig::default(), Arc::new(MemoryKeyValueStore::new())).expect("building the sandbox")
+    })
+}
+
+pub fn load(path: &str) -> StepComponent {
+    sandbox().load(Path::new(path)).unwrap_or_else(|err| panic!("loading {path}: {err}"))
+}
+
+/// A request as `stepbox step run` would make it, with the default limits
+/// and no grants.
+pub fn request(input: serde_json::Value) -> AttemptRequest {
+    AttemptRequest {
+        context: StepContext {
+            run_id: "run-1".into(),
+            step_id: "step".into(),
+            attempt: 1,
+            idempotency_key: "run-1/step".into(),
+            tenant: "tenant".into(),
+            workflow: "tests".into(),
+        },
+        input: input.to_string(),
+        limits: Limits::default(),
+        grants: Grants::default(),
+    }
+}
+
+pub async fn run(path: &str, request: AttemptRequest) -> AttemptReport {
+    sandbox().run(&load(path), request).await
+}

@@ -1,0 +1,311 @@
+//! Each guest example run through the sandbox: the healthy ones succeed with
+//! the right output, the hostile ones end in their failure class within their
+//! limit, and the host (this process) carries on.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytesize::ByteSize;
+use common::{load, request, run, sandbox};
+use serde_json::json;
+use stepbox::sandbox::{DirGrant, FailureKind, LogLevel, Outcome};
+use stepbox_tests::guests;
+
+/// Slack on top of a time limit for a busy, shared test machine.
+const SLACK: Duration = Duration::from_secs(3);
+
+fn failure_kind(report: &stepbox::sandbox::AttemptReport) -> FailureKind {
+    match &report.outcome {
+        Outcome::Failed(failure) => failure.kind,
+        Outcome::Succeeded { output } => panic!("expected a failure, the step returned {output}"),
+    }
+}
+
+#[tokio::test]
+async fn hello_greets_its_input_and_logs() {
+    let report = run(guests::HELLO, request(json!({ "name": "Ada" }))).await;
+    assert_eq!(report.output(), Some(&json!({ "greeting": "Hello, Ada!" })), "{report:?}");
+    assert!(report.fuel_consumed > 0);
+    assert!(report.peak_memory > 0);
+    let log = &report.logs[0];
+    assert_eq!(log.level, LogLevel::Info);
+    assert_eq!(log.context, "hello");
+    assert_eq!(log.message, "greeting Ada in step step");
+}
+
+#[tokio::test]
+async fn input_of_the_wrong_shape_is_a_fatal_error_naming_the_type() {
+    let report = run(guests::HELLO, request(json!({ "nom": "Ada" }))).await;
+    let failure = report.failure().expect("bad input must fail");
+    assert_eq!(failure.kind, FailureKind::Fatal);
+    assert!(failure.message.contains("hello::Input") && failure.message.contains("missing field `name`"), "{failure}");
+}
+
+#[tokio::test]
+async fn transform_reshapes_an_order_with_config_values() {
+    let order = json!({
+        "id": "o-7",
+        "customer": { "first_name": "Grace", "last_name": "Hopper" },
+        "items": [
+            { "sku": "tea", "quantity": 3, "unit_price_cents": 250 },
+            { "sku": "cup", "quantity": 1, "unit_price_cents": 1000 }
+        ]
+    });
+    let mut req = request(order.clone());
+    req.grants.config.insert("currency".into(), "EUR".into());
+    req.grants.config.insert("tax_percent".into(), "10".into());
+    let report = run(guests::TRANSFORM, req).await;
+    assert_eq!(
+        report.output(),
+        Some(&json!({
+            "invoice_for": "o-7",
+            "bill_to": "Grace Hopper",
+            "currency": "EUR",
+            "lines": [ { "sku": "tea", "amount_cents": 750 }, { "sku": "cup", "amount_cents": 1000 } ],
+            "subtotal_cents": 1750,
+            "tax_cents": 175,
+            "total_cents": 1925
+        })),
+        "{report:?}"
+    );
+
+    // Without config the defaults apply.
+    let report = run(guests::TRANSFORM, request(order)).await;
+    assert_eq!(report.output().unwrap()["currency"], "USD");
+    assert_eq!(report.output().unwrap()["tax_cents"], 0);
+}
+
+#[tokio::test]
+async fn transform_rejects_a_bad_config_value_as_fatal() {
+    let mut req = request(json!({ "id": "o", "customer": { "first_name": "a", "last_name": "b" }, "items": [
+        { "sku": "x", "quantity": 1, "unit_price_cents": 1 } ] }));
+    req.grants.config.insert("tax_percent".into(), "lots".into());
+    let failure = run(guests::TRANSFORM, req).await.failure().cloned().unwrap();
+    assert_eq!(failure.kind, FailureKind::Fatal);
+    assert!(failure.message.contains("`tax_percent`"), "{failure}");
+}
+
+#[tokio::test]
+async fn flaky_fails_retryably_until_its_attempt() {
+    let component = load(guests::FLAKY);
+    for attempt in 1..=3 {
+        let mut req = request(json!({ "succeed_on_attempt": 3 }));
+        req.context.attempt = attempt;
+        let report = sandbox().run(&component, req).await;
+        if attempt < 3 {
+            let failure = report.failure().unwrap();
+            assert_eq!(failure.kind, FailureKind::Retryable);
+            assert!(failure.kind.retryable_by_default());
+            assert!(failure.message.contains(&format!("attempt {attempt} of 3")), "{failure}");
+        } else {
+            assert_eq!(report.output(), Some(&json!({ "succeeded_on_attempt": 3 })));
+        }
+    }
+}
+
+#[tokio::test]
+async fn counter_keeps_state_per_tenant_and_workflow() {
+    let component = load(guests::COUNTER);
+    let run_as = |tenant: &str, run_id: &str| {
+        let mut req = request(json!({}));
+        req.context.tenant = tenant.into();
+        req.context.workflow = "counter-state".into();
+        req.context.run_id = run_id.into();
+        sandbox().run(&component, req)
+    };
+    let first = run_as("acme", "r1").await;
+    assert_eq!(first.output(), Some(&json!({ "count": 1, "previous_run": null, "runs_seen": 1 })), "{first:?}");
+    let second = run_as("acme", "r2").await;
+    assert_eq!(second.output(), Some(&json!({ "count": 2, "previous_run": "r1", "runs_seen": 2 })));
+    let other_tenant = run_as("globex", "r3").await;
+    assert_eq!(other_tenant.output(), Some(&json!({ "count": 1, "previous_run": null, "runs_seen": 1 })));
+}
+
+#[tokio::test]
+async fn parallel_counters_never_lose_an_update() {
+    let component = load(guests::COUNTER);
+    let attempts = (0..24).map(|i| {
+        let component = component.clone();
+        let mut req = request(json!({ "key": "parallel" }));
+        req.context.workflow = "counter-parallel".into();
+        req.context.run_id = format!("r{i}");
+        tokio::spawn(async move { sandbox().run(&component, req).await })
+    });
+    let mut counts = Vec::new();
+    for attempt in attempts {
+        let report = attempt.await.unwrap();
+        counts.push(report.output().expect("counter succeeds")["count"].as_i64().unwrap());
+    }
+    counts.sort();
+    assert_eq!(counts, (1..=24).collect::<Vec<i64>>(), "every increment is seen exactly once");
+}
+
+#[tokio::test]
+async fn fs_read_reads_only_granted_directories() {
+    let dir = std::env::temp_dir().join(format!("stepbox-fs-read-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("notes.txt"), "granted").unwrap();
+
+    let mut req = request(json!({ "path": "/data/notes.txt" }));
+    req.grants.dirs.push(DirGrant { host: dir.clone(), guest: "/data".into(), read_only: true });
+    let report = run(guests::FS_READ, req).await;
+    assert_eq!(report.output(), Some(&json!({ "path": "/data/notes.txt", "contents": "granted", "bytes": 7 })));
+
+    // Without a grant there is no filesystem at all.
+    let failure = run(guests::FS_READ, request(json!({ "path": "/data/notes.txt" }))).await.failure().cloned().unwrap();
+    assert_eq!(failure.kind, FailureKind::Fatal);
+    assert!(failure.message.contains("cannot read /data/notes.txt"), "{failure}");
+
+    // `..` does not climb out of a grant.
+    let secret = dir.parent().unwrap().join(format!("stepbox-secret-{}", std::process::id()));
+    std::fs::write(&secret, "secret").unwrap();
+    let escape = format!("/data/../{}", secret.file_name().unwrap().to_string_lossy());
+    let mut req = request(json!({ "path": escape }));
+    req.grants.dirs.push(DirGrant { host: dir.clone(), guest: "/data".into(), read_only: true });
+    assert_eq!(failure_kind(&run(guests::FS_READ, req).await), FailureKind::Fatal);
+
+    std::fs::remove_file(secret).unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_grant_of_a_missing_directory_fails_naming_it() {
+    let mut req = request(json!({ "path": "/data/x" }));
+    req.grants.dirs.push(DirGrant { host: "/no/such/dir".into(), guest: "/data".into(), read_only: true });
+    let failure = run(guests::FS_READ, req).await.failure().cloned().unwrap();
+    assert_eq!(failure.kind, FailureKind::Fatal);
+    assert!(failure.message.contains("/no/such/dir"), "{failure}");
+}
+
+#[tokio::test]
+async fn spin_times_out_within_its_timeout() {
+    let mut req = request(json!(null));
+    req.limits.fuel = u64::MAX;
+    req.limits.timeout = Duration::from_millis(500);
+    let started = Instant::now();
+    let report = run(guests::SPIN, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::Timeout);
+    assert!(started.elapsed() < Duration::from_millis(500) + SLACK, "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn spin_runs_out_of_fuel_when_fuel_is_the_tighter_limit() {
+    let mut req = request(json!(null));
+    req.limits.fuel = 20_000_000;
+    req.limits.timeout = Duration::from_secs(60);
+    let report = run(guests::SPIN, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::OutOfFuel);
+    assert_eq!(report.fuel_consumed, 20_000_000);
+    assert!(!FailureKind::OutOfFuel.retryable_by_default());
+}
+
+#[tokio::test]
+async fn memory_hog_stops_at_the_memory_limit() {
+    let mut req = request(json!(null));
+    req.limits.memory = ByteSize::mib(32);
+    let report = run(guests::MEMORY_HOG, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::MemoryLimit, "{report:?}");
+    assert!(report.peak_memory <= ByteSize::mib(32).as_u64());
+    assert!(report.peak_memory > ByteSize::mib(16).as_u64(), "it did get to use its memory");
+    assert!(report.failure().unwrap().message.contains("limit is 32.0 MiB"), "{report:?}");
+}
+
+#[tokio::test]
+async fn recurse_overflows_its_stack() {
+    let report = run(guests::RECURSE, request(json!(null))).await;
+    assert_eq!(failure_kind(&report), FailureKind::StackOverflow);
+}
+
+#[tokio::test]
+async fn chatty_output_is_capped_and_marked() {
+    let mut req = request(json!({ "lines": 20000 }));
+    req.limits.stdio = ByteSize::kib(64);
+    let report = run(guests::CHATTY, req).await;
+    assert_eq!(report.output(), Some(&json!(20000)), "{report:?}");
+    for captured in [&report.stdout, &report.stderr] {
+        assert!(captured.is_truncated());
+        assert!(captured.text.starts_with("line 0"));
+        assert!(captured.text.ends_with(&format!("[... {} more bytes dropped]", captured.dropped_bytes)));
+        assert!(captured.text.len() < 64 * 1024 + 100);
+    }
+}
+
+#[tokio::test]
+async fn endless_chatty_runs_out_of_fuel_with_its_capture_capped() {
+    let mut req = request(json!({}));
+    req.limits.fuel = 50_000_000;
+    req.limits.stdio = ByteSize::kib(16);
+    let report = run(guests::CHATTY, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::OutOfFuel);
+    assert!(report.stdout.is_truncated() && report.stdout.text.len() < 16 * 1024 + 100);
+}
+
+#[tokio::test]
+async fn sleepy_times_out_while_blocked_in_a_clock_wait() {
+    let mut req = request(json!({}));
+    req.limits.timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let report = run(guests::SLEEPY, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::Timeout);
+    assert!(started.elapsed() < Duration::from_millis(300) + SLACK, "took {:?}", started.elapsed());
+    assert!(report.fuel_consumed < 1_000_000, "waiting burns no fuel");
+}
+
+#[tokio::test]
+async fn output_over_the_limit_is_an_output_limit_failure() {
+    let mut req = request(json!({ "name": "Ada" }));
+    req.limits.output = ByteSize::b(10);
+    let report = run(guests::HELLO, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::OutputLimit);
+}
+
+#[tokio::test]
+async fn a_memory_limit_above_the_sandbox_maximum_is_refused() {
+    let mut req = request(json!({ "name": "Ada" }));
+    req.limits.memory = ByteSize::gib(64);
+    let failure = run(guests::HELLO, req).await.failure().cloned().unwrap();
+    assert_eq!(failure.kind, FailureKind::Fatal);
+    assert!(failure.message.contains("above this sandbox's maximum"), "{failure}");
+}
+
+/// Every hostile guest at once, next to healthy ones: each ends in its own
+/// class, and the healthy steps all succeed while the hostile ones still run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_guests_do_not_disturb_healthy_ones() {
+    const HOSTILE_TIMEOUT: Duration = Duration::from_secs(5);
+    let hostile = [
+        (guests::SPIN, json!(null), FailureKind::Timeout),
+        (guests::SLEEPY, json!({}), FailureKind::Timeout),
+        (guests::MEMORY_HOG, json!(null), FailureKind::MemoryLimit),
+        (guests::RECURSE, json!(null), FailureKind::StackOverflow),
+        (guests::CHATTY, json!({}), FailureKind::Timeout),
+    ]
+    .map(|(guest, input, kind)| (guest, load(guest), input, kind));
+    let hello = load(guests::HELLO);
+
+    let hostile_runs: Vec<_> = hostile
+        .into_iter()
+        .map(|(guest, component, input, kind)| {
+            let mut req = request(input);
+            req.limits.fuel = u64::MAX;
+            req.limits.timeout = HOSTILE_TIMEOUT;
+            let handle = tokio::spawn(async move { sandbox().run(&component, req).await });
+            (guest, kind, handle)
+        })
+        .collect();
+
+    for i in 0..20 {
+        let report = sandbox().run(&hello, request(json!({ "name": format!("n{i}") }))).await;
+        assert_eq!(report.output(), Some(&json!({ "greeting": format!("Hello, n{i}!") })));
+    }
+    let still_running: Vec<&str> =
+        hostile_runs.iter().filter(|(_, kind, handle)| *kind == FailureKind::Timeout && !handle.is_finished()).map(|(guest, _, _)| *guest).collect();
+    assert_eq!(still_running.len(), 3, "the healthy steps finished only after hostile ones timed out");
+
+    for (guest, kind, handle) in hostile_runs {
+        let report = handle.await.expect("the attempt task did not panic");
+        assert_eq!(failure_kind(&report), kind, "{guest}");
+        assert!(report.duration < HOSTILE_TIMEOUT + SLACK, "{guest} took {:?}", report.duration);
+    }
+}
