@@ -33,12 +33,21 @@ fn main() {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     // Settings meant for the host build must not leak into the wasm build.
-    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER"] {
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+    ] {
         cargo.env_remove(var);
     }
     let output = cargo.output().expect("running cargo to build guest-examples");
     if !output.status.success() {
-        panic!("building guest-examples failed (see the errors above); try `cd guest-examples && cargo build --release`");
+        panic!(
+            "building guest-examples failed (see the errors above); try `cd guest-examples && cargo build --release`"
+        );
     }
 
     let mut artifacts = Vec::new();
@@ -80,8 +89,11 @@ fn ensure_targets_installed() {
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output().expect("running rustc --print sysroot");
     let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
-    let missing: Vec<&str> =
-        TARGETS.iter().copied().filter(|target| !Path::new(&sysroot).join("lib/rustlib").join(target).exists()).collect();
+    let missing: Vec<&str> = TARGETS
+        .iter()
+        .copied()
+        .filter(|target| !Path::new(&sysroot).join("lib/rustlib").join(target).exists())
+        .collect();
     if missing.is_empty() {
         return;
     }

@@ -35,6 +35,18 @@ async fn hello_greets_its_input_and_logs() {
 }
 
 #[tokio::test]
+async fn environment_variables_reach_the_step_only_when_granted() {
+    let mut req = request(json!({ "name": "Ada" }));
+    req.grants.env.insert("GREETING".into(), "Ahoy".into());
+    let report = run(guests::HELLO, req).await;
+    assert_eq!(report.output(), Some(&json!({ "greeting": "Ahoy, Ada!" })));
+    // SAFETY: tests in this binary do not read the environment concurrently.
+    unsafe { std::env::set_var("GREETING", "Leaked") };
+    let report = run(guests::HELLO, request(json!({ "name": "Ada" }))).await;
+    assert_eq!(report.output(), Some(&json!({ "greeting": "Hello, Ada!" })), "the host environment is not passed on");
+}
+
+#[tokio::test]
 async fn input_of_the_wrong_shape_is_a_fatal_error_naming_the_type() {
     let report = run(guests::HELLO, request(json!({ "nom": "Ada" }))).await;
     let failure = report.failure().expect("bad input must fail");
@@ -299,8 +311,11 @@ async fn hostile_guests_do_not_disturb_healthy_ones() {
         let report = sandbox().run(&hello, request(json!({ "name": format!("n{i}") }))).await;
         assert_eq!(report.output(), Some(&json!({ "greeting": format!("Hello, n{i}!") })));
     }
-    let still_running: Vec<&str> =
-        hostile_runs.iter().filter(|(_, kind, handle)| *kind == FailureKind::Timeout && !handle.is_finished()).map(|(guest, _, _)| *guest).collect();
+    let still_running: Vec<&str> = hostile_runs
+        .iter()
+        .filter(|(_, kind, handle)| *kind == FailureKind::Timeout && !handle.is_finished())
+        .map(|(guest, _, _)| *guest)
+        .collect();
     assert_eq!(still_running.len(), 3, "the healthy steps finished only after hostile ones timed out");
 
     for (guest, kind, handle) in hostile_runs {

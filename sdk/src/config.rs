@@ -34,7 +34,8 @@ pub fn get(key: &str) -> Result<Option<String>, ConfigError> {
 
 /// The value of `key`; a fatal error naming the key when it is missing.
 pub fn require(key: &str) -> Result<String, StepError> {
-    get(key)?.ok_or_else(|| StepError::fatal(format!("the config value `{key}` is not set; give it in the step's `config`")))
+    get(key)?
+        .ok_or_else(|| StepError::fatal(format!("the config value `{key}` is not set; give it in the step's `config`")))
 }
 
 /// The value of `key` parsed as `T`, or `None` when it is not configured; a
@@ -47,7 +48,10 @@ where
     get(key)?
         .map(|value| {
             value.parse().map_err(|err| {
-                StepError::fatal(format!("the config value `{key}` = {value:?} is not a valid {}: {err}", std::any::type_name::<T>()))
+                StepError::fatal(format!(
+                    "the config value `{key}` = {value:?} is not a valid {}: {err}",
+                    std::any::type_name::<T>()
+                ))
             })
         })
         .transpose()

@@ -40,11 +40,7 @@ impl StepError {
     }
 
     pub(crate) fn into_wit(self) -> WitStepError {
-        if self.retryable {
-            WitStepError::Retryable(self.message)
-        } else {
-            WitStepError::Fatal(self.message)
-        }
+        if self.retryable { WitStepError::Retryable(self.message) } else { WitStepError::Fatal(self.message) }
     }
 }
 

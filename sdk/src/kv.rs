@@ -144,5 +144,6 @@ fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, KvError> {
 }
 
 fn encode<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<Vec<u8>, KvError> {
-    serde_json::to_vec(value).map_err(|err| KvError::Other(format!("could not encode the value for `{key}` as JSON: {err}")))
+    serde_json::to_vec(value)
+        .map_err(|err| KvError::Other(format!("could not encode the value for `{key}` as JSON: {err}")))
 }

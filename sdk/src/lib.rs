@@ -29,8 +29,8 @@
 //! numbers and stdio come from Rust's standard library through WASI, as far as
 //! the workflow grants them.
 
-mod error;
 pub mod config;
+mod error;
 pub mod kv;
 pub mod log;
 
@@ -39,6 +39,7 @@ pub use stepbox_sdk_macro::step;
 
 /// Generated bindings for the `step-core` world.
 #[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
@@ -86,8 +87,8 @@ impl From<bindings::stepbox::step::types::StepContext> for Context {
 /// What the [`step`] macro expands to; not a public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::bindings::__export_step as export;
     pub use crate::bindings;
+    pub use crate::bindings::__export_step as export;
     pub use crate::bindings::Guest;
     pub use crate::bindings::stepbox::step::types::{StepContext, StepError as WitStepError};
 

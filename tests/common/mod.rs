@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use stepbox::sandbox::{AttemptReport, AttemptRequest, EngineConfig, Grants, Limits, Sandbox, StepComponent, StepContext};
+use stepbox::sandbox::{
+    AttemptReport, AttemptRequest, EngineConfig, Grants, Limits, Sandbox, StepComponent, StepContext,
+};
 use stepbox::store::MemoryKeyValueStore;
 
 /// One sandbox per test binary, as in a real process.

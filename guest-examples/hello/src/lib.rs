@@ -1,4 +1,6 @@
-//! Greets its input: `{"name": "Ada"}` → `{"greeting": "Hello, Ada!"}`.
+//! Greets its input: `{"name": "Ada"}` → `{"greeting": "Hello, Ada!"}`. The
+//! word "Hello" can be changed with the `GREETING` environment variable, if
+//! the workflow grants it.
 use serde::{Deserialize, Serialize};
 use stepbox_sdk::{Context, StepError, step};
 
@@ -15,5 +17,6 @@ struct Output {
 #[step]
 fn run(ctx: &Context, input: Input) -> Result<Output, StepError> {
     stepbox_sdk::info!("greeting {} in step {}", input.name, ctx.step_id);
-    Ok(Output { greeting: format!("Hello, {}!", input.name) })
+    let word = std::env::var("GREETING").unwrap_or_else(|_| "Hello".to_owned());
+    Ok(Output { greeting: format!("{word}, {}!", input.name) })
 }

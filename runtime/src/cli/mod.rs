@@ -31,7 +31,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Work with single steps.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  stepbox step run hello.wasm --input '{\"name\": \"Ada\"}'\n  stepbox step run spin.wasm --timeout 2s --json"
+    )]
     Step(StepCommand),
 }
 
@@ -54,7 +57,8 @@ pub fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .init();

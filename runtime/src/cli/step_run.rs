@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytesize::ByteSize;
-use stepbox::sandbox::{AttemptReport, AttemptRequest, DirGrant, EngineConfig, Grants, Limits, Outcome, Sandbox, StepContext};
+use stepbox::sandbox::{
+    AttemptReport, AttemptRequest, DirGrant, EngineConfig, Grants, Limits, Outcome, Sandbox, StepContext,
+};
 use stepbox::store::MemoryKeyValueStore;
 
 use super::exit;
@@ -60,7 +62,9 @@ fn parse_key_value(text: &str) -> Result<(String, String), String> {
 
 fn read_input(input: &str) -> Result<String, String> {
     let text = match input.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).map_err(|err| format!("cannot read the input file {path}: {err}"))?,
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|err| format!("cannot read the input file {path}: {err}"))?
+        }
         None => input.to_owned(),
     };
     serde_json::from_str::<serde_json::Value>(&text)

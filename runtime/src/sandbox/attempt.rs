@@ -60,9 +60,11 @@ pub(crate) async fn run(
             return report(Outcome::Failed(failure), started, 0, 0, Vec::new(), &stdout, &stderr);
         }
     };
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(limits.host_resources as usize);
     let state = StepState {
         wasi,
-        table: ResourceTable::new(),
+        table,
         limiter: InstanceLimiter::new(&limits),
         logs: LogBuffer::new(context.step_id.clone(), usize::try_from(limits.logs.as_u64()).unwrap_or(usize::MAX)),
         config: Arc::new(grants.config),
@@ -160,8 +162,12 @@ fn classify_error(err: &wasmtime::Error, store: &Store<StepState>, stderr: &Capp
         return Failure::new(FailureKind::Trap, format!("{err:#}"));
     };
     match trap {
-        Trap::OutOfFuel => Failure::new(FailureKind::OutOfFuel, "the attempt used up its fuel (raise `limits.fuel` if it needs more)"),
-        Trap::StackOverflow => Failure::new(FailureKind::StackOverflow, "the step overflowed its call stack (unbounded recursion?)"),
+        Trap::OutOfFuel => {
+            Failure::new(FailureKind::OutOfFuel, "the attempt used up its fuel (raise `limits.fuel` if it needs more)")
+        }
+        Trap::StackOverflow => {
+            Failure::new(FailureKind::StackOverflow, "the step overflowed its call stack (unbounded recursion?)")
+        }
         Trap::Interrupt => Failure::new(FailureKind::Timeout, "the attempt was interrupted"),
         _ => match store.data().limiter.hit() {
             // An allocation failure right after a refused growth is the limit.

@@ -17,7 +17,9 @@ pub enum LoadError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is empty: expected a WebAssembly component built for wasm32-wasip2")]
     Empty { path: PathBuf },
-    #[error("{path} is not WebAssembly (it does not start with the `\\0asm` magic bytes); expected a component built for wasm32-wasip2")]
+    #[error(
+        "{path} is not WebAssembly (it does not start with the `\\0asm` magic bytes); expected a component built for wasm32-wasip2"
+    )]
     NotWasm { path: PathBuf },
     #[error(
         "{path} is a core WebAssembly module, not a component; build it for the wasm32-wasip2 target \

@@ -9,6 +9,9 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use super::capture::CappedPipe;
 
+/// The most random bytes one `get-random-bytes` call may ask for.
+const MAX_RANDOM_BYTES: u64 = 1024 * 1024;
+
 /// A host directory made visible to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirGrant {
@@ -58,7 +61,9 @@ impl Grants {
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(false)
+            // One call may not make the host allocate more than this.
+            .max_random_size(MAX_RANDOM_BYTES);
         for (key, value) in &self.env {
             builder.env(key, value);
         }

@@ -28,6 +28,9 @@ pub struct Limits {
     pub output: ByteSize,
     /// Bytes of log messages kept per attempt; later messages are dropped.
     pub logs: ByteSize,
+    /// Host resources (open files, streams, buckets) held at once, so a
+    /// guest cannot grow host memory by opening handles in a loop.
+    pub host_resources: u32,
 }
 
 impl Default for Limits {
@@ -40,6 +43,7 @@ impl Default for Limits {
             stdio: ByteSize::mib(1),
             output: ByteSize::mib(1),
             logs: ByteSize::mib(1),
+            host_resources: 10_000,
         }
     }
 }
@@ -141,6 +145,6 @@ mod tests {
         assert!(limiter.memory_growing(0, 64 * 1024, None).unwrap());
         assert!(!limiter.memory_growing(64 * 1024, 128 * 1024, None).unwrap());
         assert_eq!(limiter.peak_memory(), 128 * 1024);
-        assert!(limiter.hit().unwrap().0.contains("limit is 128 KiB"), "{:?}", limiter.hit());
+        assert!(limiter.hit().unwrap().0.contains("limit is 128.0 KiB"), "{:?}", limiter.hit());
     }
 }

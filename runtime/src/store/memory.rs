@@ -122,10 +122,7 @@ mod tests {
         assert_eq!(kv.increment(&scope("t"), "default", "n", 5).unwrap(), 5);
         assert_eq!(kv.increment(&scope("t"), "default", "n", -2).unwrap(), 3);
         kv.set(&scope("t"), "default", "s", b"\"text\"").unwrap();
-        assert_eq!(
-            kv.increment(&scope("t"), "default", "s", 1),
-            Err(KvError::NotAnInteger { key: "s".into() })
-        );
+        assert_eq!(kv.increment(&scope("t"), "default", "s", 1), Err(KvError::NotAnInteger { key: "s".into() }));
     }
 
     #[test]

@@ -34,8 +34,13 @@ pub trait KeyValueStore: Send + Sync {
     fn set(&self, scope: &KvScope, bucket: &str, key: &str, value: &[u8]) -> Result<(), KvError>;
     fn delete(&self, scope: &KvScope, bucket: &str, key: &str) -> Result<(), KvError>;
     /// Up to `limit` keys of `bucket` that sort after `after`, in order.
-    fn list_keys(&self, scope: &KvScope, bucket: &str, after: Option<&str>, limit: usize)
-    -> Result<Vec<String>, KvError>;
+    fn list_keys(
+        &self,
+        scope: &KvScope,
+        bucket: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, KvError>;
     /// Add `delta` to the decimal integer stored at `key` (missing counts as
     /// 0), store it and return it.
     fn increment(&self, scope: &KvScope, bucket: &str, key: &str, delta: i64) -> Result<i64, KvError>;

@@ -35,10 +35,16 @@ pub fn step(attr: TokenStream, item: TokenStream) -> TokenStream {
 fn expand(func: &ItemFn) -> syn::Result<proc_macro2::TokenStream> {
     let sig = &func.sig;
     if let Some(asyncness) = sig.asyncness {
-        return Err(syn::Error::new(asyncness.span(), "a step function cannot be async; stepbox runs one attempt per call"));
+        return Err(syn::Error::new(
+            asyncness.span(),
+            "a step function cannot be async; stepbox runs one attempt per call",
+        ));
     }
     if !sig.generics.params.is_empty() {
-        return Err(syn::Error::new(sig.generics.span(), "a step function cannot be generic: its input type must be known"));
+        return Err(syn::Error::new(
+            sig.generics.span(),
+            "a step function cannot be generic: its input type must be known",
+        ));
     }
     if let Some(FnArg::Receiver(receiver)) = sig.inputs.first() {
         return Err(syn::Error::new(receiver.span(), "a step is a free function, not a method"));
