@@ -199,6 +199,7 @@ async fn spin_times_out_within_its_timeout() {
     let report = run(guests::SPIN, req).await;
     assert_eq!(failure_kind(&report), FailureKind::Timeout);
     assert!(started.elapsed() < Duration::from_millis(500) + SLACK, "took {:?}", started.elapsed());
+    assert!(report.fuel_consumed > 10_000_000, "the fuel it burned is counted: {}", report.fuel_consumed);
 }
 
 #[tokio::test]

@@ -1,8 +1,13 @@
 //! stepbox runs workflow steps as sandboxed WebAssembly components.
 //!
-//! The data path reads top to bottom: [`sandbox`] compiles components and
-//! runs attempts in fresh, limited instances; [`store`] holds the state that
-//! outlives an attempt.
+//! The data path reads top to bottom: [`workflow`] parses and validates a
+//! workflow file; [`scheduler`] runs its steps as a graph, with retries and
+//! failure policies; [`sandbox`] compiles components and runs each attempt
+//! in a fresh, limited instance; [`store`] holds the state that outlives an
+//! attempt. [`cli`] is the `stepbox` command, a thin layer over the rest.
 
+pub mod cli;
 pub mod sandbox;
+pub mod scheduler;
 pub mod store;
+pub mod workflow;

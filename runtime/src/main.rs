@@ -1,7 +1,5 @@
-//! The `stepbox` command: a thin layer over the `stepbox` library.
-
-mod cli;
+//! The `stepbox` command; everything lives in the library's `cli` module.
 
 fn main() -> std::process::ExitCode {
-    cli::main()
+    stepbox::cli::main()
 }

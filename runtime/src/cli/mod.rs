@@ -1,28 +1,35 @@
-//! Command-line parsing and dispatch. Exit codes: 0 success, 1 the step
-//! failed, 2 a usage error, 3 the component could not be loaded.
+//! Command-line parsing and dispatch. Exit codes: 0 success, 1 a step or
+//! run failed, 2 a usage error, 3 the workflow or component is not valid,
+//! 130 the run was cancelled.
 
+mod run;
 mod step_run;
+mod validate;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 /// Exit codes shared by every command.
-pub(crate) mod exit {
+mod exit {
     pub const STEP_FAILED: u8 = 1;
     pub const USAGE: u8 = 2;
     pub const INVALID_COMPONENT: u8 = 3;
+    pub const CANCELLED: u8 = 130;
 }
 
+const ABOUT_EXAMPLES: &str = "Examples:
+  stepbox run examples/diamond.yaml
+  stepbox validate examples/diamond.yaml
+  stepbox graph examples/diamond.yaml --format mermaid
+  stepbox step run hello.wasm --input '{\"name\": \"Ada\"}'
+
+Exit codes: 0 success, 1 a step or run failed, 2 usage error, 3 the workflow or component is not valid, 130 cancelled.
+Set RUST_LOG=debug for more detail.";
+
 #[derive(Debug, Parser)]
-#[command(
-    name = "stepbox",
-    version,
-    about = "Run workflow steps as sandboxed WebAssembly components",
-    after_help = "Examples:\n  stepbox step run hello.wasm --input '{\"name\": \"Ada\"}'\n  stepbox step run --help\n\n\
-                  Exit codes: 0 success, 1 the step failed, 2 usage error, 3 the component could not be loaded.\n\
-                  Set RUST_LOG=debug for more detail."
-)]
+#[command(name = "stepbox", version, about = "Run workflow steps as sandboxed WebAssembly components", after_help = ABOUT_EXAMPLES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,6 +37,15 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a workflow file.
+    Run(run::Args),
+    /// Check a workflow file, its templates and its components without running it.
+    Validate(validate::ValidateArgs),
+    /// Draw a workflow's step graph as Mermaid or Graphviz dot.
+    Graph(validate::GraphArgs),
+    /// Print the JSON Schema of workflow files, for editor completion.
+    #[command(after_help = "Examples:\n  stepbox schema > stepbox.schema.json")]
+    Schema,
     /// Work with single steps.
     #[command(
         subcommand,
@@ -44,8 +60,19 @@ enum StepCommand {
     Run(step_run::Args),
 }
 
+/// Runs the `stepbox` command with the process's arguments.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    main_with_args(std::env::args_os())
+}
+
+/// Runs the `stepbox` command with these arguments (the first is the
+/// program name), as the binary would.
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(err) => {
             let _ = err.print();
@@ -55,13 +82,14 @@ pub fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
+    // An embedding program may have installed its own subscriber already.
+    let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
-        .init();
+        .try_init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -71,8 +99,42 @@ pub fn main() -> ExitCode {
     };
     let code = runtime.block_on(async {
         match cli.command {
+            Command::Run(args) => run::run(args).await,
+            Command::Validate(args) => validate::validate(args).await,
+            Command::Graph(args) => validate::graph(args),
+            Command::Schema => validate::schema(),
             Command::Step(StepCommand::Run(args)) => step_run::run(args).await,
         }
     });
     ExitCode::from(code)
+}
+
+/// A sandbox with an in-memory key-value store and the given engine
+/// settings; prints the error when the engine cannot be built.
+pub(crate) fn sandbox_with(config: crate::sandbox::EngineConfig) -> Option<crate::sandbox::Sandbox> {
+    let kv = std::sync::Arc::new(crate::store::MemoryKeyValueStore::new());
+    match crate::sandbox::Sandbox::new(config, kv) {
+        Ok(sandbox) => Some(sandbox),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            None
+        }
+    }
+}
+
+pub(crate) fn sandbox() -> Option<crate::sandbox::Sandbox> {
+    sandbox_with(crate::sandbox::EngineConfig::default())
+}
+
+/// A run id unique enough for one machine: the time in nanoseconds.
+pub(crate) fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("run-{nanos:x}")
+}
+
+pub(crate) fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("`{text}` is not KEY=VALUE")),
+    }
 }

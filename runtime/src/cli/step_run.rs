@@ -2,16 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::sandbox::{AttemptReport, AttemptRequest, DirGrant, EngineConfig, Grants, Limits, Outcome, StepContext};
 use bytesize::ByteSize;
-use stepbox::sandbox::{
-    AttemptReport, AttemptRequest, DirGrant, EngineConfig, Grants, Limits, Outcome, Sandbox, StepContext,
-};
-use stepbox::store::MemoryKeyValueStore;
 
-use super::exit;
+use super::{exit, new_run_id, parse_key_value, sandbox_with};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -53,13 +48,6 @@ fn parse_count(text: &str) -> Result<u64, String> {
     text.replace('_', "").parse().map_err(|err| format!("`{text}` is not a whole number: {err}"))
 }
 
-fn parse_key_value(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
-        _ => Err(format!("`{text}` is not KEY=VALUE")),
-    }
-}
-
 fn read_input(input: &str) -> Result<String, String> {
     let text = match input.strip_prefix('@') {
         Some(path) => {
@@ -88,13 +76,7 @@ pub(crate) async fn run(args: Args) -> u8 {
         ..defaults
     };
     let engine_config = EngineConfig { max_concurrent_attempts: 4, max_memory: limits.memory.max(ByteSize::mib(64)) };
-    let sandbox = match Sandbox::new(engine_config, Arc::new(MemoryKeyValueStore::new())) {
-        Ok(sandbox) => sandbox,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            return exit::STEP_FAILED;
-        }
-    };
+    let Some(sandbox) = sandbox_with(engine_config) else { return exit::STEP_FAILED };
     let path = args.component.clone();
     let loader = sandbox.clone();
     let component = match tokio::task::spawn_blocking(move || loader.load(&path)).await {
@@ -109,7 +91,7 @@ pub(crate) async fn run(args: Args) -> u8 {
         }
     };
 
-    let run_id = format!("run-{:x}", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    let run_id = new_run_id();
     let step_id = args.component.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "step".into());
     let request = AttemptRequest {
         context: StepContext {

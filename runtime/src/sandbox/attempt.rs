@@ -17,6 +17,9 @@ use super::limits::{InstanceLimiter, Limits};
 use super::outcome::{AttemptReport, Failure, FailureKind, Outcome};
 use crate::store::{KeyValueStore, KvScope};
 
+/// Fuel handed to compiled code at a time (see `fuel_async_yield_interval`).
+const FUEL_SLICE: u64 = 10_000_000;
+
 /// Who is running: passed to the step as its context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepContext {
@@ -77,6 +80,10 @@ pub(crate) async fn run(
     let _ = store.set_fuel(limits.fuel);
     store.set_epoch_deadline(1);
     store.epoch_deadline_callback(|_| Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))));
+    // Compiled code keeps its fuel count in a register and writes it back
+    // only when a slice of fuel runs out; slices make the count readable
+    // after a timeout cuts a call off (to within one slice).
+    let _ = store.fuel_async_yield_interval(Some(FUEL_SLICE));
 
     let wit_context = WitContext {
         run_id: context.run_id,

@@ -10,7 +10,7 @@ use super::capture::Captured;
 use super::host::logging::LogRecord;
 
 /// Why an attempt failed. Retry policies decide by this class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureKind {
     /// The attempt ran past its wall-clock timeout.
@@ -31,11 +31,15 @@ pub enum FailureKind {
     Fatal,
     /// The component could not be loaded as a step.
     InvalidComponent,
+    /// The attempt was stopped because the run was cancelled.
+    Cancelled,
+    /// The component's circuit breaker was open, so the attempt did not run.
+    CircuitOpen,
 }
 
 impl FailureKind {
     /// Every class, in the order of the documentation.
-    pub const ALL: [FailureKind; 9] = [
+    pub const ALL: [FailureKind; 11] = [
         FailureKind::Timeout,
         FailureKind::OutOfFuel,
         FailureKind::MemoryLimit,
@@ -45,6 +49,8 @@ impl FailureKind {
         FailureKind::Retryable,
         FailureKind::Fatal,
         FailureKind::InvalidComponent,
+        FailureKind::Cancelled,
+        FailureKind::CircuitOpen,
     ];
 
     /// Whether another attempt might succeed when nothing else is said: the
@@ -65,6 +71,8 @@ impl FailureKind {
             FailureKind::Retryable => "retryable",
             FailureKind::Fatal => "fatal",
             FailureKind::InvalidComponent => "invalid-component",
+            FailureKind::Cancelled => "cancelled",
+            FailureKind::CircuitOpen => "circuit-open",
         }
     }
 }

@@ -1,0 +1,157 @@
+//! `stepbox validate`, `stepbox graph` and `stepbox schema`: checking and
+//! drawing a workflow without running it.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use crate::scheduler;
+use crate::workflow::{Action, Workflow, WorkflowSpec};
+
+use super::run::collect_inputs;
+use super::{exit, parse_key_value, sandbox};
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  stepbox validate examples/diamond.yaml
+  stepbox validate order.yaml --input order_id=42
+
+Checks the file, every template and every component; with --input, also the inputs.")]
+pub(crate) struct ValidateArgs {
+    /// The workflow file.
+    file: PathBuf,
+    /// Check these inputs too, as `stepbox run` would. Repeatable.
+    #[arg(long = "input", short, value_parser = parse_key_value, value_name = "NAME=VALUE")]
+    inputs: Vec<(String, String)>,
+    /// A JSON file with an object of inputs.
+    #[arg(long, value_name = "FILE")]
+    input_file: Option<PathBuf>,
+}
+
+pub(crate) async fn validate(args: ValidateArgs) -> u8 {
+    let workflow = match Workflow::load(&args.file) {
+        Ok(workflow) => workflow,
+        Err(err) => {
+            eprintln!("{err}");
+            return exit::INVALID_COMPONENT;
+        }
+    };
+    if !args.inputs.is_empty() || args.input_file.is_some() {
+        let inputs = match collect_inputs(args.input_file.as_ref(), &args.inputs) {
+            Ok(inputs) => inputs,
+            Err(message) => {
+                eprintln!("error: {message}");
+                return exit::USAGE;
+            }
+        };
+        if let Err(err) = workflow.bind_inputs(&inputs) {
+            eprintln!("{err}");
+            return exit::INVALID_COMPONENT;
+        }
+    }
+    let Some(sandbox) = sandbox() else { return exit::STEP_FAILED };
+    if let Err(err) = scheduler::compile(&workflow, &sandbox).await {
+        eprintln!("{err}");
+        return exit::INVALID_COMPONENT;
+    }
+    println!(
+        "{} is valid: workflow `{}`, {} steps, {} components",
+        args.file.display(),
+        workflow.name,
+        workflow.steps.len(),
+        workflow.components.len()
+    );
+    0
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum GraphFormat {
+    Mermaid,
+    Dot,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  stepbox graph examples/diamond.yaml
+  stepbox graph examples/diamond.yaml --format dot | dot -Tsvg > diamond.svg")]
+pub(crate) struct GraphArgs {
+    /// The workflow file.
+    file: PathBuf,
+    #[arg(long, value_enum, default_value = "mermaid")]
+    format: GraphFormat,
+}
+
+pub(crate) fn graph(args: GraphArgs) -> u8 {
+    match Workflow::load(&args.file) {
+        Ok(workflow) => {
+            print!("{}", draw(&workflow, args.format));
+            0
+        }
+        Err(err) => {
+            eprintln!("{err}");
+            exit::INVALID_COMPONENT
+        }
+    }
+}
+
+/// The DAG as text: dependencies as solid edges, failure handlers dashed.
+fn draw(workflow: &Workflow, format: GraphFormat) -> String {
+    let mut out = String::new();
+    let label = |i: usize| {
+        let step = &workflow.steps[i];
+        let what = match &step.action {
+            Action::Run { component } => component.clone(),
+            Action::Include { path } => format!("include {path}"),
+        };
+        format!("{}\\n{what}", step.id)
+    };
+    match format {
+        GraphFormat::Mermaid => {
+            out.push_str("flowchart TD\n");
+            for (i, _) in workflow.steps.iter().enumerate() {
+                let _ = writeln!(out, "    s{i}[\"{}\"]", label(i).replace("\\n", "<br/>").replace('"', "'"));
+            }
+            for (i, step) in workflow.steps.iter().enumerate() {
+                for &dep in &step.depends_on {
+                    if step.handles.contains(&dep) {
+                        let _ = writeln!(out, "    s{dep} -. on failure .-> s{i}");
+                    } else {
+                        let _ = writeln!(out, "    s{dep} --> s{i}");
+                    }
+                }
+            }
+        }
+        GraphFormat::Dot => {
+            let _ = writeln!(
+                out,
+                "digraph \"{}\" {{\n    rankdir=TB;\n    node [shape=box];",
+                workflow.name.replace('"', "'")
+            );
+            for (i, _) in workflow.steps.iter().enumerate() {
+                let _ = writeln!(out, "    s{i} [label=\"{}\"];", label(i).replace('"', "'"));
+            }
+            for (i, step) in workflow.steps.iter().enumerate() {
+                for &dep in &step.depends_on {
+                    let style = if step.handles.contains(&dep) { " [style=dashed, label=\"on failure\"]" } else { "" };
+                    let _ = writeln!(out, "    s{dep} -> s{i}{style};");
+                }
+            }
+            out.push_str("}\n");
+        }
+    }
+    out
+}
+
+/// The JSON Schema of workflow files, for editor completion.
+pub(crate) fn schema() -> u8 {
+    let schema = schemars::schema_for!(WorkflowSpec);
+    match serde_json::to_string_pretty(&schema) {
+        Ok(text) => {
+            println!("{text}");
+            0
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            exit::STEP_FAILED
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! Running one step: its fan-out items, each with its own attempts, retried
+//! by the step's policy; or an included workflow.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::RngExt;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::policy::Admission;
+use super::report::{AttemptRecord, ExecutionReport, StepReport, StepStatus};
+use super::{RunEvent, Shared, run_graph};
+use crate::sandbox::{AttemptRequest, Failure, FailureKind, Grants, Outcome, StepContext};
+use crate::workflow::{Action, FanOut, Workflow, template};
+
+pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToken) -> (usize, StepReport) {
+    let step = &shared.workflow.steps[i];
+    let mut report = StepReport::pending(&step.id, step.required);
+    report.status = StepStatus::Running;
+    report.started_ms = Some(shared.elapsed_ms());
+    match &step.action {
+        Action::Include { path } => include(&shared, i, path, &cancel, &mut report).await,
+        Action::Run { component } => match items(&shared, i) {
+            Ok(items) => fan_out(&shared, i, component, items, &cancel, &mut report).await,
+            Err(reason) => {
+                report.status = StepStatus::Failed;
+                report.reason = Some(reason);
+            }
+        },
+    }
+    report.finished_ms = Some(shared.elapsed_ms());
+    (i, report)
+}
+
+/// The items of a fan-out; one `None` for a plain step.
+fn items(shared: &Shared, i: usize) -> Result<Vec<Option<Value>>, String> {
+    let context = shared.context.with_item(None);
+    let list = |value: &Value, what: &str| -> Result<Vec<Value>, String> {
+        let value = match value {
+            Value::String(text) => template::evaluate(text, &context).map_err(|err| format!("`{what}`: {err}"))?,
+            other => other.clone(),
+        };
+        match value {
+            Value::Array(items) => Ok(items),
+            other => Err(format!("`{what}` must give a list, but gave {other}")),
+        }
+    };
+    match &shared.workflow.steps[i].fan_out {
+        FanOut::None => Ok(vec![None]),
+        FanOut::ForEach(value) => Ok(list(value, "for_each")?.into_iter().map(Some).collect()),
+        FanOut::Matrix(axes) => {
+            let mut combinations = vec![serde_json::Map::new()];
+            for (key, value) in axes {
+                let values = list(value, &format!("matrix.{key}"))?;
+                combinations = combinations
+                    .into_iter()
+                    .flat_map(|combination| {
+                        values.iter().map(move |v| {
+                            let mut next = combination.clone();
+                            next.insert(key.clone(), v.clone());
+                            next
+                        })
+                    })
+                    .collect();
+            }
+            Ok(combinations.into_iter().map(|c| Some(Value::Object(c))).collect())
+        }
+    }
+}
+
+async fn fan_out(
+    shared: &Arc<Shared>,
+    i: usize,
+    component: &str,
+    items: Vec<Option<Value>>,
+    cancel: &CancellationToken,
+    report: &mut StepReport,
+) {
+    let step = &shared.workflow.steps[i];
+    let fanned = step.fan_out != FanOut::None;
+    let limit = Arc::new(Semaphore::new(step.max_concurrent.map_or(items.len().max(1), |n| n as usize)));
+    let mut tasks = JoinSet::new();
+    let count = items.len();
+    for (k, item) in items.into_iter().enumerate() {
+        let (shared, limit, cancel, component) = (shared.clone(), limit.clone(), cancel.clone(), component.to_owned());
+        tasks.spawn(async move {
+            let _slot = limit.acquire_owned().await;
+            let index = fanned.then_some(k);
+            (k, execution(&shared, i, &component, index, item, &cancel).await)
+        });
+    }
+    let mut executions: Vec<Option<ExecutionReport>> = vec![None; count];
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((k, execution)) => executions[k] = Some(execution),
+            Err(err) => {
+                report.status = StepStatus::Failed;
+                report.reason = Some(format!("internal error while running an item: {err}"));
+            }
+        }
+    }
+    report.executions = executions.into_iter().flatten().collect();
+    if report.status == StepStatus::Failed {
+        return;
+    }
+    let unfinished = report.executions.iter().find(|e| e.status != StepStatus::Succeeded);
+    match unfinished {
+        None => {
+            report.status = StepStatus::Succeeded;
+            let outputs = report.executions.iter().map(|e| e.output.clone().unwrap_or(Value::Null));
+            report.output = Some(if fanned {
+                Value::Array(outputs.collect())
+            } else {
+                outputs.into_iter().next().unwrap_or(Value::Null)
+            });
+        }
+        Some(execution) => {
+            let cancelled = report.executions.iter().any(|e| e.status == StepStatus::Cancelled);
+            report.status = if cancelled { StepStatus::Cancelled } else { StepStatus::Failed };
+            let reason = execution.error.clone();
+            let reason =
+                reason.or_else(|| execution.attempts.last().and_then(|a| a.failure.as_ref()).map(ToString::to_string));
+            let reason = reason.unwrap_or_else(|| execution.status.as_str().to_owned());
+            report.reason = Some(match execution.index {
+                Some(index) => format!("item {index}: {reason}"),
+                None => reason,
+            });
+        }
+    }
+}
+
+/// One execution: render its input, then attempt until success, a failure
+/// the policy does not retry, or cancellation.
+async fn execution(
+    shared: &Shared,
+    i: usize,
+    name: &str,
+    index: Option<usize>,
+    item: Option<Value>,
+    cancel: &CancellationToken,
+) -> ExecutionReport {
+    let step = &shared.workflow.steps[i];
+    let step_id = match index {
+        Some(index) => format!("{}{}[{index}]", shared.prefix, step.id),
+        None => format!("{}{}", shared.prefix, step.id),
+    };
+    let idempotency_key = format!("{}/{step_id}", shared.run_id);
+    let mut report = ExecutionReport {
+        index,
+        item: item.clone(),
+        idempotency_key: idempotency_key.clone(),
+        status: StepStatus::Running,
+        output: None,
+        error: None,
+        attempts: Vec::new(),
+    };
+    let context = shared.context.with_item(item.as_ref());
+    let prepared = (|| -> Result<(Value, Grants), String> {
+        let input = template::render_value(&step.with, &context).map_err(|err| format!("`with`: {err}"))?;
+        let render_map = |map: &std::collections::BTreeMap<String, String>, what: &str| {
+            map.iter()
+                .map(|(key, value)| {
+                    Ok((
+                        key.clone(),
+                        template::render_text(value, &context).map_err(|err| format!("`{what}.{key}`: {err}"))?,
+                    ))
+                })
+                .collect::<Result<_, String>>()
+        };
+        let grants = Grants {
+            dirs: step.dirs.clone(),
+            env: render_map(&step.env, "env")?,
+            config: render_map(&step.config, "config")?,
+            stdin: Vec::new(),
+        };
+        Ok((input, grants))
+    })();
+    let (input, grants) = match prepared {
+        Ok(prepared) => prepared,
+        Err(err) => {
+            report.status = StepStatus::Failed;
+            report.error = Some(format!("template error in {err}"));
+            return report;
+        }
+    };
+    let Some(component) = shared.components.get(name) else {
+        report.status = StepStatus::Failed;
+        report.error = Some(format!("component `{name}` was not compiled"));
+        return report;
+    };
+    let first_start = Instant::now();
+    let mut delay_before = Duration::ZERO;
+    let mut attempt = 1;
+    loop {
+        let started_ms = shared.elapsed_ms();
+        let breaker = shared.breakers.get(name);
+        let admitted = breaker.map_or(Admission::Run, |breaker| breaker.admit(Instant::now()));
+        let failure = match admitted {
+            Admission::Refuse(message) => {
+                let failure = Failure::new(FailureKind::CircuitOpen, message);
+                report.attempts.push(AttemptRecord::empty(
+                    attempt,
+                    delay_before,
+                    started_ms,
+                    started_ms,
+                    failure.clone(),
+                ));
+                failure
+            }
+            Admission::Run => {
+                let request = AttemptRequest {
+                    context: StepContext {
+                        run_id: shared.run_id.clone(),
+                        step_id: step_id.clone(),
+                        attempt,
+                        idempotency_key: idempotency_key.clone(),
+                        tenant: shared.tenant.clone(),
+                        workflow: shared.workflow.name.clone(),
+                    },
+                    input: input.to_string(),
+                    limits: step.limits.clone(),
+                    grants: grants.clone(),
+                };
+                let record = attempt_once(shared, name, component, request, index, cancel, delay_before).await;
+                let failure = record.failure.clone();
+                if let Some(breaker) = breaker {
+                    let counts = failure.as_ref().is_some_and(|f| {
+                        !matches!(f.kind, FailureKind::Fatal | FailureKind::Cancelled | FailureKind::CircuitOpen)
+                    });
+                    breaker.record(counts, Instant::now());
+                }
+                report.attempts.push(record);
+                match failure {
+                    None => {
+                        report.status = StepStatus::Succeeded;
+                        report.output = report.attempts.last().and_then(|a| a.output_value.clone());
+                        return strip(report);
+                    }
+                    Some(failure) => failure,
+                }
+            }
+        };
+        if failure.kind == FailureKind::Cancelled {
+            report.status = StepStatus::Cancelled;
+            return strip(report);
+        }
+        let mut delay = step.retry.delay(attempt);
+        if step.retry.jitter {
+            delay = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
+        }
+        let within_deadline = step.retry.deadline.is_none_or(|deadline| first_start.elapsed() + delay < deadline);
+        if !step.retry.retries(failure.kind, attempt) || !within_deadline {
+            report.status = StepStatus::Failed;
+            return strip(report);
+        }
+        shared.emit(RunEvent::Retrying { step: step_id.clone(), index, attempt, delay, failure });
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = cancel.cancelled() => {
+                report.status = StepStatus::Cancelled;
+                return strip(report);
+            }
+        }
+        delay_before = delay;
+        attempt += 1;
+    }
+}
+
+/// Drops the output kept on attempt records while retrying; it lives on the
+/// execution.
+fn strip(mut report: ExecutionReport) -> ExecutionReport {
+    for attempt in &mut report.attempts {
+        attempt.output_value = None;
+    }
+    report
+}
+
+/// One attempt: wait for the rate limit and a parallelism slot, run, and
+/// record; cancellation stops it at any point.
+async fn attempt_once(
+    shared: &Shared,
+    component_name: &str,
+    component: &crate::sandbox::StepComponent,
+    request: AttemptRequest,
+    index: Option<usize>,
+    cancel: &CancellationToken,
+    delay_before: Duration,
+) -> AttemptRecord {
+    let step = request.context.step_id.clone();
+    let attempt = request.context.attempt;
+    let run = async {
+        if let Some(limiter) = shared.limiters.get(component_name) {
+            limiter.acquire().await;
+        }
+        let _permit = shared.permits.acquire().await;
+        let started_ms = shared.elapsed_ms();
+        shared.emit(RunEvent::AttemptStarted { step: step.clone(), index, attempt });
+        (started_ms, shared.sandbox.run(component, request).await)
+    };
+    let queued_ms = shared.elapsed_ms();
+    let (started_ms, report) = tokio::select! {
+        result = run => result,
+        () = cancel.cancelled() => {
+            let failure = Failure::new(FailureKind::Cancelled, "the run was cancelled while the attempt was running");
+            return AttemptRecord::empty(attempt, delay_before, queued_ms, shared.elapsed_ms(), failure);
+        }
+    };
+    let (failure, output) = match report.outcome {
+        Outcome::Succeeded { output } => (None, Some(output)),
+        Outcome::Failed(failure) => (Some(failure), None),
+    };
+    AttemptRecord {
+        attempt,
+        delay_before_ms: delay_before.as_secs_f64() * 1000.0,
+        started_ms,
+        finished_ms: shared.elapsed_ms(),
+        failure,
+        fuel_consumed: report.fuel_consumed,
+        peak_memory: report.peak_memory,
+        logs: report.logs,
+        stdout: report.stdout,
+        stderr: report.stderr,
+        output_value: output,
+    }
+}
+
+/// Runs an included workflow as this step; its steps are reported under
+/// this one, its outputs are this step's output.
+async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &CancellationToken, report: &mut StepReport) {
+    let step = &shared.workflow.steps[i];
+    let context = shared.context.with_item(None);
+    let result = async {
+        let path = template::render_text(path, &context).map_err(|err| format!("`include`: {err}"))?;
+        let path = shared.workflow.base_dir.join(path);
+        // A file written by an earlier step is read and validated only now.
+        let workflow = Workflow::load(&path).map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
+        let inputs = match template::render_value(&step.with, &context).map_err(|err| format!("`with`: {err}"))? {
+            Value::Object(map) => map,
+            other => return Err(format!("`with` of an include must be a map of the workflow's inputs, not {other}")),
+        };
+        let inputs = workflow.bind_inputs(&inputs).map_err(|err| err.to_string())?;
+        let components = super::compile(&workflow, &shared.sandbox).await.map_err(|err| err.to_string())?;
+        let options = super::RunOptions {
+            run_id: shared.run_id.clone(),
+            tenant: shared.tenant.clone(),
+            max_parallel: 0,
+            fail_fast: false,
+            events: shared.events.clone(),
+            cancel: cancel.clone(),
+        };
+        let prefix = format!("{}{}.", shared.prefix, step.id);
+        let child = Shared::new(
+            shared.sandbox.clone(),
+            Arc::new(workflow),
+            components,
+            inputs,
+            &options,
+            shared.permits.clone(),
+            shared.started,
+            &prefix,
+        );
+        Ok(run_graph_boxed(child, cancel.clone()).await)
+    }
+    .await;
+    match result {
+        Ok(child) => {
+            report.status = match child.status {
+                super::RunStatus::Succeeded => StepStatus::Succeeded,
+                super::RunStatus::Failed => StepStatus::Failed,
+                super::RunStatus::Cancelled => StepStatus::Cancelled,
+            };
+            if report.status == StepStatus::Succeeded {
+                report.output = Some(Value::Object(child.outputs));
+            } else {
+                report.reason = Some("a step of the included workflow failed".into());
+            }
+            report.steps = child.steps;
+        }
+        Err(reason) => {
+            report.status = StepStatus::Failed;
+            report.reason = Some(reason);
+        }
+    }
+}
+
+/// The nested run of an include, boxed with an explicit `Send` so the
+/// recursion (a step runs a graph that runs steps) has a nameable type.
+fn run_graph_boxed(
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::RunReport> + Send>> {
+    Box::pin(run_graph(shared, cancel, false))
+}

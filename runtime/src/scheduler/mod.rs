@@ -1,0 +1,405 @@
+//! Runs a [`Workflow`]: a ready queue over the dependency graph, parallel up
+//! to a limit, with retries, fan-out, failure policies, per-component
+//! circuit breakers and rate limits, and cancellation.
+
+mod context;
+mod execute;
+mod policy;
+mod report;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use report::{AttemptRecord, ExecutionReport, RunReport, RunStatus, StepReport, StepStatus};
+
+use crate::sandbox::{Failure, Sandbox, StepComponent};
+use crate::workflow::{Diagnostic, Workflow, WorkflowError, template};
+use context::{RunContext, StepsView};
+use policy::{CircuitBreaker, RateLimiter};
+
+/// Something that happened during a run, for progress displays and
+/// embedders.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    /// An attempt started. `index` is the item of a fan-out.
+    AttemptStarted { step: String, index: Option<usize>, attempt: u32 },
+    /// An attempt failed and another follows after `delay`.
+    Retrying { step: String, index: Option<usize>, attempt: u32, delay: Duration, failure: Failure },
+    /// A step reached its final status.
+    StepFinished { step: String, status: StepStatus, reason: Option<String> },
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub run_id: String,
+    pub tenant: String,
+    /// Attempts running at once, over the whole run.
+    pub max_parallel: usize,
+    /// Cancel running steps as soon as a required step fails (`always`
+    /// steps still run).
+    pub fail_fast: bool,
+    pub events: Option<mpsc::UnboundedSender<RunEvent>>,
+    /// Cancel to stop the run: running attempts end as `cancelled` and no
+    /// more steps start.
+    pub cancel: CancellationToken,
+}
+
+impl RunOptions {
+    pub fn new(run_id: impl Into<String>) -> Self {
+        RunOptions {
+            run_id: run_id.into(),
+            tenant: "default".into(),
+            max_parallel: default_max_parallel(),
+            fail_fast: false,
+            events: None,
+            cancel: CancellationToken::new(),
+        }
+    }
+}
+
+/// Twice the CPU cores, and at least 4: steps that wait (on a clock, on
+/// I/O) leave cores free for others.
+pub fn default_max_parallel() -> usize {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    (2 * cores).max(4)
+}
+
+/// Compiles every component of a workflow, in parallel. Errors point at
+/// where each component is declared.
+pub async fn compile(workflow: &Workflow, sandbox: &Sandbox) -> Result<HashMap<String, StepComponent>, WorkflowError> {
+    let mut tasks = JoinSet::new();
+    for component in workflow.components.values() {
+        let sandbox = sandbox.clone();
+        let component = component.clone();
+        tasks.spawn_blocking(move || (sandbox.load(&component.path), component));
+    }
+    let mut compiled = HashMap::new();
+    let mut diagnostics = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((Ok(loaded), component)) => {
+                compiled.insert(component.name, loaded);
+            }
+            Ok((Err(err), component)) => diagnostics.push(Diagnostic {
+                file: workflow.file.clone(),
+                line: component.location.line(),
+                column: component.location.column(),
+                message: format!("component `{}`: {err}", component.name),
+                help: None,
+            }),
+            Err(err) => diagnostics.push(Diagnostic {
+                file: workflow.file.clone(),
+                line: 0,
+                column: 0,
+                message: format!("compiling a component failed: {err}"),
+                help: None,
+            }),
+        }
+    }
+    if diagnostics.is_empty() { Ok(compiled) } else { Err(WorkflowError { diagnostics }) }
+}
+
+/// Binds the inputs, compiles the components and runs the workflow.
+pub async fn run(
+    sandbox: &Sandbox,
+    workflow: Arc<Workflow>,
+    inputs: &serde_json::Map<String, serde_json::Value>,
+    options: RunOptions,
+) -> Result<RunReport, WorkflowError> {
+    let inputs = workflow.bind_inputs(inputs)?;
+    let components = compile(&workflow, sandbox).await?;
+    let permits = Arc::new(Semaphore::new(options.max_parallel.max(1)));
+    let shared = Shared::new(sandbox.clone(), workflow, components, inputs, &options, permits, Instant::now(), "");
+    Ok(run_graph(shared, options.cancel.clone(), options.fail_fast).await)
+}
+
+/// Everything the tasks of one run share.
+pub(crate) struct Shared {
+    sandbox: Sandbox,
+    workflow: Arc<Workflow>,
+    components: HashMap<String, StepComponent>,
+    breakers: HashMap<String, CircuitBreaker>,
+    limiters: HashMap<String, RateLimiter>,
+    permits: Arc<Semaphore>,
+    run_id: String,
+    tenant: String,
+    started: Instant,
+    events: Option<mpsc::UnboundedSender<RunEvent>>,
+    context: RunContext,
+    inputs: serde_json::Map<String, serde_json::Value>,
+    /// `<include step id>.` inside an included workflow, for ids in events
+    /// and reports.
+    prefix: String,
+}
+
+impl Shared {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        sandbox: Sandbox,
+        workflow: Arc<Workflow>,
+        components: HashMap<String, StepComponent>,
+        inputs: serde_json::Map<String, serde_json::Value>,
+        options: &RunOptions,
+        permits: Arc<Semaphore>,
+        started: Instant,
+        prefix: &str,
+    ) -> Arc<Self> {
+        let breakers = workflow
+            .components
+            .values()
+            .filter_map(|c| c.breaker.map(|spec| (c.name.clone(), CircuitBreaker::new(spec))))
+            .collect();
+        let limiters = workflow
+            .components
+            .values()
+            .filter_map(|c| c.rate_limit.map(|spec| (c.name.clone(), RateLimiter::new(spec))))
+            .collect();
+        let steps = Arc::new(StepsView::default());
+        for step in &workflow.steps {
+            steps.set(&step.id, StepStatus::Pending, None);
+        }
+        let context = RunContext {
+            inputs: template::to_jinja(&inputs),
+            vars: template::to_jinja(&workflow.vars),
+            run: minijinja::context! { id => options.run_id.clone(), workflow => workflow.name.clone(), tenant => options.tenant.clone() },
+            steps,
+        };
+        Arc::new(Shared {
+            sandbox,
+            components,
+            breakers,
+            limiters,
+            permits,
+            run_id: options.run_id.clone(),
+            tenant: options.tenant.clone(),
+            started,
+            events: options.events.clone(),
+            context,
+            inputs,
+            prefix: prefix.to_owned(),
+            workflow,
+        })
+    }
+
+    fn elapsed_ms(&self) -> f64 {
+        self.started.elapsed().as_secs_f64() * 1000.0
+    }
+
+    fn emit(&self, event: RunEvent) {
+        if let Some(events) = &self.events {
+            let _ = events.send(event);
+        }
+    }
+}
+
+/// How the scheduler settles a step whose dependencies are done.
+enum Decision {
+    Start,
+    Skip { reason: String, blocking: bool },
+    Cancel(String),
+    Fail(String),
+}
+
+pub(crate) async fn run_graph(shared: Arc<Shared>, cancel: CancellationToken, fail_fast: bool) -> RunReport {
+    let steps = &shared.workflow.steps;
+    let n = steps.len();
+    let mut reports: Vec<StepReport> = steps.iter().map(|step| StepReport::pending(&step.id, step.required)).collect();
+    // A skipped step blocks its dependents only when it was skipped because
+    // something upstream failed.
+    let mut blocking = vec![false; n];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    let mut remaining: Vec<usize> = steps.iter().map(|step| step.depends_on.len()).collect();
+    for (i, step) in steps.iter().enumerate() {
+        for &dep in &step.depends_on {
+            dependents[dep].push(i);
+        }
+    }
+    let mut ready: VecDeque<usize> = (0..n).filter(|&i| remaining[i] == 0).collect();
+    let fail_fast_token = cancel.child_token();
+    let mut first_failure: Option<String> = None;
+    let mut running: JoinSet<(usize, StepReport)> = JoinSet::new();
+    let mut task_step: HashMap<tokio::task::Id, usize> = HashMap::new();
+
+    loop {
+        while let Some(i) = ready.pop_front() {
+            let decision = decide(&shared, i, &reports, &blocking, &cancel, &fail_fast_token, first_failure.as_deref());
+            let report = &mut reports[i];
+            match decision {
+                Decision::Start => {
+                    report.status = StepStatus::Running;
+                    report.started_ms = Some(shared.elapsed_ms());
+                    shared.context.steps.set(&steps[i].id, StepStatus::Running, None);
+                    // `always` steps outlive --fail-fast, not a cancelled run.
+                    let token = if steps[i].always { cancel.clone() } else { fail_fast_token.clone() };
+                    let handle = running.spawn(execute::step(shared.clone(), i, token));
+                    task_step.insert(handle.id(), i);
+                    continue;
+                }
+                Decision::Skip { reason, blocking: blocks } => {
+                    report.status = StepStatus::Skipped;
+                    report.reason = Some(reason);
+                    blocking[i] = blocks;
+                }
+                Decision::Cancel(reason) => {
+                    report.status = StepStatus::Cancelled;
+                    report.reason = Some(reason);
+                }
+                Decision::Fail(reason) => {
+                    report.status = StepStatus::Failed;
+                    report.reason = Some(reason);
+                }
+            }
+            settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token);
+            release(i, &dependents, &mut remaining, &mut ready);
+        }
+        let Some(joined) = running.join_next_with_id().await else { break };
+        let (i, report) = match joined {
+            Ok((_, result)) => result,
+            Err(err) => {
+                // A panic in the scheduler's own code: record it, keep going.
+                let Some(&i) = task_step.get(&err.id()) else { continue };
+                let mut report = StepReport::pending(&steps[i].id, steps[i].required);
+                report.status = StepStatus::Failed;
+                report.reason = Some(format!("internal error while running the step: {err}"));
+                (i, report)
+            }
+        };
+        reports[i] = report;
+        settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token);
+        release(i, &dependents, &mut remaining, &mut ready);
+    }
+
+    let status = if cancel.is_cancelled() {
+        RunStatus::Cancelled
+    } else if reports.iter().any(|r| r.required && matches!(r.status, StepStatus::Failed | StepStatus::Cancelled)) {
+        RunStatus::Failed
+    } else {
+        RunStatus::Succeeded
+    };
+    let (outputs, output_errors) = outputs(&shared);
+    let prefix = shared.prefix.clone();
+    if !prefix.is_empty() {
+        for report in &mut reports {
+            report.id = format!("{prefix}{}", report.id);
+        }
+    }
+    RunReport {
+        run_id: shared.run_id.clone(),
+        workflow: shared.workflow.name.clone(),
+        status,
+        duration_ms: shared.elapsed_ms(),
+        inputs: shared.inputs.clone(),
+        outputs,
+        output_errors,
+        steps: reports,
+    }
+}
+
+fn decide(
+    shared: &Shared,
+    i: usize,
+    reports: &[StepReport],
+    blocking: &[bool],
+    cancel: &CancellationToken,
+    fail_fast: &CancellationToken,
+    first_failure: Option<&str>,
+) -> Decision {
+    let steps = &shared.workflow.steps;
+    let step = &steps[i];
+    if cancel.is_cancelled() {
+        return Decision::Cancel("the run was cancelled before the step started".into());
+    }
+    if fail_fast.is_cancelled() && !step.always {
+        let failed = first_failure.unwrap_or("a required step");
+        return Decision::Skip { reason: format!("fail-fast: `{failed}` failed"), blocking: true };
+    }
+    if !step.handles.is_empty() && !step.handles.iter().any(|&h| reports[h].status == StepStatus::Failed) {
+        let names: Vec<&str> = step.handles.iter().map(|&h| steps[h].id.as_str()).collect();
+        return Decision::Skip {
+            reason: format!("on_failure handler: `{}` did not fail", names.join("`, `")),
+            blocking: false,
+        };
+    }
+    let blocked = step.depends_on.iter().find(|&&dep| {
+        let report = &reports[dep];
+        !step.handles.contains(&dep)
+            && match report.status {
+                StepStatus::Failed => report.required,
+                StepStatus::Cancelled => true,
+                StepStatus::Skipped => blocking[dep],
+                _ => false,
+            }
+    });
+    if let Some(&dep) = blocked.filter(|_| !step.always) {
+        return Decision::Skip {
+            reason: format!("dependency `{}` {}", steps[dep].id, reports[dep].status.as_str()),
+            blocking: true,
+        };
+    }
+    if let Some(when) = &step.when {
+        match template::is_true(when, &shared.context.with_item(None)) {
+            Ok(true) => {}
+            Ok(false) => return Decision::Skip { reason: format!("`when` is false: {when}"), blocking: false },
+            Err(err) => return Decision::Fail(format!("`when` could not be evaluated: {err}")),
+        }
+    }
+    Decision::Start
+}
+
+/// Publishes a step's final state to templates and events, and notes the
+/// first required failure (which triggers --fail-fast).
+fn settle(
+    shared: &Shared,
+    i: usize,
+    report: &StepReport,
+    first_failure: &mut Option<String>,
+    fail_fast: bool,
+    fail_fast_token: &CancellationToken,
+) {
+    let id = &shared.workflow.steps[i].id;
+    shared.context.steps.set(id, report.status, report.output.clone());
+    shared.emit(RunEvent::StepFinished {
+        step: format!("{}{id}", shared.prefix),
+        status: report.status,
+        reason: report.reason.clone(),
+    });
+    if report.required && report.status == StepStatus::Failed && first_failure.is_none() {
+        *first_failure = Some(id.clone());
+        if fail_fast {
+            fail_fast_token.cancel();
+        }
+    }
+}
+
+fn release(i: usize, dependents: &[Vec<usize>], remaining: &mut [usize], ready: &mut VecDeque<usize>) {
+    for &dependent in &dependents[i] {
+        remaining[dependent] -= 1;
+        if remaining[dependent] == 0 {
+            ready.push_back(dependent);
+        }
+    }
+}
+
+fn outputs(shared: &Shared) -> (serde_json::Map<String, serde_json::Value>, Vec<String>) {
+    let context = shared.context.with_item(None);
+    let mut outputs = serde_json::Map::new();
+    let mut errors = Vec::new();
+    for (name, text) in &shared.workflow.outputs {
+        match template::render_string(text, &context) {
+            Ok(value) => {
+                outputs.insert(name.clone(), value);
+            }
+            Err(err) => {
+                errors.push(format!("output `{name}`: {err}"));
+                outputs.insert(name.clone(), serde_json::Value::Null);
+            }
+        }
+    }
+    (outputs, errors)
+}

@@ -1,0 +1,140 @@
+//! Per-component policies shared by every step that uses the component: a
+//! circuit breaker and a rate limit on attempt starts.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Mutex;
+
+use crate::workflow::spec::{BreakerSpec, RateLimitSpec};
+
+/// Closed: attempts run. Open: they fail at once until the cool-down ends.
+/// Then one probe runs (half-open); its result closes or reopens it.
+#[derive(Debug)]
+pub(crate) struct CircuitBreaker {
+    spec: BreakerSpec,
+    state: std::sync::Mutex<BreakerState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum BreakerState {
+    Closed { failures: u32 },
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+/// Whether an attempt may run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Admission {
+    Run,
+    /// Refused: the message says until when.
+    Refuse(String),
+}
+
+impl CircuitBreaker {
+    pub(crate) fn new(spec: BreakerSpec) -> Self {
+        CircuitBreaker { spec, state: std::sync::Mutex::new(BreakerState::Closed { failures: 0 }) }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn admit(&self, now: Instant) -> Admission {
+        let mut state = self.state();
+        match *state {
+            BreakerState::Closed { .. } => Admission::Run,
+            BreakerState::Open { until } if now < until => Admission::Refuse(format!(
+                "the circuit breaker is open after {} consecutive failures; it lets a probe through in {}",
+                self.spec.failures,
+                humantime::format_duration(round_ms(until - now))
+            )),
+            BreakerState::Open { .. } | BreakerState::HalfOpen { probing: false } => {
+                *state = BreakerState::HalfOpen { probing: true };
+                Admission::Run
+            }
+            BreakerState::HalfOpen { probing: true } => {
+                Admission::Refuse("the circuit breaker is half-open and its probe attempt is still running".into())
+            }
+        }
+    }
+
+    /// Records the end of an admitted attempt. `failed` counts failures that
+    /// say something about the component's health.
+    pub(crate) fn record(&self, failed: bool, now: Instant) {
+        let mut state = self.state();
+        *state = match (*state, failed) {
+            (_, false) => BreakerState::Closed { failures: 0 },
+            (BreakerState::Closed { failures }, true) if failures + 1 < self.spec.failures => {
+                BreakerState::Closed { failures: failures + 1 }
+            }
+            (_, true) => BreakerState::Open { until: now + self.spec.cool_down },
+        };
+    }
+}
+
+fn round_ms(duration: Duration) -> Duration {
+    Duration::from_millis(duration.as_millis() as u64)
+}
+
+/// At most `starts` attempt starts in any window of `per`. Uses tokio's
+/// clock so tests can run it on paused time.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    spec: RateLimitSpec,
+    starts: Mutex<VecDeque<tokio::time::Instant>>,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(spec: RateLimitSpec) -> Self {
+        RateLimiter { spec, starts: Mutex::new(VecDeque::new()) }
+    }
+
+    /// Waits until a start is allowed and takes it.
+    pub(crate) async fn acquire(&self) {
+        let mut starts = self.starts.lock().await;
+        loop {
+            let now = tokio::time::Instant::now();
+            while starts.front().is_some_and(|&start| now.duration_since(start) >= self.spec.per) {
+                starts.pop_front();
+            }
+            if starts.len() < self.spec.starts as usize {
+                starts.push_back(now);
+                return;
+            }
+            // Holding the lock while waiting keeps starts in arrival order.
+            let oldest = starts[0];
+            tokio::time::sleep_until(oldest + self.spec.per).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breaker_opens_after_consecutive_failures_and_probes_after_the_cool_down() {
+        let breaker = CircuitBreaker::new(BreakerSpec { failures: 2, cool_down: Duration::from_secs(10) });
+        let t0 = Instant::now();
+        breaker.record(true, t0);
+        assert_eq!(breaker.admit(t0), Admission::Run);
+        breaker.record(true, t0);
+        assert!(matches!(breaker.admit(t0 + Duration::from_secs(1)), Admission::Refuse(m) if m.contains("in 9s")));
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(breaker.admit(later), Admission::Run, "one probe");
+        assert!(matches!(breaker.admit(later), Admission::Refuse(_)), "only one probe");
+        breaker.record(false, later);
+        assert_eq!(breaker.admit(later), Admission::Run, "a good probe closes it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_spreads_starts_over_windows() {
+        let limiter = RateLimiter::new(RateLimitSpec { starts: 2, per: Duration::from_secs(1) });
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..5 {
+            limiter.acquire().await;
+        }
+        assert_eq!(tokio::time::Instant::now() - t0, Duration::from_secs(2));
+    }
+}

@@ -1,0 +1,190 @@
+//! Workflow files: parse, validate, and resolve them into a [`Workflow`]
+//! the scheduler can run. See docs/workflow.md for the format.
+
+mod builder;
+mod diagnostic;
+pub mod spec;
+pub mod template;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use serde_saphyr::Location;
+
+pub use builder::{StepBuilder, WorkflowBuilder};
+pub use diagnostic::{Diagnostic, WorkflowError};
+pub use spec::WorkflowSpec;
+
+use crate::sandbox::{DirGrant, FailureKind, Limits};
+use spec::{Backoff, BreakerSpec, InputSpec, RateLimitSpec};
+
+/// A validated workflow: every reference resolved, the graph acyclic.
+#[derive(Debug, Clone)]
+pub struct Workflow {
+    pub name: String,
+    /// The file it was read from (or a name for a built workflow), for
+    /// messages.
+    pub file: PathBuf,
+    /// Relative paths in the workflow resolve against this directory.
+    pub base_dir: PathBuf,
+    pub inputs: BTreeMap<String, InputSpec>,
+    pub vars: serde_json::Map<String, Value>,
+    pub components: BTreeMap<String, Component>,
+    /// In file order; `depends_on` and friends are indices into this list.
+    pub steps: Vec<Step>,
+    pub outputs: BTreeMap<String, String>,
+}
+
+/// A component the workflow uses.
+#[derive(Debug, Clone)]
+pub struct Component {
+    pub name: String,
+    pub path: PathBuf,
+    pub rate_limit: Option<RateLimitSpec>,
+    pub breaker: Option<BreakerSpec>,
+    /// Where it is declared, for load errors.
+    pub location: Location,
+}
+
+/// What a step runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A component, by its name in [`Workflow::components`].
+    Run { component: String },
+    /// A sub-workflow file (a template), run as one step.
+    Include { path: String },
+}
+
+/// How a step fans out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FanOut {
+    None,
+    /// One execution per item of a list (a literal or an expression).
+    ForEach(Value),
+    /// One execution per combination; each value a literal list or an
+    /// expression.
+    Matrix(BTreeMap<String, Value>),
+}
+
+/// One validated step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub id: String,
+    pub action: Action,
+    pub with: Value,
+    pub depends_on: Vec<usize>,
+    pub when: Option<String>,
+    pub required: bool,
+    pub always: bool,
+    pub on_failure: Vec<usize>,
+    /// The steps whose `on_failure` names this one: it runs only when one
+    /// of them failed.
+    pub handles: Vec<usize>,
+    pub retry: RetryPolicy,
+    pub limits: Limits,
+    pub fan_out: FanOut,
+    pub max_concurrent: Option<u32>,
+    pub config: BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
+    pub dirs: Vec<DirGrant>,
+}
+
+/// When and how often a failed attempt is tried again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub backoff: Backoff,
+    pub initial: Duration,
+    pub max: Duration,
+    pub multiplier: f64,
+    pub jitter: bool,
+    pub on: Vec<FailureKind>,
+    pub deadline: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    /// One attempt; when `attempts` is raised, exponential backoff from 1s
+    /// up to 30s with jitter, on `retryable`, `timeout` and `trap`.
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 1,
+            backoff: Backoff::Exponential,
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+            multiplier: 2.0,
+            jitter: true,
+            on: FailureKind::ALL.into_iter().filter(|kind| kind.retryable_by_default()).collect(),
+            deadline: None,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Whether a failure of `kind` on attempt `attempt` may be retried.
+    pub fn retries(&self, kind: FailureKind, attempt: u32) -> bool {
+        attempt < self.attempts && self.on.contains(&kind)
+    }
+
+    /// The delay after failed attempt `attempt` (1-based), before jitter.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let n = attempt.saturating_sub(1);
+        let delay = match self.backoff {
+            Backoff::Constant => self.initial,
+            Backoff::Linear => self.initial.saturating_mul(attempt),
+            Backoff::Exponential => {
+                let factor = self.multiplier.powi(i32::try_from(n).unwrap_or(i32::MAX));
+                Duration::try_from_secs_f64(self.initial.as_secs_f64() * factor).unwrap_or(self.max)
+            }
+        };
+        delay.min(self.max)
+    }
+}
+
+impl Workflow {
+    /// Reads and validates a workflow file (YAML or JSON).
+    pub fn load(path: &Path) -> Result<Workflow, WorkflowError> {
+        validate::load_file(path, &mut Vec::new())
+    }
+
+    /// Validates a workflow given as a spec (from the builder, or decoded by
+    /// the caller); relative paths resolve against `base_dir`.
+    pub fn from_spec(spec: WorkflowSpec, name_for_messages: &str, base_dir: &Path) -> Result<Workflow, WorkflowError> {
+        validate::validate(spec, Path::new(name_for_messages), base_dir, &mut Vec::new())
+    }
+
+    pub fn step_index(&self, id: &str) -> Option<usize> {
+        self.steps.iter().position(|step| step.id == id)
+    }
+
+    /// Checks the inputs a run was given against the declared ones and fills
+    /// in defaults.
+    pub fn bind_inputs(
+        &self,
+        given: &serde_json::Map<String, Value>,
+    ) -> Result<serde_json::Map<String, Value>, WorkflowError> {
+        validate::bind_inputs(self, given)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_as_configured_and_stops_at_max() {
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(350),
+            ..RetryPolicy::default()
+        };
+        let delays: Vec<u128> = (1..=4).map(|n| policy.delay(n).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 350, 350]);
+        let linear = RetryPolicy { backoff: Backoff::Linear, ..policy.clone() };
+        assert_eq!(linear.delay(3).as_millis(), 300);
+        let constant = RetryPolicy { backoff: Backoff::Constant, ..policy };
+        assert_eq!(constant.delay(4).as_millis(), 100);
+    }
+}

@@ -1,0 +1,300 @@
+//! The workflow file as written: YAML (or JSON, which is YAML too) decoded
+//! into these types. Values that validation may complain about keep their
+//! source location.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::sandbox::FailureKind;
+
+/// A workflow file.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowSpec {
+    /// The workflow's name; key-value state is shared by runs of the same name.
+    pub name: String,
+    /// A version label for people; stepbox does not interpret it.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// What the workflow does.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// The inputs a run is started with, by name.
+    #[serde(default)]
+    pub inputs: BTreeMap<String, InputSpec>,
+    /// Constants for templates, as `vars.<name>`.
+    #[serde(default)]
+    pub vars: BTreeMap<String, serde_json::Value>,
+    /// Settings every step starts from.
+    #[serde(default)]
+    pub defaults: DefaultsSpec,
+    /// Step components by name: a path relative to this file, or a table with
+    /// the path and per-component policies.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, ComponentSpec>")]
+    pub components: BTreeMap<String, Spanned<ComponentSpec>>,
+    /// The steps. Order does not matter: `depends_on` does.
+    pub steps: Vec<StepSpec>,
+    /// The workflow's outputs: templates over `steps`, `inputs` and `vars`.
+    #[serde(default)]
+    #[schemars(with = "BTreeMap<String, String>")]
+    pub outputs: BTreeMap<String, Spanned<String>>,
+}
+
+/// A declared input.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// The JSON type the value must have.
+    #[serde(default, rename = "type")]
+    pub kind: InputType,
+    /// Whether a run must give it (an input with a default never must).
+    #[serde(default)]
+    pub required: bool,
+    /// The value when a run does not give one.
+    #[serde(default)]
+    pub default: Option<serde_json::Value>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum InputType {
+    #[default]
+    Any,
+    String,
+    Number,
+    Integer,
+    Boolean,
+    Object,
+    Array,
+}
+
+/// Settings every step starts from; a step's own settings override them
+/// field by field.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsSpec {
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    #[serde(default)]
+    pub retry: RetrySpec,
+    /// The circuit breaker of every component that does not set its own.
+    #[serde(default)]
+    pub circuit_breaker: Option<BreakerSpec>,
+}
+
+/// A component: a path, or a table with the path and its policies.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ComponentSpec {
+    Path(String),
+    Table(ComponentTable),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentTable {
+    /// Path to the .wasm file, relative to the workflow file.
+    pub path: String,
+    /// Start at most this many attempts per interval.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Stop calling the component for a while after repeated failures.
+    #[serde(default)]
+    pub circuit_breaker: Option<BreakerSpec>,
+}
+
+impl ComponentSpec {
+    pub fn path(&self) -> &str {
+        match self {
+            ComponentSpec::Path(path) => path,
+            ComponentSpec::Table(table) => &table.path,
+        }
+    }
+}
+
+/// At most `starts` attempt starts per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub starts: u32,
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub per: Duration,
+}
+
+/// After `failures` consecutive failed attempts the breaker opens: attempts
+/// fail at once as `circuit-open` for `cool_down`, then one probe may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSpec {
+    pub failures: u32,
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub cool_down: Duration,
+}
+
+/// Per-attempt limits; unset fields come from `defaults.limits`, then from
+/// stepbox's own defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Fuel units; `_` separators are allowed (`500_000_000`).
+    #[serde(default, deserialize_with = "count")]
+    #[schemars(with = "Option<String>")]
+    pub fuel: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub timeout: Option<Duration>,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub memory: Option<ByteSize>,
+    /// Size of the step's output.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub output: Option<ByteSize>,
+    /// Bytes of stdout (and of stderr) kept.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub stdio: Option<ByteSize>,
+}
+
+/// How failed attempts are retried; unset fields come from `defaults.retry`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts in all, the first included (1: no retries).
+    #[serde(default)]
+    pub attempts: Option<u32>,
+    #[serde(default)]
+    pub backoff: Option<Backoff>,
+    /// The delay before the first retry.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub initial: Option<Duration>,
+    /// The longest delay between attempts.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub max: Option<Duration>,
+    /// Growth factor of exponential backoff.
+    #[serde(default)]
+    pub multiplier: Option<f64>,
+    /// Randomize each delay between half and all of it, so retries of many
+    /// steps do not arrive together.
+    #[serde(default)]
+    pub jitter: Option<bool>,
+    /// The failure classes that are retried.
+    #[serde(default)]
+    pub on: Option<Vec<FailureKind>>,
+    /// No attempt starts later than this after the step's first attempt.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub deadline: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Backoff {
+    Constant,
+    Linear,
+    Exponential,
+}
+
+/// One step.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// Unique within the workflow: letters, digits, `_` and `-`.
+    #[schemars(with = "String")]
+    pub id: Spanned<String>,
+    /// A name from `components`, or a path to a .wasm file.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub uses: Option<Spanned<String>>,
+    /// A sub-workflow file to run as this step, instead of `uses`; its steps
+    /// are recorded as `<this id>.<their id>`. The path may be a template.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub include: Option<Spanned<String>>,
+    /// The step's input (for `include`: the sub-workflow's inputs). Strings
+    /// are templates; a string that is one `{{ expression }}` keeps the
+    /// expression's type.
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub with: Option<Spanned<serde_json::Value>>,
+    /// Steps that must finish first.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub depends_on: Vec<Spanned<String>>,
+    /// An expression; the step is skipped when it is false.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub when: Option<Spanned<String>>,
+    /// When false, the step's failure does not fail the run.
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// Run even when a dependency failed or was skipped (cleanup).
+    #[serde(default)]
+    pub always: bool,
+    /// Steps to run when this one fails; they run only then.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub on_failure: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
+    #[serde(default)]
+    pub limits: Option<LimitsSpec>,
+    /// Run once per item of this list (a literal list or an expression);
+    /// the output is the list of the items' outputs, in order.
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub for_each: Option<Spanned<serde_json::Value>>,
+    /// Run once per combination of these lists; `item` is a map with one
+    /// value per key.
+    #[serde(default)]
+    #[schemars(with = "Option<BTreeMap<String, serde_json::Value>>")]
+    pub matrix: Option<Spanned<BTreeMap<String, serde_json::Value>>>,
+    /// At most this many items of a fan-out run at once.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    /// Values the step reads through `wasi:config`; templates.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// Environment variables; templates.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Host directories, `HOST:GUEST[:ro]`, HOST relative to this file.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub dirs: Vec<Spanned<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A count written as a number or as a string with `_` separators.
+fn count<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Count {
+        Number(u64),
+        Text(String),
+    }
+    match Option::<Count>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Count::Number(n)) => Ok(Some(n)),
+        Some(Count::Text(text)) => text
+            .replace('_', "")
+            .parse()
+            .map(Some)
+            .map_err(|_| serde::de::Error::custom(format!("`{text}` is not a whole number"))),
+    }
+}

@@ -1,0 +1,165 @@
+//! Templates and expressions (minijinja) over `inputs`, `vars`, `steps`,
+//! `item` and `run`.
+//!
+//! A string value is a template when it contains `{{` or `{%`. A string that
+//! is exactly one `{{ expression }}` evaluates to the expression's value with
+//! its type (a list stays a list), so outputs can flow between steps as
+//! JSON.
+
+use std::collections::BTreeSet;
+use std::sync::OnceLock;
+
+use minijinja::{Environment, UndefinedBehavior};
+use serde_json::Value;
+
+/// The names a template may start from.
+pub const ROOTS: [&str; 5] = ["inputs", "vars", "steps", "item", "run"];
+
+/// Instructions one template or expression may execute.
+const TEMPLATE_FUEL: u64 = 1_000_000;
+
+fn env() -> &'static Environment<'static> {
+    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Environment::new();
+        // A typo in a name is an error, not an empty string.
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // Workflow files may come from tenants: bound the work of one
+        // template or expression.
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env
+    })
+}
+
+/// Any serializable value as a template value.
+pub fn to_jinja<T: serde::Serialize>(value: &T) -> minijinja::Value {
+    minijinja::Value::from(minijinja::value::Serde(value))
+}
+
+/// Whether a string is a template at all.
+pub fn is_template(text: &str) -> bool {
+    text.contains("{{") || text.contains("{%")
+}
+
+/// The expression inside a string that is exactly one `{{ ... }}`.
+fn sole_expression(text: &str) -> Option<&str> {
+    let inner = text.trim().strip_prefix("{{")?.strip_suffix("}}")?;
+    (!inner.contains("{{") && !inner.contains("}}") && !inner.contains("{%")).then_some(inner.trim())
+}
+
+/// The bare expression of a `when` or `for_each`: with or without braces.
+pub fn expression_text(text: &str) -> &str {
+    sole_expression(text).unwrap_or(text.trim())
+}
+
+/// Checks a template or expression and returns the dotted paths it reads
+/// (`steps.a.output`, `inputs.x`), or the syntax error.
+pub fn referenced_paths(text: &str, is_expression: bool) -> Result<BTreeSet<String>, String> {
+    let env = env();
+    if is_expression || sole_expression(text).is_some() {
+        let expression = env.compile_expression(expression_text(text)).map_err(describe)?;
+        Ok(expression.undeclared_variables(true).into_iter().collect())
+    } else {
+        let template = env.template_from_str(text).map_err(describe)?;
+        Ok(template.undeclared_variables(true).into_iter().collect())
+    }
+}
+
+/// Evaluates an expression (`when`, `for_each`).
+pub fn evaluate(text: &str, context: &minijinja::Value) -> Result<Value, String> {
+    let expression = env().compile_expression(expression_text(text)).map_err(describe)?;
+    let value = expression.eval(context).map_err(describe)?;
+    to_json(&value)
+}
+
+/// Whether an expression is true, in Jinja's sense.
+pub fn is_true(text: &str, context: &minijinja::Value) -> Result<bool, String> {
+    let expression = env().compile_expression(expression_text(text)).map_err(describe)?;
+    Ok(expression.eval(context).map_err(describe)?.is_true())
+}
+
+/// Renders every template string inside a JSON value.
+pub fn render_value(value: &Value, context: &minijinja::Value) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(text) => render_string(text, context)?,
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|item| render_value(item, context)).collect::<Result<_, _>>()?)
+        }
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(key, item)| Ok((key.clone(), render_value(item, context)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+/// Renders one string: a sole expression keeps its type, anything else
+/// renders to text.
+pub fn render_string(text: &str, context: &minijinja::Value) -> Result<Value, String> {
+    if !is_template(text) {
+        return Ok(Value::String(text.to_owned()));
+    }
+    if sole_expression(text).is_some() {
+        return evaluate(text, context);
+    }
+    env().render_str(text, context).map(Value::String).map_err(describe)
+}
+
+/// Renders a template to text (config values, environment variables).
+pub fn render_text(text: &str, context: &minijinja::Value) -> Result<String, String> {
+    match render_string(text, context)? {
+        Value::String(text) => Ok(text),
+        other => Ok(other.to_string()),
+    }
+}
+
+fn to_json(value: &minijinja::Value) -> Result<Value, String> {
+    if value.is_undefined() {
+        return Ok(Value::Null);
+    }
+    serde_json::to_value(value).map_err(|err| format!("the value cannot be turned into JSON: {err}"))
+}
+
+/// minijinja's message plus its detail, on one line.
+fn describe(err: minijinja::Error) -> String {
+    let mut message = err.to_string();
+    if let Some(detail) = err.detail() {
+        if !message.contains(detail) {
+            message.push_str(&format!(": {detail}"));
+        }
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn ctx() -> minijinja::Value {
+        to_jinja(&json!({ "inputs": { "n": 2, "name": "Ada" }, "item": [1, 2] }))
+    }
+
+    #[test]
+    fn a_sole_expression_keeps_its_type() {
+        assert_eq!(render_string("{{ item }}", &ctx()).unwrap(), json!([1, 2]));
+        assert_eq!(render_string("{{ inputs.n + 1 }}", &ctx()).unwrap(), json!(3));
+        assert_eq!(render_string("Hi {{ inputs.name }}", &ctx()).unwrap(), json!("Hi Ada"));
+        assert_eq!(render_string("plain", &ctx()).unwrap(), json!("plain"));
+    }
+
+    #[test]
+    fn undefined_names_are_errors() {
+        assert!(render_string("{{ inputs.nope }}", &ctx()).is_err());
+        assert!(is_true("inputs.n > 1", &ctx()).unwrap());
+    }
+
+    #[test]
+    fn finds_the_paths_a_template_reads() {
+        let paths = referenced_paths("{{ steps.a.output.x }} and {{ inputs.n }}", false).unwrap();
+        assert!(paths.contains("steps.a.output.x") && paths.contains("inputs.n"), "{paths:?}");
+        assert!(referenced_paths("{{ oops", false).is_err());
+    }
+}
