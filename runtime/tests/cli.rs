@@ -133,3 +133,124 @@ fn every_command_has_help_with_examples() {
         assert!(stdout(&out).contains("Examples:"), "{args:?}: {}", stdout(&out));
     }
 }
+
+fn example(name: &str) -> String {
+    format!("{}/../examples/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn every_example_workflow_runs_as_documented() {
+    // Two examples fail on purpose: they show what happens then.
+    let failing = ["cleanup.yaml", "on-failure.yaml"];
+    let mut names: Vec<String> = std::fs::read_dir(example(""))
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".yaml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        let out = stepbox(&["run", &example(&name), "--json"]);
+        let expected = if failing.contains(&name.as_str()) { 1 } else { 0 };
+        assert_eq!(out.status.code(), Some(expected), "{name}: {}", stderr(&out));
+        let report: Value = serde_json::from_str(&stdout(&out)).unwrap_or_else(|err| panic!("{name}: {err}"));
+        assert_eq!(report["status"], if expected == 0 { "succeeded" } else { "failed" }, "{name}");
+        assert!(report["output_errors"].as_array().unwrap().is_empty(), "{name}: {}", report["output_errors"]);
+    }
+}
+
+#[test]
+fn run_prints_outputs_a_summary_and_progress() {
+    let out = stepbox(&["run", &example("fan-out-fan-in.yaml"), "--input", r#"names=["Ada", "Alan"]"#]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let outputs: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(outputs, json!({ "greetings": ["Hello, Ada!", "Hello, Alan!"] }));
+    let err = stderr(&out);
+    assert!(err.contains("greet[1]: attempt 1 started"), "plain progress lines off a terminal: {err}");
+    assert!(err.contains("│ gather ") && err.contains("succeeded"), "a summary table: {err}");
+    assert!(err.lines().last().unwrap().contains("succeeded in"), "{err}");
+}
+
+#[test]
+fn run_and_validate_refuse_bad_workflows_and_inputs() {
+    let dir = std::env::temp_dir().join(format!("stepbox-cli-wf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, "name: x\nsteps:\n  - id: a\n    uses: nothing.wasm\n    dependson: [b]\n").unwrap();
+    for command in ["run", "validate"] {
+        let out = stepbox(&[command, bad.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(3), "{command}");
+        assert!(stderr(&out).contains("bad.yaml:5:5: unknown field `dependson`"), "{}", stderr(&out));
+        assert!(stderr(&out).contains("help: did you mean `depends_on`?"), "{}", stderr(&out));
+    }
+    let out = stepbox(&["validate", &example("diamond.yaml")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("is valid: workflow `diamond`, 4 steps, 2 components"));
+
+    let out = stepbox(&["run", &example("fan-out-fan-in.yaml"), "--input", "nmes=[]"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("unknown input `nmes`") && stderr(&out).contains("did you mean `names`?"),
+        "{}",
+        stderr(&out)
+    );
+    let out = stepbox(&["run", &example("diamond.yaml"), "--max-parallel", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn graph_draws_mermaid_and_dot_and_schema_describes_the_file() {
+    let out = stepbox(&["graph", &example("diamond.yaml")]);
+    assert_eq!(out.status.code(), Some(0));
+    let mermaid = stdout(&out);
+    assert!(mermaid.starts_with("flowchart TD\n"));
+    assert!(
+        mermaid.contains("s0 --> s1") && mermaid.contains("s1 --> s3") && mermaid.contains("s2 --> s3"),
+        "{mermaid}"
+    );
+    let out = stepbox(&["graph", &example("on-failure.yaml"), "--format", "dot"]);
+    let dot = stdout(&out);
+    assert!(dot.starts_with("digraph \"on-failure\"") && dot.contains("s1 -> s2 [style=dashed"), "{dot}");
+
+    let out = stepbox(&["schema"]);
+    let schema: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(schema["title"], "WorkflowSpec");
+    assert!(schema["properties"]["steps"].is_object());
+    assert!(schema["required"].as_array().unwrap().contains(&json!("steps")));
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_cancels_a_run_and_records_the_cancelled_steps() {
+    let dir = std::env::temp_dir().join(format!("stepbox-cli-cancel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let workflow = dir.join("slow.yaml");
+    std::fs::write(
+        &workflow,
+        format!("name: slow\ncomponents:\n  sleepy: {}\nsteps:\n  - id: nap\n    uses: sleepy\n    with: {{ seconds: 60 }}\n    limits: {{ timeout: 2m }}\n", guests::SLEEPY),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stepbox"))
+        .args(["run", workflow.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the step is running, then interrupt.
+    let mut progress = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("nap: attempt 1 started") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut progress, &mut line).unwrap() > 0, "stepbox exited early");
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["status"], "cancelled");
+    assert_eq!(report["steps"][0]["status"], "cancelled");
+    assert_eq!(report["steps"][0]["executions"][0]["attempts"][0]["failure"]["kind"], "cancelled");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -1,20 +1,18 @@
-//! Hostile: sleeps in a WASI clock wait for `seconds` (default: a day), so it
-//! burns no fuel; only the wall-clock timeout stops it.
+//! Hostile: sleeps in a WASI clock wait, so it burns no fuel; only the
+//! wall-clock timeout stops it. `{"seconds": N}` or `{"millis": N}`; a day
+//! when neither is given. The example workflows use it as a slow step.
 use serde::Deserialize;
 use stepbox_sdk::{StepError, step};
 
 #[derive(Deserialize)]
 struct Input {
-    #[serde(default = "a_day")]
-    seconds: u64,
-}
-
-fn a_day() -> u64 {
-    24 * 60 * 60
+    seconds: Option<u64>,
+    millis: Option<u64>,
 }
 
 #[step]
 fn run(input: Input) -> Result<u64, StepError> {
-    std::thread::sleep(std::time::Duration::from_secs(input.seconds));
-    Ok(input.seconds)
+    let millis = input.millis.or(input.seconds.map(|s| s * 1000)).unwrap_or(24 * 60 * 60 * 1000);
+    std::thread::sleep(std::time::Duration::from_millis(millis));
+    Ok(millis)
 }

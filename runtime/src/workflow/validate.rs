@@ -30,21 +30,27 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<WorkflowSpec, WorkflowErr
         let mut diagnostics = Diagnostics::new(path);
         let location = err.location().unwrap_or(Location::UNKNOWN);
         let message = err.without_snippet().to_string();
-        let message = message.lines().next().unwrap_or_default().to_owned();
+        let mut message = message.lines().next().unwrap_or_default().to_owned();
+        // The location is already in front of the message.
+        if let Some(at) = message.rfind(" at line ") {
+            message.truncate(at);
+        }
         let help = unknown_field_help(&message);
         diagnostics.at(location, message, help);
         diagnostics.into_error()
     })
 }
 
-/// For serde's "unknown field `x`, expected one of `a`, `b`": the nearest
-/// known field.
+/// For "unknown field `x`, expected one of a, b, c": the nearest known
+/// field, or the list.
 fn unknown_field_help(message: &str) -> Option<String> {
     let rest = message.split("unknown field `").nth(1)?;
     let (field, rest) = rest.split_once('`')?;
-    let expected: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    let expected: Vec<&str> = rest
+        .split_once("expected ")
+        .map(|(_, list)| list.trim_start_matches("one of ").split(", ").map(|name| name.trim_matches('`')).collect())
+        .unwrap_or_default();
     did_you_mean(field, expected.iter().copied())
-        .or_else(|| Some(format!("the known fields here are: {}", expected.join(", "))))
 }
 
 pub(super) fn validate(
@@ -267,7 +273,7 @@ pub(super) fn validate(
         let first = &spec.steps[cycle[0]].id;
         d.on(
             first,
-            format!("the steps form a cycle: {}", names.join(" → ")),
+            format!("the steps depend on each other in a cycle: {} (each depends on the next)", names.join(" → ")),
             Some("remove one of these dependencies".into()),
         );
         return Err(d.into_error());
@@ -420,8 +426,8 @@ fn find_cycle(steps: &[Step]) -> Option<Vec<usize>> {
                     }
                     Mark::Open => {
                         let from = stack.iter().position(|&(n, _)| n == dep).unwrap_or(0);
+                        // Each step on the stack depends on the next.
                         let mut cycle: Vec<usize> = stack[from..].iter().map(|&(n, _)| n).collect();
-                        cycle.reverse();
                         cycle.push(cycle[0]);
                         return Some(cycle);
                     }

@@ -1,0 +1,727 @@
+//! Workflows run through the scheduler: data flow, parallelism, fan-out,
+//! retries, failure policies, breakers, rate limits, cancellation, includes,
+//! and the validation errors of bad files. Timing is checked from the
+//! recorded start and end of attempts, not from wall-clock thresholds.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::sandbox;
+use serde_json::{Value, json};
+use stepbox::sandbox::FailureKind;
+use stepbox::scheduler::{self, AttemptRecord, RunEvent, RunOptions, RunReport, RunStatus, StepReport, StepStatus};
+use stepbox::workflow::{StepBuilder, Workflow, WorkflowBuilder, WorkflowError};
+use stepbox_tests::guests;
+
+/// A fresh directory for one test's files.
+fn temp_dir() -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "stepbox-wf-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The components every test workflow can use, by name.
+fn components() -> String {
+    let mut text = String::from("components:\n");
+    for (name, path) in [
+        ("hello", guests::HELLO),
+        ("echo", guests::ECHO),
+        ("flaky", guests::FLAKY),
+        ("sleepy", guests::SLEEPY),
+        ("transform", guests::TRANSFORM),
+        ("counter", guests::COUNTER),
+    ] {
+        text.push_str(&format!("  {name}: {path}\n"));
+    }
+    text
+}
+
+/// Writes a workflow (with the components prepended after the name line)
+/// and returns its path.
+fn write(dir: &Path, file: &str, yaml: &str) -> PathBuf {
+    let (first, rest) = yaml.split_once('\n').unwrap();
+    let path = dir.join(file);
+    std::fs::write(&path, format!("{first}\n{}{rest}", components())).unwrap();
+    path
+}
+
+fn load(yaml: &str) -> Workflow {
+    let path = write(&temp_dir(), "workflow.yaml", yaml);
+    Workflow::load(&path).unwrap_or_else(|err| panic!("{err}"))
+}
+
+async fn run_with(workflow: Workflow, inputs: Value, options: RunOptions) -> RunReport {
+    let inputs = inputs.as_object().cloned().unwrap_or_default();
+    scheduler::run(sandbox(), Arc::new(workflow), &inputs, options).await.unwrap_or_else(|err| panic!("{err}"))
+}
+
+async fn run(yaml: &str) -> RunReport {
+    run_with(load(yaml), json!({}), RunOptions::new("run-test")).await
+}
+
+fn step<'a>(report: &'a RunReport, id: &str) -> &'a StepReport {
+    report.step(id).unwrap_or_else(|| panic!("no step {id} in {report:#?}"))
+}
+
+fn attempts(report: &RunReport, id: &str) -> Vec<AttemptRecord> {
+    step(report, id).executions.iter().flat_map(|e| e.attempts.clone()).collect()
+}
+
+/// Whether two attempts ran at the same time at some point.
+fn overlap(a: &AttemptRecord, b: &AttemptRecord) -> bool {
+    a.started_ms < b.finished_ms && b.started_ms < a.finished_ms
+}
+
+/// The most attempts that ran at once.
+fn max_overlap(attempts: &[AttemptRecord]) -> usize {
+    attempts
+        .iter()
+        .map(|a| attempts.iter().filter(|b| b.started_ms <= a.started_ms && a.started_ms < b.finished_ms).count())
+        .max()
+        .unwrap_or(0)
+}
+
+fn validation_error(yaml: &str) -> WorkflowError {
+    let path = write(&temp_dir(), "bad.yaml", yaml);
+    Workflow::load(&path).expect_err("the workflow must not validate")
+}
+
+fn assert_error(err: &WorkflowError, line: u64, message: &str, help: Option<&str>) {
+    let found = err.diagnostics.iter().find(|d| d.message.contains(message));
+    let diagnostic = found.unwrap_or_else(|| panic!("no error containing {message:?} in:\n{err}"));
+    // Lines count from the name line; the components block adds 7.
+    assert_eq!(diagnostic.line, if line == 0 { 0 } else { line + 7 }, "{diagnostic}");
+    if let Some(help) = help {
+        assert!(diagnostic.help.as_deref().is_some_and(|h| h.contains(help)), "{diagnostic}");
+    }
+    assert!(diagnostic.to_string().starts_with(&diagnostic.file.display().to_string()), "names the file: {diagnostic}");
+}
+
+#[tokio::test]
+async fn outputs_flow_along_a_diamond_and_independent_steps_run_in_parallel() {
+    let report = run("name: diamond
+steps:
+  - id: a
+    uses: hello
+    with: { name: A }
+  - id: b1
+    uses: sleepy
+    depends_on: [a]
+    with: { millis: 300 }
+  - id: b2
+    uses: sleepy
+    depends_on: [a]
+    with: { millis: 300 }
+  - id: c
+    uses: echo
+    depends_on: [b1, b2]
+    with: { from_a: '{{ steps.a.output.greeting }}', slept: '{{ steps.b1.output + steps.b2.output }}' }
+outputs:
+  c: '{{ steps.c.output }}'
+")
+    .await;
+    assert_eq!(report.status, RunStatus::Succeeded);
+    assert_eq!(report.outputs["c"], json!({ "from_a": "Hello, A!", "slept": 600 }));
+    let (b1, b2, c) = (&attempts(&report, "b1")[0], &attempts(&report, "b2")[0], &attempts(&report, "c")[0]);
+    assert!(overlap(b1, b2), "b1 and b2 ran at the same time: {b1:?} {b2:?}");
+    assert!(c.started_ms >= b1.finished_ms && c.started_ms >= b2.finished_ms, "c waited for both");
+    assert!(b1.started_ms >= attempts(&report, "a")[0].finished_ms);
+}
+
+#[tokio::test]
+async fn max_parallel_one_runs_one_attempt_at_a_time() {
+    let workflow = load(
+        "name: serial
+steps:
+  - id: x
+    uses: sleepy
+    with: { millis: 150 }
+  - id: y
+    uses: sleepy
+    with: { millis: 150 }
+",
+    );
+    let mut options = RunOptions::new("serial");
+    options.max_parallel = 1;
+    let report = run_with(workflow, json!({}), options).await;
+    assert!(!overlap(&attempts(&report, "x")[0], &attempts(&report, "y")[0]));
+}
+
+#[tokio::test]
+async fn for_each_collects_outputs_in_order_within_max_concurrent() {
+    let report = run("name: fan-out
+inputs:
+  waits: { type: array, default: [250, 50, 150, 100, 200] }
+steps:
+  - id: wait
+    uses: sleepy
+    for_each: '{{ inputs.waits }}'
+    max_concurrent: 2
+    with: { millis: '{{ item }}' }
+  - id: sum
+    uses: echo
+    depends_on: [wait]
+    with: { total: '{{ steps.wait.output | sum }}', first: '{{ steps.wait.output[0] }}' }
+")
+    .await;
+    assert_eq!(step(&report, "wait").output, Some(json!([250, 50, 150, 100, 200])), "outputs keep the list's order");
+    assert_eq!(step(&report, "sum").output, Some(json!({ "total": 750, "first": 250 })));
+    let runs = attempts(&report, "wait");
+    assert_eq!(runs.len(), 5);
+    assert_eq!(max_overlap(&runs), 2, "at most 2 at once, and they did overlap: {runs:#?}");
+    let keys: Vec<&str> = step(&report, "wait").executions.iter().map(|e| e.idempotency_key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["run-test/wait[0]", "run-test/wait[1]", "run-test/wait[2]", "run-test/wait[3]", "run-test/wait[4]"]
+    );
+}
+
+#[tokio::test]
+async fn matrix_runs_every_combination() {
+    let report = run("name: matrix
+steps:
+  - id: m
+    uses: echo
+    matrix: { size: [s, l], color: [red, blue, green] }
+    with: '{{ item.color }}-{{ item.size }}'
+")
+    .await;
+    let output = step(&report, "m").output.clone().unwrap();
+    let mut combos: Vec<&str> = output.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    combos.sort();
+    assert_eq!(combos, ["blue-l", "blue-s", "green-l", "green-s", "red-l", "red-s"]);
+}
+
+#[tokio::test]
+async fn retries_back_off_as_configured() {
+    let report = run("name: retry
+steps:
+  - id: constant
+    uses: flaky
+    with: { succeed_on_attempt: 3 }
+    retry: { attempts: 5, backoff: constant, initial: 100ms, jitter: false }
+  - id: exponential
+    uses: flaky
+    with: { succeed_on_attempt: 3 }
+    retry: { attempts: 3, backoff: exponential, initial: 50ms, multiplier: 3, jitter: false }
+")
+    .await;
+    assert_eq!(report.status, RunStatus::Succeeded);
+    for (id, delays) in [("constant", [100.0, 100.0]), ("exponential", [50.0, 150.0])] {
+        let runs = attempts(&report, id);
+        assert_eq!(runs.len(), 3, "{id}");
+        assert_eq!(runs.iter().map(|a| a.attempt).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(runs[0].failure.as_ref().unwrap().kind, FailureKind::Retryable);
+        for (k, delay) in delays.into_iter().enumerate() {
+            assert_eq!(runs[k + 1].delay_before_ms, delay, "{id}");
+            assert!(
+                runs[k + 1].started_ms - runs[k].finished_ms >= delay,
+                "{id}: waited at least {delay}ms: {runs:#?}"
+            );
+        }
+        assert_eq!(step(&report, id).output, Some(json!({ "succeeded_on_attempt": 3 })));
+    }
+}
+
+#[tokio::test]
+async fn retries_stop_at_classes_not_listed_and_at_the_deadline() {
+    let report = run("name: retry-limits
+steps:
+  - id: wrong-class
+    uses: flaky
+    required: false
+    with: { succeed_on_attempt: 3 }
+    retry: { attempts: 5, on: [timeout], initial: 10ms }
+  - id: deadline
+    uses: flaky
+    required: false
+    with: { succeed_on_attempt: 100 }
+    retry: { attempts: 100, backoff: constant, initial: 200ms, jitter: false, deadline: 500ms }
+")
+    .await;
+    assert_eq!(attempts(&report, "wrong-class").len(), 1, "retryable is not in `on`");
+    let runs = attempts(&report, "deadline");
+    assert!((2..=3).contains(&runs.len()), "the deadline stops retrying: {} attempts", runs.len());
+    assert!(runs.last().unwrap().started_ms - runs[0].started_ms < 500.0);
+    assert_eq!(step(&report, "deadline").status, StepStatus::Failed);
+}
+
+#[tokio::test]
+async fn a_failed_required_step_skips_its_dependents_but_not_always_steps() {
+    let report = run("name: skip
+steps:
+  - id: work
+    uses: flaky
+    with: { succeed_on_attempt: 9 }
+  - id: next
+    uses: hello
+    depends_on: [work]
+    with: { name: x }
+  - id: after-next
+    uses: hello
+    depends_on: [next]
+    with: { name: x }
+  - id: independent
+    uses: hello
+    with: { name: x }
+  - id: cleanup
+    uses: echo
+    depends_on: [after-next]
+    always: true
+    with: { work: '{{ steps.work.status }}', next: '{{ steps.next.status }}' }
+")
+    .await;
+    assert_eq!(report.status, RunStatus::Failed);
+    assert_eq!(step(&report, "work").status, StepStatus::Failed);
+    assert!(step(&report, "work").reason.as_deref().unwrap().starts_with("retryable: attempt 1 of 9"));
+    assert_eq!(step(&report, "next").status, StepStatus::Skipped);
+    assert_eq!(step(&report, "next").reason.as_deref(), Some("dependency `work` failed"));
+    assert_eq!(step(&report, "after-next").reason.as_deref(), Some("dependency `next` skipped"));
+    assert_eq!(step(&report, "independent").status, StepStatus::Succeeded);
+    assert_eq!(step(&report, "cleanup").output, Some(json!({ "work": "failed", "next": "skipped" })));
+}
+
+#[tokio::test]
+async fn an_optional_failure_lets_dependents_run_and_the_run_succeed() {
+    let report = run("name: optional
+steps:
+  - id: maybe
+    uses: flaky
+    required: false
+    with: { succeed_on_attempt: 9 }
+  - id: fallback
+    uses: hello
+    depends_on: [maybe]
+    when: \"steps.maybe.status == 'failed'\"
+    with: { name: fallback }
+  - id: not-needed
+    uses: hello
+    depends_on: [maybe]
+    when: \"steps.maybe.status == 'succeeded'\"
+    with: { name: x }
+  - id: join
+    uses: echo
+    depends_on: [fallback, not-needed]
+    with: { got: '{{ steps.fallback.output.greeting }}' }
+")
+    .await;
+    assert_eq!(report.status, RunStatus::Succeeded);
+    assert_eq!(step(&report, "not-needed").status, StepStatus::Skipped);
+    assert!(step(&report, "not-needed").reason.as_deref().unwrap().starts_with("`when` is false"));
+    assert_eq!(
+        step(&report, "join").output,
+        Some(json!({ "got": "Hello, fallback!" })),
+        "a step skipped by `when` does not block"
+    );
+}
+
+#[tokio::test]
+async fn on_failure_handlers_run_only_when_their_step_fails() {
+    let report = run("name: handlers
+steps:
+  - id: good
+    uses: hello
+    with: { name: x }
+    on_failure: [undo-good]
+  - id: bad
+    uses: flaky
+    with: { succeed_on_attempt: 9 }
+    on_failure: [undo-bad]
+  - id: undo-good
+    uses: hello
+    with: { name: x }
+  - id: undo-bad
+    uses: echo
+    with: { bad: '{{ steps.bad.status }}' }
+")
+    .await;
+    assert_eq!(step(&report, "undo-bad").output, Some(json!({ "bad": "failed" })));
+    assert_eq!(step(&report, "undo-good").status, StepStatus::Skipped);
+    assert_eq!(step(&report, "undo-good").reason.as_deref(), Some("on_failure handler: `good` did not fail"));
+    assert_eq!(report.status, RunStatus::Failed, "handling a failure does not hide it");
+}
+
+const SLOW_AND_FAILING: &str = "name: slow-and-failing
+steps:
+  - id: slow
+    uses: sleepy
+    with: { seconds: 30 }
+  - id: fails
+    uses: flaky
+    with: { succeed_on_attempt: 9 }
+  - id: later
+    uses: hello
+    depends_on: [slow]
+    with: { name: x }
+  - id: cleanup
+    uses: hello
+    depends_on: [slow, fails]
+    always: true
+    with: { name: x }
+";
+
+#[tokio::test]
+async fn fail_fast_cancels_running_steps_but_still_runs_always_steps() {
+    let mut options = RunOptions::new("ff");
+    options.fail_fast = true;
+    let report = run_with(load(SLOW_AND_FAILING), json!({}), options).await;
+    assert_eq!(report.status, RunStatus::Failed);
+    assert_eq!(step(&report, "slow").status, StepStatus::Cancelled);
+    assert_eq!(attempts(&report, "slow")[0].failure.as_ref().unwrap().kind, FailureKind::Cancelled);
+    assert_eq!(step(&report, "later").status, StepStatus::Skipped);
+    assert_eq!(step(&report, "cleanup").status, StepStatus::Succeeded);
+    assert!(report.duration_ms < 30_000.0);
+}
+
+#[tokio::test]
+async fn cancelling_a_run_stops_running_attempts_and_records_them() {
+    let options = RunOptions::new("cancel");
+    let cancel = options.cancel.clone();
+    let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let options = RunOptions { events: Some(events), ..options };
+    let run = tokio::spawn(run_with(load(SLOW_AND_FAILING), json!({}), options));
+    // Cancel once the slow step is running.
+    while let Some(event) = received.recv().await {
+        if matches!(&event, RunEvent::AttemptStarted { step, .. } if step == "slow") {
+            cancel.cancel();
+            break;
+        }
+    }
+    let report = run.await.unwrap();
+    assert_eq!(report.status, RunStatus::Cancelled);
+    assert_eq!(step(&report, "slow").status, StepStatus::Cancelled);
+    assert_eq!(step(&report, "cleanup").status, StepStatus::Cancelled, "nothing starts after a cancel");
+    assert!(report.duration_ms < 30_000.0);
+}
+
+#[tokio::test]
+async fn a_circuit_breaker_opens_after_consecutive_failures() {
+    let dir = temp_dir();
+    let path = dir.join("breaker.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "name: breaker
+components:
+  flaky: {{ path: {}, circuit_breaker: {{ failures: 2, cool_down: 1m }} }}
+steps:
+  - id: calls
+    uses: flaky
+    for_each: [1, 2, 3, 4, 5]
+    max_concurrent: 1
+    with: {{ succeed_on_attempt: 9 }}
+",
+            guests::FLAKY
+        ),
+    )
+    .unwrap();
+    let report = run_with(Workflow::load(&path).unwrap(), json!({}), RunOptions::new("breaker")).await;
+    let kinds: Vec<FailureKind> = attempts(&report, "calls").iter().map(|a| a.failure.as_ref().unwrap().kind).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == FailureKind::Retryable).count(), 2, "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == FailureKind::CircuitOpen).count(), 3, "{kinds:?}");
+    let refused =
+        attempts(&report, "calls").into_iter().find(|a| a.failure.as_ref().unwrap().kind == FailureKind::CircuitOpen);
+    assert!(refused.unwrap().failure.unwrap().message.contains("open after 2 consecutive failures"));
+}
+
+#[tokio::test]
+async fn a_rate_limit_spreads_attempt_starts() {
+    let dir = temp_dir();
+    let path = dir.join("rate.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "name: rate
+components:
+  hello: {{ path: {}, rate_limit: {{ starts: 2, per: 400ms }} }}
+steps:
+  - id: calls
+    uses: hello
+    for_each: [a, b, c, d, e]
+    with: {{ name: '{{{{ item }}}}' }}
+",
+            guests::HELLO
+        ),
+    )
+    .unwrap();
+    let report = run_with(Workflow::load(&path).unwrap(), json!({}), RunOptions::new("rate")).await;
+    let mut starts: Vec<f64> = attempts(&report, "calls").iter().map(|a| a.started_ms).collect();
+    starts.sort_by(f64::total_cmp);
+    // Any window of 400ms holds at most 2 starts.
+    for k in 2..starts.len() {
+        assert!(starts[k] - starts[k - 2] >= 399.0, "starts {starts:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_included_workflow_runs_as_one_step_with_namespaced_steps() {
+    let dir = temp_dir();
+    write(
+        &dir,
+        "sub.yaml",
+        "name: sub
+inputs:
+  who: { type: string, required: true }
+steps:
+  - id: greet
+    uses: hello
+    with: { name: '{{ inputs.who }}' }
+outputs:
+  greeting: '{{ steps.greet.output.greeting }}'
+",
+    );
+    let main = write(
+        &dir,
+        "main.yaml",
+        "name: main
+inputs:
+  sub: { type: string, default: sub.yaml }
+steps:
+  - id: static
+    include: sub.yaml
+    with: { who: static }
+  - id: dynamic
+    include: '{{ inputs.sub }}'
+    with: { who: dynamic }
+  - id: join
+    uses: echo
+    depends_on: [static, dynamic]
+    with: ['{{ steps.static.output.greeting }}', '{{ steps.dynamic.output.greeting }}']
+",
+    );
+    let report = run_with(Workflow::load(&main).unwrap(), json!({}), RunOptions::new("inc")).await;
+    assert_eq!(report.status, RunStatus::Succeeded, "{report:#?}");
+    assert_eq!(step(&report, "join").output, Some(json!(["Hello, static!", "Hello, dynamic!"])));
+    assert_eq!(step(&report, "static.greet").status, StepStatus::Succeeded);
+    assert_eq!(step(&report, "dynamic.greet").executions[0].idempotency_key, "inc/dynamic.greet");
+
+    // A templated include is validated when it is reached.
+    let broken = dir.join("broken.yaml");
+    std::fs::write(&broken, "name: broken\nsteps:\n  - id: x\n    uses: nothing\n").unwrap();
+    let report =
+        run_with(Workflow::load(&main).unwrap(), json!({ "sub": "broken.yaml" }), RunOptions::new("inc2")).await;
+    assert_eq!(step(&report, "dynamic").status, StepStatus::Failed);
+    assert!(
+        step(&report, "dynamic").reason.as_deref().unwrap().contains("`uses: nothing` names no component"),
+        "{report:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_workflow_built_in_code_runs_and_reports_events() {
+    let workflow = WorkflowBuilder::new("built")
+        .component("hello", guests::HELLO)
+        .component("flaky", guests::FLAKY)
+        .step(StepBuilder::new("greet", "hello").with(json!({ "name": "builder" })))
+        .step(StepBuilder::new("flaky", "flaky").depends_on(["greet"]).with(json!({ "succeed_on_attempt": 2 })).retry(
+            stepbox::workflow::spec::RetrySpec {
+                attempts: Some(2),
+                initial: Some(Duration::from_millis(10)),
+                ..Default::default()
+            },
+        ))
+        .output("greeting", "{{ steps.greet.output.greeting }}")
+        .build()
+        .unwrap();
+    let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let options = RunOptions { events: Some(events), ..RunOptions::new("built") };
+    let report = run_with(workflow, json!({}), options).await;
+    assert_eq!(report.outputs["greeting"], "Hello, builder!");
+    let mut seen = Vec::new();
+    while let Ok(event) = received.try_recv() {
+        seen.push(event);
+    }
+    assert!(
+        seen.iter().any(|e| matches!(e, RunEvent::Retrying { step, attempt: 1, .. } if step == "flaky")),
+        "{seen:#?}"
+    );
+    let finished: Vec<&str> = seen
+        .iter()
+        .filter_map(|e| match e {
+            RunEvent::StepFinished { step, status: StepStatus::Succeeded, .. } => Some(step.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(finished, ["greet", "flaky"]);
+}
+
+#[tokio::test]
+async fn inputs_are_checked_and_defaulted() {
+    let workflow = load(
+        "name: inputs
+inputs:
+  who: { type: string, required: true }
+  times: { type: integer, default: 2 }
+steps:
+  - id: greet
+    uses: echo
+    with: { who: '{{ inputs.who }}', times: '{{ inputs.times }}' }
+",
+    );
+    let missing = workflow.bind_inputs(&Default::default()).unwrap_err();
+    assert!(missing.to_string().contains("the required input `who` is missing"), "{missing}");
+    let unknown = workflow.bind_inputs(json!({ "who": "x", "tmes": 3 }).as_object().unwrap()).unwrap_err();
+    assert!(
+        unknown.to_string().contains("unknown input `tmes`") && unknown.to_string().contains("did you mean `times`?")
+    );
+    let wrong = workflow.bind_inputs(json!({ "who": 7 }).as_object().unwrap()).unwrap_err();
+    assert!(wrong.to_string().contains("input `who` must be of type string"), "{wrong}");
+    let report = run_with(workflow, json!({ "who": "Ada" }), RunOptions::new("in")).await;
+    assert_eq!(step(&report, "greet").output, Some(json!({ "who": "Ada", "times": 2 })));
+}
+
+#[tokio::test]
+async fn json_workflow_files_work_too() {
+    let dir = temp_dir();
+    let path = dir.join("wf.json");
+    let spec = json!({
+        "name": "json",
+        "components": { "echo": guests::ECHO },
+        "steps": [ { "id": "a", "uses": "echo", "with": { "n": 1 } } ]
+    });
+    std::fs::write(&path, spec.to_string()).unwrap();
+    let report = run_with(Workflow::load(&path).unwrap(), json!({}), RunOptions::new("json")).await;
+    assert_eq!(step(&report, "a").output, Some(json!({ "n": 1 })));
+}
+
+#[tokio::test]
+async fn wide_and_long_graphs_of_ten_thousand_steps_run() {
+    const N: usize = 10_000;
+    for chain in [false, true] {
+        let mut yaml = String::from("name: big\nsteps:\n");
+        for i in 0..N {
+            yaml.push_str(&format!("  - id: s{i}\n    uses: echo\n    with: {i}\n"));
+            if chain && i > 0 {
+                yaml.push_str(&format!("    depends_on: [s{}]\n", i - 1));
+            }
+        }
+        let report = run(&yaml).await;
+        assert_eq!(report.status, RunStatus::Succeeded);
+        assert_eq!(report.steps.len(), N);
+        assert!(report.steps.iter().all(|s| s.status == StepStatus::Succeeded));
+        assert_eq!(step(&report, &format!("s{}", N - 1)).output, Some(json!(N - 1)));
+        if chain {
+            let starts: Vec<f64> = (0..N).map(|i| attempts(&report, &format!("s{i}"))[0].started_ms).collect();
+            assert!(starts.windows(2).all(|w| w[0] <= w[1]), "a chain runs in order");
+        }
+    }
+}
+
+#[test]
+fn an_unknown_field_is_located_with_the_nearest_name() {
+    let err = validation_error("name: x\nsteps:\n  - id: a\n    uses: hello\n    dependson: [b]\n");
+    assert_error(&err, 5, "unknown field `dependson`", Some("did you mean `depends_on`?"));
+}
+
+#[test]
+fn references_ids_and_cycles_are_checked() {
+    let err = validation_error(
+        "name: x
+steps:
+  - id: a
+    uses: helo
+  - id: b
+    uses: hello
+    depends_on: [a, zz]
+  - id: b
+    uses: hello
+",
+    );
+    assert_error(&err, 4, "`uses: helo` names no component", Some("did you mean `hello`?"));
+    assert_error(&err, 7, "step `b` depends on unknown step `zz`", None);
+    assert_error(&err, 8, "duplicate step id `b`", Some("first used on line 12"));
+
+    let err = validation_error(
+        "name: x
+steps:
+  - id: a
+    uses: hello
+    depends_on: [c]
+  - id: b
+    uses: hello
+    depends_on: [a]
+  - id: c
+    uses: hello
+    depends_on: [b]
+",
+    );
+    let message = err.to_string();
+    assert!(message.contains("in a cycle: "), "{message}");
+    let rotations = ["a → c → b → a", "c → b → a → c", "b → a → c → b"];
+    assert!(rotations.iter().any(|cycle| message.contains(cycle)), "{message}");
+}
+
+#[test]
+fn templates_are_checked_before_anything_runs() {
+    let err = validation_error(
+        "name: x
+inputs:
+  who: { type: string }
+steps:
+  - id: a
+    uses: hello
+    with: { name: '{{ inputs.whom }}' }
+  - id: b
+    uses: hello
+    with: { name: '{{ steps.a.output.greeting }}' }
+  - id: c
+    uses: hello
+    when: 'steps.a.status =='
+  - id: d
+    uses: hello
+    with: { name: '{{ item }}' }
+",
+    );
+    assert_error(&err, 7, "reads `inputs.whom`, which is not declared", Some("did you mean `who`?"));
+    assert_error(&err, 10, "step `b` does not depend on `a`", Some("add `a` to its depends_on"));
+    assert_error(&err, 13, "step `c`'s `when`: template error", None);
+    assert_error(&err, 16, "reads `item`, but the step has no for_each or matrix", None);
+}
+
+#[test]
+fn missing_files_and_bad_settings_are_named() {
+    let err = validation_error(
+        "name: x
+steps:
+  - id: a
+    uses: missing.wasm
+    retry: { attempts: 0 }
+  - id: b
+    uses: hello
+    dirs: ['nowhere:/data']
+    max_concurrent: 2
+",
+    );
+    assert_error(&err, 4, "missing.wasm does not exist", Some("relative to the workflow file"));
+    assert_error(&err, 0, "attempts must be at least 1", None);
+    assert_error(&err, 8, "directory", Some("relative to the workflow file"));
+    assert_error(&err, 3 + 3, "sets max_concurrent without for_each or matrix", None);
+}
+
+#[tokio::test]
+async fn a_component_that_is_not_a_step_fails_compilation_at_its_declaration() {
+    let dir = temp_dir();
+    let path = dir.join("wf.yaml");
+    std::fs::write(
+        &path,
+        format!("name: x\ncomponents:\n  cli: {}\nsteps:\n  - id: a\n    uses: cli\n", guests::CLI_HELLO),
+    )
+    .unwrap();
+    let workflow = Workflow::load(&path).unwrap();
+    let err = scheduler::compile(&workflow, sandbox()).await.unwrap_err();
+    let diagnostic = &err.diagnostics[0];
+    assert_eq!((diagnostic.line, diagnostic.column), (3, 8));
+    assert!(
+        diagnostic.message.contains("component `cli`") && diagnostic.message.contains("does not export `run`"),
+        "{diagnostic}"
+    );
+}
