@@ -39,6 +39,7 @@ fn components() -> String {
         ("sleepy", guests::SLEEPY),
         ("transform", guests::TRANSFORM),
         ("counter", guests::COUNTER),
+        ("fs-read", guests::FS_READ),
     ] {
         text.push_str(&format!("  {name}: {path}\n"));
     }
@@ -98,8 +99,8 @@ fn validation_error(yaml: &str) -> WorkflowError {
 fn assert_error(err: &WorkflowError, line: u64, message: &str, help: Option<&str>) {
     let found = err.diagnostics.iter().find(|d| d.message.contains(message));
     let diagnostic = found.unwrap_or_else(|| panic!("no error containing {message:?} in:\n{err}"));
-    // Lines count from the name line; the components block adds 7.
-    assert_eq!(diagnostic.line, if line == 0 { 0 } else { line + 7 }, "{diagnostic}");
+    // Lines count from the name line; the components block adds 8.
+    assert_eq!(diagnostic.line, if line == 0 { 0 } else { line + 8 }, "{diagnostic}");
     if let Some(help) = help {
         assert!(diagnostic.help.as_deref().is_some_and(|h| h.contains(help)), "{diagnostic}");
     }
@@ -580,6 +581,36 @@ steps:
 }
 
 #[tokio::test]
+async fn steps_get_their_directories_config_and_environment() {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/note.txt"), "from the workflow's directory").unwrap();
+    let path = write(
+        &dir,
+        "grants.yaml",
+        "name: grants
+steps:
+  - id: read
+    uses: fs-read
+    dirs: ['data:/data:ro']
+    with: { path: /data/note.txt }
+  - id: greet
+    uses: hello
+    env: { GREETING: \"{{ 'Bon' ~ 'jour' }}\" }
+    with: { name: Ada }
+  - id: invoice
+    uses: transform
+    config: { currency: '{{ run.workflow }}' }
+    with: { id: o, customer: { first_name: a, last_name: b }, items: [{ sku: x, quantity: 1, unit_price_cents: 1 }] }
+",
+    );
+    let report = run_with(Workflow::load(&path).unwrap(), json!({}), RunOptions::new("grants")).await;
+    assert_eq!(step(&report, "read").output.as_ref().unwrap()["contents"], "from the workflow's directory");
+    assert_eq!(step(&report, "greet").output, Some(json!({ "greeting": "Bonjour, Ada!" })));
+    assert_eq!(step(&report, "invoice").output.as_ref().unwrap()["currency"], "grants");
+}
+
+#[tokio::test]
 async fn json_workflow_files_work_too() {
     let dir = temp_dir();
     let path = dir.join("wf.json");
@@ -638,7 +669,7 @@ steps:
     );
     assert_error(&err, 4, "`uses: helo` names no component", Some("did you mean `hello`?"));
     assert_error(&err, 7, "step `b` depends on unknown step `zz`", None);
-    assert_error(&err, 8, "duplicate step id `b`", Some("first used on line 12"));
+    assert_error(&err, 8, "duplicate step id `b`", Some("first used on line 13"));
 
     let err = validation_error(
         "name: x
