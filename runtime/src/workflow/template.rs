@@ -65,17 +65,25 @@ pub fn referenced_paths(text: &str, is_expression: bool) -> Result<BTreeSet<Stri
     }
 }
 
-/// Evaluates an expression (`when`, `for_each`).
-pub fn evaluate(text: &str, context: &minijinja::Value) -> Result<Value, String> {
-    let expression = env().compile_expression(expression_text(text)).map_err(describe)?;
+/// Evaluates an expression; reading a name that does not exist is an error.
+fn eval(text: &str, context: &minijinja::Value) -> Result<minijinja::Value, String> {
+    let text = expression_text(text);
+    let expression = env().compile_expression(text).map_err(describe)?;
     let value = expression.eval(context).map_err(describe)?;
-    to_json(&value)
+    if value.is_undefined() {
+        return Err(format!("`{text}` is undefined"));
+    }
+    Ok(value)
+}
+
+/// Evaluates an expression (`when`, `for_each`) to JSON.
+pub fn evaluate(text: &str, context: &minijinja::Value) -> Result<Value, String> {
+    to_json(&eval(text, context)?)
 }
 
 /// Whether an expression is true, in Jinja's sense.
 pub fn is_true(text: &str, context: &minijinja::Value) -> Result<bool, String> {
-    let expression = env().compile_expression(expression_text(text)).map_err(describe)?;
-    Ok(expression.eval(context).map_err(describe)?.is_true())
+    Ok(eval(text, context)?.is_true())
 }
 
 /// Renders every template string inside a JSON value.
@@ -115,19 +123,14 @@ pub fn render_text(text: &str, context: &minijinja::Value) -> Result<String, Str
 }
 
 fn to_json(value: &minijinja::Value) -> Result<Value, String> {
-    if value.is_undefined() {
-        return Ok(Value::Null);
-    }
     serde_json::to_value(value).map_err(|err| format!("the value cannot be turned into JSON: {err}"))
 }
 
 /// minijinja's message plus its detail, on one line.
 fn describe(err: minijinja::Error) -> String {
     let mut message = err.to_string();
-    if let Some(detail) = err.detail() {
-        if !message.contains(detail) {
-            message.push_str(&format!(": {detail}"));
-        }
+    if let Some(detail) = err.detail().filter(|detail| !message.contains(detail)) {
+        message.push_str(&format!(": {detail}"));
     }
     message
 }

@@ -64,10 +64,8 @@ pub(super) fn validate(
         d.nowhere("the workflow's `name` is empty", Some("give the workflow a name".into()));
     }
     for (name, input) in &spec.inputs {
-        if let Some(default) = &input.default {
-            if let Err(message) = check_type(name, input.kind, default) {
-                d.nowhere(format!("the default of input `{name}`: {message}"), None);
-            }
+        if let Some(Err(message)) = input.default.as_ref().map(|default| check_type(name, input.kind, default)) {
+            d.nowhere(format!("the default of input `{name}`: {message}"), None);
         }
     }
 
