@@ -3,9 +3,47 @@
 //! The sandbox talks to a [`KeyValueStore`] only, so the in-memory store used
 //! today and a durable one can be swapped without touching the host bindings.
 
+mod journal;
 mod memory;
+mod sqlite;
 
+use std::path::PathBuf;
+
+pub use journal::{
+    AttemptRow, ExecutionRow, Journal, NewRun, ResumeState, RunFilter, RunSummary, StepRow, StoredAttempt, StoredRun, StoredStep,
+};
 pub use memory::MemoryKeyValueStore;
+pub use sqlite::{DATABASE_FILE, Database, SCHEMA_VERSION};
+
+/// Why the store could not be used; each says what to do about it. Nothing
+/// already committed is lost by any of them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot use the data directory {path}: {source}; choose a writable one with --data-dir or STEPBOX_DATA_DIR"
+    )]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{path} is not a usable stepbox database ({detail}); move it aside to start a new one, or restore it from a backup"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "{path} was written by a newer stepbox (schema version {found}; this one knows up to {supported}); upgrade stepbox"
+    )]
+    NewerSchema { path: PathBuf, found: u32, supported: u32 },
+    #[error("{path} is locked by another stepbox process; wait for it to finish, or use another --data-dir")]
+    Locked { path: PathBuf },
+    #[error(
+        "the disk holding {path} is full; what was recorded before is kept; free some space, then `stepbox resume` the run"
+    )]
+    DiskFull { path: PathBuf },
+    #[error("cannot write {path} ({detail}); check its permissions, or use another --data-dir")]
+    NotWritable { path: PathBuf, detail: String },
+    #[error("{path}: {detail}")]
+    Sqlite { path: PathBuf, detail: String },
+    #[error("no run `{0}` in this data directory; `stepbox runs` lists them")]
+    NoSuchRun(String),
+}
 
 /// Whose state a key belongs to: steps of one tenant and workflow share it,
 /// and nobody else can reach it.
