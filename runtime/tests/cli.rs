@@ -6,8 +6,19 @@ use std::process::{Command, Output};
 use serde_json::{Value, json};
 use stepbox_tests::guests;
 
+/// A data directory for this test process, so tests never touch the user's.
+fn data_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("stepbox-cli-data-{}", std::process::id()))
+}
+
+fn command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stepbox"));
+    command.env("STEPBOX_DATA_DIR", data_dir());
+    command
+}
+
 fn stepbox(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stepbox")).args(args).output().expect("running stepbox")
+    command().args(args).output().expect("running stepbox")
 }
 
 fn stdout(output: &Output) -> String {
@@ -231,7 +242,7 @@ fn ctrl_c_cancels_a_run_and_records_the_cancelled_steps() {
         format!("name: slow\ncomponents:\n  sleepy: {}\nsteps:\n  - id: nap\n    uses: sleepy\n    with: {{ seconds: 60 }}\n    limits: {{ timeout: 2m }}\n", guests::SLEEPY),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stepbox"))
+    let mut child = command()
         .args(["run", workflow.to_str().unwrap(), "--json"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -2,12 +2,16 @@
 //! run failed, 2 a usage error, 3 the workflow or component is not valid,
 //! 130 the run was cancelled.
 
+mod history;
+mod resume;
 mod run;
 mod step_run;
 mod validate;
 
 use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +25,8 @@ mod exit {
 
 const ABOUT_EXAMPLES: &str = "Examples:
   stepbox run examples/diamond.yaml
+  stepbox runs --status failed
+  stepbox resume run-18ea4aabab0da55a
   stepbox validate examples/diamond.yaml
   stepbox graph examples/diamond.yaml --format mermaid
   stepbox step run hello.wasm --input '{\"name\": \"Ada\"}'
@@ -31,14 +37,51 @@ Set RUST_LOG=debug for more detail.";
 #[derive(Debug, Parser)]
 #[command(name = "stepbox", version, about = "Run workflow steps as sandboxed WebAssembly components", after_help = ABOUT_EXAMPLES)]
 struct Cli {
+    /// Where runs and key-value state are kept [default: $XDG_DATA_HOME/stepbox, else ~/.local/share/stepbox].
+    #[arg(long, global = true, env = "STEPBOX_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The data directory when none is given.
+fn default_data_dir() -> PathBuf {
+    let home = || std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/share"));
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(home)
+        .map(|dir| dir.join("stepbox"))
+        .unwrap_or_else(|| PathBuf::from(".stepbox"))
+}
+
+/// The database of the data directory; prints the error when it cannot be
+/// used.
+pub(crate) fn open_database(data_dir: &Path) -> Option<Arc<crate::store::Database>> {
+    match crate::store::Database::open(data_dir) {
+        Ok(db) => Some(Arc::new(db)),
+        Err(err) => {
+            eprintln!("error: {err}");
+            None
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a workflow file.
     Run(run::Args),
+    /// Continue an interrupted or failed run; what succeeded does not run again.
+    Resume(resume::ResumeArgs),
+    /// Run a failed run again from its failed steps, or from a given step.
+    Retry(resume::RetryArgs),
+    /// List recorded runs.
+    Runs(history::RunsArgs),
+    /// Show a run: its steps, attempts, errors and outputs.
+    Show(history::ShowArgs),
+    /// Print the logs and output of a run's attempts.
+    Logs(history::LogsArgs),
+    /// Delete old runs.
+    Gc(history::GcArgs),
     /// Check a workflow file, its templates and its components without running it.
     Validate(validate::ValidateArgs),
     /// Draw a workflow's step graph as Mermaid or Graphviz dot.
@@ -97,9 +140,16 @@ where
             return ExitCode::FAILURE;
         }
     };
+    let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(args).await,
+            Command::Run(args) => run::run(args, &data_dir).await,
+            Command::Resume(args) => resume::resume(args, &data_dir).await,
+            Command::Retry(args) => resume::retry(args, &data_dir).await,
+            Command::Runs(args) => history::runs(args, &data_dir),
+            Command::Show(args) => history::show(args, &data_dir),
+            Command::Logs(args) => history::logs(args, &data_dir),
+            Command::Gc(args) => history::gc(args, &data_dir),
             Command::Validate(args) => validate::validate(args).await,
             Command::Graph(args) => validate::graph(args),
             Command::Schema => validate::schema(),
@@ -112,7 +162,13 @@ where
 /// A sandbox with an in-memory key-value store and the given engine
 /// settings; prints the error when the engine cannot be built.
 pub(crate) fn sandbox_with(config: crate::sandbox::EngineConfig) -> Option<crate::sandbox::Sandbox> {
-    let kv = std::sync::Arc::new(crate::store::MemoryKeyValueStore::new());
+    sandbox_with_kv(config, Arc::new(crate::store::MemoryKeyValueStore::new()))
+}
+
+pub(crate) fn sandbox_with_kv(
+    config: crate::sandbox::EngineConfig,
+    kv: Arc<dyn crate::store::KeyValueStore>,
+) -> Option<crate::sandbox::Sandbox> {
     match crate::sandbox::Sandbox::new(config, kv) {
         Ok(sandbox) => Some(sandbox),
         Err(err) => {

@@ -2,11 +2,13 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::sandbox::EngineConfig;
 use crate::scheduler::{self, RunEvent, RunOptions, RunReport, RunStatus, StepReport, StepStatus};
+use crate::store::{Database, NewRun};
 use crate::workflow::Workflow;
 use bytesize::ByteSize;
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
@@ -14,13 +16,16 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{exit, new_run_id, parse_key_value, sandbox};
+use super::{exit, new_run_id, open_database, parse_key_value, sandbox_with_kv};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
   stepbox run examples/diamond.yaml
   stepbox run examples/switch.yaml --input mode=fast
   stepbox run order.yaml --input-file order-inputs.json --max-parallel 4 --fail-fast --json
+  stepbox run order.yaml --input order_id=42 --label trace=abc123
+
+Every run is recorded in the data directory: see `stepbox runs`, `show`, `logs`, `resume` and `retry`.
 
 Exit codes: 0 the run succeeded, 1 it failed, 2 usage error, 3 the workflow is not valid, 130 cancelled.")]
 pub(crate) struct Args {
@@ -32,15 +37,25 @@ pub(crate) struct Args {
     /// A JSON file with an object of inputs (--input wins over it).
     #[arg(long, value_name = "FILE")]
     input_file: Option<PathBuf>,
+    /// The tenant the run belongs to; key-value state is scoped to it.
+    #[arg(long, default_value = "default")]
+    tenant: String,
+    /// A label to find the run by later (a trace id, a business id), KEY=VALUE. Repeatable.
+    #[arg(long = "label", value_parser = parse_key_value, value_name = "KEY=VALUE")]
+    labels: Vec<(String, String)>,
+    #[command(flatten)]
+    how: HowToRun,
+}
+
+/// How to run: shared by `run`, `resume` and `retry`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct HowToRun {
     /// Attempts running at once [default: twice the CPU cores, at least 4].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_parallel: Option<u32>,
     /// Cancel running steps as soon as a required step fails (`always` steps still run).
     #[arg(long)]
     fail_fast: bool,
-    /// The tenant the run belongs to; key-value state is scoped to it.
-    #[arg(long, default_value = "default")]
-    tenant: String,
     /// Print the whole run report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -69,7 +84,7 @@ pub(crate) fn collect_inputs(
     Ok(inputs)
 }
 
-pub(crate) async fn run(args: Args) -> u8 {
+pub(crate) async fn run(args: Args, data_dir: &Path) -> u8 {
     let inputs = match collect_inputs(args.input_file.as_ref(), &args.inputs) {
         Ok(inputs) => inputs,
         Err(message) => {
@@ -84,17 +99,60 @@ pub(crate) async fn run(args: Args) -> u8 {
             return exit::INVALID_COMPONENT;
         }
     };
-    let Some(sandbox) = sandbox() else { return exit::STEP_FAILED };
+    let bound = match workflow.bind_inputs(&inputs) {
+        Ok(bound) => bound,
+        Err(err) => {
+            eprintln!("{err}");
+            return exit::INVALID_COMPONENT;
+        }
+    };
+    let fingerprint = match workflow.fingerprint() {
+        Ok(fingerprint) => fingerprint,
+        Err(err) => {
+            eprintln!("error: cannot read the workflow's files: {err}");
+            return exit::INVALID_COMPONENT;
+        }
+    };
+    let Some(db) = open_database(data_dir) else { return exit::STEP_FAILED };
+    let run_id = new_run_id();
+    let path = std::path::absolute(&args.file).unwrap_or_else(|_| args.file.clone());
+    let record = NewRun {
+        id: &run_id,
+        workflow: &workflow.name,
+        workflow_path: &path.to_string_lossy(),
+        fingerprint: &fingerprint,
+        tenant: &args.tenant,
+        inputs: &serde_json::Value::Object(bound),
+        labels: &args.labels,
+    };
+    if let Err(err) = db.create_run(&record) {
+        eprintln!("error: {err}");
+        return exit::STEP_FAILED;
+    }
+    execute(db, workflow, run_id, args.tenant, inputs, &args.how).await
+}
 
+/// Runs a recorded run (new, resumed or retried) with progress and a
+/// summary.
+pub(crate) async fn execute(
+    db: Arc<Database>,
+    workflow: Arc<Workflow>,
+    run_id: String,
+    tenant: String,
+    inputs: serde_json::Map<String, serde_json::Value>,
+    how: &HowToRun,
+) -> u8 {
+    let Some(sandbox) = sandbox_with_kv(EngineConfig::default(), db.clone()) else { return exit::STEP_FAILED };
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     let (events, receiver) = mpsc::unbounded_channel();
-    let mut options = RunOptions::new(new_run_id());
-    options.tenant = args.tenant.clone();
-    options.fail_fast = args.fail_fast;
+    let mut options = RunOptions::new(run_id);
+    options.tenant = tenant;
+    options.fail_fast = how.fail_fast;
     options.events = Some(events);
     options.cancel = cancel.clone();
-    if let Some(n) = args.max_parallel {
+    options.journal = Some(db);
+    if let Some(n) = how.max_parallel {
         options.max_parallel = n as usize;
     }
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
@@ -107,7 +165,7 @@ pub(crate) async fn run(args: Args) -> u8 {
             return exit::INVALID_COMPONENT;
         }
     };
-    if args.json {
+    if how.json {
         match serde_json::to_string_pretty(&report) {
             Ok(text) => println!("{text}"),
             Err(err) => eprintln!("error: cannot encode the report: {err}"),
@@ -118,6 +176,9 @@ pub(crate) async fn run(args: Args) -> u8 {
             eprintln!("warning: {error}");
         }
         println!("{}", serde_json::Value::Object(report.outputs.clone()));
+    }
+    if let Some(error) = &report.error {
+        eprintln!("error: {error}");
     }
     eprintln!(
         "run {} {} in {:.2?}",

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::policy::Admission;
 use super::report::{AttemptRecord, ExecutionReport, StepReport, StepStatus};
-use super::{RunEvent, Shared, run_graph};
+use super::{Base, RunEvent, Shared, run_graph};
 use crate::sandbox::{AttemptRequest, Failure, FailureKind, Grants, Outcome, StepContext};
+use crate::store::{AttemptRow, ExecutionRow};
 use crate::workflow::{Action, FanOut, Workflow, template};
 
 pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToken) -> (usize, StepReport) {
@@ -155,8 +156,15 @@ async fn execution(
         status: StepStatus::Running,
         output: None,
         error: None,
+        reused: false,
         attempts: Vec::new(),
     };
+    if let Some(output) = shared.base.resume.completed.get(&idempotency_key) {
+        report.status = StepStatus::Succeeded;
+        report.output = Some(output.clone());
+        report.reused = true;
+        return report;
+    }
     let context = shared.context.with_item(item.as_ref());
     let prepared = (|| -> Result<(Value, Grants), String> {
         let input = template::render_value(&step.with, &context).map_err(|err| format!("`with`: {err}"))?;
@@ -193,7 +201,9 @@ async fn execution(
     };
     let first_start = Instant::now();
     let mut delay_before = Duration::ZERO;
-    let mut attempt = 1;
+    // Attempts of an interrupted run count on from where it stopped.
+    let earlier = shared.base.resume.attempts.get(&idempotency_key).copied().unwrap_or(0);
+    let mut attempt = earlier + 1;
     loop {
         let started_ms = shared.elapsed_ms();
         let breaker = shared.breakers.get(name);
@@ -226,6 +236,15 @@ async fn execution(
                 };
                 let record = attempt_once(shared, name, component, request, index, cancel, delay_before).await;
                 let failure = record.failure.clone();
+                let last = match &failure {
+                    None => true,
+                    Some(failure) => failure.kind == FailureKind::Cancelled || !step.retry.retries(failure.kind, attempt - earlier),
+                };
+                if !journal_attempt(shared, &step_id, &idempotency_key, &record, last).await {
+                    report.attempts.push(record);
+                    report.status = StepStatus::Cancelled;
+                    return strip(report);
+                }
                 if let Some(breaker) = breaker {
                     let counts = failure.as_ref().is_some_and(|f| {
                         !matches!(f.kind, FailureKind::Fatal | FailureKind::Cancelled | FailureKind::CircuitOpen)
@@ -252,7 +271,7 @@ async fn execution(
             delay = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
         }
         let within_deadline = step.retry.deadline.is_none_or(|deadline| first_start.elapsed() + delay < deadline);
-        if !step.retry.retries(failure.kind, attempt) || !within_deadline {
+        if !step.retry.retries(failure.kind, attempt - earlier) || !within_deadline {
             report.status = StepStatus::Failed;
             return strip(report);
         }
@@ -267,6 +286,43 @@ async fn execution(
         delay_before = delay;
         attempt += 1;
     }
+}
+
+/// Records a finished attempt; when it is the execution's last, the
+/// execution's result goes in the same commit. False when the journal
+/// failed (the run is stopping).
+async fn journal_attempt(shared: &Shared, step_id: &str, key: &str, record: &AttemptRecord, last: bool) -> bool {
+    let (run_id, step_id, key, record) = (shared.run_id.clone(), step_id.to_owned(), key.to_owned(), record.clone());
+    let (started, finished) = (shared.unix_ms(record.started_ms), shared.unix_ms(record.finished_ms));
+    shared
+        .journal_write(move |journal| {
+            let failure = record.failure.as_ref();
+            let status = if failure.is_none() { "succeeded" } else { "failed" };
+            let row = AttemptRow {
+                step_id: &step_id,
+                key: &key,
+                attempt: record.attempt,
+                status,
+                kind: failure.map(|f| f.kind.as_str()),
+                message: failure.map(|f| f.message.as_str()),
+                started_ms: started,
+                finished_ms: Some(finished),
+                fuel: record.fuel_consumed,
+                peak_memory: record.peak_memory,
+                logs: serde_json::to_value(&record.logs).unwrap_or(Value::Null),
+                stdout: &record.stdout.text,
+                stderr: &record.stderr.text,
+            };
+            let execution = last.then(|| ExecutionRow {
+                step_id: &step_id,
+                key: &key,
+                status: if failure.is_none() { "succeeded" } else { "failed" },
+                output: record.output_value.as_ref(),
+                error: None,
+            });
+            journal.attempt_finished(&run_id, &row, execution.as_ref())
+        })
+        .await
 }
 
 /// Drops the output kept on attempt records while retrying; it lives on the
@@ -295,8 +351,30 @@ async fn attempt_once(
         if let Some(limiter) = shared.limiters.get(component_name) {
             limiter.acquire().await;
         }
-        let _permit = shared.permits.acquire().await;
+        let _permit = shared.base.permits.acquire().await;
         let started_ms = shared.elapsed_ms();
+        let (run_id, step_id, key, started) =
+            (shared.run_id.clone(), step.clone(), request.context.idempotency_key.clone(), shared.unix_ms(started_ms));
+        shared
+            .journal_write(move |journal| {
+                let row = AttemptRow {
+                    step_id: &step_id,
+                    key: &key,
+                    attempt,
+                    status: "running",
+                    kind: None,
+                    message: None,
+                    started_ms: started,
+                    finished_ms: None,
+                    fuel: 0,
+                    peak_memory: 0,
+                    logs: Value::Null,
+                    stdout: "",
+                    stderr: "",
+                };
+                journal.attempt_started(&run_id, &row)
+            })
+            .await;
         shared.emit(RunEvent::AttemptStarted { step: step.clone(), index, attempt });
         (started_ms, shared.sandbox.run(component, request).await)
     };
@@ -350,19 +428,12 @@ async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &Cancellati
             fail_fast: false,
             events: shared.events.clone(),
             cancel: cancel.clone(),
+            journal: shared.journal.clone(),
         };
         let prefix = format!("{}{}.", shared.prefix, step.id);
-        let child = Shared::new(
-            shared.sandbox.clone(),
-            Arc::new(workflow),
-            components,
-            inputs,
-            &options,
-            shared.permits.clone(),
-            shared.started,
-            &prefix,
-        );
-        Ok(run_graph_boxed(child, cancel.clone()).await)
+        let base = Base { stop: cancel.clone(), ..shared.base.clone() };
+        let child = Shared::new(shared.sandbox.clone(), Arc::new(workflow), components, inputs, &options, base, &prefix);
+        Ok(run_graph_boxed(child).await)
     }
     .await;
     match result {
@@ -388,9 +459,6 @@ async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &Cancellati
 
 /// The nested run of an include, boxed with an explicit `Send` so the
 /// recursion (a step runs a graph that runs steps) has a nameable type.
-fn run_graph_boxed(
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::RunReport> + Send>> {
-    Box::pin(run_graph(shared, cancel, false))
+fn run_graph_boxed(shared: Arc<Shared>) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::RunReport> + Send>> {
+    Box::pin(run_graph(shared, false))
 }

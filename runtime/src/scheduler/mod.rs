@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub use report::{AttemptRecord, ExecutionReport, RunReport, RunStatus, StepReport, StepStatus};
 
 use crate::sandbox::{Failure, Sandbox, StepComponent};
+use crate::store::{Journal, ResumeState, StepRow};
 use crate::workflow::{Diagnostic, Workflow, WorkflowError, template};
 use context::{RunContext, StepsView};
 use policy::{CircuitBreaker, RateLimiter};
@@ -35,7 +36,7 @@ pub enum RunEvent {
 }
 
 /// How to run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RunOptions {
     pub run_id: String,
     pub tenant: String,
@@ -48,6 +49,10 @@ pub struct RunOptions {
     /// Cancel to stop the run: running attempts end as `cancelled` and no
     /// more steps start.
     pub cancel: CancellationToken,
+    /// Where every transition is recorded before the scheduler acts on it.
+    /// A run with a journal resumes: executions it records as succeeded
+    /// are not run again.
+    pub journal: Option<Arc<dyn Journal>>,
 }
 
 impl RunOptions {
@@ -59,6 +64,7 @@ impl RunOptions {
             fail_fast: false,
             events: None,
             cancel: CancellationToken::new(),
+            journal: None,
         }
     }
 }
@@ -114,9 +120,59 @@ pub async fn run(
 ) -> Result<RunReport, WorkflowError> {
     let inputs = workflow.bind_inputs(inputs)?;
     let components = compile(&workflow, sandbox).await?;
+    let resume = match &options.journal {
+        Some(journal) => {
+            let (journal, run_id) = (journal.clone(), options.run_id.clone());
+            let state = tokio::task::spawn_blocking(move || journal.resume_state(&run_id)).await;
+            match state {
+                Ok(Ok(state)) => state,
+                Ok(Err(err)) => return Err(WorkflowError::single(&workflow.file, err.to_string(), None)),
+                Err(err) => return Err(WorkflowError::single(&workflow.file, err.to_string(), None)),
+            }
+        }
+        None => ResumeState::default(),
+    };
     let permits = Arc::new(Semaphore::new(options.max_parallel.max(1)));
-    let shared = Shared::new(sandbox.clone(), workflow, components, inputs, &options, permits, Instant::now(), "");
-    Ok(run_graph(shared, options.cancel.clone(), options.fail_fast).await)
+    let base = Base {
+        permits,
+        started: Instant::now(),
+        started_unix_ms: crate::store::unix_ms(),
+        resume: Arc::new(resume),
+        stop: options.cancel.child_token(),
+        journal_error: Arc::new(std::sync::Mutex::new(None)),
+    };
+    let shared = Shared::new(sandbox.clone(), workflow, components, inputs, &options, base, "");
+    let report = run_graph(shared.clone(), options.fail_fast).await;
+    Ok(finish(&shared, report).await)
+}
+
+/// Records the run's end and reports a journal failure as the run's error.
+async fn finish(shared: &Shared, mut report: RunReport) -> RunReport {
+    let status = match report.status {
+        RunStatus::Succeeded => "succeeded",
+        RunStatus::Failed => "failed",
+        RunStatus::Cancelled => "cancelled",
+    };
+    let outputs = serde_json::Value::Object(report.outputs.clone());
+    let run_id = shared.run_id.clone();
+    shared.journal_write(move |journal| journal.run_finished(&run_id, status, &outputs)).await;
+    if let Some(error) = shared.base.journal_error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        report.status = RunStatus::Failed;
+        report.error = Some(format!("the run stopped because its journal could not be written: {error}"));
+    }
+    report
+}
+
+/// What a run and the runs of its includes share.
+#[derive(Clone)]
+pub(crate) struct Base {
+    permits: Arc<Semaphore>,
+    started: Instant,
+    started_unix_ms: i64,
+    resume: Arc<ResumeState>,
+    /// Cancelled by the caller's token, or when the journal fails.
+    stop: CancellationToken,
+    journal_error: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Everything the tasks of one run share.
@@ -126,11 +182,11 @@ pub(crate) struct Shared {
     components: HashMap<String, StepComponent>,
     breakers: HashMap<String, CircuitBreaker>,
     limiters: HashMap<String, RateLimiter>,
-    permits: Arc<Semaphore>,
+    base: Base,
     run_id: String,
     tenant: String,
-    started: Instant,
     events: Option<mpsc::UnboundedSender<RunEvent>>,
+    journal: Option<Arc<dyn Journal>>,
     context: RunContext,
     inputs: serde_json::Map<String, serde_json::Value>,
     /// `<include step id>.` inside an included workflow, for ids in events
@@ -146,8 +202,7 @@ impl Shared {
         components: HashMap<String, StepComponent>,
         inputs: serde_json::Map<String, serde_json::Value>,
         options: &RunOptions,
-        permits: Arc<Semaphore>,
-        started: Instant,
+        base: Base,
         prefix: &str,
     ) -> Arc<Self> {
         let breakers = workflow
@@ -175,11 +230,11 @@ impl Shared {
             components,
             breakers,
             limiters,
-            permits,
+            base,
             run_id: options.run_id.clone(),
             tenant: options.tenant.clone(),
-            started,
             events: options.events.clone(),
+            journal: options.journal.clone(),
             context,
             inputs,
             prefix: prefix.to_owned(),
@@ -188,7 +243,32 @@ impl Shared {
     }
 
     fn elapsed_ms(&self) -> f64 {
-        self.started.elapsed().as_secs_f64() * 1000.0
+        self.base.started.elapsed().as_secs_f64() * 1000.0
+    }
+
+    /// A time of this run (ms since it started) as unix milliseconds.
+    fn unix_ms(&self, elapsed_ms: f64) -> f64 {
+        self.base.started_unix_ms as f64 + elapsed_ms
+    }
+
+    /// Writes to the journal, if there is one, off the async threads. A
+    /// failed write stops the run: going on would do work that a resume
+    /// cannot know about.
+    async fn journal_write(
+        &self,
+        write: impl FnOnce(&dyn Journal) -> Result<(), crate::store::StoreError> + Send + 'static,
+    ) -> bool {
+        let Some(journal) = self.journal.clone() else { return true };
+        let result = tokio::task::spawn_blocking(move || write(journal.as_ref())).await;
+        let error = match result {
+            Ok(Ok(())) => return true,
+            Ok(Err(err)) => err.to_string(),
+            Err(err) => format!("the journal writer failed: {err}"),
+        };
+        tracing::error!("{error}");
+        self.base.journal_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(error);
+        self.base.stop.cancel();
+        false
     }
 
     fn emit(&self, event: RunEvent) {
@@ -206,7 +286,8 @@ enum Decision {
     Fail(String),
 }
 
-pub(crate) async fn run_graph(shared: Arc<Shared>, cancel: CancellationToken, fail_fast: bool) -> RunReport {
+pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> RunReport {
+    let cancel = shared.base.stop.clone();
     let steps = &shared.workflow.steps;
     let n = steps.len();
     let mut reports: Vec<StepReport> = steps.iter().map(|step| StepReport::pending(&step.id, step.required)).collect();
@@ -255,7 +336,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, cancel: CancellationToken, fa
                     report.reason = Some(reason);
                 }
             }
-            settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token);
+            settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token).await;
             release(i, &dependents, &mut remaining, &mut ready);
         }
         let Some(joined) = running.join_next_with_id().await else { break };
@@ -271,7 +352,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, cancel: CancellationToken, fa
             }
         };
         reports[i] = report;
-        settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token);
+        settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token).await;
         release(i, &dependents, &mut remaining, &mut ready);
     }
 
@@ -297,6 +378,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, cancel: CancellationToken, fa
         inputs: shared.inputs.clone(),
         outputs,
         output_errors,
+        error: None,
         steps: reports,
     }
 }
@@ -352,9 +434,10 @@ fn decide(
     Decision::Start
 }
 
-/// Publishes a step's final state to templates and events, and notes the
-/// first required failure (which triggers --fail-fast).
-fn settle(
+/// Records a step's final state in the journal (before any dependent can
+/// start), publishes it to templates and events, and notes the first
+/// required failure (which triggers --fail-fast).
+async fn settle(
     shared: &Shared,
     i: usize,
     report: &StepReport,
@@ -363,6 +446,24 @@ fn settle(
     fail_fast_token: &CancellationToken,
 ) {
     let id = &shared.workflow.steps[i].id;
+    let (run_id, step_id, record) = (shared.run_id.clone(), format!("{}{id}", shared.prefix), report.clone());
+    let (started, finished) = (report.started_ms.map(|ms| shared.unix_ms(ms)), report.finished_ms.map(|ms| shared.unix_ms(ms)));
+    shared
+        .journal_write(move |journal| {
+            journal.step_finished(
+                &run_id,
+                &StepRow {
+                    step_id: &step_id,
+                    position: i,
+                    status: record.status.as_str(),
+                    reason: record.reason.as_deref(),
+                    output: record.output.as_ref(),
+                    started_ms: started,
+                    finished_ms: finished,
+                },
+            )
+        })
+        .await;
     shared.context.steps.set(id, report.status, report.output.clone());
     shared.emit(RunEvent::StepFinished {
         step: format!("{}{id}", shared.prefix),

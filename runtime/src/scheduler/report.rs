@@ -97,6 +97,9 @@ pub struct ExecutionReport {
     pub output: Option<Value>,
     /// Why it failed before any attempt ran (a template error).
     pub error: Option<String>,
+    /// It succeeded in an earlier process of this run (before a crash or a
+    /// retry); its output was reused and it did not run again.
+    pub reused: bool,
     pub attempts: Vec<AttemptRecord>,
 }
 
@@ -158,6 +161,8 @@ pub struct RunReport {
     pub outputs: serde_json::Map<String, Value>,
     /// Problems computing the outputs.
     pub output_errors: Vec<String>,
+    /// Why the run stopped, when it was not a step's doing.
+    pub error: Option<String>,
     pub steps: Vec<StepReport>,
 }
 

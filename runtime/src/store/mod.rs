@@ -14,6 +14,7 @@ pub use journal::{
 };
 pub use memory::MemoryKeyValueStore;
 pub use sqlite::{DATABASE_FILE, Database, SCHEMA_VERSION};
+pub use sqlite::now_ms as unix_ms;
 
 /// Why the store could not be used; each says what to do about it. Nothing
 /// already committed is lost by any of them.

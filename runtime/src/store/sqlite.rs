@@ -92,7 +92,8 @@ pub const DATABASE_FILE: &str = "stepbox.db";
 /// How long a write waits for another writer before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(crate) fn now_ms() -> i64 {
+/// The current time in unix milliseconds.
+pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 

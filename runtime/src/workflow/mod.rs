@@ -159,6 +159,20 @@ impl Workflow {
         self.steps.iter().position(|step| step.id == id)
     }
 
+    /// Hashes of the workflow file and of each component, so a resumed run
+    /// can refuse files that changed since it started.
+    pub fn fingerprint(&self) -> std::io::Result<Value> {
+        fn hash(path: &Path) -> std::io::Result<String> {
+            use sha2::Digest;
+            Ok(format!("{:x}", sha2::Sha256::digest(std::fs::read(path)?)))
+        }
+        let mut components = serde_json::Map::new();
+        for component in self.components.values() {
+            components.insert(component.name.clone(), Value::String(hash(&component.path)?));
+        }
+        Ok(serde_json::json!({ "workflow": hash(&self.file)?, "components": components }))
+    }
+
     /// Checks the inputs a run was given against the declared ones and fills
     /// in defaults.
     pub fn bind_inputs(
@@ -187,4 +201,26 @@ mod tests {
         let constant = RetryPolicy { backoff: Backoff::Constant, ..policy };
         assert_eq!(constant.delay(4).as_millis(), 100);
     }
+}
+
+/// What differs between two fingerprints, for people: empty when nothing
+/// did.
+pub fn fingerprint_changes(before: &Value, now: &Value) -> Vec<String> {
+    let mut changes = Vec::new();
+    if before["workflow"] != now["workflow"] {
+        changes.push("the workflow file changed".to_owned());
+    }
+    let empty = serde_json::Map::new();
+    let (old, new) = (before["components"].as_object().unwrap_or(&empty), now["components"].as_object().unwrap_or(&empty));
+    for (name, hash) in old {
+        match new.get(name) {
+            None => changes.push(format!("component `{name}` was removed")),
+            Some(other) if other != hash => changes.push(format!("component `{name}` changed")),
+            Some(_) => {}
+        }
+    }
+    for name in new.keys().filter(|name| !old.contains_key(*name)) {
+        changes.push(format!("component `{name}` was added"));
+    }
+    changes
 }

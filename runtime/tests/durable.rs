@@ -1,0 +1,301 @@
+//! Durable runs: the journal, resume after SIGKILL, retry, the history
+//! commands, and a store in bad conditions.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use stepbox_tests::guests;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("stepbox-durable-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn stepbox(data: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stepbox"));
+    command.env("STEPBOX_DATA_DIR", data);
+    command
+}
+
+fn output(data: &Path, args: &[&str]) -> Output {
+    stepbox(data).args(args).output().unwrap()
+}
+
+fn json(data: &Path, args: &[&str]) -> Value {
+    let out = output(data, args);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|err| panic!("{args:?}: {err}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// splitmix64: a small seeded generator, so a failing seed can be replayed.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn between(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next() % (high - low)
+    }
+}
+
+/// 6 parallel chains of 10 steps; every step appends its key to a file.
+fn crash_workflow(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    let mut yaml = format!(
+        "name: crash\ncomponents:\n  effect: {}\ndefaults:\n  limits: {{ timeout: 30s }}\nsteps:\n",
+        guests::SIDE_EFFECT
+    );
+    for chain in 0..6 {
+        for link in 0..10 {
+            yaml.push_str(&format!(
+                "  - id: c{chain}-s{link}\n    uses: effect\n    dirs: ['out:/out']\n    with: {{ file: /out/keys.log, millis: 200 }}\n"
+            ));
+            if link > 0 {
+                yaml.push_str(&format!("    depends_on: [c{chain}-s{}]\n", link - 1));
+            }
+        }
+    }
+    let path = dir.join("crash.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn key_counts(dir: &Path) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for line in std::fs::read_to_string(dir.join("out/keys.log")).unwrap_or_default().lines() {
+        *counts.entry(line.to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+/// Executions the journal holds as succeeded, and attempts (key and
+/// number) it holds as still running: the ones a kill interrupted.
+fn journal_state(data: &Path, run_id: &str) -> (HashSet<String>, Vec<(String, u64)>) {
+    let shown = json(data, &["show", run_id, "--json"]);
+    let mut completed = HashSet::new();
+    let mut interrupted = Vec::new();
+    for step in shown["steps"].as_array().unwrap() {
+        for attempt in step["attempts"].as_array().unwrap() {
+            let key = attempt["key"].as_str().unwrap().to_owned();
+            match attempt["status"].as_str().unwrap() {
+                "succeeded" => {
+                    completed.insert(key);
+                }
+                "running" => interrupted.push((key, attempt["attempt"].as_u64().unwrap())),
+                _ => {}
+            }
+        }
+    }
+    (completed, interrupted)
+}
+
+#[test]
+fn a_run_killed_at_random_moments_resumes_without_repeating_finished_steps() {
+    let seed: u64 = std::env::var("STEPBOX_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    println!("crash test seed: {seed} (set STEPBOX_CRASH_SEED={seed} to replay)");
+    let mut random = Random(seed);
+    let dir = temp_dir("crash");
+    let data = dir.join("data");
+    let workflow = crash_workflow(&dir);
+
+    let mut run_id: Option<String> = None;
+    let mut interrupted: HashSet<(String, u64)> = HashSet::new();
+    // Counts of each key at the moment the journal first held it completed.
+    let mut counted_when_completed: HashMap<String, usize> = HashMap::new();
+    for kill in 0..20 {
+        let mut command = stepbox(&data);
+        match &run_id {
+            None => command.args(["run", workflow.to_str().unwrap()]),
+            Some(id) => command.args(["resume", id]),
+        };
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(random.between(150, 600)));
+        assert!(child.try_wait().unwrap().is_none(), "seed {seed}: the run finished before kill {kill}; make its steps slower");
+        let _ = child.kill(); // SIGKILL
+        child.wait().unwrap();
+        let id = run_id.get_or_insert_with(|| json(&data, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned());
+        let (completed, running) = journal_state(&data, id);
+        let counts = key_counts(&dir);
+        interrupted.extend(running);
+        for key in completed {
+            let now = counts.get(&key).copied().unwrap_or(0);
+            let then = *counted_when_completed.entry(key.clone()).or_insert(now);
+            assert_eq!(now, then, "seed {seed}, kill {kill}: {key} ran again after it was recorded as completed");
+        }
+    }
+
+    assert!(!counted_when_completed.is_empty(), "seed {seed}: the killed processes made progress");
+    let id = run_id.unwrap();
+    let out = output(&data, &["resume", &id, "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| panic!("seed {seed}: {err}: {}", stderr(&out)));
+    assert_eq!(report["status"], "succeeded", "seed {seed}: {}", stderr(&out));
+    let shown = json(&data, &["show", &id, "--json"]);
+    assert_eq!(shown["run"]["status"], "succeeded");
+    let steps = shown["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 60);
+    let counts = key_counts(&dir);
+    for step in steps {
+        let key = format!("{id}/{}", step["id"].as_str().unwrap());
+        assert_eq!(step["status"], "succeeded", "seed {seed}: {step}");
+        assert_eq!(step["output"]["key"], key, "seed {seed}: every output is recorded");
+        let count = counts.get(&key).copied().unwrap_or(0);
+        let allowed = 1 + interrupted.iter().filter(|(k, _)| *k == key).count();
+        assert!(
+            (1..=allowed).contains(&count),
+            "seed {seed}: {key} ran {count} times; it was interrupted {} times",
+            allowed - 1
+        );
+        if let Some(&then) = counted_when_completed.get(&key) {
+            assert_eq!(count, then, "seed {seed}: {key} ran again after it completed");
+        }
+    }
+}
+
+fn small_workflow(dir: &Path, succeed_on_attempt: u32) -> PathBuf {
+    let path = dir.join("small.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "name: small\ncomponents:\n  hello: {}\n  flaky: {}\nsteps:\n  - id: a\n    uses: hello\n    with: {{ name: a }}\n  - id: b\n    uses: flaky\n    depends_on: [a]\n    with: {{ succeed_on_attempt: {succeed_on_attempt} }}\n  - id: c\n    uses: hello\n    depends_on: [b]\n    with: {{ name: c }}\n",
+            guests::HELLO,
+            guests::FLAKY
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn retry_reruns_the_failed_step_and_resume_refuses_changed_files() {
+    let dir = temp_dir("retry");
+    let data = dir.join("data");
+    let workflow = small_workflow(&dir, 2);
+    let out = output(&data, &["run", workflow.to_str().unwrap(), "--label", "order=42"]);
+    assert_eq!(out.status.code(), Some(1));
+    let runs = json(&data, &["runs", "--label", "order=42", "--json"]);
+    let id = runs[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(runs[0]["status"], "failed");
+    assert!(json(&data, &["runs", "--label", "order=7", "--json"]).as_array().unwrap().is_empty());
+
+    // The flaky step succeeds on its second attempt: retry runs b (attempt 2) and c, not a.
+    let report: Value = serde_json::from_slice(&output(&data, &["retry", &id, "--json"]).stdout).unwrap();
+    assert_eq!(report["status"], "succeeded");
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["executions"][0]["reused"], true, "a is not run again");
+    assert_eq!(steps[1]["executions"][0]["attempts"][0]["attempt"], 2, "attempts count on");
+    assert_eq!(steps[2]["executions"][0]["reused"], false);
+
+    // retry --from a runs everything again.
+    let out = output(&data, &["retry", &id, "--from", "a"]);
+    assert_eq!(out.status.code(), Some(2), "a succeeded run cannot be retried: {}", stderr(&out));
+
+    // A changed component makes resume refuse, naming what changed.
+    let failing = dir.join("failing");
+    std::fs::create_dir_all(&failing).unwrap();
+    let copy = failing.join("flaky.wasm");
+    std::fs::copy(guests::FLAKY, &copy).unwrap();
+    let path = failing.join("wf.yaml");
+    std::fs::write(&path, format!("name: changes\ncomponents:\n  flaky: flaky.wasm\nsteps:\n  - id: x\n    uses: flaky\n    with: {{ succeed_on_attempt: 5 }}\n")).unwrap();
+    assert_eq!(output(&data, &["run", path.to_str().unwrap()]).status.code(), Some(1));
+    let id = json(&data, &["runs", "--workflow", "changes", "--json"])[0]["id"].as_str().unwrap().to_owned();
+    std::fs::copy(guests::HELLO, &copy).unwrap();
+    let out = output(&data, &["resume", &id]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("component `flaky` changed"), "{}", stderr(&out));
+}
+
+#[test]
+fn history_commands_show_steps_logs_and_collect_garbage() {
+    let dir = temp_dir("history");
+    let data = dir.join("data");
+    let workflow = small_workflow(&dir, 1);
+    assert_eq!(output(&data, &["run", workflow.to_str().unwrap()]).status.code(), Some(0));
+    let id = json(&data, &["runs", "--status", "succeeded", "--json"])[0]["id"].as_str().unwrap().to_owned();
+    let out = output(&data, &["show", &id]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("run {id} of `small`")) && text.contains("│ c ") && text.contains("succeeded"), "{text}");
+    let logs = output(&data, &["logs", &id, "a"]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("[info] hello: greeting a in step a"), "{}", String::from_utf8_lossy(&logs.stdout));
+    let out = output(&data, &["show", "run-nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no run `run-nope`"));
+
+    let out = output(&data, &["gc", "--older-than", "1h"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 0 run(s)"));
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = output(&data, &["gc", "--older-than", "1s"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 1 run(s)"));
+    assert!(json(&data, &["runs", "--json"]).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn key_value_state_persists_across_runs() {
+    let dir = temp_dir("kv");
+    let data = dir.join("data");
+    let path = dir.join("count.yaml");
+    std::fs::write(&path, format!("name: count\ncomponents:\n  counter: {}\nsteps:\n  - id: count\n    uses: counter\n", guests::COUNTER)).unwrap();
+    for expected in 1..=3 {
+        let out = output(&data, &["run", path.to_str().unwrap()]);
+        let outputs: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let _ = outputs;
+        let id = json(&data, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned();
+        let shown = json(&data, &["show", &id, "--json"]);
+        assert_eq!(shown["steps"][0]["output"]["count"], expected, "{shown}");
+    }
+    // Another tenant has its own state.
+    let out = output(&data, &["run", path.to_str().unwrap(), "--tenant", "other", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["steps"][0]["output"]["count"], 1);
+}
+
+#[test]
+fn bad_data_directories_get_clear_errors_and_keep_what_was_recorded() {
+    let dir = temp_dir("bad");
+    let workflow = small_workflow(&dir, 1);
+
+    // Not a database.
+    let corrupt = dir.join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::write(corrupt.join("stepbox.db"), b"this is not sqlite, just text that is long enough to be a header....").unwrap();
+    let out = output(&corrupt, &["runs"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is not a usable stepbox database") && stderr(&out).contains("move it aside"), "{}", stderr(&out));
+
+    // Not a directory we can create.
+    let file = dir.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let out = output(&file.join("data"), &["runs"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cannot use the data directory") && stderr(&out).contains("--data-dir"), "{}", stderr(&out));
+
+    // A database from a newer stepbox.
+    let newer = dir.join("newer");
+    assert_eq!(output(&newer, &["run", workflow.to_str().unwrap()]).status.code(), Some(0));
+    let db = newer.join("stepbox.db");
+    let status = Command::new("python3")
+        .args(["-c", &format!("import sqlite3; c = sqlite3.connect({:?}); c.execute('PRAGMA user_version = 99'); c.commit()", db.display().to_string())])
+        .status();
+    if status.is_ok_and(|s| s.success()) {
+        let out = output(&newer, &["runs"]);
+        assert!(stderr(&out).contains("written by a newer stepbox (schema version 99"), "{}", stderr(&out));
+    } else {
+        panic!("python3 with sqlite3 is needed to write a newer schema version");
+    }
+}
