@@ -153,6 +153,36 @@ async fn parallel_counters_never_lose_an_update() {
     assert_eq!(counts, (1..=24).collect::<Vec<i64>>(), "every increment is seen exactly once");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_counters_on_the_durable_store_never_lose_an_update() {
+    let dir = std::env::temp_dir().join(format!("stepbox-kv-{}", std::process::id()));
+    let db = std::sync::Arc::new(stepbox::store::Database::open(&dir).unwrap());
+    let durable = stepbox::sandbox::Sandbox::new(stepbox::sandbox::EngineConfig::default(), db).unwrap();
+    let component = durable.load(std::path::Path::new(guests::COUNTER)).unwrap();
+    let attempts = (0..16).map(|i| {
+        let (durable, component) = (durable.clone(), component.clone());
+        let mut req = request(json!({ "key": "parallel" }));
+        req.context.run_id = format!("r{i}");
+        tokio::spawn(async move { durable.run(&component, req).await })
+    });
+    let mut counts = Vec::new();
+    for attempt in attempts {
+        let report = attempt.await.unwrap();
+        let output = report.output().unwrap_or_else(|| panic!("{report:?}"));
+        counts.push(output["count"].as_i64().unwrap());
+        assert!((1..=16).contains(&output["runs_seen"].as_i64().unwrap()), "compare-and-swap updates: {output}");
+    }
+    counts.sort();
+    assert_eq!(counts, (1..=16).collect::<Vec<i64>>());
+    // The state is in the file: a new store on the same directory sees it.
+    let reopened = stepbox::store::Database::open(&dir).unwrap();
+    let scope = stepbox::store::KvScope { tenant: "tenant".into(), workflow: "tests".into() };
+    use stepbox::store::KeyValueStore;
+    assert_eq!(reopened.get(&scope, "default", "parallel").unwrap(), Some(b"16".to_vec()));
+    assert_eq!(reopened.get(&scope, "default", "runs_seen").unwrap(), Some(b"16".to_vec()));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[tokio::test]
 async fn fs_read_reads_only_granted_directories() {
     let dir = std::env::temp_dir().join(format!("stepbox-fs-read-{}", std::process::id()));

@@ -127,7 +127,10 @@ fn a_run_killed_at_random_moments_resumes_without_repeating_finished_steps() {
         };
         let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
         std::thread::sleep(Duration::from_millis(random.between(150, 600)));
-        assert!(child.try_wait().unwrap().is_none(), "seed {seed}: the run finished before kill {kill}; make its steps slower");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "seed {seed}: the run finished before kill {kill}; make its steps slower"
+        );
         let _ = child.kill(); // SIGKILL
         child.wait().unwrap();
         let id = run_id.get_or_insert_with(|| json(&data, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned());
@@ -144,7 +147,8 @@ fn a_run_killed_at_random_moments_resumes_without_repeating_finished_steps() {
     assert!(!counted_when_completed.is_empty(), "seed {seed}: the killed processes made progress");
     let id = run_id.unwrap();
     let out = output(&data, &["resume", &id, "--json"]);
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| panic!("seed {seed}: {err}: {}", stderr(&out)));
+    let report: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|err| panic!("seed {seed}: {err}: {}", stderr(&out)));
     assert_eq!(report["status"], "succeeded", "seed {seed}: {}", stderr(&out));
     let shown = json(&data, &["show", &id, "--json"]);
     assert_eq!(shown["run"]["status"], "succeeded");
@@ -230,9 +234,16 @@ fn history_commands_show_steps_logs_and_collect_garbage() {
     let id = json(&data, &["runs", "--status", "succeeded", "--json"])[0]["id"].as_str().unwrap().to_owned();
     let out = output(&data, &["show", &id]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&format!("run {id} of `small`")) && text.contains("│ c ") && text.contains("succeeded"), "{text}");
+    assert!(
+        text.contains(&format!("run {id} of `small`")) && text.contains("│ c ") && text.contains("succeeded"),
+        "{text}"
+    );
     let logs = output(&data, &["logs", &id, "a"]);
-    assert!(String::from_utf8_lossy(&logs.stdout).contains("[info] hello: greeting a in step a"), "{}", String::from_utf8_lossy(&logs.stdout));
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("[info] hello: greeting a in step a"),
+        "{}",
+        String::from_utf8_lossy(&logs.stdout)
+    );
     let out = output(&data, &["show", "run-nope"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("no run `run-nope`"));
@@ -250,7 +261,11 @@ fn key_value_state_persists_across_runs() {
     let dir = temp_dir("kv");
     let data = dir.join("data");
     let path = dir.join("count.yaml");
-    std::fs::write(&path, format!("name: count\ncomponents:\n  counter: {}\nsteps:\n  - id: count\n    uses: counter\n", guests::COUNTER)).unwrap();
+    std::fs::write(
+        &path,
+        format!("name: count\ncomponents:\n  counter: {}\nsteps:\n  - id: count\n    uses: counter\n", guests::COUNTER),
+    )
+    .unwrap();
     for expected in 1..=3 {
         let out = output(&data, &["run", path.to_str().unwrap()]);
         let outputs: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -273,24 +288,39 @@ fn bad_data_directories_get_clear_errors_and_keep_what_was_recorded() {
     // Not a database.
     let corrupt = dir.join("corrupt");
     std::fs::create_dir_all(&corrupt).unwrap();
-    std::fs::write(corrupt.join("stepbox.db"), b"this is not sqlite, just text that is long enough to be a header....").unwrap();
+    std::fs::write(corrupt.join("stepbox.db"), b"this is not sqlite, just text that is long enough to be a header....")
+        .unwrap();
     let out = output(&corrupt, &["runs"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("is not a usable stepbox database") && stderr(&out).contains("move it aside"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not a usable stepbox database") && stderr(&out).contains("move it aside"),
+        "{}",
+        stderr(&out)
+    );
 
     // Not a directory we can create.
     let file = dir.join("a-file");
     std::fs::write(&file, "x").unwrap();
     let out = output(&file.join("data"), &["runs"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("cannot use the data directory") && stderr(&out).contains("--data-dir"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot use the data directory") && stderr(&out).contains("--data-dir"),
+        "{}",
+        stderr(&out)
+    );
 
     // A database from a newer stepbox.
     let newer = dir.join("newer");
     assert_eq!(output(&newer, &["run", workflow.to_str().unwrap()]).status.code(), Some(0));
     let db = newer.join("stepbox.db");
     let status = Command::new("python3")
-        .args(["-c", &format!("import sqlite3; c = sqlite3.connect({:?}); c.execute('PRAGMA user_version = 99'); c.commit()", db.display().to_string())])
+        .args([
+            "-c",
+            &format!(
+                "import sqlite3; c = sqlite3.connect({:?}); c.execute('PRAGMA user_version = 99'); c.commit()",
+                db.display().to_string()
+            ),
+        ])
         .status();
     if status.is_ok_and(|s| s.success()) {
         let out = output(&newer, &["runs"]);
@@ -298,4 +328,89 @@ fn bad_data_directories_get_clear_errors_and_keep_what_was_recorded() {
     } else {
         panic!("python3 with sqlite3 is needed to write a newer schema version");
     }
+}
+
+#[test]
+fn a_database_locked_by_another_writer_is_reported() {
+    let dir = temp_dir("locked");
+    let data = dir.join("data");
+    let workflow = small_workflow(&dir, 1);
+    assert_eq!(output(&data, &["run", workflow.to_str().unwrap()]).status.code(), Some(0));
+    // Another process takes the write lock and holds it.
+    let db = data.join("stepbox.db");
+    let mut holder = Command::new("python3")
+        .args([
+            "-c",
+            &format!(
+                "import sqlite3, sys, time\nc = sqlite3.connect({:?}, isolation_level=None)\nc.execute('BEGIN IMMEDIATE')\nprint('locked', flush=True)\ntime.sleep(20)",
+                db.display().to_string()
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed to hold a lock on the database");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(holder.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    let out = output(&data, &["run", workflow.to_str().unwrap()]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is locked by another stepbox process"), "{}", stderr(&out));
+    // Reading is not blocked, and nothing recorded was lost.
+    assert_eq!(json(&data, &["runs", "--json"]).as_array().unwrap().len(), 1);
+}
+
+/// Mounts a tiny tmpfs (the tests run as root in CI) to fill up.
+struct TinyDisk(PathBuf);
+
+impl TinyDisk {
+    fn mount(dir: &Path) -> TinyDisk {
+        let status = Command::new("mount").args(["-t", "tmpfs", "-o", "size=400k", "tmpfs"]).arg(dir).status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "mounting a 400k tmpfs on {} failed: this test needs root (CI runs as root)",
+            dir.display()
+        );
+        TinyDisk(dir.to_owned())
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_run_with_a_clear_error_and_keeps_earlier_records() {
+    let dir = temp_dir("full");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let _disk = TinyDisk::mount(&data);
+    let path = dir.join("chatty.yaml");
+    std::fs::write(
+        &path,
+        format!("name: chatty\ncomponents:\n  chatty: {}\nsteps:\n  - id: talk\n    uses: chatty\n    with: {{ lines: 3000 }}\n", guests::CHATTY),
+    )
+    .unwrap();
+    let mut succeeded = 0;
+    let mut error = None;
+    for _ in 0..100 {
+        let out = output(&data, &["run", path.to_str().unwrap()]);
+        if out.status.code() == Some(0) {
+            succeeded += 1;
+        } else {
+            error = Some(stderr(&out));
+            break;
+        }
+    }
+    let error = error.expect("the disk never filled up");
+    assert!(error.contains("is full") && error.contains("free some space"), "{error}");
+    assert!(succeeded > 0, "some runs fit before the disk filled up");
+    // Everything recorded before is still there and readable.
+    let runs = json(&data, &["runs", "--status", "succeeded", "--limit", "0", "--json"]);
+    assert_eq!(runs.as_array().unwrap().len(), succeeded, "{runs}");
+    let id = runs[0]["id"].as_str().unwrap();
+    assert_eq!(json(&data, &["show", id, "--json"])["steps"][0]["output"], 3000);
 }

@@ -41,7 +41,9 @@ pub(crate) struct ShowArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  stepbox logs run-18ea4aabab0da55a\n  stepbox logs run-18ea4aabab0da55a charge --json")]
+#[command(
+    after_help = "Examples:\n  stepbox logs run-18ea4aabab0da55a\n  stepbox logs run-18ea4aabab0da55a charge --json"
+)]
 pub(crate) struct LogsArgs {
     run_id: String,
     /// Only this step.
@@ -97,7 +99,9 @@ pub(crate) fn runs(args: RunsArgs, data_dir: &Path) -> u8 {
         let mut table = Table::new();
         table.load_style(UTF8_BORDERS_ONLY).set_header(["run", "workflow", "status", "started", "duration", "labels"]);
         for run in &runs {
-            let duration = run.finished_ms.map(|end| format!("{:.1?}", Duration::from_millis((end - run.created_ms).max(0) as u64)));
+            let duration = run
+                .finished_ms
+                .map(|end| format!("{:.1?}", Duration::from_millis((end - run.created_ms).max(0) as u64)));
             let labels: Vec<String> = run.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             table.add_row([
                 run.id.clone(),
@@ -123,7 +127,9 @@ pub(crate) fn show(args: ShowArgs, data_dir: &Path) -> u8 {
         println!("run {} of `{}` ({}) — {}", run.id, run.workflow, run.workflow_path, run.status);
         println!("started {}, tenant {}, inputs {}", when(run.created_ms), run.tenant, run.inputs);
         let mut table = Table::new();
-        table.load_style(UTF8_BORDERS_ONLY).set_header(["step", "status", "attempts", "duration", "fuel", "memory", "error"]);
+        table
+            .load_style(UTF8_BORDERS_ONLY)
+            .set_header(["step", "status", "attempts", "duration", "fuel", "memory", "error"]);
         for step in &steps {
             table.add_row(step_row(step));
         }
@@ -143,7 +149,10 @@ fn step_row(step: &StoredStep) -> [String; 7] {
     let fuel: i64 = step.attempts.iter().filter_map(|a| a.fuel).sum();
     let memory = step.attempts.iter().filter_map(|a| a.peak_memory).max().unwrap_or(0);
     let error = step.reason.clone().or_else(|| {
-        step.attempts.iter().rev().find_map(|a| a.message.as_ref().map(|m| format!("{}: {m}", a.kind.as_deref().unwrap_or("failed"))))
+        step.attempts
+            .iter()
+            .rev()
+            .find_map(|a| a.message.as_ref().map(|m| format!("{}: {m}", a.kind.as_deref().unwrap_or("failed"))))
     });
     let ran = !step.attempts.is_empty();
     [
@@ -178,7 +187,12 @@ pub(crate) fn logs(args: LogsArgs, data_dir: &Path) -> u8 {
             for attempt in &step.attempts {
                 println!("== {} attempt {} ({}) — {}", step.id, attempt.attempt, attempt.key, attempt.status);
                 for record in attempt.logs.as_ref().and_then(|l| l.as_array()).into_iter().flatten() {
-                    println!("[{}] {}: {}", record["level"].as_str().unwrap_or("?"), record["context"].as_str().unwrap_or(""), record["message"].as_str().unwrap_or(""));
+                    println!(
+                        "[{}] {}: {}",
+                        record["level"].as_str().unwrap_or("?"),
+                        record["context"].as_str().unwrap_or(""),
+                        record["message"].as_str().unwrap_or("")
+                    );
                 }
                 for (name, text) in [("stdout", &attempt.stdout), ("stderr", &attempt.stderr)] {
                     if let Some(text) = text.as_deref().filter(|t| !t.is_empty()) {

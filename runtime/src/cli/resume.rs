@@ -63,7 +63,9 @@ async fn continue_run(run_id: &str, from: Option<&str>, how: &HowToRun, data_dir
         return exit::USAGE;
     }
     if !retry && run.status == "succeeded" {
-        eprintln!("error: run {run_id} already succeeded; there is nothing to resume (`stepbox retry --from STEP` runs steps again)");
+        eprintln!(
+            "error: run {run_id} already succeeded; there is nothing to resume (`stepbox retry --from STEP` runs steps again)"
+        );
         return exit::USAGE;
     }
     let workflow = match load_unchanged(&run) {

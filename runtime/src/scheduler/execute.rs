@@ -238,7 +238,9 @@ async fn execution(
                 let failure = record.failure.clone();
                 let last = match &failure {
                     None => true,
-                    Some(failure) => failure.kind == FailureKind::Cancelled || !step.retry.retries(failure.kind, attempt - earlier),
+                    Some(failure) => {
+                        failure.kind == FailureKind::Cancelled || !step.retry.retries(failure.kind, attempt - earlier)
+                    }
                 };
                 if !journal_attempt(shared, &step_id, &idempotency_key, &record, last).await {
                     report.attempts.push(record);
@@ -432,7 +434,8 @@ async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &Cancellati
         };
         let prefix = format!("{}{}.", shared.prefix, step.id);
         let base = Base { stop: cancel.clone(), ..shared.base.clone() };
-        let child = Shared::new(shared.sandbox.clone(), Arc::new(workflow), components, inputs, &options, base, &prefix);
+        let child =
+            Shared::new(shared.sandbox.clone(), Arc::new(workflow), components, inputs, &options, base, &prefix);
         Ok(run_graph_boxed(child).await)
     }
     .await;
@@ -459,6 +462,8 @@ async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &Cancellati
 
 /// The nested run of an include, boxed with an explicit `Send` so the
 /// recursion (a step runs a graph that runs steps) has a nameable type.
-fn run_graph_boxed(shared: Arc<Shared>) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::RunReport> + Send>> {
+fn run_graph_boxed(
+    shared: Arc<Shared>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::RunReport> + Send>> {
     Box::pin(run_graph(shared, false))
 }

@@ -447,7 +447,8 @@ async fn settle(
 ) {
     let id = &shared.workflow.steps[i].id;
     let (run_id, step_id, record) = (shared.run_id.clone(), format!("{}{id}", shared.prefix), report.clone());
-    let (started, finished) = (report.started_ms.map(|ms| shared.unix_ms(ms)), report.finished_ms.map(|ms| shared.unix_ms(ms)));
+    let (started, finished) =
+        (report.started_ms.map(|ms| shared.unix_ms(ms)), report.finished_ms.map(|ms| shared.unix_ms(ms)));
     shared
         .journal_write(move |journal| {
             journal.step_finished(

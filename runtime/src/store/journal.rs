@@ -386,7 +386,9 @@ impl Database {
     /// Deletes runs created before `before_ms` (unix ms) and all their
     /// records; returns how many.
     pub fn gc(&self, before_ms: i64) -> Result<usize, StoreError> {
-        self.write(|tx| tx.execute("DELETE FROM runs WHERE created_ms < ?1 AND status != 'running'", params![before_ms]))
+        self.write(|tx| {
+            tx.execute("DELETE FROM runs WHERE created_ms < ?1 AND status != 'running'", params![before_ms])
+        })
     }
 }
 
@@ -400,7 +402,8 @@ impl Journal for Database {
                 let (key, output) = row?;
                 state.completed.insert(key, Database::json(output).unwrap_or(Value::Null));
             }
-            let mut statement = conn.prepare("SELECT key, MAX(attempt) FROM attempts WHERE run_id = ?1 GROUP BY key")?;
+            let mut statement =
+                conn.prepare("SELECT key, MAX(attempt) FROM attempts WHERE run_id = ?1 GROUP BY key")?;
             for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
                 let (key, attempts) = row?;
                 state.attempts.insert(key, attempts);

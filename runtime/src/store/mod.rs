@@ -10,11 +10,12 @@ mod sqlite;
 use std::path::PathBuf;
 
 pub use journal::{
-    AttemptRow, ExecutionRow, Journal, NewRun, ResumeState, RunFilter, RunSummary, StepRow, StoredAttempt, StoredRun, StoredStep,
+    AttemptRow, ExecutionRow, Journal, NewRun, ResumeState, RunFilter, RunSummary, StepRow, StoredAttempt, StoredRun,
+    StoredStep,
 };
 pub use memory::MemoryKeyValueStore;
-pub use sqlite::{DATABASE_FILE, Database, SCHEMA_VERSION};
 pub use sqlite::now_ms as unix_ms;
+pub use sqlite::{DATABASE_FILE, Database, SCHEMA_VERSION};
 
 /// Why the store could not be used; each says what to do about it. Nothing
 /// already committed is lost by any of them.

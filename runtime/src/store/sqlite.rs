@@ -132,9 +132,13 @@ impl Database {
     fn configure(&self) -> Result<(), StoreError> {
         let mut conn = self.lock();
         conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| self.err(e))?;
-        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(|e| self.err(e))?;
+        let mode: String =
+            conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(|e| self.err(e))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Corrupt { path: self.path.clone(), detail: format!("cannot switch to WAL mode (got {mode})") });
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: format!("cannot switch to WAL mode (got {mode})"),
+            });
         }
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(|e| self.err(e))?;
         let check: String = conn.query_row("PRAGMA quick_check", [], |row| row.get(0)).map_err(|e| self.err(e))?;
@@ -157,7 +161,10 @@ impl Database {
     }
 
     /// Runs `f` in one immediate (write-locking) transaction.
-    pub(crate) fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+    pub(crate) fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.err(e))?;
         let value = f(&tx).map_err(|e| self.err(e))?;
@@ -229,7 +236,13 @@ impl KeyValueStore for Database {
         .map_err(kv_err)
     }
 
-    fn list_keys(&self, scope: &KvScope, bucket: &str, after: Option<&str>, limit: usize) -> Result<Vec<String>, KvError> {
+    fn list_keys(
+        &self,
+        scope: &KvScope,
+        bucket: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, KvError> {
         self.read(|conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT key FROM kv WHERE tenant = ?1 AND workflow = ?2 AND bucket = ?3 AND key > ?4 ORDER BY key LIMIT ?5",

@@ -211,7 +211,8 @@ pub fn fingerprint_changes(before: &Value, now: &Value) -> Vec<String> {
         changes.push("the workflow file changed".to_owned());
     }
     let empty = serde_json::Map::new();
-    let (old, new) = (before["components"].as_object().unwrap_or(&empty), now["components"].as_object().unwrap_or(&empty));
+    let (old, new) =
+        (before["components"].as_object().unwrap_or(&empty), now["components"].as_object().unwrap_or(&empty));
     for (name, hash) in old {
         match new.get(name) {
             None => changes.push(format!("component `{name}` was removed")),
