@@ -190,7 +190,7 @@ fn small_workflow(dir: &Path, succeed_on_attempt: u32) -> PathBuf {
 fn retry_reruns_the_failed_step_and_resume_refuses_changed_files() {
     let dir = temp_dir("retry");
     let data = dir.join("data");
-    let workflow = small_workflow(&dir, 2);
+    let workflow = small_workflow(&dir, 3);
     let out = output(&data, &["run", workflow.to_str().unwrap(), "--label", "order=42"]);
     assert_eq!(out.status.code(), Some(1));
     let runs = json(&data, &["runs", "--label", "order=42", "--json"]);
@@ -198,17 +198,27 @@ fn retry_reruns_the_failed_step_and_resume_refuses_changed_files() {
     assert_eq!(runs[0]["status"], "failed");
     assert!(json(&data, &["runs", "--label", "order=7", "--json"]).as_array().unwrap().is_empty());
 
-    // The flaky step succeeds on its second attempt: retry runs b (attempt 2) and c, not a.
+    // retry runs the failed step again (its attempt 2, which fails too) and reuses a.
     let report: Value = serde_json::from_slice(&output(&data, &["retry", &id, "--json"]).stdout).unwrap();
-    assert_eq!(report["status"], "succeeded");
+    assert_eq!(report["status"], "failed");
     let steps = report["steps"].as_array().unwrap();
     assert_eq!(steps[0]["executions"][0]["reused"], true, "a is not run again");
     assert_eq!(steps[1]["executions"][0]["attempts"][0]["attempt"], 2, "attempts count on");
-    assert_eq!(steps[2]["executions"][0]["reused"], false);
 
-    // retry --from a runs everything again.
-    let out = output(&data, &["retry", &id, "--from", "a"]);
-    assert_eq!(out.status.code(), Some(2), "a succeeded run cannot be retried: {}", stderr(&out));
+    // retry --from a runs a again too; b's attempt 3 succeeds, then c runs.
+    let report: Value =
+        serde_json::from_slice(&output(&data, &["retry", &id, "--from", "a", "--json"]).stdout).unwrap();
+    assert_eq!(report["status"], "succeeded");
+    let steps = report["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["executions"][0]["reused"], false, "--from a runs a again");
+    assert_eq!(steps[0]["executions"][0]["attempts"][0]["attempt"], 2);
+    assert_eq!(steps[1]["executions"][0]["attempts"][0]["attempt"], 3);
+    assert_eq!(steps[2]["status"], "succeeded");
+    let out = output(&data, &["retry", &id]);
+    assert_eq!(out.status.code(), Some(2), "a succeeded run cannot be retried");
+    assert!(stderr(&out).contains("only a failed or cancelled run can be retried"), "{}", stderr(&out));
+    let out = output(&data, &["resume", &id]);
+    assert!(stderr(&out).contains("already succeeded"), "{}", stderr(&out));
 
     // A changed component makes resume refuse, naming what changed.
     let failing = dir.join("failing");
@@ -216,7 +226,7 @@ fn retry_reruns_the_failed_step_and_resume_refuses_changed_files() {
     let copy = failing.join("flaky.wasm");
     std::fs::copy(guests::FLAKY, &copy).unwrap();
     let path = failing.join("wf.yaml");
-    std::fs::write(&path, format!("name: changes\ncomponents:\n  flaky: flaky.wasm\nsteps:\n  - id: x\n    uses: flaky\n    with: {{ succeed_on_attempt: 5 }}\n")).unwrap();
+    std::fs::write(&path, "name: changes\ncomponents:\n  flaky: flaky.wasm\nsteps:\n  - id: x\n    uses: flaky\n    with: { succeed_on_attempt: 5 }\n").unwrap();
     assert_eq!(output(&data, &["run", path.to_str().unwrap()]).status.code(), Some(1));
     let id = json(&data, &["runs", "--workflow", "changes", "--json"])[0]["id"].as_str().unwrap().to_owned();
     std::fs::copy(guests::HELLO, &copy).unwrap();
@@ -268,8 +278,7 @@ fn key_value_state_persists_across_runs() {
     .unwrap();
     for expected in 1..=3 {
         let out = output(&data, &["run", path.to_str().unwrap()]);
-        let outputs: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let _ = outputs;
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
         let id = json(&data, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned();
         let shown = json(&data, &["show", &id, "--json"]);
         assert_eq!(shown["steps"][0]["output"]["count"], expected, "{shown}");

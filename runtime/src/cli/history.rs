@@ -174,11 +174,9 @@ pub(crate) fn logs(args: LogsArgs, data_dir: &Path) -> u8 {
             .into_iter()
             .filter(|step| args.step.as_ref().is_none_or(|wanted| &step.id == wanted))
             .collect();
-        if let Some(wanted) = &args.step {
-            if steps.is_empty() {
-                eprintln!("error: run {} has no step `{wanted}` with records", args.run_id);
-                return Ok(exit::USAGE);
-            }
+        if let Some(wanted) = args.step.as_ref().filter(|_| steps.is_empty()) {
+            eprintln!("error: run {} has no step `{wanted}` with records", args.run_id);
+            return Ok(exit::USAGE);
         }
         if args.json {
             return Ok(print_json(&steps));

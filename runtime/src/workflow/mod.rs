@@ -183,26 +183,6 @@ impl Workflow {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_as_configured_and_stops_at_max() {
-        let policy = RetryPolicy {
-            initial: Duration::from_millis(100),
-            max: Duration::from_millis(350),
-            ..RetryPolicy::default()
-        };
-        let delays: Vec<u128> = (1..=4).map(|n| policy.delay(n).as_millis()).collect();
-        assert_eq!(delays, [100, 200, 350, 350]);
-        let linear = RetryPolicy { backoff: Backoff::Linear, ..policy.clone() };
-        assert_eq!(linear.delay(3).as_millis(), 300);
-        let constant = RetryPolicy { backoff: Backoff::Constant, ..policy };
-        assert_eq!(constant.delay(4).as_millis(), 100);
-    }
-}
-
 /// What differs between two fingerprints, for people: empty when nothing
 /// did.
 pub fn fingerprint_changes(before: &Value, now: &Value) -> Vec<String> {
@@ -224,4 +204,24 @@ pub fn fingerprint_changes(before: &Value, now: &Value) -> Vec<String> {
         changes.push(format!("component `{name}` was added"));
     }
     changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_as_configured_and_stops_at_max() {
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(350),
+            ..RetryPolicy::default()
+        };
+        let delays: Vec<u128> = (1..=4).map(|n| policy.delay(n).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 350, 350]);
+        let linear = RetryPolicy { backoff: Backoff::Linear, ..policy.clone() };
+        assert_eq!(linear.delay(3).as_millis(), 300);
+        let constant = RetryPolicy { backoff: Backoff::Constant, ..policy };
+        assert_eq!(constant.delay(4).as_millis(), 100);
+    }
 }
