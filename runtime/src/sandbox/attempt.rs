@@ -165,29 +165,36 @@ fn classify_error(err: &wasmtime::Error, store: &Store<StepState>, stderr: &Capp
             format!("the step called exit({}) instead of returning from `run`", exit.0),
         );
     }
-    let Some(trap) = err.downcast_ref::<Trap>() else {
-        return Failure::new(FailureKind::Trap, format!("{err:#}"));
-    };
+    let trap = err.downcast_ref::<Trap>();
     match trap {
-        Trap::OutOfFuel => {
-            Failure::new(FailureKind::OutOfFuel, "the attempt used up its fuel (raise `limits.fuel` if it needs more)")
+        Some(Trap::OutOfFuel) => {
+            return Failure::new(
+                FailureKind::OutOfFuel,
+                "the attempt used up its fuel (raise `limits.fuel` if it needs more)",
+            );
         }
-        Trap::StackOverflow => {
-            Failure::new(FailureKind::StackOverflow, "the step overflowed its call stack (unbounded recursion?)")
+        Some(Trap::StackOverflow) => {
+            return Failure::new(
+                FailureKind::StackOverflow,
+                "the step overflowed its call stack (unbounded recursion?)",
+            );
         }
-        Trap::Interrupt => Failure::new(FailureKind::Timeout, "the attempt was interrupted"),
-        _ => match store.data().limiter.hit() {
-            // An allocation failure right after a refused growth is the limit.
-            Some(hit) => Failure::new(FailureKind::MemoryLimit, hit.0.clone()),
-            None => {
-                let mut message = format!("the step trapped: {trap}");
-                if let Some(panic) = panic_message(&stderr.captured().text) {
-                    message.push_str(&format!(" ({panic})"));
-                }
-                Failure::new(FailureKind::Trap, message)
-            }
-        },
+        Some(Trap::Interrupt) => return Failure::new(FailureKind::Timeout, "the attempt was interrupted"),
+        _ => {}
     }
+    // A refused growth explains what follows it: an allocation failure, or
+    // an instance whose initial memory does not fit.
+    if let Some(hit) = store.data().limiter.hit() {
+        return Failure::new(FailureKind::MemoryLimit, hit.0.clone());
+    }
+    let mut message = match trap {
+        Some(trap) => format!("the step trapped: {trap}"),
+        None => format!("{err:#}"),
+    };
+    if let Some(panic) = panic_message(&stderr.captured().text) {
+        message.push_str(&format!(" ({panic})"));
+    }
+    Failure::new(FailureKind::Trap, message)
 }
 
 /// The message of a Rust panic, as the standard library prints it to stderr:

@@ -1,0 +1,45 @@
+//! Hostile: abuses host calls. `{"attack": ..., "size": N}`:
+//! `huge-log` logs one message of N bytes, `log-flood` logs N messages,
+//! `resource-loop` opens key-value buckets without closing them,
+//! `huge-output` returns N bytes, `stdin` reads all of stdin.
+use std::io::Read;
+
+use serde::Deserialize;
+use stepbox_sdk::{StepError, kv::Bucket, step};
+
+#[derive(Deserialize)]
+struct Input {
+    attack: String,
+    #[serde(default)]
+    size: usize,
+}
+
+#[step]
+fn run(input: Input) -> Result<serde_json::Value, StepError> {
+    match input.attack.as_str() {
+        "huge-log" => {
+            let message = "x".repeat(input.size);
+            stepbox_sdk::log::log(stepbox_sdk::log::Level::Info, "abuse", &message);
+            Ok(serde_json::json!(message.len()))
+        }
+        "log-flood" => {
+            for i in 0..input.size {
+                stepbox_sdk::info!("flood message {i} with some padding to make it longer");
+            }
+            Ok(serde_json::json!(input.size))
+        }
+        "resource-loop" => {
+            let mut open = Vec::new();
+            loop {
+                open.push(Bucket::open_default()?);
+            }
+        }
+        "huge-output" => Ok(serde_json::Value::String("y".repeat(input.size))),
+        "stdin" => {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text)?;
+            Ok(serde_json::json!(text))
+        }
+        other => Err(StepError::fatal(format!("unknown attack {other}"))),
+    }
+}

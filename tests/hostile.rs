@@ -1,0 +1,218 @@
+//! The hostile-guest suite: each attack ends in a named failure class or a
+//! guest-visible refusal within its limit, files outside the grants stay as
+//! they were, and healthy steps running at the same time succeed.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use common::{request, run, sandbox};
+use serde_json::json;
+use stepbox::sandbox::{AttemptReport, DirGrant, FailureKind, Outcome};
+use stepbox_tests::guests;
+
+fn failure_kind(report: &AttemptReport) -> FailureKind {
+    match &report.outcome {
+        Outcome::Failed(failure) => failure.kind,
+        Outcome::Succeeded { output } => panic!("expected a failure, the step returned {output}"),
+    }
+}
+
+/// A host directory with a granted `data` (read-write) and `ro`
+/// (read-only), a secret next to them, and symlinks planted inside `data`
+/// that point out.
+struct Playground {
+    root: PathBuf,
+}
+
+impl Playground {
+    fn new(name: &str) -> Playground {
+        let root = std::env::temp_dir().join(format!("stepbox-hostile-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("data")).unwrap();
+        std::fs::create_dir_all(root.join("ro")).unwrap();
+        std::fs::create_dir_all(root.join("outside")).unwrap();
+        std::fs::write(root.join("secret.txt"), "top secret").unwrap();
+        std::fs::write(root.join("outside/inner.txt"), "also secret").unwrap();
+        std::fs::write(root.join("data/file.txt"), "mine").unwrap();
+        std::fs::write(root.join("ro/file.txt"), "read only").unwrap();
+        std::os::unix::fs::symlink(root.join("secret.txt"), root.join("data/link-out")).unwrap();
+        std::os::unix::fs::symlink("../secret.txt", root.join("data/rel-out")).unwrap();
+        std::os::unix::fs::symlink(root.join("outside"), root.join("data/dir-out")).unwrap();
+        Playground { root }
+    }
+
+    fn grants(&self) -> Vec<DirGrant> {
+        vec![
+            DirGrant { host: self.root.join("data"), guest: "/data".into(), read_only: false },
+            DirGrant { host: self.root.join("ro"), guest: "/ro".into(), read_only: true },
+        ]
+    }
+
+    /// Everything outside `data` is as the playground made it.
+    fn assert_untouched(&self, attack: &str) {
+        let read = |path: &str| {
+            std::fs::read_to_string(self.root.join(path)).unwrap_or_else(|err| panic!("{attack}: {path}: {err}"))
+        };
+        assert_eq!(read("secret.txt"), "top secret", "{attack}");
+        assert_eq!(read("outside/inner.txt"), "also secret", "{attack}");
+        assert_eq!(read("ro/file.txt"), "read only", "{attack}");
+        assert!(!self.root.join("moved.txt").exists(), "{attack}");
+        assert!(!self.root.join("ro/new.txt").exists(), "{attack}");
+        assert_eq!(read("data/file.txt"), "mine", "{attack}");
+        let entries = |dir: &str| std::fs::read_dir(self.root.join(dir)).unwrap().count();
+        assert_eq!((entries("ro"), entries("outside")), (1, 1), "{attack}");
+        assert_eq!(entries(""), 4, "{attack}: nothing new next to the grants");
+        // Hard-linking a planted symlink only makes another symlink (which
+        // the guest cannot follow out); a regular file would be a copy of a
+        // secret.
+        if let Ok(meta) = std::fs::symlink_metadata(self.root.join("data/stolen")) {
+            assert!(meta.file_type().is_symlink(), "{attack}: the guest linked a secret file into its directory");
+            let _ = std::fs::remove_file(self.root.join("data/stolen"));
+        }
+    }
+}
+
+impl Drop for Playground {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[tokio::test]
+async fn filesystem_escapes_are_refused_and_nothing_outside_changes() {
+    let playground = Playground::new("fs");
+    for attack in [
+        "dotdot",
+        "absolute",
+        "symlink",
+        "relative-symlink",
+        "trailing-slash-symlink",
+        "hard-link",
+        "hard-link-through-symlink",
+        "rename-out",
+        "truncate-read-only",
+        "write-read-only",
+        "delete-read-only",
+    ] {
+        let mut req = request(json!({ "attack": attack }));
+        req.grants.dirs = playground.grants();
+        let report = run(guests::FS_ESCAPE, req).await;
+        let outcome =
+            report.output().unwrap_or_else(|| panic!("{attack}: {report:?}"))["outcome"].as_str().unwrap().to_owned();
+        assert!(outcome.starts_with("refused: "), "{attack}: {outcome}");
+        playground.assert_untouched(attack);
+    }
+}
+
+#[tokio::test]
+async fn the_network_is_closed_without_a_grant() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    for input in [
+        json!({ "attack": "connect", "address": address }),
+        json!({ "attack": "udp", "address": address }),
+        json!({ "attack": "dns", "host": "localhost" }),
+    ] {
+        let report = run(guests::NET_PROBE, request(input.clone())).await;
+        let outcome =
+            report.output().unwrap_or_else(|| panic!("{input}: {report:?}"))["outcome"].as_str().unwrap().to_owned();
+        assert!(outcome.starts_with("refused: "), "{input}: {outcome}");
+    }
+    assert!(listener.accept().is_err_and(|err| err.kind() == std::io::ErrorKind::WouldBlock), "nothing connected");
+}
+
+#[tokio::test]
+async fn environment_variables_and_stdin_are_empty_unless_granted() {
+    let report = run(guests::HOST_ABUSE, request(json!({ "attack": "stdin" }))).await;
+    assert_eq!(report.output(), Some(&json!("")));
+    let mut req = request(json!({ "attack": "stdin" }));
+    req.grants.stdin = b"granted input".to_vec();
+    assert_eq!(run(guests::HOST_ABUSE, req).await.output(), Some(&json!("granted input")));
+}
+
+#[tokio::test]
+async fn a_huge_log_message_is_cut_and_a_flood_is_capped() {
+    let mut req = request(json!({ "attack": "huge-log", "size": 64 * 1024 * 1024 }));
+    req.limits.memory = ByteSize::mib(512);
+    let report = run(guests::HOST_ABUSE, req).await;
+    assert_eq!(report.output(), Some(&json!(64 * 1024 * 1024)), "{:?}", report.failure());
+    let message = &report.logs[0].message;
+    assert!(message.len() < 17 * 1024 && message.ends_with("more bytes dropped]"), "{}", message.len());
+
+    let report = run(guests::HOST_ABUSE, request(json!({ "attack": "log-flood", "size": 100_000 }))).await;
+    assert!(report.output().is_some());
+    let kept: usize = report.logs.iter().map(|log| log.message.len() + log.context.len()).sum();
+    assert!(kept <= 1024 * 1024 + 200, "{kept}");
+    assert!(report.logs.last().unwrap().message.contains("more log messages dropped"));
+}
+
+#[tokio::test]
+async fn a_resource_creation_loop_stops_at_the_resource_limit() {
+    let report = run(guests::HOST_ABUSE, request(json!({ "attack": "resource-loop" }))).await;
+    assert_eq!(failure_kind(&report), FailureKind::Trap, "{report:?}");
+    let message = &report.failure().unwrap().message;
+    assert!(message.contains("resource table"), "{message}");
+}
+
+#[tokio::test]
+async fn a_huge_return_value_is_an_output_limit() {
+    let report = run(guests::HOST_ABUSE, request(json!({ "attack": "huge-output", "size": 3 * 1024 * 1024 }))).await;
+    assert_eq!(failure_kind(&report), FailureKind::OutputLimit);
+}
+
+#[tokio::test]
+async fn a_huge_initial_memory_is_refused_before_any_code_runs() {
+    let report = run(guests::BIG_MEMORY, request(json!(7))).await;
+    assert_eq!(failure_kind(&report), FailureKind::MemoryLimit, "{report:?}");
+    assert_eq!(report.fuel_consumed, 0, "nothing ran");
+    let mut req = request(json!(7));
+    req.limits.memory = ByteSize::mib(300);
+    assert_eq!(run(guests::BIG_MEMORY, req).await.output(), Some(&json!(1)), "it runs with enough memory");
+}
+
+/// Every attack at once, next to 50 healthy steps: the healthy steps all
+/// succeed and the host stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_healthy_steps_succeed_beside_every_attack() {
+    let playground = Playground::new("mixed");
+    let mut attacks = Vec::new();
+    let hostile = [
+        (guests::SPIN, json!(null)),
+        (guests::MEMORY_HOG, json!(null)),
+        (guests::RECURSE, json!(null)),
+        (guests::CHATTY, json!({})),
+        (guests::SLEEPY, json!({})),
+        (guests::BIG_MEMORY, json!(1)),
+        (guests::HOST_ABUSE, json!({ "attack": "resource-loop" })),
+        (guests::HOST_ABUSE, json!({ "attack": "log-flood", "size": 1_000_000 })),
+        (guests::FS_ESCAPE, json!({ "attack": "symlink" })),
+        (guests::NET_PROBE, json!({ "attack": "dns", "host": "localhost" })),
+    ];
+    for (guest, input) in hostile {
+        let component = common::load(guest);
+        let mut req = request(input);
+        req.limits.timeout = Duration::from_secs(3);
+        req.grants.dirs = playground.grants();
+        attacks.push(tokio::spawn(async move { sandbox().run(&component, req).await }));
+    }
+    let hello = common::load(guests::HELLO);
+    let healthy: Vec<_> = (0..50)
+        .map(|i| {
+            let hello = hello.clone();
+            tokio::spawn(async move { sandbox().run(&hello, request(json!({ "name": format!("n{i}") }))).await })
+        })
+        .collect();
+    for (i, task) in healthy.into_iter().enumerate() {
+        let report = task.await.unwrap();
+        assert_eq!(report.output(), Some(&json!({ "greeting": format!("Hello, n{i}!") })), "{report:?}");
+    }
+    for task in attacks {
+        let report = task.await.expect("an attack did not take the host down");
+        assert!(report.duration < Duration::from_secs(3) + Duration::from_secs(3), "{report:?}");
+    }
+    playground.assert_untouched("mixed");
+}
