@@ -423,3 +423,45 @@ fn a_full_disk_stops_the_run_with_a_clear_error_and_keeps_earlier_records() {
     let id = runs[0]["id"].as_str().unwrap();
     assert_eq!(json(&data, &["show", id, "--json"])["steps"][0]["output"], 3000);
 }
+
+#[test]
+fn secrets_never_reach_the_journal_or_any_output() {
+    const SECRET: &str = "sk_live_journal_0123456789";
+    let dir = temp_dir("secrets");
+    let data = dir.join("data");
+    let path = dir.join("secret.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "name: secrets\ncomponents:\n  probe: {}\nsteps:\n  - id: leak\n    uses: probe\n    secrets: {{ api_key: {{ env: STEPBOX_TEST_SECRET }} }}\n    with: {{ probe: leak-secret }}\n  - id: fail\n    uses: probe\n    required: false\n    secrets: {{ api_key: {{ env: STEPBOX_TEST_SECRET }} }}\n    with: {{ probe: leak-secret-in-error }}\noutputs:\n  key: '{{{{ steps.leak.output.key }}}}'\n",
+            guests::PROBE
+        ),
+    )
+    .unwrap();
+    let out = stepbox(&data)
+        .env("STEPBOX_TEST_SECRET", SECRET)
+        .args(["run", path.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(!printed.contains(SECRET), "the run's report shows the secret");
+    assert!(printed.contains("[redacted]"));
+    let id = json(&data, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned();
+    for args in [vec!["show", &id, "--json"], vec!["logs", &id, "--json"], vec!["runs", "--json"]] {
+        let out = output(&data, &args);
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(SECRET), "{args:?} shows the secret");
+    }
+    // Every byte the store wrote, not just what the commands show.
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert!(!bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()), "the secret is in the database files");
+    }
+    // Without the variable the step fails with a message naming it.
+    let out = output(&data, &["run", path.to_str().unwrap(), "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        report["steps"][0]["reason"].as_str().unwrap().contains("STEPBOX_TEST_SECRET, which is not set"),
+        "{report}"
+    );
+}

@@ -38,6 +38,25 @@ pub(crate) struct Args {
     /// An environment variable for the step. Repeatable.
     #[arg(long = "env", value_parser = parse_key_value, value_name = "KEY=VALUE")]
     env: Vec<(String, String)>,
+    /// A secret config value, KEY=ENV_VAR: read from the host environment variable ENV_VAR and
+    /// redacted from everything the attempt leaves behind. Repeatable.
+    #[arg(long = "secret", value_parser = parse_key_value, value_name = "KEY=ENV_VAR")]
+    secrets: Vec<(String, String)>,
+    /// A command-line argument for the step. Repeatable.
+    #[arg(long = "arg", value_name = "ARG", allow_hyphen_values = true)]
+    args: Vec<String>,
+    /// Give the step this file as its stdin.
+    #[arg(long, value_name = "FILE")]
+    stdin: Option<PathBuf>,
+    /// Give the step a private scratch directory at /scratch, removed afterwards.
+    #[arg(long)]
+    scratch: bool,
+    /// Fix the clocks and seed randomness with this number, so the same input gives the same output.
+    #[arg(long, value_name = "SEED")]
+    deterministic: Option<u64>,
+    /// Let the step connect (TCP) or send (UDP) to this IP:PORT. Repeatable.
+    #[arg(long = "allow-connect", value_name = "IP:PORT")]
+    network: Vec<std::net::SocketAddr>,
     /// Print the whole attempt report as JSON on stdout instead of the output.
     #[arg(long)]
     json: bool,
@@ -67,6 +86,28 @@ pub(crate) async fn run(args: Args) -> u8 {
             eprintln!("error: {message}");
             return exit::USAGE;
         }
+    };
+    let mut secrets = BTreeMap::new();
+    for (key, var) in &args.secrets {
+        match std::env::var(var) {
+            Ok(value) => {
+                secrets.insert(key.clone(), value);
+            }
+            Err(_) => {
+                eprintln!("error: --secret {key}={var}: the environment variable {var} is not set");
+                return exit::USAGE;
+            }
+        }
+    }
+    let stdin = match &args.stdin {
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(err) => {
+                eprintln!("error: cannot read {}: {err}", path.display());
+                return exit::USAGE;
+            }
+        },
+        None => Vec::new(),
     };
     let defaults = Limits::default();
     let limits = Limits {
@@ -108,7 +149,12 @@ pub(crate) async fn run(args: Args) -> u8 {
             dirs: args.dirs,
             env: args.env.into_iter().collect(),
             config: args.config.into_iter().collect::<BTreeMap<_, _>>(),
-            stdin: Vec::new(),
+            stdin,
+            secrets,
+            args: args.args,
+            scratch: args.scratch,
+            deterministic: args.deterministic,
+            network: args.network,
         },
     };
     let report = sandbox.run(&component, request).await;

@@ -15,6 +15,7 @@ use super::host::StepState;
 use super::host::logging::LogBuffer;
 use super::limits::{InstanceLimiter, Limits};
 use super::outcome::{AttemptReport, Failure, FailureKind, Outcome};
+use super::redact::Redactor;
 use crate::store::{KeyValueStore, KvScope};
 
 /// Fuel handed to compiled code at a time (see `fuel_async_yield_interval`).
@@ -54,13 +55,22 @@ pub(crate) async fn run(
     let stderr = CappedPipe::new(stdio_cap);
     let started = Instant::now();
 
-    let wasi = match grants.wasi_ctx(&stdout, &stderr) {
+    let redactor = Redactor::new(grants.secrets.values());
+    // Removed when dropped, at the end of this function.
+    let scratch = match grants.scratch.then(tempfile::TempDir::new).transpose() {
+        Ok(scratch) => scratch,
+        Err(err) => {
+            let failure = Failure::new(FailureKind::Trap, format!("cannot create the scratch directory: {err}"));
+            return report(Outcome::Failed(failure), started, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
+        }
+    };
+    let wasi = match grants.wasi_ctx(&stdout, &stderr, scratch.as_ref().map(tempfile::TempDir::path)) {
         Ok(wasi) => wasi,
         Err(err) => {
             // A grant the host cannot honour (a missing directory) is a
             // problem of the step's configuration: retrying will not fix it.
             let failure = Failure::new(FailureKind::Fatal, format!("{err:#}"));
-            return report(Outcome::Failed(failure), started, 0, 0, Vec::new(), &stdout, &stderr);
+            return report(Outcome::Failed(failure), started, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
         }
     };
     let mut table = ResourceTable::new();
@@ -69,8 +79,12 @@ pub(crate) async fn run(
         wasi,
         table,
         limiter: InstanceLimiter::new(&limits),
-        logs: LogBuffer::new(context.step_id.clone(), usize::try_from(limits.logs.as_u64()).unwrap_or(usize::MAX)),
-        config: Arc::new(grants.config),
+        logs: LogBuffer::new(
+            context.step_id.clone(),
+            usize::try_from(limits.logs.as_u64()).unwrap_or(usize::MAX),
+            redactor.clone(),
+        ),
+        config: Arc::new(grants.config.into_iter().chain(grants.secrets).collect()),
         kv,
         kv_scope: KvScope { tenant: context.tenant.clone(), workflow: context.workflow.clone() },
     };
@@ -112,11 +126,15 @@ pub(crate) async fn run(
         Ok(Ok(Ok(output))) => check_output(&output, &limits),
     };
     let peak_memory = store.data().limiter.peak_memory();
-    let logs = std::mem::replace(&mut store.data_mut().logs, LogBuffer::new(String::new(), 0)).into_records();
+    let logs = std::mem::replace(&mut store.data_mut().logs, LogBuffer::new(String::new(), 0, Redactor::default()))
+        .into_records();
     drop(store);
-    report(outcome, started, fuel_consumed, peak_memory, logs, &stdout, &stderr)
+    drop(scratch);
+    report(outcome, started, fuel_consumed, peak_memory, logs, &stdout, &stderr, &redactor)
 }
 
+/// The report, with secrets taken out of everything in it.
+#[allow(clippy::too_many_arguments)]
 fn report(
     outcome: Outcome,
     started: Instant,
@@ -125,15 +143,24 @@ fn report(
     logs: Vec<super::host::logging::LogRecord>,
     stdout: &CappedPipe,
     stderr: &CappedPipe,
+    redactor: &Redactor,
 ) -> AttemptReport {
+    let redact = |mut captured: super::capture::Captured| {
+        captured.text = redactor.text(&captured.text);
+        captured
+    };
+    let outcome = match outcome {
+        Outcome::Succeeded { output } => Outcome::Succeeded { output: redactor.json(output) },
+        Outcome::Failed(failure) => Outcome::Failed(Failure { message: redactor.text(&failure.message), ..failure }),
+    };
     AttemptReport {
         outcome,
         duration: started.elapsed(),
         fuel_consumed,
         peak_memory,
         logs,
-        stdout: stdout.captured(),
-        stderr: stderr.captured(),
+        stdout: redact(stdout.captured()),
+        stderr: redact(stderr.captured()),
     }
 }
 

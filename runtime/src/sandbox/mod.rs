@@ -10,6 +10,7 @@ mod grants;
 mod host;
 mod limits;
 mod outcome;
+mod redact;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -21,10 +22,11 @@ pub use attempt::{AttemptRequest, StepContext};
 pub use capture::Captured;
 pub use component::{LoadError, StepComponent};
 pub use engine::EngineConfig;
-pub use grants::{DirGrant, Grants};
+pub use grants::{DirGrant, Grants, SCRATCH};
 pub use host::logging::{LogLevel, LogRecord};
 pub use limits::Limits;
 pub use outcome::{AttemptReport, Failure, FailureKind, Outcome};
+pub use redact::REDACTED;
 
 use crate::store::KeyValueStore;
 use host::StepState;

@@ -178,11 +178,39 @@ async fn execution(
                 })
                 .collect::<Result<_, String>>()
         };
+        let secrets = step
+            .secrets
+            .iter()
+            .map(|(key, var)| match std::env::var(var) {
+                Ok(value) => Ok((key.clone(), value)),
+                Err(_) => Err(format!("secret `{key}` reads the environment variable {var}, which is not set")),
+            })
+            .collect::<Result<_, String>>()?;
+        let args = step
+            .args
+            .iter()
+            .map(|arg| template::render_text(arg, &context).map_err(|err| format!("`args`: {err}")))
+            .collect::<Result<_, String>>()?;
+        let stdin = match &step.stdin {
+            Some(text) => template::render_text(text, &context).map_err(|err| format!("`stdin`: {err}"))?.into_bytes(),
+            None => Vec::new(),
+        };
+        // Seeded from the input, so the same input gives the same output.
+        let deterministic = step.deterministic.then(|| {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(input.to_string());
+            u64::from_le_bytes(digest[..8].try_into().unwrap_or_default())
+        });
         let grants = Grants {
             dirs: step.dirs.clone(),
             env: render_map(&step.env, "env")?,
             config: render_map(&step.config, "config")?,
-            stdin: Vec::new(),
+            stdin,
+            secrets,
+            args,
+            scratch: step.scratch,
+            deterministic,
+            network: step.network.clone(),
         };
         Ok((input, grants))
     })();

@@ -122,6 +122,12 @@ impl StepBuilder {
                 config: Default::default(),
                 env: Default::default(),
                 dirs: Vec::new(),
+                secrets: Default::default(),
+                args: Vec::new(),
+                stdin: None,
+                scratch: false,
+                deterministic: false,
+                network: None,
             },
         }
     }

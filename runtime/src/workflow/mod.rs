@@ -90,6 +90,13 @@ pub struct Step {
     pub config: BTreeMap<String, String>,
     pub env: BTreeMap<String, String>,
     pub dirs: Vec<DirGrant>,
+    /// Secret name → the host environment variable holding it.
+    pub secrets: BTreeMap<String, String>,
+    pub args: Vec<String>,
+    pub stdin: Option<String>,
+    pub scratch: bool,
+    pub deterministic: bool,
+    pub network: Vec<std::net::SocketAddr>,
 }
 
 /// When and how often a failed attempt is tried again.

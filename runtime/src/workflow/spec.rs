@@ -274,6 +274,45 @@ pub struct StepSpec {
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
     pub dirs: Vec<Spanned<String>>,
+    /// Secret values the step reads through `wasi:config`, taken from the
+    /// host's environment when it runs; never recorded anywhere.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSpec>,
+    /// Command-line arguments; templates.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Text on the step's stdin; a template.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// A private, empty directory at `/scratch` for each attempt, removed
+    /// afterwards.
+    #[serde(default)]
+    pub scratch: bool,
+    /// A fixed clock and randomness seeded from the input, so the same input
+    /// gives the same output.
+    #[serde(default)]
+    pub deterministic: bool,
+    /// Network access; none without it.
+    #[serde(default)]
+    pub network: Option<NetworkSpec>,
+}
+
+/// Where a secret's value comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSpec {
+    /// The host environment variable that holds it.
+    pub env: String,
+}
+
+/// The addresses a step may reach.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSpec {
+    /// `IP:PORT` addresses the step may connect to (TCP) or send to (UDP).
+    /// Names are not resolved: name lookups stay off.
+    #[schemars(with = "Vec<String>")]
+    pub connect: Vec<Spanned<String>>,
 }
 
 fn yes() -> bool {

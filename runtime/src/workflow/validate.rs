@@ -223,6 +223,27 @@ pub(super) fn validate(
                 Err(message) => d.on(dir, message, None),
             }
         }
+        let mut network = Vec::new();
+        for address in step.network.iter().flat_map(|network| &network.connect) {
+            match address.value.parse() {
+                Ok(address) => network.push(address),
+                Err(_) => d.on(
+                    address,
+                    format!("step `{id}`: `{}` is not an IP:PORT address", address.value),
+                    Some(
+                        "write an IP address and a port, like 10.0.0.5:443 or [::1]:8080; names are not resolved"
+                            .into(),
+                    ),
+                ),
+            }
+        }
+        for key in step.secrets.keys().filter(|key| step.config.contains_key(*key)) {
+            d.on(
+                &step.id,
+                format!("step `{id}`: `{key}` is both a config value and a secret"),
+                Some("keep one".into()),
+            );
+        }
         steps.push(Step {
             id,
             action: action.unwrap_or(Action::Run { component: String::new() }),
@@ -248,6 +269,12 @@ pub(super) fn validate(
             config: step.config.clone(),
             env: step.env.clone(),
             dirs,
+            secrets: step.secrets.iter().map(|(key, secret)| (key.clone(), secret.env.clone())).collect(),
+            args: step.args.clone(),
+            stdin: step.stdin.clone(),
+            scratch: step.scratch,
+            deterministic: step.deterministic,
+            network,
         });
     }
     // A failure handler runs after the step it handles.
@@ -568,6 +595,9 @@ fn check_templates(d: &mut Diagnostics, spec: &WorkflowSpec, steps: &[Step]) {
         }
         for (key, value) in spec_step.config.iter().chain(&spec_step.env) {
             check(d, at, &format!("{what}'s config/env `{key}`"), value, false, Some(i));
+        }
+        for text in spec_step.args.iter().chain(&spec_step.stdin) {
+            check(d, at, &format!("{what}'s args/stdin"), text, false, Some(i));
         }
     }
     for (name, output) in &spec.outputs {

@@ -2,6 +2,7 @@ use serde::Serialize;
 
 use super::{StepState, truncate_with_marker};
 use crate::sandbox::bindings::wasi::logging::logging::{Host, Level};
+use crate::sandbox::redact::Redactor;
 
 /// Longest single message kept; the rest is cut with a marker.
 const MAX_MESSAGE: usize = 16 * 1024;
@@ -44,14 +45,15 @@ impl From<Level> for LogLevel {
 #[derive(Debug)]
 pub(crate) struct LogBuffer {
     step_id: String,
+    redactor: Redactor,
     budget: usize,
     records: Vec<LogRecord>,
     dropped: u64,
 }
 
 impl LogBuffer {
-    pub(crate) fn new(step_id: String, budget: usize) -> Self {
-        LogBuffer { step_id, budget, records: Vec::new(), dropped: 0 }
+    pub(crate) fn new(step_id: String, budget: usize, redactor: Redactor) -> Self {
+        LogBuffer { step_id, redactor, budget, records: Vec::new(), dropped: 0 }
     }
 
     /// The kept records, plus a final warning record when some were dropped.
@@ -69,6 +71,7 @@ impl LogBuffer {
     fn push(&mut self, level: Level, mut context: String, mut message: String) {
         truncate_with_marker(&mut context, MAX_CONTEXT);
         truncate_with_marker(&mut message, MAX_MESSAGE);
+        let (context, message) = (self.redactor.text(&context), self.redactor.text(&message));
         let step = self.step_id.as_str();
         match level {
             Level::Trace => tracing::trace!(target: "stepbox::guest", step, context, "{message}"),
