@@ -10,4 +10,5 @@ pub mod cli;
 pub mod sandbox;
 pub mod scheduler;
 pub mod store;
+pub mod tenant;
 pub mod workflow;

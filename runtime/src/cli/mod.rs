@@ -40,8 +40,47 @@ struct Cli {
     /// Where runs and key-value state are kept [default: $XDG_DATA_HOME/stepbox, else ~/.local/share/stepbox].
     #[arg(long, global = true, env = "STEPBOX_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// The tenants file with each tenant's ceilings [default: tenants.yaml in the data directory, if there is one].
+    #[arg(long, global = true, env = "STEPBOX_TENANTS", value_name = "FILE")]
+    tenants: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where a run's records go and which ceilings apply to it.
+pub(crate) struct Place<'a> {
+    pub(crate) data_dir: &'a Path,
+    pub(crate) tenants: Option<&'a Path>,
+}
+
+/// How a tenant's runs are limited: slots, weight and a fuel budget.
+pub(crate) struct TenantPolicy {
+    pub(crate) share: crate::scheduler::Share,
+    pub(crate) max_run_fuel: Option<u64>,
+}
+
+/// Checks `workflow` against `tenant`'s ceilings, if there is a tenants
+/// file; prints what is over a ceiling.
+pub(crate) fn tenant_policy(
+    place: &Place<'_>,
+    tenant: &str,
+    workflow: &crate::workflow::Workflow,
+) -> Result<TenantPolicy, u8> {
+    let Some(file) = place.tenants else {
+        return Ok(TenantPolicy { share: crate::scheduler::Share::default(), max_run_fuel: None });
+    };
+    let tenants = crate::tenant::Tenants::load(file).map_err(|err| {
+        eprintln!("{err}");
+        exit::INVALID_COMPONENT
+    })?;
+    let checked = tenants.check(tenant, workflow).and_then(|()| tenants.get(tenant).map(|spec| spec.max_run_fuel));
+    match checked {
+        Ok(max_run_fuel) => Ok(TenantPolicy { share: tenants.share(tenant), max_run_fuel }),
+        Err(err) => {
+            eprintln!("{err}");
+            Err(exit::INVALID_COMPONENT)
+        }
+    }
 }
 
 /// The data directory when none is given.
@@ -141,11 +180,13 @@ where
         }
     };
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
+    let tenants = cli.tenants.clone().or_else(|| Some(data_dir.join("tenants.yaml")).filter(|path| path.is_file()));
+    let place = Place { data_dir: &data_dir, tenants: tenants.as_deref() };
     let code = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(args, &data_dir).await,
-            Command::Resume(args) => resume::resume(args, &data_dir).await,
-            Command::Retry(args) => resume::retry(args, &data_dir).await,
+            Command::Run(args) => run::run(args, &place).await,
+            Command::Resume(args) => resume::resume(args, &place).await,
+            Command::Retry(args) => resume::retry(args, &place).await,
             Command::Runs(args) => history::runs(args, &data_dir),
             Command::Show(args) => history::show(args, &data_dir),
             Command::Logs(args) => history::logs(args, &data_dir),

@@ -1,14 +1,14 @@
 //! `stepbox resume` and `stepbox retry`: continuing a recorded run.
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::store::StoredRun;
 use crate::workflow::{Workflow, fingerprint_changes};
 
 use super::run::{HowToRun, execute};
-use super::{exit, open_database};
+use super::{Place, exit, open_database, tenant_policy};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -41,16 +41,16 @@ pub(crate) struct RetryArgs {
     how: HowToRun,
 }
 
-pub(crate) async fn resume(args: ResumeArgs, data_dir: &Path) -> u8 {
-    continue_run(&args.run_id, None, &args.how, data_dir, false).await
+pub(crate) async fn resume(args: ResumeArgs, place: &Place<'_>) -> u8 {
+    continue_run(&args.run_id, None, &args.how, place, false).await
 }
 
-pub(crate) async fn retry(args: RetryArgs, data_dir: &Path) -> u8 {
-    continue_run(&args.run_id, args.from.as_deref(), &args.how, data_dir, true).await
+pub(crate) async fn retry(args: RetryArgs, place: &Place<'_>) -> u8 {
+    continue_run(&args.run_id, args.from.as_deref(), &args.how, place, true).await
 }
 
-async fn continue_run(run_id: &str, from: Option<&str>, how: &HowToRun, data_dir: &Path, retry: bool) -> u8 {
-    let Some(db) = open_database(data_dir) else { return exit::STEP_FAILED };
+async fn continue_run(run_id: &str, from: Option<&str>, how: &HowToRun, place: &Place<'_>, retry: bool) -> u8 {
+    let Some(db) = open_database(place.data_dir) else { return exit::STEP_FAILED };
     let run = match db.load_run(run_id) {
         Ok(run) => run,
         Err(err) => {
@@ -75,6 +75,10 @@ async fn continue_run(run_id: &str, from: Option<&str>, how: &HowToRun, data_dir
             return exit::INVALID_COMPONENT;
         }
     };
+    let policy = match tenant_policy(place, &run.tenant, &workflow) {
+        Ok(policy) => policy,
+        Err(code) => return code,
+    };
     if let Some(from) = from {
         let Some(start) = workflow.step_index(from) else {
             let ids: Vec<&str> = workflow.steps.iter().map(|step| step.id.as_str()).collect();
@@ -91,7 +95,7 @@ async fn continue_run(run_id: &str, from: Option<&str>, how: &HowToRun, data_dir
         return exit::STEP_FAILED;
     }
     let inputs = run.inputs.as_object().cloned().unwrap_or_default();
-    execute(db, workflow, run.id.clone(), run.tenant.clone(), inputs, how).await
+    execute(db, workflow, run.id.clone(), run.tenant.clone(), inputs, how, policy).await
 }
 
 /// The run's workflow, if neither it nor its components changed.

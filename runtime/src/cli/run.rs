@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{exit, new_run_id, open_database, parse_key_value, sandbox_with_kv};
+use super::{Place, TenantPolicy, exit, new_run_id, open_database, parse_key_value, sandbox_with_kv, tenant_policy};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -84,7 +84,7 @@ pub(crate) fn collect_inputs(
     Ok(inputs)
 }
 
-pub(crate) async fn run(args: Args, data_dir: &Path) -> u8 {
+pub(crate) async fn run(args: Args, place: &Place<'_>) -> u8 {
     let inputs = match collect_inputs(args.input_file.as_ref(), &args.inputs) {
         Ok(inputs) => inputs,
         Err(message) => {
@@ -113,7 +113,11 @@ pub(crate) async fn run(args: Args, data_dir: &Path) -> u8 {
             return exit::INVALID_COMPONENT;
         }
     };
-    let Some(db) = open_database(data_dir) else { return exit::STEP_FAILED };
+    let policy = match tenant_policy(place, &args.tenant, &workflow) {
+        Ok(policy) => policy,
+        Err(code) => return code,
+    };
+    let Some(db) = open_database(place.data_dir) else { return exit::STEP_FAILED };
     let run_id = new_run_id();
     let path = std::path::absolute(&args.file).unwrap_or_else(|_| args.file.clone());
     let record = NewRun {
@@ -129,7 +133,7 @@ pub(crate) async fn run(args: Args, data_dir: &Path) -> u8 {
         eprintln!("error: {err}");
         return exit::STEP_FAILED;
     }
-    execute(db, workflow, run_id, args.tenant, inputs, &args.how).await
+    execute(db, workflow, run_id, args.tenant, inputs, &args.how, policy).await
 }
 
 /// Runs a recorded run (new, resumed or retried) with progress and a
@@ -141,6 +145,7 @@ pub(crate) async fn execute(
     tenant: String,
     inputs: serde_json::Map<String, serde_json::Value>,
     how: &HowToRun,
+    policy: TenantPolicy,
 ) -> u8 {
     let Some(sandbox) = sandbox_with_kv(EngineConfig::default(), db.clone()) else { return exit::STEP_FAILED };
     let cancel = CancellationToken::new();
@@ -155,6 +160,10 @@ pub(crate) async fn execute(
     if let Some(n) = how.max_parallel {
         options.max_parallel = n as usize;
     }
+    let dispatcher = scheduler::Dispatcher::new(options.max_parallel);
+    dispatcher.set_share(&options.tenant, policy.share);
+    options.dispatcher = Some(dispatcher);
+    options.max_run_fuel = policy.max_run_fuel;
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
     let result = scheduler::run(&sandbox, workflow, &inputs, options).await;
     let _ = progress.await;

@@ -249,6 +249,16 @@ async fn execution(
                 failure
             }
             Admission::Run => {
+                let mut limits = step.limits.clone();
+                if let Some(left) = &shared.base.fuel_left {
+                    let left = left.load(std::sync::atomic::Ordering::SeqCst);
+                    if left == 0 {
+                        shared.stop_run("it used up its tenant's fuel budget (max_run_fuel)".into());
+                        report.status = StepStatus::Cancelled;
+                        return strip(report);
+                    }
+                    limits.fuel = limits.fuel.min(left);
+                }
                 let request = AttemptRequest {
                     context: StepContext {
                         run_id: shared.run_id.clone(),
@@ -259,10 +269,18 @@ async fn execution(
                         workflow: shared.workflow.name.clone(),
                     },
                     input: input.to_string(),
-                    limits: step.limits.clone(),
+                    limits,
                     grants: grants.clone(),
                 };
                 let record = attempt_once(shared, name, component, request, index, cancel, delay_before).await;
+                if let Some(left) = &shared.base.fuel_left {
+                    let used = record.fuel_consumed;
+                    let _ = left.fetch_update(
+                        std::sync::atomic::Ordering::SeqCst,
+                        std::sync::atomic::Ordering::SeqCst,
+                        |left| Some(left.saturating_sub(used)),
+                    );
+                }
                 let failure = record.failure.clone();
                 let last = match &failure {
                     None => true,
@@ -381,7 +399,7 @@ async fn attempt_once(
         if let Some(limiter) = shared.limiters.get(component_name) {
             limiter.acquire().await;
         }
-        let _permit = shared.base.permits.acquire().await;
+        let _slot = shared.base.dispatcher.acquire(&shared.tenant).await;
         let started_ms = shared.elapsed_ms();
         let (run_id, step_id, key, started) =
             (shared.run_id.clone(), step.clone(), request.context.idempotency_key.clone(), shared.unix_ms(started_ms));
@@ -458,6 +476,8 @@ async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &Cancellati
             fail_fast: false,
             events: shared.events.clone(),
             cancel: cancel.clone(),
+            dispatcher: None,
+            max_run_fuel: None,
             journal: shared.journal.clone(),
         };
         let prefix = format!("{}{}.", shared.prefix, step.id);

@@ -3,6 +3,7 @@
 //! circuit breakers and rate limits, and cancellation.
 
 mod context;
+mod dispatch;
 mod execute;
 mod policy;
 mod report;
@@ -11,10 +12,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+pub use dispatch::{Dispatcher, Share, Slot};
 pub use report::{AttemptRecord, ExecutionReport, RunReport, RunStatus, StepReport, StepStatus};
 
 use crate::sandbox::{Failure, Sandbox, StepComponent};
@@ -49,6 +51,11 @@ pub struct RunOptions {
     /// Cancel to stop the run: running attempts end as `cancelled` and no
     /// more steps start.
     pub cancel: CancellationToken,
+    /// Attempt slots shared with other runs, handed out fairly across
+    /// tenants; a run without one gets its own `max_parallel` slots.
+    pub dispatcher: Option<Arc<Dispatcher>>,
+    /// Fuel all attempts of the run may use together (a tenant ceiling).
+    pub max_run_fuel: Option<u64>,
     /// Where every transition is recorded before the scheduler acts on it.
     /// A run with a journal resumes: executions it records as succeeded
     /// are not run again.
@@ -64,6 +71,8 @@ impl RunOptions {
             fail_fast: false,
             events: None,
             cancel: CancellationToken::new(),
+            dispatcher: None,
+            max_run_fuel: None,
             journal: None,
         }
     }
@@ -132,14 +141,15 @@ pub async fn run(
         }
         None => ResumeState::default(),
     };
-    let permits = Arc::new(Semaphore::new(options.max_parallel.max(1)));
+    let dispatcher = options.dispatcher.clone().unwrap_or_else(|| Dispatcher::new(options.max_parallel));
     let base = Base {
-        permits,
+        dispatcher,
         started: Instant::now(),
         started_unix_ms: crate::store::unix_ms(),
         resume: Arc::new(resume),
         stop: options.cancel.child_token(),
-        journal_error: Arc::new(std::sync::Mutex::new(None)),
+        stop_error: Arc::new(std::sync::Mutex::new(None)),
+        fuel_left: options.max_run_fuel.map(|fuel| Arc::new(std::sync::atomic::AtomicU64::new(fuel))),
     };
     let shared = Shared::new(sandbox.clone(), workflow, components, inputs, &options, base, "");
     let report = run_graph(shared.clone(), options.fail_fast).await;
@@ -156,9 +166,9 @@ async fn finish(shared: &Shared, mut report: RunReport) -> RunReport {
     let outputs = serde_json::Value::Object(report.outputs.clone());
     let run_id = shared.run_id.clone();
     shared.journal_write(move |journal| journal.run_finished(&run_id, status, &outputs)).await;
-    if let Some(error) = shared.base.journal_error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+    if let Some(error) = shared.base.stop_error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
         report.status = RunStatus::Failed;
-        report.error = Some(format!("the run stopped because its journal could not be written: {error}"));
+        report.error = Some(format!("the run stopped because {error}"));
     }
     report
 }
@@ -166,13 +176,17 @@ async fn finish(shared: &Shared, mut report: RunReport) -> RunReport {
 /// What a run and the runs of its includes share.
 #[derive(Clone)]
 pub(crate) struct Base {
-    permits: Arc<Semaphore>,
+    dispatcher: Arc<Dispatcher>,
     started: Instant,
     started_unix_ms: i64,
     resume: Arc<ResumeState>,
-    /// Cancelled by the caller's token, or when the journal fails.
+    /// Cancelled by the caller's token, or when the run must stop (its
+    /// journal failed, its fuel budget ran out).
     stop: CancellationToken,
-    journal_error: Arc<std::sync::Mutex<Option<String>>>,
+    /// Why the run stopped, when it was not a step's doing.
+    stop_error: Arc<std::sync::Mutex<Option<String>>>,
+    /// What is left of the run's fuel budget, if it has one.
+    fuel_left: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Everything the tasks of one run share.
@@ -265,10 +279,15 @@ impl Shared {
             Ok(Err(err)) => err.to_string(),
             Err(err) => format!("the journal writer failed: {err}"),
         };
-        tracing::error!("{error}");
-        self.base.journal_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(error);
-        self.base.stop.cancel();
+        self.stop_run(format!("its journal could not be written: {error}"));
         false
+    }
+
+    /// Stops the whole run (not just this step), saying why.
+    fn stop_run(&self, why: String) {
+        tracing::error!("the run stopped because {why}");
+        self.base.stop_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
+        self.base.stop.cancel();
     }
 
     fn emit(&self, event: RunEvent) {

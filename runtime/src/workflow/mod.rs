@@ -17,6 +17,7 @@ use serde_saphyr::Location;
 pub use builder::{StepBuilder, WorkflowBuilder};
 pub use diagnostic::{Diagnostic, WorkflowError};
 pub use spec::WorkflowSpec;
+pub(crate) use validate::parse as parse_yaml;
 
 use crate::sandbox::{DirGrant, FailureKind, Limits};
 use spec::{Backoff, BreakerSpec, InputSpec, RateLimitSpec};

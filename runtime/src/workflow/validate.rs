@@ -24,9 +24,10 @@ pub(super) fn load_file(path: &Path, including: &mut Vec<PathBuf>) -> Result<Wor
     validate(spec, path, &base_dir, including)
 }
 
-/// Decodes YAML or JSON text.
-pub(super) fn parse(path: &Path, text: &str) -> Result<WorkflowSpec, WorkflowError> {
-    serde_saphyr::from_str::<WorkflowSpec>(text).map_err(|err| {
+/// Decodes YAML or JSON text (a workflow, a tenants file) with located
+/// errors.
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, WorkflowError> {
+    serde_saphyr::from_str::<T>(text).map_err(|err| {
         let mut diagnostics = Diagnostics::new(path);
         let location = err.location().unwrap_or(Location::UNKNOWN);
         let message = err.without_snippet().to_string();
