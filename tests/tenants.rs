@@ -22,7 +22,7 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 /// `n` independent steps that each sleep `millis`.
-fn sleepers(dir: &PathBuf, name: &str, n: usize, millis: u64) -> Workflow {
+fn sleepers(dir: &std::path::Path, name: &str, n: usize, millis: u64) -> Workflow {
     let mut yaml = format!("name: {name}\ncomponents:\n  sleepy: {}\nsteps:\n", guests::SLEEPY);
     for i in 0..n {
         yaml.push_str(&format!("  - id: s{i}\n    uses: sleepy\n    with: {{ millis: {millis} }}\n"));

@@ -465,3 +465,25 @@ fn secrets_never_reach_the_journal_or_any_output() {
         "{report}"
     );
 }
+
+#[test]
+fn runs_over_a_tenant_ceiling_are_refused_before_they_start() {
+    let dir = temp_dir("tenants");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let workflow = small_workflow(&dir, 1);
+    std::fs::write(
+        data.join("tenants.yaml"),
+        "tenants:\n  acme:\n    limits: { timeout: 1s }\n  roomy:\n    max_concurrent: 1\n",
+    )
+    .unwrap();
+    let out = output(&data, &["run", workflow.to_str().unwrap(), "--tenant", "acme"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("limits.timeout 10s is over tenant `acme`'s ceiling of 1s"), "{}", stderr(&out));
+    let out = output(&data, &["run", workflow.to_str().unwrap(), "--tenant", "nobody"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("tenant `nobody` is not in the tenants file"), "{}", stderr(&out));
+    assert!(json(&data, &["runs", "--json"]).as_array().unwrap().is_empty(), "refused runs are not recorded");
+    let out = output(&data, &["run", workflow.to_str().unwrap(), "--tenant", "roomy"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
