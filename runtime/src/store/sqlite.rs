@@ -178,21 +178,15 @@ impl Database {
     }
 }
 
-fn to_text(value: &Value) -> String {
-    value.to_string()
-}
-
-fn from_text(text: Option<String>) -> Option<Value> {
-    text.and_then(|text| serde_json::from_str(&text).ok())
-}
-
 impl Database {
-    pub(crate) fn json(text: Option<String>) -> Option<Value> {
-        from_text(text)
+    /// JSON as stored: text.
+    pub(crate) fn text(value: &Value) -> String {
+        value.to_string()
     }
 
-    pub(crate) fn text(value: &Value) -> String {
-        to_text(value)
+    /// Stored text back to JSON.
+    pub(crate) fn json(text: Option<String>) -> Option<Value> {
+        text.and_then(|text| serde_json::from_str(&text).ok())
     }
 }
 
@@ -200,29 +194,32 @@ fn kv_err(err: StoreError) -> KvError {
     KvError::Storage(err.to_string())
 }
 
+/// The value of one key, inside a read or a write transaction.
+fn kv_value(conn: &Connection, scope: &KvScope, bucket: &str, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.query_row(
+        "SELECT value FROM kv WHERE tenant = ?1 AND workflow = ?2 AND bucket = ?3 AND key = ?4",
+        params![scope.tenant, scope.workflow, bucket, key],
+        |row| row.get(0),
+    )
+    .optional()
+}
+
+fn kv_store(conn: &Connection, scope: &KvScope, bucket: &str, key: &str, value: &[u8]) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO kv (tenant, workflow, bucket, key, value) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT DO UPDATE SET value = excluded.value",
+        params![scope.tenant, scope.workflow, bucket, key, value],
+    )
+    .map(drop)
+}
+
 impl KeyValueStore for Database {
     fn get(&self, scope: &KvScope, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        self.read(|conn| {
-            conn.query_row(
-                "SELECT value FROM kv WHERE tenant = ?1 AND workflow = ?2 AND bucket = ?3 AND key = ?4",
-                params![scope.tenant, scope.workflow, bucket, key],
-                |row| row.get(0),
-            )
-            .optional()
-        })
-        .map_err(kv_err)
+        self.read(|conn| kv_value(conn, scope, bucket, key)).map_err(kv_err)
     }
 
     fn set(&self, scope: &KvScope, bucket: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO kv (tenant, workflow, bucket, key, value) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT DO UPDATE SET value = excluded.value",
-                params![scope.tenant, scope.workflow, bucket, key, value],
-            )
-            .map(drop)
-        })
-        .map_err(kv_err)
+        self.write(|tx| kv_store(tx, scope, bucket, key, value)).map_err(kv_err)
     }
 
     fn delete(&self, scope: &KvScope, bucket: &str, key: &str) -> Result<(), KvError> {
@@ -257,24 +254,12 @@ impl KeyValueStore for Database {
     }
 
     fn increment(&self, scope: &KvScope, bucket: &str, key: &str, delta: i64) -> Result<i64, KvError> {
+        // The read and the write are one transaction: no update is lost.
         let mut failure = None;
         let result = self.write(|tx| {
-            let stored: Option<Vec<u8>> = tx
-                .query_row(
-                    "SELECT value FROM kv WHERE tenant = ?1 AND workflow = ?2 AND bucket = ?3 AND key = ?4",
-                    params![scope.tenant, scope.workflow, bucket, key],
-                    |row| row.get(0),
-                )
-                .optional()?;
+            let stored = kv_value(tx, scope, bucket, key)?;
             match add_to_stored(key, stored.as_deref(), delta) {
-                Ok(next) => {
-                    tx.execute(
-                        "INSERT INTO kv (tenant, workflow, bucket, key, value) VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT DO UPDATE SET value = excluded.value",
-                        params![scope.tenant, scope.workflow, bucket, key, next.to_string().into_bytes()],
-                    )?;
-                    Ok(next)
-                }
+                Ok(next) => kv_store(tx, scope, bucket, key, next.to_string().as_bytes()).map(|()| next),
                 Err(err) => {
                     failure = Some(err);
                     Ok(0)
@@ -296,22 +281,10 @@ impl KeyValueStore for Database {
         new: &[u8],
     ) -> Result<bool, KvError> {
         self.write(|tx| {
-            let stored: Option<Vec<u8>> = tx
-                .query_row(
-                    "SELECT value FROM kv WHERE tenant = ?1 AND workflow = ?2 AND bucket = ?3 AND key = ?4",
-                    params![scope.tenant, scope.workflow, bucket, key],
-                    |row| row.get(0),
-                )
-                .optional()?;
-            if stored.as_deref() != expected {
+            if kv_value(tx, scope, bucket, key)?.as_deref() != expected {
                 return Ok(false);
             }
-            tx.execute(
-                "INSERT INTO kv (tenant, workflow, bucket, key, value) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT DO UPDATE SET value = excluded.value",
-                params![scope.tenant, scope.workflow, bucket, key, new],
-            )?;
-            Ok(true)
+            kv_store(tx, scope, bucket, key, new).map(|()| true)
         })
         .map_err(kv_err)
     }
