@@ -138,7 +138,11 @@ fn a_file_that_is_not_a_step_exits_3_naming_the_problem() {
 
 #[test]
 fn every_command_has_help_with_examples() {
-    for args in [&["--help"][..], &["step", "--help"], &["step", "run", "--help"]] {
+    let commands = ["run", "resume", "retry", "runs", "show", "logs", "gc", "validate", "graph", "schema", "step"];
+    let mut all: Vec<Vec<&str>> = commands.iter().map(|command| vec![*command, "--help"]).collect();
+    all.push(vec!["--help"]);
+    all.push(vec!["step", "run", "--help"]);
+    for args in &all {
         let out = stepbox(args);
         assert_eq!(out.status.code(), Some(0), "{args:?}");
         assert!(stdout(&out).contains("Examples:"), "{args:?}: {}", stdout(&out));
