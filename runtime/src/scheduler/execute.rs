@@ -236,7 +236,7 @@ async fn execution(
         let started_ms = shared.elapsed_ms();
         let breaker = shared.breakers.get(name);
         let admitted = breaker.map_or(Admission::Run, |breaker| breaker.admit(Instant::now()));
-        let failure = match admitted {
+        let (failure, retry) = match admitted {
             Admission::Refuse(message) => {
                 let failure = Failure::new(FailureKind::CircuitOpen, message);
                 report.attempts.push(AttemptRecord::empty(
@@ -246,7 +246,8 @@ async fn execution(
                     started_ms,
                     failure.clone(),
                 ));
-                failure
+                let retry = retry_delay(step, &failure, attempt - earlier, first_start);
+                (failure, retry)
             }
             Admission::Run => {
                 let mut limits = step.limits.clone();
@@ -282,13 +283,10 @@ async fn execution(
                     );
                 }
                 let failure = record.failure.clone();
-                let last = match &failure {
-                    None => true,
-                    Some(failure) => {
-                        failure.kind == FailureKind::Cancelled || !step.retry.retries(failure.kind, attempt - earlier)
-                    }
-                };
-                if !journal_attempt(shared, &step_id, &idempotency_key, &record, last).await {
+                // Decided once, so the journal marks the execution's last
+                // attempt exactly when the loop stops.
+                let retry = failure.as_ref().and_then(|f| retry_delay(step, f, attempt - earlier, first_start));
+                if !journal_attempt(shared, &step_id, &idempotency_key, &record, retry.is_none()).await {
                     report.attempts.push(record);
                     report.status = StepStatus::Cancelled;
                     return strip(report);
@@ -306,23 +304,15 @@ async fn execution(
                         report.output = report.attempts.last().and_then(|a| a.output_value.clone());
                         return strip(report);
                     }
-                    Some(failure) => failure,
+                    Some(failure) => (failure, retry),
                 }
             }
         };
-        if failure.kind == FailureKind::Cancelled {
-            report.status = StepStatus::Cancelled;
+        let Some(delay) = retry else {
+            report.status =
+                if failure.kind == FailureKind::Cancelled { StepStatus::Cancelled } else { StepStatus::Failed };
             return strip(report);
-        }
-        let mut delay = step.retry.delay(attempt);
-        if step.retry.jitter {
-            delay = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
-        }
-        let within_deadline = step.retry.deadline.is_none_or(|deadline| first_start.elapsed() + delay < deadline);
-        if !step.retry.retries(failure.kind, attempt - earlier) || !within_deadline {
-            report.status = StepStatus::Failed;
-            return strip(report);
-        }
+        };
         shared.emit(RunEvent::Retrying { step: step_id.clone(), index, attempt, delay, failure });
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
@@ -334,6 +324,25 @@ async fn execution(
         delay_before = delay;
         attempt += 1;
     }
+}
+
+/// The backoff before another attempt after `failure` on the execution's
+/// `attempt`-th try in this process, or `None` when the policy (its classes,
+/// attempts or deadline) says to stop. Cancellation always stops.
+fn retry_delay(
+    step: &crate::workflow::Step,
+    failure: &Failure,
+    attempt: u32,
+    first_start: Instant,
+) -> Option<Duration> {
+    if failure.kind == FailureKind::Cancelled || !step.retry.retries(failure.kind, attempt) {
+        return None;
+    }
+    let mut delay = step.retry.delay(attempt);
+    if step.retry.jitter {
+        delay = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
+    }
+    step.retry.deadline.is_none_or(|deadline| first_start.elapsed() + delay < deadline).then_some(delay)
 }
 
 /// Records a finished attempt; when it is the execution's last, the

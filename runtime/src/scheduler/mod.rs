@@ -132,12 +132,10 @@ pub async fn run(
     let resume = match &options.journal {
         Some(journal) => {
             let (journal, run_id) = (journal.clone(), options.run_id.clone());
-            let state = tokio::task::spawn_blocking(move || journal.resume_state(&run_id)).await;
-            match state {
-                Ok(Ok(state)) => state,
-                Ok(Err(err)) => return Err(WorkflowError::single(&workflow.file, err.to_string(), None)),
-                Err(err) => return Err(WorkflowError::single(&workflow.file, err.to_string(), None)),
-            }
+            let state = tokio::task::spawn_blocking(move || journal.resume_state(&run_id).map_err(|e| e.to_string()))
+                .await
+                .unwrap_or_else(|err| Err(err.to_string()));
+            state.map_err(|message| WorkflowError::single(&workflow.file, message, None))?
         }
         None => ResumeState::default(),
     };
