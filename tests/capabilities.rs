@@ -1,8 +1,12 @@
 //! Capabilities a step gets only when granted: arguments, a private scratch
-//! directory, network addresses, deterministic clocks and randomness, and
-//! secrets that never show up in what an attempt leaves behind.
+//! directory, network addresses, outbound HTTP, deterministic clocks and
+//! randomness, and secrets that never show up in what an attempt leaves
+//! behind.
 
 mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{request, run};
 use serde_json::json;
@@ -68,6 +72,80 @@ async fn only_granted_addresses_can_be_reached() {
     req.grants.network = vec![granted];
     let report = run(guests::NET_PROBE, req).await;
     assert!(report.output().unwrap()["outcome"].as_str().unwrap().starts_with("refused: "), "no name lookups");
+}
+
+/// A plain HTTP/1.1 server on loopback that answers every request with
+/// `METHOD PATH BODY` and counts the requests that reached it.
+async fn echo_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(socket);
+                let mut request_line = String::new();
+                reader.read_line(&mut request_line).await.unwrap();
+                let mut length = 0;
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).await.unwrap();
+                    if header.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = header.split_once(':')
+                        && name.eq_ignore_ascii_case("content-length")
+                    {
+                        length = value.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).await.unwrap();
+                let mut parts = request_line.split_whitespace();
+                let (method, path) = (parts.next().unwrap(), parts.next().unwrap());
+                let answer = format!("{method} {path} {}", String::from_utf8_lossy(&body));
+                let response =
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}", answer.len());
+                reader.into_inner().write_all(response.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    (address, served)
+}
+
+#[tokio::test]
+async fn only_granted_http_requests_leave_the_sandbox() {
+    let (server, served) = echo_server().await;
+    let send = |method: &str, url: String, grants: &[&str]| {
+        let mut req = request(json!({ "method": method, "url": url, "body": "ping" }));
+        req.grants.http = grants.iter().map(|grant| grant.parse().unwrap()).collect();
+        run(guests::HTTP_PROBE, req)
+    };
+    let url = format!("http://{server}/orders?page=2");
+    let denied = json!({ "refused": "ErrorCode::HttpRequestDenied" });
+
+    let report = send("GET", url.clone(), &[]).await;
+    assert_eq!(report.output(), Some(&denied), "nothing is granted by default: {report:?}");
+
+    let grant = format!("GET,POST@{server}");
+    let report = send("POST", url.clone(), &[&grant]).await;
+    assert_eq!(report.output(), Some(&json!({ "response": { "status": 200, "body": "POST /orders?page=2 ping" } })));
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+
+    // The wrong method, port, host name or scheme default never connects.
+    assert_eq!(send("DELETE", url.clone(), &[&grant]).await.output(), Some(&denied));
+    let other_port = format!("GET@127.0.0.1:{}", server.port() + 1);
+    assert_eq!(send("GET", url.clone(), &[&other_port]).await.output(), Some(&denied));
+    let by_name = format!("http://localhost:{}/", server.port());
+    assert_eq!(send("GET", by_name, &[&grant]).await.output(), Some(&denied));
+    assert_eq!(send("GET", url.clone(), &["127.0.0.1"]).await.output(), Some(&denied), "port 80 only");
+    assert_eq!(served.load(Ordering::SeqCst), 1, "a denied request must not reach the server");
+
+    let wildcard = format!("*.localhost:{}", server.port());
+    assert_eq!(send("GET", format!("http://localhost:{}/", server.port()), &[&wildcard]).await.output(), Some(&denied));
 }
 
 #[tokio::test]

@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use common::{request, run, sandbox};
 use serde_json::json;
-use stepbox::sandbox::{AttemptReport, DirGrant, FailureKind, Outcome};
+use stepbox::sandbox::{AttemptReport, DirGrant, FailureKind, Limits, LoadError, Outcome, StepComponent};
 use stepbox_tests::guests;
 
 fn failure_kind(report: &AttemptReport) -> FailureKind {
@@ -174,6 +174,46 @@ async fn a_huge_initial_memory_is_refused_before_any_code_runs() {
     assert_eq!(run(guests::BIG_MEMORY, req).await.output(), Some(&json!(1)), "it runs with enough memory");
 }
 
+/// The hand-written table bomb (`guests/table-bomb.wat`) with a table of
+/// `initial` elements.
+fn table_bomb(initial: u64) -> Result<StepComponent, LoadError> {
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/guests/table-bomb.wat"));
+    let text = std::fs::read_to_string(path).unwrap().replace("INITIAL", &initial.to_string());
+    sandbox().load_bytes(path, &wat::parse_str(text).unwrap())
+}
+
+#[tokio::test]
+async fn table_growth_stops_at_the_table_limit() {
+    let limit = Limits::default().table_elements;
+    let report = sandbox().run(&table_bomb(1).unwrap(), request(json!(null))).await;
+    assert_eq!(failure_kind(&report), FailureKind::MemoryLimit, "{report:?}");
+    let message = &report.failure().unwrap().message;
+    assert!(message.contains(&format!("grow a table to {} elements; the limit is {limit}", limit + 1)), "{message}");
+
+    let err = table_bomb(100_000_000).unwrap_err().to_string();
+    assert!(err.contains("asks for more than any step may have"), "refused before it can run: {err}");
+    assert!(err.contains("make its initial tables or memories smaller"), "{err}");
+}
+
+#[tokio::test]
+async fn asking_for_u64_max_random_bytes_traps_without_allocating() {
+    let report = run(guests::HOST_ABUSE, request(json!({ "attack": "random" }))).await;
+    assert_eq!(failure_kind(&report), FailureKind::Trap, "{report:?}");
+    let message = &report.failure().unwrap().message;
+    assert!(message.contains(&format!("requested len {} exceeds limit 1048576", u64::MAX)), "{message}");
+    assert!(report.peak_memory < 8 * 1024 * 1024, "{report:?}");
+}
+
+#[tokio::test]
+async fn http_is_refused_without_a_grant() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let report = run(guests::HTTP_PROBE, request(json!({ "url": url }))).await;
+    assert_eq!(report.output(), Some(&json!({ "refused": "ErrorCode::HttpRequestDenied" })), "{report:?}");
+    assert!(listener.accept().is_err(), "nothing connected");
+}
+
 /// Every attack at once, next to 50 healthy steps: the healthy steps all
 /// succeed and the host stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,9 +231,14 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
         (guests::HOST_ABUSE, json!({ "attack": "log-flood", "size": 1_000_000 })),
         (guests::FS_ESCAPE, json!({ "attack": "symlink" })),
         (guests::NET_PROBE, json!({ "attack": "dns", "host": "localhost" })),
+        (guests::HOST_ABUSE, json!({ "attack": "random" })),
+        (guests::HTTP_PROBE, json!({ "url": "http://127.0.0.1:9/" })),
     ];
-    for (guest, input) in hostile {
-        let component = common::load(guest);
+    let components = hostile
+        .into_iter()
+        .map(|(guest, input)| (common::load(guest), input))
+        .chain([(table_bomb(1).unwrap(), json!(null))]);
+    for (component, input) in components {
         let mut req = request(input);
         req.limits.timeout = Duration::from_secs(3);
         req.grants.dirs = playground.grants();

@@ -97,7 +97,7 @@ async fn a_workflow_over_a_tenant_ceiling_fails_validation_naming_it() {
     std::fs::write(
         &tenants,
         format!(
-            "tenants:\n  acme:\n    limits: {{ timeout: 5s, memory: 32MiB, fuel: 1_000_000 }}\n    components: [{allowed}]\n    dirs: [{allowed}]\n    network: ['10.0.0.1:443']\n",
+            "tenants:\n  acme:\n    limits: {{ timeout: 5s, memory: 32MiB, fuel: 1_000_000 }}\n    components: [{allowed}]\n    dirs: [{allowed}]\n    network: ['10.0.0.1:443']\n    http: ['GET@*.example.com']\n",
             allowed = allowed.display()
         ),
     )
@@ -107,7 +107,7 @@ async fn a_workflow_over_a_tenant_ceiling_fails_validation_naming_it() {
     std::fs::write(
         &path,
         format!(
-            "name: wf\ncomponents:\n  hello: allowed/hello.wasm\n  sleepy: {}\nsteps:\n  - id: a\n    uses: hello\n    limits: {{ timeout: 1m, memory: 64MiB }}\n    dirs: ['data:/data']\n    network: {{ connect: ['10.0.0.2:443'] }}\n",
+            "name: wf\ncomponents:\n  hello: allowed/hello.wasm\n  sleepy: {}\nsteps:\n  - id: a\n    uses: hello\n    limits: {{ timeout: 1m, memory: 64MiB }}\n    dirs: ['data:/data']\n    network: {{ connect: ['10.0.0.2:443'], http: ['GET@api.example.com', 'POST@api.example.com', 'GET@evil.net'] }}\n",
             guests::SLEEPY
         ),
     )
@@ -119,11 +119,14 @@ async fn a_workflow_over_a_tenant_ceiling_fails_validation_naming_it() {
         "step `a`: limits.fuel 2000000000 is over tenant `acme`'s ceiling of 1000000",
         "is not under tenant `acme`'s allowed dirs",
         "address 10.0.0.2:443 is not in tenant `acme`'s allowed network",
+        "HTTP grant `POST@api.example.com` is not within tenant `acme`'s allowed http",
+        "HTTP grant `GET@evil.net` is not within tenant `acme`'s allowed http",
         "component `sleepy`",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
     assert!(!err.contains("component `hello`"), "hello is under the allowed path: {err}");
+    assert!(!err.contains("`GET@api.example.com`"), "within *.example.com: {err}");
     let unknown = tenants.check("globex", &Workflow::load(&path).unwrap()).unwrap_err().to_string();
     assert!(
         unknown.contains("tenant `globex` is not in the tenants file") && unknown.contains("the tenants are: acme")

@@ -730,9 +730,16 @@ steps:
     uses: hello
     dirs: ['nowhere:/data']
     max_concurrent: 2
+  - id: c
+    uses: hello
+    network:
+      connect: ['example.com:80']
+      http: ['GET@api.example.com', 'FETCH THIS@*']
 ",
     );
     assert_error(&err, 4, "missing.wasm does not exist", Some("relative to the workflow file"));
+    assert_error(&err, 13, "`example.com:80` is not an IP:PORT address", Some("names are not resolved"));
+    assert_error(&err, 14, "step `c`: `FETCH THIS@*` is not an HTTP grant", None);
     assert_error(&err, 0, "attempts must be at least 1", None);
     assert_error(&err, 8, "directory", Some("relative to the workflow file"));
     assert_error(&err, 3 + 3, "sets max_concurrent without for_each or matrix", None);

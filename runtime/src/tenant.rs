@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::sandbox::HttpGrant;
 use crate::scheduler::Share;
 use crate::workflow::spec::LimitsSpec;
 use crate::workflow::{Diagnostic, Workflow, WorkflowError, parse_yaml};
@@ -47,6 +48,10 @@ pub struct TenantSpec {
     /// The only addresses steps may be granted.
     #[serde(default)]
     pub network: Option<Vec<SocketAddr>>,
+    /// The widest HTTP grants steps may have, written like a step's
+    /// (`[METHODS@]HOST[:PORT]`); each step grant must fit inside one.
+    #[serde(default)]
+    pub http: Option<Vec<HttpGrant>>,
 }
 
 /// The tenants a process knows, read from a tenants file.
@@ -117,6 +122,14 @@ impl Tenants {
                     problems.push(format!(
                         "step `{id}`: directory {} is not under tenant `{tenant}`'s allowed dirs ({})",
                         dir.host.display(),
+                        self.file.display()
+                    ));
+                }
+            }
+            if let Some(allowed) = &spec.http {
+                for rule in step.http.iter().filter(|rule| !allowed.iter().any(|wider| rule.within(wider))) {
+                    problems.push(format!(
+                        "step `{id}`: HTTP grant `{rule}` is not within tenant `{tenant}`'s allowed http ({})",
                         self.file.display()
                     ));
                 }

@@ -1,7 +1,8 @@
 //! Hostile: abuses host calls. `{"attack": ..., "size": N}`:
 //! `huge-log` logs one message of N bytes, `log-flood` logs N messages,
 //! `resource-loop` opens key-value buckets without closing them,
-//! `huge-output` returns N bytes, `stdin` reads all of stdin.
+//! `huge-output` returns N bytes, `stdin` reads all of stdin, `random` asks
+//! the host for u64::MAX random bytes.
 use std::io::Read;
 
 use serde::Deserialize;
@@ -40,6 +41,7 @@ fn run(input: Input) -> Result<serde_json::Value, StepError> {
             std::io::stdin().read_to_string(&mut text)?;
             Ok(serde_json::json!(text))
         }
+        "random" => Ok(serde_json::json!(wasip2::random::random::get_random_bytes(u64::MAX).len())),
         other => Err(StepError::fatal(format!("unknown attack {other}"))),
     }
 }

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::sandbox::{AttemptReport, AttemptRequest, DirGrant, EngineConfig, Grants, Limits, Outcome, StepContext};
+use crate::sandbox::{
+    AttemptReport, AttemptRequest, DirGrant, EngineConfig, Grants, HttpGrant, Limits, Outcome, StepContext,
+};
 use bytesize::ByteSize;
 
 use super::{exit, new_run_id, parse_key_value, sandbox_with};
@@ -57,6 +59,9 @@ pub(crate) struct Args {
     /// Let the step connect (TCP) or send (UDP) to this IP:PORT. Repeatable.
     #[arg(long = "allow-connect", value_name = "IP:PORT")]
     network: Vec<std::net::SocketAddr>,
+    /// Let the step make HTTP requests matching [METHODS@]HOST[:PORT], like GET@api.example.com. Repeatable.
+    #[arg(long = "allow-http", value_name = "RULE")]
+    http: Vec<HttpGrant>,
     /// Print the whole attempt report as JSON on stdout instead of the output.
     #[arg(long)]
     json: bool,
@@ -155,6 +160,7 @@ pub(crate) async fn run(args: Args) -> u8 {
             scratch: args.scratch,
             deterministic: args.deterministic,
             network: args.network,
+            http: args.http,
         },
     };
     let report = sandbox.run(&component, request).await;

@@ -6,12 +6,14 @@ use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime_wasi_http::WasiHttpCtx;
 
 use super::bindings::stepbox::step::types::{StepContext as WitContext, StepError};
 use super::capture::CappedPipe;
 use super::component::StepComponent;
 use super::grants::Grants;
 use super::host::StepState;
+use super::host::http::HttpPolicy;
 use super::host::logging::LogBuffer;
 use super::limits::{InstanceLimiter, Limits};
 use super::outcome::{AttemptReport, Failure, FailureKind, Outcome};
@@ -78,6 +80,8 @@ pub(crate) async fn run(
     let state = StepState {
         wasi,
         table,
+        http: WasiHttpCtx::new(),
+        http_policy: HttpPolicy::new(grants.http),
         limiter: InstanceLimiter::new(&limits),
         logs: LogBuffer::new(
             context.step_id.clone(),

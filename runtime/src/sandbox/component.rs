@@ -26,12 +26,14 @@ pub enum LoadError {
          (or wrap a module with `wasm-tools component new`)"
     )]
     CoreModule { path: PathBuf },
+    #[error("{path} asks for more than any step may have: {message}; make its initial tables or memories smaller")]
+    OverLimits { path: PathBuf, message: String },
     #[error("{path} is truncated or corrupt: {message}; rebuild it")]
     Malformed { path: PathBuf, message: String },
     #[error(
         "{path} imports `{import}`, which stepbox does not provide; a step may import only the interfaces \
          of the `stepbox:step/step` world in wit/step.wit (wasi:cli, wasi:io, wasi:clocks, wasi:filesystem, \
-         wasi:random, wasi:sockets, wasi:logging, wasi:keyvalue, wasi:config)"
+         wasi:random, wasi:sockets, wasi:http/outgoing-handler, wasi:logging, wasi:keyvalue, wasi:config)"
     )]
     UnknownImport { path: PathBuf, import: String },
     #[error(
@@ -90,8 +92,15 @@ pub(crate) fn load_bytes(
     if bytes.get(4..8) == Some(&CORE_VERSION[..]) {
         return Err(LoadError::CoreModule { path });
     }
-    let component = Component::from_binary(engine, bytes)
-        .map_err(|err| LoadError::Malformed { path: path.clone(), message: format!("{err:#}") })?;
+    let component = Component::from_binary(engine, bytes).map_err(|err| {
+        let message = format!("{err:#}");
+        // The pooling allocator checks initial sizes when compiling.
+        if message.contains("pooling allocator") {
+            LoadError::OverLimits { path: path.clone(), message }
+        } else {
+            LoadError::Malformed { path: path.clone(), message }
+        }
+    })?;
 
     let instance_pre = linker.instantiate_pre(&component).map_err(|err| {
         let message = format!("{err:#}");

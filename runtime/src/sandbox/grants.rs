@@ -45,6 +45,116 @@ impl std::str::FromStr for DirGrant {
     }
 }
 
+/// Outbound HTTP a step may make: one host (or every subdomain of one, with
+/// `*.`), on one port or the scheme's default ports, with some or all methods.
+///
+/// Written `[METHOD,METHOD@]HOST[:PORT]`: `api.example.com` allows any method
+/// to ports 80 and 443; `GET,HEAD@*.example.com:8443` allows reads from every
+/// subdomain on port 8443.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct HttpGrant {
+    /// Lower case; starts with `*.` for a wildcard over subdomains.
+    pub host: String,
+    /// `None`: 80 for `http`, 443 for `https`.
+    pub port: Option<u16>,
+    /// Upper case; empty allows every method.
+    pub methods: Vec<String>,
+}
+
+impl HttpGrant {
+    /// Whether a request may go out under this grant. `host` is the
+    /// request's host (compared without case); `default_port` is the port of
+    /// the request's scheme (80 or 443).
+    pub fn allows(&self, method: &str, host: &str, port: u16, default_port: u16) -> bool {
+        let host = host.to_ascii_lowercase();
+        let host_ok = match self.host.strip_prefix("*.") {
+            Some(parent) => is_subdomain(&host, parent),
+            None => host == self.host,
+        };
+        let method_ok = self.methods.is_empty() || self.methods.iter().any(|m| m == method);
+        host_ok && port == self.port.unwrap_or(default_port) && method_ok
+    }
+
+    /// Whether every request this grant allows is also allowed by `wider`
+    /// (a tenant's ceiling).
+    pub fn within(&self, wider: &HttpGrant) -> bool {
+        let host_ok = self.host == wider.host
+            || wider
+                .host
+                .strip_prefix("*.")
+                .is_some_and(|parent| is_subdomain(self.host.strip_prefix("*.").unwrap_or(&self.host), parent));
+        let method_ok = wider.methods.is_empty()
+            || (!self.methods.is_empty() && self.methods.iter().all(|m| wider.methods.contains(m)));
+        host_ok && self.port == wider.port && method_ok
+    }
+}
+
+/// Whether `host` is a proper subdomain of `parent` (`a.example.com` of
+/// `example.com`, not `badexample.com`).
+fn is_subdomain(host: &str, parent: &str) -> bool {
+    host.strip_suffix(parent).is_some_and(|sub| sub.len() > 1 && sub.ends_with('.'))
+}
+
+impl TryFrom<String> for HttpGrant {
+    type Error = String;
+
+    fn try_from(spec: String) -> Result<Self, Self::Error> {
+        spec.parse()
+    }
+}
+
+impl std::fmt::Display for HttpGrant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.methods.is_empty() {
+            write!(f, "{}@", self.methods.join(","))?;
+        }
+        f.write_str(&self.host)?;
+        match self.port {
+            Some(port) => write!(f, ":{port}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::str::FromStr for HttpGrant {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let usage = |why: &str| {
+            format!(
+                "`{spec}` is not an HTTP grant ({why}); write [METHODS@]HOST[:PORT], like api.example.com, \
+                 GET,POST@api.example.com:8443 or *.example.com"
+            )
+        };
+        let (methods, authority) = match spec.split_once('@') {
+            Some((methods, authority)) => (methods.split(',').map(str::trim).collect(), authority),
+            None => (Vec::new(), spec),
+        };
+        let methods: Vec<String> = methods.iter().map(|m| m.to_ascii_uppercase()).collect();
+        if let Some(bad) = methods.iter().find(|m| m.is_empty() || http::Method::from_bytes(m.as_bytes()).is_err()) {
+            return Err(usage(&format!("`{bad}` is not an HTTP method")));
+        }
+        // An IPv6 address is bracketed, so a port is whatever follows `]:`
+        // or the only `:`.
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
+                (host, Some(port.parse::<u16>().map_err(|_| usage(&format!("`{port}` is not a port")))?))
+            }
+            _ => (authority, None),
+        };
+        let name = host.strip_prefix("*.").unwrap_or(host);
+        let valid_name = !name.is_empty()
+            && !name.contains('*')
+            && (name.starts_with('[') && name.ends_with(']')
+                || name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'));
+        if !valid_name {
+            return Err(usage("the host must be a name, an IP address or *.NAME"));
+        }
+        Ok(HttpGrant { host: host.to_ascii_lowercase(), port, methods })
+    }
+}
+
 /// The capabilities of one attempt.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grants {
@@ -69,6 +179,9 @@ pub struct Grants {
     /// Addresses the step may connect to (TCP) or send to (UDP); nothing
     /// else, and no name lookups.
     pub network: Vec<SocketAddr>,
+    /// Outbound HTTP (`wasi:http/outgoing-handler`) the step may make; any
+    /// other request fails with `HTTP-request-denied`.
+    pub http: Vec<HttpGrant>,
 }
 
 /// Where a scratch directory appears in the guest.
@@ -178,5 +291,56 @@ mod tests {
             DirGrant { host: "/tmp/x".into(), guest: "/x".into(), read_only: false }
         );
         assert!("nowhere".parse::<DirGrant>().unwrap_err().contains("HOST:GUEST"));
+    }
+
+    fn http(spec: &str) -> HttpGrant {
+        spec.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_http_grants() {
+        assert_eq!(http("Api.Example.com"), HttpGrant { host: "api.example.com".into(), port: None, methods: vec![] });
+        assert_eq!(
+            http("get,POST@*.example.com:8443"),
+            HttpGrant { host: "*.example.com".into(), port: Some(8443), methods: vec!["GET".into(), "POST".into()] }
+        );
+        assert_eq!(http("[::1]:8080").port, Some(8080));
+        assert_eq!(http("[::1]").port, None);
+        for bad in ["", "a:b", "*", "a*.example.com", "G ET@x", "@x", "x:99999", "ex ample.com"] {
+            let err = bad.parse::<HttpGrant>().unwrap_err();
+            assert!(err.contains("[METHODS@]HOST[:PORT]"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn http_grants_match_host_port_and_method() {
+        let exact = http("GET@api.example.com");
+        assert!(exact.allows("GET", "API.example.com", 443, 443));
+        assert!(exact.allows("GET", "api.example.com", 80, 80));
+        assert!(!exact.allows("POST", "api.example.com", 443, 443));
+        assert!(!exact.allows("GET", "api.example.com", 8443, 443));
+        assert!(!exact.allows("GET", "api.example.com", 443, 80));
+        assert!(!exact.allows("GET", "evil.api.example.com", 443, 443));
+        assert!(!exact.allows("GET", "api.example.com.evil.net", 443, 443));
+
+        let wild = http("*.example.com:8080");
+        assert!(wild.allows("DELETE", "a.b.example.com", 8080, 80));
+        assert!(!wild.allows("GET", "example.com", 8080, 80));
+        assert!(!wild.allows("GET", "badexample.com", 8080, 80));
+        assert!(!wild.allows("GET", "a.example.com", 80, 80));
+    }
+
+    #[test]
+    fn http_grants_nest_within_ceilings() {
+        assert!(http("GET@a.example.com").within(&http("*.example.com")));
+        assert!(http("*.a.example.com").within(&http("*.example.com")));
+        assert!(http("*.example.com").within(&http("*.example.com")));
+        assert!(!http("example.com").within(&http("*.example.com")));
+        assert!(!http("*.example.com").within(&http("a.example.com")));
+        assert!(!http("a.example.com").within(&http("GET@a.example.com")));
+        assert!(http("GET@a.example.com").within(&http("GET,POST@a.example.com")));
+        assert!(!http("a.example.com:8080").within(&http("a.example.com")));
+        assert!(!http("a.example.com").within(&http("a.example.com:443")));
+        assert!(http("a.example.com:8080").within(&http("a.example.com:8080")));
     }
 }

@@ -22,7 +22,7 @@ pub use attempt::{AttemptRequest, StepContext};
 pub use capture::Captured;
 pub use component::{LoadError, StepComponent};
 pub use engine::EngineConfig;
-pub use grants::{DirGrant, Grants, SCRATCH};
+pub use grants::{DirGrant, Grants, HttpGrant, SCRATCH};
 pub use host::logging::{LogLevel, LogRecord};
 pub use limits::Limits;
 pub use outcome::{AttemptReport, Failure, FailureKind, Outcome};
@@ -47,6 +47,7 @@ impl Sandbox {
         let engine = engine::build(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         bindings::StepCore::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         engine::start_epoch_ticker(&engine)?;
         Ok(Sandbox { engine, linker: Arc::new(linker), kv, config })

@@ -211,6 +211,7 @@ async fn execution(
             scratch: step.scratch,
             deterministic,
             network: step.network.clone(),
+            http: step.http.clone(),
         };
         Ok((input, grants))
     })();

@@ -98,6 +98,7 @@ pub struct Step {
     pub scratch: bool,
     pub deterministic: bool,
     pub network: Vec<std::net::SocketAddr>,
+    pub http: Vec<crate::sandbox::HttpGrant>,
 }
 
 /// When and how often a failed attempt is tried again.

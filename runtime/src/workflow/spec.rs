@@ -305,14 +305,22 @@ pub struct SecretSpec {
     pub env: String,
 }
 
-/// The addresses a step may reach.
+/// What a step may reach over the network.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkSpec {
-    /// `IP:PORT` addresses the step may connect to (TCP) or send to (UDP).
-    /// Names are not resolved: name lookups stay off.
+    /// `IP:PORT` addresses the step may connect to (TCP) or send to (UDP)
+    /// through `wasi:sockets`. Names are not resolved: name lookups stay off.
+    #[serde(default)]
     #[schemars(with = "Vec<String>")]
     pub connect: Vec<Spanned<String>>,
+    /// Outbound HTTP through `wasi:http`, each written
+    /// `[METHOD,METHOD@]HOST[:PORT]`: `api.example.com` (any method, ports 80
+    /// and 443), `GET@*.example.com:8443` (reads from every subdomain on
+    /// 8443). Any other request fails with `HTTP-request-denied`.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    pub http: Vec<Spanned<String>>,
 }
 
 fn yes() -> bool {

@@ -238,6 +238,13 @@ pub(super) fn validate(
                 ),
             }
         }
+        let mut http = Vec::new();
+        for rule in step.network.iter().flat_map(|network| &network.http) {
+            match rule.value.parse() {
+                Ok(rule) => http.push(rule),
+                Err(message) => d.on(rule, format!("step `{id}`: {message}"), None),
+            }
+        }
         for key in step.secrets.keys().filter(|key| step.config.contains_key(*key)) {
             d.on(
                 &step.id,
@@ -276,6 +283,7 @@ pub(super) fn validate(
             scratch: step.scratch,
             deterministic: step.deterministic,
             network,
+            http,
         });
     }
     // A failure handler runs after the step it handles.

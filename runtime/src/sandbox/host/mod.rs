@@ -1,7 +1,9 @@
 //! The host state of one attempt and the host side of stepbox's imports:
-//! `wasi:logging`, `wasi:keyvalue` and `wasi:config`.
+//! `wasi:logging`, `wasi:keyvalue`, `wasi:config` and the policy of
+//! `wasi:http`.
 
 pub(crate) mod config;
+pub(crate) mod http;
 pub(crate) mod keyvalue;
 pub(crate) mod logging;
 
@@ -10,6 +12,7 @@ use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::limits::InstanceLimiter;
 use crate::store::{KeyValueStore, KvScope};
@@ -19,6 +22,8 @@ use crate::store::{KeyValueStore, KvScope};
 pub(crate) struct StepState {
     pub(crate) wasi: WasiCtx,
     pub(crate) table: ResourceTable,
+    pub(crate) http: WasiHttpCtx,
+    pub(crate) http_policy: http::HttpPolicy,
     pub(crate) limiter: InstanceLimiter,
     pub(crate) logs: logging::LogBuffer,
     pub(crate) config: Arc<BTreeMap<String, String>>,
@@ -32,6 +37,12 @@ impl super::bindings::stepbox::step::types::Host for StepState {}
 impl WasiView for StepState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for StepState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.http_policy }
     }
 }
 
