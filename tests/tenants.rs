@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::sandbox;
-use stepbox::scheduler::{self, Dispatcher, RunOptions, RunReport, RunStatus, Share};
+use stepbox::scheduler::{self, Dispatcher, RunOptions, RunReport, RunStatus, Share, StepStatus};
 use stepbox::tenant::Tenants;
 use stepbox::workflow::Workflow;
 use stepbox_tests::guests;
@@ -150,4 +150,44 @@ async fn a_run_stops_when_it_uses_up_its_fuel_budget() {
     assert!(fuel <= 45_000_000, "the run used {fuel}");
     assert_eq!(report.status, RunStatus::Failed);
     assert!(report.error.as_deref().unwrap().contains("used up its tenant's fuel budget"), "{:?}", report.error);
+}
+
+#[tokio::test]
+async fn included_workflows_are_held_to_the_tenant_ceilings() {
+    let dir = temp_dir("includes");
+    let tenants = dir.join("tenants.yaml");
+    std::fs::write(&tenants, "tenants:\n  acme:\n    limits: { timeout: 5s }\n").unwrap();
+    let tenants = Arc::new(Tenants::load(&tenants).unwrap());
+    let sub = format!(
+        "name: sub\ncomponents:\n  hello: {}\nsteps:\n  - id: greet\n    uses: hello\n    limits: {{ timeout: 1m }}\n",
+        guests::HELLO
+    );
+    std::fs::write(dir.join("sub.yaml"), sub).unwrap();
+    let outer = |name: &str, include: &str| {
+        let yaml = format!(
+            "name: {name}\ninputs:\n  which: {{ type: string, default: sub }}\nsteps:\n  - id: inner\n    include: \"{include}\"\n"
+        );
+        std::fs::write(dir.join(format!("{name}.yaml")), yaml).unwrap();
+        Workflow::load(&dir.join(format!("{name}.yaml"))).unwrap()
+    };
+    let over = "limits.timeout 1m is over tenant `acme`'s ceiling of 5s";
+
+    // A literal include is checked before the run, with the rest.
+    let err = tenants.check("acme", &outer("literal", "sub.yaml")).unwrap_err().to_string();
+    assert!(err.contains(&format!("step `inner` includes sub.yaml: step `greet`: {over}")), "{err}");
+
+    // A templated one can only be checked when it is reached: the include
+    // step fails and nothing of the included workflow runs.
+    let templated = outer("templated", "{{ inputs.which }}.yaml");
+    tenants.check("acme", &templated).expect("the path is not known before the run");
+    let options = RunOptions { tenant: "acme".into(), tenants: Some(tenants.clone()), ..RunOptions::new("templated") };
+    let report = scheduler::run(sandbox(), Arc::new(templated), &Default::default(), options).await.unwrap();
+    let inner = &report.steps[0];
+    assert_eq!(inner.status, StepStatus::Failed, "{inner:?}");
+    let reason = inner.reason.as_deref().unwrap();
+    assert!(
+        reason.contains("the included workflow goes over the tenant's ceilings") && reason.contains(over),
+        "{reason}"
+    );
+    assert!(inner.steps.is_empty(), "nothing of the included workflow ran: {inner:?}");
 }

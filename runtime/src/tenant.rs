@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::sandbox::HttpGrant;
 use crate::scheduler::Share;
 use crate::workflow::spec::LimitsSpec;
-use crate::workflow::{Diagnostic, Workflow, WorkflowError, parse_yaml};
+use crate::workflow::{Action, Diagnostic, Workflow, WorkflowError, parse_yaml, template};
 
 /// The tenants file.
 #[derive(Debug, Clone, Deserialize)]
@@ -100,6 +100,20 @@ impl Tenants {
         };
         for step in &workflow.steps {
             let id = &step.id;
+            // An include step runs nothing itself; a literal include is part
+            // of the workflow, so its steps are checked now, not only when
+            // it is reached.
+            if let Action::Include { path } = &step.action {
+                if !template::is_template(path)
+                    && let Ok(included) = Workflow::load(&workflow.base_dir.join(path))
+                    && let Err(err) = self.check(tenant, &included)
+                {
+                    problems.extend(
+                        err.diagnostics.into_iter().map(|d| format!("step `{id}` includes {path}: {}", d.message)),
+                    );
+                }
+                continue;
+            }
             let limits = &spec.limits;
             if let Some(max) = limits.fuel.filter(|max| step.limits.fuel > *max) {
                 problems.push(format!(

@@ -53,10 +53,12 @@ pub(crate) struct Place<'a> {
     pub(crate) tenants: Option<&'a Path>,
 }
 
-/// How a tenant's runs are limited: slots, weight and a fuel budget.
+/// How a tenant's runs are limited: slots, weight, a fuel budget, and the
+/// ceilings included workflows are checked against when reached.
 pub(crate) struct TenantPolicy {
     pub(crate) share: crate::scheduler::Share,
     pub(crate) max_run_fuel: Option<u64>,
+    pub(crate) tenants: Option<Arc<crate::tenant::Tenants>>,
 }
 
 /// Checks `workflow` against `tenant`'s ceilings, if there is a tenants
@@ -67,7 +69,7 @@ pub(crate) fn tenant_policy(
     workflow: &crate::workflow::Workflow,
 ) -> Result<TenantPolicy, u8> {
     let Some(file) = place.tenants else {
-        return Ok(TenantPolicy { share: crate::scheduler::Share::default(), max_run_fuel: None });
+        return Ok(TenantPolicy { share: crate::scheduler::Share::default(), max_run_fuel: None, tenants: None });
     };
     let tenants = crate::tenant::Tenants::load(file).map_err(|err| {
         eprintln!("{err}");
@@ -75,7 +77,9 @@ pub(crate) fn tenant_policy(
     })?;
     let checked = tenants.check(tenant, workflow).and_then(|()| tenants.get(tenant).map(|spec| spec.max_run_fuel));
     match checked {
-        Ok(max_run_fuel) => Ok(TenantPolicy { share: tenants.share(tenant), max_run_fuel }),
+        Ok(max_run_fuel) => {
+            Ok(TenantPolicy { share: tenants.share(tenant), max_run_fuel, tenants: Some(Arc::new(tenants)) })
+        }
         Err(err) => {
             eprintln!("{err}");
             Err(exit::INVALID_COMPONENT)

@@ -164,6 +164,7 @@ pub(crate) async fn execute(
     dispatcher.set_share(&options.tenant, policy.share);
     options.dispatcher = Some(dispatcher);
     options.max_run_fuel = policy.max_run_fuel;
+    options.tenants = policy.tenants;
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
     let result = scheduler::run(&sandbox, workflow, &inputs, options).await;
     let _ = progress.await;

@@ -473,6 +473,11 @@ async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &Cancellati
         let path = shared.workflow.base_dir.join(path);
         // A file written by an earlier step is read and validated only now.
         let workflow = Workflow::load(&path).map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
+        if let Some(tenants) = &shared.base.tenants {
+            tenants
+                .check(&shared.tenant, &workflow)
+                .map_err(|err| format!("the included workflow goes over the tenant's ceilings:\n{err}"))?;
+        }
         let inputs = match template::render_value(&step.with, &context).map_err(|err| format!("`with`: {err}"))? {
             Value::Object(map) => map,
             other => return Err(format!("`with` of an include must be a map of the workflow's inputs, not {other}")),
@@ -489,6 +494,7 @@ async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &Cancellati
             dispatcher: None,
             max_run_fuel: None,
             journal: shared.journal.clone(),
+            tenants: None,
         };
         let prefix = format!("{}{}.", shared.prefix, step.id);
         let base = Base { stop: cancel.clone(), ..shared.base.clone() };

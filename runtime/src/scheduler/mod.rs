@@ -21,6 +21,7 @@ pub use report::{AttemptRecord, ExecutionReport, RunReport, RunStatus, StepRepor
 
 use crate::sandbox::{Failure, Sandbox, StepComponent};
 use crate::store::{Journal, ResumeState, StepRow};
+use crate::tenant::Tenants;
 use crate::workflow::{Diagnostic, Workflow, WorkflowError, template};
 use context::{RunContext, StepsView};
 use policy::{CircuitBreaker, RateLimiter};
@@ -60,6 +61,10 @@ pub struct RunOptions {
     /// A run with a journal resumes: executions it records as succeeded
     /// are not run again.
     pub journal: Option<Arc<dyn Journal>>,
+    /// The tenants file the run was admitted under: a workflow it includes
+    /// is checked against the tenant's ceilings when the include is
+    /// reached (its path may be a template, known only then).
+    pub tenants: Option<Arc<Tenants>>,
 }
 
 impl RunOptions {
@@ -74,6 +79,7 @@ impl RunOptions {
             dispatcher: None,
             max_run_fuel: None,
             journal: None,
+            tenants: None,
         }
     }
 }
@@ -148,6 +154,7 @@ pub async fn run(
         stop: options.cancel.child_token(),
         stop_error: Arc::new(std::sync::Mutex::new(None)),
         fuel_left: options.max_run_fuel.map(|fuel| Arc::new(std::sync::atomic::AtomicU64::new(fuel))),
+        tenants: options.tenants.clone(),
     };
     let shared = Shared::new(sandbox.clone(), workflow, components, inputs, &options, base, "");
     let report = run_graph(shared.clone(), options.fail_fast).await;
@@ -185,6 +192,7 @@ pub(crate) struct Base {
     stop_error: Arc<std::sync::Mutex<Option<String>>>,
     /// What is left of the run's fuel budget, if it has one.
     fuel_left: Option<Arc<std::sync::atomic::AtomicU64>>,
+    tenants: Option<Arc<Tenants>>,
 }
 
 /// Everything the tasks of one run share.
