@@ -136,10 +136,10 @@ async fn environment_variables_and_stdin_are_empty_unless_granted() {
 
 #[tokio::test]
 async fn a_huge_log_message_is_cut_and_a_flood_is_capped() {
-    let mut req = request(json!({ "attack": "huge-log", "size": 64 * 1024 * 1024 }));
-    req.limits.memory = ByteSize::mib(512);
+    let mut req = request(json!({ "attack": "huge-log", "size": 8 * 1024 * 1024 }));
+    req.limits.memory = ByteSize::mib(128);
     let report = run(guests::HOST_ABUSE, req).await;
-    assert_eq!(report.output(), Some(&json!(64 * 1024 * 1024)), "{:?}", report.failure());
+    assert_eq!(report.output(), Some(&json!(8 * 1024 * 1024)), "{:?}", report.failure());
     let message = &report.logs[0].message;
     assert!(message.len() < 17 * 1024 && message.ends_with("more bytes dropped]"), "{}", message.len());
 
@@ -148,6 +148,17 @@ async fn a_huge_log_message_is_cut_and_a_flood_is_capped() {
     let kept: usize = report.logs.iter().map(|log| log.message.len() + log.context.len()).sum();
     assert!(kept <= 1024 * 1024 + 200, "{kept}");
     assert!(report.logs.last().unwrap().message.contains("more log messages dropped"));
+}
+
+#[tokio::test]
+async fn a_one_gib_host_call_argument_is_refused_before_the_host_copies_it() {
+    let mut req = request(json!({ "attack": "huge-log", "size": 1024 * 1024 * 1024 }));
+    req.limits.memory = ByteSize::gib(3);
+    req.limits.timeout = Duration::from_secs(60);
+    let report = run(guests::HOST_ABUSE, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::Trap, "{report:?}");
+    assert_eq!(report.failure().unwrap().message, "the step passed more than 128.0 MiB to one host call");
+    assert!(report.logs.is_empty(), "{:?}", report.logs);
 }
 
 #[tokio::test]

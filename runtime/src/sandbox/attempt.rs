@@ -23,6 +23,11 @@ use crate::store::{KeyValueStore, KvScope};
 /// Fuel handed to compiled code at a time (see `fuel_async_yield_interval`).
 const FUEL_SLICE: u64 = 10_000_000;
 
+/// The most bytes one host call may copy out of the guest (strings, lists):
+/// wasmtime refuses more, so a guest cannot make the host allocate without
+/// bound. Every host interface stepbox serves needs far less.
+const HOST_CALL_BYTES: usize = 128 * 1024 * 1024;
+
 /// Who is running: passed to the step as its context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepContext {
@@ -94,6 +99,7 @@ pub(crate) async fn run(
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
+    store.set_hostcall_fuel(HOST_CALL_BYTES);
     // Fuel cannot fail to be set on an engine built with fuel metering.
     let _ = store.set_fuel(limits.fuel);
     store.set_epoch_deadline(1);
@@ -220,6 +226,11 @@ fn classify_error(err: &wasmtime::Error, store: &Store<StepState>, stderr: &Capp
     }
     let mut message = match trap {
         Some(trap) => format!("the step trapped: {trap}"),
+        // wasmtime's refusal carries no type of its own.
+        None if format!("{err:#}").contains("fuel allocated for hostcalls has been exhausted") => format!(
+            "the step passed more than {} to one host call",
+            bytesize::ByteSize(HOST_CALL_BYTES as u64).display().iec()
+        ),
         None => format!("{err:#}"),
     };
     if let Some(panic) = panic_message(&stderr.captured().text) {
