@@ -1,6 +1,8 @@
-//! Builds every crate of `guest-examples/` for wasm32-wasip2, in a target
-//! directory of its own, and writes their paths as constants (one per
-//! example, named after it) for the tests to load.
+//! Builds every crate of `guest-examples/` for wasm32-wasip2 (and the plain
+//! programs among them for wasm32-wasip1 too, as preview1 modules), in a
+//! target directory of its own, and writes their paths as constants (one per
+//! example, named after it; `_WASIP1` for the preview1 builds) for the tests
+//! to load.
 
 use std::env;
 use std::fmt::Write as _;
@@ -8,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 const TARGETS: [&str; 2] = ["wasm32-wasip2", "wasm32-wasip1"];
+
+/// Plain programs (`fn main`) that are also built as preview1 modules.
+const PREVIEW1_PROGRAMS: [&str; 1] = ["wordcount"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
@@ -23,15 +28,44 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join("guest-examples");
+    let mut artifacts = cargo_build(&guests, &target_dir, "wasm32-wasip2", &[]);
+    for (name, path) in cargo_build(&guests, &target_dir, "wasm32-wasip1", &PREVIEW1_PROGRAMS) {
+        artifacts.push((format!("{name}-wasip1"), path));
+    }
+    artifacts.sort();
+    assert!(!artifacts.is_empty(), "cargo built no .wasm files in guest-examples");
+
+    let mut code = String::new();
+    for (name, path) in &artifacts {
+        let constant = name.to_uppercase().replace('-', "_");
+        writeln!(code, "/// Built from `guest-examples/`.").unwrap();
+        writeln!(code, "pub const {constant}: &str = {path:?};").unwrap();
+    }
+    writeln!(code, "/// Every example, by crate name.").unwrap();
+    writeln!(code, "pub const ALL: &[(&str, &str)] = &[").unwrap();
+    for (name, path) in &artifacts {
+        writeln!(code, "    ({name:?}, {path:?}),").unwrap();
+    }
+    writeln!(code, "];").unwrap();
+    let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("guests.rs");
+    std::fs::write(out, code).unwrap();
+}
+
+/// Builds the `packages` of the guest-examples workspace (all when empty)
+/// for `target`; returns each .wasm file with its crate name.
+fn cargo_build(guests: &Path, target_dir: &Path, target: &str, packages: &[&str]) -> Vec<(String, String)> {
     let mut cargo = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cargo
-        .args(["build", "--release", "--target", "wasm32-wasip2", "--message-format=json-render-diagnostics"])
+        .args(["build", "--release", "--target", target, "--message-format=json-render-diagnostics"])
         .arg("--manifest-path")
         .arg(guests.join("Cargo.toml"))
         .arg("--target-dir")
-        .arg(&target_dir)
+        .arg(target_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    for package in packages {
+        cargo.args(["-p", package]);
+    }
     // Settings meant for the host build must not leak into the wasm build.
     for var in [
         "CARGO_ENCODED_RUSTFLAGS",
@@ -46,10 +80,10 @@ fn main() {
     let output = cargo.output().expect("running cargo to build guest-examples");
     if !output.status.success() {
         panic!(
-            "building guest-examples failed (see the errors above); try `cd guest-examples && cargo build --release`"
+            "building guest-examples for {target} failed (see the errors above); try \
+             `cd guest-examples && cargo build --release --target {target}`"
         );
     }
-
     let mut artifacts = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
@@ -64,23 +98,7 @@ fn main() {
             }
         }
     }
-    artifacts.sort();
-    assert!(!artifacts.is_empty(), "cargo built no .wasm files in guest-examples");
-
-    let mut code = String::new();
-    for (name, path) in &artifacts {
-        let constant = name.to_uppercase().replace('-', "_");
-        writeln!(code, "/// `guest-examples/{name}`, built for wasm32-wasip2.").unwrap();
-        writeln!(code, "pub const {constant}: &str = {path:?};").unwrap();
-    }
-    writeln!(code, "/// Every example, by crate name.").unwrap();
-    writeln!(code, "pub const ALL: &[(&str, &str)] = &[").unwrap();
-    for (name, path) in &artifacts {
-        writeln!(code, "    ({name:?}, {path:?}),").unwrap();
-    }
-    writeln!(code, "];").unwrap();
-    let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("guests.rs");
-    std::fs::write(out, code).unwrap();
+    artifacts
 }
 
 /// rust-toolchain.toml lists the wasm targets, but rustup adds them only when

@@ -51,12 +51,20 @@ fn a_missing_file_is_named() {
 }
 
 #[test]
-fn a_command_component_is_refused_naming_the_missing_export() {
-    let err = sandbox().load(Path::new(guests::CLI_HELLO)).unwrap_err();
+fn a_component_that_is_neither_a_step_nor_a_command_is_refused_naming_its_exports() {
+    let component = wat::parse_str(r#"(component (core module $m) (core instance $i (instantiate $m)))"#).unwrap();
+    let err = sandbox().load_bytes(Path::new("library.wasm"), &component).unwrap_err();
     assert!(matches!(err, LoadError::MissingRun { .. }), "{err}");
     let message = err.to_string();
-    assert!(message.contains("does not export `run`"), "{message}");
-    assert!(message.contains("wasi:cli/run@0.2"), "{message}");
+    assert!(message.contains("exports neither `run` nor `wasi:cli/run`"), "{message}");
+    assert!(message.contains("(its exports: none)"), "{message}");
+}
+
+#[test]
+fn a_core_module_without_start_is_refused() {
+    let err = sandbox().load_bytes(Path::new("lib.wasm"), &wat::parse_str("(module)").unwrap()).unwrap_err();
+    assert!(matches!(err, LoadError::CoreModule { .. }), "{err}");
+    assert!(err.to_string().contains("without a `_start` export"), "{err}");
 }
 
 #[test]
@@ -87,13 +95,9 @@ fn a_run_export_of_the_wrong_type_is_refused() {
 }
 
 #[test]
-fn every_step_example_loads() {
+fn every_example_loads_as_a_step_or_a_program() {
     for (name, path) in guests::ALL {
-        let result = sandbox().load(Path::new(path));
-        if *name == "cli-hello" {
-            assert!(result.is_err(), "cli-hello is a command, not a step");
-        } else {
-            result.unwrap_or_else(|err| panic!("{name}: {err}"));
-        }
+        let component = sandbox().load(Path::new(path)).unwrap_or_else(|err| panic!("{name}: {err}"));
+        assert_eq!(component.is_command(), name.starts_with("wordcount"), "{name}");
     }
 }

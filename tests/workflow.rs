@@ -40,6 +40,8 @@ fn components() -> String {
         ("transform", guests::TRANSFORM),
         ("counter", guests::COUNTER),
         ("fs-read", guests::FS_READ),
+        ("wordcount", guests::WORDCOUNT),
+        ("wordcount-wasip1", guests::WORDCOUNT_WASIP1),
     ] {
         text.push_str(&format!("  {name}: {path}\n"));
     }
@@ -99,8 +101,9 @@ fn validation_error(yaml: &str) -> WorkflowError {
 fn assert_error(err: &WorkflowError, line: u64, message: &str, help: Option<&str>) {
     let found = err.diagnostics.iter().find(|d| d.message.contains(message));
     let diagnostic = found.unwrap_or_else(|| panic!("no error containing {message:?} in:\n{err}"));
-    // Lines count from the name line; the components block adds 8.
-    assert_eq!(diagnostic.line, if line == 0 { 0 } else { line + 8 }, "{diagnostic}");
+    // Lines count from the name line; the components block comes after it.
+    let shift = components().lines().count() as u64;
+    assert_eq!(diagnostic.line, if line == 0 { 0 } else { line + shift }, "{diagnostic}");
     if let Some(help) = help {
         assert!(diagnostic.help.as_deref().is_some_and(|h| h.contains(help)), "{diagnostic}");
     }
@@ -611,6 +614,46 @@ steps:
 }
 
 #[tokio::test]
+async fn plain_programs_run_as_steps_with_exit_codes_mapped() {
+    let report = run("name: programs
+steps:
+  - id: component
+    uses: wordcount
+    with: { text: 'a command component' }
+    args: [--from-workflow]
+  - id: module
+    uses: wordcount-wasip1
+    with: { text: \"{{ steps.component.output.words }} words, {{ steps.component.output.args[1] }}\" }
+    depends_on: [component]
+  - id: busy
+    uses: wordcount-wasip1
+    with: { exit: 3 }
+    exit_codes: { retryable: [3] }
+    retry: { attempts: 2, initial: 1ms }
+    required: false
+  - id: broken
+    uses: wordcount-wasip1
+    with: { exit: 4 }
+    exit_codes: { retryable: [3] }
+    retry: { attempts: 2, initial: 1ms }
+    required: false
+")
+    .await;
+    let output = |id| step(&report, id).output.clone().unwrap();
+    assert_eq!(output("component")["words"], 3);
+    assert_eq!(output("component")["args"], json!(["wordcount", "--from-workflow"]));
+    assert_eq!(output("module")["words"], 3, "{:?}", output("module"));
+    let busy = attempts(&report, "busy");
+    assert_eq!(busy.len(), 2, "exit code 3 is retryable here");
+    let failure = busy[1].failure.as_ref().unwrap();
+    assert_eq!(failure.kind, FailureKind::Retryable);
+    assert_eq!(failure.message, "the command exited with code 3: asked to exit with 3");
+    let broken = attempts(&report, "broken");
+    assert_eq!(broken.len(), 1, "exit code 4 is fatal");
+    assert_eq!(broken[0].failure.as_ref().unwrap().kind, FailureKind::Fatal);
+}
+
+#[tokio::test]
 async fn json_workflow_files_work_too() {
     let dir = temp_dir();
     let path = dir.join("wf.json");
@@ -669,7 +712,8 @@ steps:
     );
     assert_error(&err, 4, "`uses: helo` names no component", Some("did you mean `hello`?"));
     assert_error(&err, 7, "step `b` depends on unknown step `zz`", None);
-    assert_error(&err, 8, "duplicate step id `b`", Some("first used on line 13"));
+    let first_b = 5 + components().lines().count();
+    assert_error(&err, 8, "duplicate step id `b`", Some(&format!("first used on line {first_b}")));
 
     let err = validation_error(
         "name: x
@@ -749,17 +793,15 @@ steps:
 async fn a_component_that_is_not_a_step_fails_compilation_at_its_declaration() {
     let dir = temp_dir();
     let path = dir.join("wf.yaml");
-    std::fs::write(
-        &path,
-        format!("name: x\ncomponents:\n  cli: {}\nsteps:\n  - id: a\n    uses: cli\n", guests::CLI_HELLO),
-    )
-    .unwrap();
+    std::fs::write(dir.join("library.wasm"), wat::parse_str("(component)").unwrap()).unwrap();
+    std::fs::write(&path, "name: x\ncomponents:\n  cli: library.wasm\nsteps:\n  - id: a\n    uses: cli\n").unwrap();
     let workflow = Workflow::load(&path).unwrap();
     let err = scheduler::compile(&workflow, sandbox()).await.unwrap_err();
     let diagnostic = &err.diagnostics[0];
     assert_eq!((diagnostic.line, diagnostic.column), (3, 8));
     assert!(
-        diagnostic.message.contains("component `cli`") && diagnostic.message.contains("does not export `run`"),
+        diagnostic.message.contains("component `cli`")
+            && diagnostic.message.contains("exports neither `run` nor `wasi:cli/run`"),
         "{diagnostic}"
     );
 }

@@ -128,12 +128,13 @@ fn a_file_that_is_not_a_step_exits_3_naming_the_problem() {
     std::fs::write(&module, wat::parse_str("(module)").unwrap()).unwrap();
     let out = stepbox(&["step", "run", module.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("is a core WebAssembly module, not a component"), "{}", stderr(&out));
-    std::fs::remove_file(module).unwrap();
+    assert!(stderr(&out).contains("is a core WebAssembly module without a `_start` export"), "{}", stderr(&out));
 
-    let out = stepbox(&["step", "run", guests::CLI_HELLO]);
+    std::fs::write(&module, wat::parse_str("(component)").unwrap()).unwrap();
+    let out = stepbox(&["step", "run", module.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("does not export `run`"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("exports neither `run` nor `wasi:cli/run`"), "{}", stderr(&out));
+    std::fs::remove_file(module).unwrap();
 }
 
 #[test]

@@ -36,6 +36,7 @@ pub fn request(input: serde_json::Value) -> AttemptRequest {
         input: input.to_string(),
         limits: Limits::default(),
         grants: Grants::default(),
+        exit_codes: Default::default(),
     }
 }
 

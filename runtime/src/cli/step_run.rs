@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::sandbox::{
-    AttemptReport, AttemptRequest, DirGrant, EngineConfig, Grants, HttpGrant, Limits, Outcome, StepContext,
+    AttemptReport, AttemptRequest, DirGrant, EngineConfig, ExitCodes, Grants, HttpGrant, Limits, Outcome, StepContext,
 };
 use bytesize::ByteSize;
 
@@ -62,6 +62,9 @@ pub(crate) struct Args {
     /// Let the step make HTTP requests matching [METHODS@]HOST[:PORT], like GET@api.example.com. Repeatable.
     #[arg(long = "allow-http", value_name = "RULE")]
     http: Vec<HttpGrant>,
+    /// For a command: an exit code that is a retryable failure (default 75). Repeatable.
+    #[arg(long = "retryable-exit", value_name = "CODE")]
+    retryable_exit: Vec<i32>,
     /// Print the whole attempt report as JSON on stdout instead of the output.
     #[arg(long)]
     json: bool,
@@ -161,6 +164,11 @@ pub(crate) async fn run(args: Args) -> u8 {
             deterministic: args.deterministic,
             network: args.network,
             http: args.http,
+        },
+        exit_codes: if args.retryable_exit.is_empty() {
+            ExitCodes::default()
+        } else {
+            ExitCodes { retryable: args.retryable_exit }
         },
     };
     let report = sandbox.run(&component, request).await;

@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi_http::WasiHttpCtx;
 
 use super::bindings::stepbox::step::types::{StepContext as WitContext, StepError};
 use super::capture::CappedPipe;
-use super::component::StepComponent;
+use super::component::{Entry, StepComponent};
 use super::grants::Grants;
 use super::host::StepState;
 use super::host::http::HttpPolicy;
@@ -48,6 +49,29 @@ pub struct AttemptRequest {
     pub input: String,
     pub limits: Limits,
     pub grants: Grants,
+    /// How a command's exit code is classified (step components ignore it).
+    pub exit_codes: ExitCodes,
+}
+
+/// Which non-zero exit codes of a command are worth another attempt; every
+/// other non-zero code is a fatal failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitCodes {
+    pub retryable: Vec<i32>,
+}
+
+impl Default for ExitCodes {
+    /// 75 is `EX_TEMPFAIL` in sysexits.h: "try again later".
+    fn default() -> Self {
+        ExitCodes { retryable: vec![75] }
+    }
+}
+
+/// What the guest's entry point gave back.
+enum Returned {
+    Step(Result<String, StepError>),
+    /// A command's exit code: 0 for success.
+    Exit(i32),
 }
 
 pub(crate) async fn run(
@@ -56,13 +80,27 @@ pub(crate) async fn run(
     component: &StepComponent,
     request: AttemptRequest,
 ) -> AttemptReport {
-    let AttemptRequest { context, input, limits, grants } = request;
+    let AttemptRequest { context, input, limits, mut grants, exit_codes } = request;
     let stdio_cap = usize::try_from(limits.stdio.as_u64()).unwrap_or(usize::MAX);
     let stdout = CappedPipe::new(stdio_cap);
     let stderr = CappedPipe::new(stdio_cap);
     let started = Instant::now();
 
     let redactor = Redactor::new(grants.secrets.values());
+    let command = component.is_command();
+    if command {
+        if !grants.stdin.is_empty() {
+            let failure = Failure::new(
+                FailureKind::Fatal,
+                "a command reads the step's input on stdin, so it cannot also be given `stdin`; remove it",
+            );
+            return report(Outcome::Failed(failure), started, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
+        }
+        grants.stdin = input.clone().into_bytes();
+        // Programs expect their own name first.
+        let program = component.path().file_stem().map(|stem| stem.to_string_lossy().into_owned());
+        grants.args.insert(0, program.unwrap_or_else(|| "step".into()));
+    }
     // Removed when dropped, at the end of this function.
     let scratch = match grants.scratch.then(tempfile::TempDir::new).transpose() {
         Ok(scratch) => scratch,
@@ -71,7 +109,7 @@ pub(crate) async fn run(
             return report(Outcome::Failed(failure), started, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
         }
     };
-    let wasi = match grants.wasi_ctx(&stdout, &stderr, scratch.as_ref().map(tempfile::TempDir::path)) {
+    let mut wasi = match grants.wasi_builder(&stdout, &stderr, scratch.as_ref().map(tempfile::TempDir::path)) {
         Ok(wasi) => wasi,
         Err(err) => {
             // A grant the host cannot honour (a missing directory) is a
@@ -82,8 +120,13 @@ pub(crate) async fn run(
     };
     let mut table = ResourceTable::new();
     table.set_max_capacity(limits.host_resources as usize);
+    let (wasi, preview1) = match component.entry {
+        Entry::Module(_) => (WasiCtxBuilder::new().build(), Some(wasi.build_p1())),
+        _ => (wasi.build(), None),
+    };
     let state = StepState {
         wasi,
+        preview1,
         table,
         http: WasiHttpCtx::new(),
         http_policy: HttpPolicy::new(grants.http),
@@ -117,8 +160,25 @@ pub(crate) async fn run(
         tenant: context.tenant,
     };
     let call = async {
-        let step = component.pre.instantiate_async(&mut store).await?;
-        step.call_run(&mut store, &wit_context, &input).await
+        match &component.entry {
+            Entry::Step(pre) => {
+                let step = pre.instantiate_async(&mut store).await?;
+                step.call_run(&mut store, &wit_context, &input).await.map(Returned::Step)
+            }
+            Entry::Command(pre) => {
+                let program = pre.instantiate_async(&mut store).await?;
+                match program.wasi_cli_run().call_run(&mut store).await {
+                    Ok(Err(())) => Ok(Returned::Exit(1)),
+                    Ok(Ok(())) => exited(Ok(())),
+                    Err(err) => exited(Err(err)),
+                }
+            }
+            Entry::Module(pre) => {
+                let instance = pre.instantiate_async(&mut store).await?;
+                let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
+                exited(start.call_async(&mut store, ()).await)
+            }
+        }
     };
     // The guest yields at every epoch tick and host calls are async, so the
     // timeout fires whether the guest computes or waits.
@@ -131,16 +191,57 @@ pub(crate) async fn run(
             format!("the attempt ran longer than its timeout of {}", humantime::format_duration(limits.timeout)),
         )),
         Ok(Err(err)) => Outcome::Failed(classify_error(&err, &store, &stderr)),
-        Ok(Ok(Err(StepError::Retryable(message)))) => Outcome::Failed(Failure::new(FailureKind::Retryable, message)),
-        Ok(Ok(Err(StepError::Fatal(message)))) => Outcome::Failed(Failure::new(FailureKind::Fatal, message)),
-        Ok(Ok(Ok(output))) => check_output(&output, &limits),
+        Ok(Ok(Returned::Step(Err(StepError::Retryable(message))))) => {
+            Outcome::Failed(Failure::new(FailureKind::Retryable, message))
+        }
+        Ok(Ok(Returned::Step(Err(StepError::Fatal(message))))) => {
+            Outcome::Failed(Failure::new(FailureKind::Fatal, message))
+        }
+        Ok(Ok(Returned::Step(Ok(output)))) => check_output(&output, &limits, false),
+        Ok(Ok(Returned::Exit(0))) => {
+            let captured = stdout.captured();
+            if captured.dropped_bytes > 0 {
+                Outcome::Failed(Failure::new(
+                    FailureKind::OutputLimit,
+                    format!("the command wrote more than {} to stdout, its output", limits.stdio.display().iec()),
+                ))
+            } else {
+                check_output(&captured.text, &limits, true)
+            }
+        }
+        Ok(Ok(Returned::Exit(code))) => Outcome::Failed(exit_failure(code, &exit_codes, &stderr)),
     };
     let peak_memory = store.data().limiter.peak_memory();
     let logs = std::mem::replace(&mut store.data_mut().logs, LogBuffer::new(String::new(), 0, Redactor::default()))
         .into_records();
     drop(store);
     drop(scratch);
+    // A command's stdout is its output; it is not kept twice.
+    let stdout = if command { CappedPipe::new(0) } else { stdout };
     report(outcome, started, fuel_consumed, peak_memory, logs, &stdout, &stderr, &redactor)
+}
+
+/// How a program ended: returning from its entry point is exit code 0, and
+/// `exit(N)` arrives as an error carrying N.
+fn exited(result: wasmtime::Result<()>) -> wasmtime::Result<Returned> {
+    match result {
+        Ok(()) => Ok(Returned::Exit(0)),
+        Err(err) => match err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+            Some(exit) => Ok(Returned::Exit(exit.0)),
+            None => Err(err),
+        },
+    }
+}
+
+/// A command's non-zero exit, classified by `exit_codes`, with the last line
+/// it wrote to stderr (usually the reason).
+fn exit_failure(code: i32, exit_codes: &ExitCodes, stderr: &CappedPipe) -> Failure {
+    let kind = if exit_codes.retryable.contains(&code) { FailureKind::Retryable } else { FailureKind::Fatal };
+    let stderr = stderr.captured().text;
+    match stderr.lines().rev().map(str::trim).find(|line| !line.is_empty()) {
+        Some(last) => Failure::new(kind, format!("the command exited with code {code}: {last}")),
+        None => Failure::new(kind, format!("the command exited with code {code}")),
+    }
 }
 
 /// The report, with secrets taken out of everything in it.
@@ -174,7 +275,9 @@ fn report(
     }
 }
 
-fn check_output(output: &str, limits: &Limits) -> Outcome {
+/// The output if it is within the limit: JSON, or for a command (`lenient`)
+/// anything else as a string.
+fn check_output(output: &str, limits: &Limits, lenient: bool) -> Outcome {
     if output.len() as u64 > limits.output.as_u64() {
         return Outcome::Failed(Failure::new(
             FailureKind::OutputLimit,
@@ -187,6 +290,7 @@ fn check_output(output: &str, limits: &Limits) -> Outcome {
     }
     match serde_json::from_str(output) {
         Ok(output) => Outcome::Succeeded { output },
+        Err(_) if lenient => Outcome::Succeeded { output: serde_json::Value::String(output.trim_end().to_owned()) },
         Err(err) => Outcome::Failed(Failure::new(
             FailureKind::Fatal,
             format!("the step's output is not valid JSON ({err}); a step must return JSON text"),

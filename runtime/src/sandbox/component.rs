@@ -1,13 +1,27 @@
-//! Loading a step component: compile once, check that it is a step the host
-//! can link, and keep an `InstancePre` so each attempt only instantiates.
+//! Loading a step: compile once, check that it is something the host can
+//! link and call, and keep an `InstancePre` so each attempt only
+//! instantiates.
+//!
+//! Three kinds of file run as steps: a step component (it exports `run`), a
+//! `wasi:cli/command` component (it exports `wasi:cli/run`), and a WASI
+//! preview1 command module (a core module exporting `_start`), run with
+//! wasmtime's own preview1 implementation so its exit code arrives intact.
 
 use std::path::{Path, PathBuf};
 
-use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, Module};
+use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::bindings::StepCorePre;
 use super::host::StepState;
+
+/// What steps may link against: the component imports of the `step` world,
+/// and WASI preview1 for core modules.
+pub(crate) struct Linkers {
+    pub(crate) component: Linker<StepState>,
+    pub(crate) module: wasmtime::Linker<StepState>,
+}
 
 /// Why a file could not be loaded as a step. Each message names the file and
 /// says what would fix it.
@@ -22,8 +36,8 @@ pub enum LoadError {
     )]
     NotWasm { path: PathBuf },
     #[error(
-        "{path} is a core WebAssembly module, not a component; build it for the wasm32-wasip2 target \
-         (or wrap a module with `wasm-tools component new`)"
+        "{path} is a core WebAssembly module without a `_start` export, so it is neither a WASI command nor a \
+         step; build a step for wasm32-wasip2, or a program with `fn main` (a command) for wasm32-wasip1"
     )]
     CoreModule { path: PathBuf },
     #[error("{path} asks for more than any step may have: {message}; make its initial tables or memories smaller")]
@@ -37,8 +51,9 @@ pub enum LoadError {
     )]
     UnknownImport { path: PathBuf, import: String },
     #[error(
-        "{path} does not export `run`, so it is not a stepbox step (its exports: {exports}); write it \
-         with stepbox-sdk's #[step] or target the `stepbox:step/step` world in wit/step.wit"
+        "{path} exports neither `run` nor `wasi:cli/run`, so it is neither a stepbox step nor a WASI command \
+         (its exports: {exports}); write it with stepbox-sdk's #[step], target the `stepbox:step/step` world in \
+         wit/step.wit, or build a program with `fn main`"
     )]
     MissingRun { path: PathBuf, exports: String },
     #[error("{path} exports `run` with the wrong signature: {message}; it must match wit/step.wit")]
@@ -51,7 +66,19 @@ pub enum LoadError {
 #[derive(Clone)]
 pub struct StepComponent {
     path: PathBuf,
-    pub(crate) pre: StepCorePre<StepState>,
+    pub(crate) entry: Entry,
+}
+
+/// How an attempt calls into the component.
+#[derive(Clone)]
+pub(crate) enum Entry {
+    /// `run(ctx, input) -> result<output, step-error>`.
+    Step(StepCorePre<StepState>),
+    /// `wasi:cli/run`: the input on stdin, the output from stdout, the exit
+    /// code as the result.
+    Command(CommandPre<StepState>),
+    /// A preview1 module's `_start`, called like a command.
+    Module(wasmtime::InstancePre<StepState>),
 }
 
 impl std::fmt::Debug for StepComponent {
@@ -65,20 +92,26 @@ impl StepComponent {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Whether it is a WASI command (or preview1 module) rather than a step
+    /// component.
+    pub fn is_command(&self) -> bool {
+        matches!(self.entry, Entry::Command(_) | Entry::Module(_))
+    }
 }
 
 const MAGIC: &[u8; 4] = b"\0asm";
 /// Bytes 4..8 of a core module: version 1, layer 0.
 const CORE_VERSION: [u8; 4] = [1, 0, 0, 0];
 
-pub(crate) fn load(engine: &Engine, linker: &Linker<StepState>, path: &Path) -> Result<StepComponent, LoadError> {
+pub(crate) fn load(engine: &Engine, linkers: &Linkers, path: &Path) -> Result<StepComponent, LoadError> {
     let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
-    load_bytes(engine, linker, path, &bytes)
+    load_bytes(engine, linkers, path, &bytes)
 }
 
 pub(crate) fn load_bytes(
     engine: &Engine,
-    linker: &Linker<StepState>,
+    linkers: &Linkers,
     path: &Path,
     bytes: &[u8],
 ) -> Result<StepComponent, LoadError> {
@@ -89,10 +122,7 @@ pub(crate) fn load_bytes(
     if !bytes.starts_with(MAGIC) {
         return Err(LoadError::NotWasm { path });
     }
-    if bytes.get(4..8) == Some(&CORE_VERSION[..]) {
-        return Err(LoadError::CoreModule { path });
-    }
-    let component = Component::from_binary(engine, bytes).map_err(|err| {
+    let compile_error = |err: wasmtime::Error| {
         let message = format!("{err:#}");
         // The pooling allocator checks initial sizes when compiling.
         if message.contains("pooling allocator") {
@@ -100,24 +130,38 @@ pub(crate) fn load_bytes(
         } else {
             LoadError::Malformed { path: path.clone(), message }
         }
-    })?;
-
-    let instance_pre = linker.instantiate_pre(&component).map_err(|err| {
+    };
+    let link_error = |err: wasmtime::Error| {
         let message = format!("{err:#}");
         match first_quoted(&message) {
             Some(import) => LoadError::UnknownImport { path: path.clone(), import },
             None => LoadError::Link { path: path.clone(), message },
         }
-    })?;
+    };
+    if bytes.get(4..8) == Some(&CORE_VERSION[..]) {
+        let module = Module::from_binary(engine, bytes).map_err(compile_error)?;
+        if !matches!(module.get_export("_start"), Some(wasmtime::ExternType::Func(_))) {
+            return Err(LoadError::CoreModule { path });
+        }
+        let pre = linkers.module.instantiate_pre(&module).map_err(link_error)?;
+        return Ok(StepComponent { path, entry: Entry::Module(pre) });
+    }
+    let component = Component::from_binary(engine, bytes).map_err(compile_error)?;
+    let instance_pre = linkers.component.instantiate_pre(&component).map_err(link_error)?;
     let exports: Vec<String> = component.component_type().exports(engine).map(|(name, _)| name.to_owned()).collect();
-    if !exports.iter().any(|name| name == "run") {
+    let entry = if exports.iter().any(|name| name == "run") {
+        let pre = StepCorePre::new(instance_pre)
+            .map_err(|err| LoadError::WrongRun { path: path.clone(), message: format!("{err:#}") })?;
+        Entry::Step(pre)
+    } else if exports.iter().any(|name| name.starts_with("wasi:cli/run@0.2.")) {
+        let pre = CommandPre::new(instance_pre)
+            .map_err(|err| LoadError::WrongRun { path: path.clone(), message: format!("{err:#}") })?;
+        Entry::Command(pre)
+    } else {
         let exports = if exports.is_empty() { "none".to_owned() } else { exports.join(", ") };
         return Err(LoadError::MissingRun { path, exports });
-    }
-
-    let pre = StepCorePre::new(instance_pre)
-        .map_err(|err| LoadError::WrongRun { path: path.clone(), message: format!("{err:#}") })?;
-    Ok(StepComponent { path, pre })
+    };
+    Ok(StepComponent { path, entry })
 }
 
 /// The first name in backquotes: how wasmtime names the import it could not

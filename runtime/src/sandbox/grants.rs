@@ -11,7 +11,7 @@ use std::time::Duration;
 use rand::SeedableRng;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::sockets::SocketAddrUse;
-use wasmtime_wasi::{FsPerms, HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder};
+use wasmtime_wasi::{FsPerms, HostMonotonicClock, HostWallClock, WasiCtxBuilder};
 
 use super::capture::CappedPipe;
 
@@ -216,14 +216,15 @@ impl HostMonotonicClock for SteppingClock {
 }
 
 impl Grants {
-    /// A WASI context with exactly these grants; stdout and stderr go to the
-    /// given capped pipes, `scratch` (when granted) appears at `/scratch`.
-    pub(crate) fn wasi_ctx(
+    /// A WASI context builder with exactly these grants (built for WASI 0.2
+    /// or preview1 by the caller); stdout and stderr go to the given capped
+    /// pipes, `scratch` (when granted) appears at `/scratch`.
+    pub(crate) fn wasi_builder(
         &self,
         stdout: &CappedPipe,
         stderr: &CappedPipe,
         scratch: Option<&Path>,
-    ) -> anyhow::Result<WasiCtx> {
+    ) -> anyhow::Result<WasiCtxBuilder> {
         let mut builder = WasiCtxBuilder::new();
         builder
             .stdin(MemoryInputPipe::new(self.stdin.clone()))
@@ -272,7 +273,7 @@ impl Grants {
                 .preopened_dir(&dir.host, &dir.guest, perms)
                 .map_err(|err| anyhow::anyhow!("cannot grant directory {} to the step: {err}", dir.host.display()))?;
         }
-        Ok(builder.build())
+        Ok(builder)
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
-pub use attempt::{AttemptRequest, StepContext};
+pub use attempt::{AttemptRequest, ExitCodes, StepContext};
 pub use capture::Captured;
 pub use component::{LoadError, StepComponent};
 pub use engine::EngineConfig;
@@ -29,13 +29,14 @@ pub use outcome::{AttemptReport, Failure, FailureKind, Outcome};
 pub use redact::REDACTED;
 
 use crate::store::KeyValueStore;
+use component::Linkers;
 use host::StepState;
 
 /// Runs step components. Cheap to clone; build one per process.
 #[derive(Clone)]
 pub struct Sandbox {
     engine: Engine,
-    linker: Arc<Linker<StepState>>,
+    linkers: Arc<Linkers>,
     kv: Arc<dyn KeyValueStore>,
     config: EngineConfig,
 }
@@ -45,24 +46,26 @@ impl Sandbox {
     /// ticker. `kv` backs every step's `wasi:keyvalue`.
     pub fn new(config: EngineConfig, kv: Arc<dyn KeyValueStore>) -> anyhow::Result<Self> {
         let engine = engine::build(&config)?;
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        bindings::StepCore::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        let mut component = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component)?;
+        bindings::StepCore::add_to_linker::<_, HasSelf<_>>(&mut component, |state| state)?;
+        let mut module = wasmtime::Linker::new(&engine);
+        wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::preview1)?;
         engine::start_epoch_ticker(&engine)?;
-        Ok(Sandbox { engine, linker: Arc::new(linker), kv, config })
+        Ok(Sandbox { engine, linkers: Arc::new(Linkers { component, module }), kv, config })
     }
 
     /// Compiles and validates the component at `path`. Compiling is
     /// CPU-heavy: call it from a blocking context.
     pub fn load(&self, path: &Path) -> Result<StepComponent, LoadError> {
-        component::load(&self.engine, &self.linker, path)
+        component::load(&self.engine, &self.linkers, path)
     }
 
     /// Like [`Sandbox::load`], for bytes already in memory; `path` is only
     /// used in messages.
     pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<StepComponent, LoadError> {
-        component::load_bytes(&self.engine, &self.linker, path, bytes)
+        component::load_bytes(&self.engine, &self.linkers, path, bytes)
     }
 
     /// Runs one attempt. Never fails: every way an attempt can end is an

@@ -273,6 +273,7 @@ async fn execution(
                     input: input.to_string(),
                     limits,
                     grants: grants.clone(),
+                    exit_codes: step.exit_codes.clone(),
                 };
                 let record = attempt_once(shared, name, component, request, index, cancel, delay_before).await;
                 if let Some(left) = &shared.base.fuel_left {

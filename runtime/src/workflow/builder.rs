@@ -128,6 +128,7 @@ impl StepBuilder {
                 scratch: false,
                 deterministic: false,
                 network: None,
+                exit_codes: None,
             },
         }
     }

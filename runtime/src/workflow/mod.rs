@@ -99,6 +99,7 @@ pub struct Step {
     pub deterministic: bool,
     pub network: Vec<std::net::SocketAddr>,
     pub http: Vec<crate::sandbox::HttpGrant>,
+    pub exit_codes: crate::sandbox::ExitCodes,
 }
 
 /// When and how often a failed attempt is tried again.

@@ -295,6 +295,19 @@ pub struct StepSpec {
     /// Network access; none without it.
     #[serde(default)]
     pub network: Option<NetworkSpec>,
+    /// For a WASI command (a program with `main`): which non-zero exit
+    /// codes are worth another attempt.
+    #[serde(default)]
+    pub exit_codes: Option<ExitCodesSpec>,
+}
+
+/// How a command's exit codes are classified: 0 succeeds, the `retryable`
+/// codes are retryable failures, every other code is fatal.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExitCodesSpec {
+    /// Default: [75] (`EX_TEMPFAIL`).
+    pub retryable: Vec<i32>,
 }
 
 /// Where a secret's value comes from.

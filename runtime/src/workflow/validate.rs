@@ -11,7 +11,7 @@ use super::diagnostic::{Diagnostics, WorkflowError, did_you_mean};
 use super::spec::{ComponentSpec, InputType, LimitsSpec, RetrySpec, WorkflowSpec};
 use super::template::{self, ROOTS};
 use super::{Action, Component, FanOut, RetryPolicy, Step, Workflow};
-use crate::sandbox::{DirGrant, Limits};
+use crate::sandbox::{DirGrant, ExitCodes, Limits};
 
 /// Parses and validates `path`. `including` holds the files that include
 /// this one, to refuse include cycles.
@@ -284,6 +284,11 @@ pub(super) fn validate(
             deterministic: step.deterministic,
             network,
             http,
+            exit_codes: step
+                .exit_codes
+                .as_ref()
+                .map(|codes| ExitCodes { retryable: codes.retryable.clone() })
+                .unwrap_or_default(),
         });
     }
     // A failure handler runs after the step it handles.

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -21,6 +22,9 @@ use crate::store::{KeyValueStore, KvScope};
 /// dropped with it.
 pub(crate) struct StepState {
     pub(crate) wasi: WasiCtx,
+    /// The WASI context of a preview1 module, which keeps its own resource
+    /// table; `None` for components.
+    pub(crate) preview1: Option<WasiP1Ctx>,
     pub(crate) table: ResourceTable,
     pub(crate) http: WasiHttpCtx,
     pub(crate) http_policy: http::HttpPolicy,
@@ -37,6 +41,14 @@ impl super::bindings::stepbox::step::types::Host for StepState {}
 impl WasiView for StepState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl StepState {
+    /// The preview1 context, for the preview1 linker. Only preview1 modules
+    /// link against it, and their attempts always build one.
+    pub(crate) fn preview1(&mut self) -> &mut WasiP1Ctx {
+        self.preview1.as_mut().expect("a preview1 module's attempt has a preview1 context")
     }
 }
 

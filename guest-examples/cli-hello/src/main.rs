@@ -1,4 +1,0 @@
-//! A plain WASI command: it exports `wasi:cli/run`, not a step's `run`.
-fn main() {
-    println!("hello from a command");
-}
