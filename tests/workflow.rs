@@ -747,7 +747,7 @@ steps:
     with: { name: '{{ inputs.whom }}' }
   - id: b
     uses: hello
-    with: { name: '{{ steps.a.output.greeting }}' }
+    with: { name: '{{ steps.a.output.greeting }} {{ steps.a.output.greeting }}' }
   - id: c
     uses: hello
     when: 'steps.a.status =='
@@ -758,6 +758,8 @@ steps:
     );
     assert_error(&err, 7, "reads `inputs.whom`, which is not declared", Some("did you mean `who`?"));
     assert_error(&err, 10, "step `b` does not depend on `a`", Some("add `a` to its depends_on"));
+    let reported = err.diagnostics.iter().filter(|d| d.message.contains("step `b` does not depend")).count();
+    assert_eq!(reported, 1, "one problem, reported once:\n{err}");
     assert_error(&err, 13, "step `c`'s `when`: template error", None);
     assert_error(&err, 16, "reads `item`, but the step has no for_each or matrix", None);
 }

@@ -69,14 +69,19 @@ impl Diagnostics {
         Diagnostics { file: file.to_owned(), list: Vec::new() }
     }
 
+    /// Records a problem once: one template that reads the same missing
+    /// value twice is one problem.
     pub(crate) fn at(&mut self, location: Location, message: impl Into<String>, help: Option<String>) {
-        self.list.push(Diagnostic {
+        let diagnostic = Diagnostic {
             file: self.file.clone(),
             line: location.line(),
             column: location.column(),
             message: message.into(),
             help,
-        });
+        };
+        if !self.list.contains(&diagnostic) {
+            self.list.push(diagnostic);
+        }
     }
 
     pub(crate) fn on<T>(&mut self, value: &Spanned<T>, message: impl Into<String>, help: Option<String>) {
