@@ -2,7 +2,11 @@
 //! programs among them for wasm32-wasip1 too, as preview1 modules), in a
 //! target directory of its own, and writes their paths as constants (one per
 //! example, named after it; `_WASIP1` for the preview1 builds) for the tests
-//! to load.
+//! to load. The Python, JavaScript and C guests are built by
+//! `build_langs.rs`.
+
+#[path = "build_langs.rs"]
+mod build_langs;
 
 use std::env;
 use std::fmt::Write as _;
@@ -32,6 +36,9 @@ fn main() {
     for (name, path) in cargo_build(&guests, &target_dir, "wasm32-wasip1", &PREVIEW1_PROGRAMS) {
         artifacts.push((format!("{name}-wasip1"), path));
     }
+    let langs =
+        build_langs::Langs { root, tools: target_dir.parent().unwrap().join("tools"), out: target_dir.join("langs") };
+    artifacts.extend(langs.build_all());
     artifacts.sort();
     assert!(!artifacts.is_empty(), "cargo built no .wasm files in guest-examples");
 

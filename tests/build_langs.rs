@@ -1,0 +1,175 @@
+//! The build script's half for guests in other languages: Python
+//! (componentize-py), JavaScript (componentize-js) and C (clang and
+//! wasi-libc, `wit-bindgen c`, `wasm-tools component new` with the preview1
+//! adapter). Each implements the same step as `guest-examples/transform`.
+//!
+//! Tools that install without root are fetched into `target/tools` the first
+//! time; a missing system tool stops the build with the command that
+//! installs it. Nothing is skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Versions of the tools the tests fetch, so every machine builds the same.
+pub const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+pub const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
+pub const WIT_BINDGEN: &str = "wit-bindgen-cli@0.46.0";
+pub const WASM_TOOLS: &str = "wasm-tools@1.239.0";
+/// The Debian packages that give clang a wasm32-wasi sysroot.
+pub const C_PACKAGES: &str = "clang lld wasi-libc libclang-rt-14-dev-wasm32";
+
+pub struct Langs<'a> {
+    /// The repository.
+    pub root: &'a Path,
+    /// Where fetched tools live (`target/tools`).
+    pub tools: PathBuf,
+    /// Where the components go.
+    pub out: PathBuf,
+}
+
+impl Langs<'_> {
+    /// Builds every guest; returns each component with its name.
+    pub fn build_all(&self) -> Vec<(String, String)> {
+        std::fs::create_dir_all(&self.out).expect("creating the output directory");
+        vec![
+            ("transform-py".to_owned(), self.python()),
+            ("transform-js".to_owned(), self.javascript()),
+            ("transform-c".to_owned(), self.c()),
+        ]
+        .into_iter()
+        .map(|(name, path)| (name, path.display().to_string()))
+        .collect()
+    }
+
+    fn python(&self) -> PathBuf {
+        let site = self.tools.join("python");
+        let tool = site.join("bin/componentize-py");
+        if !tool.exists() {
+            let mut pip = Command::new("python3");
+            pip.args(["-m", "pip", "install", "--quiet", "--target"]).arg(&site).arg(COMPONENTIZE_PY);
+            fetch(pip, "Python 3 with pip (Debian: apt-get install python3-pip)");
+        }
+        let out = self.out.join("transform-py.wasm");
+        let mut build = Command::new(tool);
+        build
+            .env("PYTHONPATH", &site)
+            .arg("-d")
+            .arg(self.root.join("wit"))
+            .args(["-w", "step", "componentize", "-p"])
+            .arg(self.root.join("guest-examples/python/transform"))
+            .arg("app")
+            .arg("-o")
+            .arg(&out);
+        run(build, "building guest-examples/python/transform");
+        out
+    }
+
+    fn javascript(&self) -> PathBuf {
+        let prefix = self.tools.join("js");
+        let tool = prefix.join("node_modules/.bin/componentize-js");
+        if !tool.exists() {
+            let mut npm = Command::new("npm");
+            npm.args(["install", "--no-audit", "--no-fund", "--prefix"]).arg(&prefix).arg(COMPONENTIZE_JS);
+            fetch(npm, "Node.js 20 or newer with npm (Debian: apt-get install nodejs npm)");
+        }
+        let out = self.out.join("transform-js.wasm");
+        // componentize-js reads the WIT relative to the current directory.
+        let mut build = Command::new(tool);
+        build
+            .current_dir(self.root)
+            .args(["guest-examples/js/transform/transform.js", "-w", "wit", "-n", "step", "-o"])
+            .arg(&out);
+        run(build, "building guest-examples/js/transform");
+        out
+    }
+
+    fn c(&self) -> PathBuf {
+        let wit_bindgen = self.cargo_tool("wit-bindgen", WIT_BINDGEN, &[]);
+        let wasm_tools =
+            self.cargo_tool("wasm-tools", WASM_TOOLS, &["--no-default-features", "--features", "component"]);
+        let bindings = self.out.join("c-bindings");
+        let mut generate = Command::new(wit_bindgen);
+        // wit/deps/cli imports a clock interface behind this feature gate.
+        generate.arg("c").arg(self.root.join("wit")).args([
+            "--world",
+            "step",
+            "--features",
+            "clocks-timezone",
+            "--out-dir",
+        ]);
+        generate.arg(&bindings);
+        run(generate, "generating the C bindings of wit/ (wit-bindgen c)");
+
+        let source = self.root.join("guest-examples/c/transform");
+        let core = self.out.join("transform-c.core.wasm");
+        let mut compile = Command::new("clang");
+        compile
+            .args(["--target=wasm32-wasi", "-mexec-model=reactor", "-O2", "-Wall", "-Werror", "-I"])
+            .arg(&bindings)
+            .arg(source.join("transform.c"))
+            .arg(source.join("json.c"))
+            .arg(bindings.join("step.c"))
+            .arg(bindings.join("step_component_type.o"))
+            .arg("-o")
+            .arg(&core);
+        match compile.status() {
+            Ok(status) if status.success() => {}
+            Ok(_) => panic!(
+                "compiling guest-examples/c/transform failed (see above); clang needs a wasm32-wasi sysroot: \
+                 apt-get install {C_PACKAGES}"
+            ),
+            Err(err) => panic!("cannot run clang ({err}); install the C toolchain: apt-get install {C_PACKAGES}"),
+        }
+
+        let adapter = self.out.join("wasi_snapshot_preview1.reactor.wasm");
+        std::fs::write(&adapter, wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER)
+            .expect("writing the preview1 adapter");
+        let out = self.out.join("transform-c.wasm");
+        let mut wrap = Command::new(wasm_tools);
+        wrap.args(["component", "new"])
+            .arg(&core)
+            .arg("--adapt")
+            .arg(format!("wasi_snapshot_preview1={}", adapter.display()))
+            .arg("-o")
+            .arg(&out);
+        run(wrap, "wrapping the C module as a component (wasm-tools component new)");
+        out
+    }
+
+    /// A Rust tool from crates.io, installed into `target/tools/bin` once.
+    fn cargo_tool(&self, binary: &str, package: &str, flags: &[&str]) -> PathBuf {
+        let tool = self.tools.join("bin").join(binary);
+        if !tool.exists() {
+            let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+            cargo
+                .args(["install", "--quiet", "--locked", "--root"])
+                .arg(&self.tools)
+                .arg("--target-dir")
+                .arg(self.tools.join("build"))
+                .args(flags)
+                .arg(package);
+            for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR"] {
+                cargo.env_remove(var);
+            }
+            fetch(cargo, "cargo");
+        }
+        tool
+    }
+}
+
+/// Runs an install command; `needs` names what it needs when it cannot run.
+fn fetch(mut command: Command, needs: &str) {
+    match command.status() {
+        Ok(status) if status.success() => {}
+        Ok(_) => panic!("`{command:?}` failed (see above); it fetches a tool the tests need to build guests"),
+        Err(err) => panic!("cannot run `{command:?}` ({err}); the tests need {needs} to build their guests"),
+    }
+}
+
+fn run(mut command: Command, what: &str) {
+    match command.status() {
+        Ok(status) if status.success() => {}
+        Ok(_) => panic!("{what} failed (see the errors above)"),
+        Err(err) => panic!("{what}: cannot run `{command:?}`: {err}"),
+    }
+}
