@@ -270,3 +270,62 @@ fn ctrl_c_cancels_a_run_and_records_the_cancelled_steps() {
     assert_eq!(report["steps"][0]["executions"][0]["attempts"][0]["failure"]["kind"], "cancelled");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `stepbox new` in every language: the printed commands build a step that
+/// runs. The C build finds wit-bindgen and wasm-tools where the tests'
+/// build script installed them.
+#[test]
+fn new_projects_build_and_run_with_the_printed_commands() {
+    let dir = std::env::temp_dir().join(format!("stepbox-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let tools = std::path::Path::new(guests::HELLO).ancestors().nth(4).unwrap().join("tools/bin");
+    let path = format!("{}:{}", tools.display(), std::env::var("PATH").unwrap_or_default());
+    for lang in ["rust", "python", "js", "c"] {
+        let project = dir.join(format!("greeter-{lang}"));
+        let out = stepbox(&["new", project.to_str().unwrap(), "--lang", lang]);
+        assert!(out.status.success(), "{lang}: {}", stderr(&out));
+        let printed = stdout(&out);
+        let commands: Vec<&str> = printed.lines().filter_map(|line| line.strip_prefix("  ")).collect();
+        assert_eq!(commands.first(), Some(&format!("cd {}", project.display()).as_str()), "{printed}");
+        let (run, build) = commands[1..].split_last().unwrap();
+        for command in build {
+            let status = Command::new("sh").arg("-c").arg(command).current_dir(&project).env("PATH", &path).status();
+            assert!(status.unwrap().success(), "{lang}: `{command}` failed");
+        }
+        let component = run.strip_prefix("stepbox step run ").unwrap().split_whitespace().next().unwrap();
+        let component = project.join(component);
+        let out = stepbox(&["step", "run", component.to_str().unwrap(), "--input", r#"{"name": "Ada"}"#]);
+        assert_eq!(
+            serde_json::from_str::<Value>(&stdout(&out)).ok(),
+            Some(json!({ "greeting": "Hello, Ada!" })),
+            "{lang}: {}",
+            stderr(&out)
+        );
+        let out = stepbox(&[
+            "step",
+            "run",
+            component.to_str().unwrap(),
+            "--input",
+            r#"{"name": ""}"#,
+            "--config",
+            "greeting=Hi",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{lang}");
+        assert!(stderr(&out).contains("failed (fatal): `name` must be a non-empty string"), "{lang}: {}", stderr(&out));
+        let out = stepbox(&[
+            "step",
+            "run",
+            component.to_str().unwrap(),
+            "--input",
+            r#"{"name": "Ada"}"#,
+            "--config",
+            "greeting=Hi",
+        ]);
+        assert_eq!(stdout(&out).trim(), r#"{"greeting":"Hi, Ada!"}"#, "{lang}");
+    }
+    let out = stepbox(&["new", dir.join("greeter-rust").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

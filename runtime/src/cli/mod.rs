@@ -3,6 +3,7 @@
 //! 130 the run was cancelled.
 
 mod history;
+mod new;
 mod resume;
 mod run;
 mod step_run;
@@ -132,6 +133,8 @@ enum Command {
     /// Print the JSON Schema of workflow files, for editor completion.
     #[command(after_help = "Examples:\n  stepbox schema > stepbox.schema.json")]
     Schema,
+    /// Create a step project in Rust, Python, JavaScript or C.
+    New(new::Args),
     /// Work with single steps.
     #[command(
         subcommand,
@@ -198,6 +201,7 @@ where
             Command::Validate(args) => validate::validate(args).await,
             Command::Graph(args) => validate::graph(args),
             Command::Schema => validate::schema(),
+            Command::New(args) => new::new(args),
             Command::Step(StepCommand::Run(args)) => step_run::run(args).await,
         }
     });

@@ -54,6 +54,22 @@ const RUST: &[File] = &[
     ("src/lib.rs", include_str!("../../templates/rust/src/lib.rs")),
 ];
 
+const PYTHON: &[File] = &[("app.py", include_str!("../../templates/python/app.py"))];
+
+const JS: &[File] = &[("app.js", include_str!("../../templates/js/app.js"))];
+
+/// The JSON reader is the one the C example step uses.
+const C: &[File] = &[
+    ("Makefile", include_str!("../../templates/c/Makefile")),
+    ("__NAME__.c", include_str!("../../templates/c/step.c")),
+    ("json.c", include_str!("../../../guest-examples/c/transform/json.c")),
+    ("json.h", include_str!("../../../guest-examples/c/transform/json.h")),
+];
+
+/// The tool versions the printed commands fetch, as the tests use them.
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
+
 impl Lang {
     fn files(self) -> &'static [File] {
         match self {
@@ -64,17 +80,32 @@ impl Lang {
         }
     }
 
-    /// The commands that build the step, run from the project directory,
-    /// and the component they produce.
+    /// The commands that build the step, run from the project directory
+    /// (tools the step needs go into `.tools/`), and the component they
+    /// produce.
     fn build(self, name: &str) -> (Vec<String>, String) {
         match self {
             Lang::Rust => (
                 vec!["cargo build --release".into()],
                 format!("target/wasm32-wasip2/release/{}.wasm", name.replace('-', "_")),
             ),
-            Lang::Python => (PYTHON_BUILD.iter().map(|c| c.to_string()).collect(), format!("{name}.wasm")),
-            Lang::Js => (JS_BUILD.iter().map(|c| c.to_string()).collect(), format!("{name}.wasm")),
-            Lang::C => (C_BUILD.iter().map(|c| c.replace("__NAME__", name)).collect(), format!("{name}.wasm")),
+            Lang::Python => (
+                vec![
+                    format!("python3 -m pip install --quiet --target .tools {COMPONENTIZE_PY}"),
+                    format!(
+                        "PYTHONPATH=.tools .tools/bin/componentize-py -d wit -w step componentize app -o {name}.wasm"
+                    ),
+                ],
+                format!("{name}.wasm"),
+            ),
+            Lang::Js => (
+                vec![
+                    format!("npm install --no-audit --no-fund --prefix .tools {COMPONENTIZE_JS}"),
+                    format!(".tools/node_modules/.bin/componentize-js app.js -w wit -n step -o {name}.wasm"),
+                ],
+                format!("{name}.wasm"),
+            ),
+            Lang::C => (vec!["make".into()], format!("{name}.wasm")),
         }
     }
 }
@@ -104,16 +135,25 @@ pub(crate) fn new(args: Args) -> u8 {
         println!("  {command}");
     }
     println!("  stepbox step run {component} --input '{{\"name\": \"Ada\"}}'");
+    if args.lang == Lang::C {
+        println!("\n`make` needs clang, wasi-libc, wit-bindgen and wasm-tools; the Makefile says how to install them.");
+    }
     0
 }
 
 fn write_project(dir: &Path, name: &str, lang: Lang) -> std::io::Result<()> {
     for (path, text) in WIT.iter().chain(lang.files()) {
-        let path = dir.join(path);
+        let path = dir.join(path.replace("__NAME__", name));
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::write(path, text.replace("__NAME__", name).replace("__SDK__", &sdk_dependency()))?;
+    }
+    if lang == Lang::C {
+        std::fs::write(
+            dir.join("wasi_snapshot_preview1.reactor.wasm"),
+            wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+        )?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ struct Output {
 #[step]
 fn run(ctx: &Context, input: Input) -> Result<Output, StepError> {
     if input.name.is_empty() {
-        return Err(StepError::fatal("`name` is empty"));
+        return Err(StepError::fatal("`name` must be a non-empty string"));
     }
     stepbox_sdk::info!("greeting {} (attempt {})", input.name, ctx.attempt);
     let word = config::get("greeting")?.unwrap_or_else(|| "Hello".to_owned());
