@@ -139,7 +139,7 @@ fn a_file_that_is_not_a_step_exits_3_naming_the_problem() {
 
 #[test]
 fn every_command_has_help_with_examples() {
-    let commands = ["run", "resume", "retry", "runs", "show", "logs", "gc", "validate", "graph", "schema", "step"];
+    let commands = ["run", "resume", "retry", "runs", "show", "logs", "gc", "validate", "graph", "schema", "new", "step"];
     let mut all: Vec<Vec<&str>> = commands.iter().map(|command| vec![*command, "--help"]).collect();
     all.push(vec!["--help"]);
     all.push(vec!["step", "run", "--help"]);
