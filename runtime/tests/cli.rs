@@ -139,7 +139,9 @@ fn a_file_that_is_not_a_step_exits_3_naming_the_problem() {
 
 #[test]
 fn every_command_has_help_with_examples() {
-    let commands = ["run", "resume", "retry", "runs", "show", "logs", "gc", "validate", "graph", "schema", "new", "step"];
+    let commands = [
+        "run", "resume", "retry", "runs", "show", "logs", "gc", "validate", "graph", "schema", "new", "compile", "step",
+    ];
     let mut all: Vec<Vec<&str>> = commands.iter().map(|command| vec![*command, "--help"]).collect();
     all.push(vec!["--help"]);
     all.push(vec!["step", "run", "--help"]);
@@ -328,4 +330,41 @@ fn new_projects_build_and_run_with_the_printed_commands() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `stepbox compile` fills the data directory's cache; later commands load
+/// from it, and a damaged entry is compiled again rather than trusted.
+#[test]
+fn compiled_components_are_cached_and_damaged_entries_replaced() {
+    let data = std::env::temp_dir().join(format!("stepbox-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let run = |args: &[&str]| command().env("STEPBOX_DATA_DIR", &data).args(args).output().unwrap();
+    let entries = |extension: &str| -> Vec<std::path::PathBuf> {
+        let dir = data.join("compiled");
+        let mut found: Vec<_> = std::fs::read_dir(&dir)
+            .map(|entries| entries.map(|entry| entry.unwrap().path()).collect())
+            .unwrap_or_default();
+        found.retain(|path: &std::path::PathBuf| path.extension().is_some_and(|ext| ext == extension));
+        found
+    };
+
+    let out = run(&["compile", guests::HELLO, guests::WORDCOUNT_WASIP1]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("1 component(s) compiled"), "{}", stdout(&out));
+    let cached = entries("cwasm");
+    assert_eq!((cached.len(), entries("mwasm").len()), (1, 1), "a component and a preview1 module");
+
+    std::fs::write(&cached[0], b"not compiled code").unwrap();
+    let out = run(&["step", "run", guests::HELLO, "--input", r#"{"name": "Ada"}"#]);
+    assert_eq!(stdout(&out).trim(), r#"{"greeting":"Hello, Ada!"}"#, "{}", stderr(&out));
+    assert_ne!(std::fs::read(&cached[0]).unwrap(), b"not compiled code", "the damaged entry was replaced");
+    assert_eq!(entries("cwasm").len(), 1);
+
+    let out = run(&["compile", &example("demo.yaml")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(entries("cwasm").len() > 1, "the demo's components are cached too");
+    let out = run(&["compile", "/no/such/step.wasm"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("cannot read /no/such/step.wasm"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&data).unwrap();
 }

@@ -128,6 +128,8 @@ enum Command {
     Gc(history::GcArgs),
     /// Check a workflow file, its templates and its components without running it.
     Validate(validate::ValidateArgs),
+    /// Compile components ahead of time into the data directory's cache, so runs start without compiling.
+    Compile(validate::CompileArgs),
     /// Draw a workflow's step graph as Mermaid or Graphviz dot.
     Graph(validate::GraphArgs),
     /// Print the JSON Schema of workflow files, for editor completion.
@@ -192,17 +194,18 @@ where
     let code = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(args, &place).await,
+            Command::Compile(args) => validate::compile(args, &data_dir).await,
             Command::Resume(args) => resume::resume(args, &place).await,
             Command::Retry(args) => resume::retry(args, &place).await,
             Command::Runs(args) => history::runs(args, &data_dir),
             Command::Show(args) => history::show(args, &data_dir),
             Command::Logs(args) => history::logs(args, &data_dir),
             Command::Gc(args) => history::gc(args, &data_dir),
-            Command::Validate(args) => validate::validate(args).await,
+            Command::Validate(args) => validate::validate(args, &data_dir).await,
             Command::Graph(args) => validate::graph(args),
             Command::Schema => validate::schema(),
             Command::New(args) => new::new(args),
-            Command::Step(StepCommand::Run(args)) => step_run::run(args).await,
+            Command::Step(StepCommand::Run(args)) => step_run::run(args, &data_dir).await,
         }
     });
     ExitCode::from(code)
@@ -227,8 +230,10 @@ pub(crate) fn sandbox_with_kv(
     }
 }
 
-pub(crate) fn sandbox() -> Option<crate::sandbox::Sandbox> {
-    sandbox_with(crate::sandbox::EngineConfig::default())
+/// The engine settings of a command that keeps its state in `data_dir`:
+/// compiled components are cached in its `compiled/` directory.
+pub(crate) fn engine_config(data_dir: &Path) -> crate::sandbox::EngineConfig {
+    crate::sandbox::EngineConfig { cache_dir: Some(data_dir.join("compiled")), ..Default::default() }
 }
 
 /// A run id unique enough for one machine: the time in nanoseconds.

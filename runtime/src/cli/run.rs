@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::sandbox::EngineConfig;
 use crate::scheduler::{self, RunEvent, RunOptions, RunReport, RunStatus, StepReport, StepStatus};
 use crate::store::{Database, NewRun};
 use crate::workflow::Workflow;
@@ -16,7 +15,10 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Place, TenantPolicy, exit, new_run_id, open_database, parse_key_value, sandbox_with_kv, tenant_policy};
+use super::{
+    Place, TenantPolicy, engine_config, exit, new_run_id, open_database, parse_key_value, sandbox_with_kv,
+    tenant_policy,
+};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -133,7 +135,7 @@ pub(crate) async fn run(args: Args, place: &Place<'_>) -> u8 {
         eprintln!("error: {err}");
         return exit::STEP_FAILED;
     }
-    execute(db, workflow, run_id, args.tenant, inputs, &args.how, policy).await
+    execute(db, workflow, run_id, args.tenant, inputs, &args.how, policy, place.data_dir).await
 }
 
 /// Runs a recorded run (new, resumed or retried) with progress and a
@@ -146,8 +148,9 @@ pub(crate) async fn execute(
     inputs: serde_json::Map<String, serde_json::Value>,
     how: &HowToRun,
     policy: TenantPolicy,
+    data_dir: &std::path::Path,
 ) -> u8 {
-    let Some(sandbox) = sandbox_with_kv(EngineConfig::default(), db.clone()) else { return exit::STEP_FAILED };
+    let Some(sandbox) = sandbox_with_kv(engine_config(data_dir), db.clone()) else { return exit::STEP_FAILED };
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     let (events, receiver) = mpsc::unbounded_channel();

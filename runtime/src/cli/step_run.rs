@@ -87,7 +87,7 @@ fn read_input(input: &str) -> Result<String, String> {
     Ok(text)
 }
 
-pub(crate) async fn run(args: Args) -> u8 {
+pub(crate) async fn run(args: Args, data_dir: &std::path::Path) -> u8 {
     let input = match read_input(&args.input) {
         Ok(input) => input,
         Err(message) => {
@@ -124,7 +124,11 @@ pub(crate) async fn run(args: Args) -> u8 {
         memory: args.memory.unwrap_or(defaults.memory),
         ..defaults
     };
-    let engine_config = EngineConfig { max_concurrent_attempts: 4, max_memory: limits.memory.max(ByteSize::mib(64)) };
+    let engine_config = EngineConfig {
+        max_concurrent_attempts: 4,
+        max_memory: limits.memory.max(ByteSize::mib(64)),
+        ..super::engine_config(data_dir)
+    };
     let Some(sandbox) = sandbox_with(engine_config) else { return exit::STEP_FAILED };
     let path = args.component.clone();
     let loader = sandbox.clone();

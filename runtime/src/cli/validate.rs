@@ -1,14 +1,14 @@
-//! `stepbox validate`, `stepbox graph` and `stepbox schema`: checking and
-//! drawing a workflow without running it.
+//! `stepbox validate`, `stepbox compile`, `stepbox graph` and `stepbox
+//! schema`: checking, compiling and drawing a workflow without running it.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::scheduler;
 use crate::workflow::{Action, Workflow, WorkflowSpec};
 
 use super::run::collect_inputs;
-use super::{exit, parse_key_value, sandbox};
+use super::{engine_config, exit, parse_key_value, sandbox_with};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -27,7 +27,7 @@ pub(crate) struct ValidateArgs {
     input_file: Option<PathBuf>,
 }
 
-pub(crate) async fn validate(args: ValidateArgs) -> u8 {
+pub(crate) async fn validate(args: ValidateArgs, data_dir: &Path) -> u8 {
     let workflow = match Workflow::load(&args.file) {
         Ok(workflow) => workflow,
         Err(err) => {
@@ -48,7 +48,7 @@ pub(crate) async fn validate(args: ValidateArgs) -> u8 {
             return exit::INVALID_COMPONENT;
         }
     }
-    let Some(sandbox) = sandbox() else { return exit::STEP_FAILED };
+    let Some(sandbox) = sandbox_with(engine_config(data_dir)) else { return exit::STEP_FAILED };
     if let Err(err) = scheduler::compile(&workflow, &sandbox).await {
         eprintln!("{err}");
         return exit::INVALID_COMPONENT;
@@ -61,6 +61,49 @@ pub(crate) async fn validate(args: ValidateArgs) -> u8 {
         workflow.components.len()
     );
     0
+}
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  stepbox compile examples/demo.yaml
+  stepbox compile steps/*.wasm
+
+Compiled code is kept in the data directory's compiled/ and used by every later run, validate and step run.")]
+pub(crate) struct CompileArgs {
+    /// Workflow files (all their components) or component files (.wasm).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+pub(crate) async fn compile(args: CompileArgs, data_dir: &Path) -> u8 {
+    let Some(sandbox) = sandbox_with(engine_config(data_dir)) else { return exit::STEP_FAILED };
+    let mut code = 0;
+    for file in &args.files {
+        let started = std::time::Instant::now();
+        let result = if file.extension().is_some_and(|ext| ext == "wasm") {
+            let (sandbox, path) = (sandbox.clone(), file.clone());
+            match tokio::task::spawn_blocking(move || sandbox.load(&path)).await {
+                Ok(loaded) => loaded.map(|_| 1).map_err(|err| err.to_string()),
+                Err(err) => Err(format!("compiling stopped: {err}")),
+            }
+        } else {
+            match Workflow::load(file) {
+                Ok(workflow) => scheduler::compile(&workflow, &sandbox)
+                    .await
+                    .map(|components| components.len())
+                    .map_err(|err| err.to_string()),
+                Err(err) => Err(err.to_string()),
+            }
+        };
+        match result {
+            Ok(n) => println!("{}: {n} component(s) compiled in {:.1?}", file.display(), started.elapsed()),
+            Err(message) => {
+                eprintln!("{message}");
+                code = exit::INVALID_COMPONENT;
+            }
+        }
+    }
+    code
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

@@ -14,6 +14,7 @@ use wasmtime::{Engine, Module};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::bindings::StepCorePre;
+use super::cache::CompileCache;
 use super::host::StepState;
 
 /// What steps may link against: the component imports of the `step` world,
@@ -104,14 +105,20 @@ const MAGIC: &[u8; 4] = b"\0asm";
 /// Bytes 4..8 of a core module: version 1, layer 0.
 const CORE_VERSION: [u8; 4] = [1, 0, 0, 0];
 
-pub(crate) fn load(engine: &Engine, linkers: &Linkers, path: &Path) -> Result<StepComponent, LoadError> {
+pub(crate) fn load(
+    engine: &Engine,
+    linkers: &Linkers,
+    cache: Option<&CompileCache>,
+    path: &Path,
+) -> Result<StepComponent, LoadError> {
     let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
-    load_bytes(engine, linkers, path, &bytes)
+    load_bytes(engine, linkers, cache, path, &bytes)
 }
 
 pub(crate) fn load_bytes(
     engine: &Engine,
     linkers: &Linkers,
+    cache: Option<&CompileCache>,
     path: &Path,
     bytes: &[u8],
 ) -> Result<StepComponent, LoadError> {
@@ -139,14 +146,14 @@ pub(crate) fn load_bytes(
         }
     };
     if bytes.get(4..8) == Some(&CORE_VERSION[..]) {
-        let module = Module::from_binary(engine, bytes).map_err(compile_error)?;
+        let module: Module = CompileCache::compile(cache, engine, bytes).map_err(compile_error)?;
         if !matches!(module.get_export("_start"), Some(wasmtime::ExternType::Func(_))) {
             return Err(LoadError::CoreModule { path });
         }
         let pre = linkers.module.instantiate_pre(&module).map_err(link_error)?;
         return Ok(StepComponent { path, entry: Entry::Module(pre) });
     }
-    let component = Component::from_binary(engine, bytes).map_err(compile_error)?;
+    let component: Component = CompileCache::compile(cache, engine, bytes).map_err(compile_error)?;
     let instance_pre = linkers.component.instantiate_pre(&component).map_err(link_error)?;
     let exports: Vec<String> = component.component_type().exports(engine).map(|(name, _)| name.to_owned()).collect();
     let entry = if exports.iter().any(|name| name == "run") {

@@ -17,11 +17,14 @@ pub struct EngineConfig {
     pub max_concurrent_attempts: u32,
     /// The largest memory limit any attempt may be given.
     pub max_memory: ByteSize,
+    /// Where compiled components are kept between processes; `None`
+    /// compiles every time.
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_concurrent_attempts: 256, max_memory: ByteSize::gib(4) }
+        EngineConfig { max_concurrent_attempts: 256, max_memory: ByteSize::gib(4), cache_dir: None }
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod attempt;
 mod bindings;
+mod cache;
 mod capture;
 mod component;
 mod engine;
@@ -29,6 +30,7 @@ pub use outcome::{AttemptReport, Failure, FailureKind, Outcome};
 pub use redact::REDACTED;
 
 use crate::store::KeyValueStore;
+use cache::CompileCache;
 use component::Linkers;
 use host::StepState;
 
@@ -37,6 +39,7 @@ use host::StepState;
 pub struct Sandbox {
     engine: Engine,
     linkers: Arc<Linkers>,
+    cache: Option<CompileCache>,
     kv: Arc<dyn KeyValueStore>,
     config: EngineConfig,
 }
@@ -53,19 +56,20 @@ impl Sandbox {
         let mut module = wasmtime::Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::preview1)?;
         engine::start_epoch_ticker(&engine)?;
-        Ok(Sandbox { engine, linkers: Arc::new(Linkers { component, module }), kv, config })
+        let cache = config.cache_dir.clone().map(CompileCache::new);
+        Ok(Sandbox { engine, linkers: Arc::new(Linkers { component, module }), cache, kv, config })
     }
 
     /// Compiles and validates the component at `path`. Compiling is
     /// CPU-heavy: call it from a blocking context.
     pub fn load(&self, path: &Path) -> Result<StepComponent, LoadError> {
-        component::load(&self.engine, &self.linkers, path)
+        component::load(&self.engine, &self.linkers, self.cache.as_ref(), path)
     }
 
     /// Like [`Sandbox::load`], for bytes already in memory; `path` is only
     /// used in messages.
     pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<StepComponent, LoadError> {
-        component::load_bytes(&self.engine, &self.linkers, path, bytes)
+        component::load_bytes(&self.engine, &self.linkers, self.cache.as_ref(), path, bytes)
     }
 
     /// Runs one attempt. Never fails: every way an attempt can end is an
