@@ -95,7 +95,7 @@ async fn continue_run(run_id: &str, from: Option<&str>, how: &HowToRun, place: &
         return exit::STEP_FAILED;
     }
     let inputs = run.inputs.as_object().cloned().unwrap_or_default();
-    execute(db, workflow, run.id.clone(), run.tenant.clone(), inputs, how, policy, place.data_dir).await
+    execute(db, workflow, run.id.clone(), run.tenant.clone(), inputs, how, policy).await
 }
 
 /// The run's workflow, if neither it nor its components changed.

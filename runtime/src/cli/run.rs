@@ -135,7 +135,7 @@ pub(crate) async fn run(args: Args, place: &Place<'_>) -> u8 {
         eprintln!("error: {err}");
         return exit::STEP_FAILED;
     }
-    execute(db, workflow, run_id, args.tenant, inputs, &args.how, policy, place.data_dir).await
+    execute(db, workflow, run_id, args.tenant, inputs, &args.how, policy).await
 }
 
 /// Runs a recorded run (new, resumed or retried) with progress and a
@@ -148,9 +148,9 @@ pub(crate) async fn execute(
     inputs: serde_json::Map<String, serde_json::Value>,
     how: &HowToRun,
     policy: TenantPolicy,
-    data_dir: &std::path::Path,
 ) -> u8 {
-    let Some(sandbox) = sandbox_with_kv(engine_config(data_dir), db.clone()) else { return exit::STEP_FAILED };
+    let config = engine_config(db.data_dir());
+    let Some(sandbox) = sandbox_with_kv(config, db.clone()) else { return exit::STEP_FAILED };
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     let (events, receiver) = mpsc::unbounded_channel();
