@@ -128,7 +128,9 @@ fn a_run_killed_at_random_moments_resumes_without_repeating_finished_steps() {
             Some(id) => command.args(["resume", id]),
         };
         let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(random.between(100, 450)));
+        // The first process must live long enough to record the run.
+        let lifetime = if run_id.is_none() { random.between(600, 900) } else { random.between(100, 450) };
+        std::thread::sleep(Duration::from_millis(lifetime));
         assert!(
             child.try_wait().unwrap().is_none(),
             "seed {seed}: the run finished before kill {kill}; make its steps slower"
