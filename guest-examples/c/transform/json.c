@@ -6,7 +6,7 @@
 #include <string.h>
 
 typedef struct {
-    const char *at, *end;
+    const char *start, *at, *end;
     char *error;
     size_t error_size;
     int depth;
@@ -17,7 +17,7 @@ typedef struct {
 
 static bool fail(parser *p, const char *message) {
     if (p->error[0] == '\0') {
-        snprintf(p->error, p->error_size, "%s at byte %zu", message, (size_t)(p->end - p->at));
+        snprintf(p->error, p->error_size, "%s at byte %zu", message, (size_t)(p->at - p->start));
     }
     return false;
 }
@@ -171,6 +171,33 @@ static bool literal(parser *p, const char *word) {
     return true;
 }
 
+static size_t digits(parser *p) {
+    size_t n = 0;
+    while (p->at < p->end && *p->at >= '0' && *p->at <= '9') p->at++, n++;
+    return n;
+}
+
+/* Moves past a number: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)? */
+static bool scan_number(parser *p) {
+    if (*p->at == '-') p->at++;
+    if (p->at < p->end && *p->at == '0') {
+        p->at++;
+        if (p->at < p->end && *p->at >= '0' && *p->at <= '9') return fail(p, "a number has a leading zero");
+    } else if (digits(p) == 0) {
+        return fail(p, "a number has no digits");
+    }
+    if (p->at < p->end && *p->at == '.') {
+        p->at++;
+        if (digits(p) == 0) return fail(p, "a number has no digits after `.`");
+    }
+    if (p->at < p->end && (*p->at == 'e' || *p->at == 'E')) {
+        p->at++;
+        if (p->at < p->end && (*p->at == '+' || *p->at == '-')) p->at++;
+        if (digits(p) == 0) return fail(p, "a number has no digits in its exponent");
+    }
+    return true;
+}
+
 static json_value *parse_value(parser *p) {
     skip_space(p);
     if (p->at >= p->end) { fail(p, "unexpected end of input"); return NULL; }
@@ -190,8 +217,8 @@ static json_value *parse_value(parser *p) {
     }
     if (literal(p, "null")) return new_value(p, JSON_NULL);
     if (c == '-' || (c >= '0' && c <= '9')) {
-        const char *start = p->at++;
-        while (p->at < p->end && strchr("0123456789+-.eE", *p->at)) p->at++;
+        const char *start = p->at;
+        if (!scan_number(p)) return NULL;
         if (!(v = new_value(p, JSON_NUMBER))) return NULL;
         v->len = (size_t)(p->at - start);
         v->text = malloc(v->len + 1);
@@ -205,7 +232,8 @@ static json_value *parse_value(parser *p) {
 }
 
 json_value *json_parse(const char *text, size_t len, char *error, size_t error_size) {
-    parser p = {text, text + len, error, error_size, 0};
+    /* text may be NULL when len is 0 (NULL + 0 is undefined in C). */
+    parser p = {text, text, len ? text + len : text, error, error_size, 0};
     error[0] = '\0';
     json_value *v = parse_value(&p);
     skip_space(&p);
@@ -277,8 +305,14 @@ void json_string(json_buf *buf, const char *text, size_t len) {
             escaped[1] = (char)c;
             append(buf, escaped, 2);
         } else if (c < 0x20) {
-            snprintf(escaped, sizeof escaped, "\\u%04x", c);
-            append(buf, escaped, 6);
+            const char *shorthand = c == '\n' ? "\\n" : c == '\t' ? "\\t" : c == '\r' ? "\\r"
+                                  : c == '\b' ? "\\b" : c == '\f' ? "\\f" : NULL;
+            if (shorthand) {
+                append(buf, shorthand, 2);
+            } else {
+                snprintf(escaped, sizeof escaped, "\\u%04x", c);
+                append(buf, escaped, 6);
+            }
         } else {
             append(buf, (const char *)&c, 1);
         }
