@@ -288,11 +288,7 @@ async fn execution(
                 // Decided once, so the journal marks the execution's last
                 // attempt exactly when the loop stops.
                 let retry = failure.as_ref().and_then(|f| retry_delay(step, f, attempt - earlier, first_start));
-                if !journal_attempt(shared, &step_id, &idempotency_key, &record, retry.is_none()).await {
-                    report.attempts.push(record);
-                    report.status = StepStatus::Cancelled;
-                    return strip(report);
-                }
+                record_attempt(shared, &step_id, &idempotency_key, &record, retry.is_none());
                 if let Some(breaker) = breaker {
                     let counts = failure.as_ref().is_some_and(|f| {
                         !matches!(f.kind, FailureKind::Fatal | FailureKind::Cancelled | FailureKind::CircuitOpen)
@@ -347,41 +343,32 @@ fn retry_delay(
     step.retry.deadline.is_none_or(|deadline| first_start.elapsed() + delay < deadline).then_some(delay)
 }
 
-/// Records a finished attempt; when it is the execution's last, the
-/// execution's result goes in the same commit. False when the journal
-/// failed (the run is stopping).
-async fn journal_attempt(shared: &Shared, step_id: &str, key: &str, record: &AttemptRecord, last: bool) -> bool {
-    let (run_id, step_id, key, record) = (shared.run_id.clone(), step_id.to_owned(), key.to_owned(), record.clone());
-    let (started, finished) = (shared.unix_ms(record.started_ms), shared.unix_ms(record.finished_ms));
-    shared
-        .journal_write(move |journal| {
-            let failure = record.failure.as_ref();
-            let status = if failure.is_none() { "succeeded" } else { "failed" };
-            let row = AttemptRow {
-                step_id: &step_id,
-                key: &key,
-                attempt: record.attempt,
-                status,
-                kind: failure.map(|f| f.kind.as_str()),
-                message: failure.map(|f| f.message.as_str()),
-                started_ms: started,
-                finished_ms: Some(finished),
-                fuel: record.fuel_consumed,
-                peak_memory: record.peak_memory,
-                logs: serde_json::to_value(&record.logs).unwrap_or(Value::Null),
-                stdout: &record.stdout.text,
-                stderr: &record.stderr.text,
-            };
-            let execution = last.then(|| ExecutionRow {
-                step_id: &step_id,
-                key: &key,
-                status: if failure.is_none() { "succeeded" } else { "failed" },
-                output: record.output_value.as_ref(),
-                error: None,
-            });
-            journal.attempt_finished(&run_id, &row, execution.as_ref())
-        })
-        .await
+/// Queues a finished attempt's record; when it is the execution's last, the
+/// execution's result goes in the same record. Not awaited: the run's next
+/// awaited record vouches for it.
+fn record_attempt(shared: &Shared, step_id: &str, key: &str, record: &AttemptRecord, last: bool) {
+    let failure = record.failure.as_ref();
+    let status = if failure.is_none() { "succeeded" } else { "failed" };
+    let logs =
+        if shared.journal.is_some() { serde_json::to_value(&record.logs).unwrap_or(Value::Null) } else { Value::Null };
+    let row = AttemptRow {
+        step_id,
+        key,
+        attempt: record.attempt,
+        status,
+        kind: failure.map(|f| f.kind.as_str()),
+        message: failure.map(|f| f.message.as_str()),
+        started_ms: shared.unix_ms(record.started_ms),
+        finished_ms: Some(shared.unix_ms(record.finished_ms)),
+        fuel: record.fuel_consumed,
+        peak_memory: record.peak_memory,
+        logs,
+        stdout: &record.stdout.text,
+        stderr: &record.stderr.text,
+    };
+    let execution =
+        last.then(|| ExecutionRow { step_id, key, status, output: record.output_value.as_ref(), error: None });
+    shared.record(|journal, run_id| journal.attempt_finished(run_id, &row, execution.as_ref()));
 }
 
 /// Drops the output kept on attempt records while retrying; it lives on the
@@ -410,36 +397,41 @@ async fn attempt_once(
         if let Some(limiter) = shared.limiters.get(component_name) {
             limiter.acquire().await;
         }
-        let _slot = shared.base.dispatcher.acquire(&shared.tenant).await;
-        let started_ms = shared.elapsed_ms();
-        let (run_id, step_id, key, started) =
-            (shared.run_id.clone(), step.clone(), request.context.idempotency_key.clone(), shared.unix_ms(started_ms));
-        shared
-            .journal_write(move |journal| {
-                let row = AttemptRow {
-                    step_id: &step_id,
-                    key: &key,
+        // Durable before the attempt can run, so a crash leaves a trace of
+        // every attempt that could have had effects. Recorded before
+        // waiting for a slot, so the commit does not hold one: the records
+        // of attempts queued together commit together.
+        let started = shared.record(|journal, run_id| {
+            journal.attempt_started(
+                run_id,
+                &AttemptRow {
+                    step_id: &step,
+                    key: &request.context.idempotency_key,
                     attempt,
                     status: "running",
                     kind: None,
                     message: None,
-                    started_ms: started,
+                    started_ms: shared.unix_ms(shared.elapsed_ms()),
                     finished_ms: None,
                     fuel: 0,
                     peak_memory: 0,
                     logs: Value::Null,
                     stdout: "",
                     stderr: "",
-                };
-                journal.attempt_started(&run_id, &row)
-            })
-            .await;
+                },
+            )
+        });
+        if !shared.durable(started).await {
+            return None;
+        }
+        let _slot = shared.base.dispatcher.acquire(&shared.tenant).await;
+        let started_ms = shared.elapsed_ms();
         shared.emit(RunEvent::AttemptStarted { step: step.clone(), index, attempt });
-        (started_ms, shared.sandbox.run(component, request).await)
+        Some((started_ms, shared.sandbox.run(component, request).await))
     };
     let queued_ms = shared.elapsed_ms();
     let (started_ms, report) = tokio::select! {
-        result = run => result,
+        Some(result) = run => result,
         () = cancel.cancelled() => {
             let failure = Failure::new(FailureKind::Cancelled, "the run was cancelled while the attempt was running");
             return AttemptRecord::empty(attempt, delay_before, queued_ms, shared.elapsed_ms(), failure);

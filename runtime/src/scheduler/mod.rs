@@ -20,7 +20,7 @@ pub use dispatch::{Dispatcher, Share, Slot};
 pub use report::{AttemptRecord, ExecutionReport, RunReport, RunStatus, StepReport, StepStatus};
 
 use crate::sandbox::{Failure, Sandbox, StepComponent};
-use crate::store::{Journal, ResumeState, StepRow};
+use crate::store::{Durable, Journal, ResumeState, StepRow};
 use crate::tenant::Tenants;
 use crate::workflow::{Diagnostic, Workflow, WorkflowError, template};
 use context::{RunContext, StepsView};
@@ -169,8 +169,7 @@ async fn finish(shared: &Shared, mut report: RunReport) -> RunReport {
         RunStatus::Cancelled => "cancelled",
     };
     let outputs = serde_json::Value::Object(report.outputs.clone());
-    let run_id = shared.run_id.clone();
-    shared.journal_write(move |journal| journal.run_finished(&run_id, status, &outputs)).await;
+    shared.durable(shared.record(|journal, run_id| journal.run_finished(run_id, status, &outputs))).await;
     if let Some(error) = shared.base.stop_error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
         report.status = RunStatus::Failed;
         report.error = Some(format!("the run stopped because {error}"));
@@ -271,22 +270,25 @@ impl Shared {
         self.base.started_unix_ms as f64 + elapsed_ms
     }
 
-    /// Writes to the journal, if there is one, off the async threads. A
-    /// failed write stops the run: going on would do work that a resume
-    /// cannot know about.
-    async fn journal_write(
-        &self,
-        write: impl FnOnce(&dyn Journal) -> Result<(), crate::store::StoreError> + Send + 'static,
-    ) -> bool {
-        let Some(journal) = self.journal.clone() else { return true };
-        let result = tokio::task::spawn_blocking(move || write(journal.as_ref())).await;
-        let error = match result {
-            Ok(Ok(())) => return true,
-            Ok(Err(err)) => err.to_string(),
-            Err(err) => format!("the journal writer failed: {err}"),
-        };
-        self.stop_run(format!("its journal could not be written: {error}"));
-        false
+    /// Queues a record in the journal, if there is one. The caller awaits
+    /// the returned handle with [`Shared::durable`] when what it does next
+    /// must not be lost, and may drop it otherwise: the run's next awaited
+    /// record then reports any failure.
+    fn record(&self, write: impl FnOnce(&dyn Journal, &str) -> Durable) -> Option<Durable> {
+        self.journal.as_deref().map(|journal| write(journal, &self.run_id))
+    }
+
+    /// Waits until a queued record is durable. A failed write stops the
+    /// run: going on would do work that a resume cannot know about.
+    async fn durable(&self, record: Option<Durable>) -> bool {
+        let Some(record) = record else { return true };
+        match record.await {
+            Ok(()) => true,
+            Err(err) => {
+                self.stop_run(format!("its journal could not be written: {err}"));
+                false
+            }
+        }
     }
 
     /// Stops the whole run (not just this step), saying why.
@@ -361,7 +363,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> RunReport
                     report.reason = Some(reason);
                 }
             }
-            settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token).await;
+            settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token);
             release(i, &dependents, &mut remaining, &mut ready);
         }
         let Some(joined) = running.join_next_with_id().await else { break };
@@ -377,7 +379,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> RunReport
             }
         };
         reports[i] = report;
-        settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token).await;
+        settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token);
         release(i, &dependents, &mut remaining, &mut ready);
     }
 
@@ -459,10 +461,11 @@ fn decide(
     Decision::Start
 }
 
-/// Records a step's final state in the journal (before any dependent can
-/// start), publishes it to templates and events, and notes the first
-/// required failure (which triggers --fail-fast).
-async fn settle(
+/// Records a step's final state in the journal, publishes it to templates
+/// and events, and notes the first required failure (which triggers
+/// --fail-fast). The record is not awaited here: a dependent's attempt
+/// awaits its own start record, which commits after this one.
+fn settle(
     shared: &Shared,
     i: usize,
     report: &StepReport,
@@ -471,25 +474,23 @@ async fn settle(
     fail_fast_token: &CancellationToken,
 ) {
     let id = &shared.workflow.steps[i].id;
-    let (run_id, step_id, record) = (shared.run_id.clone(), format!("{}{id}", shared.prefix), report.clone());
+    let step_id = format!("{}{id}", shared.prefix);
     let (started, finished) =
         (report.started_ms.map(|ms| shared.unix_ms(ms)), report.finished_ms.map(|ms| shared.unix_ms(ms)));
-    shared
-        .journal_write(move |journal| {
-            journal.step_finished(
-                &run_id,
-                &StepRow {
-                    step_id: &step_id,
-                    position: i,
-                    status: record.status.as_str(),
-                    reason: record.reason.as_deref(),
-                    output: record.output.as_ref(),
-                    started_ms: started,
-                    finished_ms: finished,
-                },
-            )
-        })
-        .await;
+    shared.record(|journal, run_id| {
+        journal.step_finished(
+            run_id,
+            &StepRow {
+                step_id: &step_id,
+                position: i,
+                status: report.status.as_str(),
+                reason: report.reason.as_deref(),
+                output: report.output.as_ref(),
+                started_ms: started,
+                finished_ms: finished,
+            },
+        )
+    });
     shared.context.steps.set(id, report.status, report.output.clone());
     shared.emit(RunEvent::StepFinished {
         step: format!("{}{id}", shared.prefix),

@@ -8,28 +8,31 @@ use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::StoreError;
 use super::sqlite::{Database, now_ms};
+use super::{Durable, StoreError};
 
 /// What the scheduler records. Implemented by [`Database`]; a server-backed
 /// store (PostgreSQL) implements the same trait.
+///
+/// Recording queues: each method returns at once, with a [`Durable`] that
+/// resolves when the record is committed. A run's records commit in the
+/// order they were queued, and after one fails every later one of the run
+/// fails, so awaiting a record vouches for all before it.
 pub trait Journal: Send + Sync {
     /// What an interrupted run already did.
     fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError>;
-    /// An attempt is about to run (so a crash leaves a trace of it).
-    fn attempt_started(&self, run_id: &str, row: &AttemptRow<'_>) -> Result<(), StoreError>;
+    /// An attempt may start. Awaited before the attempt runs, so a crash
+    /// leaves a trace of every attempt that could have had effects.
+    fn attempt_started(&self, run_id: &str, row: &AttemptRow<'_>) -> Durable;
     /// An attempt ended; when it was the last of its execution, the
     /// execution's result is committed with it.
-    fn attempt_finished(
-        &self,
-        run_id: &str,
-        attempt: &AttemptRow<'_>,
-        execution: Option<&ExecutionRow<'_>>,
-    ) -> Result<(), StoreError>;
-    /// A step reached its final status. Committed before any dependent
-    /// starts.
-    fn step_finished(&self, run_id: &str, step: &StepRow<'_>) -> Result<(), StoreError>;
-    fn run_finished(&self, run_id: &str, status: &str, outputs: &Value) -> Result<(), StoreError>;
+    fn attempt_finished(&self, run_id: &str, attempt: &AttemptRow<'_>, execution: Option<&ExecutionRow<'_>>)
+    -> Durable;
+    /// A step reached its final status. Durable before any dependent runs,
+    /// since a dependent awaits its own later start record.
+    fn step_finished(&self, run_id: &str, step: &StepRow<'_>) -> Durable;
+    /// The run's final record.
+    fn run_finished(&self, run_id: &str, status: &str, outputs: &Value) -> Durable;
 }
 
 /// Executions that succeeded (their outputs, by idempotency key) and how
@@ -412,97 +415,192 @@ impl Journal for Database {
         })
     }
 
-    fn attempt_started(&self, run_id: &str, row: &AttemptRow<'_>) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms) VALUES (?1, ?2, ?3, ?4, 'running', ?5)
-                 ON CONFLICT DO UPDATE SET status = 'running', started_ms = excluded.started_ms",
-                params![run_id, row.key, row.attempt, row.step_id, row.started_ms],
-            )?;
-            tx.execute("UPDATE runs SET updated_ms = ?2 WHERE id = ?1", params![run_id, now_ms()]).map(drop)
-        })
+    fn attempt_started(&self, run_id: &str, row: &AttemptRow<'_>) -> Durable {
+        let (id, key, attempt, step_id, started) =
+            (run_id.to_owned(), row.key.to_owned(), row.attempt, row.step_id.to_owned(), row.started_ms);
+        self.queue(
+            run_id,
+            false,
+            Box::new(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms) VALUES (?1, ?2, ?3, ?4, 'running', ?5)
+                     ON CONFLICT DO UPDATE SET status = 'running', started_ms = excluded.started_ms",
+                )?
+                .execute(params![id, key, attempt, step_id, started])?;
+                touch(conn, &id)
+            }),
+        )
     }
 
-    fn attempt_finished(
-        &self,
-        run_id: &str,
-        row: &AttemptRow<'_>,
-        execution: Option<&ExecutionRow<'_>>,
-    ) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
-                                       fuel, peak_memory, logs, stdout, stderr)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-                 ON CONFLICT DO UPDATE SET status = excluded.status, kind = excluded.kind, message = excluded.message,
-                     started_ms = excluded.started_ms, finished_ms = excluded.finished_ms, fuel = excluded.fuel,
-                     peak_memory = excluded.peak_memory, logs = excluded.logs, stdout = excluded.stdout,
-                     stderr = excluded.stderr",
-                params![
-                    run_id,
-                    row.key,
-                    row.attempt,
-                    row.step_id,
-                    row.status,
-                    row.kind,
-                    row.message,
-                    row.started_ms,
-                    row.finished_ms,
-                    row.fuel as i64,
-                    row.peak_memory as i64,
-                    capped_logs(&row.logs),
-                    capped(row.stdout),
-                    capped(row.stderr)
-                ],
-            )?;
-            if let Some(execution) = execution {
-                tx.execute(
-                    "INSERT INTO executions (run_id, key, step_id, status, output, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT DO UPDATE SET status = excluded.status, output = excluded.output, error = excluded.error",
-                    params![
-                        run_id,
-                        execution.key,
-                        execution.step_id,
-                        execution.status,
-                        execution.output.map(Database::text),
-                        execution.error
-                    ],
-                )?;
-            }
-            Ok(())
-        })
-    }
-
-    fn step_finished(&self, run_id: &str, step: &StepRow<'_>) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                 ON CONFLICT DO UPDATE SET status = excluded.status, reason = excluded.reason, output = excluded.output,
-                     started_ms = excluded.started_ms, finished_ms = excluded.finished_ms",
-                params![
-                    run_id,
-                    step.step_id,
-                    step.position as i64,
-                    step.status,
-                    step.reason,
-                    step.output.map(Database::text),
-                    step.started_ms,
-                    step.finished_ms
-                ],
-            )?;
-            tx.execute("UPDATE runs SET updated_ms = ?2 WHERE id = ?1", params![run_id, now_ms()]).map(drop)
-        })
-    }
-
-    fn run_finished(&self, run_id: &str, status: &str, outputs: &Value) -> Result<(), StoreError> {
-        let now = now_ms();
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE runs SET status = ?2, outputs = ?3, updated_ms = ?4, finished_ms = ?4 WHERE id = ?1",
-                params![run_id, status, Database::text(outputs), now],
+    fn attempt_finished(&self, run_id: &str, row: &AttemptRow<'_>, execution: Option<&ExecutionRow<'_>>) -> Durable {
+        let id = run_id.to_owned();
+        let (key, attempt, step_id, status) =
+            (row.key.to_owned(), row.attempt, row.step_id.to_owned(), row.status.to_owned());
+        let (kind, message) = (row.kind.map(str::to_owned), row.message.map(str::to_owned));
+        let (started, finished, fuel, peak_memory) =
+            (row.started_ms, row.finished_ms, row.fuel as i64, row.peak_memory as i64);
+        let (logs, stdout, stderr) = (capped_logs(&row.logs), capped(row.stdout), capped(row.stderr));
+        let execution = execution.map(|e| {
+            (
+                e.key.to_owned(),
+                e.step_id.to_owned(),
+                e.status.to_owned(),
+                e.output.map(Database::text),
+                e.error.map(str::to_owned),
             )
-            .map(drop)
-        })
+        });
+        self.queue(
+            run_id,
+            false,
+            Box::new(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
+                                           fuel, peak_memory, logs, stdout, stderr)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                     ON CONFLICT DO UPDATE SET status = excluded.status, kind = excluded.kind, message = excluded.message,
+                         started_ms = excluded.started_ms, finished_ms = excluded.finished_ms, fuel = excluded.fuel,
+                         peak_memory = excluded.peak_memory, logs = excluded.logs, stdout = excluded.stdout,
+                         stderr = excluded.stderr",
+                )?
+                .execute(params![
+                    id, key, attempt, step_id, status, kind, message, started, finished, fuel, peak_memory, logs, stdout,
+                    stderr
+                ])?;
+                if let Some((key, step_id, status, output, error)) = execution {
+                    conn.prepare_cached(
+                        "INSERT INTO executions (run_id, key, step_id, status, output, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT DO UPDATE SET status = excluded.status, output = excluded.output, error = excluded.error",
+                    )?
+                    .execute(params![id, key, step_id, status, output, error])?;
+                }
+                Ok(())
+            }),
+        )
+    }
+
+    fn step_finished(&self, run_id: &str, step: &StepRow<'_>) -> Durable {
+        let id = run_id.to_owned();
+        let (step_id, position, status) = (step.step_id.to_owned(), step.position as i64, step.status.to_owned());
+        let (reason, output) = (step.reason.map(str::to_owned), step.output.map(Database::text));
+        let (started, finished) = (step.started_ms, step.finished_ms);
+        self.queue(
+            run_id,
+            false,
+            Box::new(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT DO UPDATE SET status = excluded.status, reason = excluded.reason, output = excluded.output,
+                         started_ms = excluded.started_ms, finished_ms = excluded.finished_ms",
+                )?
+                .execute(params![id, step_id, position, status, reason, output, started, finished])?;
+                touch(conn, &id)
+            }),
+        )
+    }
+
+    fn run_finished(&self, run_id: &str, status: &str, outputs: &Value) -> Durable {
+        let (id, status, outputs) = (run_id.to_owned(), status.to_owned(), Database::text(outputs));
+        self.queue(
+            run_id,
+            true,
+            Box::new(move |conn| {
+                conn.execute(
+                    "UPDATE runs SET status = ?2, outputs = ?3, updated_ms = ?4, finished_ms = ?4 WHERE id = ?1",
+                    params![id, status, outputs, now_ms()],
+                )
+                .map(drop)
+            }),
+        )
+    }
+}
+
+/// Marks the run as recently active, for `stepbox runs`.
+fn touch(conn: &rusqlite::Connection, run_id: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE runs SET updated_ms = ?2 WHERE id = ?1")?.execute(params![run_id, now_ms()]).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        for id in ["a", "b"] {
+            let empty = Value::Object(Default::default());
+            let run = NewRun {
+                id,
+                workflow: "w",
+                workflow_path: "w.yaml",
+                fingerprint: &empty,
+                tenant: "t",
+                inputs: &empty,
+                labels: &[],
+            };
+            db.create_run(&run).unwrap();
+        }
+        (dir, db)
+    }
+
+    fn started<'a>(key: &'a str, attempt: u32) -> AttemptRow<'a> {
+        AttemptRow {
+            step_id: key,
+            key,
+            attempt,
+            status: "running",
+            kind: None,
+            message: None,
+            started_ms: 0.0,
+            finished_ms: None,
+            fuel: 0,
+            peak_memory: 0,
+            logs: Value::Null,
+            stdout: "",
+            stderr: "",
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_record_fails_the_later_records_of_its_run_only() {
+        let (_dir, db) = open();
+        let broken =
+            db.queue("a", false, Box::new(|conn| conn.execute("INSERT INTO nowhere VALUES (1)", []).map(drop)));
+        let after = db.attempt_started("a", &started("a/s", 1));
+        let other = db.attempt_started("b", &started("b/s", 1));
+        assert!(broken.await.unwrap_err().to_string().contains("no such table: nowhere"));
+        // The later record would have committed alone; it fails with the
+        // first failure, so awaiting it vouches for everything before it.
+        assert!(after.await.unwrap_err().to_string().contains("no such table: nowhere"));
+        other.await.unwrap();
+        // The run's last record ends that: a resume in the same process can
+        // record again.
+        assert!(db.run_finished("a", "failed", &Value::Null).await.is_err());
+        db.attempt_started("a", &started("a/s", 2)).await.unwrap();
+        assert_eq!(db.resume_state("a").unwrap().attempts["a/s"], 2);
+        assert_eq!(db.resume_state("b").unwrap().attempts["b/s"], 1);
+    }
+
+    #[tokio::test]
+    async fn awaiting_a_record_makes_every_earlier_one_durable() {
+        let (_dir, db) = open();
+        let keys: Vec<String> = (0..500).map(|n| format!("a/s[{n}]")).collect();
+        for key in &keys {
+            // Dropped without waiting.
+            drop(db.attempt_started("a", &started(key, 1)));
+        }
+        db.run_finished("a", "succeeded", &Value::Null).await.unwrap();
+        assert_eq!(db.resume_state("a").unwrap().attempts.len(), 500);
+    }
+
+    #[test]
+    fn closing_the_database_commits_what_is_queued() {
+        let (dir, db) = open();
+        for n in 0..50 {
+            drop(db.attempt_started("b", &started(&format!("b/s[{n}]"), 1)));
+        }
+        drop(db);
+        let db = Database::open(dir.path()).unwrap();
+        assert_eq!(db.resume_state("b").unwrap().attempts.len(), 50);
     }
 }

@@ -6,6 +6,7 @@
 mod journal;
 mod memory;
 mod sqlite;
+mod writer;
 
 use std::path::PathBuf;
 
@@ -16,6 +17,7 @@ pub use journal::{
 pub use memory::MemoryKeyValueStore;
 pub use sqlite::now_ms as unix_ms;
 pub use sqlite::{DATABASE_FILE, Database, SCHEMA_VERSION};
+pub use writer::Durable;
 
 /// Why the store could not be used; each says what to do about it. Nothing
 /// already committed is lost by any of them.
@@ -43,6 +45,10 @@ pub enum StoreError {
     NotWritable { path: PathBuf, detail: String },
     #[error("{path}: {detail}")]
     Sqlite { path: PathBuf, detail: String },
+    #[error(
+        "the journal writer has stopped, so nothing more can be recorded; restart stepbox and `stepbox resume` the run"
+    )]
+    WriterStopped,
     #[error("no run `{0}` in this data directory; `stepbox runs` lists them")]
     NoSuchRun(String),
 }

@@ -4,12 +4,13 @@
 //! an integrity check and a schema version on open.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
+use super::writer::{Durable, Job, Writer};
 use super::{KeyValueStore, KvError, KvScope, StoreError, add_to_stored};
 
 /// The schema this build writes. Each entry of [`MIGRATIONS`] moves a
@@ -101,7 +102,10 @@ pub fn now_ms() -> i64 {
 #[derive(Debug)]
 pub struct Database {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
+    /// Journal records go through the group-committing writer; other writes
+    /// (runs, key-value state) commit on their own.
+    writer: Writer,
 }
 
 impl Database {
@@ -112,9 +116,11 @@ impl Database {
             .map_err(|source| StoreError::DataDir { path: data_dir.to_owned(), source })?;
         let path = data_dir.join(DATABASE_FILE);
         let conn = Connection::open(&path).map_err(|err| StoreError::from_sqlite(&path, err))?;
-        let db = Database { path, conn: Mutex::new(conn) };
-        db.configure()?;
-        Ok(db)
+        let conn = Arc::new(Mutex::new(conn));
+        configure(&path, &mut conn.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let writer = Writer::start(conn.clone(), path.clone())
+            .map_err(|source| StoreError::DataDir { path: data_dir.to_owned(), source })?;
+        Ok(Database { path, conn, writer })
     }
 
     pub fn path(&self) -> &Path {
@@ -134,37 +140,6 @@ impl Database {
         StoreError::from_sqlite(&self.path, err)
     }
 
-    fn configure(&self) -> Result<(), StoreError> {
-        let mut conn = self.lock();
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(|e| self.err(e))?;
-        let mode: String =
-            conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(|e| self.err(e))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Corrupt {
-                path: self.path.clone(),
-                detail: format!("cannot switch to WAL mode (got {mode})"),
-            });
-        }
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(|e| self.err(e))?;
-        let check: String = conn.query_row("PRAGMA quick_check", [], |row| row.get(0)).map_err(|e| self.err(e))?;
-        if check != "ok" {
-            return Err(StoreError::Corrupt { path: self.path.clone(), detail: check });
-        }
-        let version: u32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(|e| self.err(e))?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema { path: self.path.clone(), found: version, supported: SCHEMA_VERSION });
-        }
-        if version < SCHEMA_VERSION {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.err(e))?;
-            for migration in &MIGRATIONS[version as usize..] {
-                tx.execute_batch(migration).map_err(|e| self.err(e))?;
-            }
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| self.err(e))?;
-            tx.commit().map_err(|e| self.err(e))?;
-        }
-        Ok(())
-    }
-
     /// Runs `f` in one immediate (write-locking) transaction.
     pub(crate) fn write<T>(
         &self,
@@ -177,10 +152,45 @@ impl Database {
         Ok(value)
     }
 
+    /// Queues a journal record of `run_id` for the next group commit.
+    pub(crate) fn queue(&self, run_id: &str, last: bool, job: Job) -> Durable {
+        self.writer.queue(run_id, last, job)
+    }
+
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let conn = self.lock();
         f(&conn).map_err(|e| self.err(e))
     }
+}
+
+fn configure(path: &Path, conn: &mut Connection) -> Result<(), StoreError> {
+    let err = |err| StoreError::from_sqlite(path, err);
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(err)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: format!("cannot switch to WAL mode (got {mode})"),
+        });
+    }
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;").map_err(err)?;
+    let check: String = conn.query_row("PRAGMA quick_check", [], |row| row.get(0)).map_err(err)?;
+    if check != "ok" {
+        return Err(StoreError::Corrupt { path: path.to_owned(), detail: check });
+    }
+    let version: u32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema { path: path.to_owned(), found: version, supported: SCHEMA_VERSION });
+    }
+    if version < SCHEMA_VERSION {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        for migration in &MIGRATIONS[version as usize..] {
+            tx.execute_batch(migration).map_err(err)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+    Ok(())
 }
 
 impl Database {
@@ -298,17 +308,19 @@ impl KeyValueStore for Database {
 /// Maps SQLite's error codes to what a user can do about them.
 impl StoreError {
     pub(crate) fn from_sqlite(path: &Path, err: rusqlite::Error) -> Self {
+        StoreError::from_code(path, err.sqlite_error_code(), err.to_string())
+    }
+
+    pub(crate) fn from_code(path: &Path, code: Option<ErrorCode>, detail: String) -> Self {
         let path = path.to_owned();
-        match err.sqlite_error_code() {
+        match code {
             Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked { path },
             Some(ErrorCode::DiskFull) => StoreError::DiskFull { path },
-            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => {
-                StoreError::Corrupt { path, detail: err.to_string() }
-            }
+            Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::Corrupt { path, detail },
             Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => {
-                StoreError::NotWritable { path, detail: err.to_string() }
+                StoreError::NotWritable { path, detail }
             }
-            _ => StoreError::Sqlite { path, detail: err.to_string() },
+            _ => StoreError::Sqlite { path, detail },
         }
     }
 }
