@@ -60,6 +60,12 @@ impl Sandbox {
         Ok(Sandbox { engine, linkers: Arc::new(Linkers { component, module }), cache, kv, config })
     }
 
+    /// The engine every attempt runs on (for benchmarks that compare
+    /// against wasmtime alone).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
     /// Compiles and validates the component at `path`. Compiling is
     /// CPU-heavy: call it from a blocking context.
     pub fn load(&self, path: &Path) -> Result<StepComponent, LoadError> {

@@ -1,0 +1,159 @@
+//! Baselines built from wasmtime alone: the floor of an attempt, a naive
+//! embedding, and what fuel and epochs cost a CPU-bound loop.
+
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{ComponentType, InstancePre, Lift, Linker, Lower, ResourceTable};
+use wasmtime::{Config, Engine, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// `stepbox:step/types.step-context`, for calling `run` without stepbox.
+#[derive(ComponentType, Lower)]
+#[component(record)]
+struct Context {
+    #[component(name = "run-id")]
+    run_id: String,
+    #[component(name = "step-id")]
+    step_id: String,
+    attempt: u32,
+    #[component(name = "idempotency-key")]
+    idempotency_key: String,
+    tenant: String,
+}
+
+#[derive(ComponentType, Lift)]
+#[component(variant)]
+enum StepError {
+    #[component(name = "retryable")]
+    Retryable(String),
+    #[component(name = "fatal")]
+    Fatal(String),
+}
+
+struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+fn linker(engine: &Engine) -> anyhow::Result<Linker<State>> {
+    let mut linker = Linker::new(engine);
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    // The step contract's types interface has no functions to provide.
+    linker.instance("stepbox:step/types@0.1.0").map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    Ok(linker)
+}
+
+/// One call of `run` in a new store, as bare as wasmtime allows.
+async fn call(engine: &Engine, pre: &InstancePre<State>, i: usize) -> anyhow::Result<()> {
+    let state = State { wasi: WasiCtx::builder().build(), table: ResourceTable::new() };
+    let mut store = Store::new(engine, state);
+    // The engine meters fuel and interrupts on epochs, as stepbox's does.
+    let _ = store.set_fuel(u64::MAX / 2);
+    store.set_epoch_deadline(u64::MAX / 2);
+    let instance = pre.instantiate_async(&mut store).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let run = instance
+        .get_typed_func::<(Context, &str), (Result<String, StepError>,)>(&mut store, "run")
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let context = Context {
+        run_id: "bench".into(),
+        step_id: format!("s{i}"),
+        attempt: 1,
+        idempotency_key: format!("bench/s{i}"),
+        tenant: "default".into(),
+    };
+    let (result,) = run.call_async(&mut store, (context, "null")).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    match result {
+        Ok(_) => Ok(()),
+        Err(StepError::Retryable(message) | StepError::Fatal(message)) => {
+            anyhow::bail!("the no-op step failed: {message}")
+        }
+    }
+}
+
+pub struct Floor {
+    engine: Engine,
+    pre: InstancePre<State>,
+}
+
+impl Floor {
+    /// `engine` is stepbox's own, so both sides pay for the same settings.
+    pub fn new(engine: &Engine, path: &str) -> anyhow::Result<Self> {
+        let component =
+            wasmtime::component::Component::from_file(engine, path).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let pre = linker(engine)?.instantiate_pre(&component).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        Ok(Floor { engine: engine.clone(), pre })
+    }
+
+    /// `n` attempts, `parallel` at a time (on tokio's threads, as
+    /// stepbox's attempts run).
+    pub async fn run(&self, n: usize, parallel: usize) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let mut workers = tokio::task::JoinSet::new();
+        for worker in 0..parallel {
+            let (engine, pre) = (self.engine.clone(), self.pre.clone());
+            workers.spawn(async move {
+                for i in (worker..n).step_by(parallel) {
+                    call(&engine, &pre, i).await?;
+                }
+                anyhow::Ok(())
+            });
+        }
+        while let Some(done) = workers.join_next().await {
+            done??;
+        }
+        Ok(started.elapsed())
+    }
+}
+
+/// `n` attempts that each build an engine and compile the component anew.
+pub async fn naive(path: &str, n: usize) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    for i in 0..n {
+        let mut config = Config::new();
+        config.consume_fuel(true).epoch_interruption(true);
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let floor = Floor::new(&engine, path)?;
+        call(&floor.engine, &floor.pre, i).await?;
+    }
+    Ok(started.elapsed())
+}
+
+pub struct LimitsCost {
+    pub bare: Duration,
+    pub fuel: Duration,
+    pub epoch: Duration,
+}
+
+/// A counting loop of `iterations`, compiled and run three ways.
+pub fn limits_cost(iterations: u64) -> anyhow::Result<LimitsCost> {
+    let wat = r#"(module (func (export "spin") (param $n i64) (result i64)
+        (local $i i64)
+        (loop $again
+          (local.set $i (i64.add (local.get $i) (i64.const 1)))
+          (br_if $again (i64.lt_u (local.get $i) (local.get $n))))
+        (local.get $i)))"#;
+    let run = |fuel: bool, epoch: bool| -> anyhow::Result<Duration> {
+        let mut config = Config::new();
+        config.consume_fuel(fuel).epoch_interruption(epoch);
+        let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let module = wasmtime::Module::new(&engine, wat).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let mut store = Store::new(&engine, ());
+        if fuel {
+            store.set_fuel(u64::MAX / 2).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        }
+        store.set_epoch_deadline(u64::MAX / 2);
+        let instance = wasmtime::Instance::new(&mut store, &module, &[]).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let spin = instance.get_typed_func::<i64, i64>(&mut store, "spin").map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let started = Instant::now();
+        let counted = spin.call(&mut store, iterations as i64).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        anyhow::ensure!(counted as u64 == iterations, "the loop counted {counted}");
+        Ok(started.elapsed())
+    };
+    Ok(LimitsCost { bare: run(false, false)?, fuel: run(true, false)?, epoch: run(false, true)? })
+}

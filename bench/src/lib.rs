@@ -1,0 +1,241 @@
+//! The benchmark suite. Every comparison runs in one process, side by side
+//! with its baseline, and is reported as a ratio, so a noisy shared machine
+//! moves both sides alike.
+
+mod floor;
+mod measure;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use stepbox::sandbox::{EngineConfig, Sandbox};
+use stepbox::scheduler::{self, RunOptions, RunStatus};
+use stepbox::store::{Database, MemoryKeyValueStore, NewRun};
+use stepbox::workflow::{StepBuilder, Workflow, WorkflowBuilder};
+use stepbox_tests::guests;
+
+use measure::per_step;
+pub use measure::{Report, Row, Target, Value};
+
+/// How big each comparison is.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizes {
+    /// Steps in the wide graph and in the chain (and processes).
+    pub graph: usize,
+    /// Steps of the naive embedding, which compiles for each.
+    pub naive: usize,
+    /// Iterations of the CPU-bound loop.
+    pub cpu_loop: u64,
+    /// Steps per run in the memory comparison, and runs before each reading.
+    pub memory_run: usize,
+    pub memory_runs: (usize, usize),
+}
+
+/// What the issue asks for: 10,000 steps, 100,000 sequential ones.
+pub const FULL: Sizes =
+    Sizes { graph: 10_000, naive: 100, cpu_loop: 1_000_000_000, memory_run: 1_000, memory_runs: (1, 100) };
+/// Every comparison, small enough for CI.
+pub const SMOKE: Sizes = Sizes { graph: 100, naive: 3, cpu_loop: 5_000_000, memory_run: 20, memory_runs: (1, 5) };
+
+/// Runs every comparison; `progress` hears what is about to run.
+pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Report> {
+    let mut report = Report::new();
+    let dir = tempfile::tempdir()?;
+    let sandbox = sandbox(&dir.path().join("compiled"))?;
+    let n = sizes.graph;
+    let parallel = scheduler::default_max_parallel();
+
+    progress("floor");
+    let floor = floor::Floor::new(sandbox.engine(), guests::NOOP)?;
+    let floor_one = per_step(floor.run(n, 1).await?, n);
+    let floor_parallel = per_step(floor.run(n, parallel).await?, n);
+    report.time("floor: bare wasmtime, instantiate + call a no-op step, one at a time", floor_one, None);
+    report.time(&format!("floor: the same, {parallel} at a time"), floor_parallel, None);
+
+    // Loading the component first puts it in the compile cache, so the
+    // runs measure scheduling and attempts, not a compile.
+    sandbox.load(Path::new(guests::NOOP))?;
+    let floor_wide = Some(("floor, parallel", floor_parallel));
+    let floor_chain = Some(("floor, one at a time", floor_one));
+    let mut wide_journal = Duration::ZERO;
+    for (journal, target) in [(false, 1.5), (true, 2.0)] {
+        let what = if journal { "journal" } else { "no journal" };
+        progress(&format!("wide graph, {what}"));
+        let journal_dir = journal.then(|| dir.path().join(format!("wide-{what}")));
+        let time = per_step(timed_run(&sandbox, workflow("wide", n, false)?, journal_dir.as_deref()).await?, n);
+        report.compare(
+            &format!("stepbox: {n} independent no-op steps, {what}"),
+            time,
+            floor_wide,
+            Target::AtMost(target),
+        );
+        if journal {
+            wide_journal = time;
+        }
+    }
+    for journal in [false, true] {
+        let what = if journal { "journal" } else { "no journal" };
+        progress(&format!("chain, {what}"));
+        let journal_dir = journal.then(|| dir.path().join(format!("chain-{what}")));
+        let time = per_step(timed_run(&sandbox, workflow("chain", n, true)?, journal_dir.as_deref()).await?, n);
+        report.compare(&format!("stepbox: a chain of {n} no-op steps, {what}"), time, floor_chain, Target::None);
+    }
+
+    progress("fsync");
+    let commit = measure::durable_commit(&dir.path().join("fsync"))?;
+    report.time("one durable SQLite commit on this disk (WAL, synchronous=FULL)", commit, None);
+
+    progress("process per step");
+    let processes = per_step(process_per_step(n, parallel).await?, n);
+    report.compare(
+        &format!("process per step: {n} × /bin/true, {parallel} at a time"),
+        processes,
+        Some(("stepbox, independent steps, journal", wide_journal)),
+        Target::AtLeast(20.0),
+    );
+
+    progress("naive embedding");
+    let naive = per_step(floor::naive(guests::NOOP, sizes.naive).await?, sizes.naive);
+    report.compare(
+        &format!("naive embedding: a new engine and a compile per step ({} steps)", sizes.naive),
+        naive,
+        floor_chain,
+        Target::None,
+    );
+
+    progress("cold and warm start");
+    let large = guests::TRANSFORM_JS;
+    let megabytes = std::fs::metadata(large)?.len() as f64 / 1e6;
+    let cache = dir.path().join("start");
+    let cold = start(large, &cache).await?;
+    let warm = start(large, &cache).await?;
+    report.time("warm start: a run of a one-step workflow, compiled component cached", warm, None);
+    report.compare(
+        &format!("cold start: the same run compiling its {megabytes:.1} MB component"),
+        cold,
+        Some(("warm start", warm)),
+        Target::AtLeast(20.0),
+    );
+
+    progress("fuel and epochs");
+    let limits = floor::limits_cost(sizes.cpu_loop)?;
+    let bare = Some(("no fuel, no epochs", limits.bare));
+    report.time(&format!("CPU loop of {} iterations: no fuel, no epochs", sizes.cpu_loop), limits.bare, None);
+    report.compare("CPU loop: fuel on", limits.fuel, bare, Target::AtMost(1.3));
+    report.compare("CPU loop: epoch interruption on", limits.epoch, bare, Target::None);
+
+    progress("memory");
+    let (early, late) = sizes.memory_runs;
+    let memory_workflow = Arc::new(workflow("memory", sizes.memory_run, true)?);
+    for _ in 0..early {
+        run(&sandbox, memory_workflow.clone(), RunOptions::new("memory")).await?;
+    }
+    let after_early = measure::resident_bytes();
+    for _ in early..late {
+        run(&sandbox, memory_workflow.clone(), RunOptions::new("memory")).await?;
+    }
+    let after_late = measure::resident_bytes();
+    let (steps_early, steps_late) = (early * sizes.memory_run, late * sizes.memory_run);
+    report.bytes(&format!("resident memory after {steps_early} sequential steps"), after_early, None, Target::None);
+    report.bytes(
+        &format!("resident memory after {steps_late} sequential steps"),
+        after_late,
+        Some((&format!("after {steps_early}"), after_early)),
+        Target::AtMost(1.1),
+    );
+    let before = measure::resident_bytes();
+    measure::reset_peak_resident();
+    timed_run(&sandbox, workflow("pending", n, false)?, Some(&dir.path().join("pending"))).await?;
+    report.bytes(
+        &format!("peak resident memory while {n} steps are pending (journal on)"),
+        measure::peak_resident_bytes(),
+        Some(("resident before the run", before)),
+        Target::None,
+    );
+    Ok(report)
+}
+
+fn sandbox(cache: &Path) -> anyhow::Result<Sandbox> {
+    let config = EngineConfig { cache_dir: Some(cache.to_owned()), ..EngineConfig::default() };
+    Ok(Sandbox::new(config, Arc::new(MemoryKeyValueStore::new()))?)
+}
+
+/// `n` no-op steps, independent or each depending on the one before.
+fn workflow(name: &str, n: usize, chain: bool) -> anyhow::Result<Workflow> {
+    let mut builder = WorkflowBuilder::new(name).component("noop", guests::NOOP);
+    for i in 0..n {
+        let mut step = StepBuilder::new(format!("s{i}"), "noop").with(json!(null));
+        if chain && i > 0 {
+            step = step.depends_on([format!("s{}", i - 1)]);
+        }
+        builder = builder.step(step);
+    }
+    Ok(builder.build()?)
+}
+
+async fn run(sandbox: &Sandbox, workflow: Arc<Workflow>, options: RunOptions) -> anyhow::Result<()> {
+    let report = scheduler::run(sandbox, workflow, &Default::default(), options).await?;
+    anyhow::ensure!(report.status == RunStatus::Succeeded, "a benchmark run failed: {:?}", report.error);
+    Ok(())
+}
+
+/// Runs `workflow` (with a journal in `journal_dir` when given) and returns
+/// its wall time, recording the run as the CLI does.
+async fn timed_run(sandbox: &Sandbox, workflow: Workflow, journal_dir: Option<&Path>) -> anyhow::Result<Duration> {
+    let mut options = RunOptions::new(workflow.name.clone());
+    if let Some(dir) = journal_dir {
+        let db = Database::open(dir)?;
+        db.create_run(&NewRun {
+            id: &options.run_id,
+            workflow: &workflow.name,
+            workflow_path: "",
+            fingerprint: &json!({}),
+            tenant: "default",
+            inputs: &json!({}),
+            labels: &[],
+        })?;
+        options.journal = Some(Arc::new(db));
+    }
+    let started = Instant::now();
+    run(sandbox, Arc::new(workflow), options).await?;
+    Ok(started.elapsed())
+}
+
+/// A run of a one-step workflow using `component`, by a new sandbox (as a
+/// new process would make) with the compile cache in `cache`.
+async fn start(component: &str, cache: &Path) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let sandbox = sandbox(cache)?;
+    let order = json!({ "id": "o-1", "customer": { "first_name": "Ada", "last_name": "Lovelace" },
+                        "items": [{ "sku": "tea", "quantity": 2, "unit_price_cents": 250 }] });
+    let limits = stepbox::workflow::spec::LimitsSpec {
+        fuel: Some(20_000_000_000),
+        timeout: Some(Duration::from_secs(120)),
+        ..Default::default()
+    };
+    let step = StepBuilder::new("invoice", "transform").with(order).config("currency", "EUR").limits(limits);
+    let workflow = WorkflowBuilder::new("start").component("transform", component).step(step);
+    run(&sandbox, Arc::new(workflow.build()?), RunOptions::new("start")).await?;
+    Ok(started.elapsed())
+}
+
+/// `n` processes of `/bin/true`, `parallel` at a time.
+async fn process_per_step(n: usize, parallel: usize) -> anyhow::Result<Duration> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let slot = slots.clone().acquire_owned().await?;
+        tasks.spawn(async move {
+            let status = tokio::process::Command::new("/bin/true").status().await;
+            drop(slot);
+            status
+        });
+    }
+    while let Some(status) = tasks.join_next().await {
+        anyhow::ensure!(status??.success(), "/bin/true failed");
+    }
+    Ok(started.elapsed())
+}

@@ -1,0 +1,154 @@
+//! Timings, memory readings, and the report they go into.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub fn per_step(total: Duration, steps: usize) -> Duration {
+    total / steps.max(1) as u32
+}
+
+/// Resident memory now, from /proc (0 where there is none).
+pub fn resident_bytes() -> u64 {
+    status_kib("VmRSS:") * 1024
+}
+
+/// The most resident memory this process has had since the last
+/// [`reset_peak_resident`].
+pub fn peak_resident_bytes() -> u64 {
+    status_kib("VmHWM:") * 1024
+}
+
+/// Starts a new peak: Linux resets it when 5 is written to `clear_refs`.
+pub fn reset_peak_resident() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn status_kib(field: &str) -> u64 {
+    kib_field("/proc/self/status", field)
+}
+
+/// A `Field:   123 kB` line of a /proc file.
+fn kib_field(file: &str, field: &str) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    text.lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The time of one durable commit with the journal's settings: what a
+/// chain must pay per link.
+pub fn durable_commit(dir: &Path) -> anyhow::Result<Duration> {
+    std::fs::create_dir_all(dir)?;
+    let conn = rusqlite::Connection::open(dir.join("fsync.db"))?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+    conn.execute_batch("PRAGMA synchronous = FULL; CREATE TABLE t (n INTEGER)")?;
+    let commits = 200;
+    let started = Instant::now();
+    for n in 0..commits {
+        conn.execute("INSERT INTO t VALUES (?1)", [n as i64])?;
+    }
+    Ok(per_step(started.elapsed(), commits))
+}
+
+/// What a ratio should be, as the issue sets it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Target {
+    None,
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+impl Target {
+    fn met(self, ratio: f64) -> Option<bool> {
+        match self {
+            Target::None => None,
+            Target::AtMost(bound) => Some(ratio <= bound),
+            Target::AtLeast(bound) => Some(ratio >= bound),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    Time(Duration),
+    Bytes(u64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub what: String,
+    pub value: Value,
+    /// What this row is compared with, and this value / that one.
+    pub ratio: Option<(String, f64)>,
+    pub target: Target,
+}
+
+impl Row {
+    /// Whether the ratio meets its target; `None` without a target.
+    pub fn met(&self) -> Option<bool> {
+        self.ratio.as_ref().and_then(|(_, ratio)| self.target.met(*ratio))
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    pub fn new() -> Self {
+        Report::default()
+    }
+
+    pub fn time(&mut self, what: &str, value: Duration, baseline: Option<(&str, Duration)>) {
+        self.compare(what, value, baseline, Target::None);
+    }
+
+    pub fn compare(&mut self, what: &str, value: Duration, baseline: Option<(&str, Duration)>, target: Target) {
+        let ratio = baseline.map(|(name, base)| (name.to_owned(), value.as_secs_f64() / base.as_secs_f64().max(1e-12)));
+        self.rows.push(Row { what: what.to_owned(), value: Value::Time(value), ratio, target });
+    }
+
+    pub fn bytes(&mut self, what: &str, bytes: u64, baseline: Option<(&str, u64)>, target: Target) {
+        let ratio = baseline.map(|(name, base)| (name.to_owned(), bytes as f64 / base.max(1) as f64));
+        self.rows.push(Row { what: what.to_owned(), value: Value::Bytes(bytes), ratio, target });
+    }
+
+    /// The table, with the machine it ran on.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| {
+                info.lines().find_map(|l| {
+                    l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+                })
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let memory = kib_field("/proc/meminfo", "MemTotal:") as f64 / (1024.0 * 1024.0);
+        let _ = writeln!(out, "machine: {cpu}, {cores} cores, {memory:.0} GiB\n");
+        let _ = writeln!(out, "| measurement | value | ratio | to | target |");
+        let _ = writeln!(out, "| --- | ---: | ---: | --- | --- |");
+        for row in &self.rows {
+            let value = match row.value {
+                Value::Time(time) if time < Duration::from_millis(10) => format!("{:.1} µs", time.as_secs_f64() * 1e6),
+                Value::Time(time) => format!("{:.1} ms", time.as_secs_f64() * 1e3),
+                Value::Bytes(bytes) => format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
+            };
+            let (ratio, to) = match &row.ratio {
+                Some((name, ratio)) => (format!("{ratio:.2}×"), name.as_str()),
+                None => (String::new(), ""),
+            };
+            let target = match (row.target, row.met()) {
+                (Target::AtMost(bound), Some(met)) => format!("≤ {bound}× {}", if met { "met" } else { "**missed**" }),
+                (Target::AtLeast(bound), Some(met)) => format!("≥ {bound}× {}", if met { "met" } else { "**missed**" }),
+                _ => String::new(),
+            };
+            let _ = writeln!(out, "| {} | {value} | {ratio} | {to} | {target} |", row.what);
+        }
+        out
+    }
+}

@@ -1,0 +1,42 @@
+//! The suite at its smoke size, so it cannot rot: every comparison runs and
+//! gives a reading. The ratios themselves are not asserted here; on a
+//! shared machine they are for `BENCHMARKS.md`, not for pass or fail.
+
+use stepbox_bench::{SMOKE, Target, suite};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_comparison_runs_and_gives_a_reading() {
+    let report = suite(SMOKE, |_| {}).await.unwrap();
+    let find = |what: &str| {
+        report.rows.iter().find(|row| row.what.contains(what)).unwrap_or_else(|| panic!("no row for {what}"))
+    };
+    for what in [
+        "floor: bare wasmtime",
+        "independent no-op steps, no journal",
+        "independent no-op steps, journal",
+        "chain of 100 no-op steps, no journal",
+        "chain of 100 no-op steps, journal",
+        "durable SQLite commit",
+        "process per step",
+        "naive embedding",
+        "warm start",
+        "cold start",
+        "CPU loop: fuel on",
+        "CPU loop: epoch interruption on",
+        "resident memory after 100 sequential steps",
+        "peak resident memory",
+    ] {
+        let row = find(what);
+        match row.value {
+            stepbox_bench::Value::Time(time) => assert!(!time.is_zero(), "{what}: {row:?}"),
+            stepbox_bench::Value::Bytes(bytes) => assert!(bytes > 0, "{what}: {row:?}"),
+        }
+        if let Some((_, ratio)) = &row.ratio {
+            assert!(ratio.is_finite() && *ratio > 0.0, "{what}: {row:?}");
+        }
+    }
+    // Every target of the issue is attached to its comparison.
+    let targets = report.rows.iter().filter(|row| row.target != Target::None).count();
+    assert_eq!(targets, 6, "{}", report.markdown());
+    assert!(report.markdown().contains("| measurement | value | ratio | to | target |"));
+}
