@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::sqlite::{Database, now_ms};
+use super::writer::Kind;
 use super::{Durable, StoreError};
 
 /// What the scheduler records. Implemented by [`Database`]; a server-backed
@@ -17,7 +18,9 @@ use super::{Durable, StoreError};
 /// Recording queues: each method returns at once, with a [`Durable`] that
 /// resolves when the record is committed. A run's records commit in the
 /// order they were queued, and after one fails every later one of the run
-/// fails, so awaiting a record vouches for all before it.
+/// fails, so awaiting a record vouches for all before it. Finish records
+/// are not waited for: they commit with the run's next start record, or
+/// within a few milliseconds.
 pub trait Journal: Send + Sync {
     /// What an interrupted run already did.
     fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError>;
@@ -420,14 +423,14 @@ impl Journal for Database {
             (run_id.to_owned(), row.key.to_owned(), row.attempt, row.step_id.to_owned(), row.started_ms);
         self.queue(
             run_id,
-            false,
+            Kind::Awaited,
             Box::new(move |conn| {
                 conn.prepare_cached(
                     "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms) VALUES (?1, ?2, ?3, ?4, 'running', ?5)
                      ON CONFLICT DO UPDATE SET status = 'running', started_ms = excluded.started_ms",
                 )?
-                .execute(params![id, key, attempt, step_id, started])?;
-                touch(conn, &id)
+                .execute(params![id, key, attempt, step_id, started])
+                .map(drop)
             }),
         )
     }
@@ -451,7 +454,7 @@ impl Journal for Database {
         });
         self.queue(
             run_id,
-            false,
+            Kind::Lazy,
             Box::new(move |conn| {
                 conn.prepare_cached(
                     "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
@@ -466,7 +469,7 @@ impl Journal for Database {
                     id, key, attempt, step_id, status, kind, message, started, finished, fuel, peak_memory, logs, stdout,
                     stderr
                 ])?;
-                if let Some((key, step_id, status, output, error)) = execution {
+                if let Some((key, step_id, status, output, error)) = &execution {
                     conn.prepare_cached(
                         "INSERT INTO executions (run_id, key, step_id, status, output, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                          ON CONFLICT DO UPDATE SET status = excluded.status, output = excluded.output, error = excluded.error",
@@ -485,7 +488,7 @@ impl Journal for Database {
         let (started, finished) = (step.started_ms, step.finished_ms);
         self.queue(
             run_id,
-            false,
+            Kind::Lazy,
             Box::new(move |conn| {
                 conn.prepare_cached(
                     "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms)
@@ -503,7 +506,7 @@ impl Journal for Database {
         let (id, status, outputs) = (run_id.to_owned(), status.to_owned(), Database::text(outputs));
         self.queue(
             run_id,
-            true,
+            Kind::Last,
             Box::new(move |conn| {
                 conn.execute(
                     "UPDATE runs SET status = ?2, outputs = ?3, updated_ms = ?4, finished_ms = ?4 WHERE id = ?1",
@@ -564,10 +567,12 @@ mod tests {
     #[tokio::test]
     async fn a_failed_record_fails_the_later_records_of_its_run_only() {
         let (_dir, db) = open();
+        let before = db.attempt_started("a", &started("a/first", 1));
         let broken =
-            db.queue("a", false, Box::new(|conn| conn.execute("INSERT INTO nowhere VALUES (1)", []).map(drop)));
+            db.queue("a", Kind::Awaited, Box::new(|conn| conn.execute("INSERT INTO nowhere VALUES (1)", []).map(drop)));
         let after = db.attempt_started("a", &started("a/s", 1));
         let other = db.attempt_started("b", &started("b/s", 1));
+        before.await.unwrap();
         assert!(broken.await.unwrap_err().to_string().contains("no such table: nowhere"));
         // The later record would have committed alone; it fails with the
         // first failure, so awaiting it vouches for everything before it.
@@ -578,6 +583,7 @@ mod tests {
         assert!(db.run_finished("a", "failed", &Value::Null).await.is_err());
         db.attempt_started("a", &started("a/s", 2)).await.unwrap();
         assert_eq!(db.resume_state("a").unwrap().attempts["a/s"], 2);
+        assert_eq!(db.resume_state("a").unwrap().attempts["a/first"], 1);
         assert_eq!(db.resume_state("b").unwrap().attempts["b/s"], 1);
     }
 

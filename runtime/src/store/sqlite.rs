@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
-use super::writer::{Durable, Job, Writer};
+use super::writer::{Durable, Job, Kind, Writer};
 use super::{KeyValueStore, KvError, KvScope, StoreError, add_to_stored};
 
 /// The schema this build writes. Each entry of [`MIGRATIONS`] moves a
@@ -153,8 +153,14 @@ impl Database {
     }
 
     /// Queues a journal record of `run_id` for the next group commit.
-    pub(crate) fn queue(&self, run_id: &str, last: bool, job: Job) -> Durable {
-        self.writer.queue(run_id, last, job)
+    pub(crate) fn queue(&self, run_id: &str, kind: Kind, job: Job) -> Durable {
+        self.writer.queue(run_id, kind, job)
+    }
+
+    /// Journal transactions committed by this handle: with group commit,
+    /// fewer than the records written.
+    pub fn journal_commits(&self) -> u64 {
+        self.writer.commits()
     }
 
     pub(crate) fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {

@@ -1,7 +1,10 @@
 //! Group commit for the journal: records are queued to one writer thread,
 //! which commits everything queued while its previous commit was syncing in
-//! one transaction. A wide graph pays one fsync for many records; a chain
-//! pays one per link, because each link waits for its own start record.
+//! one transaction. A record nobody waits for ([`Kind::Lazy`]) waits a
+//! little for company: it commits with the next awaited record, or after
+//! [`LAZY_WINDOW`]. So a wide graph pays one fsync for many records, and a
+//! chain one per link: a link's finish records commit with the next link's
+//! start record.
 //!
 //! Records of a run commit in the order they were queued, and once one of
 //! them fails every later record of that run fails too. So a caller may drop
@@ -12,8 +15,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
@@ -24,12 +29,30 @@ use super::StoreError;
 /// before it, is durable.
 pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
-/// One record's statements, run inside the batch's transaction.
-pub(crate) type Job = Box<dyn FnOnce(&Connection) -> rusqlite::Result<()> + Send>;
+/// One record's statements, run inside the batch's transaction (again, if
+/// another record of the batch failed and the batch is retried without it).
+pub(crate) type Job = Box<dyn Fn(&Connection) -> rusqlite::Result<()> + Send>;
 
 /// Records committed together at most; bounds how long one commit holds the
 /// database.
 const MAX_BATCH: usize = 1024;
+
+/// The longest a lazy record waits for an awaited one. A crash in this
+/// window loses finish records, never start records: the attempts they
+/// finished count as interrupted and run again on resume.
+pub(crate) const LAZY_WINDOW: Duration = Duration::from_millis(2);
+
+/// How a record is waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Nobody waits for it; a later awaited record of its run vouches for it.
+    Lazy,
+    /// Someone waits for it, so it commits as soon as the disk allows.
+    Awaited,
+    /// The run's last record (awaited): after it, the run's failure is
+    /// forgotten, so the same process can resume the run.
+    Last,
+}
 
 struct Queued {
     ticket: Ticket,
@@ -39,9 +62,7 @@ struct Queued {
 /// Who waits for a queued record.
 struct Ticket {
     run_id: String,
-    /// The run's last record: after it, the run's failure is forgotten, so
-    /// the same process can resume the run.
-    last: bool,
+    kind: Kind,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -68,22 +89,30 @@ impl Lost {
 pub(crate) struct Writer {
     queue: Option<Sender<Queued>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Transactions committed so far.
+    commits: Arc<AtomicU64>,
 }
 
 impl Writer {
     pub(crate) fn start(conn: Arc<Mutex<Connection>>, path: PathBuf) -> std::io::Result<Self> {
         let (queue, receiver) = std::sync::mpsc::channel();
+        let commits = Arc::new(AtomicU64::new(0));
+        let counter = commits.clone();
         let thread = std::thread::Builder::new()
             .name("stepbox-journal".into())
-            .spawn(move || write_batches(&conn, &path, &receiver))?;
-        Ok(Writer { queue: Some(queue), thread: Some(thread) })
+            .spawn(move || write_batches(&conn, &path, &receiver, &counter))?;
+        Ok(Writer { queue: Some(queue), thread: Some(thread), commits })
     }
 
-    /// Queues `job` as a record of `run_id`; `last` marks the run's final
-    /// record.
-    pub(crate) fn queue(&self, run_id: &str, last: bool, job: Job) -> Durable {
+    /// Transactions committed so far: how well records were grouped.
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Queues `job` as a record of `run_id`.
+    pub(crate) fn queue(&self, run_id: &str, kind: Kind, job: Job) -> Durable {
         let (done, receiver) = oneshot::channel();
-        let queued = Queued { ticket: Ticket { run_id: run_id.to_owned(), last, done }, job };
+        let queued = Queued { ticket: Ticket { run_id: run_id.to_owned(), kind, done }, job };
         let sent = self.queue.as_ref().is_some_and(|queue| queue.send(queued).is_ok());
         Box::pin(async move {
             match (sent, receiver.await) {
@@ -103,22 +132,29 @@ impl Drop for Writer {
     }
 }
 
-fn write_batches(conn: &Mutex<Connection>, path: &std::path::Path, receiver: &Receiver<Queued>) {
+fn write_batches(conn: &Mutex<Connection>, path: &std::path::Path, receiver: &Receiver<Queued>, commits: &AtomicU64) {
     // Runs whose records failed, with the first failure.
     let mut lost: HashMap<String, Lost> = HashMap::new();
     while let Ok(first) = receiver.recv() {
+        let lazy_until = Instant::now() + LAZY_WINDOW;
+        let mut awaited = first.ticket.kind != Kind::Lazy;
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(queued) => batch.push(queued),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+            let next = if awaited {
+                receiver.try_recv().ok()
+            } else {
+                receiver.recv_timeout(lazy_until.saturating_duration_since(Instant::now())).ok()
+            };
+            let Some(queued) = next else { break };
+            awaited |= queued.ticket.kind != Kind::Lazy;
+            batch.push(queued);
         }
         let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
         let outcomes = commit(&mut conn, batch, &mut lost);
         drop(conn);
+        commits.fetch_add(1, Ordering::Relaxed);
         for (ticket, outcome) in outcomes {
-            if ticket.last {
+            if ticket.kind == Kind::Last {
                 lost.remove(&ticket.run_id);
             }
             let _ = ticket.done.send(outcome.map_err(|lost| lost.error(path)));
@@ -126,40 +162,56 @@ fn write_batches(conn: &Mutex<Connection>, path: &std::path::Path, receiver: &Re
     }
 }
 
-/// Runs each record in its own savepoint of one transaction: a record that
-/// fails is rolled back alone (and fails its run's later records), the
-/// others commit together.
+/// Commits the batch in one transaction. A record that fails is dropped
+/// from the batch with every later record of its run, and the rest is tried
+/// again; a failed commit fails them all.
 fn commit(
     conn: &mut Connection,
     batch: Vec<Queued>,
     lost: &mut HashMap<String, Lost>,
 ) -> Vec<(Ticket, Result<(), Lost>)> {
-    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(err) => return fail_all(batch.into_iter().map(|queued| queued.ticket), &Lost::of(&err), lost),
-    };
     let mut outcomes = Vec::with_capacity(batch.len());
-    for Queued { ticket, job } in batch {
-        let outcome = match lost.get(&ticket.run_id) {
-            Some(earlier) => Err(earlier.clone()),
-            None => run_job(&mut tx, job).map_err(|err| {
-                let failure = Lost::of(&err);
-                lost.insert(ticket.run_id.clone(), failure.clone());
-                failure
-            }),
-        };
-        outcomes.push((ticket, outcome));
+    let mut pending = Vec::with_capacity(batch.len());
+    for queued in batch {
+        match lost.get(&queued.ticket.run_id) {
+            Some(earlier) => outcomes.push((queued.ticket, Err(earlier.clone()))),
+            None => pending.push(queued),
+        }
     }
-    match tx.commit() {
-        Ok(()) => outcomes,
-        Err(err) => fail_all(outcomes.into_iter().map(|(ticket, _)| ticket), &Lost::of(&err), lost),
+    loop {
+        match try_commit(conn, &pending) {
+            Ok(()) => {
+                outcomes.extend(pending.into_iter().map(|queued| (queued.ticket, Ok(()))));
+                return outcomes;
+            }
+            Err((Some(index), err)) => {
+                let failure = Lost::of(&err);
+                let run_id = pending[index].ticket.run_id.clone();
+                lost.insert(run_id.clone(), failure.clone());
+                let mut position = 0;
+                let (kept, failed): (Vec<_>, Vec<_>) = pending.into_iter().partition(|queued| {
+                    position += 1;
+                    position <= index || queued.ticket.run_id != run_id
+                });
+                outcomes.extend(failed.into_iter().map(|queued| (queued.ticket, Err(failure.clone()))));
+                pending = kept;
+            }
+            Err((None, err)) => {
+                outcomes.extend(fail_all(pending.into_iter().map(|queued| queued.ticket), &Lost::of(&err), lost));
+                return outcomes;
+            }
+        }
     }
 }
 
-fn run_job(tx: &mut rusqlite::Transaction<'_>, job: Job) -> rusqlite::Result<()> {
-    let savepoint = tx.savepoint()?;
-    job(&savepoint)?;
-    savepoint.commit()
+/// One transaction over `pending`; on failure, which record failed (`None`:
+/// the transaction itself).
+fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<usize>, rusqlite::Error)> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|err| (None, err))?;
+    for (index, queued) in pending.iter().enumerate() {
+        (queued.job)(&tx).map_err(|err| (Some(index), err))?;
+    }
+    tx.commit().map_err(|err| (None, err))
 }
 
 fn fail_all(
