@@ -185,6 +185,18 @@ async fn a_huge_initial_memory_is_refused_before_any_code_runs() {
     assert_eq!(run(guests::BIG_MEMORY, req).await.output(), Some(&json!(1)), "it runs with enough memory");
 }
 
+#[tokio::test]
+async fn an_attempt_never_sees_what_the_one_before_wrote() {
+    // Instance slots are reused with their touched pages kept resident;
+    // each attempt must still start from the component's initial memory,
+    // inside the resident region (7) and beyond it (100 MiB).
+    for index in [7, 7, 100 * 1024 * 1024, 7, 100 * 1024 * 1024] {
+        let mut req = request(json!(index));
+        req.limits.memory = ByteSize::mib(300);
+        assert_eq!(run(guests::BIG_MEMORY, req).await.output(), Some(&json!(1)), "index {index}");
+    }
+}
+
 /// The hand-written table bomb (`guests/table-bomb.wat`) with a table of
 /// `initial` elements.
 fn table_bomb(initial: u64) -> Result<StepComponent, LoadError> {

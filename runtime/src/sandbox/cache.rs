@@ -9,9 +9,64 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use sha2::{Digest as _, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
+
+use super::component::StepComponent;
+
+/// The sha256 of a component's bytes: what both caches are keyed by.
+pub(crate) type Digest = [u8; 32];
+
+pub(crate) fn digest(bytes: &[u8]) -> Digest {
+    Sha256::digest(bytes).into()
+}
+
+/// Components a process has loaded, so loading one again (each run loads
+/// its workflow's components) costs a hash, not a deserialization, and its
+/// attempts reuse the instance slots (and the memory kept resident in them)
+/// of the earlier ones.
+#[derive(Default)]
+pub(crate) struct Loaded {
+    inner: Mutex<LoadedInner>,
+}
+
+#[derive(Default)]
+struct LoadedInner {
+    /// Counts uses, to find the least recently used entry.
+    clock: u64,
+    entries: HashMap<Digest, (u64, StepComponent)>,
+}
+
+/// Components kept loaded at most; the least recently used goes first.
+const LOADED_CAPACITY: usize = 64;
+
+impl Loaded {
+    pub(crate) fn get(&self, digest: &Digest) -> Option<StepComponent> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.clock += 1;
+        let clock = inner.clock;
+        let (used, component) = inner.entries.get_mut(digest)?;
+        *used = clock;
+        Some(component.clone())
+    }
+
+    pub(crate) fn insert(&self, digest: Digest, component: StepComponent) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.clock += 1;
+        let clock = inner.clock;
+        if inner.entries.len() >= LOADED_CAPACITY && !inner.entries.contains_key(&digest) {
+            let oldest = inner.entries.iter().min_by_key(|(_, (used, _))| *used).map(|(key, _)| *key);
+            if let Some(oldest) = oldest {
+                inner.entries.remove(&oldest);
+            }
+        }
+        inner.entries.insert(digest, (clock, component));
+    }
+}
 
 /// What a cache entry holds.
 pub(crate) trait Compiled: Sized {
@@ -65,8 +120,8 @@ impl CompileCache {
     /// The compiled form of `bytes`: from the cache when it holds a usable
     /// entry, else compiled and stored. A cache that cannot be written only
     /// costs the next process a compile.
-    pub(crate) fn get<T: Compiled>(&self, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<T> {
-        let path = self.entry(engine, bytes, T::EXTENSION);
+    pub(crate) fn get<T: Compiled>(&self, engine: &Engine, bytes: &[u8], digest: &Digest) -> wasmtime::Result<T> {
+        let path = self.entry(engine, digest, T::EXTENSION);
         if path.is_file() {
             // SAFETY: entries are written only by `store` below, from this
             // engine's serialization; the name carries the engine's
@@ -84,17 +139,21 @@ impl CompileCache {
     }
 
     /// Compiles through `cache` when there is one.
-    pub(crate) fn compile<T: Compiled>(cache: Option<&Self>, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<T> {
+    pub(crate) fn compile<T: Compiled>(
+        cache: Option<&Self>,
+        engine: &Engine,
+        bytes: &[u8],
+        digest: &Digest,
+    ) -> wasmtime::Result<T> {
         match cache {
-            Some(cache) => cache.get(engine, bytes),
+            Some(cache) => cache.get(engine, bytes, digest),
             None => T::compile(engine, bytes),
         }
     }
 
-    fn entry(&self, engine: &Engine, bytes: &[u8], extension: &str) -> PathBuf {
+    fn entry(&self, engine: &Engine, digest: &Digest, extension: &str) -> PathBuf {
         let mut settings = std::collections::hash_map::DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut settings);
-        let digest = Sha256::digest(bytes);
         let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
         self.dir.join(format!("{hex}-{:016x}.{extension}", settings.finish()))
     }

@@ -14,7 +14,7 @@ use wasmtime::{Engine, Module};
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::bindings::StepCorePre;
-use super::cache::CompileCache;
+use super::cache::{CompileCache, Digest};
 use super::host::StepState;
 
 /// What steps may link against: the component imports of the `step` world,
@@ -89,6 +89,11 @@ impl std::fmt::Debug for StepComponent {
 }
 
 impl StepComponent {
+    /// The same compiled component, as loaded from `path`.
+    pub(crate) fn at(&self, path: &Path) -> StepComponent {
+        StepComponent { path: path.to_owned(), entry: self.entry.clone() }
+    }
+
     /// Where the component was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -105,22 +110,15 @@ const MAGIC: &[u8; 4] = b"\0asm";
 /// Bytes 4..8 of a core module: version 1, layer 0.
 const CORE_VERSION: [u8; 4] = [1, 0, 0, 0];
 
-pub(crate) fn load(
-    engine: &Engine,
-    linkers: &Linkers,
-    cache: Option<&CompileCache>,
-    path: &Path,
-) -> Result<StepComponent, LoadError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
-    load_bytes(engine, linkers, cache, path, &bytes)
-}
-
+/// Compiles (or takes from `cache`) and validates `bytes`, whose sha256 is
+/// `digest`.
 pub(crate) fn load_bytes(
     engine: &Engine,
     linkers: &Linkers,
     cache: Option<&CompileCache>,
     path: &Path,
     bytes: &[u8],
+    digest: &Digest,
 ) -> Result<StepComponent, LoadError> {
     let path = path.to_owned();
     if bytes.is_empty() {
@@ -146,14 +144,14 @@ pub(crate) fn load_bytes(
         }
     };
     if bytes.get(4..8) == Some(&CORE_VERSION[..]) {
-        let module: Module = CompileCache::compile(cache, engine, bytes).map_err(compile_error)?;
+        let module: Module = CompileCache::compile(cache, engine, bytes, digest).map_err(compile_error)?;
         if !matches!(module.get_export("_start"), Some(wasmtime::ExternType::Func(_))) {
             return Err(LoadError::CoreModule { path });
         }
         let pre = linkers.module.instantiate_pre(&module).map_err(link_error)?;
         return Ok(StepComponent { path, entry: Entry::Module(pre) });
     }
-    let component: Component = CompileCache::compile(cache, engine, bytes).map_err(compile_error)?;
+    let component: Component = CompileCache::compile(cache, engine, bytes, digest).map_err(compile_error)?;
     let instance_pre = linkers.component.instantiate_pre(&component).map_err(link_error)?;
     let exports: Vec<String> = component.component_type().exports(engine).map(|(name, _)| name.to_owned()).collect();
     let entry = if exports.iter().any(|name| name == "run") {

@@ -30,7 +30,7 @@ pub use outcome::{AttemptReport, Failure, FailureKind, Outcome};
 pub use redact::REDACTED;
 
 use crate::store::KeyValueStore;
-use cache::CompileCache;
+use cache::{CompileCache, Loaded};
 use component::Linkers;
 use host::StepState;
 
@@ -40,6 +40,7 @@ pub struct Sandbox {
     engine: Engine,
     linkers: Arc<Linkers>,
     cache: Option<CompileCache>,
+    loaded: Arc<Loaded>,
     kv: Arc<dyn KeyValueStore>,
     config: EngineConfig,
 }
@@ -57,7 +58,8 @@ impl Sandbox {
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::preview1)?;
         engine::start_epoch_ticker(&engine)?;
         let cache = config.cache_dir.clone().map(CompileCache::new);
-        Ok(Sandbox { engine, linkers: Arc::new(Linkers { component, module }), cache, kv, config })
+        let linkers = Arc::new(Linkers { component, module });
+        Ok(Sandbox { engine, linkers, cache, loaded: Arc::default(), kv, config })
     }
 
     /// The engine every attempt runs on (for benchmarks that compare
@@ -69,13 +71,20 @@ impl Sandbox {
     /// Compiles and validates the component at `path`. Compiling is
     /// CPU-heavy: call it from a blocking context.
     pub fn load(&self, path: &Path) -> Result<StepComponent, LoadError> {
-        component::load(&self.engine, &self.linkers, self.cache.as_ref(), path)
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        self.load_bytes(path, &bytes)
     }
 
     /// Like [`Sandbox::load`], for bytes already in memory; `path` is only
-    /// used in messages.
+    /// used in messages. The same bytes load once per sandbox.
     pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<StepComponent, LoadError> {
-        component::load_bytes(&self.engine, &self.linkers, self.cache.as_ref(), path, bytes)
+        let digest = cache::digest(bytes);
+        if let Some(loaded) = self.loaded.get(&digest) {
+            return Ok(loaded.at(path));
+        }
+        let loaded = component::load_bytes(&self.engine, &self.linkers, self.cache.as_ref(), path, bytes, &digest)?;
+        self.loaded.insert(digest, loaded.clone());
+        Ok(loaded)
     }
 
     /// Runs one attempt. Never fails: every way an attempt can end is an
