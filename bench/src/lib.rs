@@ -26,7 +26,9 @@ pub struct Sizes {
     pub graph: usize,
     /// Steps of the naive embedding, which compiles for each.
     pub naive: usize,
-    /// Iterations of the CPU-bound loop.
+    /// Rounds of the CPU-bound step's work.
+    pub cpu_rounds: u32,
+    /// Iterations of the empty loop.
     pub cpu_loop: u64,
     /// Steps per run in the memory comparison, and runs before each reading.
     pub memory_run: usize,
@@ -34,10 +36,17 @@ pub struct Sizes {
 }
 
 /// What the issue asks for: 10,000 steps, 100,000 sequential ones.
-pub const FULL: Sizes =
-    Sizes { graph: 10_000, naive: 100, cpu_loop: 1_000_000_000, memory_run: 1_000, memory_runs: (1, 100) };
+pub const FULL: Sizes = Sizes {
+    graph: 10_000,
+    naive: 100,
+    cpu_rounds: 20,
+    cpu_loop: 1_000_000_000,
+    memory_run: 1_000,
+    memory_runs: (1, 100),
+};
 /// Every comparison, small enough for CI.
-pub const SMOKE: Sizes = Sizes { graph: 100, naive: 3, cpu_loop: 5_000_000, memory_run: 20, memory_runs: (1, 5) };
+pub const SMOKE: Sizes =
+    Sizes { graph: 100, naive: 3, cpu_rounds: 1, cpu_loop: 5_000_000, memory_run: 20, memory_runs: (1, 5) };
 
 /// Runs every comparison; `progress` hears what is about to run.
 pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Report> {
@@ -64,7 +73,8 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
         let what = if journal { "journal" } else { "no journal" };
         progress(&format!("wide graph, {what}"));
         let journal_dir = journal.then(|| dir.path().join(format!("wide-{what}")));
-        let time = per_step(timed_run(&sandbox, workflow("wide", n, false)?, journal_dir.as_deref()).await?, n);
+        let (time, commits) = timed_run(&sandbox, workflow("wide", n, false)?, journal_dir.as_deref()).await?;
+        let time = per_step(time, n);
         report.compare(
             &format!("stepbox: {n} independent no-op steps, {what}"),
             time,
@@ -73,16 +83,49 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
         );
         if journal {
             wide_journal = time;
+            report.count("journal commits per step, independent steps", commits as f64 / n as f64);
         }
     }
     for journal in [false, true] {
         let what = if journal { "journal" } else { "no journal" };
         progress(&format!("chain, {what}"));
         let journal_dir = journal.then(|| dir.path().join(format!("chain-{what}")));
-        let time = per_step(timed_run(&sandbox, workflow("chain", n, true)?, journal_dir.as_deref()).await?, n);
+        let (time, commits) = timed_run(&sandbox, workflow("chain", n, true)?, journal_dir.as_deref()).await?;
+        let time = per_step(time, n);
         report.compare(&format!("stepbox: a chain of {n} no-op steps, {what}"), time, floor_chain, Target::None);
+        if journal {
+            report.count("journal commits per link, chain", commits as f64 / n as f64);
+        }
     }
 
+    progress("memory");
+    let (early, late) = sizes.memory_runs;
+    let memory_workflow = Arc::new(workflow("memory", sizes.memory_run, true)?);
+    for _ in 0..early {
+        run(&sandbox, memory_workflow.clone(), RunOptions::new("memory")).await?;
+    }
+    let after_early = measure::resident_bytes();
+    for _ in early..late {
+        run(&sandbox, memory_workflow.clone(), RunOptions::new("memory")).await?;
+    }
+    let after_late = measure::resident_bytes();
+    let (steps_early, steps_late) = (early * sizes.memory_run, late * sizes.memory_run);
+    report.bytes(&format!("resident memory after {steps_early} sequential steps"), after_early, None, Target::None);
+    report.bytes(
+        &format!("resident memory after {steps_late} sequential steps"),
+        after_late,
+        Some((&format!("after {steps_early}"), after_early)),
+        Target::AtMost(1.1),
+    );
+    let before = measure::resident_bytes();
+    measure::reset_peak_resident();
+    timed_run(&sandbox, workflow("pending", n, false)?, Some(&dir.path().join("pending"))).await?;
+    report.bytes(
+        &format!("peak resident memory while {n} steps are pending (journal on)"),
+        measure::peak_resident_bytes(),
+        Some(("resident before the run", before)),
+        Target::None,
+    );
     progress("fsync");
     let commit = measure::durable_commit(&dir.path().join("fsync"))?;
     report.time("one durable SQLite commit on this disk (WAL, synchronous=FULL)", commit, None);
@@ -120,40 +163,25 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
     );
 
     progress("fuel and epochs");
-    let limits = floor::limits_cost(sizes.cpu_loop)?;
-    let bare = Some(("no fuel, no epochs", limits.bare));
-    report.time(&format!("CPU loop of {} iterations: no fuel, no epochs", sizes.cpu_loop), limits.bare, None);
-    report.compare("CPU loop: fuel on", limits.fuel, bare, Target::AtMost(1.3));
-    report.compare("CPU loop: epoch interruption on", limits.epoch, bare, Target::None);
+    let json = format!(r#"{{"work": "json", "rounds": {}, "size": 10000}}"#, sizes.cpu_rounds);
+    let step = floor::step_limits_cost(guests::CRUNCH, &json, 3).await?;
+    let bare = Some(("no fuel, no epochs", step.bare));
+    let what = format!("CPU-bound step ({} rounds of writing and reading 10,000 JSON records)", sizes.cpu_rounds);
+    report.time(&format!("{what}: no fuel, no epochs"), step.bare, None);
+    report.compare("JSON step: fuel on", step.fuel, bare, Target::AtMost(1.3));
+    report.compare("JSON step: epoch interruption on", step.epoch, bare, Target::None);
+    let sieve = format!(r#"{{"work": "sieve", "rounds": {}, "size": 100000}}"#, sizes.cpu_rounds * 10);
+    let step = floor::step_limits_cost(guests::CRUNCH, &sieve, 3).await?;
+    let bare = Some(("no fuel, no epochs", step.bare));
+    report.time(&format!("tight loops ({} rounds of a prime sieve)", sizes.cpu_rounds * 10), step.bare, None);
+    report.compare("sieve: fuel on", step.fuel, bare, Target::None);
+    report.compare("sieve: epoch interruption on", step.epoch, bare, Target::None);
+    let tight = floor::loop_limits_cost(sizes.cpu_loop, 3).await?;
+    let bare = Some(("no fuel, no epochs", tight.bare));
+    report.time(&format!("worst case, an empty loop of {} iterations", sizes.cpu_loop), tight.bare, None);
+    report.compare("empty loop: fuel on", tight.fuel, bare, Target::None);
+    report.compare("empty loop: epoch interruption on", tight.epoch, bare, Target::None);
 
-    progress("memory");
-    let (early, late) = sizes.memory_runs;
-    let memory_workflow = Arc::new(workflow("memory", sizes.memory_run, true)?);
-    for _ in 0..early {
-        run(&sandbox, memory_workflow.clone(), RunOptions::new("memory")).await?;
-    }
-    let after_early = measure::resident_bytes();
-    for _ in early..late {
-        run(&sandbox, memory_workflow.clone(), RunOptions::new("memory")).await?;
-    }
-    let after_late = measure::resident_bytes();
-    let (steps_early, steps_late) = (early * sizes.memory_run, late * sizes.memory_run);
-    report.bytes(&format!("resident memory after {steps_early} sequential steps"), after_early, None, Target::None);
-    report.bytes(
-        &format!("resident memory after {steps_late} sequential steps"),
-        after_late,
-        Some((&format!("after {steps_early}"), after_early)),
-        Target::AtMost(1.1),
-    );
-    let before = measure::resident_bytes();
-    measure::reset_peak_resident();
-    timed_run(&sandbox, workflow("pending", n, false)?, Some(&dir.path().join("pending"))).await?;
-    report.bytes(
-        &format!("peak resident memory while {n} steps are pending (journal on)"),
-        measure::peak_resident_bytes(),
-        Some(("resident before the run", before)),
-        Target::None,
-    );
     Ok(report)
 }
 
@@ -181,10 +209,16 @@ async fn run(sandbox: &Sandbox, workflow: Arc<Workflow>, options: RunOptions) ->
     Ok(())
 }
 
-/// Runs `workflow` (with a journal in `journal_dir` when given) and returns
-/// its wall time, recording the run as the CLI does.
-async fn timed_run(sandbox: &Sandbox, workflow: Workflow, journal_dir: Option<&Path>) -> anyhow::Result<Duration> {
+/// Runs `workflow` (with a journal in `journal_dir` when given, recording
+/// the run as the CLI does) and returns its wall time and how many journal
+/// transactions it committed.
+async fn timed_run(
+    sandbox: &Sandbox,
+    workflow: Workflow,
+    journal_dir: Option<&Path>,
+) -> anyhow::Result<(Duration, u64)> {
     let mut options = RunOptions::new(workflow.name.clone());
+    let mut database = None;
     if let Some(dir) = journal_dir {
         let db = Database::open(dir)?;
         db.create_run(&NewRun {
@@ -196,11 +230,14 @@ async fn timed_run(sandbox: &Sandbox, workflow: Workflow, journal_dir: Option<&P
             inputs: &json!({}),
             labels: &[],
         })?;
-        options.journal = Some(Arc::new(db));
+        let db = Arc::new(db);
+        options.journal = Some(db.clone());
+        database = Some(db);
     }
     let started = Instant::now();
     run(sandbox, Arc::new(workflow), options).await?;
-    Ok(started.elapsed())
+    let elapsed = started.elapsed();
+    Ok((elapsed, database.map_or(0, |db| db.journal_commits())))
 }
 
 /// A run of a one-step workflow using `component`, by a new sandbox (as a

@@ -74,6 +74,7 @@ impl Target {
 pub enum Value {
     Time(Duration),
     Bytes(u64),
+    Count(f64),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +112,10 @@ impl Report {
         self.rows.push(Row { what: what.to_owned(), value: Value::Time(value), ratio, target });
     }
 
+    pub fn count(&mut self, what: &str, count: f64) {
+        self.rows.push(Row { what: what.to_owned(), value: Value::Count(count), ratio: None, target: Target::None });
+    }
+
     pub fn bytes(&mut self, what: &str, bytes: u64, baseline: Option<(&str, u64)>, target: Target) {
         let ratio = baseline.map(|(name, base)| (name.to_owned(), bytes as f64 / base.max(1) as f64));
         self.rows.push(Row { what: what.to_owned(), value: Value::Bytes(bytes), ratio, target });
@@ -137,6 +142,7 @@ impl Report {
                 Value::Time(time) if time < Duration::from_millis(10) => format!("{:.1} µs", time.as_secs_f64() * 1e6),
                 Value::Time(time) => format!("{:.1} ms", time.as_secs_f64() * 1e3),
                 Value::Bytes(bytes) => format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
+                Value::Count(count) => format!("{count:.3}"),
             };
             let (ratio, to) = match &row.ratio {
                 Some((name, ratio)) => (format!("{ratio:.2}×"), name.as_str()),

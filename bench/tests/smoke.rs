@@ -17,12 +17,18 @@ async fn every_comparison_runs_and_gives_a_reading() {
         "chain of 100 no-op steps, no journal",
         "chain of 100 no-op steps, journal",
         "durable SQLite commit",
+        "journal commits per step, independent steps",
+        "journal commits per link, chain",
         "process per step",
         "naive embedding",
         "warm start",
         "cold start",
-        "CPU loop: fuel on",
-        "CPU loop: epoch interruption on",
+        "JSON step: fuel on",
+        "JSON step: epoch interruption on",
+        "sieve: fuel on",
+        "sieve: epoch interruption on",
+        "empty loop: fuel on",
+        "empty loop: epoch interruption on",
         "resident memory after 100 sequential steps",
         "peak resident memory",
     ] {
@@ -30,6 +36,7 @@ async fn every_comparison_runs_and_gives_a_reading() {
         match row.value {
             stepbox_bench::Value::Time(time) => assert!(!time.is_zero(), "{what}: {row:?}"),
             stepbox_bench::Value::Bytes(bytes) => assert!(bytes > 0, "{what}: {row:?}"),
+            stepbox_bench::Value::Count(count) => assert!(count > 0.0, "{what}: {row:?}"),
         }
         if let Some((_, ratio)) = &row.ratio {
             assert!(ratio.is_finite() && *ratio > 0.0, "{what}: {row:?}");
