@@ -11,11 +11,18 @@ struct Args {
     /// Run every comparison at a small size (seconds, not minutes).
     #[arg(long)]
     smoke: bool,
+    /// Steps in the wide graph and the chain (10,000 in the full suite);
+    /// more gives a profiler more to look at.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    steps: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let sizes = if args.smoke { stepbox_bench::SMOKE } else { stepbox_bench::FULL };
+    let mut sizes = if args.smoke { stepbox_bench::SMOKE } else { stepbox_bench::FULL };
+    if let Some(steps) = args.steps {
+        sizes.graph = steps as usize;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report = runtime.block_on(stepbox_bench::suite(sizes, |what| eprintln!("running: {what}")))?;
     print!("{}", report.markdown());
