@@ -23,6 +23,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(steps) = args.steps {
         sizes.graph = steps as usize;
     }
+    if std::env::var_os("RUST_BACKTRACE").is_some_and(|value| value != "0") {
+        eprintln!(
+            "warning: RUST_BACKTRACE is set, so wasmtime captures a backtrace whenever a store is dropped; \
+             attempts run about twice as slow (unset it for numbers like BENCHMARKS.md's)"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report = runtime.block_on(stepbox_bench::suite(sizes, |what| eprintln!("running: {what}")))?;
     print!("{}", report.markdown());

@@ -55,8 +55,7 @@ fn run(input: Input) -> Result<u64, StepError> {
                     })
                     .collect();
                 let text = serde_json::to_string(&records).map_err(|err| StepError::fatal(err.to_string()))?;
-                let back: Vec<Record> =
-                    serde_json::from_str(&text).map_err(|err| StepError::fatal(err.to_string()))?;
+                let back: Vec<Record> = serde_json::from_str(&text).map_err(|err| StepError::fatal(err.to_string()))?;
                 back.iter().for_each(|record| mix(record.price_cents + record.name.len() as u64));
             }
         }

@@ -82,28 +82,35 @@ async fn fan_out(
 ) {
     let step = &shared.workflow.steps[i];
     let fanned = step.fan_out != FanOut::None;
-    let limit = Arc::new(Semaphore::new(step.max_concurrent.map_or(items.len().max(1), |n| n as usize)));
-    let mut tasks = JoinSet::new();
-    let count = items.len();
-    for (k, item) in items.into_iter().enumerate() {
-        let (shared, limit, cancel, component) = (shared.clone(), limit.clone(), cancel.clone(), component.to_owned());
-        tasks.spawn(async move {
-            let _slot = limit.acquire_owned().await;
-            let index = fanned.then_some(k);
-            (k, execution(&shared, i, &component, index, item, &cancel).await)
-        });
-    }
-    let mut executions: Vec<Option<ExecutionReport>> = vec![None; count];
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok((k, execution)) => executions[k] = Some(execution),
-            Err(err) => {
-                report.status = StepStatus::Failed;
-                report.reason = Some(format!("internal error while running an item: {err}"));
+    if fanned {
+        let limit = Arc::new(Semaphore::new(step.max_concurrent.map_or(items.len().max(1), |n| n as usize)));
+        let mut tasks = JoinSet::new();
+        let count = items.len();
+        for (k, item) in items.into_iter().enumerate() {
+            let (shared, limit, cancel, component) =
+                (shared.clone(), limit.clone(), cancel.clone(), component.to_owned());
+            tasks.spawn(async move {
+                let _slot = limit.acquire_owned().await;
+                (k, execution(&shared, i, &component, Some(k), item, &cancel).await)
+            });
+        }
+        let mut executions: Vec<Option<ExecutionReport>> = vec![None; count];
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((k, execution)) => executions[k] = Some(execution),
+                Err(err) => {
+                    report.status = StepStatus::Failed;
+                    report.reason = Some(format!("internal error while running an item: {err}"));
+                }
             }
         }
+        report.executions = executions.into_iter().flatten().collect();
+    } else {
+        // A plain step is one execution, run in the step's own task.
+        for item in items {
+            report.executions.push(execution(shared, i, component, None, item, cancel).await);
+        }
     }
-    report.executions = executions.into_iter().flatten().collect();
     if report.status == StepStatus::Failed {
         return;
     }
