@@ -187,7 +187,7 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
 
 fn sandbox(cache: &Path) -> anyhow::Result<Sandbox> {
     let config = EngineConfig { cache_dir: Some(cache.to_owned()), ..EngineConfig::default() };
-    Ok(Sandbox::new(config, Arc::new(MemoryKeyValueStore::new()))?)
+    Sandbox::new(config, Arc::new(MemoryKeyValueStore::new()))
 }
 
 /// `n` no-op steps, independent or each depending on the one before.

@@ -374,7 +374,7 @@ fn record_attempt(shared: &Shared, step_id: &str, key: &str, record: &AttemptRec
         stderr: &record.stderr.text,
     };
     let execution =
-        last.then(|| ExecutionRow { step_id, key, status, output: record.output_value.as_ref(), error: None });
+        last.then_some(ExecutionRow { step_id, key, status, output: record.output_value.as_ref(), error: None });
     shared.record(|journal, run_id| journal.attempt_finished(run_id, &row, execution.as_ref()));
 }
 
