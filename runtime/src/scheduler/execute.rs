@@ -408,25 +408,10 @@ async fn attempt_once(
         // every attempt that could have had effects. Recorded before
         // waiting for a slot, so the commit does not hold one: the records
         // of attempts queued together commit together.
+        let announced_ms = shared.unix_ms(shared.elapsed_ms());
+        let key = &request.context.idempotency_key;
         let started = shared.record(|journal, run_id| {
-            journal.attempt_started(
-                run_id,
-                &AttemptRow {
-                    step_id: &step,
-                    key: &request.context.idempotency_key,
-                    attempt,
-                    status: "running",
-                    kind: None,
-                    message: None,
-                    started_ms: shared.unix_ms(shared.elapsed_ms()),
-                    finished_ms: None,
-                    fuel: 0,
-                    peak_memory: 0,
-                    logs: Value::Null,
-                    stdout: "",
-                    stderr: "",
-                },
-            )
+            journal.attempt_started(run_id, &AttemptRow::running(&step, key, attempt, announced_ms))
         });
         if !shared.durable(started).await {
             return None;

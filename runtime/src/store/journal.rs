@@ -65,6 +65,27 @@ pub struct AttemptRow<'a> {
     pub stderr: &'a str,
 }
 
+impl<'a> AttemptRow<'a> {
+    /// An attempt that is starting: nothing measured yet.
+    pub fn running(step_id: &'a str, key: &'a str, attempt: u32, started_ms: f64) -> Self {
+        AttemptRow {
+            step_id,
+            key,
+            attempt,
+            status: "running",
+            kind: None,
+            message: None,
+            started_ms,
+            finished_ms: None,
+            fuel: 0,
+            peak_memory: 0,
+            logs: Value::Null,
+            stdout: "",
+            stderr: "",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ExecutionRow<'a> {
     pub step_id: &'a str,
@@ -546,22 +567,8 @@ mod tests {
         (dir, db)
     }
 
-    fn started<'a>(key: &'a str, attempt: u32) -> AttemptRow<'a> {
-        AttemptRow {
-            step_id: key,
-            key,
-            attempt,
-            status: "running",
-            kind: None,
-            message: None,
-            started_ms: 0.0,
-            finished_ms: None,
-            fuel: 0,
-            peak_memory: 0,
-            logs: Value::Null,
-            stdout: "",
-            stderr: "",
-        }
+    fn started(key: &str, attempt: u32) -> AttemptRow<'_> {
+        AttemptRow::running(key, key, attempt, 0.0)
     }
 
     #[tokio::test]
