@@ -13,6 +13,9 @@ use std::process::Command;
 /// Versions of the tools the tests fetch, so every machine builds the same.
 pub const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 pub const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
+/// componentize-js loads this at run time but lists it only as a development
+/// dependency, so it is installed beside it, at the version it was built with.
+pub const PREVIEW2_SHIM: &str = "@bytecodealliance/preview2-shim@0.25.0";
 pub const WIT_BINDGEN: &str = "wit-bindgen-cli@0.46.0";
 pub const WASM_TOOLS: &str = "wasm-tools@1.239.0";
 /// The Debian packages that give clang a wasm32-wasi sysroot.
@@ -69,7 +72,9 @@ impl Langs<'_> {
         let tool = prefix.join("node_modules/.bin/componentize-js");
         if !tool.exists() {
             let mut npm = Command::new("npm");
-            npm.args(["install", "--no-audit", "--no-fund", "--prefix"]).arg(&prefix).arg(COMPONENTIZE_JS);
+            npm.args(["install", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&prefix)
+                .args([COMPONENTIZE_JS, PREVIEW2_SHIM]);
             fetch(npm, "Node.js 20 or newer with npm (Debian: apt-get install nodejs npm)");
         }
         let out = self.out.join("transform-js.wasm");

@@ -60,8 +60,8 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
     let floor = floor::Floor::new(sandbox.engine(), guests::NOOP)?;
     let floor_one = per_step(floor.run(n, 1).await?, n);
     let floor_parallel = per_step(floor.run(n, parallel).await?, n);
-    report.time("floor: bare wasmtime, instantiate + call a no-op step, one at a time", floor_one, None);
-    report.time(&format!("floor: the same, {parallel} at a time"), floor_parallel, None);
+    report.step("floor: bare wasmtime, instantiate + call a no-op step, one at a time", floor_one, None, Target::None);
+    report.step(&format!("floor: the same, {parallel} at a time"), floor_parallel, None, Target::None);
 
     // Loading the component first puts it in the compile cache, so the
     // runs measure scheduling and attempts, not a compile.
@@ -75,12 +75,7 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
         let journal_dir = journal.then(|| dir.path().join(format!("wide-{what}")));
         let (time, commits) = timed_run(&sandbox, workflow("wide", n, false)?, journal_dir.as_deref()).await?;
         let time = per_step(time, n);
-        report.compare(
-            &format!("stepbox: {n} independent no-op steps, {what}"),
-            time,
-            floor_wide,
-            Target::AtMost(target),
-        );
+        report.step(&format!("stepbox: {n} independent no-op steps, {what}"), time, floor_wide, Target::AtMost(target));
         if journal {
             wide_journal = time;
             report.count("journal commits per step, independent steps", commits as f64 / n as f64);
@@ -92,7 +87,7 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
         let journal_dir = journal.then(|| dir.path().join(format!("chain-{what}")));
         let (time, commits) = timed_run(&sandbox, workflow("chain", n, true)?, journal_dir.as_deref()).await?;
         let time = per_step(time, n);
-        report.compare(&format!("stepbox: a chain of {n} no-op steps, {what}"), time, floor_chain, Target::None);
+        report.step(&format!("stepbox: a chain of {n} no-op steps, {what}"), time, floor_chain, Target::None);
         if journal {
             report.count("journal commits per link, chain", commits as f64 / n as f64);
         }
@@ -132,7 +127,7 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
 
     progress("process per step");
     let processes = per_step(process_per_step(n, parallel).await?, n);
-    report.compare(
+    report.step(
         &format!("process per step: {n} × /bin/true, {parallel} at a time"),
         processes,
         Some(("stepbox, independent steps, journal", wide_journal)),
@@ -141,7 +136,7 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
 
     progress("naive embedding");
     let naive = per_step(floor::naive(guests::NOOP, sizes.naive).await?, sizes.naive);
-    report.compare(
+    report.step(
         &format!("naive embedding: a new engine and a compile per step ({} steps)", sizes.naive),
         naive,
         floor_chain,

@@ -73,6 +73,8 @@ impl Target {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value {
     Time(Duration),
+    /// The time of one step, shown with the steps per second it makes.
+    PerStep(Duration),
     Bytes(u64),
     Count(f64),
 }
@@ -108,8 +110,24 @@ impl Report {
     }
 
     pub fn compare(&mut self, what: &str, value: Duration, baseline: Option<(&str, Duration)>, target: Target) {
+        self.push_time(what, Value::Time(value), value, baseline, target);
+    }
+
+    /// A time per step; `baseline` is one too.
+    pub fn step(&mut self, what: &str, value: Duration, baseline: Option<(&str, Duration)>, target: Target) {
+        self.push_time(what, Value::PerStep(value), value, baseline, target);
+    }
+
+    fn push_time(
+        &mut self,
+        what: &str,
+        shown: Value,
+        value: Duration,
+        baseline: Option<(&str, Duration)>,
+        target: Target,
+    ) {
         let ratio = baseline.map(|(name, base)| (name.to_owned(), value.as_secs_f64() / base.as_secs_f64().max(1e-12)));
-        self.rows.push(Row { what: what.to_owned(), value: Value::Time(value), ratio, target });
+        self.rows.push(Row { what: what.to_owned(), value: shown, ratio, target });
     }
 
     pub fn count(&mut self, what: &str, count: f64) {
@@ -139,6 +157,9 @@ impl Report {
         let _ = writeln!(out, "| --- | ---: | ---: | --- | --- |");
         for row in &self.rows {
             let value = match row.value {
+                Value::PerStep(time) => {
+                    format!("{:.1} µs ({:.0} steps/s)", time.as_secs_f64() * 1e6, 1.0 / time.as_secs_f64().max(1e-12))
+                }
                 Value::Time(time) if time < Duration::from_millis(10) => format!("{:.1} µs", time.as_secs_f64() * 1e6),
                 Value::Time(time) => format!("{:.1} ms", time.as_secs_f64() * 1e3),
                 Value::Bytes(bytes) => format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),

@@ -34,7 +34,9 @@ async fn every_comparison_runs_and_gives_a_reading() {
     ] {
         let row = find(what);
         match row.value {
-            stepbox_bench::Value::Time(time) => assert!(!time.is_zero(), "{what}: {row:?}"),
+            stepbox_bench::Value::Time(time) | stepbox_bench::Value::PerStep(time) => {
+                assert!(!time.is_zero(), "{what}: {row:?}")
+            }
             stepbox_bench::Value::Bytes(bytes) => assert!(bytes > 0, "{what}: {row:?}"),
             stepbox_bench::Value::Count(count) => assert!(count > 0.0, "{what}: {row:?}"),
         }

@@ -69,6 +69,8 @@ const C: &[File] = &[
 /// The tool versions the printed commands fetch, as the tests use them.
 const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
+/// Loaded by componentize-js but listed only as its development dependency.
+const PREVIEW2_SHIM: &str = "@bytecodealliance/preview2-shim@0.25.0";
 
 impl Lang {
     fn files(self) -> &'static [File] {
@@ -100,7 +102,7 @@ impl Lang {
             ),
             Lang::Js => (
                 vec![
-                    format!("npm install --no-audit --no-fund --prefix .tools {COMPONENTIZE_JS}"),
+                    format!("npm install --no-audit --no-fund --prefix .tools {COMPONENTIZE_JS} {PREVIEW2_SHIM}"),
                     format!(".tools/node_modules/.bin/componentize-js app.js -w wit -n step -o {name}.wasm"),
                 ],
                 format!("{name}.wasm"),
