@@ -158,10 +158,9 @@ impl Report {
         for row in &self.rows {
             let value = match row.value {
                 Value::PerStep(time) => {
-                    format!("{:.1} µs ({:.0} steps/s)", time.as_secs_f64() * 1e6, 1.0 / time.as_secs_f64().max(1e-12))
+                    format!("{} ({:.0} steps/s)", duration(time), 1.0 / time.as_secs_f64().max(1e-12))
                 }
-                Value::Time(time) if time < Duration::from_millis(10) => format!("{:.1} µs", time.as_secs_f64() * 1e6),
-                Value::Time(time) => format!("{:.1} ms", time.as_secs_f64() * 1e3),
+                Value::Time(time) => duration(time),
                 Value::Bytes(bytes) => format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
                 Value::Count(count) => format!("{count:.3}"),
             };
@@ -177,5 +176,14 @@ impl Report {
             let _ = writeln!(out, "| {} | {value} | {ratio} | {to} | {target} |", row.what);
         }
         out
+    }
+}
+
+/// µs below 10 ms, ms above.
+fn duration(time: Duration) -> String {
+    if time < Duration::from_millis(10) {
+        format!("{:.1} µs", time.as_secs_f64() * 1e6)
+    } else {
+        format!("{:.1} ms", time.as_secs_f64() * 1e3)
     }
 }
