@@ -274,15 +274,17 @@ fn ctrl_c_cancels_a_run_and_records_the_cancelled_steps() {
 }
 
 /// `stepbox new` in every language: the printed commands build a step that
-/// runs. The C build finds wit-bindgen and wasm-tools where the tests'
-/// build script installed them.
+/// runs. The C build finds wit-bindgen, wasm-tools and zig where the tests'
+/// build script installed them (zig through `STEPBOX_ZIG_DIR`, so its 100 MB
+/// are not fetched again).
 #[test]
 fn new_projects_build_and_run_with_the_printed_commands() {
     let dir = std::env::temp_dir().join(format!("stepbox-new-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let tools = std::path::Path::new(guests::HELLO).ancestors().nth(4).unwrap().join("tools/bin");
-    let path = format!("{}:{}", tools.display(), std::env::var("PATH").unwrap_or_default());
+    let tools = std::path::Path::new(guests::HELLO).ancestors().nth(4).unwrap().join("tools");
+    let path = format!("{}:{}", tools.join("bin").display(), std::env::var("PATH").unwrap_or_default());
+    let zig = tools.join("zig");
     for lang in ["rust", "python", "js", "c"] {
         let project = dir.join(format!("greeter-{lang}"));
         let out = stepbox(&["new", project.to_str().unwrap(), "--lang", lang]);
@@ -292,7 +294,14 @@ fn new_projects_build_and_run_with_the_printed_commands() {
         assert_eq!(commands.first(), Some(&format!("cd {}", project.display()).as_str()), "{printed}");
         let (run, build) = commands[1..].split_last().unwrap();
         for command in build {
-            let status = Command::new("sh").arg("-c").arg(command).current_dir(&project).env("PATH", &path).status();
+            let status = Command::new("sh")
+                .arg("-c")
+                .arg(command)
+                .current_dir(&project)
+                .env("PATH", &path)
+                .env("STEPBOX_ZIG_DIR", &zig)
+                .env("ZIG_GLOBAL_CACHE_DIR", zig.join("cache"))
+                .status();
             assert!(status.unwrap().success(), "{lang}: `{command}` failed");
         }
         let component = run.strip_prefix("stepbox step run ").unwrap().split_whitespace().next().unwrap();
@@ -366,5 +375,6 @@ fn compiled_components_are_cached_and_damaged_entries_replaced() {
     let out = run(&["compile", "/no/such/step.wasm"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(stderr(&out).contains("cannot read /no/such/step.wasm"), "{}", stderr(&out));
+
     std::fs::remove_dir_all(&data).unwrap();
 }

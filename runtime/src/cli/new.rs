@@ -60,17 +60,18 @@ const JS: &[File] = &[("app.js", include_str!("../../templates/js/app.js"))];
 
 /// The JSON reader is the one the C example step uses.
 const C: &[File] = &[
-    ("Makefile", include_str!("../../templates/c/Makefile")),
+    ("build.sh", include_str!("../../templates/c/build.sh")),
     ("__NAME__.c", include_str!("../../templates/c/step.c")),
     ("json.c", include_str!("../../../guest-examples/c/transform/json.c")),
     ("json.h", include_str!("../../../guest-examples/c/transform/json.h")),
 ];
 
 /// The tool versions the printed commands fetch, as the tests use them.
-const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
-const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
-/// Loaded by componentize-js but listed only as its development dependency.
-const PREVIEW2_SHIM: &str = "@bytecodealliance/preview2-shim@0.25.0";
+mod versions {
+    #![allow(dead_code)] // WIT_BINDGEN and WASM_TOOLS are for the build script
+    include!("../../templates/versions.rs");
+}
+use versions::{COMPONENTIZE_JS, COMPONENTIZE_PY, PREVIEW2_SHIM, ZIG};
 
 impl Lang {
     fn files(self) -> &'static [File] {
@@ -107,7 +108,7 @@ impl Lang {
                 ],
                 format!("{name}.wasm"),
             ),
-            Lang::C => (vec!["make".into()], format!("{name}.wasm")),
+            Lang::C => (vec!["sh build.sh".into()], format!("{name}.wasm")),
         }
     }
 }
@@ -138,7 +139,7 @@ pub(crate) fn new(args: Args) -> u8 {
     }
     println!("  stepbox step run {component} --input '{{\"name\": \"Ada\"}}'");
     if args.lang == Lang::C {
-        println!("\n`make` needs clang, wasi-libc, wit-bindgen and wasm-tools; the Makefile says how to install them.");
+        println!("\n`build.sh` needs python3 with pip, wit-bindgen and wasm-tools; it says how to install them.");
     }
     0
 }
@@ -149,7 +150,10 @@ fn write_project(dir: &Path, name: &str, lang: Lang) -> std::io::Result<()> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::write(path, text.replace("__NAME__", name).replace("__SDK__", &sdk_dependency()))?;
+        std::fs::write(
+            path,
+            text.replace("__NAME__", name).replace("__SDK__", &sdk_dependency()).replace("__ZIG__", ZIG),
+        )?;
     }
     if lang == Lang::C {
         std::fs::write(

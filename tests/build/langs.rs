@@ -1,25 +1,20 @@
-//! The build script's half for guests in other languages: Python
-//! (componentize-py), JavaScript (componentize-js) and C (clang and
-//! wasi-libc, `wit-bindgen c`, `wasm-tools component new` with the preview1
-//! adapter). Each implements the same step as `guest-examples/transform`.
+//! The tests' build script's half for guests in other languages: Python
+//! (componentize-py), JavaScript (componentize-js) and C (zig's clang with
+//! its bundled wasi-libc, `wit-bindgen c`, `wasm-tools component new` with
+//! the preview1 adapter). Each implements the same step as
+//! `guest-examples/transform`.
 //!
-//! Tools that install without root are fetched into `target/tools` the first
-//! time; a missing system tool stops the build with the command that
-//! installs it. Nothing is skipped.
+//! Every tool comes from a registry (PyPI, npm, crates.io) and is fetched
+//! into `target/tools` the first time, so the tests need Python 3 with pip
+//! and Node.js with npm beside rustup, and no system packages. A missing
+//! pip or npm stops the build with what to install. Nothing is skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Versions of the tools the tests fetch, so every machine builds the same.
-pub const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
-pub const COMPONENTIZE_JS: &str = "@bytecodealliance/componentize-js@0.23.0";
-/// componentize-js loads this at run time but lists it only as a development
-/// dependency, so it is installed beside it, at the version it was built with.
-pub const PREVIEW2_SHIM: &str = "@bytecodealliance/preview2-shim@0.25.0";
-pub const WIT_BINDGEN: &str = "wit-bindgen-cli@0.46.0";
-pub const WASM_TOOLS: &str = "wasm-tools@1.239.0";
-/// The Debian packages that give clang a wasm32-wasi sysroot.
-pub const C_PACKAGES: &str = "clang lld wasi-libc libclang-rt-14-dev-wasm32";
+#[path = "../../runtime/templates/versions.rs"]
+mod versions;
+use versions::*;
 
 pub struct Langs<'a> {
     /// The repository.
@@ -45,13 +40,8 @@ impl Langs<'_> {
     }
 
     fn python(&self) -> PathBuf {
-        let site = self.tools.join("python");
+        let site = self.pip_tool("python", COMPONENTIZE_PY);
         let tool = site.join("bin/componentize-py");
-        if !tool.exists() {
-            let mut pip = Command::new("python3");
-            pip.args(["-m", "pip", "install", "--quiet", "--target"]).arg(&site).arg(COMPONENTIZE_PY);
-            fetch(pip, "Python 3 with pip (Debian: apt-get install python3-pip)");
-        }
         let out = self.out.join("transform-py.wasm");
         let mut build = Command::new(tool);
         build
@@ -89,7 +79,7 @@ impl Langs<'_> {
     }
 
     fn c(&self) -> PathBuf {
-        let wit_bindgen = self.cargo_tool("wit-bindgen", WIT_BINDGEN, &[]);
+        let wit_bindgen = self.cargo_tool("wit-bindgen", WIT_BINDGEN, &["--no-default-features", "--features", "c"]);
         let wasm_tools =
             self.cargo_tool("wasm-tools", WASM_TOOLS, &["--no-default-features", "--features", "component"]);
         let bindings = self.out.join("c-bindings");
@@ -107,9 +97,15 @@ impl Langs<'_> {
 
         let source = self.root.join("guest-examples/c/transform");
         let core = self.out.join("transform-c.core.wasm");
-        let mut compile = Command::new("clang");
+        let zig = self.pip_tool("zig", ZIG);
+        let mut compile = Command::new("python3");
         compile
-            .args(["--target=wasm32-wasi", "-mexec-model=reactor", "-O2", "-Wall", "-Werror", "-I"])
+            .env("PYTHONPATH", &zig)
+            // zig caches the wasi-libc it builds; keep that under target/.
+            .env("ZIG_GLOBAL_CACHE_DIR", zig.join("cache"))
+            .env("ZIG_LOCAL_CACHE_DIR", zig.join("cache"))
+            .args(["-m", "ziglang", "cc", "--target=wasm32-wasi", "-mexec-model=reactor", "-O2", "-s"])
+            .args(["-Wall", "-Werror", "-I"])
             .arg(&bindings)
             .arg(source.join("transform.c"))
             .arg(source.join("json.c"))
@@ -117,14 +113,7 @@ impl Langs<'_> {
             .arg(bindings.join("step_component_type.o"))
             .arg("-o")
             .arg(&core);
-        match compile.status() {
-            Ok(status) if status.success() => {}
-            Ok(_) => panic!(
-                "compiling guest-examples/c/transform failed (see above); clang needs a wasm32-wasi sysroot: \
-                 apt-get install {C_PACKAGES}"
-            ),
-            Err(err) => panic!("cannot run clang ({err}); install the C toolchain: apt-get install {C_PACKAGES}"),
-        }
+        run(compile, "compiling guest-examples/c/transform (zig cc)");
 
         let adapter = self.out.join("wasi_snapshot_preview1.reactor.wasm");
         std::fs::write(&adapter, wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER)
@@ -139,6 +128,24 @@ impl Langs<'_> {
             .arg(&out);
         run(wrap, "wrapping the C module as a component (wasm-tools component new)");
         out
+    }
+
+    /// A Python package from PyPI, installed into `target/tools/<dir>` once;
+    /// returns that directory, for `PYTHONPATH`.
+    fn pip_tool(&self, dir: &str, package: &str) -> PathBuf {
+        let site = self.tools.join(dir);
+        // The version is part of the marker, so changing it installs anew.
+        let marker = site.join(format!(".installed-{package}"));
+        if !marker.exists() {
+            let _ = std::fs::remove_dir_all(&site);
+            let mut pip = Command::new("python3");
+            pip.args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target"])
+                .arg(&site)
+                .arg(package);
+            fetch(pip, "Python 3 with pip (Debian: apt-get install python3-pip)");
+            std::fs::write(&marker, "").expect("writing the install marker");
+        }
+        site
     }
 
     /// A Rust tool from crates.io, installed into `target/tools/bin` once.
