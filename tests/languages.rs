@@ -63,7 +63,8 @@ async fn the_same_step_in_four_languages_gives_the_same_results() {
         let path = dir.join(format!("{language}.yaml"));
         std::fs::write(&path, WORKFLOW.replace("COMPONENT", component)).unwrap();
         let workflow = Workflow::load(&path).unwrap_or_else(|err| panic!("{language}: {err}"));
-        let report = scheduler::run(sandbox(), Arc::new(workflow), &inputs, RunOptions::new(language))
+        let inputs = workflow.bind_inputs(&inputs).unwrap_or_else(|err| panic!("{language}: {err}"));
+        let report = scheduler::run(sandbox(), Arc::new(workflow), inputs, RunOptions::new(language))
             .await
             .unwrap_or_else(|err| panic!("{language}: {err}"));
 

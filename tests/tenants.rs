@@ -35,7 +35,8 @@ fn sleepers(dir: &std::path::Path, name: &str, n: usize, millis: u64) -> Workflo
 async fn run_as(tenant: &str, workflow: Workflow, dispatcher: Arc<Dispatcher>) -> (RunReport, Instant) {
     let options =
         RunOptions { tenant: tenant.into(), dispatcher: Some(dispatcher), ..RunOptions::new(format!("run-{tenant}")) };
-    let report = scheduler::run(sandbox(), Arc::new(workflow), &Default::default(), options).await.unwrap();
+    let no_inputs = workflow.bind_inputs(&Default::default()).unwrap();
+    let report = scheduler::run(sandbox(), Arc::new(workflow), no_inputs, options).await.unwrap();
     (report, Instant::now())
 }
 
@@ -143,9 +144,9 @@ async fn a_run_stops_when_it_uses_up_its_fuel_budget() {
     )
     .unwrap();
     let options = RunOptions { max_run_fuel: Some(45_000_000), ..RunOptions::new("budget") };
-    let report = scheduler::run(sandbox(), Arc::new(Workflow::load(&path).unwrap()), &Default::default(), options)
-        .await
-        .unwrap();
+    let workflow = Workflow::load(&path).unwrap();
+    let no_inputs = workflow.bind_inputs(&Default::default()).unwrap();
+    let report = scheduler::run(sandbox(), Arc::new(workflow), no_inputs, options).await.unwrap();
     let fuel: u64 = report.steps.iter().map(|s| s.fuel_consumed()).sum();
     assert!(fuel <= 45_000_000, "the run used {fuel}");
     assert_eq!(report.status, RunStatus::Failed);
@@ -181,7 +182,8 @@ async fn included_workflows_are_held_to_the_tenant_ceilings() {
     let templated = outer("templated", "{{ inputs.which }}.yaml");
     tenants.check("acme", &templated).expect("the path is not known before the run");
     let options = RunOptions { tenant: "acme".into(), tenants: Some(tenants.clone()), ..RunOptions::new("templated") };
-    let report = scheduler::run(sandbox(), Arc::new(templated), &Default::default(), options).await.unwrap();
+    let inputs = templated.bind_inputs(&Default::default()).unwrap();
+    let report = scheduler::run(sandbox(), Arc::new(templated), inputs, options).await.unwrap();
     let inner = &report.steps[0];
     assert_eq!(inner.status, StepStatus::Failed, "{inner:?}");
     let reason = inner.reason.as_deref().unwrap();

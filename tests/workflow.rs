@@ -64,7 +64,8 @@ fn load(yaml: &str) -> Workflow {
 
 async fn run_with(workflow: Workflow, inputs: Value, options: RunOptions) -> RunReport {
     let inputs = inputs.as_object().cloned().unwrap_or_default();
-    scheduler::run(sandbox(), Arc::new(workflow), &inputs, options).await.unwrap_or_else(|err| panic!("{err}"))
+    let inputs = workflow.bind_inputs(&inputs).unwrap_or_else(|err| panic!("{err}"));
+    scheduler::run(sandbox(), Arc::new(workflow), inputs, options).await.unwrap_or_else(|err| panic!("{err}"))
 }
 
 async fn run(yaml: &str) -> RunReport {
@@ -187,6 +188,24 @@ steps:
         keys,
         ["run-test/wait[0]", "run-test/wait[1]", "run-test/wait[2]", "run-test/wait[3]", "run-test/wait[4]"]
     );
+}
+
+#[tokio::test]
+async fn minijinja_functions_such_as_range_work_in_templates() {
+    let report = run("name: range
+steps:
+  - id: square
+    uses: echo
+    for_each: '{{ range(16)|list }}'
+    with: '{{ item * item }}'
+  - id: total
+    uses: echo
+    depends_on: [square]
+    with: { sum: '{{ steps.square.output|sum }}', pairs: '{{ dict(n=range(2)|list) }}' }
+")
+    .await;
+    assert_eq!(step(&report, "square").executions.len(), 16);
+    assert_eq!(step(&report, "total").output, Some(json!({ "sum": 1240, "pairs": { "n": [0, 1] } })));
 }
 
 #[tokio::test]

@@ -199,7 +199,8 @@ fn workflow(name: &str, n: usize, chain: bool) -> anyhow::Result<Workflow> {
 }
 
 async fn run(sandbox: &Sandbox, workflow: Arc<Workflow>, options: RunOptions) -> anyhow::Result<()> {
-    let report = scheduler::run(sandbox, workflow, &Default::default(), options).await?;
+    let inputs = workflow.bind_inputs(&Default::default())?;
+    let report = scheduler::run(sandbox, workflow, inputs, options).await?;
     anyhow::ensure!(report.status == RunStatus::Succeeded, "a benchmark run failed: {:?}", report.error);
     Ok(())
 }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::sandbox::HttpGrant;
 use crate::scheduler::Share;
 use crate::workflow::spec::LimitsSpec;
-use crate::workflow::{Action, Diagnostic, Workflow, WorkflowError, parse_yaml, template};
+use crate::workflow::{Action, Diagnostic, Workflow, WorkflowError, read_file};
 
 /// The tenants file.
 #[derive(Debug, Clone, Deserialize)]
@@ -63,10 +63,7 @@ pub struct Tenants {
 
 impl Tenants {
     pub fn load(path: &Path) -> Result<Tenants, WorkflowError> {
-        let text = std::fs::read_to_string(path).map_err(|err| {
-            WorkflowError::single(path, format!("cannot read the tenants file: {err}"), Some("check --tenants".into()))
-        })?;
-        let file: TenantsFile = parse_yaml(path, &text)?;
+        let file: TenantsFile = read_file(path, "tenants file")?;
         Ok(Tenants { file: path.to_owned(), tenants: file.tenants })
     }
 
@@ -103,10 +100,9 @@ impl Tenants {
             // An include step runs nothing itself; a literal include is part
             // of the workflow, so its steps are checked now, not only when
             // it is reached.
-            if let Action::Include { path } = &step.action {
-                if !template::is_template(path)
-                    && let Ok(included) = Workflow::load(&workflow.base_dir.join(path))
-                    && let Err(err) = self.check(tenant, &included)
+            if let Action::Include { path, workflow: included } = &step.action {
+                if let Some(included) = included
+                    && let Err(err) = self.check(tenant, included)
                 {
                     problems.extend(
                         err.diagnostics.into_iter().map(|d| format!("step `{id}` includes {path}: {}", d.message)),

@@ -354,6 +354,7 @@ fn compiled_components_are_cached_and_damaged_entries_replaced() {
             .map(|entries| entries.map(|entry| entry.unwrap().path()).collect())
             .unwrap_or_default();
         found.retain(|path: &std::path::PathBuf| path.extension().is_some_and(|ext| ext == extension));
+        found.sort();
         found
     };
 
@@ -376,5 +377,21 @@ fn compiled_components_are_cached_and_damaged_entries_replaced() {
     assert_eq!(out.status.code(), Some(3));
     assert!(stderr(&out).contains("cannot read /no/such/step.wasm"), "{}", stderr(&out));
 
+    // `gc --cache` removes what no engine of this build can load, and with
+    // --older-than what was not used for that long; it keeps the rest.
+    let current = entries("cwasm");
+    let stale = data.join("compiled").join(format!("{}-0000000000000000.cwasm", "ab".repeat(32)));
+    std::fs::write(&stale, b"compiled by another wasmtime").unwrap();
+    let out = run(&["gc", "--cache"]);
+    assert!(stdout(&out).contains("removed 1 compiled file(s)"), "{}{}", stdout(&out), stderr(&out));
+    assert!(!stale.exists());
+    assert_eq!(entries("cwasm"), current);
+    let unused = std::fs::File::options().write(true).open(&current[0]).unwrap();
+    unused.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3 * 3600)).unwrap();
+    let out = run(&["gc", "--cache", "--older-than", "2h"]);
+    assert!(stdout(&out).contains("removed 1 compiled file(s)"), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(entries("cwasm").len(), current.len() - 1);
+    let out = run(&["gc"]);
+    assert_eq!(out.status.code(), Some(2), "gc needs --older-than or --cache");
     std::fs::remove_dir_all(&data).unwrap();
 }

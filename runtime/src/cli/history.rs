@@ -33,7 +33,9 @@ pub(crate) struct RunsArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  stepbox show run-18ea4aabab0da55a\n  stepbox show run-18ea4aabab0da55a --json")]
+#[command(
+    after_help = "Examples:\n  stepbox show 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47\n  stepbox show 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47 --json"
+)]
 pub(crate) struct ShowArgs {
     run_id: String,
     #[arg(long)]
@@ -42,7 +44,7 @@ pub(crate) struct ShowArgs {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  stepbox logs run-18ea4aabab0da55a\n  stepbox logs run-18ea4aabab0da55a charge --json"
+    after_help = "Examples:\n  stepbox logs 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47\n  stepbox logs 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47 charge --json"
 )]
 pub(crate) struct LogsArgs {
     run_id: String,
@@ -53,11 +55,20 @@ pub(crate) struct LogsArgs {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  stepbox gc --older-than 30d\n  stepbox gc --older-than 12h")]
+#[command(after_help = "Examples:
+  stepbox gc --older-than 30d           # runs finished and started more than 30 days ago
+  stepbox gc --cache                    # compiled code no stepbox of this version can use
+  stepbox gc --cache --older-than 7d    # ... and compiled code unused for 7 days (no runs are deleted)")]
+#[group(required = true, multiple = true, args = ["older_than", "cache"])]
 pub(crate) struct GcArgs {
-    /// Delete finished runs started longer ago than this (e.g. 30d, 12h).
+    /// Delete finished runs started longer ago than this (e.g. 30d, 12h); with --cache, compiled
+    /// code unused for this long instead.
     #[arg(long, value_name = "AGE")]
-    older_than: humantime::Duration,
+    older_than: Option<humantime::Duration>,
+    /// Clean the compile cache (the data directory's compiled/) instead of the runs: remove code
+    /// compiled by another version of stepbox or wasmtime, and files left by an interrupted compile.
+    #[arg(long)]
+    cache: bool,
 }
 
 fn print_json(value: &impl serde::Serialize) -> u8 {
@@ -207,10 +218,29 @@ pub(crate) fn logs(args: LogsArgs, data_dir: &Path) -> u8 {
 }
 
 pub(crate) fn gc(args: GcArgs, data_dir: &Path) -> u8 {
+    if args.cache {
+        let Some(sandbox) = super::sandbox_with(super::engine_config(data_dir)) else { return exit::STEP_FAILED };
+        return match sandbox.gc_cache(args.older_than.map(Into::into)) {
+            Ok(removed) => {
+                println!(
+                    "removed {} compiled file(s), {}, from {}",
+                    removed.entries,
+                    ByteSize(removed.bytes).display().iec(),
+                    data_dir.join("compiled").display()
+                );
+                0
+            }
+            Err(err) => {
+                eprintln!("error: cannot clean {}: {err}", data_dir.join("compiled").display());
+                exit::STEP_FAILED
+            }
+        };
+    }
+    let Some(older_than) = args.older_than else { return exit::USAGE };
     with_db(data_dir, |db| {
-        let age: Duration = args.older_than.into();
+        let age: Duration = older_than.into();
         let removed = db.gc(unix_ms() - age.as_millis() as i64)?;
-        println!("removed {removed} run(s) started more than {} ago", args.older_than);
+        println!("removed {removed} run(s) started more than {older_than} ago");
         Ok(0)
     })
 }

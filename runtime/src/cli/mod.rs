@@ -27,7 +27,7 @@ mod exit {
 const ABOUT_EXAMPLES: &str = "Examples:
   stepbox run examples/diamond.yaml
   stepbox runs --status failed
-  stepbox resume run-18ea4aabab0da55a
+  stepbox resume 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47
   stepbox validate examples/diamond.yaml
   stepbox graph examples/diamond.yaml --format mermaid
   stepbox step run hello.wasm --input '{\"name\": \"Ada\"}'
@@ -234,12 +234,6 @@ pub(crate) fn sandbox_with_kv(
 /// compiled components are cached in its `compiled/` directory.
 pub(crate) fn engine_config(data_dir: &Path) -> crate::sandbox::EngineConfig {
     crate::sandbox::EngineConfig { cache_dir: Some(data_dir.join("compiled")), ..Default::default() }
-}
-
-/// A run id unique enough for one machine: the time in nanoseconds.
-pub(crate) fn new_run_id() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("run-{nanos:x}")
 }
 
 pub(crate) fn parse_key_value(text: &str) -> Result<(String, String), String> {

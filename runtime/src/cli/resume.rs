@@ -1,6 +1,5 @@
 //! `stepbox resume` and `stepbox retry`: continuing a recorded run.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,7 +11,7 @@ use super::{Place, exit, open_database, tenant_policy};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
-  stepbox resume run-18ea4aabab0da55a
+  stepbox resume 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47
 
 Steps that succeeded keep their recorded outputs and do not run again; interrupted attempts run again
 with the same idempotency key. A run whose workflow file or components changed since it started is
@@ -26,8 +25,8 @@ pub(crate) struct ResumeArgs {
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
-  stepbox retry run-18ea4aabab0da55a
-  stepbox retry run-18ea4aabab0da55a --from charge
+  stepbox retry 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47
+  stepbox retry 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47 --from charge
 
 Without --from, the failed steps run again and what succeeded is reused. With --from, that step and
 every step after it run again too.")]
@@ -79,13 +78,23 @@ async fn continue_run(run_id: &str, from: Option<&str>, how: &HowToRun, place: &
         Ok(policy) => policy,
         Err(code) => return code,
     };
+    // Bound when the run was created; bound again here because a stored
+    // record is data from disk, not a checked value.
+    let inputs = match workflow.bind_inputs(&run.inputs.as_object().cloned().unwrap_or_default()) {
+        Ok(inputs) => inputs,
+        Err(err) => {
+            eprintln!("{err}");
+            return exit::INVALID_COMPONENT;
+        }
+    };
     if let Some(from) = from {
         let Some(start) = workflow.step_index(from) else {
             let ids: Vec<&str> = workflow.steps.iter().map(|step| step.id.as_str()).collect();
             eprintln!("error: the workflow has no step `{from}`; its steps are: {}", ids.join(", "));
             return exit::USAGE;
         };
-        if let Err(err) = db.forget_steps(run_id, &downstream(&workflow, start)) {
+        let ids: Vec<String> = workflow.downstream(start).map(|i| workflow.steps[i].id.clone()).collect();
+        if let Err(err) = db.forget_steps(run_id, &ids) {
             eprintln!("error: {err}");
             return exit::STEP_FAILED;
         }
@@ -94,7 +103,6 @@ async fn continue_run(run_id: &str, from: Option<&str>, how: &HowToRun, place: &
         eprintln!("error: {err}");
         return exit::STEP_FAILED;
     }
-    let inputs = run.inputs.as_object().cloned().unwrap_or_default();
     execute(db, workflow, run.id.clone(), run.tenant.clone(), inputs, how, policy).await
 }
 
@@ -113,20 +121,4 @@ fn load_unchanged(run: &StoredRun) -> Result<Workflow, String> {
         ));
     }
     Ok(workflow)
-}
-
-/// `start` and every step that depends on it, directly or not.
-fn downstream(workflow: &Workflow, start: usize) -> Vec<String> {
-    let mut seen = HashSet::from([start]);
-    let mut todo = vec![start];
-    while let Some(step) = todo.pop() {
-        for (i, other) in workflow.steps.iter().enumerate() {
-            if other.depends_on.contains(&step) && seen.insert(i) {
-                todo.push(i);
-            }
-        }
-    }
-    let mut ids: Vec<String> = seen.into_iter().map(|i| workflow.steps[i].id.clone()).collect();
-    ids.sort();
-    ids
 }

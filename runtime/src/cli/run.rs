@@ -7,18 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::scheduler::{self, RunEvent, RunOptions, RunReport, RunStatus, StepReport, StepStatus};
-use crate::store::{Database, NewRun};
-use crate::workflow::Workflow;
+use crate::store::{Database, NewRun, new_run_id};
+use crate::workflow::{Inputs, Workflow};
 use bytesize::ByteSize;
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Place, TenantPolicy, engine_config, exit, new_run_id, open_database, parse_key_value, sandbox_with_kv,
-    tenant_policy,
-};
+use super::{Place, TenantPolicy, engine_config, exit, open_database, parse_key_value, sandbox_with_kv, tenant_policy};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -128,14 +125,14 @@ pub(crate) async fn run(args: Args, place: &Place<'_>) -> u8 {
         workflow_path: &path.to_string_lossy(),
         fingerprint: &fingerprint,
         tenant: &args.tenant,
-        inputs: &serde_json::Value::Object(bound),
+        inputs: &serde_json::Value::Object(bound.as_map().clone()),
         labels: &args.labels,
     };
     if let Err(err) = db.create_run(&record) {
         eprintln!("error: {err}");
         return exit::STEP_FAILED;
     }
-    execute(db, workflow, run_id, args.tenant, inputs, &args.how, policy).await
+    execute(db, workflow, run_id, args.tenant, bound, &args.how, policy).await
 }
 
 /// Runs a recorded run (new, resumed or retried) with progress and a
@@ -145,7 +142,7 @@ pub(crate) async fn execute(
     workflow: Arc<Workflow>,
     run_id: String,
     tenant: String,
-    inputs: serde_json::Map<String, serde_json::Value>,
+    inputs: Inputs,
     how: &HowToRun,
     policy: TenantPolicy,
 ) -> u8 {
@@ -169,7 +166,7 @@ pub(crate) async fn execute(
     options.max_run_fuel = policy.max_run_fuel;
     options.tenants = policy.tenants;
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
-    let result = scheduler::run(&sandbox, workflow, &inputs, options).await;
+    let result = scheduler::run(&sandbox, workflow, inputs, options).await;
     let _ = progress.await;
     let report = match result {
         Ok(report) => report,

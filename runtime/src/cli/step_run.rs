@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use crate::sandbox::{
     AttemptReport, AttemptRequest, DirGrant, EngineConfig, ExitCodes, Grants, HttpGrant, Limits, Outcome, StepContext,
 };
+use crate::workflow::spec::LimitsSpec;
 use bytesize::ByteSize;
 
-use super::{exit, new_run_id, parse_key_value, sandbox_with};
+use super::{exit, parse_key_value, sandbox_with};
+use crate::store::new_run_id;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -117,13 +119,13 @@ pub(crate) async fn run(args: Args, data_dir: &std::path::Path) -> u8 {
         },
         None => Vec::new(),
     };
-    let defaults = Limits::default();
-    let limits = Limits {
-        fuel: args.fuel.unwrap_or(defaults.fuel),
-        timeout: args.timeout.map(Into::into).unwrap_or(defaults.timeout),
-        memory: args.memory.unwrap_or(defaults.memory),
-        ..defaults
-    };
+    let limits = LimitsSpec {
+        fuel: args.fuel,
+        timeout: args.timeout.map(Into::into),
+        memory: args.memory,
+        ..LimitsSpec::default()
+    }
+    .over(&Limits::default());
     let engine_config = EngineConfig {
         max_concurrent_attempts: 4,
         max_memory: limits.memory.max(ByteSize::mib(64)),

@@ -143,7 +143,7 @@ fn draw(workflow: &Workflow, format: GraphFormat) -> String {
         let step = &workflow.steps[i];
         let what = match &step.action {
             Action::Run { component } => component.clone(),
-            Action::Include { path } => format!("include {path}"),
+            Action::Include { path, .. } => format!("include {path}"),
         };
         format!("{}\\n{what}", step.id)
     };

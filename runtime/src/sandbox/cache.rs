@@ -7,11 +7,12 @@
 //! be writable only by the user that runs stepbox (see SECURITY.md).
 
 use std::hash::{Hash, Hasher};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
+use lru::LruCache;
+use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
@@ -25,46 +26,34 @@ pub(crate) fn digest(bytes: &[u8]) -> Digest {
     Sha256::digest(bytes).into()
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 /// Components a process has loaded, so loading one again (each run loads
 /// its workflow's components) costs a hash, not a deserialization, and its
 /// attempts reuse the instance slots (and the memory kept resident in them)
-/// of the earlier ones.
-#[derive(Default)]
+/// of the earlier ones. The least recently used goes first.
 pub(crate) struct Loaded {
-    inner: Mutex<LoadedInner>,
+    entries: Mutex<LruCache<Digest, StepComponent>>,
 }
 
-#[derive(Default)]
-struct LoadedInner {
-    /// Counts uses, to find the least recently used entry.
-    clock: u64,
-    entries: HashMap<Digest, (u64, StepComponent)>,
-}
+/// Components kept loaded at most.
+const LOADED_CAPACITY: NonZeroUsize = NonZeroUsize::new(64).unwrap();
 
-/// Components kept loaded at most; the least recently used goes first.
-const LOADED_CAPACITY: usize = 64;
+impl Default for Loaded {
+    fn default() -> Self {
+        Loaded { entries: Mutex::new(LruCache::new(LOADED_CAPACITY)) }
+    }
+}
 
 impl Loaded {
     pub(crate) fn get(&self, digest: &Digest) -> Option<StepComponent> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.clock += 1;
-        let clock = inner.clock;
-        let (used, component) = inner.entries.get_mut(digest)?;
-        *used = clock;
-        Some(component.clone())
+        self.entries.lock().get(digest).cloned()
     }
 
     pub(crate) fn insert(&self, digest: Digest, component: StepComponent) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.clock += 1;
-        let clock = inner.clock;
-        if inner.entries.len() >= LOADED_CAPACITY && !inner.entries.contains_key(&digest) {
-            let oldest = inner.entries.iter().min_by_key(|(_, (used, _))| *used).map(|(key, _)| *key);
-            if let Some(oldest) = oldest {
-                inner.entries.remove(&oldest);
-            }
-        }
-        inner.entries.insert(digest, (clock, component));
+        self.entries.lock().put(digest, component);
     }
 }
 
@@ -110,24 +99,64 @@ impl Compiled for Module {
 #[derive(Debug, Clone)]
 pub(crate) struct CompileCache {
     dir: PathBuf,
+    /// The engine's compilation settings, hashed: part of every entry's
+    /// name, so code compiled with other settings (another wasmtime) is
+    /// never loaded.
+    settings: String,
 }
 
+/// A `Hasher` over sha256: the engine's settings hash the same way in every
+/// build of stepbox, where std's `DefaultHasher` promises no such thing.
+struct StableHasher(Sha256);
+
+impl Hasher for StableHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        let digest = self.0.clone().finalize();
+        u64::from_le_bytes(digest[..8].try_into().unwrap_or_default())
+    }
+}
+
+/// What [`CompileCache::gc`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheGc {
+    /// Entries removed.
+    pub entries: usize,
+    /// Their size on disk, in bytes.
+    pub bytes: u64,
+}
+
+/// A temporary file older than this was left by a process that died
+/// mid-write.
+const ABANDONED_TEMP: Duration = Duration::from_secs(3600);
+
 impl CompileCache {
-    pub(crate) fn new(dir: PathBuf) -> Self {
-        CompileCache { dir }
+    pub(crate) fn new(dir: PathBuf, engine: &Engine) -> Self {
+        let mut hasher = StableHasher(Sha256::new());
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        let settings = hex(&hasher.0.finalize()[..8]);
+        CompileCache { dir, settings }
     }
 
     /// The compiled form of `bytes`: from the cache when it holds a usable
     /// entry, else compiled and stored. A cache that cannot be written only
     /// costs the next process a compile.
     pub(crate) fn get<T: Compiled>(&self, engine: &Engine, bytes: &[u8], digest: &Digest) -> wasmtime::Result<T> {
-        let path = self.entry(engine, digest, T::EXTENSION);
+        let path = self.entry(digest, T::EXTENSION);
         if path.is_file() {
             // SAFETY: entries are written only by `store` below, from this
             // engine's serialization; the name carries the engine's
             // compatibility hash, and wasmtime checks it again on load.
             match unsafe { T::deserialize(engine, &path) } {
-                Ok(compiled) => return Ok(compiled),
+                Ok(compiled) => {
+                    // The modification time says when the entry was last
+                    // used, for `stepbox gc --cache --older-than`.
+                    let _ = std::fs::File::open(&path).and_then(|file| file.set_modified(SystemTime::now()));
+                    return Ok(compiled);
+                }
                 Err(err) => tracing::warn!(path = %path.display(), "recompiling a damaged cache entry: {err:#}"),
             }
         }
@@ -151,11 +180,8 @@ impl CompileCache {
         }
     }
 
-    fn entry(&self, engine: &Engine, digest: &Digest, extension: &str) -> PathBuf {
-        let mut settings = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut settings);
-        let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
-        self.dir.join(format!("{hex}-{:016x}.{extension}", settings.finish()))
+    fn entry(&self, digest: &Digest, extension: &str) -> PathBuf {
+        self.dir.join(format!("{}-{}.{extension}", hex(digest), self.settings))
     }
 
     /// Writes to a temporary file and renames it into place, so a reader
@@ -167,5 +193,40 @@ impl CompileCache {
         std::io::Write::write_all(&mut temp, &serialized)?;
         temp.persist(path)?;
         Ok(())
+    }
+
+    /// Removes entries this engine cannot use (compiled with other settings,
+    /// by another wasmtime), entries not used for `unused_for` when given,
+    /// and temporary files abandoned by a process that died mid-write.
+    pub(crate) fn gc(&self, unused_for: Option<Duration>) -> std::io::Result<CacheGc> {
+        let mut removed = CacheGc::default();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+            Err(err) => return Err(err),
+        };
+        let now = SystemTime::now();
+        for entry in entries {
+            let entry = entry?;
+            let metadata = entry.metadata()?;
+            if !metadata.is_file() {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let age = metadata.modified().ok().and_then(|at| now.duration_since(at).ok()).unwrap_or_default();
+            let is_entry = name.ends_with(".cwasm") || name.ends_with(".mwasm");
+            let stale = if is_entry {
+                let current = name.rsplit_once('.').is_some_and(|(stem, _)| stem.ends_with(&self.settings));
+                !current || unused_for.is_some_and(|limit| age > limit)
+            } else {
+                name.starts_with(".tmp") && age > ABANDONED_TEMP
+            };
+            if stale {
+                std::fs::remove_file(entry.path())?;
+                removed.entries += 1;
+                removed.bytes += metadata.len();
+            }
+        }
+        Ok(removed)
     }
 }

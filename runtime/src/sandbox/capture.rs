@@ -4,7 +4,9 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -48,7 +50,7 @@ impl CappedPipe {
     }
 
     fn append(&self, bytes: &[u8]) {
-        let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut buffer = self.buffer.lock();
         let room = self.capacity.saturating_sub(buffer.kept.len());
         let kept = bytes.len().min(room);
         buffer.kept.extend_from_slice(&bytes[..kept]);
@@ -56,7 +58,7 @@ impl CappedPipe {
     }
 
     pub(crate) fn captured(&self) -> Captured {
-        let buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        let buffer = self.buffer.lock();
         let mut text = String::from_utf8_lossy(&buffer.kept).into_owned();
         if buffer.dropped > 0 {
             if !text.ends_with('\n') && !text.is_empty() {

@@ -20,6 +20,7 @@ use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
 pub use attempt::{AttemptRequest, ExitCodes, StepContext};
+pub use cache::CacheGc;
 pub use capture::Captured;
 pub use component::{LoadError, StepComponent};
 pub use engine::EngineConfig;
@@ -57,7 +58,7 @@ impl Sandbox {
         let mut module = wasmtime::Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::preview1)?;
         engine::start_epoch_ticker(&engine)?;
-        let cache = config.cache_dir.clone().map(CompileCache::new);
+        let cache = config.cache_dir.clone().map(|dir| CompileCache::new(dir, &engine));
         let linkers = Arc::new(Linkers { component, module });
         Ok(Sandbox { engine, linkers, cache, loaded: Arc::default(), kv, config })
     }
@@ -85,6 +86,13 @@ impl Sandbox {
         let loaded = component::load_bytes(&self.engine, &self.linkers, self.cache.as_ref(), path, bytes, &digest)?;
         self.loaded.insert(digest, loaded.clone());
         Ok(loaded)
+    }
+
+    /// Cleans the compile cache (when there is one): removes entries this
+    /// engine cannot use, entries not used for `unused_for` when given, and
+    /// temporary files abandoned mid-write.
+    pub fn gc_cache(&self, unused_for: Option<std::time::Duration>) -> std::io::Result<CacheGc> {
+        self.cache.as_ref().map_or(Ok(CacheGc::default()), |cache| cache.gc(unused_for))
     }
 
     /// Runs one attempt. Never fails: every way an attempt can end is an

@@ -3,7 +3,9 @@
 //! into every step's context.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use minijinja::Value;
 use minijinja::value::{Enumerator, Object, ObjectRepr};
@@ -18,7 +20,7 @@ pub(crate) struct StepsView {
 
 impl StepsView {
     pub(crate) fn set(&self, id: &str, status: StepStatus, output: Option<serde_json::Value>) {
-        self.results.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), (status, output));
+        self.results.lock().insert(id.to_owned(), (status, output));
     }
 }
 
@@ -28,7 +30,7 @@ impl Object for StepsView {
     }
 
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        let results = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        let results = self.results.lock();
         let (status, output) = results.get(key.as_str()?)?;
         Some(minijinja::context! {
             status => status.as_str(),
@@ -37,7 +39,7 @@ impl Object for StepsView {
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        let results = self.results.lock().unwrap_or_else(|p| p.into_inner());
+        let results = self.results.lock();
         let mut keys: Vec<Value> = results.keys().map(|key| Value::from(key.as_str())).collect();
         keys.sort();
         Enumerator::Values(keys)

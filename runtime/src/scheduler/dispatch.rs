@@ -4,7 +4,9 @@
 //! with a huge backlog cannot starve one with a few steps.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
@@ -80,8 +82,8 @@ impl Dispatcher {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Sets how `tenant` is served (weight 1 and no own limit otherwise).
@@ -166,7 +168,7 @@ mod tests {
             let (dispatcher, order) = (dispatcher.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
                 let _slot = dispatcher.acquire(tenant).await;
-                order.lock().unwrap().push(tenant);
+                order.lock().push(tenant);
             }));
             tokio::task::yield_now().await;
         }
@@ -174,7 +176,7 @@ mod tests {
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), ["big", "small", "big", "big", "small", "big"]);
+        assert_eq!(*order.lock(), ["big", "small", "big", "big", "small", "big"]);
     }
 
     #[tokio::test]

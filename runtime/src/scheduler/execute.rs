@@ -23,7 +23,7 @@ pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToke
     report.status = StepStatus::Running;
     report.started_ms = Some(shared.elapsed_ms());
     match &step.action {
-        Action::Include { path } => include(&shared, i, path, &cancel, &mut report).await,
+        Action::Include { path, workflow } => include(&shared, i, path, workflow.as_ref(), &cancel, &mut report).await,
         Action::Run { component } => match items(&shared, i) {
             Ok(items) => fan_out(&shared, i, component, items, &cancel, &mut report).await,
             Err(reason) => {
@@ -449,20 +449,24 @@ async fn attempt_once(
 }
 
 /// Runs an included workflow as this step; its steps are reported under
-/// this one, its outputs are this step's output.
-async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &CancellationToken, report: &mut StepReport) {
+/// this one, its outputs are this step's output. `loaded` is the workflow
+/// of a literal include, validated (and held to the tenant's ceilings) with
+/// the run's own.
+async fn include(
+    shared: &Arc<Shared>,
+    i: usize,
+    path: &str,
+    loaded: Option<&Arc<Workflow>>,
+    cancel: &CancellationToken,
+    report: &mut StepReport,
+) {
     let step = &shared.workflow.steps[i];
     let context = shared.context.with_item(None);
     let result = async {
-        let path = template::render_text(path, &context).map_err(|err| format!("`include`: {err}"))?;
-        let path = shared.workflow.base_dir.join(path);
-        // A file written by an earlier step is read and validated only now.
-        let workflow = Workflow::load(&path).map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
-        if let Some(tenants) = &shared.base.tenants {
-            tenants
-                .check(&shared.tenant, &workflow)
-                .map_err(|err| format!("the included workflow goes over the tenant's ceilings:\n{err}"))?;
-        }
+        let workflow = match loaded {
+            Some(workflow) => workflow.clone(),
+            None => Arc::new(load_templated_include(shared, path, &context)?),
+        };
         let inputs = match template::render_value(&step.with, &context).map_err(|err| format!("`with`: {err}"))? {
             Value::Object(map) => map,
             other => return Err(format!("`with` of an include must be a map of the workflow's inputs, not {other}")),
@@ -483,8 +487,7 @@ async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &Cancellati
         };
         let prefix = format!("{}{}.", shared.prefix, step.id);
         let base = Base { stop: cancel.clone(), ..shared.base.clone() };
-        let child =
-            Shared::new(shared.sandbox.clone(), Arc::new(workflow), components, inputs, &options, base, &prefix);
+        let child = Shared::new(shared.sandbox.clone(), workflow, components, inputs, &options, base, &prefix);
         Ok(run_graph_boxed(child).await)
     }
     .await;
@@ -507,6 +510,21 @@ async fn include(shared: &Arc<Shared>, i: usize, path: &str, cancel: &Cancellati
             report.reason = Some(reason);
         }
     }
+}
+
+/// The workflow of an include whose path is a template, known only now: a
+/// file written by an earlier step is read and validated when reached, and
+/// held to the tenant's ceilings then.
+fn load_templated_include(shared: &Shared, path: &str, context: &minijinja::Value) -> Result<Workflow, String> {
+    let path = template::render_text(path, context).map_err(|err| format!("`include`: {err}"))?;
+    let workflow = Workflow::load(&shared.workflow.base_dir.join(path))
+        .map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
+    if let Some(tenants) = &shared.base.tenants {
+        tenants
+            .check(&shared.tenant, &workflow)
+            .map_err(|err| format!("the included workflow goes over the tenant's ceilings:\n{err}"))?;
+    }
+    Ok(workflow)
 }
 
 /// The nested run of an include, boxed with an explicit `Send` so the

@@ -22,7 +22,7 @@ pub use report::{AttemptRecord, ExecutionReport, RunReport, RunStatus, StepRepor
 use crate::sandbox::{Failure, Sandbox, StepComponent};
 use crate::store::{Durable, Journal, ResumeState, StepRow};
 use crate::tenant::Tenants;
-use crate::workflow::{Diagnostic, Workflow, WorkflowError, template};
+use crate::workflow::{Diagnostic, Inputs, Workflow, WorkflowError, template};
 use context::{RunContext, StepsView};
 use policy::{CircuitBreaker, RateLimiter};
 
@@ -126,14 +126,14 @@ pub async fn compile(workflow: &Workflow, sandbox: &Sandbox) -> Result<HashMap<S
     if diagnostics.is_empty() { Ok(compiled) } else { Err(WorkflowError { diagnostics }) }
 }
 
-/// Binds the inputs, compiles the components and runs the workflow.
+/// Compiles the components and runs the workflow with inputs bound by
+/// [`Workflow::bind_inputs`].
 pub async fn run(
     sandbox: &Sandbox,
     workflow: Arc<Workflow>,
-    inputs: &serde_json::Map<String, serde_json::Value>,
+    inputs: Inputs,
     options: RunOptions,
 ) -> Result<RunReport, WorkflowError> {
-    let inputs = workflow.bind_inputs(inputs)?;
     let components = compile(&workflow, sandbox).await?;
     let resume = match &options.journal {
         Some(journal) => {
@@ -152,7 +152,7 @@ pub async fn run(
         started_unix_ms: crate::store::unix_ms(),
         resume: Arc::new(resume),
         stop: options.cancel.child_token(),
-        stop_error: Arc::new(std::sync::Mutex::new(None)),
+        stop_error: Arc::new(parking_lot::Mutex::new(None)),
         fuel_left: options.max_run_fuel.map(|fuel| Arc::new(std::sync::atomic::AtomicU64::new(fuel))),
         tenants: options.tenants.clone(),
     };
@@ -170,7 +170,7 @@ async fn finish(shared: &Shared, mut report: RunReport) -> RunReport {
     };
     let outputs = serde_json::Value::Object(report.outputs.clone());
     shared.durable(shared.record(|journal, run_id| journal.run_finished(run_id, status, &outputs))).await;
-    if let Some(error) = shared.base.stop_error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+    if let Some(error) = shared.base.stop_error.lock().clone() {
         report.status = RunStatus::Failed;
         report.error = Some(format!("the run stopped because {error}"));
     }
@@ -188,7 +188,7 @@ pub(crate) struct Base {
     /// journal failed, its fuel budget ran out).
     stop: CancellationToken,
     /// Why the run stopped, when it was not a step's doing.
-    stop_error: Arc<std::sync::Mutex<Option<String>>>,
+    stop_error: Arc<parking_lot::Mutex<Option<String>>>,
     /// What is left of the run's fuel budget, if it has one.
     fuel_left: Option<Arc<std::sync::atomic::AtomicU64>>,
     tenants: Option<Arc<Tenants>>,
@@ -207,7 +207,7 @@ pub(crate) struct Shared {
     events: Option<mpsc::UnboundedSender<RunEvent>>,
     journal: Option<Arc<dyn Journal>>,
     context: RunContext,
-    inputs: serde_json::Map<String, serde_json::Value>,
+    inputs: Inputs,
     /// `<include step id>.` inside an included workflow, for ids in events
     /// and reports.
     prefix: String,
@@ -219,7 +219,7 @@ impl Shared {
         sandbox: Sandbox,
         workflow: Arc<Workflow>,
         components: HashMap<String, StepComponent>,
-        inputs: serde_json::Map<String, serde_json::Value>,
+        inputs: Inputs,
         options: &RunOptions,
         base: Base,
         prefix: &str,
@@ -239,7 +239,7 @@ impl Shared {
             steps.set(&step.id, StepStatus::Pending, None);
         }
         let context = RunContext {
-            inputs: template::to_jinja(&inputs),
+            inputs: template::to_jinja(inputs.as_map()),
             vars: template::to_jinja(&workflow.vars),
             run: minijinja::context! { id => options.run_id.clone(), workflow => workflow.name.clone(), tenant => options.tenant.clone() },
             steps,
@@ -294,7 +294,7 @@ impl Shared {
     /// Stops the whole run (not just this step), saying why.
     fn stop_run(&self, why: String) {
         tracing::error!("the run stopped because {why}");
-        self.base.stop_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(why);
+        self.base.stop_error.lock().get_or_insert(why);
         self.base.stop.cancel();
     }
 
@@ -402,7 +402,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> RunReport
         workflow: shared.workflow.name.clone(),
         status,
         duration_ms: shared.elapsed_ms(),
-        inputs: shared.inputs.clone(),
+        inputs: shared.inputs.as_map().clone(),
         outputs,
         output_errors,
         error: None,

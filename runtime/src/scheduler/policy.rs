@@ -13,7 +13,7 @@ use crate::workflow::spec::{BreakerSpec, RateLimitSpec};
 #[derive(Debug)]
 pub(crate) struct CircuitBreaker {
     spec: BreakerSpec,
-    state: std::sync::Mutex<BreakerState>,
+    state: parking_lot::Mutex<BreakerState>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -33,11 +33,11 @@ pub(crate) enum Admission {
 
 impl CircuitBreaker {
     pub(crate) fn new(spec: BreakerSpec) -> Self {
-        CircuitBreaker { spec, state: std::sync::Mutex::new(BreakerState::Closed { failures: 0 }) }
+        CircuitBreaker { spec, state: parking_lot::Mutex::new(BreakerState::Closed { failures: 0 }) }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, BreakerState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> parking_lot::MutexGuard<'_, BreakerState> {
+        self.state.lock()
     }
 
     pub(crate) fn admit(&self, now: Instant) -> Admission {

@@ -1,5 +1,5 @@
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 
 use super::{KeyValueStore, KvError, KvScope, add_to_stored};
 
@@ -17,10 +17,8 @@ impl MemoryKeyValueStore {
         Self::default()
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<Key, Vec<u8>>> {
-        // A panic while holding the lock cannot leave a half-written map
-        // (every operation is a single insert or remove), so keep going.
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn entries(&self) -> MutexGuard<'_, BTreeMap<Key, Vec<u8>>> {
+        self.entries.lock()
     }
 }
 

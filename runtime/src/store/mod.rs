@@ -19,6 +19,12 @@ pub use sqlite::now_ms as unix_ms;
 pub use sqlite::{DATABASE_FILE, Database, SCHEMA_VERSION};
 pub use writer::Durable;
 
+/// A new run id: a UUIDv7, unique across processes and machines and
+/// sorting by creation time.
+pub fn new_run_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 /// Why the store could not be used; each says what to do about it. Nothing
 /// already committed is lost by any of them.
 #[derive(Debug, thiserror::Error)]

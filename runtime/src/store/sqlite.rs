@@ -4,9 +4,10 @@
 //! an integrity check and a schema version on open.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
@@ -117,7 +118,7 @@ impl Database {
         let path = data_dir.join(DATABASE_FILE);
         let conn = Connection::open(&path).map_err(|err| StoreError::from_sqlite(&path, err))?;
         let conn = Arc::new(Mutex::new(conn));
-        configure(&path, &mut conn.lock().unwrap_or_else(|p| p.into_inner()))?;
+        configure(&path, &mut conn.lock())?;
         let writer = Writer::start(conn.clone(), path.clone())
             .map_err(|source| StoreError::DataDir { path: data_dir.to_owned(), source })?;
         Ok(Database { path, conn, writer })
@@ -133,7 +134,7 @@ impl Database {
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        self.conn.lock()
     }
 
     fn err(&self, err: rusqlite::Error) -> StoreError {

@@ -15,11 +15,12 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
@@ -149,7 +150,7 @@ fn write_batches(conn: &Mutex<Connection>, path: &std::path::Path, receiver: &Re
             awaited |= queued.ticket.kind != Kind::Lazy;
             batch.push(queued);
         }
-        let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conn = conn.lock();
         let outcomes = commit(&mut conn, batch, &mut lost);
         drop(conn);
         commits.fetch_add(1, Ordering::Relaxed);

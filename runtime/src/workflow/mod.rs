@@ -3,12 +3,16 @@
 
 mod builder;
 mod diagnostic;
+mod graph;
+mod inputs;
+mod parse;
 pub mod spec;
 pub mod template;
 mod validate;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -16,8 +20,9 @@ use serde_saphyr::Location;
 
 pub use builder::{StepBuilder, WorkflowBuilder};
 pub use diagnostic::{Diagnostic, WorkflowError};
+pub use inputs::Inputs;
+pub(crate) use parse::read as read_file;
 pub use spec::WorkflowSpec;
-pub(crate) use validate::parse as parse_yaml;
 
 use crate::sandbox::{DirGrant, FailureKind, Limits};
 use spec::{Backoff, BreakerSpec, InputSpec, RateLimitSpec};
@@ -51,12 +56,21 @@ pub struct Component {
 }
 
 /// What a step runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Action {
     /// A component, by its name in [`Workflow::components`].
-    Run { component: String },
-    /// A sub-workflow file (a template), run as one step.
-    Include { path: String },
+    Run {
+        /// The component's name.
+        component: String,
+    },
+    /// A sub-workflow file, run as one step.
+    Include {
+        /// The file, relative to the including workflow; may be a template.
+        path: String,
+        /// The included workflow, loaded and validated with this one when
+        /// `path` is literal; a templated path is loaded when reached.
+        workflow: Option<Arc<Workflow>>,
+    },
 }
 
 /// How a step fans out.
@@ -165,12 +179,20 @@ impl Workflow {
         validate::validate(spec, Path::new(name_for_messages), base_dir, &mut Vec::new())
     }
 
+    /// The position of step `id` in [`Workflow::steps`].
     pub fn step_index(&self, id: &str) -> Option<usize> {
         self.steps.iter().position(|step| step.id == id)
     }
 
-    /// Hashes of the workflow file and of each component, so a resumed run
-    /// can refuse files that changed since it started.
+    /// Step `start` and every step that depends on it, directly or not, in
+    /// file order: what `stepbox retry --from` runs again.
+    pub fn downstream(&self, start: usize) -> impl Iterator<Item = usize> {
+        graph::downstream(&self.steps, start).into_iter()
+    }
+
+    /// Hashes of the workflow file, of each component and of each literal
+    /// include (with its own components), so a resumed run can refuse files
+    /// that changed since it started.
     pub fn fingerprint(&self) -> std::io::Result<Value> {
         fn hash(path: &Path) -> std::io::Result<String> {
             use sha2::Digest;
@@ -180,16 +202,19 @@ impl Workflow {
         for component in self.components.values() {
             components.insert(component.name.clone(), Value::String(hash(&component.path)?));
         }
-        Ok(serde_json::json!({ "workflow": hash(&self.file)?, "components": components }))
+        let mut includes = serde_json::Map::new();
+        for step in &self.steps {
+            if let Action::Include { workflow: Some(included), .. } = &step.action {
+                includes.insert(step.id.clone(), included.fingerprint()?);
+            }
+        }
+        Ok(serde_json::json!({ "workflow": hash(&self.file)?, "components": components, "includes": includes }))
     }
 
     /// Checks the inputs a run was given against the declared ones and fills
     /// in defaults.
-    pub fn bind_inputs(
-        &self,
-        given: &serde_json::Map<String, Value>,
-    ) -> Result<serde_json::Map<String, Value>, WorkflowError> {
-        validate::bind_inputs(self, given)
+    pub fn bind_inputs(&self, given: &serde_json::Map<String, Value>) -> Result<Inputs, WorkflowError> {
+        inputs::bind(self, given)
     }
 }
 
@@ -201,6 +226,12 @@ pub fn fingerprint_changes(before: &Value, now: &Value) -> Vec<String> {
         changes.push("the workflow file changed".to_owned());
     }
     let empty = serde_json::Map::new();
+    let (old, new) = (before["includes"].as_object().unwrap_or(&empty), now["includes"].as_object().unwrap_or(&empty));
+    for step in old.keys().chain(new.keys().filter(|step| !old.contains_key(*step))) {
+        if old.get(step) != new.get(step) {
+            changes.push(format!("the workflow included by step `{step}` changed"));
+        }
+    }
     let (old, new) =
         (before["components"].as_object().unwrap_or(&empty), now["components"].as_object().unwrap_or(&empty));
     for (name, hash) in old {

@@ -10,7 +10,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_saphyr::Spanned;
 
-use crate::sandbox::FailureKind;
+use super::RetryPolicy;
+use crate::sandbox::{FailureKind, Limits};
 
 /// A workflow file.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -166,6 +167,23 @@ pub struct LimitsSpec {
     pub stdio: Option<ByteSize>,
 }
 
+impl LimitsSpec {
+    /// These limits over `base`: each field set here wins, the rest come
+    /// from `base`. Steps take them over `defaults.limits`, which is over
+    /// stepbox's own defaults; `stepbox step run` takes its flags the same
+    /// way.
+    pub fn over(&self, base: &Limits) -> Limits {
+        Limits {
+            fuel: self.fuel.unwrap_or(base.fuel),
+            timeout: self.timeout.unwrap_or(base.timeout),
+            memory: self.memory.unwrap_or(base.memory),
+            output: self.output.unwrap_or(base.output),
+            stdio: self.stdio.unwrap_or(base.stdio),
+            ..base.clone()
+        }
+    }
+}
+
 /// How failed attempts are retried; unset fields come from `defaults.retry`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -199,6 +217,23 @@ pub struct RetrySpec {
     pub deadline: Option<Duration>,
 }
 
+impl RetrySpec {
+    /// This policy over `base`, field by field, as [`LimitsSpec::over`].
+    pub fn over(&self, base: &RetryPolicy) -> RetryPolicy {
+        RetryPolicy {
+            attempts: self.attempts.unwrap_or(base.attempts),
+            backoff: self.backoff.unwrap_or(base.backoff),
+            initial: self.initial.unwrap_or(base.initial),
+            max: self.max.unwrap_or(base.max),
+            multiplier: self.multiplier.unwrap_or(base.multiplier),
+            jitter: self.jitter.unwrap_or(base.jitter),
+            on: self.on.clone().unwrap_or_else(|| base.on.clone()),
+            deadline: self.deadline.or(base.deadline),
+        }
+    }
+}
+
+/// How the delay between attempts grows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Backoff {

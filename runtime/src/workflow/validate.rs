@@ -1,57 +1,29 @@
-//! Turning a [`WorkflowSpec`] into a [`Workflow`], reporting every problem
-//! with its place and its fix.
+//! Turning a [`WorkflowSpec`] into a [`Workflow`]: components resolved,
+//! step references turned into indices, settings merged over the defaults,
+//! grants parsed, literal includes loaded; every problem reported with its
+//! place and its fix.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::Value;
-use serde_saphyr::{Location, Spanned};
+use serde_saphyr::Spanned;
 
 use super::diagnostic::{Diagnostics, WorkflowError, did_you_mean};
-use super::spec::{ComponentSpec, InputType, LimitsSpec, RetrySpec, WorkflowSpec};
-use super::template::{self, ROOTS};
-use super::{Action, Component, FanOut, RetryPolicy, Step, Workflow};
+use super::inputs::check_type;
+use super::spec::{ComponentSpec, RetrySpec, WorkflowSpec};
+use super::template::check::{check_list, check_templates};
+use super::template::is_template;
+use super::{Action, Component, FanOut, RetryPolicy, Step, Workflow, graph, parse};
 use crate::sandbox::{DirGrant, ExitCodes, Limits};
 
-/// Parses and validates `path`. `including` holds the files that include
-/// this one, to refuse include cycles.
+/// Reads and validates the workflow file at `path`. `including` holds the
+/// files that include this one, to refuse include cycles.
 pub(super) fn load_file(path: &Path, including: &mut Vec<PathBuf>) -> Result<Workflow, WorkflowError> {
-    let text = std::fs::read_to_string(path).map_err(|err| {
-        WorkflowError::single(path, format!("cannot read the workflow file: {err}"), Some("check the path".into()))
-    })?;
-    let spec = parse(path, &text)?;
+    let spec: WorkflowSpec = parse::read(path, "workflow file")?;
     let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
     validate(spec, path, &base_dir, including)
-}
-
-/// Decodes YAML or JSON text (a workflow, a tenants file) with located
-/// errors.
-pub(crate) fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, WorkflowError> {
-    serde_saphyr::from_str::<T>(text).map_err(|err| {
-        let mut diagnostics = Diagnostics::new(path);
-        let location = err.location().unwrap_or(Location::UNKNOWN);
-        let message = err.without_snippet().to_string();
-        let mut message = message.lines().next().unwrap_or_default().to_owned();
-        // The location is already in front of the message.
-        if let Some(at) = message.rfind(" at line ") {
-            message.truncate(at);
-        }
-        let help = unknown_field_help(&message);
-        diagnostics.at(location, message, help);
-        diagnostics.into_error()
-    })
-}
-
-/// For "unknown field `x`, expected one of a, b, c": the nearest known
-/// field, or the list.
-fn unknown_field_help(message: &str) -> Option<String> {
-    let rest = message.split("unknown field `").nth(1)?;
-    let (field, rest) = rest.split_once('`')?;
-    let expected: Vec<&str> = rest
-        .split_once("expected ")
-        .map(|(_, list)| list.trim_start_matches("one of ").split(", ").map(|name| name.trim_matches('`')).collect())
-        .unwrap_or_default();
-    did_you_mean(field, expected.iter().copied())
 }
 
 pub(super) fn validate(
@@ -70,8 +42,8 @@ pub(super) fn validate(
         }
     }
 
-    let defaults_limits = merge_limits(&Limits::default(), &spec.defaults.limits);
-    let defaults_retry = merge_retry(&RetryPolicy::default(), &spec.defaults.retry);
+    let defaults_limits = spec.defaults.limits.over(&Limits::default());
+    let defaults_retry = spec.defaults.retry.over(&RetryPolicy::default());
     check_retry(&mut d, &spec.defaults.retry, "defaults.retry");
 
     // Components: declared ones, then paths used directly by steps.
@@ -153,10 +125,10 @@ pub(super) fn validate(
             (Some(uses), None) => {
                 Some(Action::Run { component: resolve_uses(&mut d, uses, &mut components, base_dir) })
             }
-            (None, Some(include)) => {
-                check_include(&mut d, include, base_dir, including);
-                Some(Action::Include { path: include.value.clone() })
-            }
+            (None, Some(include)) => Some(Action::Include {
+                path: include.value.clone(),
+                workflow: load_include(&mut d, include, base_dir, including).map(Arc::new),
+            }),
             (Some(_), Some(_)) => {
                 d.on(
                     &step.id,
@@ -262,16 +234,11 @@ pub(super) fn validate(
             always: step.always,
             on_failure,
             handles: Vec::new(),
-            retry: step
-                .retry
-                .as_ref()
-                .map(|retry| merge_retry(&defaults_retry, retry))
-                .unwrap_or_else(|| defaults_retry.clone()),
+            retry: step.retry.as_ref().map_or_else(|| defaults_retry.clone(), |retry| retry.over(&defaults_retry)),
             limits: step
                 .limits
                 .as_ref()
-                .map(|limits| merge_limits(&defaults_limits, limits))
-                .unwrap_or_else(|| defaults_limits.clone()),
+                .map_or_else(|| defaults_limits.clone(), |limits| limits.over(&defaults_limits)),
             fan_out,
             max_concurrent: step.max_concurrent,
             config: step.config.clone(),
@@ -307,7 +274,7 @@ pub(super) fn validate(
     d.finish()?;
 
     let mut d = Diagnostics::new(file);
-    if let Some(cycle) = find_cycle(&steps) {
+    if let Some(cycle) = graph::find_cycle(&steps) {
         let names: Vec<&str> = cycle.iter().map(|&i| steps[i].id.as_str()).collect();
         let first = &spec.steps[cycle[0]].id;
         d.on(
@@ -369,10 +336,16 @@ fn resolve_uses(
     name
 }
 
-/// A literal include is validated now (a templated one when it is reached).
-fn check_include(d: &mut Diagnostics, include: &Spanned<String>, base_dir: &Path, including: &mut Vec<PathBuf>) {
-    if template::is_template(&include.value) {
-        return;
+/// A literal include is loaded and validated now, once; a templated one
+/// when it is reached.
+fn load_include(
+    d: &mut Diagnostics,
+    include: &Spanned<String>,
+    base_dir: &Path,
+    including: &mut Vec<PathBuf>,
+) -> Option<Workflow> {
+    if is_template(&include.value) {
+        return None;
     }
     let path = base_dir.join(&include.value);
     let key = path.canonicalize().unwrap_or_else(|_| path.clone());
@@ -382,26 +355,18 @@ fn check_include(d: &mut Diagnostics, include: &Spanned<String>, base_dir: &Path
             format!("{} includes itself (through {} file(s))", path.display(), including.len()),
             Some("remove the include cycle".into()),
         );
-        return;
+        return None;
     }
     including.push(key);
-    if let Err(err) = load_file(&path, including) {
-        let first = err.diagnostics.first().map(ToString::to_string).unwrap_or_default();
-        d.on(include, format!("the included workflow {} is not valid:\n{first}", path.display()), None);
-    }
+    let loaded = load_file(&path, including);
     including.pop();
-}
-
-/// A fan-out list: a literal list or an expression.
-fn check_list(d: &mut Diagnostics, list: &Spanned<Value>, what: &str) {
-    match &list.value {
-        Value::Array(_) => {}
-        Value::String(text) => {
-            if let Err(message) = template::referenced_paths(text, true) {
-                d.on(list, format!("`{what}` is not a valid expression: {message}"), None);
-            }
+    match loaded {
+        Ok(workflow) => Some(workflow),
+        Err(err) => {
+            let first = err.diagnostics.first().map(ToString::to_string).unwrap_or_default();
+            d.on(include, format!("the included workflow {} is not valid:\n{first}", path.display()), None);
+            None
         }
-        _ => d.on(list, format!("`{what}` must be a list or an expression that gives a list"), None),
     }
 }
 
@@ -412,270 +377,4 @@ fn check_retry(d: &mut Diagnostics, retry: &RetrySpec, what: &str) {
     if retry.multiplier.is_some_and(|m| !(m >= 1.0 && m.is_finite())) {
         d.nowhere(format!("{what}: multiplier must be a number of at least 1"), None);
     }
-}
-
-fn merge_limits(base: &Limits, spec: &LimitsSpec) -> Limits {
-    Limits {
-        fuel: spec.fuel.unwrap_or(base.fuel),
-        timeout: spec.timeout.unwrap_or(base.timeout),
-        memory: spec.memory.unwrap_or(base.memory),
-        output: spec.output.unwrap_or(base.output),
-        stdio: spec.stdio.unwrap_or(base.stdio),
-        ..base.clone()
-    }
-}
-
-fn merge_retry(base: &RetryPolicy, spec: &RetrySpec) -> RetryPolicy {
-    RetryPolicy {
-        attempts: spec.attempts.unwrap_or(base.attempts),
-        backoff: spec.backoff.unwrap_or(base.backoff),
-        initial: spec.initial.unwrap_or(base.initial),
-        max: spec.max.unwrap_or(base.max),
-        multiplier: spec.multiplier.unwrap_or(base.multiplier),
-        jitter: spec.jitter.unwrap_or(base.jitter),
-        on: spec.on.clone().unwrap_or_else(|| base.on.clone()),
-        deadline: spec.deadline.or(base.deadline),
-    }
-}
-
-/// A cycle in the dependency graph, if there is one, as the steps on it.
-/// Iterative, so a chain of thousands of steps cannot overflow the stack.
-fn find_cycle(steps: &[Step]) -> Option<Vec<usize>> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        New,
-        Open,
-        Done,
-    }
-    let mut mark = vec![Mark::New; steps.len()];
-    for start in 0..steps.len() {
-        if mark[start] != Mark::New {
-            continue;
-        }
-        // (step, next dependency to visit)
-        let mut stack = vec![(start, 0usize)];
-        mark[start] = Mark::Open;
-        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
-            if let Some(&dep) = steps[node].depends_on.get(*next) {
-                *next += 1;
-                match mark[dep] {
-                    Mark::New => {
-                        mark[dep] = Mark::Open;
-                        stack.push((dep, 0));
-                    }
-                    Mark::Open => {
-                        let from = stack.iter().position(|&(n, _)| n == dep).unwrap_or(0);
-                        // Each step on the stack depends on the next.
-                        let mut cycle: Vec<usize> = stack[from..].iter().map(|&(n, _)| n).collect();
-                        cycle.push(cycle[0]);
-                        return Some(cycle);
-                    }
-                    Mark::Done => {}
-                }
-            } else {
-                mark[node] = Mark::Done;
-                stack.pop();
-            }
-        }
-    }
-    None
-}
-
-/// Whether `ancestor` is reachable from `step` through dependencies.
-fn depends_on(steps: &[Step], step: usize, ancestor: usize) -> bool {
-    let mut seen = HashSet::new();
-    let mut todo = vec![step];
-    while let Some(node) = todo.pop() {
-        for &dep in &steps[node].depends_on {
-            if dep == ancestor {
-                return true;
-            }
-            if seen.insert(dep) {
-                todo.push(dep);
-            }
-        }
-    }
-    false
-}
-
-/// Syntax and references of every template and expression.
-fn check_templates(d: &mut Diagnostics, spec: &WorkflowSpec, steps: &[Step]) {
-    let index: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, step)| (step.id.as_str(), i)).collect();
-    let inputs: Vec<&str> = spec.inputs.keys().map(String::as_str).collect();
-    let check = |d: &mut Diagnostics,
-                 location: Location,
-                 what: &str,
-                 text: &str,
-                 expression: bool,
-                 step: Option<usize>| {
-        if !expression && !template::is_template(text) {
-            return;
-        }
-        let paths = match template::referenced_paths(text, expression) {
-            Ok(paths) => paths,
-            Err(message) => {
-                d.at(location, format!("{what}: template error: {message}"), None);
-                return;
-            }
-        };
-        for path in paths {
-            let mut parts = path.split('.');
-            let root = parts.next().unwrap_or_default();
-            let name = parts.next();
-            match root {
-                "inputs" => {
-                    if let Some(name) = name.filter(|name| !spec.inputs.contains_key(*name)) {
-                        d.at(
-                            location,
-                            format!("{what} reads `inputs.{name}`, which is not declared under `inputs`"),
-                            did_you_mean(name, inputs.iter().copied()),
-                        );
-                    }
-                }
-                "vars" => {
-                    if let Some(name) = name.filter(|name| !spec.vars.contains_key(*name)) {
-                        d.at(
-                            location,
-                            format!("{what} reads `vars.{name}`, which is not declared under `vars`"),
-                            did_you_mean(name, spec.vars.keys().map(String::as_str)),
-                        );
-                    }
-                }
-                "steps" => match name.map(|name| (name, index.get(name))) {
-                    Some((name, None)) => {
-                        d.at(
-                            location,
-                            format!("{what} reads `steps.{name}`, but there is no step `{name}`"),
-                            did_you_mean(name, index.keys().copied()),
-                        );
-                    }
-                    Some((name, Some(&target))) => {
-                        if let Some(step) = step.filter(|&step| !depends_on(steps, step, target)) {
-                            d.at(
-                                location,
-                                format!(
-                                    "{what} reads `steps.{name}`, but step `{}` does not depend on `{name}`",
-                                    steps[step].id
-                                ),
-                                Some(format!("add `{name}` to its depends_on, so it runs after `{name}`")),
-                            );
-                        }
-                    }
-                    None => {}
-                },
-                "item" => {
-                    if step.is_some_and(|step| steps[step].fan_out == FanOut::None) {
-                        d.at(location, format!("{what} reads `item`, but the step has no for_each or matrix"), None);
-                    }
-                }
-                "run" => {}
-                other => d.at(
-                    location,
-                    format!("{what} reads `{other}`, which is not defined"),
-                    did_you_mean(other, ROOTS).or_else(|| Some(format!("templates can read {}", ROOTS.join(", ")))),
-                ),
-            }
-        }
-    };
-    for (i, (step, spec_step)) in steps.iter().zip(&spec.steps).enumerate() {
-        let what = format!("step `{}`", step.id);
-        let at = spec_step.id.referenced;
-        if let Some(with) = &spec_step.with {
-            for_each_string(&with.value, &mut |text| {
-                check(d, with.referenced, &format!("{what}'s `with`"), text, false, Some(i))
-            });
-        }
-        if let Some(when) = &spec_step.when {
-            check(d, when.referenced, &format!("{what}'s `when`"), &when.value, true, Some(i));
-        }
-        if let Some(include) = &spec_step.include {
-            check(d, include.referenced, &format!("{what}'s `include`"), &include.value, false, Some(i));
-        }
-        let fan_out_strings: Vec<(Location, &str)> = match (&spec_step.for_each, &spec_step.matrix) {
-            (Some(list), _) => list.value.as_str().map(|text| (list.referenced, text)).into_iter().collect(),
-            (_, Some(matrix)) => {
-                matrix.value.values().filter_map(Value::as_str).map(|text| (matrix.referenced, text)).collect()
-            }
-            _ => Vec::new(),
-        };
-        for (location, text) in fan_out_strings {
-            // The list is computed before there is an item.
-            if template::referenced_paths(text, true)
-                .is_ok_and(|paths| paths.iter().any(|p| p == "item" || p.starts_with("item.")))
-            {
-                d.at(location, format!("{what}'s fan-out list cannot read `item`"), None);
-            }
-            check(d, location, &format!("{what}'s fan-out list"), text, true, Some(i));
-        }
-        for (key, value) in spec_step.config.iter().chain(&spec_step.env) {
-            check(d, at, &format!("{what}'s config/env `{key}`"), value, false, Some(i));
-        }
-        for text in spec_step.args.iter().chain(&spec_step.stdin) {
-            check(d, at, &format!("{what}'s args/stdin"), text, false, Some(i));
-        }
-    }
-    for (name, output) in &spec.outputs {
-        check(d, output.referenced, &format!("output `{name}`"), &output.value, false, None);
-    }
-}
-
-fn for_each_string(value: &Value, f: &mut impl FnMut(&str)) {
-    match value {
-        Value::String(text) => f(text),
-        Value::Array(items) => items.iter().for_each(|item| for_each_string(item, f)),
-        Value::Object(map) => map.values().for_each(|item| for_each_string(item, f)),
-        _ => {}
-    }
-}
-
-fn check_type(name: &str, kind: InputType, value: &Value) -> Result<(), String> {
-    let ok = match kind {
-        InputType::Any => true,
-        InputType::String => value.is_string(),
-        InputType::Number => value.is_number(),
-        InputType::Integer => value.is_i64() || value.is_u64(),
-        InputType::Boolean => value.is_boolean(),
-        InputType::Object => value.is_object(),
-        InputType::Array => value.is_array(),
-    };
-    if ok { Ok(()) } else { Err(format!("input `{name}` must be of type {kind:?}, not {value}").to_lowercase()) }
-}
-
-pub(super) fn bind_inputs(
-    workflow: &Workflow,
-    given: &serde_json::Map<String, Value>,
-) -> Result<serde_json::Map<String, Value>, WorkflowError> {
-    let mut d = Diagnostics::new(&workflow.file);
-    let declared: Vec<&str> = workflow.inputs.keys().map(String::as_str).collect();
-    for name in given.keys() {
-        if !workflow.inputs.contains_key(name) {
-            d.nowhere(
-                format!("unknown input `{name}`"),
-                did_you_mean(name, declared.iter().copied())
-                    .or_else(|| Some(format!("the workflow's inputs are: {}", declared.join(", ")))),
-            );
-        }
-    }
-    let mut bound = serde_json::Map::new();
-    for (name, input) in &workflow.inputs {
-        match given.get(name).or(input.default.as_ref()) {
-            Some(value) => {
-                if let Err(message) = check_type(name, input.kind, value) {
-                    d.nowhere(message, None);
-                }
-                bound.insert(name.clone(), value.clone());
-            }
-            None if input.required => {
-                d.nowhere(
-                    format!("the required input `{name}` is missing"),
-                    Some(format!("pass it with --input {name}=VALUE")),
-                );
-            }
-            None => {
-                bound.insert(name.clone(), Value::Null);
-            }
-        }
-    }
-    d.finish()?;
-    Ok(bound)
 }

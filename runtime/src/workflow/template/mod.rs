@@ -6,6 +6,8 @@
 //! its type (a list stays a list), so outputs can flow between steps as
 //! JSON.
 
+pub(crate) mod check;
+
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
 
@@ -53,16 +55,20 @@ pub fn expression_text(text: &str) -> &str {
 }
 
 /// Checks a template or expression and returns the dotted paths it reads
-/// (`steps.a.output`, `inputs.x`), or the syntax error.
+/// (`steps.a.output`, `inputs.x`), or the syntax error. minijinja's own
+/// globals (`range`, `dict`, `namespace`, ...) are not reads.
 pub fn referenced_paths(text: &str, is_expression: bool) -> Result<BTreeSet<String>, String> {
     let env = env();
-    if is_expression || sole_expression(text).is_some() {
-        let expression = env.compile_expression(expression_text(text)).map_err(describe)?;
-        Ok(expression.undeclared_variables(true).into_iter().collect())
+    let undeclared = if is_expression || sole_expression(text).is_some() {
+        env.compile_expression(expression_text(text)).map_err(describe)?.undeclared_variables(true)
     } else {
-        let template = env.template_from_str(text).map_err(describe)?;
-        Ok(template.undeclared_variables(true).into_iter().collect())
-    }
+        env.template_from_str(text).map_err(describe)?.undeclared_variables(true)
+    };
+    let is_global = |path: &String| {
+        let root = path.split('.').next().unwrap_or_default();
+        env.globals().any(|(name, _)| name == root)
+    };
+    Ok(undeclared.into_iter().filter(|path| !is_global(path)).collect())
 }
 
 /// Evaluates an expression; reading a name that does not exist is an error.
@@ -164,5 +170,13 @@ mod tests {
         let paths = referenced_paths("{{ steps.a.output.x }} and {{ inputs.n }}", false).unwrap();
         assert!(paths.contains("steps.a.output.x") && paths.contains("inputs.n"), "{paths:?}");
         assert!(referenced_paths("{{ oops", false).is_err());
+    }
+
+    #[test]
+    fn minijinja_globals_are_not_reads() {
+        let paths = referenced_paths("{{ range(inputs.n)|list }}", true).unwrap();
+        assert_eq!(paths.into_iter().collect::<Vec<_>>(), ["inputs.n"]);
+        assert_eq!(evaluate("range(3)|list", &ctx()).unwrap(), json!([0, 1, 2]));
+        assert_eq!(evaluate("dict(a=inputs.n)", &ctx()).unwrap(), json!({ "a": 2 }));
     }
 }
