@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{request, run};
 use serde_json::json;
-use stepbox::sandbox::{FailureKind, REDACTED};
+use stepbox::run::FailureKind;
+use stepbox::sandbox::REDACTED;
 use stepbox_tests::guests;
 
 #[tokio::test]

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::{request, run, sandbox};
 use serde_json::json;
-use stepbox::sandbox::{ExitCodes, FailureKind, StepComponent};
+use stepbox::run::FailureKind;
+use stepbox::sandbox::{ExitCodes, StepComponent};
 use stepbox_tests::guests;
 
 /// The same Rust `fn main` program, as a command component and as a

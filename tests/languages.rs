@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use common::sandbox;
 use serde_json::json;
-use stepbox::sandbox::FailureKind;
-use stepbox::scheduler::{self, RunOptions, StepStatus};
+use stepbox::run::{FailureKind, StepStatus};
+use stepbox::scheduler::{self, RunOptions};
 use stepbox::workflow::Workflow;
 use stepbox_tests::guests;
 
@@ -69,7 +69,7 @@ async fn the_same_step_in_four_languages_gives_the_same_results() {
             .unwrap_or_else(|err| panic!("{language}: {err}"));
 
         assert_eq!(
-            report.outputs["invoice"],
+            report.run.outputs.as_ref().unwrap()["invoice"],
             json!({
                 "invoice_for": "o-7",
                 "bill_to": "Grace Hopper \"Amazing\" ✓",
@@ -85,7 +85,7 @@ async fn the_same_step_in_four_languages_gives_the_same_results() {
             let step = report.step(id).unwrap();
             assert_eq!(step.status, StepStatus::Failed, "{language}: {step:?}");
             let attempt = step.executions[0].attempts.last().unwrap();
-            attempt.failure.clone().unwrap()
+            attempt.failure().cloned().unwrap()
         };
         let empty = failure("empty");
         assert_eq!((empty.kind, empty.message.as_str()), (FailureKind::Fatal, "order o-8 has no items"), "{language}");

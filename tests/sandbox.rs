@@ -9,16 +9,18 @@ use std::time::{Duration, Instant};
 use bytesize::ByteSize;
 use common::{load, request, run, sandbox};
 use serde_json::json;
-use stepbox::sandbox::{DirGrant, FailureKind, LogLevel, Outcome};
+use stepbox::run::{FailureKind, LogLevel, Outcome};
+use stepbox::sandbox::DirGrant;
 use stepbox_tests::guests;
 
 /// Slack on top of a time limit for a busy, shared test machine.
 const SLACK: Duration = Duration::from_secs(3);
 
-fn failure_kind(report: &stepbox::sandbox::AttemptReport) -> FailureKind {
+fn failure_kind(report: &stepbox::run::Attempt) -> FailureKind {
     match &report.outcome {
-        Outcome::Failed(failure) => failure.kind,
+        Outcome::Failed { failure } => failure.kind,
         Outcome::Succeeded { output } => panic!("expected a failure, the step returned {output}"),
+        Outcome::Running => panic!("the attempt did not end"),
     }
 }
 
@@ -352,6 +354,10 @@ async fn hostile_guests_do_not_disturb_healthy_ones() {
     for (guest, kind, handle) in hostile_runs {
         let report = handle.await.expect("the attempt task did not panic");
         assert_eq!(failure_kind(&report), kind, "{guest}");
-        assert!(report.duration < HOSTILE_TIMEOUT + SLACK, "{guest} took {:?}", report.duration);
+        assert!(
+            report.duration_ms() < (HOSTILE_TIMEOUT + SLACK).as_secs_f64() * 1000.0,
+            "{guest} took {} ms",
+            report.duration_ms()
+        );
     }
 }

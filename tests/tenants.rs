@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use common::sandbox;
-use stepbox::scheduler::{self, Dispatcher, RunOptions, RunReport, RunStatus, Share, StepStatus};
+use stepbox::run::{RunReport, RunStatus, StepStatus};
+use stepbox::scheduler::{self, Dispatcher, RunOptions, Share};
 use stepbox::tenant::Tenants;
 use stepbox::workflow::Workflow;
 use stepbox_tests::guests;
@@ -46,7 +47,7 @@ fn max_overlap(report: &RunReport) -> usize {
         .iter()
         .flat_map(|s| &s.executions)
         .flat_map(|e| &e.attempts)
-        .map(|a| (a.started_ms, a.finished_ms))
+        .map(|a| (a.started_ms, a.finished_ms.unwrap()))
         .collect();
     spans.iter().map(|(start, _)| spans.iter().filter(|(s, f)| s <= start && start < f).count()).max().unwrap_or(0)
 }
@@ -61,10 +62,11 @@ async fn a_tenant_with_a_huge_backlog_does_not_starve_a_small_one() {
     let small_started = Instant::now();
     let (small, small_done) = run_as("small", sleepers(&dir, "small", 10, 10), dispatcher).await;
     let (big, big_done) = big.await.unwrap();
-    assert_eq!((small.status, big.status), (RunStatus::Succeeded, RunStatus::Succeeded));
+    assert_eq!((small.run.status, big.run.status), (RunStatus::Succeeded, RunStatus::Succeeded));
     // With one queue for everyone the small tenant's steps would start after
     // the ~500 big ones queued before them; taking turns, they start at once.
-    let last_small_start = small.steps.iter().map(|s| s.executions[0].attempts[0].started_ms).fold(0.0, f64::max);
+    let last_small_start =
+        small.steps.iter().map(|s| s.executions[0].attempts[0].started_ms).fold(0.0, f64::max) - small.run.created_ms;
     let small_wait = small_done.duration_since(small_started);
     let big_left = big_done.duration_since(small_done);
     assert!(
@@ -149,8 +151,12 @@ async fn a_run_stops_when_it_uses_up_its_fuel_budget() {
     let report = scheduler::run(sandbox(), Arc::new(workflow), no_inputs, options).await.unwrap();
     let fuel: u64 = report.steps.iter().map(|s| s.fuel_consumed()).sum();
     assert!(fuel <= 45_000_000, "the run used {fuel}");
-    assert_eq!(report.status, RunStatus::Failed);
-    assert!(report.error.as_deref().unwrap().contains("used up its tenant's fuel budget"), "{:?}", report.error);
+    assert_eq!(report.run.status, RunStatus::Failed);
+    assert!(
+        report.run.error.as_deref().unwrap().contains("used up its tenant's fuel budget"),
+        "{:?}",
+        report.run.error
+    );
 }
 
 #[tokio::test]

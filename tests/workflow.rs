@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use common::sandbox;
 use serde_json::{Value, json};
-use stepbox::sandbox::FailureKind;
-use stepbox::scheduler::{self, AttemptRecord, RunEvent, RunOptions, RunReport, RunStatus, StepReport, StepStatus};
+use stepbox::run::{Attempt, FailureKind, RunReport, RunStatus, StepReport, StepStatus};
+use stepbox::scheduler::{self, RunEvent, RunOptions};
 use stepbox::workflow::{StepBuilder, Workflow, WorkflowBuilder, WorkflowError};
 use stepbox_tests::guests;
 
@@ -76,20 +76,22 @@ fn step<'a>(report: &'a RunReport, id: &str) -> &'a StepReport {
     report.step(id).unwrap_or_else(|| panic!("no step {id} in {report:#?}"))
 }
 
-fn attempts(report: &RunReport, id: &str) -> Vec<AttemptRecord> {
+fn attempts(report: &RunReport, id: &str) -> Vec<Attempt> {
     step(report, id).executions.iter().flat_map(|e| e.attempts.clone()).collect()
 }
 
 /// Whether two attempts ran at the same time at some point.
-fn overlap(a: &AttemptRecord, b: &AttemptRecord) -> bool {
-    a.started_ms < b.finished_ms && b.started_ms < a.finished_ms
+fn overlap(a: &Attempt, b: &Attempt) -> bool {
+    a.started_ms < b.finished_ms.unwrap() && b.started_ms < a.finished_ms.unwrap()
 }
 
 /// The most attempts that ran at once.
-fn max_overlap(attempts: &[AttemptRecord]) -> usize {
+fn max_overlap(attempts: &[Attempt]) -> usize {
     attempts
         .iter()
-        .map(|a| attempts.iter().filter(|b| b.started_ms <= a.started_ms && a.started_ms < b.finished_ms).count())
+        .map(|a| {
+            attempts.iter().filter(|b| b.started_ms <= a.started_ms && a.started_ms < b.finished_ms.unwrap()).count()
+        })
         .max()
         .unwrap_or(0)
 }
@@ -134,12 +136,12 @@ outputs:
   c: '{{ steps.c.output }}'
 ")
     .await;
-    assert_eq!(report.status, RunStatus::Succeeded);
-    assert_eq!(report.outputs["c"], json!({ "from_a": "Hello, A!", "slept": 600 }));
+    assert_eq!(report.run.status, RunStatus::Succeeded);
+    assert_eq!(report.run.outputs.as_ref().unwrap()["c"], json!({ "from_a": "Hello, A!", "slept": 600 }));
     let (b1, b2, c) = (&attempts(&report, "b1")[0], &attempts(&report, "b2")[0], &attempts(&report, "c")[0]);
     assert!(overlap(b1, b2), "b1 and b2 ran at the same time: {b1:?} {b2:?}");
-    assert!(c.started_ms >= b1.finished_ms && c.started_ms >= b2.finished_ms, "c waited for both");
-    assert!(b1.started_ms >= attempts(&report, "a")[0].finished_ms);
+    assert!(c.started_ms >= b1.finished_ms.unwrap() && c.started_ms >= b2.finished_ms.unwrap(), "c waited for both");
+    assert!(b1.started_ms >= attempts(&report, "a")[0].finished_ms.unwrap());
 }
 
 #[tokio::test]
@@ -238,16 +240,16 @@ steps:
     retry: { attempts: 3, backoff: exponential, initial: 50ms, multiplier: 3, jitter: false }
 ")
     .await;
-    assert_eq!(report.status, RunStatus::Succeeded);
+    assert_eq!(report.run.status, RunStatus::Succeeded);
     for (id, delays) in [("constant", [100.0, 100.0]), ("exponential", [50.0, 150.0])] {
         let runs = attempts(&report, id);
         assert_eq!(runs.len(), 3, "{id}");
         assert_eq!(runs.iter().map(|a| a.attempt).collect::<Vec<_>>(), [1, 2, 3]);
-        assert_eq!(runs[0].failure.as_ref().unwrap().kind, FailureKind::Retryable);
+        assert_eq!(runs[0].failure().unwrap().kind, FailureKind::Retryable);
         for (k, delay) in delays.into_iter().enumerate() {
             assert_eq!(runs[k + 1].delay_before_ms, delay, "{id}");
             assert!(
-                runs[k + 1].started_ms - runs[k].finished_ms >= delay,
+                runs[k + 1].started_ms - runs[k].finished_ms.unwrap() >= delay,
                 "{id}: waited at least {delay}ms: {runs:#?}"
             );
         }
@@ -303,7 +305,7 @@ steps:
     with: { work: '{{ steps.work.status }}', next: '{{ steps.next.status }}' }
 ")
     .await;
-    assert_eq!(report.status, RunStatus::Failed);
+    assert_eq!(report.run.status, RunStatus::Failed);
     assert_eq!(step(&report, "work").status, StepStatus::Failed);
     assert!(step(&report, "work").reason.as_deref().unwrap().starts_with("retryable: attempt 1 of 9"));
     assert_eq!(step(&report, "next").status, StepStatus::Skipped);
@@ -337,7 +339,7 @@ steps:
     with: { got: '{{ steps.fallback.output.greeting }}' }
 ")
     .await;
-    assert_eq!(report.status, RunStatus::Succeeded);
+    assert_eq!(report.run.status, RunStatus::Succeeded);
     assert_eq!(step(&report, "not-needed").status, StepStatus::Skipped);
     assert!(step(&report, "not-needed").reason.as_deref().unwrap().starts_with("`when` is false"));
     assert_eq!(
@@ -370,7 +372,7 @@ steps:
     assert_eq!(step(&report, "undo-bad").output, Some(json!({ "bad": "failed" })));
     assert_eq!(step(&report, "undo-good").status, StepStatus::Skipped);
     assert_eq!(step(&report, "undo-good").reason.as_deref(), Some("on_failure handler: `good` did not fail"));
-    assert_eq!(report.status, RunStatus::Failed, "handling a failure does not hide it");
+    assert_eq!(report.run.status, RunStatus::Failed, "handling a failure does not hide it");
 }
 
 const SLOW_AND_FAILING: &str = "name: slow-and-failing
@@ -397,12 +399,12 @@ async fn fail_fast_cancels_running_steps_but_still_runs_always_steps() {
     let mut options = RunOptions::new("ff");
     options.fail_fast = true;
     let report = run_with(load(SLOW_AND_FAILING), json!({}), options).await;
-    assert_eq!(report.status, RunStatus::Failed);
+    assert_eq!(report.run.status, RunStatus::Failed);
     assert_eq!(step(&report, "slow").status, StepStatus::Cancelled);
-    assert_eq!(attempts(&report, "slow")[0].failure.as_ref().unwrap().kind, FailureKind::Cancelled);
+    assert_eq!(attempts(&report, "slow")[0].failure().unwrap().kind, FailureKind::Cancelled);
     assert_eq!(step(&report, "later").status, StepStatus::Skipped);
     assert_eq!(step(&report, "cleanup").status, StepStatus::Succeeded);
-    assert!(report.duration_ms < 30_000.0);
+    assert!(report.run.duration_ms().unwrap() < 30_000.0);
 }
 
 #[tokio::test]
@@ -414,16 +416,16 @@ async fn cancelling_a_run_stops_running_attempts_and_records_them() {
     let run = tokio::spawn(run_with(load(SLOW_AND_FAILING), json!({}), options));
     // Cancel once the slow step is running.
     while let Some(event) = received.recv().await {
-        if matches!(&event, RunEvent::AttemptStarted { step, .. } if step == "slow") {
+        if matches!(&event, RunEvent::AttemptStarted { path, .. } if path.to_string() == "slow") {
             cancel.cancel();
             break;
         }
     }
     let report = run.await.unwrap();
-    assert_eq!(report.status, RunStatus::Cancelled);
+    assert_eq!(report.run.status, RunStatus::Cancelled);
     assert_eq!(step(&report, "slow").status, StepStatus::Cancelled);
     assert_eq!(step(&report, "cleanup").status, StepStatus::Cancelled, "nothing starts after a cancel");
-    assert!(report.duration_ms < 30_000.0);
+    assert!(report.run.duration_ms().unwrap() < 30_000.0);
 }
 
 #[tokio::test]
@@ -448,12 +450,12 @@ steps:
     )
     .unwrap();
     let report = run_with(Workflow::load(&path).unwrap(), json!({}), RunOptions::new("breaker")).await;
-    let kinds: Vec<FailureKind> = attempts(&report, "calls").iter().map(|a| a.failure.as_ref().unwrap().kind).collect();
+    let kinds: Vec<FailureKind> = attempts(&report, "calls").iter().map(|a| a.failure().unwrap().kind).collect();
     assert_eq!(kinds.iter().filter(|k| **k == FailureKind::Retryable).count(), 2, "{kinds:?}");
     assert_eq!(kinds.iter().filter(|k| **k == FailureKind::CircuitOpen).count(), 3, "{kinds:?}");
     let refused =
-        attempts(&report, "calls").into_iter().find(|a| a.failure.as_ref().unwrap().kind == FailureKind::CircuitOpen);
-    assert!(refused.unwrap().failure.unwrap().message.contains("open after 2 consecutive failures"));
+        attempts(&report, "calls").into_iter().find(|a| a.failure().unwrap().kind == FailureKind::CircuitOpen);
+    assert!(refused.unwrap().failure().unwrap().message.contains("open after 2 consecutive failures"));
 }
 
 #[tokio::test]
@@ -522,7 +524,7 @@ steps:
 ",
     );
     let report = run_with(Workflow::load(&main).unwrap(), json!({}), RunOptions::new("inc")).await;
-    assert_eq!(report.status, RunStatus::Succeeded, "{report:#?}");
+    assert_eq!(report.run.status, RunStatus::Succeeded, "{report:#?}");
     assert_eq!(step(&report, "join").output, Some(json!(["Hello, static!", "Hello, dynamic!"])));
     assert_eq!(step(&report, "static.greet").status, StepStatus::Succeeded);
     assert_eq!(step(&report, "dynamic.greet").executions[0].idempotency_key, "inc/dynamic.greet");
@@ -558,19 +560,19 @@ async fn a_workflow_built_in_code_runs_and_reports_events() {
     let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
     let options = RunOptions { events: Some(events), ..RunOptions::new("built") };
     let report = run_with(workflow, json!({}), options).await;
-    assert_eq!(report.outputs["greeting"], "Hello, builder!");
+    assert_eq!(report.run.outputs.as_ref().unwrap()["greeting"], "Hello, builder!");
     let mut seen = Vec::new();
     while let Ok(event) = received.try_recv() {
         seen.push(event);
     }
     assert!(
-        seen.iter().any(|e| matches!(e, RunEvent::Retrying { step, attempt: 1, .. } if step == "flaky")),
+        seen.iter().any(|e| matches!(e, RunEvent::Retrying { path, attempt: 1, .. } if path.to_string() == "flaky")),
         "{seen:#?}"
     );
-    let finished: Vec<&str> = seen
+    let finished: Vec<String> = seen
         .iter()
         .filter_map(|e| match e {
-            RunEvent::StepFinished { step, status: StepStatus::Succeeded, .. } => Some(step.as_str()),
+            RunEvent::StepFinished { path, status: StepStatus::Succeeded, .. } => Some(path.to_string()),
             _ => None,
         })
         .collect();
@@ -664,12 +666,12 @@ steps:
     assert_eq!(output("module")["words"], 3, "{:?}", output("module"));
     let busy = attempts(&report, "busy");
     assert_eq!(busy.len(), 2, "exit code 3 is retryable here");
-    let failure = busy[1].failure.as_ref().unwrap();
+    let failure = busy[1].failure().unwrap();
     assert_eq!(failure.kind, FailureKind::Retryable);
     assert_eq!(failure.message, "the command exited with code 3: asked to exit with 3");
     let broken = attempts(&report, "broken");
     assert_eq!(broken.len(), 1, "exit code 4 is fatal");
-    assert_eq!(broken[0].failure.as_ref().unwrap().kind, FailureKind::Fatal);
+    assert_eq!(broken[0].failure().unwrap().kind, FailureKind::Fatal);
 }
 
 #[tokio::test]
@@ -698,7 +700,7 @@ async fn wide_and_long_graphs_of_ten_thousand_steps_run() {
             }
         }
         let report = run(&yaml).await;
-        assert_eq!(report.status, RunStatus::Succeeded);
+        assert_eq!(report.run.status, RunStatus::Succeeded);
         assert_eq!(report.steps.len(), N);
         assert!(report.steps.iter().all(|s| s.status == StepStatus::Succeeded));
         assert_eq!(step(&report, &format!("s{}", N - 1)).output, Some(json!(N - 1)));

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use stepbox::run::{Run, RunStatus};
 use stepbox::sandbox::{EngineConfig, Sandbox};
-use stepbox::scheduler::{self, RunOptions, RunStatus};
-use stepbox::store::{Database, MemoryKeyValueStore, NewRun};
+use stepbox::scheduler::{self, RunOptions};
+use stepbox::store::{Database, Journal, MemoryKeyValueStore};
 use stepbox::workflow::{StepBuilder, Workflow, WorkflowBuilder};
 use stepbox_tests::guests;
 
@@ -201,7 +202,7 @@ fn workflow(name: &str, n: usize, chain: bool) -> anyhow::Result<Workflow> {
 async fn run(sandbox: &Sandbox, workflow: Arc<Workflow>, options: RunOptions) -> anyhow::Result<()> {
     let inputs = workflow.bind_inputs(&Default::default())?;
     let report = scheduler::run(sandbox, workflow, inputs, options).await?;
-    anyhow::ensure!(report.status == RunStatus::Succeeded, "a benchmark run failed: {:?}", report.error);
+    anyhow::ensure!(report.run.status == RunStatus::Succeeded, "a benchmark run failed: {:?}", report.run.error);
     Ok(())
 }
 
@@ -217,15 +218,10 @@ async fn timed_run(
     let mut database = None;
     if let Some(dir) = journal_dir {
         let db = Database::open(dir)?;
-        db.create_run(&NewRun {
-            id: &options.run_id,
-            workflow: &workflow.name,
-            workflow_path: "",
-            fingerprint: &json!({}),
-            tenant: "default",
-            inputs: &json!({}),
-            labels: &[],
-        })?;
+        db.create_run(
+            &Run::new(options.run_id.clone(), &workflow.name, "", "default", Default::default()),
+            &json!({}),
+        )?;
         let db = Arc::new(db);
         options.journal = Some(db.clone());
         database = Some(db);

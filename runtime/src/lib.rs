@@ -4,9 +4,11 @@
 //! workflow file; [`scheduler`] runs its steps as a graph, with retries and
 //! failure policies; [`sandbox`] compiles components and runs each attempt
 //! in a fresh, limited instance; [`store`] holds the state that outlives an
-//! attempt. [`cli`] is the `stepbox` command, a thin layer over the rest.
+//! attempt; [`run`] is what a run is and did, the records all of them pass
+//! along. [`cli`] is the `stepbox` command, a thin layer over the rest.
 
 pub mod cli;
+pub mod run;
 pub mod sandbox;
 pub mod scheduler;
 pub mod store;

@@ -4,9 +4,8 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use stepbox::sandbox::{
-    AttemptReport, AttemptRequest, EngineConfig, Grants, Limits, Sandbox, StepComponent, StepContext,
-};
+use stepbox::run::Attempt;
+use stepbox::sandbox::{AttemptRequest, EngineConfig, Grants, Limits, Sandbox, StepComponent, StepContext};
 use stepbox::store::MemoryKeyValueStore;
 
 /// One sandbox per test binary, as in a real process.
@@ -40,6 +39,6 @@ pub fn request(input: serde_json::Value) -> AttemptRequest {
     }
 }
 
-pub async fn run(path: &str, request: AttemptRequest) -> AttemptReport {
+pub async fn run(path: &str, request: AttemptRequest) -> Attempt {
     sandbox().run(&load(path), request).await
 }

@@ -6,9 +6,10 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 
-use crate::store::{Database, RunFilter, StoredStep, unix_ms};
-
-use super::{exit, open_database, parse_key_value};
+use super::report::{all_steps, millis, print_attempt, steps_table, when};
+use super::{CliError, engine_config, open_database, parse_key_value, sandbox_with};
+use crate::run::{RunStatus, now_ms};
+use crate::store::{History, Journal, RunFilter};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -18,7 +19,7 @@ use super::{exit, open_database, parse_key_value};
 pub(crate) struct RunsArgs {
     /// Only runs with this status: running, succeeded, failed, cancelled.
     #[arg(long)]
-    status: Option<String>,
+    status: Option<RunStatus>,
     /// Only runs of this workflow (its name).
     #[arg(long)]
     workflow: Option<String>,
@@ -71,176 +72,102 @@ pub(crate) struct GcArgs {
     cache: bool,
 }
 
-fn print_json(value: &impl serde::Serialize) -> u8 {
-    match serde_json::to_string_pretty(value) {
-        Ok(text) => {
-            println!("{text}");
-            0
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            exit::STEP_FAILED
-        }
+fn print_json(value: &impl serde::Serialize) -> Result<u8, CliError> {
+    let text = serde_json::to_string_pretty(value).map_err(|err| CliError::Failed(err.to_string()))?;
+    println!("{text}");
+    Ok(0)
+}
+
+pub(crate) fn runs(args: RunsArgs, data_dir: &Path) -> Result<u8, CliError> {
+    let db = open_database(data_dir)?;
+    let filter = RunFilter { status: args.status, workflow: args.workflow, labels: args.labels, limit: args.limit };
+    let runs = db.list_runs(&filter)?;
+    if args.json {
+        return print_json(&runs);
     }
+    let mut table = Table::new();
+    table.load_style(UTF8_BORDERS_ONLY).set_header(["run", "workflow", "status", "started", "duration", "labels"]);
+    for run in &runs {
+        let labels: Vec<String> = run.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        table.add_row([
+            run.id.clone(),
+            run.workflow.clone(),
+            run.status.to_string(),
+            when(run.created_ms),
+            run.duration_ms().map(|ms| format!("{:.1?}", millis(ms))).unwrap_or_default(),
+            labels.join(" "),
+        ]);
+    }
+    println!("{table}");
+    Ok(0)
 }
 
-fn when(ms: i64) -> String {
-    let time = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(time).to_string()
+pub(crate) fn show(args: ShowArgs, data_dir: &Path) -> Result<u8, CliError> {
+    let db = open_database(data_dir)?;
+    let report = db.run_report(&args.run_id)?;
+    if args.json {
+        return print_json(&report);
+    }
+    let run = &report.run;
+    println!("run {} of `{}` ({}) — {}", run.id, run.workflow, run.workflow_path, run.status);
+    println!(
+        "started {}, tenant {}, inputs {}",
+        when(run.created_ms),
+        run.tenant,
+        serde_json::Value::Object(run.inputs.clone())
+    );
+    println!("{}", steps_table(&report));
+    if let Some(error) = &run.error {
+        println!("error: {error}");
+    }
+    if let Some(outputs) = &run.outputs {
+        println!("outputs: {}", serde_json::Value::Object(outputs.clone()));
+    }
+    Ok(0)
 }
 
-fn with_db(data_dir: &Path, f: impl FnOnce(&Database) -> Result<u8, crate::store::StoreError>) -> u8 {
-    let Some(db) = open_database(data_dir) else { return exit::STEP_FAILED };
-    f(&db).unwrap_or_else(|err| {
-        eprintln!("error: {err}");
-        match err {
-            crate::store::StoreError::NoSuchRun(_) => exit::USAGE,
-            _ => exit::STEP_FAILED,
-        }
-    })
-}
-
-pub(crate) fn runs(args: RunsArgs, data_dir: &Path) -> u8 {
-    with_db(data_dir, |db| {
-        let filter = RunFilter { status: args.status, workflow: args.workflow, labels: args.labels, limit: args.limit };
-        let runs = db.list_runs(&filter)?;
-        if args.json {
-            return Ok(print_json(&runs));
-        }
-        let mut table = Table::new();
-        table.load_style(UTF8_BORDERS_ONLY).set_header(["run", "workflow", "status", "started", "duration", "labels"]);
-        for run in &runs {
-            let duration = run
-                .finished_ms
-                .map(|end| format!("{:.1?}", Duration::from_millis((end - run.created_ms).max(0) as u64)));
-            let labels: Vec<String> = run.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            table.add_row([
-                run.id.clone(),
-                run.workflow.clone(),
-                run.status.clone(),
-                when(run.created_ms),
-                duration.unwrap_or_default(),
-                labels.join(" "),
-            ]);
-        }
-        println!("{table}");
-        Ok(0)
-    })
-}
-
-pub(crate) fn show(args: ShowArgs, data_dir: &Path) -> u8 {
-    with_db(data_dir, |db| {
-        let run = db.load_run(&args.run_id)?;
-        let steps = db.run_steps(&args.run_id)?;
-        if args.json {
-            return Ok(print_json(&serde_json::json!({ "run": run, "steps": steps })));
-        }
-        println!("run {} of `{}` ({}) — {}", run.id, run.workflow, run.workflow_path, run.status);
-        println!("started {}, tenant {}, inputs {}", when(run.created_ms), run.tenant, run.inputs);
-        let mut table = Table::new();
-        table
-            .load_style(UTF8_BORDERS_ONLY)
-            .set_header(["step", "status", "attempts", "duration", "fuel", "memory", "error"]);
-        for step in &steps {
-            table.add_row(step_row(step));
-        }
-        println!("{table}");
-        if let Some(outputs) = &run.outputs {
-            println!("outputs: {outputs}");
-        }
-        Ok(0)
-    })
-}
-
-fn step_row(step: &StoredStep) -> [String; 7] {
-    let duration = match (step.started_ms, step.finished_ms) {
-        (Some(start), Some(end)) => format!("{:.1?}", Duration::from_secs_f64((end - start).max(0.0) / 1000.0)),
-        _ => String::new(),
-    };
-    let fuel: i64 = step.attempts.iter().filter_map(|a| a.fuel).sum();
-    let memory = step.attempts.iter().filter_map(|a| a.peak_memory).max().unwrap_or(0);
-    let error = step.reason.clone().or_else(|| {
-        step.attempts
-            .iter()
-            .rev()
-            .find_map(|a| a.message.as_ref().map(|m| format!("{}: {m}", a.kind.as_deref().unwrap_or("failed"))))
-    });
-    let ran = !step.attempts.is_empty();
-    [
-        step.id.clone(),
-        step.status.clone(),
-        if ran { step.attempts.len().to_string() } else { String::new() },
-        duration,
-        if ran { fuel.to_string() } else { String::new() },
-        if ran { ByteSize(memory as u64).display().iec().to_string() } else { String::new() },
-        if step.status == "succeeded" { String::new() } else { error.unwrap_or_default() },
-    ]
-}
-
-pub(crate) fn logs(args: LogsArgs, data_dir: &Path) -> u8 {
-    with_db(data_dir, |db| {
-        db.load_run(&args.run_id)?;
-        let steps: Vec<StoredStep> = db
-            .run_steps(&args.run_id)?
-            .into_iter()
-            .filter(|step| args.step.as_ref().is_none_or(|wanted| &step.id == wanted))
-            .collect();
-        if let Some(wanted) = args.step.as_ref().filter(|_| steps.is_empty()) {
-            eprintln!("error: run {} has no step `{wanted}` with records", args.run_id);
-            return Ok(exit::USAGE);
-        }
-        if args.json {
-            return Ok(print_json(&steps));
-        }
-        for step in &steps {
-            for attempt in &step.attempts {
-                println!("== {} attempt {} ({}) — {}", step.id, attempt.attempt, attempt.key, attempt.status);
-                for record in attempt.logs.as_ref().and_then(|l| l.as_array()).into_iter().flatten() {
-                    println!(
-                        "[{}] {}: {}",
-                        record["level"].as_str().unwrap_or("?"),
-                        record["context"].as_str().unwrap_or(""),
-                        record["message"].as_str().unwrap_or("")
-                    );
-                }
-                for (name, text) in [("stdout", &attempt.stdout), ("stderr", &attempt.stderr)] {
-                    if let Some(text) = text.as_deref().filter(|t| !t.is_empty()) {
-                        println!("--- {name}\n{}", text.trim_end());
-                    }
-                }
-                if let Some(message) = &attempt.message {
-                    println!("failed ({}): {message}", attempt.kind.as_deref().unwrap_or("?"));
-                }
+pub(crate) fn logs(args: LogsArgs, data_dir: &Path) -> Result<u8, CliError> {
+    let db = open_database(data_dir)?;
+    let report = db.run_report(&args.run_id)?;
+    let steps: Vec<_> = all_steps(&report.steps)
+        .into_iter()
+        .filter(|step| args.step.as_ref().is_none_or(|wanted| step.id.to_string() == *wanted))
+        .collect();
+    if let Some(wanted) = args.step.as_ref().filter(|_| steps.is_empty()) {
+        return Err(CliError::Usage(format!("run {} has no step `{wanted}` with records", args.run_id)));
+    }
+    if args.json {
+        return print_json(&steps);
+    }
+    for step in steps {
+        for execution in &step.executions {
+            for attempt in &execution.attempts {
+                print_attempt(step, &execution.idempotency_key, attempt);
             }
         }
-        Ok(0)
-    })
+    }
+    Ok(0)
 }
 
-pub(crate) fn gc(args: GcArgs, data_dir: &Path) -> u8 {
+pub(crate) fn gc(args: GcArgs, data_dir: &Path) -> Result<u8, CliError> {
     if args.cache {
-        let Some(sandbox) = super::sandbox_with(super::engine_config(data_dir)) else { return exit::STEP_FAILED };
-        return match sandbox.gc_cache(args.older_than.map(Into::into)) {
-            Ok(removed) => {
-                println!(
-                    "removed {} compiled file(s), {}, from {}",
-                    removed.entries,
-                    ByteSize(removed.bytes).display().iec(),
-                    data_dir.join("compiled").display()
-                );
-                0
-            }
-            Err(err) => {
-                eprintln!("error: cannot clean {}: {err}", data_dir.join("compiled").display());
-                exit::STEP_FAILED
-            }
-        };
+        let sandbox = sandbox_with(engine_config(data_dir))?;
+        let compiled = data_dir.join("compiled");
+        let removed = sandbox
+            .gc_cache(args.older_than.map(Into::into))
+            .map_err(|err| CliError::Failed(format!("cannot clean {}: {err}", compiled.display())))?;
+        println!(
+            "removed {} compiled file(s), {}, from {}",
+            removed.entries,
+            ByteSize(removed.bytes).display().iec(),
+            compiled.display()
+        );
+        return Ok(0);
     }
-    let Some(older_than) = args.older_than else { return exit::USAGE };
-    with_db(data_dir, |db| {
-        let age: Duration = older_than.into();
-        let removed = db.gc(unix_ms() - age.as_millis() as i64)?;
-        println!("removed {removed} run(s) started more than {older_than} ago");
-        Ok(0)
-    })
+    let older_than = args.older_than.ok_or_else(|| CliError::Usage("gc needs --older-than or --cache".into()))?;
+    let db = open_database(data_dir)?;
+    let age: Duration = older_than.into();
+    let removed = db.gc(now_ms() - age.as_secs_f64() * 1000.0)?;
+    println!("removed {removed} run(s) started more than {older_than} ago");
+    Ok(0)
 }

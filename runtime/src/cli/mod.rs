@@ -1,9 +1,14 @@
 //! Command-line parsing and dispatch. Exit codes: 0 success, 1 a step or
 //! run failed, 2 a usage error, 3 the workflow or component is not valid,
 //! 130 the run was cancelled.
+//!
+//! Every command returns its exit code, or a [`CliError`] that
+//! [`main_with_args`] prints once.
 
+mod error;
 mod history;
 mod new;
+mod report;
 mod resume;
 mod run;
 mod step_run;
@@ -16,13 +21,11 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-/// Exit codes shared by every command.
-mod exit {
-    pub const STEP_FAILED: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const INVALID_COMPONENT: u8 = 3;
-    pub const CANCELLED: u8 = 130;
-}
+use crate::sandbox::{EngineConfig, Sandbox};
+use crate::store::{Database, KeyValueStore, MemoryKeyValueStore};
+use crate::tenant::Tenants;
+use crate::workflow::Workflow;
+pub(crate) use error::{CliError, exit};
 
 const ABOUT_EXAMPLES: &str = "Examples:
   stepbox run examples/diamond.yaml
@@ -59,33 +62,19 @@ pub(crate) struct Place<'a> {
 pub(crate) struct TenantPolicy {
     pub(crate) share: crate::scheduler::Share,
     pub(crate) max_run_fuel: Option<u64>,
-    pub(crate) tenants: Option<Arc<crate::tenant::Tenants>>,
+    pub(crate) tenants: Option<Arc<Tenants>>,
 }
 
 /// Checks `workflow` against `tenant`'s ceilings, if there is a tenants
-/// file; prints what is over a ceiling.
-pub(crate) fn tenant_policy(
-    place: &Place<'_>,
-    tenant: &str,
-    workflow: &crate::workflow::Workflow,
-) -> Result<TenantPolicy, u8> {
+/// file.
+pub(crate) fn tenant_policy(place: &Place<'_>, tenant: &str, workflow: &Workflow) -> Result<TenantPolicy, CliError> {
     let Some(file) = place.tenants else {
         return Ok(TenantPolicy { share: crate::scheduler::Share::default(), max_run_fuel: None, tenants: None });
     };
-    let tenants = crate::tenant::Tenants::load(file).map_err(|err| {
-        eprintln!("{err}");
-        exit::INVALID_COMPONENT
-    })?;
-    let checked = tenants.check(tenant, workflow).and_then(|()| tenants.get(tenant).map(|spec| spec.max_run_fuel));
-    match checked {
-        Ok(max_run_fuel) => {
-            Ok(TenantPolicy { share: tenants.share(tenant), max_run_fuel, tenants: Some(Arc::new(tenants)) })
-        }
-        Err(err) => {
-            eprintln!("{err}");
-            Err(exit::INVALID_COMPONENT)
-        }
-    }
+    let tenants = Tenants::load(file)?;
+    tenants.check(tenant, workflow)?;
+    let max_run_fuel = tenants.get(tenant)?.max_run_fuel;
+    Ok(TenantPolicy { share: tenants.share(tenant), max_run_fuel, tenants: Some(Arc::new(tenants)) })
 }
 
 /// The data directory when none is given.
@@ -98,16 +87,9 @@ fn default_data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".stepbox"))
 }
 
-/// The database of the data directory; prints the error when it cannot be
-/// used.
-pub(crate) fn open_database(data_dir: &Path) -> Option<Arc<crate::store::Database>> {
-    match crate::store::Database::open(data_dir) {
-        Ok(db) => Some(Arc::new(db)),
-        Err(err) => {
-            eprintln!("error: {err}");
-            None
-        }
-    }
+/// The database of the data directory.
+pub(crate) fn open_database(data_dir: &Path) -> Result<Arc<Database>, CliError> {
+    Ok(Arc::new(Database::open(data_dir)?))
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,7 +173,7 @@ where
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let tenants = cli.tenants.clone().or_else(|| Some(data_dir.join("tenants.yaml")).filter(|path| path.is_file()));
     let place = Place { data_dir: &data_dir, tenants: tenants.as_deref() };
-    let code = runtime.block_on(async {
+    let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(args, &place).await,
             Command::Compile(args) => validate::compile(args, &data_dir).await,
@@ -208,32 +190,24 @@ where
             Command::Step(StepCommand::Run(args)) => step_run::run(args, &data_dir).await,
         }
     });
-    ExitCode::from(code)
+    ExitCode::from(result.unwrap_or_else(|err| err.print()))
 }
 
 /// A sandbox with an in-memory key-value store and the given engine
-/// settings; prints the error when the engine cannot be built.
-pub(crate) fn sandbox_with(config: crate::sandbox::EngineConfig) -> Option<crate::sandbox::Sandbox> {
-    sandbox_with_kv(config, Arc::new(crate::store::MemoryKeyValueStore::new()))
+/// settings.
+pub(crate) fn sandbox_with(config: EngineConfig) -> Result<Sandbox, CliError> {
+    sandbox_with_kv(config, Arc::new(MemoryKeyValueStore::new()))
 }
 
-pub(crate) fn sandbox_with_kv(
-    config: crate::sandbox::EngineConfig,
-    kv: Arc<dyn crate::store::KeyValueStore>,
-) -> Option<crate::sandbox::Sandbox> {
-    match crate::sandbox::Sandbox::new(config, kv) {
-        Ok(sandbox) => Some(sandbox),
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            None
-        }
-    }
+/// A sandbox whose steps keep their key-value state in `kv`.
+pub(crate) fn sandbox_with_kv(config: EngineConfig, kv: Arc<dyn KeyValueStore>) -> Result<Sandbox, CliError> {
+    Sandbox::new(config, kv).map_err(|err| CliError::Failed(format!("{err:#}")))
 }
 
 /// The engine settings of a command that keeps its state in `data_dir`:
 /// compiled components are cached in its `compiled/` directory.
-pub(crate) fn engine_config(data_dir: &Path) -> crate::sandbox::EngineConfig {
-    crate::sandbox::EngineConfig { cache_dir: Some(data_dir.join("compiled")), ..Default::default() }
+pub(crate) fn engine_config(data_dir: &Path) -> EngineConfig {
+    EngineConfig { cache_dir: Some(data_dir.join("compiled")), ..Default::default() }
 }
 
 pub(crate) fn parse_key_value(text: &str) -> Result<(String, String), String> {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::exit;
+use super::CliError;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  stepbox new greeter\n  stepbox new greeter --lang python\n  stepbox new \
@@ -113,23 +113,19 @@ impl Lang {
     }
 }
 
-pub(crate) fn new(args: Args) -> u8 {
+pub(crate) fn new(args: Args) -> Result<u8, CliError> {
     let Some(name) = args.path.file_name().and_then(|name| name.to_str()).map(str::to_owned) else {
-        eprintln!("error: `{}` does not end in a name for the step", args.path.display());
-        return exit::USAGE;
+        return Err(CliError::Usage(format!("`{}` does not end in a name for the step", args.path.display())));
     };
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        eprintln!("error: `{name}` cannot name a step; use letters, digits, `-` and `_`");
-        return exit::USAGE;
+        return Err(CliError::Usage(format!("`{name}` cannot name a step; use letters, digits, `-` and `_`")));
     }
     if args.path.exists() {
-        eprintln!("error: {} already exists; pick a new directory", args.path.display());
-        return exit::USAGE;
+        return Err(CliError::Usage(format!("{} already exists; pick a new directory", args.path.display())));
     }
     if let Err(err) = write_project(&args.path, &name, args.lang) {
-        eprintln!("error: cannot create {}: {err}", args.path.display());
         let _ = std::fs::remove_dir_all(&args.path);
-        return exit::STEP_FAILED;
+        return Err(CliError::Failed(format!("cannot create {}: {err}", args.path.display())));
     }
     let (commands, component) = args.lang.build(&name);
     println!("Created {} ({:?} step `{name}`). Build and run it with:\n", args.path.display(), args.lang);
@@ -141,7 +137,7 @@ pub(crate) fn new(args: Args) -> u8 {
     if args.lang == Lang::C {
         println!("\n`build.sh` needs python3 with pip, wit-bindgen and wasm-tools; it says how to install them.");
     }
-    0
+    Ok(0)
 }
 
 fn write_project(dir: &Path, name: &str, lang: Lang) -> std::io::Result<()> {

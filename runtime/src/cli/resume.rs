@@ -3,11 +3,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::store::StoredRun;
-use crate::workflow::{Workflow, fingerprint_changes};
-
 use super::run::{HowToRun, execute};
-use super::{Place, exit, open_database, tenant_policy};
+use super::{CliError, Place, open_database, tenant_policy};
+use crate::run::{Run, RunStatus, StepPath};
+use crate::store::{History, Journal};
+use crate::workflow::{Workflow, fingerprint_changes};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -40,85 +40,71 @@ pub(crate) struct RetryArgs {
     how: HowToRun,
 }
 
-pub(crate) async fn resume(args: ResumeArgs, place: &Place<'_>) -> u8 {
+pub(crate) async fn resume(args: ResumeArgs, place: &Place<'_>) -> Result<u8, CliError> {
     continue_run(&args.run_id, None, &args.how, place, false).await
 }
 
-pub(crate) async fn retry(args: RetryArgs, place: &Place<'_>) -> u8 {
+pub(crate) async fn retry(args: RetryArgs, place: &Place<'_>) -> Result<u8, CliError> {
     continue_run(&args.run_id, args.from.as_deref(), &args.how, place, true).await
 }
 
-async fn continue_run(run_id: &str, from: Option<&str>, how: &HowToRun, place: &Place<'_>, retry: bool) -> u8 {
-    let Some(db) = open_database(place.data_dir) else { return exit::STEP_FAILED };
-    let run = match db.load_run(run_id) {
-        Ok(run) => run,
-        Err(err) => {
-            eprintln!("error: {err}");
-            return exit::USAGE;
-        }
-    };
-    if retry && !matches!(run.status.as_str(), "failed" | "cancelled") {
-        eprintln!("error: run {run_id} is {}; only a failed or cancelled run can be retried", run.status);
-        return exit::USAGE;
+async fn continue_run(
+    run_id: &str,
+    from: Option<&str>,
+    how: &HowToRun,
+    place: &Place<'_>,
+    retry: bool,
+) -> Result<u8, CliError> {
+    let db = open_database(place.data_dir)?;
+    let run = db.load_run(run_id)?;
+    if retry && !matches!(run.status, RunStatus::Failed | RunStatus::Cancelled) {
+        return Err(CliError::Usage(format!(
+            "run {run_id} is {}; only a failed or cancelled run can be retried",
+            run.status
+        )));
     }
-    if !retry && run.status == "succeeded" {
-        eprintln!(
-            "error: run {run_id} already succeeded; there is nothing to resume (`stepbox retry --from STEP` runs steps again)"
-        );
-        return exit::USAGE;
+    if !retry && run.status == RunStatus::Succeeded {
+        return Err(CliError::Usage(format!(
+            "run {run_id} already succeeded; there is nothing to resume (`stepbox retry --from STEP` runs steps again)"
+        )));
     }
-    let workflow = match load_unchanged(&run) {
-        Ok(workflow) => Arc::new(workflow),
-        Err(message) => {
-            eprintln!("error: {message}");
-            return exit::INVALID_COMPONENT;
-        }
-    };
-    let policy = match tenant_policy(place, &run.tenant, &workflow) {
-        Ok(policy) => policy,
-        Err(code) => return code,
-    };
+    let workflow = Arc::new(load_unchanged(&run, &db.fingerprint(run_id)?)?);
+    let policy = tenant_policy(place, &run.tenant, &workflow)?;
     // Bound when the run was created; bound again here because a stored
     // record is data from disk, not a checked value.
-    let inputs = match workflow.bind_inputs(&run.inputs.as_object().cloned().unwrap_or_default()) {
-        Ok(inputs) => inputs,
-        Err(err) => {
-            eprintln!("{err}");
-            return exit::INVALID_COMPONENT;
-        }
-    };
+    let inputs = workflow.bind_inputs(&run.inputs)?;
     if let Some(from) = from {
         let Some(start) = workflow.step_index(from) else {
             let ids: Vec<&str> = workflow.steps.iter().map(|step| step.id.as_str()).collect();
-            eprintln!("error: the workflow has no step `{from}`; its steps are: {}", ids.join(", "));
-            return exit::USAGE;
+            return Err(CliError::Usage(format!(
+                "the workflow has no step `{from}`; its steps are: {}",
+                ids.join(", ")
+            )));
         };
-        let ids: Vec<String> = workflow.downstream(start).map(|i| workflow.steps[i].id.clone()).collect();
-        if let Err(err) = db.forget_steps(run_id, &ids) {
-            eprintln!("error: {err}");
-            return exit::STEP_FAILED;
-        }
+        let paths: Vec<StepPath> = workflow.downstream(start).map(|i| StepPath::root(&workflow.steps[i].id)).collect();
+        db.forget_steps(run_id, &paths)?;
     }
-    if let Err(err) = db.reopen_run(run_id) {
-        eprintln!("error: {err}");
-        return exit::STEP_FAILED;
-    }
-    execute(db, workflow, run.id.clone(), run.tenant.clone(), inputs, how, policy).await
+    db.reopen_run(run_id)?;
+    execute(db, workflow, run, inputs, how, policy).await
 }
 
-/// The run's workflow, if neither it nor its components changed.
-fn load_unchanged(run: &StoredRun) -> Result<Workflow, String> {
+/// The run's workflow, if neither it nor its components changed since the
+/// run was created with `fingerprint`.
+fn load_unchanged(run: &Run, fingerprint: &serde_json::Value) -> Result<Workflow, CliError> {
     let path = PathBuf::from(&run.workflow_path);
-    let workflow = Workflow::load(&path).map_err(|err| format!("the run's workflow no longer loads:\n{err}"))?;
-    let now = workflow.fingerprint().map_err(|err| format!("cannot read the workflow's files: {err}"))?;
-    let changes = fingerprint_changes(&run.fingerprint, &now);
+    let workflow = Workflow::load(&path)
+        .map_err(|err| CliError::Invalid(format!("error: the run's workflow no longer loads:\n{err}")))?;
+    let now = workflow
+        .fingerprint()
+        .map_err(|err| CliError::Invalid(format!("error: cannot read the workflow's files: {err}")))?;
+    let changes = fingerprint_changes(fingerprint, &now);
     if !changes.is_empty() {
-        return Err(format!(
-            "run {} cannot continue: since it started, {} ({}); start a new run with `stepbox run`",
+        return Err(CliError::Invalid(format!(
+            "error: run {} cannot continue: since it started, {} ({}); start a new run with `stepbox run`",
             run.id,
             changes.join(", "),
             path.display()
-        ));
+        )));
     }
     Ok(workflow)
 }

@@ -6,16 +6,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::scheduler::{self, RunEvent, RunOptions, RunReport, RunStatus, StepReport, StepStatus};
-use crate::store::{Database, NewRun, new_run_id};
-use crate::workflow::{Inputs, Workflow};
-use bytesize::ByteSize;
-use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{Place, TenantPolicy, engine_config, exit, open_database, parse_key_value, sandbox_with_kv, tenant_policy};
+use super::report::{millis, steps_table};
+use super::{
+    CliError, Place, TenantPolicy, engine_config, exit, open_database, parse_key_value, sandbox_with_kv, tenant_policy,
+};
+use crate::run::{Run, RunStatus, StepPath, StepStatus};
+use crate::scheduler::{self, RunEvent, RunOptions};
+use crate::store::{Database, Journal, new_run_id};
+use crate::workflow::{Inputs, Workflow};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -83,56 +85,22 @@ pub(crate) fn collect_inputs(
     Ok(inputs)
 }
 
-pub(crate) async fn run(args: Args, place: &Place<'_>) -> u8 {
-    let inputs = match collect_inputs(args.input_file.as_ref(), &args.inputs) {
-        Ok(inputs) => inputs,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return exit::USAGE;
-        }
-    };
-    let workflow = match Workflow::load(&args.file) {
-        Ok(workflow) => Arc::new(workflow),
-        Err(err) => {
-            eprintln!("{err}");
-            return exit::INVALID_COMPONENT;
-        }
-    };
-    let bound = match workflow.bind_inputs(&inputs) {
-        Ok(bound) => bound,
-        Err(err) => {
-            eprintln!("{err}");
-            return exit::INVALID_COMPONENT;
-        }
-    };
-    let fingerprint = match workflow.fingerprint() {
-        Ok(fingerprint) => fingerprint,
-        Err(err) => {
-            eprintln!("error: cannot read the workflow's files: {err}");
-            return exit::INVALID_COMPONENT;
-        }
-    };
-    let policy = match tenant_policy(place, &args.tenant, &workflow) {
-        Ok(policy) => policy,
-        Err(code) => return code,
-    };
-    let Some(db) = open_database(place.data_dir) else { return exit::STEP_FAILED };
-    let run_id = new_run_id();
-    let path = std::path::absolute(&args.file).unwrap_or_else(|_| args.file.clone());
-    let record = NewRun {
-        id: &run_id,
-        workflow: &workflow.name,
-        workflow_path: &path.to_string_lossy(),
-        fingerprint: &fingerprint,
-        tenant: &args.tenant,
-        inputs: &serde_json::Value::Object(bound.as_map().clone()),
-        labels: &args.labels,
-    };
-    if let Err(err) = db.create_run(&record) {
-        eprintln!("error: {err}");
-        return exit::STEP_FAILED;
-    }
-    execute(db, workflow, run_id, args.tenant, bound, &args.how, policy).await
+pub(crate) async fn run(args: Args, place: &Place<'_>) -> Result<u8, CliError> {
+    let inputs = collect_inputs(args.input_file.as_ref(), &args.inputs).map_err(CliError::Usage)?;
+    // Absolute, so `stepbox resume` finds it from anywhere.
+    let file = std::path::absolute(&args.file).unwrap_or_else(|_| args.file.clone());
+    let workflow = Arc::new(Workflow::load(&file)?);
+    let bound = workflow.bind_inputs(&inputs)?;
+    let fingerprint = workflow
+        .fingerprint()
+        .map_err(|err| CliError::Invalid(format!("error: cannot read the workflow's files: {err}")))?;
+    let policy = tenant_policy(place, &args.tenant, &workflow)?;
+    let db = open_database(place.data_dir)?;
+    let path = workflow.file.display().to_string();
+    let mut run = Run::new(new_run_id(), &workflow.name, &path, &args.tenant, bound.as_map().clone());
+    run.labels = args.labels.into_iter().collect();
+    db.create_run(&run, &fingerprint)?;
+    execute(db, workflow, run, bound, &args.how, policy).await
 }
 
 /// Runs a recorded run (new, resumed or retried) with progress and a
@@ -140,19 +108,19 @@ pub(crate) async fn run(args: Args, place: &Place<'_>) -> u8 {
 pub(crate) async fn execute(
     db: Arc<Database>,
     workflow: Arc<Workflow>,
-    run_id: String,
-    tenant: String,
+    run: Run,
     inputs: Inputs,
     how: &HowToRun,
     policy: TenantPolicy,
-) -> u8 {
-    let config = engine_config(db.data_dir());
-    let Some(sandbox) = sandbox_with_kv(config, db.clone()) else { return exit::STEP_FAILED };
+) -> Result<u8, CliError> {
+    let sandbox = sandbox_with_kv(engine_config(db.data_dir()), db.clone())?;
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     let (events, receiver) = mpsc::unbounded_channel();
-    let mut options = RunOptions::new(run_id);
-    options.tenant = tenant;
+    let mut options = RunOptions::new(run.id);
+    options.tenant = run.tenant;
+    options.labels = run.labels;
+    options.created_ms = run.created_ms;
     options.fail_fast = how.fail_fast;
     options.events = Some(events);
     options.cancel = cancel.clone();
@@ -168,43 +136,33 @@ pub(crate) async fn execute(
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
     let result = scheduler::run(&sandbox, workflow, inputs, options).await;
     let _ = progress.await;
-    let report = match result {
-        Ok(report) => report,
-        Err(err) => {
-            eprintln!("{err}");
-            return exit::INVALID_COMPONENT;
-        }
-    };
+    let report = result?;
     if how.json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(err) => eprintln!("error: cannot encode the report: {err}"),
-        }
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|err| CliError::Failed(format!("cannot encode the report: {err}")))?;
+        println!("{text}");
     } else {
-        eprintln!("{}", summary_table(&report));
+        eprintln!("{}", steps_table(&report));
         for error in &report.output_errors {
             eprintln!("warning: {error}");
         }
-        println!("{}", serde_json::Value::Object(report.outputs.clone()));
+        println!("{}", serde_json::Value::Object(report.run.outputs.clone().unwrap_or_default()));
     }
-    if let Some(error) = &report.error {
+    if let Some(error) = &report.run.error {
         eprintln!("error: {error}");
     }
+    let status = report.run.status;
     eprintln!(
         "run {} {} in {:.2?}",
-        report.run_id,
-        match report.status {
-            RunStatus::Succeeded => "succeeded",
-            RunStatus::Failed => "failed",
-            RunStatus::Cancelled => "was cancelled",
-        },
-        Duration::from_secs_f64(report.duration_ms / 1000.0)
+        report.run.id,
+        if status == RunStatus::Cancelled { "was cancelled" } else { status.as_str() },
+        millis(report.run.duration_ms().unwrap_or_default())
     );
-    match report.status {
+    Ok(match status {
         RunStatus::Succeeded => 0,
-        RunStatus::Failed => exit::STEP_FAILED,
+        RunStatus::Running | RunStatus::Failed => exit::FAILED,
         RunStatus::Cancelled => exit::CANCELLED,
-    }
+    })
 }
 
 /// Ctrl-C or SIGTERM cancels the run; running attempts end as cancelled.
@@ -247,33 +205,30 @@ async fn show_progress(mut events: mpsc::UnboundedReceiver<RunEvent>, total: u64
     );
     let spinner = ProgressStyle::with_template("  {spinner} {msg} {elapsed}")
         .unwrap_or_else(|_| ProgressStyle::default_spinner());
-    let mut running: HashMap<String, ProgressBar> = HashMap::new();
+    let mut running: HashMap<StepPath, ProgressBar> = HashMap::new();
     while let Some(event) = events.recv().await {
         match &event {
-            RunEvent::AttemptStarted { step, attempt, .. } => {
-                let bar = running.entry(step.clone()).or_insert_with(|| {
+            RunEvent::AttemptStarted { path, attempt } => {
+                let step = path.to_string();
+                let bar = running.entry(path.clone()).or_insert_with(|| {
                     let bar = bars.add(ProgressBar::new_spinner());
                     bar.set_style(spinner.clone());
                     bar.enable_steady_tick(Duration::from_millis(120));
                     bar
                 });
-                bar.set_message(if *attempt > 1 { format!("{step} (attempt {attempt})") } else { step.clone() });
+                bar.set_message(if *attempt > 1 { format!("{step} (attempt {attempt})") } else { step });
             }
             RunEvent::Retrying { .. } => {
                 let _ = bars.println(describe(&event));
             }
-            RunEvent::StepFinished { step, status, .. } => {
-                let finished_items: Vec<String> = running
-                    .keys()
-                    .filter(|key| *key == step || key.starts_with(&format!("{step}[")))
-                    .cloned()
-                    .collect();
-                for key in finished_items {
+            RunEvent::StepFinished { path, status, .. } => {
+                let finished: Vec<StepPath> = running.keys().filter(|key| key.step() == *path).cloned().collect();
+                for key in finished {
                     if let Some(bar) = running.remove(&key) {
                         bar.finish_and_clear();
                     }
                 }
-                if !step.contains('.') {
+                if path.depth() == 1 {
                     overall.inc(1);
                 }
                 if *status != StepStatus::Succeeded {
@@ -287,47 +242,13 @@ async fn show_progress(mut events: mpsc::UnboundedReceiver<RunEvent>, total: u64
 
 fn describe(event: &RunEvent) -> String {
     match event {
-        RunEvent::AttemptStarted { step, attempt, .. } => format!("{step}: attempt {attempt} started"),
-        RunEvent::Retrying { step, attempt, delay, failure, .. } => {
-            format!("{step}: attempt {attempt} failed ({failure}); retrying in {:.1?}", delay)
+        RunEvent::AttemptStarted { path, attempt } => format!("{path}: attempt {attempt} started"),
+        RunEvent::Retrying { path, attempt, delay, failure } => {
+            format!("{path}: attempt {attempt} failed ({failure}); retrying in {:.1?}", delay)
         }
-        RunEvent::StepFinished { step, status, reason } => match reason {
-            Some(reason) => format!("{step}: {} ({reason})", status.as_str()),
-            None => format!("{step}: {}", status.as_str()),
+        RunEvent::StepFinished { path, status, reason } => match reason {
+            Some(reason) => format!("{path}: {status} ({reason})"),
+            None => format!("{path}: {status}"),
         },
     }
-}
-
-/// Step, status, attempts, duration, fuel, peak memory, error.
-fn summary_table(report: &RunReport) -> Table {
-    let mut table = Table::new();
-    table
-        .load_style(UTF8_BORDERS_ONLY)
-        .set_header(["step", "status", "attempts", "duration", "fuel", "memory", "error"]);
-    fn add(table: &mut Table, step: &StepReport) {
-        let status = if step.required {
-            step.status.as_str().to_owned()
-        } else {
-            format!("{} (optional)", step.status.as_str())
-        };
-        // Skipped steps and includes ran no attempts of their own.
-        let ran = step.attempts() > 0;
-        let if_ran = |text: String| if ran { text } else { String::new() };
-        table.add_row([
-            step.id.clone(),
-            status,
-            if_ran(step.attempts().to_string()),
-            step.duration().map(|d| format!("{d:.1?}")).unwrap_or_default(),
-            if_ran(step.fuel_consumed().to_string()),
-            if_ran(ByteSize(step.peak_memory()).display().iec().to_string()),
-            step.reason.clone().unwrap_or_default(),
-        ]);
-        for child in &step.steps {
-            add(table, child);
-        }
-    }
-    for step in &report.steps {
-        add(&mut table, step);
-    }
-    table
 }

@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::sandbox::{
-    AttemptReport, AttemptRequest, DirGrant, EngineConfig, ExitCodes, Grants, HttpGrant, Limits, Outcome, StepContext,
-};
-use crate::workflow::spec::LimitsSpec;
 use bytesize::ByteSize;
 
-use super::{exit, parse_key_value, sandbox_with};
+use super::report::millis;
+use super::{CliError, exit, parse_key_value, sandbox_with};
+use crate::run::Attempt;
+use crate::sandbox::{AttemptRequest, DirGrant, EngineConfig, ExitCodes, Grants, HttpGrant, Limits, StepContext};
 use crate::store::new_run_id;
+use crate::workflow::spec::LimitsSpec;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -89,34 +89,18 @@ fn read_input(input: &str) -> Result<String, String> {
     Ok(text)
 }
 
-pub(crate) async fn run(args: Args, data_dir: &std::path::Path) -> u8 {
-    let input = match read_input(&args.input) {
-        Ok(input) => input,
-        Err(message) => {
-            eprintln!("error: {message}");
-            return exit::USAGE;
-        }
-    };
+pub(crate) async fn run(args: Args, data_dir: &std::path::Path) -> Result<u8, CliError> {
+    let input = read_input(&args.input).map_err(CliError::Usage)?;
     let mut secrets = BTreeMap::new();
     for (key, var) in &args.secrets {
-        match std::env::var(var) {
-            Ok(value) => {
-                secrets.insert(key.clone(), value);
-            }
-            Err(_) => {
-                eprintln!("error: --secret {key}={var}: the environment variable {var} is not set");
-                return exit::USAGE;
-            }
-        }
+        let value = std::env::var(var)
+            .map_err(|_| CliError::Usage(format!("--secret {key}={var}: the environment variable {var} is not set")))?;
+        secrets.insert(key.clone(), value);
     }
     let stdin = match &args.stdin {
-        Some(path) => match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                eprintln!("error: cannot read {}: {err}", path.display());
-                return exit::USAGE;
-            }
-        },
+        Some(path) => {
+            std::fs::read(path).map_err(|err| CliError::Usage(format!("cannot read {}: {err}", path.display())))?
+        }
         None => Vec::new(),
     };
     let limits = LimitsSpec {
@@ -131,20 +115,12 @@ pub(crate) async fn run(args: Args, data_dir: &std::path::Path) -> u8 {
         max_memory: limits.memory.max(ByteSize::mib(64)),
         ..super::engine_config(data_dir)
     };
-    let Some(sandbox) = sandbox_with(engine_config) else { return exit::STEP_FAILED };
+    let sandbox = sandbox_with(engine_config)?;
     let path = args.component.clone();
     let loader = sandbox.clone();
-    let component = match tokio::task::spawn_blocking(move || loader.load(&path)).await {
-        Ok(Ok(component)) => component,
-        Ok(Err(err)) => {
-            eprintln!("error: {err}");
-            return exit::INVALID_COMPONENT;
-        }
-        Err(err) => {
-            eprintln!("error: loading the component failed: {err}");
-            return exit::INVALID_COMPONENT;
-        }
-    };
+    let component = tokio::task::spawn_blocking(move || loader.load(&path))
+        .await
+        .map_err(|err| CliError::Failed(format!("loading the component failed: {err}")))??;
 
     let run_id = new_run_id();
     let step_id = args.component.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "step".into());
@@ -177,28 +153,23 @@ pub(crate) async fn run(args: Args, data_dir: &std::path::Path) -> u8 {
             ExitCodes { retryable: args.retryable_exit }
         },
     };
-    let report = sandbox.run(&component, request).await;
-    print_report(&report, args.json);
-    match report.outcome {
-        Outcome::Succeeded { .. } => 0,
-        Outcome::Failed(_) => exit::STEP_FAILED,
-    }
+    let attempt = sandbox.run(&component, request).await;
+    print_attempt(&attempt, args.json)?;
+    Ok(if attempt.failure().is_some() { exit::FAILED } else { 0 })
 }
 
-fn print_report(report: &AttemptReport, json: bool) {
+fn print_attempt(attempt: &Attempt, json: bool) -> Result<(), CliError> {
     if json {
-        match serde_json::to_string_pretty(report) {
-            Ok(text) => println!("{text}"),
-            Err(err) => eprintln!("error: cannot encode the report: {err}"),
-        }
+        let text = serde_json::to_string_pretty(attempt).map_err(|err| CliError::Failed(err.to_string()))?;
+        println!("{text}");
     } else {
-        for record in &report.logs {
-            eprintln!("[{:?}] {}: {}", record.level, record.context, record.message);
+        for record in &attempt.logs {
+            eprintln!("[{}] {}: {}", record.level, record.context, record.message);
         }
-        match &report.outcome {
-            Outcome::Succeeded { output } => println!("{output}"),
-            Outcome::Failed(_) => {
-                for (name, captured) in [("stdout", &report.stdout), ("stderr", &report.stderr)] {
+        match attempt.output() {
+            Some(output) => println!("{output}"),
+            None => {
+                for (name, captured) in [("stdout", &attempt.stdout), ("stderr", &attempt.stderr)] {
                     let lines: Vec<&str> = captured.text.lines().collect();
                     if !lines.is_empty() {
                         eprintln!("--- step {name} (last lines) ---");
@@ -210,19 +181,20 @@ fn print_report(report: &AttemptReport, json: bool) {
             }
         }
     }
-    eprintln!("{}", summary(report));
+    eprintln!("{}", summary(attempt));
+    Ok(())
 }
 
 /// One line: status, duration, fuel, memory.
-fn summary(report: &AttemptReport) -> String {
-    let status = match &report.outcome {
-        Outcome::Succeeded { .. } => "succeeded".to_owned(),
-        Outcome::Failed(failure) => format!("failed ({}): {}", failure.kind, failure.message),
+fn summary(attempt: &Attempt) -> String {
+    let status = match attempt.failure() {
+        None => "succeeded".to_owned(),
+        Some(failure) => format!("failed ({}): {}", failure.kind, failure.message),
     };
     format!(
         "{status} · {:.1?} · fuel {} · peak memory {}",
-        report.duration,
-        report.fuel_consumed,
-        ByteSize(report.peak_memory).display().iec()
+        millis(attempt.duration_ms()),
+        attempt.fuel_consumed,
+        ByteSize(attempt.peak_memory).display().iec()
     )
 }

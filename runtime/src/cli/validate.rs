@@ -8,7 +8,7 @@ use crate::scheduler;
 use crate::workflow::{Action, Workflow, WorkflowSpec};
 
 use super::run::collect_inputs;
-use super::{engine_config, exit, parse_key_value, sandbox_with};
+use super::{CliError, engine_config, parse_key_value, sandbox_with};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -27,32 +27,14 @@ pub(crate) struct ValidateArgs {
     input_file: Option<PathBuf>,
 }
 
-pub(crate) async fn validate(args: ValidateArgs, data_dir: &Path) -> u8 {
-    let workflow = match Workflow::load(&args.file) {
-        Ok(workflow) => workflow,
-        Err(err) => {
-            eprintln!("{err}");
-            return exit::INVALID_COMPONENT;
-        }
-    };
+pub(crate) async fn validate(args: ValidateArgs, data_dir: &Path) -> Result<u8, CliError> {
+    let workflow = Workflow::load(&args.file)?;
     if !args.inputs.is_empty() || args.input_file.is_some() {
-        let inputs = match collect_inputs(args.input_file.as_ref(), &args.inputs) {
-            Ok(inputs) => inputs,
-            Err(message) => {
-                eprintln!("error: {message}");
-                return exit::USAGE;
-            }
-        };
-        if let Err(err) = workflow.bind_inputs(&inputs) {
-            eprintln!("{err}");
-            return exit::INVALID_COMPONENT;
-        }
+        let inputs = collect_inputs(args.input_file.as_ref(), &args.inputs).map_err(CliError::Usage)?;
+        workflow.bind_inputs(&inputs)?;
     }
-    let Some(sandbox) = sandbox_with(engine_config(data_dir)) else { return exit::STEP_FAILED };
-    if let Err(err) = scheduler::compile(&workflow, &sandbox).await {
-        eprintln!("{err}");
-        return exit::INVALID_COMPONENT;
-    }
+    let sandbox = sandbox_with(engine_config(data_dir))?;
+    scheduler::compile(&workflow, &sandbox).await?;
     println!(
         "{} is valid: workflow `{}`, {} steps, {} components",
         args.file.display(),
@@ -60,7 +42,7 @@ pub(crate) async fn validate(args: ValidateArgs, data_dir: &Path) -> u8 {
         workflow.steps.len(),
         workflow.components.len()
     );
-    0
+    Ok(0)
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,16 +57,17 @@ pub(crate) struct CompileArgs {
     files: Vec<PathBuf>,
 }
 
-pub(crate) async fn compile(args: CompileArgs, data_dir: &Path) -> u8 {
-    let Some(sandbox) = sandbox_with(engine_config(data_dir)) else { return exit::STEP_FAILED };
-    let mut code = 0;
+pub(crate) async fn compile(args: CompileArgs, data_dir: &Path) -> Result<u8, CliError> {
+    let sandbox = sandbox_with(engine_config(data_dir))?;
+    // Every file is tried; the command fails if any did.
+    let mut failed = Vec::new();
     for file in &args.files {
         let started = std::time::Instant::now();
         let result = if file.extension().is_some_and(|ext| ext == "wasm") {
             let (sandbox, path) = (sandbox.clone(), file.clone());
             match tokio::task::spawn_blocking(move || sandbox.load(&path)).await {
-                Ok(loaded) => loaded.map(|_| 1).map_err(|err| err.to_string()),
-                Err(err) => Err(format!("compiling stopped: {err}")),
+                Ok(loaded) => loaded.map(|_| 1).map_err(|err| format!("error: {err}")),
+                Err(err) => Err(format!("error: compiling stopped: {err}")),
             }
         } else {
             match Workflow::load(file) {
@@ -97,13 +80,10 @@ pub(crate) async fn compile(args: CompileArgs, data_dir: &Path) -> u8 {
         };
         match result {
             Ok(n) => println!("{}: {n} component(s) compiled in {:.1?}", file.display(), started.elapsed()),
-            Err(message) => {
-                eprintln!("{message}");
-                code = exit::INVALID_COMPONENT;
-            }
+            Err(message) => failed.push(message),
         }
     }
-    code
+    if failed.is_empty() { Ok(0) } else { Err(CliError::Invalid(failed.join("\n"))) }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -123,17 +103,10 @@ pub(crate) struct GraphArgs {
     format: GraphFormat,
 }
 
-pub(crate) fn graph(args: GraphArgs) -> u8 {
-    match Workflow::load(&args.file) {
-        Ok(workflow) => {
-            print!("{}", draw(&workflow, args.format));
-            0
-        }
-        Err(err) => {
-            eprintln!("{err}");
-            exit::INVALID_COMPONENT
-        }
-    }
+pub(crate) fn graph(args: GraphArgs) -> Result<u8, CliError> {
+    let workflow = Workflow::load(&args.file)?;
+    print!("{}", draw(&workflow, args.format));
+    Ok(0)
 }
 
 /// The DAG as text: dependencies as solid edges, failure handlers dashed.
@@ -185,16 +158,9 @@ fn draw(workflow: &Workflow, format: GraphFormat) -> String {
 }
 
 /// The JSON Schema of workflow files, for editor completion.
-pub(crate) fn schema() -> u8 {
+pub(crate) fn schema() -> Result<u8, CliError> {
     let schema = schemars::schema_for!(WorkflowSpec);
-    match serde_json::to_string_pretty(&schema) {
-        Ok(text) => {
-            println!("{text}");
-            0
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            exit::STEP_FAILED
-        }
-    }
+    let text = serde_json::to_string_pretty(&schema).map_err(|err| CliError::Failed(err.to_string()))?;
+    println!("{text}");
+    Ok(0)
 }

@@ -2,7 +2,6 @@
 //! classification of how it ended.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, Trap, UpdateDeadline};
@@ -17,8 +16,8 @@ use super::host::StepState;
 use super::host::http::HttpPolicy;
 use super::host::logging::LogBuffer;
 use super::limits::{InstanceLimiter, Limits};
-use super::outcome::{AttemptReport, Failure, FailureKind, Outcome};
 use super::redact::Redactor;
+use crate::run::{Attempt, Failure, FailureKind, LogRecord, Outcome, now_ms};
 use crate::store::{KeyValueStore, KvScope};
 
 /// Fuel handed to compiled code at a time (see `fuel_async_yield_interval`).
@@ -79,12 +78,12 @@ pub(crate) async fn run(
     kv: Arc<dyn KeyValueStore>,
     component: &StepComponent,
     request: AttemptRequest,
-) -> AttemptReport {
+) -> Attempt {
     let AttemptRequest { context, input, limits, mut grants, exit_codes } = request;
     let stdio_cap = usize::try_from(limits.stdio.as_u64()).unwrap_or(usize::MAX);
     let stdout = CappedPipe::new(stdio_cap);
     let stderr = CappedPipe::new(stdio_cap);
-    let started = Instant::now();
+    let started = Attempt::started(context.attempt, now_ms());
 
     let redactor = Redactor::new(grants.secrets.values());
     let command = component.is_command();
@@ -94,7 +93,7 @@ pub(crate) async fn run(
                 FailureKind::Fatal,
                 "a command reads the step's input on stdin, so it cannot also be given `stdin`; remove it",
             );
-            return report(Outcome::Failed(failure), started, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
+            return report(started, Outcome::Failed { failure }, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
         }
         grants.stdin = input.clone().into_bytes();
         // Programs expect their own name first.
@@ -106,7 +105,7 @@ pub(crate) async fn run(
         Ok(scratch) => scratch,
         Err(err) => {
             let failure = Failure::new(FailureKind::Trap, format!("cannot create the scratch directory: {err}"));
-            return report(Outcome::Failed(failure), started, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
+            return report(started, Outcome::Failed { failure }, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
         }
     };
     let mut wasi = match grants.wasi_builder(&stdout, &stderr, scratch.as_ref().map(tempfile::TempDir::path)) {
@@ -115,7 +114,7 @@ pub(crate) async fn run(
             // A grant the host cannot honour (a missing directory) is a
             // problem of the step's configuration: retrying will not fix it.
             let failure = Failure::new(FailureKind::Fatal, format!("{err:#}"));
-            return report(Outcome::Failed(failure), started, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
+            return report(started, Outcome::Failed { failure }, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
         }
     };
     let mut table = ResourceTable::new();
@@ -186,22 +185,20 @@ pub(crate) async fn run(
 
     let fuel_consumed = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
     let outcome = match result {
-        Err(_elapsed) => Outcome::Failed(Failure::new(
+        Err(_elapsed) => failed(Failure::new(
             FailureKind::Timeout,
             format!("the attempt ran longer than its timeout of {}", humantime::format_duration(limits.timeout)),
         )),
-        Ok(Err(err)) => Outcome::Failed(classify_error(&err, &store, &stderr)),
+        Ok(Err(err)) => failed(classify_error(&err, &store, &stderr)),
         Ok(Ok(Returned::Step(Err(StepError::Retryable(message))))) => {
-            Outcome::Failed(Failure::new(FailureKind::Retryable, message))
+            failed(Failure::new(FailureKind::Retryable, message))
         }
-        Ok(Ok(Returned::Step(Err(StepError::Fatal(message))))) => {
-            Outcome::Failed(Failure::new(FailureKind::Fatal, message))
-        }
+        Ok(Ok(Returned::Step(Err(StepError::Fatal(message))))) => failed(Failure::new(FailureKind::Fatal, message)),
         Ok(Ok(Returned::Step(Ok(output)))) => check_output(&output, &limits, false),
         Ok(Ok(Returned::Exit(0))) => {
             let captured = stdout.captured();
             if captured.dropped_bytes > 0 {
-                Outcome::Failed(Failure::new(
+                failed(Failure::new(
                     FailureKind::OutputLimit,
                     format!("the command wrote more than {} to stdout, its output", limits.stdio.display().iec()),
                 ))
@@ -209,7 +206,7 @@ pub(crate) async fn run(
                 check_output(&captured.text, &limits, true)
             }
         }
-        Ok(Ok(Returned::Exit(code))) => Outcome::Failed(exit_failure(code, &exit_codes, &stderr)),
+        Ok(Ok(Returned::Exit(code))) => failed(exit_failure(code, &exit_codes, &stderr)),
     };
     let peak_memory = store.data().limiter.peak_memory();
     let logs = std::mem::replace(&mut store.data_mut().logs, LogBuffer::new(String::new(), 0, Redactor::default()))
@@ -218,7 +215,11 @@ pub(crate) async fn run(
     drop(scratch);
     // A command's stdout is its output; it is not kept twice.
     let stdout = if command { CappedPipe::new(0) } else { stdout };
-    report(outcome, started, fuel_consumed, peak_memory, logs, &stdout, &stderr, &redactor)
+    report(started, outcome, fuel_consumed, peak_memory, logs, &stdout, &stderr, &redactor)
+}
+
+fn failed(failure: Failure) -> Outcome {
+    Outcome::Failed { failure }
 }
 
 /// How a program ended: returning from its entry point is exit code 0, and
@@ -244,34 +245,36 @@ fn exit_failure(code: i32, exit_codes: &ExitCodes, stderr: &CappedPipe) -> Failu
     }
 }
 
-/// The report, with secrets taken out of everything in it.
+/// The finished attempt, with secrets taken out of everything in it.
 #[allow(clippy::too_many_arguments)]
 fn report(
+    started: Attempt,
     outcome: Outcome,
-    started: Instant,
     fuel_consumed: u64,
     peak_memory: u64,
-    logs: Vec<super::host::logging::LogRecord>,
+    logs: Vec<LogRecord>,
     stdout: &CappedPipe,
     stderr: &CappedPipe,
     redactor: &Redactor,
-) -> AttemptReport {
-    let redact = |mut captured: super::capture::Captured| {
+) -> Attempt {
+    let redact = |mut captured: crate::run::Captured| {
         captured.text = redactor.text(&captured.text);
         captured
     };
     let outcome = match outcome {
         Outcome::Succeeded { output } => Outcome::Succeeded { output: redactor.json(output) },
-        Outcome::Failed(failure) => Outcome::Failed(Failure { message: redactor.text(&failure.message), ..failure }),
+        Outcome::Failed { failure } => failed(Failure { message: redactor.text(&failure.message), ..failure }),
+        Outcome::Running => Outcome::Running,
     };
-    AttemptReport {
+    Attempt {
         outcome,
-        duration: started.elapsed(),
+        finished_ms: Some(now_ms()),
         fuel_consumed,
         peak_memory,
         logs,
         stdout: redact(stdout.captured()),
         stderr: redact(stderr.captured()),
+        ..started
     }
 }
 
@@ -279,7 +282,7 @@ fn report(
 /// anything else as a string.
 fn check_output(output: &str, limits: &Limits, lenient: bool) -> Outcome {
     if output.len() as u64 > limits.output.as_u64() {
-        return Outcome::Failed(Failure::new(
+        return failed(Failure::new(
             FailureKind::OutputLimit,
             format!(
                 "the step returned {} bytes of output; the limit is {}",
@@ -291,7 +294,7 @@ fn check_output(output: &str, limits: &Limits, lenient: bool) -> Outcome {
     match serde_json::from_str(output) {
         Ok(output) => Outcome::Succeeded { output },
         Err(_) if lenient => Outcome::Succeeded { output: serde_json::Value::String(output.trim_end().to_owned()) },
-        Err(err) => Outcome::Failed(Failure::new(
+        Err(err) => failed(Failure::new(
             FailureKind::Fatal,
             format!("the step's output is not valid JSON ({err}); a step must return JSON text"),
         )),

@@ -10,10 +10,11 @@ use parking_lot::Mutex;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use serde::Serialize;
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
+
+use crate::run::Captured;
 
 #[derive(Debug, Default)]
 struct Buffer {
@@ -26,22 +27,6 @@ struct Buffer {
 pub(crate) struct CappedPipe {
     capacity: usize,
     buffer: Arc<Mutex<Buffer>>,
-}
-
-/// What a guest wrote to one stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Captured {
-    /// The kept bytes as text (invalid UTF-8 replaced), ending with a
-    /// `[... N more bytes dropped]` marker when the stream went over its cap.
-    pub text: String,
-    /// How many bytes were dropped.
-    pub dropped_bytes: u64,
-}
-
-impl Captured {
-    pub fn is_truncated(&self) -> bool {
-        self.dropped_bytes > 0
-    }
 }
 
 impl CappedPipe {

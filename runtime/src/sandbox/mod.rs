@@ -10,7 +10,6 @@ mod engine;
 mod grants;
 mod host;
 mod limits;
-mod outcome;
 mod redact;
 
 use std::path::Path;
@@ -21,15 +20,13 @@ use wasmtime::component::{HasSelf, Linker};
 
 pub use attempt::{AttemptRequest, ExitCodes, StepContext};
 pub use cache::CacheGc;
-pub use capture::Captured;
 pub use component::{LoadError, StepComponent};
 pub use engine::EngineConfig;
 pub use grants::{DirGrant, Grants, HttpGrant, SCRATCH};
-pub use host::logging::{LogLevel, LogRecord};
 pub use limits::Limits;
-pub use outcome::{AttemptReport, Failure, FailureKind, Outcome};
 pub use redact::REDACTED;
 
+use crate::run::{Attempt, Failure, FailureKind, now_ms};
 use crate::store::KeyValueStore;
 use cache::{CompileCache, Loaded};
 use component::Linkers;
@@ -96,8 +93,8 @@ impl Sandbox {
     }
 
     /// Runs one attempt. Never fails: every way an attempt can end is an
-    /// [`Outcome`] in the report.
-    pub async fn run(&self, component: &StepComponent, request: AttemptRequest) -> AttemptReport {
+    /// [`crate::run::Outcome`] of the attempt.
+    pub async fn run(&self, component: &StepComponent, request: AttemptRequest) -> Attempt {
         if request.limits.memory > self.config.max_memory {
             let failure = Failure::new(
                 FailureKind::Fatal,
@@ -107,15 +104,7 @@ impl Sandbox {
                     self.config.max_memory.display().iec()
                 ),
             );
-            return AttemptReport {
-                outcome: Outcome::Failed(failure),
-                duration: std::time::Duration::ZERO,
-                fuel_consumed: 0,
-                peak_memory: 0,
-                logs: Vec::new(),
-                stdout: Captured::default(),
-                stderr: Captured::default(),
-            };
+            return Attempt::refused(request.context.attempt, now_ms(), failure);
         }
         attempt::run(&self.engine, self.kv.clone(), component, request).await
     }

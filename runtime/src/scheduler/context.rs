@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use minijinja::Value;
 use minijinja::value::{Enumerator, Object, ObjectRepr};
 
-use super::report::StepStatus;
+use crate::run::StepStatus;
 use crate::workflow::template::to_jinja;
 
 #[derive(Debug, Default)]

@@ -11,17 +11,16 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::policy::Admission;
-use super::report::{AttemptRecord, ExecutionReport, StepReport, StepStatus};
-use super::{Base, RunEvent, Shared, run_graph};
-use crate::sandbox::{AttemptRequest, Failure, FailureKind, Grants, Outcome, StepContext};
-use crate::store::{AttemptRow, ExecutionRow};
+use super::{Base, GraphReport, RunEvent, Shared, run_graph};
+use crate::run::{Attempt, ExecutionReport, Failure, FailureKind, RunStatus, StepPath, StepReport, StepStatus, now_ms};
+use crate::sandbox::{AttemptRequest, Grants, StepContext};
 use crate::workflow::{Action, FanOut, Workflow, template};
 
 pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToken) -> (usize, StepReport) {
     let step = &shared.workflow.steps[i];
-    let mut report = StepReport::pending(&step.id, step.required);
+    let mut report = StepReport::pending(shared.path(i), step.required);
     report.status = StepStatus::Running;
-    report.started_ms = Some(shared.elapsed_ms());
+    report.started_ms = Some(now_ms());
     match &step.action {
         Action::Include { path, workflow } => include(&shared, i, path, workflow.as_ref(), &cancel, &mut report).await,
         Action::Run { component } => match items(&shared, i) {
@@ -32,7 +31,7 @@ pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToke
             }
         },
     }
-    report.finished_ms = Some(shared.elapsed_ms());
+    report.finished_ms = Some(now_ms());
     (i, report)
 }
 
@@ -130,9 +129,9 @@ async fn fan_out(
             report.status = if cancelled { StepStatus::Cancelled } else { StepStatus::Failed };
             let reason = execution.error.clone();
             let reason =
-                reason.or_else(|| execution.attempts.last().and_then(|a| a.failure.as_ref()).map(ToString::to_string));
-            let reason = reason.unwrap_or_else(|| execution.status.as_str().to_owned());
-            report.reason = Some(match execution.index {
+                reason.or_else(|| execution.attempts.last().and_then(Attempt::failure).map(ToString::to_string));
+            let reason = reason.unwrap_or_else(|| execution.status.to_string());
+            report.reason = Some(match execution.path.index() {
                 Some(index) => format!("item {index}: {reason}"),
                 None => reason,
             });
@@ -151,13 +150,13 @@ async fn execution(
     cancel: &CancellationToken,
 ) -> ExecutionReport {
     let step = &shared.workflow.steps[i];
-    let step_id = match index {
-        Some(index) => format!("{}{}[{index}]", shared.prefix, step.id),
-        None => format!("{}{}", shared.prefix, step.id),
+    let path = match index {
+        Some(index) => shared.path(i).item(index),
+        None => shared.path(i),
     };
-    let idempotency_key = format!("{}/{step_id}", shared.run_id);
+    let idempotency_key = ExecutionReport::key(&shared.run_id, &path);
     let mut report = ExecutionReport {
-        index,
+        path: path.clone(),
         item: item.clone(),
         idempotency_key: idempotency_key.clone(),
         status: StepStatus::Running,
@@ -239,23 +238,13 @@ async fn execution(
     let mut delay_before = Duration::ZERO;
     // Attempts of an interrupted run count on from where it stopped.
     let earlier = shared.base.resume.attempts.get(&idempotency_key).copied().unwrap_or(0);
-    let mut attempt = earlier + 1;
+    let mut number = earlier + 1;
     loop {
-        let started_ms = shared.elapsed_ms();
         let breaker = shared.breakers.get(name);
         let admitted = breaker.map_or(Admission::Run, |breaker| breaker.admit(Instant::now()));
-        let (failure, retry) = match admitted {
+        let mut attempt = match admitted {
             Admission::Refuse(message) => {
-                let failure = Failure::new(FailureKind::CircuitOpen, message);
-                report.attempts.push(AttemptRecord::empty(
-                    attempt,
-                    delay_before,
-                    started_ms,
-                    started_ms,
-                    failure.clone(),
-                ));
-                let retry = retry_delay(step, &failure, attempt - earlier, first_start);
-                (failure, retry)
+                Attempt::refused(number, now_ms(), Failure::new(FailureKind::CircuitOpen, message))
             }
             Admission::Run => {
                 let mut limits = step.limits.clone();
@@ -264,15 +253,15 @@ async fn execution(
                     if left == 0 {
                         shared.stop_run("it used up its tenant's fuel budget (max_run_fuel)".into());
                         report.status = StepStatus::Cancelled;
-                        return strip(report);
+                        return report;
                     }
                     limits.fuel = limits.fuel.min(left);
                 }
                 let request = AttemptRequest {
                     context: StepContext {
                         run_id: shared.run_id.clone(),
-                        step_id: step_id.clone(),
-                        attempt,
+                        step_id: path.to_string(),
+                        attempt: number,
                         idempotency_key: idempotency_key.clone(),
                         tenant: shared.tenant.clone(),
                         workflow: shared.workflow.name.clone(),
@@ -282,52 +271,58 @@ async fn execution(
                     grants: grants.clone(),
                     exit_codes: step.exit_codes.clone(),
                 };
-                let record = attempt_once(shared, name, component, request, index, cancel, delay_before).await;
+                let attempt = attempt_once(shared, name, component, request, &path, cancel).await;
                 if let Some(left) = &shared.base.fuel_left {
-                    let used = record.fuel_consumed;
+                    let used = attempt.fuel_consumed;
                     let _ = left.fetch_update(
                         std::sync::atomic::Ordering::SeqCst,
                         std::sync::atomic::Ordering::SeqCst,
                         |left| Some(left.saturating_sub(used)),
                     );
                 }
-                let failure = record.failure.clone();
-                // Decided once, so the journal marks the execution's last
-                // attempt exactly when the loop stops.
-                let retry = failure.as_ref().and_then(|f| retry_delay(step, f, attempt - earlier, first_start));
-                record_attempt(shared, &step_id, &idempotency_key, &record, retry.is_none());
                 if let Some(breaker) = breaker {
-                    let counts = failure.as_ref().is_some_and(|f| {
+                    let counts = attempt.failure().is_some_and(|f| {
                         !matches!(f.kind, FailureKind::Fatal | FailureKind::Cancelled | FailureKind::CircuitOpen)
                     });
                     breaker.record(counts, Instant::now());
                 }
-                report.attempts.push(record);
-                match failure {
-                    None => {
-                        report.status = StepStatus::Succeeded;
-                        report.output = report.attempts.last().and_then(|a| a.output_value.clone());
-                        return strip(report);
-                    }
-                    Some(failure) => (failure, retry),
-                }
+                attempt
             }
+        };
+        attempt.delay_before_ms = delay_before.as_secs_f64() * 1000.0;
+        // Decided once, so the journal marks the execution's last attempt
+        // exactly when the loop stops.
+        let retry = attempt.failure().and_then(|f| retry_delay(step, f, number - earlier, first_start));
+        let ran = !matches!(attempt.failure(), Some(f) if f.kind == FailureKind::CircuitOpen);
+        if ran {
+            shared.record(|journal, run_id| {
+                journal.attempt_finished(run_id, &path, &idempotency_key, &attempt, retry.is_none())
+            });
+        }
+        let failure = attempt.failure().cloned();
+        if let Some(output) = attempt.output() {
+            report.output = Some(output.clone());
+        }
+        report.attempts.push(attempt);
+        let Some(failure) = failure else {
+            report.status = StepStatus::Succeeded;
+            return report;
         };
         let Some(delay) = retry else {
             report.status =
                 if failure.kind == FailureKind::Cancelled { StepStatus::Cancelled } else { StepStatus::Failed };
-            return strip(report);
+            return report;
         };
-        shared.emit(RunEvent::Retrying { step: step_id.clone(), index, attempt, delay, failure });
+        shared.emit(RunEvent::Retrying { path: path.clone(), attempt: number, delay, failure });
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = cancel.cancelled() => {
                 report.status = StepStatus::Cancelled;
-                return strip(report);
+                return report;
             }
         }
         delay_before = delay;
-        attempt += 1;
+        number += 1;
     }
 }
 
@@ -350,56 +345,17 @@ fn retry_delay(
     step.retry.deadline.is_none_or(|deadline| first_start.elapsed() + delay < deadline).then_some(delay)
 }
 
-/// Queues a finished attempt's record; when it is the execution's last, the
-/// execution's result goes in the same record. Not awaited: the run's next
-/// awaited record vouches for it.
-fn record_attempt(shared: &Shared, step_id: &str, key: &str, record: &AttemptRecord, last: bool) {
-    let failure = record.failure.as_ref();
-    let status = if failure.is_none() { "succeeded" } else { "failed" };
-    let logs =
-        if shared.journal.is_some() { serde_json::to_value(&record.logs).unwrap_or(Value::Null) } else { Value::Null };
-    let row = AttemptRow {
-        step_id,
-        key,
-        attempt: record.attempt,
-        status,
-        kind: failure.map(|f| f.kind.as_str()),
-        message: failure.map(|f| f.message.as_str()),
-        started_ms: shared.unix_ms(record.started_ms),
-        finished_ms: Some(shared.unix_ms(record.finished_ms)),
-        fuel: record.fuel_consumed,
-        peak_memory: record.peak_memory,
-        logs,
-        stdout: &record.stdout.text,
-        stderr: &record.stderr.text,
-    };
-    let execution =
-        last.then_some(ExecutionRow { step_id, key, status, output: record.output_value.as_ref(), error: None });
-    shared.record(|journal, run_id| journal.attempt_finished(run_id, &row, execution.as_ref()));
-}
-
-/// Drops the output kept on attempt records while retrying; it lives on the
-/// execution.
-fn strip(mut report: ExecutionReport) -> ExecutionReport {
-    for attempt in &mut report.attempts {
-        attempt.output_value = None;
-    }
-    report
-}
-
-/// One attempt: wait for the rate limit and a parallelism slot, run, and
-/// record; cancellation stops it at any point.
+/// One attempt: wait for the rate limit and a parallelism slot, and run;
+/// cancellation stops it at any point.
 async fn attempt_once(
     shared: &Shared,
     component_name: &str,
     component: &crate::sandbox::StepComponent,
     request: AttemptRequest,
-    index: Option<usize>,
+    path: &StepPath,
     cancel: &CancellationToken,
-    delay_before: Duration,
-) -> AttemptRecord {
-    let step = request.context.step_id.clone();
-    let attempt = request.context.attempt;
+) -> Attempt {
+    let number = request.context.attempt;
     let run = async {
         if let Some(limiter) = shared.limiters.get(component_name) {
             limiter.acquire().await;
@@ -408,43 +364,23 @@ async fn attempt_once(
         // every attempt that could have had effects. Recorded before
         // waiting for a slot, so the commit does not hold one: the records
         // of attempts queued together commit together.
-        let announced_ms = shared.unix_ms(shared.elapsed_ms());
         let key = &request.context.idempotency_key;
-        let started = shared.record(|journal, run_id| {
-            journal.attempt_started(run_id, &AttemptRow::running(&step, key, attempt, announced_ms))
-        });
+        let started = shared
+            .record(|journal, run_id| journal.attempt_started(run_id, path, key, &Attempt::started(number, now_ms())));
         if !shared.durable(started).await {
             return None;
         }
         let _slot = shared.base.dispatcher.acquire(&shared.tenant).await;
-        let started_ms = shared.elapsed_ms();
-        shared.emit(RunEvent::AttemptStarted { step: step.clone(), index, attempt });
-        Some((started_ms, shared.sandbox.run(component, request).await))
+        shared.emit(RunEvent::AttemptStarted { path: path.clone(), attempt: number });
+        Some(shared.sandbox.run(component, request).await)
     };
-    let queued_ms = shared.elapsed_ms();
-    let (started_ms, report) = tokio::select! {
-        Some(result) = run => result,
+    let queued_ms = now_ms();
+    tokio::select! {
+        Some(attempt) = run => attempt,
         () = cancel.cancelled() => {
             let failure = Failure::new(FailureKind::Cancelled, "the run was cancelled while the attempt was running");
-            return AttemptRecord::empty(attempt, delay_before, queued_ms, shared.elapsed_ms(), failure);
+            Attempt { started_ms: queued_ms, ..Attempt::refused(number, now_ms(), failure) }
         }
-    };
-    let (failure, output) = match report.outcome {
-        Outcome::Succeeded { output } => (None, Some(output)),
-        Outcome::Failed(failure) => (Some(failure), None),
-    };
-    AttemptRecord {
-        attempt,
-        delay_before_ms: delay_before.as_secs_f64() * 1000.0,
-        started_ms,
-        finished_ms: shared.elapsed_ms(),
-        failure,
-        fuel_consumed: report.fuel_consumed,
-        peak_memory: report.peak_memory,
-        logs: report.logs,
-        stdout: report.stdout,
-        stderr: report.stderr,
-        output_value: output,
     }
 }
 
@@ -473,30 +409,26 @@ async fn include(
         };
         let inputs = workflow.bind_inputs(&inputs).map_err(|err| err.to_string())?;
         let components = super::compile(&workflow, &shared.sandbox).await.map_err(|err| err.to_string())?;
+        // What the child's `Shared` reads; slots, fuel and the stop token
+        // come from the run's `Base`.
         let options = super::RunOptions {
-            run_id: shared.run_id.clone(),
             tenant: shared.tenant.clone(),
-            max_parallel: 0,
-            fail_fast: false,
             events: shared.events.clone(),
-            cancel: cancel.clone(),
-            dispatcher: None,
-            max_run_fuel: None,
             journal: shared.journal.clone(),
-            tenants: None,
+            ..super::RunOptions::new(shared.run_id.clone())
         };
-        let prefix = format!("{}{}.", shared.prefix, step.id);
         let base = Base { stop: cancel.clone(), ..shared.base.clone() };
-        let child = Shared::new(shared.sandbox.clone(), workflow, components, inputs, &options, base, &prefix);
+        let parent = Some(shared.path(i));
+        let child = Shared::new(shared.sandbox.clone(), workflow, components, &inputs, &options, base, parent);
         Ok(run_graph_boxed(child).await)
     }
     .await;
     match result {
         Ok(child) => {
             report.status = match child.status {
-                super::RunStatus::Succeeded => StepStatus::Succeeded,
-                super::RunStatus::Failed => StepStatus::Failed,
-                super::RunStatus::Cancelled => StepStatus::Cancelled,
+                RunStatus::Succeeded => StepStatus::Succeeded,
+                RunStatus::Running | RunStatus::Failed => StepStatus::Failed,
+                RunStatus::Cancelled => StepStatus::Cancelled,
             };
             if report.status == StepStatus::Succeeded {
                 report.output = Some(Value::Object(child.outputs));
@@ -529,8 +461,6 @@ fn load_templated_include(shared: &Shared, path: &str, context: &minijinja::Valu
 
 /// The nested run of an include, boxed with an explicit `Send` so the
 /// recursion (a step runs a graph that runs steps) has a nameable type.
-fn run_graph_boxed(
-    shared: Arc<Shared>,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = super::RunReport> + Send>> {
+fn run_graph_boxed(shared: Arc<Shared>) -> std::pin::Pin<Box<dyn std::future::Future<Output = GraphReport> + Send>> {
     Box::pin(run_graph(shared, false))
 }

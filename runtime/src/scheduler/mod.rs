@@ -6,21 +6,20 @@ mod context;
 mod dispatch;
 mod execute;
 mod policy;
-mod report;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use dispatch::{Dispatcher, Share, Slot};
-pub use report::{AttemptRecord, ExecutionReport, RunReport, RunStatus, StepReport, StepStatus};
 
-use crate::sandbox::{Failure, Sandbox, StepComponent};
-use crate::store::{Durable, Journal, ResumeState, StepRow};
+use crate::run::{Failure, Run, RunReport, RunStatus, StepPath, StepReport, StepStatus, now_ms};
+use crate::sandbox::{Sandbox, StepComponent};
+use crate::store::{Durable, Journal, ResumeState};
 use crate::tenant::Tenants;
 use crate::workflow::{Diagnostic, Inputs, Workflow, WorkflowError, template};
 use context::{RunContext, StepsView};
@@ -30,19 +29,47 @@ use policy::{CircuitBreaker, RateLimiter};
 /// embedders.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEvent {
-    /// An attempt started. `index` is the item of a fan-out.
-    AttemptStarted { step: String, index: Option<usize>, attempt: u32 },
+    /// An attempt of the execution at `path` started.
+    AttemptStarted {
+        /// The execution: its step, with the item of a fan-out.
+        path: StepPath,
+        /// Its number, from 1.
+        attempt: u32,
+    },
     /// An attempt failed and another follows after `delay`.
-    Retrying { step: String, index: Option<usize>, attempt: u32, delay: Duration, failure: Failure },
+    Retrying {
+        /// The execution: its step, with the item of a fan-out.
+        path: StepPath,
+        /// The number of the attempt that failed.
+        attempt: u32,
+        /// The backoff before the next attempt.
+        delay: Duration,
+        /// Why it failed.
+        failure: Failure,
+    },
     /// A step reached its final status.
-    StepFinished { step: String, status: StepStatus, reason: Option<String> },
+    StepFinished {
+        /// The step.
+        path: StepPath,
+        /// Its status.
+        status: StepStatus,
+        /// Why it was skipped, failed or cancelled.
+        reason: Option<String>,
+    },
 }
 
 /// How to run.
 #[derive(Clone)]
 pub struct RunOptions {
+    /// The run's id; see [`crate::store::new_run_id`].
     pub run_id: String,
+    /// The tenant the run belongs to.
     pub tenant: String,
+    /// Labels to find the run by, echoed in its report.
+    pub labels: BTreeMap<String, String>,
+    /// When the run was created (unix ms): now for a new run, the recorded
+    /// time for a resumed one.
+    pub created_ms: f64,
     /// Attempts running at once, over the whole run.
     pub max_parallel: usize,
     /// Cancel running steps as soon as a required step fails (`always`
@@ -68,10 +95,14 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
+    /// A run with this id, for the tenant `default`, with the default
+    /// parallelism and nothing else.
     pub fn new(run_id: impl Into<String>) -> Self {
         RunOptions {
             run_id: run_id.into(),
             tenant: "default".into(),
+            labels: BTreeMap::new(),
+            created_ms: now_ms(),
             max_parallel: default_max_parallel(),
             fail_fast: false,
             events: None,
@@ -148,41 +179,51 @@ pub async fn run(
     let dispatcher = options.dispatcher.clone().unwrap_or_else(|| Dispatcher::new(options.max_parallel));
     let base = Base {
         dispatcher,
-        started: Instant::now(),
-        started_unix_ms: crate::store::unix_ms(),
         resume: Arc::new(resume),
         stop: options.cancel.child_token(),
         stop_error: Arc::new(parking_lot::Mutex::new(None)),
         fuel_left: options.max_run_fuel.map(|fuel| Arc::new(std::sync::atomic::AtomicU64::new(fuel))),
         tenants: options.tenants.clone(),
     };
-    let shared = Shared::new(sandbox.clone(), workflow, components, inputs, &options, base, "");
-    let report = run_graph(shared.clone(), options.fail_fast).await;
-    Ok(finish(&shared, report).await)
+    let shared = Shared::new(sandbox.clone(), workflow.clone(), components, &inputs, &options, base, None);
+    let graph = run_graph(shared.clone(), options.fail_fast).await;
+    let mut status = graph.status;
+    let error = shared.base.stop_error.lock().clone().map(|why| format!("the run stopped because {why}"));
+    if error.is_some() {
+        status = RunStatus::Failed;
+    }
+    let record =
+        shared.record(|journal, run_id| journal.run_finished(run_id, status, &graph.outputs, error.as_deref()));
+    shared.durable(record).await;
+    let run = Run {
+        id: options.run_id,
+        workflow: workflow.name.clone(),
+        workflow_path: workflow.file.display().to_string(),
+        tenant: options.tenant,
+        labels: options.labels,
+        inputs: inputs.as_map().clone(),
+        status,
+        outputs: Some(graph.outputs),
+        error,
+        created_ms: options.created_ms,
+        finished_ms: Some(now_ms()),
+    };
+    Ok(RunReport { run, output_errors: graph.output_errors, steps: graph.steps })
 }
 
-/// Records the run's end and reports a journal failure as the run's error.
-async fn finish(shared: &Shared, mut report: RunReport) -> RunReport {
-    let status = match report.status {
-        RunStatus::Succeeded => "succeeded",
-        RunStatus::Failed => "failed",
-        RunStatus::Cancelled => "cancelled",
-    };
-    let outputs = serde_json::Value::Object(report.outputs.clone());
-    shared.durable(shared.record(|journal, run_id| journal.run_finished(run_id, status, &outputs))).await;
-    if let Some(error) = shared.base.stop_error.lock().clone() {
-        report.status = RunStatus::Failed;
-        report.error = Some(format!("the run stopped because {error}"));
-    }
-    report
+/// What running a workflow's graph gave: the run's report, and an
+/// include step's.
+pub(crate) struct GraphReport {
+    status: RunStatus,
+    outputs: serde_json::Map<String, serde_json::Value>,
+    output_errors: Vec<String>,
+    steps: Vec<StepReport>,
 }
 
 /// What a run and the runs of its includes share.
 #[derive(Clone)]
 pub(crate) struct Base {
     dispatcher: Arc<Dispatcher>,
-    started: Instant,
-    started_unix_ms: i64,
     resume: Arc<ResumeState>,
     /// Cancelled by the caller's token, or when the run must stop (its
     /// journal failed, its fuel budget ran out).
@@ -207,10 +248,8 @@ pub(crate) struct Shared {
     events: Option<mpsc::UnboundedSender<RunEvent>>,
     journal: Option<Arc<dyn Journal>>,
     context: RunContext,
-    inputs: Inputs,
-    /// `<include step id>.` inside an included workflow, for ids in events
-    /// and reports.
-    prefix: String,
+    /// The include step this workflow runs under, if it is included.
+    parent: Option<StepPath>,
 }
 
 impl Shared {
@@ -219,10 +258,10 @@ impl Shared {
         sandbox: Sandbox,
         workflow: Arc<Workflow>,
         components: HashMap<String, StepComponent>,
-        inputs: Inputs,
+        inputs: &Inputs,
         options: &RunOptions,
         base: Base,
-        prefix: &str,
+        parent: Option<StepPath>,
     ) -> Arc<Self> {
         let breakers = workflow
             .components
@@ -255,19 +294,18 @@ impl Shared {
             events: options.events.clone(),
             journal: options.journal.clone(),
             context,
-            inputs,
-            prefix: prefix.to_owned(),
+            parent,
             workflow,
         })
     }
 
-    fn elapsed_ms(&self) -> f64 {
-        self.base.started.elapsed().as_secs_f64() * 1000.0
-    }
-
-    /// A time of this run (ms since it started) as unix milliseconds.
-    fn unix_ms(&self, elapsed_ms: f64) -> f64 {
-        self.base.started_unix_ms as f64 + elapsed_ms
+    /// The path of step `i` of this workflow in the run.
+    fn path(&self, i: usize) -> StepPath {
+        let id = &self.workflow.steps[i].id;
+        match &self.parent {
+            Some(parent) => parent.child(id),
+            None => StepPath::root(id),
+        }
     }
 
     /// Queues a record in the journal, if there is one. The caller awaits
@@ -313,11 +351,12 @@ enum Decision {
     Fail(String),
 }
 
-pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> RunReport {
+pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphReport {
     let cancel = shared.base.stop.clone();
     let steps = &shared.workflow.steps;
     let n = steps.len();
-    let mut reports: Vec<StepReport> = steps.iter().map(|step| StepReport::pending(&step.id, step.required)).collect();
+    let mut reports: Vec<StepReport> =
+        steps.iter().enumerate().map(|(i, step)| StepReport::pending(shared.path(i), step.required)).collect();
     // A skipped step blocks its dependents only when it was skipped because
     // something upstream failed.
     let mut blocking = vec![false; n];
@@ -341,7 +380,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> RunReport
             match decision {
                 Decision::Start => {
                     report.status = StepStatus::Running;
-                    report.started_ms = Some(shared.elapsed_ms());
+                    report.started_ms = Some(now_ms());
                     shared.context.steps.set(&steps[i].id, StepStatus::Running, None);
                     // `always` steps outlive --fail-fast, not a cancelled run.
                     let token = if steps[i].always { cancel.clone() } else { fail_fast_token.clone() };
@@ -372,7 +411,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> RunReport
             Err(err) => {
                 // A panic in the scheduler's own code: record it, keep going.
                 let Some(&i) = task_step.get(&err.id()) else { continue };
-                let mut report = StepReport::pending(&steps[i].id, steps[i].required);
+                let mut report = StepReport::pending(shared.path(i), steps[i].required);
                 report.status = StepStatus::Failed;
                 report.reason = Some(format!("internal error while running the step: {err}"));
                 (i, report)
@@ -391,23 +430,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> RunReport
         RunStatus::Succeeded
     };
     let (outputs, output_errors) = outputs(&shared);
-    let prefix = shared.prefix.clone();
-    if !prefix.is_empty() {
-        for report in &mut reports {
-            report.id = format!("{prefix}{}", report.id);
-        }
-    }
-    RunReport {
-        run_id: shared.run_id.clone(),
-        workflow: shared.workflow.name.clone(),
-        status,
-        duration_ms: shared.elapsed_ms(),
-        inputs: shared.inputs.as_map().clone(),
-        outputs,
-        output_errors,
-        error: None,
-        steps: reports,
-    }
+    GraphReport { status, outputs, output_errors, steps: reports }
 }
 
 fn decide(
@@ -474,26 +497,10 @@ fn settle(
     fail_fast_token: &CancellationToken,
 ) {
     let id = &shared.workflow.steps[i].id;
-    let step_id = format!("{}{id}", shared.prefix);
-    let (started, finished) =
-        (report.started_ms.map(|ms| shared.unix_ms(ms)), report.finished_ms.map(|ms| shared.unix_ms(ms)));
-    shared.record(|journal, run_id| {
-        journal.step_finished(
-            run_id,
-            &StepRow {
-                step_id: &step_id,
-                position: i,
-                status: report.status.as_str(),
-                reason: report.reason.as_deref(),
-                output: report.output.as_ref(),
-                started_ms: started,
-                finished_ms: finished,
-            },
-        )
-    });
+    shared.record(|journal, run_id| journal.step_finished(run_id, i, report));
     shared.context.steps.set(id, report.status, report.output.clone());
     shared.emit(RunEvent::StepFinished {
-        step: format!("{}{id}", shared.prefix),
+        path: report.id.clone(),
         status: report.status,
         reason: report.reason.clone(),
     });

@@ -1,23 +1,26 @@
-//! State that outlives an attempt: the key-value data behind `wasi:keyvalue`.
+//! State that outlives an attempt: the run journal (written by the
+//! scheduler), the run history (read by `stepbox show`, `runs`, `logs`),
+//! and the key-value data behind `wasi:keyvalue`.
 //!
-//! The sandbox talks to a [`KeyValueStore`] only, so the in-memory store used
-//! today and a durable one can be swapped without touching the host bindings.
+//! Each is a trait, [`Journal`], [`History`] and [`KeyValueStore`], so
+//! the scheduler, the CLI and the sandbox do not know which database holds
+//! them. [`Database`] implements all three on one SQLite file; a server
+//! database implements the same traits beside it.
 
-mod journal;
 mod memory;
 mod sqlite;
-mod writer;
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 
-pub use journal::{
-    AttemptRow, ExecutionRow, Journal, NewRun, ResumeState, RunFilter, RunSummary, StepRow, StoredAttempt, StoredRun,
-    StoredStep,
-};
+use serde_json::Value;
+
+use crate::run::{Attempt, Run, RunReport, RunStatus, StepPath, StepReport};
+
 pub use memory::MemoryKeyValueStore;
-pub use sqlite::now_ms as unix_ms;
 pub use sqlite::{DATABASE_FILE, Database, SCHEMA_VERSION};
-pub use writer::Durable;
 
 /// A new run id: a UUIDv7, unique across processes and machines and
 /// sorting by creation time.
@@ -25,36 +28,162 @@ pub fn new_run_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Resolves once a queued journal record, and every record of its run
+/// queued before it, is durable.
+pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+/// What the scheduler records, and the writes that manage a run's life.
+///
+/// The scheduler's records queue: each returns at once, with a [`Durable`]
+/// that resolves when the record is committed. A run's records commit in
+/// the order they were queued, and after one fails every later one of the
+/// run fails, so awaiting a record vouches for all before it. Finish
+/// records are not waited for: they commit with the run's next start
+/// record, or within a few milliseconds.
+pub trait Journal: Send + Sync {
+    /// Records a new run before it starts, with the fingerprint of its
+    /// files (see [`crate::workflow::Workflow::fingerprint`]).
+    fn create_run(&self, run: &Run, fingerprint: &Value) -> Result<(), StoreError>;
+    /// Marks a run as running again (resume, retry).
+    fn reopen_run(&self, run_id: &str) -> Result<(), StoreError>;
+    /// Forgets the results of these steps, their executions and everything
+    /// inside them, so they run again: `stepbox retry --from`.
+    fn forget_steps(&self, run_id: &str, steps: &[StepPath]) -> Result<(), StoreError>;
+    /// Deletes the finished runs created before `before_ms` (unix ms) and
+    /// all their records; returns how many.
+    fn gc(&self, before_ms: f64) -> Result<usize, StoreError>;
+    /// What an interrupted run already did.
+    fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError>;
+    /// An attempt of the execution at `path` (idempotency key `key`) may
+    /// start. Awaited before the attempt runs, so a crash leaves a trace of
+    /// every attempt that could have had effects.
+    fn attempt_started(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt) -> Durable;
+    /// An attempt ended; when it was the `last` of its execution, the
+    /// execution's result (its status, and its output) goes with it.
+    fn attempt_finished(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt, last: bool) -> Durable;
+    /// A step reached its final status; `position` is its place in its
+    /// workflow. Durable before any dependent runs, since a dependent
+    /// awaits its own later start record.
+    fn step_finished(&self, run_id: &str, position: usize, step: &StepReport) -> Durable;
+    /// The run's final record.
+    fn run_finished(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        outputs: &serde_json::Map<String, Value>,
+        error: Option<&str>,
+    ) -> Durable;
+}
+
+/// What the journal holds, read back.
+pub trait History: Send + Sync {
+    /// A run, without its steps.
+    fn load_run(&self, run_id: &str) -> Result<Run, StoreError>;
+    /// The fingerprint a run was created with.
+    fn fingerprint(&self, run_id: &str) -> Result<Value, StoreError>;
+    /// Runs matching `filter`, newest first.
+    fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError>;
+    /// A run with its steps, executions and attempts as recorded: the same
+    /// report the run printed, for what it got to record.
+    fn run_report(&self, run_id: &str) -> Result<RunReport, StoreError>;
+}
+
+/// Executions that succeeded (their outputs, by idempotency key) and how
+/// many attempts every execution had.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResumeState {
+    /// Outputs of the executions that succeeded.
+    pub completed: HashMap<String, Value>,
+    /// The highest attempt number of each execution.
+    pub attempts: HashMap<String, u32>,
+}
+
+/// Which runs `stepbox runs` lists.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only runs with this status.
+    pub status: Option<RunStatus>,
+    /// Only runs of this workflow (its name).
+    pub workflow: Option<String>,
+    /// Only runs with all these labels.
+    pub labels: Vec<(String, String)>,
+    /// At most this many (0: all).
+    pub limit: usize,
+}
+
 /// Why the store could not be used; each says what to do about it. Nothing
 /// already committed is lost by any of them.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The data directory cannot be created or used.
     #[error(
         "cannot use the data directory {path}: {source}; choose a writable one with --data-dir or STEPBOX_DATA_DIR"
     )]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The database file is damaged or not a database.
     #[error(
         "{path} is not a usable stepbox database ({detail}); move it aside to start a new one, or restore it from a backup"
     )]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What the check found.
+        detail: String,
+    },
+    /// A newer stepbox wrote the database.
     #[error(
         "{path} was written by a newer stepbox (schema version {found}; this one knows up to {supported}); upgrade stepbox"
     )]
-    NewerSchema { path: PathBuf, found: u32, supported: u32 },
+    NewerSchema {
+        /// The database file.
+        path: PathBuf,
+        /// Its schema version.
+        found: u32,
+        /// The newest this build knows.
+        supported: u32,
+    },
+    /// Another process holds the write lock.
     #[error("{path} is locked by another stepbox process; wait for it to finish, or use another --data-dir")]
-    Locked { path: PathBuf },
+    Locked {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The disk is full.
     #[error(
         "the disk holding {path} is full; what was recorded before is kept; free some space, then `stepbox resume` the run"
     )]
-    DiskFull { path: PathBuf },
+    DiskFull {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The database cannot be written.
     #[error("cannot write {path} ({detail}); check its permissions, or use another --data-dir")]
-    NotWritable { path: PathBuf, detail: String },
+    NotWritable {
+        /// The database file.
+        path: PathBuf,
+        /// The database's own message.
+        detail: String,
+    },
+    /// Any other database error.
     #[error("{path}: {detail}")]
-    Sqlite { path: PathBuf, detail: String },
+    Database {
+        /// The database file.
+        path: PathBuf,
+        /// The database's own message.
+        detail: String,
+    },
+    /// The group-commit writer is gone (it panicked, or the process is
+    /// shutting down).
     #[error(
         "the journal writer has stopped, so nothing more can be recorded; restart stepbox and `stepbox resume` the run"
     )]
     WriterStopped,
+    /// No run has this id.
     #[error("no run `{0}` in this data directory; `stepbox runs` lists them")]
     NoSuchRun(String),
 }
@@ -63,7 +192,9 @@ pub enum StoreError {
 /// and nobody else can reach it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KvScope {
+    /// The tenant.
     pub tenant: String,
+    /// The workflow's name.
     pub workflow: String,
 }
 
@@ -71,10 +202,19 @@ pub struct KvScope {
 /// `wasi:keyvalue/store.error.other`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
+    /// `increment` on a value that is not an integer.
     #[error("the value at `{key}` is not an integer, so it cannot be incremented")]
-    NotAnInteger { key: String },
+    NotAnInteger {
+        /// The key.
+        key: String,
+    },
+    /// `increment` past the range of a 64-bit integer.
     #[error("incrementing `{key}` would overflow a 64-bit integer")]
-    Overflow { key: String },
+    Overflow {
+        /// The key.
+        key: String,
+    },
+    /// The database failed.
     #[error("key-value storage failed: {0}")]
     Storage(String),
 }
@@ -82,8 +222,11 @@ pub enum KvError {
 /// Key-value storage for steps. Implementations must make `increment` and
 /// `compare_and_swap` atomic: many attempts run at once against one store.
 pub trait KeyValueStore: Send + Sync {
+    /// The value at `key`, if any.
     fn get(&self, scope: &KvScope, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, KvError>;
+    /// Sets `key` to `value`.
     fn set(&self, scope: &KvScope, bucket: &str, key: &str, value: &[u8]) -> Result<(), KvError>;
+    /// Removes `key`.
     fn delete(&self, scope: &KvScope, bucket: &str, key: &str) -> Result<(), KvError>;
     /// Up to `limit` keys of `bucket` that sort after `after`, in order.
     fn list_keys(

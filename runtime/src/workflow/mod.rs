@@ -24,7 +24,8 @@ pub use inputs::Inputs;
 pub(crate) use parse::read as read_file;
 pub use spec::WorkflowSpec;
 
-use crate::sandbox::{DirGrant, FailureKind, Limits};
+use crate::run::FailureKind;
+use crate::sandbox::{DirGrant, Limits};
 use spec::{Backoff, BreakerSpec, InputSpec, RateLimitSpec};
 
 /// A validated workflow: every reference resolved, the graph acyclic.

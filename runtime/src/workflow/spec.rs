@@ -11,7 +11,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_saphyr::Spanned;
 
 use super::RetryPolicy;
-use crate::sandbox::{FailureKind, Limits};
+use crate::run::FailureKind;
+use crate::sandbox::Limits;
 
 /// A workflow file.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]

@@ -1,6 +1,5 @@
-use serde::Serialize;
-
 use super::{StepState, truncate_with_marker};
+use crate::run::{LogLevel, LogRecord};
 use crate::sandbox::bindings::wasi::logging::logging::{Host, Level};
 use crate::sandbox::redact::Redactor;
 
@@ -8,25 +7,6 @@ use crate::sandbox::redact::Redactor;
 const MAX_MESSAGE: usize = 16 * 1024;
 /// Longest context kept.
 const MAX_CONTEXT: usize = 256;
-
-/// A log message a step sent through `wasi:logging`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LogRecord {
-    pub level: LogLevel,
-    pub context: String,
-    pub message: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    Trace,
-    Debug,
-    Info,
-    Warn,
-    Error,
-    Critical,
-}
 
 impl From<Level> for LogLevel {
     fn from(level: Level) -> Self {

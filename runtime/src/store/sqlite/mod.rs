@@ -1,22 +1,29 @@
 //! The embedded store: one SQLite file in the data directory holding the
-//! run journal and the steps' key-value state. WAL mode, `synchronous=FULL`
-//! (a commit survives a power cut), a busy timeout for concurrent readers,
-//! an integrity check and a schema version on open.
+//! run journal, the run history and the steps' key-value state. WAL mode,
+//! `synchronous=FULL` (a commit survives a power cut), a busy timeout for
+//! concurrent readers, an integrity check and a schema version on open.
+
+mod history;
+mod journal;
+mod kv;
+mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
+use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use serde_json::Value;
 
-use super::writer::{Durable, Job, Kind, Writer};
-use super::{KeyValueStore, KvError, KvScope, StoreError, add_to_stored};
+use super::{Durable, StoreError};
+use crate::run::{FailureKind, RunStatus, StepPath, StepStatus};
+use writer::{Job, Kind, Writer};
 
 /// The schema this build writes. Each entry of [`MIGRATIONS`] moves a
 /// database one version up.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // 1: runs, their steps, executions and attempts; key-value state.
@@ -86,6 +93,12 @@ const MIGRATIONS: &[&str] = &[
         value BLOB NOT NULL,
         PRIMARY KEY (tenant, workflow, bucket, key)
     ) WITHOUT ROWID;",
+    // 2: what a run report holds beyond version 1: whether a step is
+    // required, the backoff before an attempt, and why a run stopped when
+    // no step failed.
+    "ALTER TABLE steps ADD COLUMN required INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE attempts ADD COLUMN delay_before_ms REAL NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN error TEXT;",
 ];
 
 /// The file name inside the data directory.
@@ -93,11 +106,6 @@ pub const DATABASE_FILE: &str = "stepbox.db";
 
 /// How long a write waits for another writer before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The current time in unix milliseconds.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
 
 /// The SQLite database of a data directory.
 #[derive(Debug)]
@@ -124,6 +132,7 @@ impl Database {
         Ok(Database { path, conn, writer })
     }
 
+    /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -142,10 +151,7 @@ impl Database {
     }
 
     /// Runs `f` in one immediate (write-locking) transaction.
-    pub(crate) fn write<T>(
-        &self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let mut conn = self.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.err(e))?;
         let value = f(&tx).map_err(|e| self.err(e))?;
@@ -154,7 +160,7 @@ impl Database {
     }
 
     /// Queues a journal record of `run_id` for the next group commit.
-    pub(crate) fn queue(&self, run_id: &str, kind: Kind, job: Job) -> Durable {
+    fn queue(&self, run_id: &str, kind: Kind, job: Job) -> Durable {
         self.writer.queue(run_id, kind, job)
     }
 
@@ -164,7 +170,7 @@ impl Database {
         self.writer.commits()
     }
 
-    pub(crate) fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let conn = self.lock();
         f(&conn).map_err(|e| self.err(e))
     }
@@ -202,113 +208,13 @@ fn configure(path: &Path, conn: &mut Connection) -> Result<(), StoreError> {
 
 impl Database {
     /// JSON as stored: text.
-    pub(crate) fn text(value: &Value) -> String {
+    fn text(value: &Value) -> String {
         value.to_string()
     }
 
     /// Stored text back to JSON.
-    pub(crate) fn json(text: Option<String>) -> Option<Value> {
+    fn json(text: Option<String>) -> Option<Value> {
         text.and_then(|text| serde_json::from_str(&text).ok())
-    }
-}
-
-fn kv_err(err: StoreError) -> KvError {
-    KvError::Storage(err.to_string())
-}
-
-/// The value of one key, inside a read or a write transaction.
-fn kv_value(conn: &Connection, scope: &KvScope, bucket: &str, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
-    conn.query_row(
-        "SELECT value FROM kv WHERE tenant = ?1 AND workflow = ?2 AND bucket = ?3 AND key = ?4",
-        params![scope.tenant, scope.workflow, bucket, key],
-        |row| row.get(0),
-    )
-    .optional()
-}
-
-fn kv_store(conn: &Connection, scope: &KvScope, bucket: &str, key: &str, value: &[u8]) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO kv (tenant, workflow, bucket, key, value) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT DO UPDATE SET value = excluded.value",
-        params![scope.tenant, scope.workflow, bucket, key, value],
-    )
-    .map(drop)
-}
-
-impl KeyValueStore for Database {
-    fn get(&self, scope: &KvScope, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, KvError> {
-        self.read(|conn| kv_value(conn, scope, bucket, key)).map_err(kv_err)
-    }
-
-    fn set(&self, scope: &KvScope, bucket: &str, key: &str, value: &[u8]) -> Result<(), KvError> {
-        self.write(|tx| kv_store(tx, scope, bucket, key, value)).map_err(kv_err)
-    }
-
-    fn delete(&self, scope: &KvScope, bucket: &str, key: &str) -> Result<(), KvError> {
-        self.write(|tx| {
-            tx.execute(
-                "DELETE FROM kv WHERE tenant = ?1 AND workflow = ?2 AND bucket = ?3 AND key = ?4",
-                params![scope.tenant, scope.workflow, bucket, key],
-            )
-            .map(drop)
-        })
-        .map_err(kv_err)
-    }
-
-    fn list_keys(
-        &self,
-        scope: &KvScope,
-        bucket: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<String>, KvError> {
-        self.read(|conn| {
-            let mut statement = conn.prepare_cached(
-                "SELECT key FROM kv WHERE tenant = ?1 AND workflow = ?2 AND bucket = ?3 AND key > ?4 ORDER BY key LIMIT ?5",
-            )?;
-            let rows = statement.query_map(
-                params![scope.tenant, scope.workflow, bucket, after.unwrap_or(""), limit as i64],
-                |row| row.get(0),
-            )?;
-            rows.collect()
-        })
-        .map_err(kv_err)
-    }
-
-    fn increment(&self, scope: &KvScope, bucket: &str, key: &str, delta: i64) -> Result<i64, KvError> {
-        // The read and the write are one transaction: no update is lost.
-        let mut failure = None;
-        let result = self.write(|tx| {
-            let stored = kv_value(tx, scope, bucket, key)?;
-            match add_to_stored(key, stored.as_deref(), delta) {
-                Ok(next) => kv_store(tx, scope, bucket, key, next.to_string().as_bytes()).map(|()| next),
-                Err(err) => {
-                    failure = Some(err);
-                    Ok(0)
-                }
-            }
-        });
-        match (failure, result) {
-            (Some(err), _) => Err(err),
-            (None, result) => result.map_err(kv_err),
-        }
-    }
-
-    fn compare_and_swap(
-        &self,
-        scope: &KvScope,
-        bucket: &str,
-        key: &str,
-        expected: Option<&[u8]>,
-        new: &[u8],
-    ) -> Result<bool, KvError> {
-        self.write(|tx| {
-            if kv_value(tx, scope, bucket, key)?.as_deref() != expected {
-                return Ok(false);
-            }
-            kv_store(tx, scope, bucket, key, new).map(|()| true)
-        })
-        .map_err(kv_err)
     }
 }
 
@@ -327,7 +233,28 @@ impl StoreError {
             Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => {
                 StoreError::NotWritable { path, detail }
             }
-            _ => StoreError::Sqlite { path, detail },
+            _ => StoreError::Database { path, detail },
         }
     }
 }
+
+/// Statuses, failure classes and step paths are stored as their names, and
+/// read back through their parsers: a value no stepbox writes is an error,
+/// not a string that flows on.
+macro_rules! stored_as_text {
+    ($($type:ty),*) => {$(
+        impl ToSql for $type {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::from(self.to_string()))
+            }
+        }
+
+        impl FromSql for $type {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                value.as_str()?.parse().map_err(|err: String| FromSqlError::Other(err.into()))
+            }
+        }
+    )*};
+}
+
+stored_as_text!(RunStatus, StepStatus, FailureKind, StepPath);

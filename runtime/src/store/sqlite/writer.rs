@@ -12,9 +12,7 @@
 //! reports the failure.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -24,11 +22,7 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::StoreError;
-
-/// Resolves once a queued record, and every record of its run queued
-/// before it, is durable.
-pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+use crate::store::{Durable, StoreError};
 
 /// One record's statements, run inside the batch's transaction (again, if
 /// another record of the batch failed and the batch is retried without it).

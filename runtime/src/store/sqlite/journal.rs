@@ -1,0 +1,371 @@
+//! The write side of the SQLite store: the run journal. Records of attempts,
+//! executions, steps and the run's end go through the group-committing
+//! writer; creating, reopening and trimming runs commit on their own.
+
+use rusqlite::{Connection, params};
+use serde_json::Value;
+
+use super::Database;
+use super::writer::Kind;
+use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
+use crate::store::{Durable, Journal, ResumeState, StoreError};
+
+/// Bytes of stdout, stderr and logs kept per attempt in the journal.
+const MAX_CAPTURE: usize = 64 * 1024;
+
+fn capped(text: &str) -> String {
+    if text.len() <= MAX_CAPTURE {
+        return text.to_owned();
+    }
+    let mut end = MAX_CAPTURE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}\n[... {} more bytes not kept in the journal]", &text[..end], text.len() - end)
+}
+
+fn capped_logs(attempt: &Attempt) -> String {
+    let logs = serde_json::to_value(&attempt.logs).unwrap_or(Value::Null);
+    let text = Database::text(&logs);
+    if text.len() <= MAX_CAPTURE {
+        return text;
+    }
+    // Keep whole records, as many as fit.
+    let mut kept = Vec::new();
+    let mut size = 0;
+    for record in logs.as_array().into_iter().flatten() {
+        size += Database::text(record).len();
+        if size > MAX_CAPTURE {
+            break;
+        }
+        kept.push(record.clone());
+    }
+    let dropped = attempt.logs.len() - kept.len();
+    kept.push(serde_json::json!({ "level": "warn", "context": "stepbox", "message": format!("{dropped} more log records not kept in the journal") }));
+    Database::text(&Value::Array(kept))
+}
+
+impl Journal for Database {
+    fn create_run(&self, run: &Run, fingerprint: &Value) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                params![
+                    run.id,
+                    run.workflow,
+                    run.workflow_path,
+                    Database::text(fingerprint),
+                    run.tenant,
+                    Database::text(&Value::Object(run.inputs.clone())),
+                    run.status,
+                    run.created_ms as i64
+                ],
+            )?;
+            for (key, value) in &run.labels {
+                tx.execute("INSERT INTO run_labels (run_id, key, value) VALUES (?1, ?2, ?3)", params![run.id, key, value])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn reopen_run(&self, run_id: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE runs SET status = ?2, error = NULL, finished_ms = NULL, updated_ms = ?3 WHERE id = ?1",
+                params![run_id, RunStatus::Running, now_ms() as i64],
+            )
+            .map(drop)
+        })
+    }
+
+    fn forget_steps(&self, run_id: &str, steps: &[StepPath]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            for table in ["steps", "executions"] {
+                let recorded: Vec<StepPath> = {
+                    let mut statement = tx.prepare(&format!("SELECT step_id FROM {table} WHERE run_id = ?1"))?;
+                    statement.query_map(params![run_id], |row| row.get(0))?.collect::<rusqlite::Result<_>>()?
+                };
+                let mut delete = tx.prepare(&format!("DELETE FROM {table} WHERE run_id = ?1 AND step_id = ?2"))?;
+                for path in recorded.iter().filter(|path| steps.iter().any(|step| path.is_within(step))) {
+                    delete.execute(params![run_id, path])?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn gc(&self, before_ms: f64) -> Result<usize, StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM runs WHERE created_ms < ?1 AND status != ?2",
+                params![before_ms as i64, RunStatus::Running],
+            )
+        })
+    }
+
+    fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError> {
+        self.read(|conn| {
+            let mut state = ResumeState::default();
+            let mut statement =
+                conn.prepare("SELECT key, output FROM executions WHERE run_id = ?1 AND status = 'succeeded'")?;
+            for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
+                let (key, output) = row?;
+                state.completed.insert(key, Database::json(output).unwrap_or(Value::Null));
+            }
+            let mut statement =
+                conn.prepare("SELECT key, MAX(attempt) FROM attempts WHERE run_id = ?1 GROUP BY key")?;
+            for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
+                let (key, attempts) = row?;
+                state.attempts.insert(key, attempts);
+            }
+            Ok(state)
+        })
+    }
+
+    fn attempt_started(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt) -> Durable {
+        let (id, key, number, path, started) =
+            (run_id.to_owned(), key.to_owned(), attempt.attempt, path.clone(), attempt.started_ms);
+        let delay = attempt.delay_before_ms;
+        self.queue(
+            run_id,
+            Kind::Awaited,
+            Box::new(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms)
+                     VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)
+                     ON CONFLICT DO UPDATE SET status = 'running', started_ms = excluded.started_ms",
+                )?
+                .execute(params![id, key, number, path, started, delay])
+                .map(drop)
+            }),
+        )
+    }
+
+    fn attempt_finished(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt, last: bool) -> Durable {
+        let (id, key, path) = (run_id.to_owned(), key.to_owned(), path.clone());
+        let row = AttemptRow::of(attempt);
+        let execution = last.then(|| ExecutionRow::of(&path, attempt));
+        self.queue(
+            run_id,
+            Kind::Lazy,
+            Box::new(move |conn| {
+                row.insert(conn, &id, &key, &path)?;
+                match &execution {
+                    Some(execution) => execution.insert(conn, &id, &key),
+                    None => Ok(()),
+                }
+            }),
+        )
+    }
+
+    fn step_finished(&self, run_id: &str, position: usize, step: &StepReport) -> Durable {
+        let id = run_id.to_owned();
+        let (path, position, status, required) = (step.id.clone(), position as i64, step.status, step.required);
+        let (reason, output) = (step.reason.clone(), step.output.as_ref().map(Database::text));
+        let (started, finished) = (step.started_ms, step.finished_ms);
+        self.queue(
+            run_id,
+            Kind::Lazy,
+            Box::new(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms, required)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT DO UPDATE SET status = excluded.status, reason = excluded.reason, output = excluded.output,
+                         started_ms = excluded.started_ms, finished_ms = excluded.finished_ms, required = excluded.required",
+                )?
+                .execute(params![id, path, position, status, reason, output, started, finished, required])?;
+                touch(conn, &id)
+            }),
+        )
+    }
+
+    fn run_finished(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        outputs: &serde_json::Map<String, Value>,
+        error: Option<&str>,
+    ) -> Durable {
+        let (id, outputs, error) =
+            (run_id.to_owned(), Database::text(&Value::Object(outputs.clone())), error.map(str::to_owned));
+        self.queue(
+            run_id,
+            Kind::Last,
+            Box::new(move |conn| {
+                conn.execute(
+                    "UPDATE runs SET status = ?2, outputs = ?3, error = ?4, updated_ms = ?5, finished_ms = ?5 WHERE id = ?1",
+                    params![id, status, outputs, error, now_ms() as i64],
+                )
+                .map(drop)
+            }),
+        )
+    }
+}
+
+/// An attempt's columns, owned, so the record can be written (again, if
+/// its batch is retried) on the writer thread.
+struct AttemptRow {
+    number: u32,
+    status: &'static str,
+    kind: Option<crate::run::FailureKind>,
+    message: Option<String>,
+    started: f64,
+    finished: Option<f64>,
+    delay: f64,
+    fuel: i64,
+    peak_memory: i64,
+    logs: String,
+    stdout: String,
+    stderr: String,
+}
+
+impl AttemptRow {
+    fn of(attempt: &Attempt) -> Self {
+        let failure = attempt.failure();
+        AttemptRow {
+            number: attempt.attempt,
+            status: attempt.outcome.as_str(),
+            kind: failure.map(|f| f.kind),
+            message: failure.map(|f| f.message.clone()),
+            started: attempt.started_ms,
+            finished: attempt.finished_ms,
+            delay: attempt.delay_before_ms,
+            fuel: i64::try_from(attempt.fuel_consumed).unwrap_or(i64::MAX),
+            peak_memory: i64::try_from(attempt.peak_memory).unwrap_or(i64::MAX),
+            logs: capped_logs(attempt),
+            stdout: capped(&attempt.stdout.text),
+            stderr: capped(&attempt.stderr.text),
+        }
+    }
+
+    fn insert(&self, conn: &Connection, run_id: &str, key: &str, path: &StepPath) -> rusqlite::Result<()> {
+        conn.prepare_cached(
+            "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
+                                   fuel, peak_memory, logs, stdout, stderr, delay_before_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+             ON CONFLICT DO UPDATE SET status = excluded.status, kind = excluded.kind, message = excluded.message,
+                 started_ms = excluded.started_ms, finished_ms = excluded.finished_ms, fuel = excluded.fuel,
+                 peak_memory = excluded.peak_memory, logs = excluded.logs, stdout = excluded.stdout,
+                 stderr = excluded.stderr, delay_before_ms = excluded.delay_before_ms",
+        )?
+        .execute(params![
+            run_id,
+            key,
+            self.number,
+            path,
+            self.status,
+            self.kind,
+            self.message,
+            self.started,
+            self.finished,
+            self.fuel,
+            self.peak_memory,
+            self.logs,
+            self.stdout,
+            self.stderr,
+            self.delay
+        ])
+        .map(drop)
+    }
+}
+
+/// An execution's result, taken from its last attempt.
+struct ExecutionRow {
+    path: StepPath,
+    status: &'static str,
+    output: Option<String>,
+}
+
+impl ExecutionRow {
+    fn of(path: &StepPath, attempt: &Attempt) -> Self {
+        ExecutionRow {
+            path: path.clone(),
+            status: attempt.outcome.as_str(),
+            output: attempt.output().map(Database::text),
+        }
+    }
+
+    fn insert(&self, conn: &Connection, run_id: &str, key: &str) -> rusqlite::Result<()> {
+        conn.prepare_cached(
+            "INSERT INTO executions (run_id, key, step_id, status, output) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT DO UPDATE SET status = excluded.status, output = excluded.output",
+        )?
+        .execute(params![run_id, key, self.path, self.status, self.output])
+        .map(drop)
+    }
+}
+
+/// Marks the run as recently active, for `stepbox runs`.
+fn touch(conn: &Connection, run_id: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached("UPDATE runs SET updated_ms = ?2 WHERE id = ?1")?
+        .execute(params![run_id, now_ms() as i64])
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        for id in ["a", "b"] {
+            let run = Run::new(id.into(), "w", "w.yaml", "t", Default::default());
+            db.create_run(&run, &Value::Null).unwrap();
+        }
+        (dir, db)
+    }
+
+    /// Queues the start of attempt `attempt` of the execution `key`.
+    fn start(db: &Database, run_id: &str, key: &str, attempt: u32) -> Durable {
+        let path: StepPath = key.rsplit_once('/').map_or(key, |(_, path)| path).parse().unwrap();
+        db.attempt_started(run_id, &path, key, &Attempt::started(attempt, 0.0))
+    }
+
+    #[tokio::test]
+    async fn a_failed_record_fails_the_later_records_of_its_run_only() {
+        let (_dir, db) = open();
+        let before = start(&db, "a", "a/first", 1);
+        let broken =
+            db.queue("a", Kind::Awaited, Box::new(|conn| conn.execute("INSERT INTO nowhere VALUES (1)", []).map(drop)));
+        let after = start(&db, "a", "a/s", 1);
+        let other = start(&db, "b", "b/s", 1);
+        before.await.unwrap();
+        assert!(broken.await.unwrap_err().to_string().contains("no such table: nowhere"));
+        // The later record would have committed alone; it fails with the
+        // first failure, so awaiting it vouches for everything before it.
+        assert!(after.await.unwrap_err().to_string().contains("no such table: nowhere"));
+        other.await.unwrap();
+        // The run's last record ends that: a resume in the same process can
+        // record again.
+        assert!(db.run_finished("a", RunStatus::Failed, &Default::default(), None).await.is_err());
+        start(&db, "a", "a/s", 2).await.unwrap();
+        assert_eq!(db.resume_state("a").unwrap().attempts["a/s"], 2);
+        assert_eq!(db.resume_state("a").unwrap().attempts["a/first"], 1);
+        assert_eq!(db.resume_state("b").unwrap().attempts["b/s"], 1);
+    }
+
+    #[tokio::test]
+    async fn awaiting_a_record_makes_every_earlier_one_durable() {
+        let (_dir, db) = open();
+        let keys: Vec<String> = (0..500).map(|n| format!("a/s[{n}]")).collect();
+        for key in &keys {
+            // Dropped without waiting.
+            drop(start(&db, "a", key, 1));
+        }
+        db.run_finished("a", RunStatus::Succeeded, &Default::default(), None).await.unwrap();
+        assert_eq!(db.resume_state("a").unwrap().attempts.len(), 500);
+    }
+
+    #[test]
+    fn closing_the_database_commits_what_is_queued() {
+        let (dir, db) = open();
+        for n in 0..50 {
+            drop(start(&db, "b", &format!("b/s[{n}]"), 1));
+        }
+        drop(db);
+        let db = Database::open(dir.path()).unwrap();
+        assert_eq!(db.resume_state("b").unwrap().attempts.len(), 50);
+    }
+}
