@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use common::sandbox;
 use stepbox::run::{RunReport, RunStatus, StepStatus};
-use stepbox::scheduler::{self, Dispatcher, RunOptions, Share};
+use stepbox::scheduler::{self, Dispatcher, RunOptions};
+use stepbox::tenant::Share;
 use stepbox::tenant::Tenants;
 use stepbox::workflow::Workflow;
 use stepbox_tests::guests;

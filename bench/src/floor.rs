@@ -176,7 +176,7 @@ pub async fn loop_limits_cost(iterations: u64, runs: usize) -> anyhow::Result<Li
           (br_if $again (i64.lt_u (local.get $i) (local.get $n))))
         (local.get $i)))"#;
     three_ways(runs, |engine| async move {
-        let module = wasmtime::Module::new(&engine, wat).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let module = wasmtime::Module::new(&engine, wat::parse_str(wat)?).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let mut store = Store::new(&engine, ());
         let _ = store.set_fuel(u64::MAX / 2);
         store.set_epoch_deadline(u64::MAX / 2);

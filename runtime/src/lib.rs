@@ -7,6 +7,8 @@
 //! attempt; [`run`] is what a run is and did, the records all of them pass
 //! along. [`cli`] is the `stepbox` command, a thin layer over the rest.
 
+#![warn(missing_docs)]
+
 pub mod cli;
 pub mod run;
 pub mod sandbox;

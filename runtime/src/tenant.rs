@@ -11,9 +11,23 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::sandbox::HttpGrant;
-use crate::scheduler::Share;
 use crate::workflow::spec::LimitsSpec;
 use crate::workflow::{Action, Diagnostic, Workflow, WorkflowError, read_file};
+
+/// How one tenant is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// Slots per turn.
+    pub weight: u32,
+    /// Attempts of this tenant running at once, at most.
+    pub max_concurrent: usize,
+}
+
+impl Default for Share {
+    fn default() -> Self {
+        Share { weight: 1, max_concurrent: usize::MAX }
+    }
+}
 
 /// The tenants file.
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +76,7 @@ pub struct Tenants {
 }
 
 impl Tenants {
+    /// Reads and checks a tenants file.
     pub fn load(path: &Path) -> Result<Tenants, WorkflowError> {
         let file: TenantsFile = read_file(path, "tenants file")?;
         Ok(Tenants { file: path.to_owned(), tenants: file.tenants })
@@ -79,6 +94,7 @@ impl Tenants {
         })
     }
 
+    /// How `tenant` is served by the dispatcher (weight 1, no own limit for an unknown tenant).
     pub fn share(&self, tenant: &str) -> Share {
         let spec = self.tenants.get(tenant).cloned().unwrap_or_default();
         Share { weight: spec.weight.unwrap_or(1), max_concurrent: spec.max_concurrent.unwrap_or(usize::MAX) }
@@ -128,7 +144,7 @@ impl Tenants {
                     .push(format!("step `{id}`: {}", ceiling("limits.memory", show(step.limits.memory), show(max))));
             }
             if let Some(allowed) = &spec.dirs {
-                for dir in step.dirs.iter().filter(|dir| !under(&dir.host, allowed)) {
+                for dir in step.grants.dirs.iter().filter(|dir| !under(&dir.host, allowed)) {
                     problems.push(format!(
                         "step `{id}`: directory {} is not under tenant `{tenant}`'s allowed dirs ({})",
                         dir.host.display(),
@@ -137,7 +153,7 @@ impl Tenants {
                 }
             }
             if let Some(allowed) = &spec.http {
-                for rule in step.http.iter().filter(|rule| !allowed.iter().any(|wider| rule.within(wider))) {
+                for rule in step.grants.http.iter().filter(|rule| !allowed.iter().any(|wider| rule.within(wider))) {
                     problems.push(format!(
                         "step `{id}`: HTTP grant `{rule}` is not within tenant `{tenant}`'s allowed http ({})",
                         self.file.display()
@@ -145,7 +161,7 @@ impl Tenants {
                 }
             }
             if let Some(allowed) = &spec.network {
-                for address in step.network.iter().filter(|address| !allowed.contains(address)) {
+                for address in step.grants.network.iter().filter(|address| !allowed.contains(address)) {
                     problems.push(format!(
                         "step `{id}`: address {address} is not in tenant `{tenant}`'s allowed network ({})",
                         self.file.display()

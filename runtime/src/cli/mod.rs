@@ -2,7 +2,7 @@
 //! run failed, 2 a usage error, 3 the workflow or component is not valid,
 //! 130 the run was cancelled.
 //!
-//! Every command returns its exit code, or a [`CliError`] that
+//! Every command returns its exit code, or a `CliError` that
 //! [`main_with_args`] prints once.
 
 mod error;
@@ -60,7 +60,7 @@ pub(crate) struct Place<'a> {
 /// How a tenant's runs are limited: slots, weight, a fuel budget, and the
 /// ceilings included workflows are checked against when reached.
 pub(crate) struct TenantPolicy {
-    pub(crate) share: crate::scheduler::Share,
+    pub(crate) share: crate::tenant::Share,
     pub(crate) max_run_fuel: Option<u64>,
     pub(crate) tenants: Option<Arc<Tenants>>,
 }
@@ -69,7 +69,7 @@ pub(crate) struct TenantPolicy {
 /// file.
 pub(crate) fn tenant_policy(place: &Place<'_>, tenant: &str, workflow: &Workflow) -> Result<TenantPolicy, CliError> {
     let Some(file) = place.tenants else {
-        return Ok(TenantPolicy { share: crate::scheduler::Share::default(), max_run_fuel: None, tenants: None });
+        return Ok(TenantPolicy { share: crate::tenant::Share::default(), max_run_fuel: None, tenants: None });
     };
     let tenants = Tenants::load(file)?;
     tenants.check(tenant, workflow)?;

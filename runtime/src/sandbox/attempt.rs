@@ -31,10 +31,15 @@ const HOST_CALL_BYTES: usize = 128 * 1024 * 1024;
 /// Who is running: passed to the step as its context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepContext {
+    /// The run.
     pub run_id: String,
+    /// The step's path in the run (`charge`, `billing.charge[3]`).
     pub step_id: String,
+    /// From 1; counts on across resumes.
     pub attempt: u32,
+    /// The same for every attempt of the execution.
     pub idempotency_key: String,
+    /// The tenant the run belongs to.
     pub tenant: String,
     /// Key-value state is shared by the steps of one workflow (and tenant).
     pub workflow: String,
@@ -43,10 +48,13 @@ pub struct StepContext {
 /// Everything one attempt needs besides the component.
 #[derive(Debug, Clone)]
 pub struct AttemptRequest {
+    /// Who is running.
     pub context: StepContext,
     /// The step's input as JSON text.
     pub input: String,
+    /// Its ceilings.
     pub limits: Limits,
+    /// What it may reach.
     pub grants: Grants,
     /// How a command's exit code is classified (step components ignore it).
     pub exit_codes: ExitCodes,
@@ -56,6 +64,7 @@ pub struct AttemptRequest {
 /// other non-zero code is a fatal failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExitCodes {
+    /// Exit codes that are retryable failures.
     pub retryable: Vec<i32>,
 }
 

@@ -120,7 +120,7 @@ impl Hasher for StableHasher {
     }
 }
 
-/// What [`CompileCache::gc`] removed.
+/// What [`Sandbox::gc_cache`](super::Sandbox::gc_cache) removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheGc {
     /// Entries removed.

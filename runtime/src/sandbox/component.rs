@@ -29,38 +29,92 @@ pub(crate) struct Linkers {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    /// The file cannot be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     #[error("{path} is empty: expected a WebAssembly component built for wasm32-wasip2")]
-    Empty { path: PathBuf },
+    /// The file is empty.
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
     #[error(
         "{path} is not WebAssembly (it does not start with the `\\0asm` magic bytes); expected a component built for wasm32-wasip2"
     )]
-    NotWasm { path: PathBuf },
+    /// The file is not WebAssembly.
+    NotWasm {
+        /// The file.
+        path: PathBuf,
+    },
     #[error(
         "{path} is a core WebAssembly module without a `_start` export, so it is neither a WASI command nor a \
          step; build a step for wasm32-wasip2, or a program with `fn main` (a command) for wasm32-wasip1"
     )]
-    CoreModule { path: PathBuf },
+    /// A core module that is not a WASI program.
+    CoreModule {
+        /// The file.
+        path: PathBuf,
+    },
     #[error("{path} asks for more than any step may have: {message}; make its initial tables or memories smaller")]
-    OverLimits { path: PathBuf, message: String },
+    /// Its initial memories or tables exceed what any attempt may have.
+    OverLimits {
+        /// The file.
+        path: PathBuf,
+        /// wasmtime's message.
+        message: String,
+    },
     #[error("{path} is truncated or corrupt: {message}; rebuild it")]
-    Malformed { path: PathBuf, message: String },
+    /// It does not compile.
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// wasmtime's message.
+        message: String,
+    },
     #[error(
         "{path} imports `{import}`, which stepbox does not provide; a step may import only the interfaces \
          of the `stepbox:step/step` world in wit/step.wit (wasi:cli, wasi:io, wasi:clocks, wasi:filesystem, \
          wasi:random, wasi:sockets, wasi:http/outgoing-handler, wasi:logging, wasi:keyvalue, wasi:config)"
     )]
-    UnknownImport { path: PathBuf, import: String },
+    /// It imports an interface stepbox does not provide.
+    UnknownImport {
+        /// The file.
+        path: PathBuf,
+        /// The import.
+        import: String,
+    },
     #[error(
         "{path} exports neither `run` nor `wasi:cli/run`, so it is neither a stepbox step nor a WASI command \
          (its exports: {exports}); write it with stepbox-sdk's #[step], target the `stepbox:step/step` world in \
          wit/step.wit, or build a program with `fn main`"
     )]
-    MissingRun { path: PathBuf, exports: String },
+    /// It exports no entry point stepbox knows.
+    MissingRun {
+        /// The file.
+        path: PathBuf,
+        /// What it exports.
+        exports: String,
+    },
     #[error("{path} exports `run` with the wrong signature: {message}; it must match wit/step.wit")]
-    WrongRun { path: PathBuf, message: String },
+    /// Its `run` export has the wrong type.
+    WrongRun {
+        /// The file.
+        path: PathBuf,
+        /// What differs.
+        message: String,
+    },
     #[error("{path} cannot be linked: {message}")]
-    Link { path: PathBuf, message: String },
+    /// Its imports cannot be linked.
+    Link {
+        /// The file.
+        path: PathBuf,
+        /// wasmtime's message.
+        message: String,
+    },
 }
 
 /// A compiled, validated step, ready to instantiate many times.

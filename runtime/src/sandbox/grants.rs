@@ -21,8 +21,11 @@ const MAX_RANDOM_BYTES: u64 = 1024 * 1024;
 /// A host directory made visible to the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirGrant {
+    /// The directory on the host.
     pub host: PathBuf,
+    /// Where the guest sees it.
     pub guest: String,
+    /// Whether the guest may only read.
     pub read_only: bool,
 }
 
@@ -158,7 +161,9 @@ impl std::str::FromStr for HttpGrant {
 /// The capabilities of one attempt.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grants {
+    /// Host directories.
     pub dirs: Vec<DirGrant>,
+    /// Environment variables.
     pub env: BTreeMap<String, String>,
     /// Values the step reads through `wasi:config`.
     pub config: BTreeMap<String, String>,

@@ -10,20 +10,7 @@ use parking_lot::{Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-/// How one tenant is served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Share {
-    /// Slots per turn.
-    pub weight: u32,
-    /// Attempts of this tenant running at once, at most.
-    pub max_concurrent: usize,
-}
-
-impl Default for Share {
-    fn default() -> Self {
-        Share { weight: 1, max_concurrent: usize::MAX }
-    }
-}
+use crate::tenant::Share;
 
 /// The process's attempt slots.
 #[derive(Debug)]

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::policy::Admission;
 use super::{Base, GraphReport, RunEvent, Shared, run_graph};
 use crate::run::{Attempt, ExecutionReport, Failure, FailureKind, RunStatus, StepPath, StepReport, StepStatus, now_ms};
-use crate::sandbox::{AttemptRequest, Grants, StepContext};
+use crate::sandbox::{AttemptRequest, StepContext};
 use crate::workflow::{Action, FanOut, Workflow, template};
 
 pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToken) -> (usize, StepReport) {
@@ -172,56 +172,10 @@ async fn execution(
         return report;
     }
     let context = shared.context.with_item(item.as_ref());
-    let prepared = (|| -> Result<(Value, Grants), String> {
-        let input = template::render_value(&step.with, &context).map_err(|err| format!("`with`: {err}"))?;
-        let render_map = |map: &std::collections::BTreeMap<String, String>, what: &str| {
-            map.iter()
-                .map(|(key, value)| {
-                    Ok((
-                        key.clone(),
-                        template::render_text(value, &context).map_err(|err| format!("`{what}.{key}`: {err}"))?,
-                    ))
-                })
-                .collect::<Result<_, String>>()
-        };
-        let secrets = step
-            .secrets
-            .iter()
-            .map(|(key, var)| match std::env::var(var) {
-                Ok(value) => Ok((key.clone(), value)),
-                Err(_) => Err(format!("secret `{key}` reads the environment variable {var}, which is not set")),
-            })
-            .collect::<Result<_, String>>()?;
-        let args = step
-            .args
-            .iter()
-            .map(|arg| template::render_text(arg, &context).map_err(|err| format!("`args`: {err}")))
-            .collect::<Result<_, String>>()?;
-        let stdin = match &step.stdin {
-            Some(text) => template::render_text(text, &context).map_err(|err| format!("`stdin`: {err}"))?.into_bytes(),
-            None => Vec::new(),
-        };
-        // Seeded from the input, so the same input gives the same output.
-        let deterministic = step.deterministic.then(|| {
-            use sha2::Digest;
-            let digest = sha2::Sha256::digest(input.to_string());
-            u64::from_le_bytes(digest[..8].try_into().unwrap_or_default())
-        });
-        let grants = Grants {
-            dirs: step.dirs.clone(),
-            env: render_map(&step.env, "env")?,
-            config: render_map(&step.config, "config")?,
-            stdin,
-            secrets,
-            args,
-            scratch: step.scratch,
-            deterministic,
-            network: step.network.clone(),
-            http: step.http.clone(),
-        };
-        Ok((input, grants))
-    })();
-    let (input, grants) = match prepared {
+    let prepared = template::render_value(&step.with, &context)
+        .map_err(|err| format!("`with`: {err}"))
+        .and_then(|input| Ok((step.grants.render(&context, &input)?, input)));
+    let (grants, input) = match prepared {
         Ok(prepared) => prepared,
         Err(err) => {
             report.status = StepStatus::Failed;

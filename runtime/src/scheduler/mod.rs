@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use dispatch::{Dispatcher, Share, Slot};
+pub use dispatch::{Dispatcher, Slot};
 
 use crate::run::{Failure, Run, RunReport, RunStatus, StepPath, StepReport, StepStatus, now_ms};
 use crate::sandbox::{Sandbox, StepComponent};
@@ -75,6 +75,7 @@ pub struct RunOptions {
     /// Cancel running steps as soon as a required step fails (`always`
     /// steps still run).
     pub fail_fast: bool,
+    /// Where events go, for progress displays.
     pub events: Option<mpsc::UnboundedSender<RunEvent>>,
     /// Cancel to stop the run: running attempts end as `cancelled` and no
     /// more steps start.

@@ -13,6 +13,7 @@ pub struct MemoryKeyValueStore {
 }
 
 impl MemoryKeyValueStore {
+    /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }

@@ -32,6 +32,7 @@ pub struct WorkflowBuilder {
 }
 
 impl WorkflowBuilder {
+    /// A workflow named `name`, with no steps yet.
     pub fn new(name: impl Into<String>) -> Self {
         WorkflowBuilder {
             spec: WorkflowSpec {
@@ -56,26 +57,31 @@ impl WorkflowBuilder {
         self
     }
 
+    /// Declares component `name` at `path`.
     pub fn component(mut self, name: impl Into<String>, path: impl Into<String>) -> Self {
         self.spec.components.insert(name.into(), spanned(ComponentSpec::Path(path.into())));
         self
     }
 
+    /// Limits every step starts from.
     pub fn default_limits(mut self, limits: LimitsSpec) -> Self {
         self.spec.defaults.limits = limits;
         self
     }
 
+    /// The retry policy every step starts from.
     pub fn default_retry(mut self, retry: RetrySpec) -> Self {
         self.spec.defaults.retry = retry;
         self
     }
 
+    /// Adds a step.
     pub fn step(mut self, step: StepBuilder) -> Self {
         self.spec.steps.push(step.spec);
         self
     }
 
+    /// Adds an output: a template over the steps, inputs and vars.
     pub fn output(mut self, name: impl Into<String>, template: impl Into<String>) -> Self {
         self.spec.outputs.insert(name.into(), spanned(template.into()));
         self
@@ -139,11 +145,13 @@ impl StepBuilder {
         self
     }
 
+    /// Steps that must finish first.
     pub fn depends_on<I: IntoIterator<Item = S>, S: Into<String>>(mut self, ids: I) -> Self {
         self.spec.depends_on.extend(ids.into_iter().map(|id| spanned(id.into())));
         self
     }
 
+    /// Skips the step when the expression is false.
     pub fn when(mut self, expression: impl Into<String>) -> Self {
         self.spec.when = Some(spanned(expression.into()));
         self
@@ -161,16 +169,19 @@ impl StepBuilder {
         self
     }
 
+    /// Steps that run only when this one fails.
     pub fn on_failure<I: IntoIterator<Item = S>, S: Into<String>>(mut self, ids: I) -> Self {
         self.spec.on_failure.extend(ids.into_iter().map(|id| spanned(id.into())));
         self
     }
 
+    /// How failed attempts are retried.
     pub fn retry(mut self, retry: RetrySpec) -> Self {
         self.spec.retry = Some(retry);
         self
     }
 
+    /// Per-attempt limits.
     pub fn limits(mut self, limits: LimitsSpec) -> Self {
         self.spec.limits = Some(limits);
         self
@@ -182,11 +193,13 @@ impl StepBuilder {
         self
     }
 
+    /// Items of the fan-out running at once, at most.
     pub fn max_concurrent(mut self, n: u32) -> Self {
         self.spec.max_concurrent = Some(n);
         self
     }
 
+    /// A config value the step reads through `wasi:config`; a template.
     pub fn config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.spec.config.insert(key.into(), value.into());
         self

@@ -8,11 +8,14 @@ use serde_saphyr::{Location, Spanned};
 /// One problem in a workflow file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// The file the problem is in.
     pub file: PathBuf,
     /// 1-based; 0 when the problem has no single place (a missing field of
     /// the whole file, a cycle).
     pub line: u64,
+    /// 1-based; 0 with the line.
     pub column: u64,
+    /// What is wrong.
     pub message: String,
     /// What would fix it.
     pub help: Option<String>,
@@ -35,6 +38,7 @@ impl fmt::Display for Diagnostic {
 /// Every problem found in a workflow; validation reports them all at once.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct WorkflowError {
+    /// In the order found.
     pub diagnostics: Vec<Diagnostic>,
 }
 

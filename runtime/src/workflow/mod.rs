@@ -3,6 +3,7 @@
 
 mod builder;
 mod diagnostic;
+mod grants;
 mod graph;
 mod inputs;
 mod parse;
@@ -20,37 +21,47 @@ use serde_saphyr::Location;
 
 pub use builder::{StepBuilder, WorkflowBuilder};
 pub use diagnostic::{Diagnostic, WorkflowError};
+pub use grants::StepGrants;
 pub use inputs::Inputs;
 pub(crate) use parse::read as read_file;
 pub use spec::WorkflowSpec;
 
 use crate::run::FailureKind;
-use crate::sandbox::{DirGrant, Limits};
+use crate::sandbox::Limits;
 use spec::{Backoff, BreakerSpec, InputSpec, RateLimitSpec};
 
 /// A validated workflow: every reference resolved, the graph acyclic.
 #[derive(Debug, Clone)]
 pub struct Workflow {
+    /// The name from the file; key-value state is scoped by it.
     pub name: String,
     /// The file it was read from (or a name for a built workflow), for
     /// messages.
     pub file: PathBuf,
     /// Relative paths in the workflow resolve against this directory.
     pub base_dir: PathBuf,
+    /// The declared inputs, by name.
     pub inputs: BTreeMap<String, InputSpec>,
+    /// Constants templates read as `vars.<name>`.
     pub vars: serde_json::Map<String, Value>,
+    /// The components the steps use, by name (a path used directly is its own name).
     pub components: BTreeMap<String, Component>,
     /// In file order; `depends_on` and friends are indices into this list.
     pub steps: Vec<Step>,
+    /// The workflow's outputs: templates rendered when the run ends.
     pub outputs: BTreeMap<String, String>,
 }
 
 /// A component the workflow uses.
 #[derive(Debug, Clone)]
 pub struct Component {
+    /// Its name in the workflow.
     pub name: String,
+    /// The .wasm file, resolved against the workflow file's directory.
     pub path: PathBuf,
+    /// At most this many attempt starts per interval.
     pub rate_limit: Option<RateLimitSpec>,
+    /// The circuit breaker shared by the steps that use it.
     pub breaker: Option<BreakerSpec>,
     /// Where it is declared, for load errors.
     pub location: Location,
@@ -77,6 +88,7 @@ pub enum Action {
 /// How a step fans out.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FanOut {
+    /// One execution.
     None,
     /// One execution per item of a list (a literal or an expression).
     ForEach(Value),
@@ -88,45 +100,57 @@ pub enum FanOut {
 /// One validated step.
 #[derive(Debug, Clone)]
 pub struct Step {
+    /// Unique within the workflow.
     pub id: String,
+    /// A component or an included workflow.
     pub action: Action,
+    /// The input; strings in it are templates.
     pub with: Value,
+    /// The steps it waits for, as indices into [`Workflow::steps`].
     pub depends_on: Vec<usize>,
+    /// An expression; the step is skipped when it is false.
     pub when: Option<String>,
+    /// Whether its failure fails the run.
     pub required: bool,
+    /// It runs even when a dependency failed (cleanup).
     pub always: bool,
+    /// Handlers that run only when this step fails.
     pub on_failure: Vec<usize>,
     /// The steps whose `on_failure` names this one: it runs only when one
     /// of them failed.
     pub handles: Vec<usize>,
+    /// When failed attempts are tried again.
     pub retry: RetryPolicy,
+    /// Per-attempt ceilings.
     pub limits: Limits,
+    /// One execution, or one per item.
     pub fan_out: FanOut,
+    /// Items of a fan-out running at once, at most.
     pub max_concurrent: Option<u32>,
-    pub config: BTreeMap<String, String>,
-    pub env: BTreeMap<String, String>,
-    pub dirs: Vec<DirGrant>,
-    /// Secret name → the host environment variable holding it.
-    pub secrets: BTreeMap<String, String>,
-    pub args: Vec<String>,
-    pub stdin: Option<String>,
-    pub scratch: bool,
-    pub deterministic: bool,
-    pub network: Vec<std::net::SocketAddr>,
-    pub http: Vec<crate::sandbox::HttpGrant>,
+    /// What the step may reach beyond its own memory.
+    pub grants: StepGrants,
+    /// How a plain program's exit codes are classified.
     pub exit_codes: crate::sandbox::ExitCodes,
 }
 
 /// When and how often a failed attempt is tried again.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
+    /// Attempts in all, the first included.
     pub attempts: u32,
+    /// How the delay grows.
     pub backoff: Backoff,
+    /// The delay before the first retry.
     pub initial: Duration,
+    /// The longest delay.
     pub max: Duration,
+    /// Growth factor of exponential backoff.
     pub multiplier: f64,
+    /// Randomize each delay between half and all of it.
     pub jitter: bool,
+    /// The failure classes that are retried.
     pub on: Vec<FailureKind>,
+    /// No attempt starts later than this after the first.
     pub deadline: Option<Duration>,
 }
 

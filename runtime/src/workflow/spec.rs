@@ -62,19 +62,28 @@ pub struct InputSpec {
     #[serde(default)]
     pub default: Option<serde_json::Value>,
     #[serde(default)]
+    /// What it is for.
     pub description: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
+/// The JSON type an input must have.
 pub enum InputType {
+    /// Any JSON value.
     #[default]
     Any,
+    /// A string.
     String,
+    /// A number.
     Number,
+    /// A whole number.
     Integer,
+    /// `true` or `false`.
     Boolean,
+    /// A map.
     Object,
+    /// A list.
     Array,
 }
 
@@ -84,8 +93,10 @@ pub enum InputType {
 #[serde(deny_unknown_fields)]
 pub struct DefaultsSpec {
     #[serde(default)]
+    /// Per-attempt limits.
     pub limits: LimitsSpec,
     #[serde(default)]
+    /// How failed attempts are retried.
     pub retry: RetrySpec,
     /// The circuit breaker of every component that does not set its own.
     #[serde(default)]
@@ -96,12 +107,15 @@ pub struct DefaultsSpec {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(untagged)]
 pub enum ComponentSpec {
+    /// Just the path, relative to the workflow file.
     Path(String),
+    /// The path with the component's policies.
     Table(ComponentTable),
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+/// A component with its policies.
 pub struct ComponentTable {
     /// Path to the .wasm file, relative to the workflow file.
     pub path: String,
@@ -114,6 +128,7 @@ pub struct ComponentTable {
 }
 
 impl ComponentSpec {
+    /// The .wasm path, relative to the workflow file.
     pub fn path(&self) -> &str {
         match self {
             ComponentSpec::Path(path) => path,
@@ -126,9 +141,11 @@ impl ComponentSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSpec {
+    /// Attempt starts allowed per interval.
     pub starts: u32,
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
+    /// The interval.
     pub per: Duration,
 }
 
@@ -137,9 +154,11 @@ pub struct RateLimitSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerSpec {
+    /// Consecutive failed attempts that open the breaker.
     pub failures: u32,
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
+    /// How long it stays open.
     pub cool_down: Duration,
 }
 
@@ -154,9 +173,11 @@ pub struct LimitsSpec {
     pub fuel: Option<u64>,
     #[serde(default, with = "humantime_serde")]
     #[schemars(with = "Option<String>")]
+    /// Wall-clock time per attempt, host calls included.
     pub timeout: Option<Duration>,
     #[serde(default)]
     #[schemars(with = "Option<String>")]
+    /// Linear memory for the whole instance.
     pub memory: Option<ByteSize>,
     /// Size of the step's output.
     #[serde(default)]
@@ -193,6 +214,7 @@ pub struct RetrySpec {
     #[serde(default)]
     pub attempts: Option<u32>,
     #[serde(default)]
+    /// How the delay grows.
     pub backoff: Option<Backoff>,
     /// The delay before the first retry.
     #[serde(default, with = "humantime_serde")]
@@ -238,8 +260,11 @@ impl RetrySpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Backoff {
+    /// The same delay each time.
     Constant,
+    /// `initial` times the attempt number.
     Linear,
+    /// `initial` times `multiplier` to the power of the retry.
     Exponential,
 }
 
@@ -284,8 +309,10 @@ pub struct StepSpec {
     #[schemars(with = "Vec<String>")]
     pub on_failure: Vec<Spanned<String>>,
     #[serde(default)]
+    /// How failed attempts are retried (over `defaults.retry`).
     pub retry: Option<RetrySpec>,
     #[serde(default)]
+    /// Per-attempt limits (over `defaults.limits`).
     pub limits: Option<LimitsSpec>,
     /// Run once per item of this list (a literal list or an expression);
     /// the output is the list of the items' outputs, in order.
@@ -342,7 +369,7 @@ pub struct StepSpec {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExitCodesSpec {
-    /// Default: [75] (`EX_TEMPFAIL`).
+    /// Default: `[75]` (`EX_TEMPFAIL`).
     pub retryable: Vec<i32>,
 }
 

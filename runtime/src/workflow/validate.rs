@@ -11,12 +11,13 @@ use serde_json::Value;
 use serde_saphyr::Spanned;
 
 use super::diagnostic::{Diagnostics, WorkflowError, did_you_mean};
+use super::grants::StepGrants;
 use super::inputs::check_type;
 use super::spec::{ComponentSpec, RetrySpec, WorkflowSpec};
 use super::template::check::{check_list, check_templates};
 use super::template::is_template;
 use super::{Action, Component, FanOut, RetryPolicy, Step, Workflow, graph, parse};
-use crate::sandbox::{DirGrant, ExitCodes, Limits};
+use crate::sandbox::{ExitCodes, Limits};
 
 /// Reads and validates the workflow file at `path`. `including` holds the
 /// files that include this one, to refuse include cycles.
@@ -179,51 +180,7 @@ pub(super) fn validate(
         if let Some(retry) = &step.retry {
             check_retry(&mut d, retry, &format!("step `{id}`'s retry"));
         }
-        let mut dirs = Vec::new();
-        for dir in &step.dirs {
-            match dir.value.parse::<DirGrant>() {
-                Ok(mut grant) => {
-                    grant.host = base_dir.join(&grant.host);
-                    if !grant.host.is_dir() {
-                        d.on(
-                            dir,
-                            format!("step `{id}`: directory {} does not exist", grant.host.display()),
-                            Some("host paths are relative to the workflow file".into()),
-                        );
-                    }
-                    dirs.push(grant);
-                }
-                Err(message) => d.on(dir, message, None),
-            }
-        }
-        let mut network = Vec::new();
-        for address in step.network.iter().flat_map(|network| &network.connect) {
-            match address.value.parse() {
-                Ok(address) => network.push(address),
-                Err(_) => d.on(
-                    address,
-                    format!("step `{id}`: `{}` is not an IP:PORT address", address.value),
-                    Some(
-                        "write an IP address and a port, like 10.0.0.5:443 or [::1]:8080; names are not resolved"
-                            .into(),
-                    ),
-                ),
-            }
-        }
-        let mut http = Vec::new();
-        for rule in step.network.iter().flat_map(|network| &network.http) {
-            match rule.value.parse() {
-                Ok(rule) => http.push(rule),
-                Err(message) => d.on(rule, format!("step `{id}`: {message}"), None),
-            }
-        }
-        for key in step.secrets.keys().filter(|key| step.config.contains_key(*key)) {
-            d.on(
-                &step.id,
-                format!("step `{id}`: `{key}` is both a config value and a secret"),
-                Some("keep one".into()),
-            );
-        }
+        let grants = StepGrants::from_spec(&mut d, step, &id, base_dir);
         steps.push(Step {
             id,
             action: action.unwrap_or(Action::Run { component: String::new() }),
@@ -241,16 +198,7 @@ pub(super) fn validate(
                 .map_or_else(|| defaults_limits.clone(), |limits| limits.over(&defaults_limits)),
             fan_out,
             max_concurrent: step.max_concurrent,
-            config: step.config.clone(),
-            env: step.env.clone(),
-            dirs,
-            secrets: step.secrets.iter().map(|(key, secret)| (key.clone(), secret.env.clone())).collect(),
-            args: step.args.clone(),
-            stdin: step.stdin.clone(),
-            scratch: step.scratch,
-            deterministic: step.deterministic,
-            network,
-            http,
+            grants,
             exit_codes: step
                 .exit_codes
                 .as_ref()

@@ -21,7 +21,7 @@ use super::{Durable, StoreError};
 use crate::run::{FailureKind, RunStatus, StepPath, StepStatus};
 use writer::{Job, Kind, Writer};
 
-/// The schema this build writes. Each entry of [`MIGRATIONS`] moves a
+/// The schema this build writes. Each entry of `MIGRATIONS` moves a
 /// database one version up.
 pub const SCHEMA_VERSION: u32 = 2;
 
