@@ -274,72 +274,76 @@ fn ctrl_c_cancels_a_run_and_records_the_cancelled_steps() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// `stepbox new` in every language: the printed commands build a step that
-/// runs. The C build finds wit-bindgen, wasm-tools and zig where the tests'
-/// build script installed them (zig through `STEPBOX_ZIG_DIR`, so its 100 MB
-/// are not fetched again).
-#[test]
-fn new_projects_build_and_run_with_the_printed_commands() {
-    let dir = std::env::temp_dir().join(format!("stepbox-new-{}", std::process::id()));
+/// `stepbox new` in `lang`: the printed commands build a step that runs.
+/// The C build finds wit-bindgen, wasm-tools and zig where the tests' build
+/// script installed them (zig through `STEPBOX_ZIG_DIR`, so its 100 MB are
+/// not fetched again). One test per language, so they build side by side.
+fn new_project_builds_and_runs_with_the_printed_commands(lang: &str) {
+    let dir = std::env::temp_dir().join(format!("stepbox-new-{lang}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let tools = std::path::Path::new(guests::HELLO).ancestors().nth(4).unwrap().join("tools");
     let path = format!("{}:{}", tools.join("bin").display(), std::env::var("PATH").unwrap_or_default());
     let zig = tools.join("zig");
-    for lang in ["rust", "python", "js", "c"] {
-        let project = dir.join(format!("greeter-{lang}"));
-        let out = stepbox(&["new", project.to_str().unwrap(), "--lang", lang]);
-        assert!(out.status.success(), "{lang}: {}", stderr(&out));
-        let printed = stdout(&out);
-        let commands: Vec<&str> = printed.lines().filter_map(|line| line.strip_prefix("  ")).collect();
-        assert_eq!(commands.first(), Some(&format!("cd {}", project.display()).as_str()), "{printed}");
-        let (run, build) = commands[1..].split_last().unwrap();
-        for command in build {
-            let status = Command::new("sh")
-                .arg("-c")
-                .arg(command)
-                .current_dir(&project)
-                .env("PATH", &path)
-                .env("STEPBOX_ZIG_DIR", &zig)
-                .env("ZIG_GLOBAL_CACHE_DIR", zig.join("cache"))
-                .status();
-            assert!(status.unwrap().success(), "{lang}: `{command}` failed");
-        }
-        let component = run.strip_prefix("stepbox step run ").unwrap().split_whitespace().next().unwrap();
-        let component = project.join(component);
-        let out = stepbox(&["step", "run", component.to_str().unwrap(), "--input", r#"{"name": "Ada"}"#]);
-        assert_eq!(
-            serde_json::from_str::<Value>(&stdout(&out)).ok(),
-            Some(json!({ "greeting": "Hello, Ada!" })),
-            "{lang}: {}",
-            stderr(&out)
-        );
-        let out = stepbox(&[
-            "step",
-            "run",
-            component.to_str().unwrap(),
-            "--input",
-            r#"{"name": ""}"#,
-            "--config",
-            "greeting=Hi",
-        ]);
-        assert_eq!(out.status.code(), Some(1), "{lang}");
-        assert!(stderr(&out).contains("failed (fatal): `name` must be a non-empty string"), "{lang}: {}", stderr(&out));
-        let out = stepbox(&[
-            "step",
-            "run",
-            component.to_str().unwrap(),
-            "--input",
-            r#"{"name": "Ada"}"#,
-            "--config",
-            "greeting=Hi",
-        ]);
-        assert_eq!(stdout(&out).trim(), r#"{"greeting":"Hi, Ada!"}"#, "{lang}");
+    let project = dir.join(format!("greeter-{lang}"));
+    let out = stepbox(&["new", project.to_str().unwrap(), "--lang", lang]);
+    assert!(out.status.success(), "{lang}: {}", stderr(&out));
+    let printed = stdout(&out);
+    let commands: Vec<&str> = printed.lines().filter_map(|line| line.strip_prefix("  ")).collect();
+    assert_eq!(commands.first(), Some(&format!("cd {}", project.display()).as_str()), "{printed}");
+    let (run, build) = commands[1..].split_last().unwrap();
+    for command in build {
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .current_dir(&project)
+            .env("PATH", &path)
+            .env("STEPBOX_ZIG_DIR", &zig)
+            .env("ZIG_GLOBAL_CACHE_DIR", zig.join("cache"))
+            .status();
+        assert!(status.unwrap().success(), "{lang}: `{command}` failed");
     }
-    let out = stepbox(&["new", dir.join("greeter-rust").to_str().unwrap()]);
+    let component = run.strip_prefix("stepbox step run ").unwrap().split_whitespace().next().unwrap();
+    let component = project.join(component);
+    let out = stepbox(&["step", "run", component.to_str().unwrap(), "--input", r#"{"name": "Ada"}"#]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).ok(),
+        Some(json!({ "greeting": "Hello, Ada!" })),
+        "{lang}: {}",
+        stderr(&out)
+    );
+    let step_run = |input: &str| {
+        stepbox(&["step", "run", component.to_str().unwrap(), "--input", input, "--config", "greeting=Hi"])
+    };
+    let out = step_run(r#"{"name": ""}"#);
+    assert_eq!(out.status.code(), Some(1), "{lang}");
+    assert!(stderr(&out).contains("failed (fatal): `name` must be a non-empty string"), "{lang}: {}", stderr(&out));
+    let out = step_run(r#"{"name": "Ada"}"#);
+    assert_eq!(stdout(&out).trim(), r#"{"greeting":"Hi, Ada!"}"#, "{lang}");
+    let out = stepbox(&["new", project.to_str().unwrap(), "--lang", lang]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_new_rust_project_builds_and_runs() {
+    new_project_builds_and_runs_with_the_printed_commands("rust");
+}
+
+#[test]
+fn a_new_python_project_builds_and_runs() {
+    new_project_builds_and_runs_with_the_printed_commands("python");
+}
+
+#[test]
+fn a_new_javascript_project_builds_and_runs() {
+    new_project_builds_and_runs_with_the_printed_commands("js");
+}
+
+#[test]
+fn a_new_c_project_builds_and_runs() {
+    new_project_builds_and_runs_with_the_printed_commands("c");
 }
 
 /// `stepbox compile` fills the data directory's cache; later commands load

@@ -8,11 +8,15 @@ use stepbox::run::Attempt;
 use stepbox::sandbox::{AttemptRequest, EngineConfig, Grants, Limits, Sandbox, StepComponent, StepContext};
 use stepbox::store::MemoryKeyValueStore;
 
-/// One sandbox per test binary, as in a real process.
+/// One sandbox per test binary, as in a real process. Its compile cache is
+/// shared by the test binaries (under the target directory), as a machine's
+/// is by its processes, so a test run compiles each guest once.
 pub fn sandbox() -> &'static Sandbox {
     static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
     SANDBOX.get_or_init(|| {
-        Sandbox::new(EngineConfig::default(), Arc::new(MemoryKeyValueStore::new())).expect("building the sandbox")
+        let target = Path::new(stepbox_tests::guests::HELLO).ancestors().nth(4).expect("guests live under target/");
+        let config = EngineConfig { cache_dir: Some(target.join("tests-compiled")), ..EngineConfig::default() };
+        Sandbox::new(config, Arc::new(MemoryKeyValueStore::new())).expect("building the sandbox")
     })
 }
 

@@ -23,7 +23,10 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
+        // Relative to where stepbox runs when it lies below it, as people
+        // usually name the file.
+        let cwd = std::env::current_dir().unwrap_or_default();
+        write!(f, "{}", self.file.strip_prefix(&cwd).unwrap_or(&self.file).display())?;
         if self.line > 0 {
             write!(f, ":{}:{}", self.line, self.column)?;
         }
