@@ -85,13 +85,6 @@ named!(StepStatus {
     Cancelled => "cancelled",
 });
 
-impl RunStatus {
-    /// Whether the run has ended (it is not running).
-    pub fn is_finished(self) -> bool {
-        self != RunStatus::Running
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
