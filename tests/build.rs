@@ -19,14 +19,22 @@ const PREVIEW1_PROGRAMS: [&str; 1] = ["wordcount"];
 fn main() {
     let root = guests::repository_root(1);
     guests::watch(&root);
-    let mut artifacts = guests::cargo_build(&root, "wasm32-wasip2", &[]);
-    for (name, path) in guests::cargo_build(&root, "wasm32-wasip1", &PREVIEW1_PROGRAMS) {
-        artifacts.push((format!("{name}-wasip1"), path));
-    }
     let target_dir = guests::target_dir(&root);
     let langs =
         langs::Langs { root: &root, tools: target_dir.parent().unwrap().join("tools"), out: target_dir.join("langs") };
-    artifacts.extend(langs.build_all());
+    // The other languages' tools download and build beside the Rust guests.
+    let mut artifacts = std::thread::scope(|scope| {
+        let others = scope.spawn(|| langs.build_all());
+        let mut artifacts = guests::cargo_build(&root, "wasm32-wasip2", &[]);
+        for (name, path) in guests::cargo_build(&root, "wasm32-wasip1", &PREVIEW1_PROGRAMS) {
+            artifacts.push((format!("{name}-wasip1"), path));
+        }
+        match others.join() {
+            Ok(others) => artifacts.extend(others),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        artifacts
+    });
     artifacts.sort();
 
     let mut code = String::new();

@@ -26,17 +26,23 @@ pub struct Langs<'a> {
 }
 
 impl Langs<'_> {
-    /// Builds every guest; returns each component with its name.
+    /// Builds every guest, the languages side by side (their tools download
+    /// while others compile); returns each component with its name.
     pub fn build_all(&self) -> Vec<(String, String)> {
         std::fs::create_dir_all(&self.out).expect("creating the output directory");
-        vec![
-            ("transform-py".to_owned(), self.python()),
-            ("transform-js".to_owned(), self.javascript()),
-            ("transform-c".to_owned(), self.c()),
-        ]
-        .into_iter()
-        .map(|(name, path)| (name, path.display().to_string()))
-        .collect()
+        let builds: [(&str, fn(&Self) -> PathBuf); 3] =
+            [("transform-py", Self::python), ("transform-js", Self::javascript), ("transform-c", Self::c)];
+        std::thread::scope(|scope| {
+            let running: Vec<_> =
+                builds.into_iter().map(|(name, build)| (name, scope.spawn(move || build(self)))).collect();
+            running
+                .into_iter()
+                .map(|(name, build)| match build.join() {
+                    Ok(path) => (name.to_owned(), path.display().to_string()),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                })
+                .collect()
+        })
     }
 
     fn python(&self) -> PathBuf {
@@ -153,8 +159,10 @@ impl Langs<'_> {
         let tool = self.tools.join("bin").join(binary);
         if !tool.exists() {
             let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+            // Unoptimized: they run once, on small inputs, and compile in
+            // half the time.
             cargo
-                .args(["install", "--quiet", "--locked", "--root"])
+                .args(["install", "--quiet", "--locked", "--debug", "--root"])
                 .arg(&self.tools)
                 .arg("--target-dir")
                 .arg(self.tools.join("build"))
