@@ -48,8 +48,8 @@ impl Playground {
 
     fn grants(&self) -> Vec<DirGrant> {
         vec![
-            DirGrant { host: self.root.join("data"), guest: "/data".into(), read_only: false },
-            DirGrant { host: self.root.join("ro"), guest: "/ro".into(), read_only: true },
+            DirGrant::new(&self.root.join("data"), "/data", false).unwrap(),
+            DirGrant::new(&self.root.join("ro"), "/ro", true).unwrap(),
         ]
     }
 
@@ -244,6 +244,7 @@ async fn http_is_refused_without_a_grant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_healthy_steps_succeed_beside_every_attack() {
     let playground = Playground::new("mixed");
+    std::fs::write(playground.root.join("data/f.txt"), "x").unwrap();
     let mut attacks = Vec::new();
     let hostile = [
         (guests::SPIN, json!(null)),
@@ -262,7 +263,7 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
     let components = hostile
         .into_iter()
         .map(|(guest, input)| (common::load(guest), input))
-        .chain([(table_bomb(1).unwrap(), json!(null))]);
+        .chain([(table_bomb(1).unwrap(), json!(null)), (open_loop(), json!(null))]);
     for (component, input) in components {
         let mut req = request(input);
         req.limits.timeout = Duration::from_secs(3);
@@ -285,4 +286,110 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
         assert!(report.duration_ms() < 6000.0, "{report:?}");
     }
     playground.assert_untouched("mixed");
+}
+
+/// A host tree for the symlink-swap attack: `ceiling/d/sub` holds a file;
+/// `secret.txt` lies in the root, which `d/../..` reaches.
+fn swap_tree(name: &str) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("stepbox-swap-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("ceiling/d/sub")).unwrap();
+    std::fs::write(root.join("ceiling/d/sub/inside.txt"), "inside").unwrap();
+    std::fs::write(root.join("secret.txt"), "top secret").unwrap();
+    root
+}
+
+/// Step `plant` (read-write on `d`) swaps `d/sub` for a symlink to `../..`
+/// (the root); step `read`, granted `d/sub` and checked when the run
+/// started, then tries to read `secret.txt` through it.
+fn swap_workflow(root: &Path) -> stepbox::workflow::Workflow {
+    let yaml = format!(
+        "name: swap\ncomponents:\n  escape: {}\nsteps:\n  - id: plant\n    uses: escape\n    with: {{ attack: plant-symlink }}\n    dirs: ['ceiling/d:/data']\n  - id: read\n    uses: escape\n    depends_on: [plant]\n    with: {{ attack: read-secret }}\n    dirs: ['ceiling/d/sub:/data:ro']\n",
+        guests::FS_ESCAPE
+    );
+    std::fs::write(root.join("swap.yaml"), yaml).unwrap();
+    stepbox::workflow::Workflow::load(&root.join("swap.yaml")).unwrap()
+}
+
+async fn run_swap(root: &Path, tenant: stepbox::tenant::Tenant) -> stepbox::run::RunReport {
+    use std::sync::Arc;
+    let workflow = swap_workflow(root);
+    tenant.check(&workflow).expect("both grants are under the ceiling when the run starts");
+    let inputs = workflow.bind_inputs(&Default::default()).unwrap();
+    let options =
+        stepbox::scheduler::RunOptions { tenant: Arc::new(tenant), ..stepbox::scheduler::RunOptions::new("swap") };
+    stepbox::scheduler::run(sandbox(), Arc::new(workflow), inputs, options).await.unwrap()
+}
+
+fn assert_swap_refused(report: &stepbox::run::RunReport) {
+    let output = |i: usize| report.steps[i].executions[0].attempts[0].output().cloned();
+    assert_eq!(output(0), Some(json!({ "attack": "plant-symlink", "outcome": "done: planted" })), "{report:?}");
+    let read = &report.steps[1].executions[0].attempts[0];
+    let failure = read.failure().unwrap_or_else(|| panic!("the swapped grant was opened: {read:?}"));
+    assert_eq!(failure.kind, FailureKind::Fatal);
+    assert!(failure.message.contains("cannot grant directory"), "{failure}");
+    assert!(!format!("{report:?}").contains("top secret"));
+}
+
+#[tokio::test]
+async fn a_grant_swapped_for_a_symlink_is_not_followed_out_of_the_tenants_ceiling() {
+    let root = swap_tree("ceiling");
+    let tenants = root.join("tenants.yaml");
+    std::fs::write(
+        &tenants,
+        format!("tenants:\n  acme: {{ dirs: ['{}'], components: any }}\n", root.join("ceiling/d").display()),
+    )
+    .unwrap();
+    let tenant = stepbox::tenant::Tenants::load(&tenants).unwrap().get("acme").unwrap();
+    let report = run_swap(&root, tenant).await;
+    assert_swap_refused(&report);
+    let message = report.steps[1].executions[0].attempts[0].failure().unwrap().message.clone();
+    assert!(message.contains("outside"), "opened beneath the ceiling, the symlink leads out: {message}");
+
+    // A later run is checked against the tree as it is now: the grant
+    // resolves outside the ceiling and the run is refused.
+    let tenant = stepbox::tenant::Tenants::load(&tenants).unwrap().get("acme").unwrap();
+    let err = tenant.check(&swap_workflow(&root)).unwrap_err().to_string();
+    assert!(err.contains("is not under tenant `acme`'s allowed dirs"), "{err}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[tokio::test]
+async fn without_a_ceiling_a_grant_whose_target_changed_is_refused() {
+    let root = swap_tree("no-ceiling");
+    let report = run_swap(&root, stepbox::tenant::Tenant::unconstrained("default")).await;
+    assert_swap_refused(&report);
+    let message = report.steps[1].executions[0].attempts[0].failure().unwrap().message.clone();
+    assert!(message.contains("is no longer the directory that was granted"), "{message}");
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+/// The hand-written preview1 program (`guests/open-loop.wat`) that opens
+/// `f.txt` in its first granted directory in a loop.
+fn open_loop() -> StepComponent {
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/guests/open-loop.wat"));
+    sandbox().load_bytes(path, &wat::parse_file(path).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn a_preview1_module_opening_files_in_a_loop_stops_at_the_resource_cap() {
+    let dir = std::env::temp_dir().join(format!("stepbox-open-loop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("f.txt"), "x").unwrap();
+    let module = open_loop();
+    let mut req = request(json!(null));
+    req.grants.dirs.push(DirGrant::new(&dir, "/data", true).unwrap());
+    // Without the cap the module would open files until the process ran
+    // out of descriptors (or 100,000 times), and print how many it got.
+    let report = sandbox().run(&module, req.clone()).await;
+    assert_eq!(failure_kind(&report), FailureKind::Trap, "{report:?}");
+    assert!(report.failure().unwrap().message.contains("resource table has no free keys"), "{report:?}");
+    assert!(report.stdout.text.is_empty(), "it never finished its loop: {report:?}");
+    // The attempt's files are closed with it: the process has descriptors
+    // for the next one.
+    let mut read = request(json!({ "path": "/data/f.txt" }));
+    read.grants.dirs = req.grants.dirs.clone();
+    let report = run(guests::FS_READ, read).await;
+    assert_eq!(report.output().map(|o| o["contents"].clone()), Some(json!("x")), "{report:?}");
+    std::fs::remove_dir_all(dir).unwrap();
 }

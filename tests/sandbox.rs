@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytesize::ByteSize;
@@ -192,7 +193,7 @@ async fn fs_read_reads_only_granted_directories() {
     std::fs::write(dir.join("notes.txt"), "granted").unwrap();
 
     let mut req = request(json!({ "path": "/data/notes.txt" }));
-    req.grants.dirs.push(DirGrant { host: dir.clone(), guest: "/data".into(), read_only: true });
+    req.grants.dirs.push(DirGrant::new(&dir, "/data", true).unwrap());
     let report = run(guests::FS_READ, req).await;
     assert_eq!(report.output(), Some(&json!({ "path": "/data/notes.txt", "contents": "granted", "bytes": 7 })));
 
@@ -206,7 +207,7 @@ async fn fs_read_reads_only_granted_directories() {
     std::fs::write(&secret, "secret").unwrap();
     let escape = format!("/data/../{}", secret.file_name().unwrap().to_string_lossy());
     let mut req = request(json!({ "path": escape }));
-    req.grants.dirs.push(DirGrant { host: dir.clone(), guest: "/data".into(), read_only: true });
+    req.grants.dirs.push(DirGrant::new(&dir, "/data", true).unwrap());
     assert_eq!(failure_kind(&run(guests::FS_READ, req).await), FailureKind::Fatal);
 
     std::fs::remove_file(secret).unwrap();
@@ -214,12 +215,30 @@ async fn fs_read_reads_only_granted_directories() {
 }
 
 #[tokio::test]
-async fn a_grant_of_a_missing_directory_fails_naming_it() {
+async fn a_grant_of_a_directory_that_is_gone_fails_naming_it() {
+    assert!(DirGrant::new(Path::new("/no/such/dir"), "/data", true).unwrap_err().contains("/no/such/dir"));
+    let dir = std::env::temp_dir().join(format!("stepbox-gone-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     let mut req = request(json!({ "path": "/data/x" }));
-    req.grants.dirs.push(DirGrant { host: "/no/such/dir".into(), guest: "/data".into(), read_only: true });
+    req.grants.dirs.push(DirGrant::new(&dir, "/data", true).unwrap());
+    std::fs::remove_dir(&dir).unwrap();
     let failure = run(guests::FS_READ, req).await.failure().cloned().unwrap();
     assert_eq!(failure.kind, FailureKind::Fatal);
-    assert!(failure.message.contains("/no/such/dir"), "{failure}");
+    assert!(failure.message.contains(&*dir.to_string_lossy()), "{failure}");
+}
+
+#[tokio::test]
+async fn no_grant_reaches_the_data_directory_with_the_compile_cache_and_scratch() {
+    // The tests' sandbox keeps its data directory under target/.
+    let target = Path::new(guests::HELLO).ancestors().nth(4).unwrap();
+    for granted in [target.join("tests-data"), target.join("tests-data/compiled"), target.to_owned()] {
+        std::fs::create_dir_all(&granted).unwrap();
+        let mut req = request(json!({ "path": "/data/x" }));
+        req.grants.dirs.push(DirGrant::new(&granted, "/data", true).unwrap());
+        let failure = run(guests::FS_READ, req).await.failure().cloned().unwrap();
+        assert_eq!(failure.kind, FailureKind::Fatal);
+        assert!(failure.message.contains("overlaps stepbox's data directory"), "{}: {failure}", granted.display());
+    }
 }
 
 #[tokio::test]

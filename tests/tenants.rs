@@ -11,8 +11,7 @@ use std::time::Instant;
 use common::sandbox;
 use stepbox::run::{RunReport, RunStatus, StepStatus};
 use stepbox::scheduler::{self, Dispatcher, RunOptions};
-use stepbox::tenant::Share;
-use stepbox::tenant::Tenants;
+use stepbox::tenant::{Share, Tenant, Tenants};
 use stepbox::workflow::Workflow;
 use stepbox_tests::guests;
 
@@ -35,8 +34,11 @@ fn sleepers(dir: &std::path::Path, name: &str, n: usize, millis: u64) -> Workflo
 }
 
 async fn run_as(tenant: &str, workflow: Workflow, dispatcher: Arc<Dispatcher>) -> (RunReport, Instant) {
-    let options =
-        RunOptions { tenant: tenant.into(), dispatcher: Some(dispatcher), ..RunOptions::new(format!("run-{tenant}")) };
+    let options = RunOptions {
+        tenant: Arc::new(Tenant::unconstrained(tenant)),
+        dispatcher: Some(dispatcher),
+        ..RunOptions::new(format!("run-{tenant}"))
+    };
     let no_inputs = workflow.bind_inputs(&Default::default()).unwrap();
     let report = scheduler::run(sandbox(), Arc::new(workflow), no_inputs, options).await.unwrap();
     (report, Instant::now())
@@ -111,12 +113,12 @@ async fn a_workflow_over_a_tenant_ceiling_fails_validation_naming_it() {
     std::fs::write(
         &path,
         format!(
-            "name: wf\ncomponents:\n  hello: allowed/hello.wasm\n  sleepy: {}\nsteps:\n  - id: a\n    uses: hello\n    limits: {{ timeout: 1m, memory: 64MiB }}\n    dirs: ['data:/data']\n    network: {{ connect: ['10.0.0.2:443'], http: ['GET@api.example.com', 'POST@api.example.com', 'GET@evil.net'] }}\n",
+            "name: wf\ncomponents:\n  hello: allowed/hello.wasm\n  sleepy: {}\nsteps:\n  - id: a\n    uses: hello\n    limits: {{ timeout: 1m, memory: 64MiB, fuel: 2_000_000_000 }}\n    dirs: ['data:/data']\n    network: {{ connect: ['10.0.0.2:443'], http: ['GET@api.example.com', 'POST@api.example.com', 'GET@evil.net'] }}\n",
             guests::SLEEPY
         ),
     )
     .unwrap();
-    let err = tenants.check("acme", &Workflow::load(&path).unwrap()).unwrap_err().to_string();
+    let err = tenants.get("acme").unwrap().check(&Workflow::load(&path).unwrap()).unwrap_err().to_string();
     for expected in [
         "step `a`: limits.timeout 1m is over tenant `acme`'s ceiling of 5s",
         "step `a`: limits.memory 64.0 MiB is over tenant `acme`'s ceiling of 32.0 MiB",
@@ -131,7 +133,7 @@ async fn a_workflow_over_a_tenant_ceiling_fails_validation_naming_it() {
     }
     assert!(!err.contains("component `hello`"), "hello is under the allowed path: {err}");
     assert!(!err.contains("`GET@api.example.com`"), "within *.example.com: {err}");
-    let unknown = tenants.check("globex", &Workflow::load(&path).unwrap()).unwrap_err().to_string();
+    let unknown = tenants.get("globex").unwrap_err().to_string();
     assert!(
         unknown.contains("tenant `globex` is not in the tenants file") && unknown.contains("the tenants are: acme")
     );
@@ -146,7 +148,9 @@ async fn a_run_stops_when_it_uses_up_its_fuel_budget() {
         format!("name: budget\ncomponents:\n  spin: {}\nsteps:\n  - id: a\n    uses: spin\n    limits: {{ fuel: 30_000_000 }}\n  - id: b\n    uses: spin\n    depends_on: [a]\n    always: true\n    limits: {{ fuel: 30_000_000 }}\n  - id: c\n    uses: spin\n    depends_on: [b]\n    always: true\n", guests::SPIN),
     )
     .unwrap();
-    let options = RunOptions { max_run_fuel: Some(45_000_000), ..RunOptions::new("budget") };
+    let mut tenant = Tenant::unconstrained("default");
+    tenant.spec.max_run_fuel = Some(45_000_000);
+    let options = RunOptions { tenant: Arc::new(tenant), ..RunOptions::new("budget") };
     let workflow = Workflow::load(&path).unwrap();
     let no_inputs = workflow.bind_inputs(&Default::default()).unwrap();
     let report = scheduler::run(sandbox(), Arc::new(workflow), no_inputs, options).await.unwrap();
@@ -164,8 +168,8 @@ async fn a_run_stops_when_it_uses_up_its_fuel_budget() {
 async fn included_workflows_are_held_to_the_tenant_ceilings() {
     let dir = temp_dir("includes");
     let tenants = dir.join("tenants.yaml");
-    std::fs::write(&tenants, "tenants:\n  acme:\n    limits: { timeout: 5s }\n").unwrap();
-    let tenants = Arc::new(Tenants::load(&tenants).unwrap());
+    std::fs::write(&tenants, "tenants:\n  acme:\n    limits: { timeout: 5s }\n    components: any\n").unwrap();
+    let tenant = Arc::new(Tenants::load(&tenants).unwrap().get("acme").unwrap());
     let sub = format!(
         "name: sub\ncomponents:\n  hello: {}\nsteps:\n  - id: greet\n    uses: hello\n    limits: {{ timeout: 1m }}\n",
         guests::HELLO
@@ -181,14 +185,14 @@ async fn included_workflows_are_held_to_the_tenant_ceilings() {
     let over = "limits.timeout 1m is over tenant `acme`'s ceiling of 5s";
 
     // A literal include is checked before the run, with the rest.
-    let err = tenants.check("acme", &outer("literal", "sub.yaml")).unwrap_err().to_string();
+    let err = tenant.check(&outer("literal", "sub.yaml")).unwrap_err().to_string();
     assert!(err.contains(&format!("step `inner` includes sub.yaml: step `greet`: {over}")), "{err}");
 
     // A templated one can only be checked when it is reached: the include
     // step fails and nothing of the included workflow runs.
     let templated = outer("templated", "{{ inputs.which }}.yaml");
-    tenants.check("acme", &templated).expect("the path is not known before the run");
-    let options = RunOptions { tenant: "acme".into(), tenants: Some(tenants.clone()), ..RunOptions::new("templated") };
+    tenant.check(&templated).expect("the path is not known before the run");
+    let options = RunOptions { tenant: tenant.clone(), ..RunOptions::new("templated") };
     let inputs = templated.bind_inputs(&Default::default()).unwrap();
     let report = scheduler::run(sandbox(), Arc::new(templated), inputs, options).await.unwrap();
     let inner = &report.steps[0];
@@ -199,4 +203,165 @@ async fn included_workflows_are_held_to_the_tenant_ceilings() {
         "{reason}"
     );
     assert!(inner.steps.is_empty(), "nothing of the included workflow ran: {inner:?}");
+}
+
+/// Writes a tenants file with one tenant `acme` whose entry is `entry` (YAML
+/// flow mapping) and loads it.
+fn acme(dir: &std::path::Path, entry: &str) -> Arc<Tenant> {
+    let file = dir.join("tenants.yaml");
+    std::fs::write(&file, format!("tenants:\n  acme: {entry}\n")).unwrap();
+    Arc::new(Tenants::load(&file).unwrap().get("acme").unwrap())
+}
+
+fn load(dir: &std::path::Path, name: &str, yaml: &str) -> Workflow {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    Workflow::load(&path).unwrap()
+}
+
+async fn run_under(tenant: Arc<Tenant>, workflow: Workflow) -> RunReport {
+    let inputs = workflow.bind_inputs(&Default::default()).unwrap();
+    let options = RunOptions { tenant, ..RunOptions::new(format!("run-{}", workflow.name)) };
+    scheduler::run(sandbox(), Arc::new(workflow), inputs, options).await.unwrap()
+}
+
+#[test]
+fn a_dimension_a_tenant_entry_leaves_out_grants_nothing() {
+    let dir = temp_dir("closed");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let workflow = load(
+        &dir,
+        "grants",
+        &format!(
+            "name: grants\ncomponents:\n  hello: {}\nsteps:\n  - id: a\n    uses: hello\n    dirs: ['data:/data']\n    network: {{ connect: ['10.0.0.1:443'], http: ['api.example.com'] }}\n    secrets: {{ token: {{ env: ACME_TOKEN }}, db: {{ file: acme/db }} }}\n",
+            guests::HELLO
+        ),
+    );
+    let err = acme(&dir, "{}").check(&workflow).unwrap_err().to_string();
+    for expected in [
+        "directory",
+        "is not under tenant `acme`'s allowed dirs",
+        "address 10.0.0.1:443 is not in tenant `acme`'s allowed network",
+        "HTTP grant `api.example.com` is not within tenant `acme`'s allowed http",
+        "secret `token` (env:ACME_TOKEN) is not among tenant `acme`'s allowed secrets",
+        "secret `db` (file:acme/db) is not among tenant `acme`'s allowed secrets",
+        "component `hello`",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    // `any`, written out, allows everything; secrets by name or prefix.
+    let open =
+        acme(&dir, "{ dirs: any, network: any, http: any, components: any, secrets: ['env:ACME_*', 'file:acme/db'] }");
+    open.check(&workflow).expect("everything is allowed");
+    let file = dir.join("tenants.yaml");
+    std::fs::write(&file, "tenants:\n  acme: { dirs: all }\n").unwrap();
+    let err = Tenants::load(&file).unwrap_err().to_string();
+    assert!(err.contains("`all` is not a list; write `any` to allow everything"), "{err}");
+}
+
+#[test]
+fn every_limit_a_step_can_set_has_an_enforced_ceiling() {
+    let dir = temp_dir("every-limit");
+    let workflow = load(
+        &dir,
+        "limits",
+        &format!(
+            "name: limits\ncomponents:\n  hello: {}\nsteps:\n  - id: a\n    uses: hello\n    limits: {{ stdio: 2MiB, output: 4MiB }}\n    retry: {{ attempts: 50 }}\n",
+            guests::HELLO
+        ),
+    );
+    let tenant = acme(&dir, "{ components: any, limits: { stdio: 1MiB, output: 1MiB }, max_attempts: 5 }");
+    let err = tenant.check(&workflow).unwrap_err().to_string();
+    for expected in [
+        "step `a`: limits.stdio 2.0 MiB is over tenant `acme`'s ceiling of 1.0 MiB (limits.stdio in",
+        "step `a`: limits.output 4.0 MiB is over tenant `acme`'s ceiling of 1.0 MiB (limits.output in",
+        "step `a`: retry.attempts 50 is over tenant `acme`'s ceiling of 5 (max_attempts in",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_ceiling_below_a_default_is_the_default_of_the_tenants_steps() {
+    let dir = temp_dir("low-ceiling");
+    // No limits in the workflow: stepbox's default fuel (2,000,000,000) is
+    // over the ceiling, so the ceiling is this tenant's default.
+    let workflow = load(
+        &dir,
+        "spin",
+        &format!("name: spin\ncomponents:\n  spin: {}\nsteps:\n  - id: a\n    uses: spin\n", guests::SPIN),
+    );
+    let tenant = acme(&dir, "{ components: any, limits: { fuel: 5_000_000, timeout: 2s } }");
+    tenant.check(&workflow).expect("a workflow that sets no limits fits any ceiling");
+    let report = run_under(tenant, workflow).await;
+    let attempt = &report.steps[0].executions[0].attempts[0];
+    assert_eq!(attempt.failure().map(|f| f.kind), Some(stepbox::run::FailureKind::OutOfFuel), "{attempt:?}");
+    assert!(attempt.fuel_consumed <= 5_000_000, "{}", attempt.fuel_consumed);
+}
+
+#[tokio::test]
+async fn a_fan_out_over_the_items_ceiling_fails_before_any_item_runs() {
+    let dir = temp_dir("items");
+    let workflow = load(
+        &dir,
+        "items",
+        &format!(
+            "name: items\ncomponents:\n  hello: {}\nsteps:\n  - id: many\n    uses: hello\n    for_each: \"{{{{ range(11)|list }}}}\"\n    with: {{ name: x }}\n  - id: huge\n    uses: hello\n    matrix: {{ a: \"{{{{ range(100000)|list }}}}\", b: \"{{{{ range(100000)|list }}}}\", c: \"{{{{ range(100000)|list }}}}\", d: \"{{{{ range(100000)|list }}}}\" }}\n    with: {{ name: x }}\n",
+            guests::HELLO
+        ),
+    );
+    let report = run_under(acme(&dir, "{ components: any, max_items: 10 }"), workflow).await;
+    let reason = |i: usize| report.steps[i].reason.clone().unwrap_or_default();
+    assert_eq!(report.steps[0].status, StepStatus::Failed);
+    assert!(
+        reason(0).contains("the fan-out has 11 items, over tenant `acme`'s ceiling of 10 (max_items)"),
+        "{}",
+        reason(0)
+    );
+    assert!(report.steps[0].executions.is_empty());
+    assert_eq!(report.steps[1].status, StepStatus::Failed);
+    assert!(reason(1).contains("the fan-out has more than 2^64 items"), "{}", reason(1));
+}
+
+#[tokio::test]
+async fn a_templated_include_that_reaches_itself_stops_at_the_depth_ceiling() {
+    let dir = temp_dir("depth");
+    // Includes itself through a template, which validation cannot see.
+    let workflow = load(
+        &dir,
+        "again",
+        "name: again\ninputs:\n  me: { type: string, default: again }\nsteps:\n  - id: deeper\n    include: \"{{ inputs.me }}.yaml\"\n",
+    );
+    let report = run_under(acme(&dir, "{ max_include_depth: 3 }"), workflow).await;
+    assert_eq!(report.run.status, RunStatus::Failed);
+    // The run's own workflow is depth 1; the third include would be the
+    // fourth workflow.
+    let mut step = &report.steps[0];
+    let mut chain = vec![step.id.to_string()];
+    while let Some(inner) = step.steps.first() {
+        step = inner;
+        chain.push(step.id.to_string());
+    }
+    assert_eq!(chain, ["deeper", "deeper.deeper", "deeper.deeper.deeper"], "{report:?}");
+    let reason = step.reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("includes nest 4 workflows deep, over tenant `acme`'s ceiling of 3 (max_include_depth"),
+        "{reason}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_attempts_cannot_together_overshoot_the_fuel_budget() {
+    let dir = temp_dir("parallel-budget");
+    let mut yaml = format!("name: burn\ncomponents:\n  spin: {}\nsteps:\n", guests::SPIN);
+    for i in 0..16 {
+        yaml.push_str(&format!("  - id: s{i}\n    uses: spin\n    limits: {{ fuel: 30_000_000 }}\n"));
+    }
+    let workflow = load(&dir, "burn", &yaml);
+    let tenant = acme(&dir, "{ components: any, max_run_fuel: 45_000_000 }");
+    let report = run_under(tenant, workflow).await;
+    let fuel: u64 = report.steps.iter().map(|s| s.fuel_consumed()).sum();
+    assert!(fuel <= 45_000_000, "16 parallel attempts used {fuel} of a 45,000,000 budget");
+    assert_eq!(report.run.status, RunStatus::Failed);
+    assert!(report.run.error.as_deref().unwrap_or_default().contains("fuel budget"), "{:?}", report.run.error);
 }

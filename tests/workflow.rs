@@ -786,6 +786,30 @@ steps:
 }
 
 #[test]
+fn durations_past_what_the_clock_can_hold_are_refused_not_a_panic() {
+    let err = validation_error(
+        "name: x
+defaults:
+  circuit_breaker: { failures: 3, cool_down: 18446744073709551615s }
+steps:
+  - id: a
+    uses: hello
+    limits: { timeout: 300000000y }
+    retry: { attempts: 3, initial: 1000y, max: 2000y, deadline: 5000y }
+",
+    );
+    for what in [
+        "defaults.circuit_breaker.cool_down",
+        "step `a`: limits.timeout",
+        "step `a`'s retry: initial",
+        "step `a`'s retry: max",
+        "step `a`'s retry: deadline",
+    ] {
+        assert_error(&err, 0, &format!("{what}: "), Some("use at most 366d"));
+    }
+}
+
+#[test]
 fn missing_files_and_bad_settings_are_named() {
     let err = validation_error(
         "name: x

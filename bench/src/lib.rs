@@ -53,7 +53,7 @@ pub const SMOKE: Sizes =
 pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Report> {
     let mut report = Report::new();
     let dir = tempfile::tempdir()?;
-    let sandbox = sandbox(&dir.path().join("compiled"))?;
+    let sandbox = sandbox(dir.path())?;
     let n = sizes.graph;
     let parallel = scheduler::default_max_parallel();
 
@@ -181,8 +181,9 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
     Ok(report)
 }
 
-fn sandbox(cache: &Path) -> anyhow::Result<Sandbox> {
-    let config = EngineConfig { cache_dir: Some(cache.to_owned()), ..EngineConfig::default() };
+/// A sandbox whose data directory (and so compile cache) is `data_dir`.
+fn sandbox(data_dir: &Path) -> anyhow::Result<Sandbox> {
+    let config = EngineConfig { data_dir: Some(data_dir.to_owned()), ..EngineConfig::default() };
     Sandbox::new(config, Arc::new(MemoryKeyValueStore::new()))
 }
 
@@ -233,10 +234,11 @@ async fn timed_run(
 }
 
 /// A run of a one-step workflow using `component`, by a new sandbox (as a
-/// new process would make) with the compile cache in `cache`.
-async fn start(component: &str, cache: &Path) -> anyhow::Result<Duration> {
+/// new process would make) with its data directory, and so its compile
+/// cache, in `data_dir`.
+async fn start(component: &str, data_dir: &Path) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let sandbox = sandbox(cache)?;
+    let sandbox = sandbox(data_dir)?;
     let order = json!({ "id": "o-1", "customer": { "first_name": "Ada", "last_name": "Lovelace" },
                         "items": [{ "sku": "tea", "quantity": 2, "unit_price_cents": 250 }] });
     let limits = stepbox::workflow::spec::LimitsSpec {

@@ -491,18 +491,98 @@ fn runs_over_a_tenant_ceiling_are_refused_before_they_start() {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
     let workflow = small_workflow(&dir, 1);
+    // `acme` leaves `components` out, so it may run none.
     std::fs::write(
         data.join("tenants.yaml"),
-        "tenants:\n  acme:\n    limits: { timeout: 1s }\n  roomy:\n    max_concurrent: 1\n",
+        "tenants:\n  acme:\n    limits: { timeout: 1s }\n  roomy:\n    max_concurrent: 1\n    components: any\n",
     )
     .unwrap();
     let out = output(&data, &["run", workflow.to_str().unwrap(), "--tenant", "acme"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(stderr(&out).contains("limits.timeout 10s is over tenant `acme`'s ceiling of 1s"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not under tenant `acme`'s allowed component paths"), "{}", stderr(&out));
     let out = output(&data, &["run", workflow.to_str().unwrap(), "--tenant", "nobody"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(stderr(&out).contains("tenant `nobody` is not in the tenants file"), "{}", stderr(&out));
     assert!(json(&data, &["runs", "--json"]).as_array().unwrap().is_empty(), "refused runs are not recorded");
     let out = output(&data, &["run", workflow.to_str().unwrap(), "--tenant", "roomy"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn file_secrets_come_from_the_secrets_directory_and_only_when_granted() {
+    const SECRET: &str = "sk_file_secret_0123456789";
+    let dir = temp_dir("file-secrets");
+    let data = dir.join("data");
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(secrets.join("acme")).unwrap();
+    std::fs::write(secrets.join("acme/api-key"), format!("{SECRET}\n")).unwrap();
+    std::fs::write(dir.join("host-only"), "not for tenants").unwrap();
+    std::os::unix::fs::symlink("../../host-only", secrets.join("acme/sneaky")).unwrap();
+    let workflow = |name: &str| {
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name: {name}\ncomponents:\n  probe: {}\nsteps:\n  - id: leak\n    uses: probe\n    secrets: {{ api_key: {{ file: acme/{name} }} }}\n    with: {{ probe: leak-secret }}\n",
+                guests::PROBE
+            ),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let tenants = dir.join("tenants.yaml");
+    std::fs::write(
+        &tenants,
+        "tenants:\n  acme: { components: any, secrets: ['file:acme/api-*'] }\n  globex: { components: any }\n",
+    )
+    .unwrap();
+    let run = |name: &str, tenant: &str| {
+        stepbox(&data)
+            .args(["--secrets-dir", secrets.to_str().unwrap(), "--tenants", tenants.to_str().unwrap()])
+            .args(["run", &workflow(name), "--tenant", tenant, "--json"])
+            .output()
+            .unwrap()
+    };
+    // Granted: the step reads the file's value, which is redacted from the
+    // report.
+    let out = run("api-key", "acme");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["steps"][0]["output"]["key"], "[redacted]", "{report}");
+    // Not granted to this tenant: refused before the run starts.
+    let out = run("api-key", "globex");
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stderr(&out).contains("secret `api_key` (file:acme/api-key) is not among tenant `globex`'s allowed secrets"),
+        "{}",
+        stderr(&out)
+    );
+    // A symlink in the secrets directory does not lead out of it.
+    std::fs::write(&tenants, "tenants:\n  acme: { components: any, secrets: ['file:acme/*'] }\n").unwrap();
+    let out = run("sneaky", "acme");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reason = report["steps"][0]["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(reason.contains("secret `api_key`: cannot read the file acme/sneaky"), "{report}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("not for tenants"));
+}
+
+#[test]
+fn the_data_directory_and_its_database_are_private_to_their_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_dir("private");
+    let data = dir.join("data");
+    let workflow = small_workflow(&dir, 1);
+    assert_eq!(output(&data, &["run", workflow.to_str().unwrap()]).status.code(), Some(0));
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        let expected = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode(&path), expected, "{}", path.display());
+    }
+    // An age that reaches back before 1970 is a mistake, not "everything".
+    let out = output(&data, &["gc", "--older-than", "300000000y"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("reaches back before 1970"), "{}", stderr(&out));
+    assert_eq!(json(&data, &["runs", "--json"]).as_array().unwrap().len(), 1);
 }

@@ -15,7 +15,7 @@ pub fn sandbox() -> &'static Sandbox {
     static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
     SANDBOX.get_or_init(|| {
         let target = Path::new(stepbox_tests::guests::HELLO).ancestors().nth(4).expect("guests live under target/");
-        let config = EngineConfig { cache_dir: Some(target.join("tests-compiled")), ..EngineConfig::default() };
+        let config = EngineConfig { data_dir: Some(target.join("tests-data")), ..EngineConfig::default() };
         Sandbox::new(config, Arc::new(MemoryKeyValueStore::new())).expect("building the sandbox")
     })
 }

@@ -40,7 +40,26 @@ fn attack(name: &str) -> std::io::Result<String> {
         }
         "write-read-only" => fs::write("/ro/new.txt", "x").map(|()| "written".into()),
         "delete-read-only" => fs::remove_file("/ro/file.txt").map(|()| "deleted".into()),
+        // Swaps the granted `/data/sub` for a symlink to the grant's
+        // grandparent, for a later step granted `sub` to follow.
+        "plant-symlink" => fs::rename("/data/sub", "/data/sub-old")
+            .and_then(|()| symlink(c"../..", c"/data/sub"))
+            .map(|()| "planted".into()),
+        "read-secret" => fs::read_to_string("/data/secret.txt"),
         other => Ok(format!("unknown attack {other}")),
+    }
+}
+
+/// `symlink(2)` from wasi-libc, which Rust's standard library links on
+/// WASI (its own `symlink_path` is not stable).
+fn symlink(target: &std::ffi::CStr, link: &std::ffi::CStr) -> std::io::Result<()> {
+    unsafe extern "C" {
+        fn symlink(target: *const std::ffi::c_char, link: *const std::ffi::c_char) -> std::ffi::c_int;
+    }
+    // SAFETY: both are NUL-terminated strings that outlive the call.
+    match unsafe { symlink(target.as_ptr(), link.as_ptr()) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
     }
 }
 

@@ -167,7 +167,11 @@ pub(crate) fn gc(args: GcArgs, data_dir: &Path) -> Result<u8, CliError> {
     let older_than = args.older_than.ok_or_else(|| CliError::Usage("gc needs --older-than or --cache".into()))?;
     let db = open_database(data_dir)?;
     let age: Duration = older_than.into();
-    let removed = db.gc(now_ms() - age.as_secs_f64() * 1000.0)?;
+    let before = now_ms() - age.as_secs_f64() * 1000.0;
+    if before < 0.0 {
+        return Err(CliError::Usage(format!("--older-than {older_than} reaches back before 1970; give a shorter age")));
+    }
+    let removed = db.gc(before)?;
     println!("removed {removed} run(s) started more than {older_than} ago");
     Ok(0)
 }

@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 
 use crate::sandbox::{EngineConfig, Sandbox};
 use crate::store::{Database, KeyValueStore, MemoryKeyValueStore};
-use crate::tenant::Tenants;
+use crate::tenant::{Tenant, Tenants};
 use crate::workflow::Workflow;
 pub(crate) use error::{CliError, exit};
 
@@ -47,34 +47,30 @@ struct Cli {
     /// The tenants file with each tenant's ceilings [default: tenants.yaml in the data directory, if there is one].
     #[arg(long, global = true, env = "STEPBOX_TENANTS", value_name = "FILE")]
     tenants: Option<PathBuf>,
+    /// Where `{ file: NAME }` secrets are read from (as container platforms mount them, e.g. /run/secrets).
+    #[arg(long, global = true, env = "STEPBOX_SECRETS_DIR", value_name = "DIR")]
+    secrets_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
-/// Where a run's records go and which ceilings apply to it.
+/// Where a run's records go, which ceilings apply to it and where its
+/// secrets are.
 pub(crate) struct Place<'a> {
     pub(crate) data_dir: &'a Path,
     pub(crate) tenants: Option<&'a Path>,
+    pub(crate) secrets_dir: Option<&'a Path>,
 }
 
-/// How a tenant's runs are limited: slots, weight, a fuel budget, and the
-/// ceilings included workflows are checked against when reached.
-pub(crate) struct TenantPolicy {
-    pub(crate) share: crate::tenant::Share,
-    pub(crate) max_run_fuel: Option<u64>,
-    pub(crate) tenants: Option<Arc<Tenants>>,
-}
-
-/// Checks `workflow` against `tenant`'s ceilings, if there is a tenants
-/// file.
-pub(crate) fn tenant_policy(place: &Place<'_>, tenant: &str, workflow: &Workflow) -> Result<TenantPolicy, CliError> {
-    let Some(file) = place.tenants else {
-        return Ok(TenantPolicy { share: crate::tenant::Share::default(), max_run_fuel: None, tenants: None });
+/// The tenant `name` with its ceilings from the tenants file (unconstrained
+/// without one), after checking `workflow` against them.
+pub(crate) fn admit(place: &Place<'_>, name: &str, workflow: &Workflow) -> Result<Arc<Tenant>, CliError> {
+    let tenant = match place.tenants {
+        Some(file) => Tenants::load(file)?.get(name)?,
+        None => Tenant::unconstrained(name),
     };
-    let tenants = Tenants::load(file)?;
-    tenants.check(tenant, workflow)?;
-    let max_run_fuel = tenants.get(tenant)?.max_run_fuel;
-    Ok(TenantPolicy { share: tenants.share(tenant), max_run_fuel, tenants: Some(Arc::new(tenants)) })
+    tenant.check(workflow)?;
+    Ok(Arc::new(tenant))
 }
 
 /// The data directory when none is given.
@@ -163,6 +159,11 @@ where
         )
         .with_writer(std::io::stderr)
         .try_init();
+    // Attempts' open files count against this process's limit, and each
+    // attempt's share of it is what the soft limit allows.
+    if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!("cannot raise the open-files limit: {err}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -172,7 +173,7 @@ where
     };
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let tenants = cli.tenants.clone().or_else(|| Some(data_dir.join("tenants.yaml")).filter(|path| path.is_file()));
-    let place = Place { data_dir: &data_dir, tenants: tenants.as_deref() };
+    let place = Place { data_dir: &data_dir, tenants: tenants.as_deref(), secrets_dir: cli.secrets_dir.as_deref() };
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(args, &place).await,
@@ -204,10 +205,9 @@ pub(crate) fn sandbox_with_kv(config: EngineConfig, kv: Arc<dyn KeyValueStore>) 
     Sandbox::new(config, kv).map_err(|err| CliError::Failed(format!("{err:#}")))
 }
 
-/// The engine settings of a command that keeps its state in `data_dir`:
-/// compiled components are cached in its `compiled/` directory.
+/// The engine settings of a command that keeps its state in `data_dir`.
 pub(crate) fn engine_config(data_dir: &Path) -> EngineConfig {
-    EngineConfig { cache_dir: Some(data_dir.join("compiled")), ..Default::default() }
+    EngineConfig { data_dir: Some(data_dir.to_owned()), ..Default::default() }
 }
 
 pub(crate) fn parse_key_value(text: &str) -> Result<(String, String), String> {

@@ -66,14 +66,36 @@ pub(crate) fn all_steps(steps: &[StepReport]) -> Vec<&StepReport> {
 pub(crate) fn print_attempt(step: &StepReport, key: &str, attempt: &Attempt) {
     println!("== {} attempt {} ({key}) — {}", step.id, attempt.attempt, attempt.outcome.as_str());
     for record in &attempt.logs {
-        println!("[{}] {}: {}", record.level, record.context, record.message);
+        println!("[{}] {}: {}", record.level, printable(&record.context), printable(&record.message));
     }
     for (name, captured) in [("stdout", &attempt.stdout), ("stderr", &attempt.stderr)] {
         if !captured.text.is_empty() {
-            println!("--- {name}\n{}", captured.text.trim_end());
+            println!("--- {name}\n{}", printable(captured.text.trim_end()));
         }
     }
     if let Some(failure) = attempt.failure() {
-        println!("failed ({}): {}", failure.kind, failure.message);
+        println!("failed ({}): {}", failure.kind, printable(&failure.message));
+    }
+}
+
+/// Guest text made safe for a terminal: control characters (escape
+/// sequences that move the cursor, retitle the window or hide text) are
+/// shown escaped; line breaks and tabs stay.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| if c.is_control() && c != '\n' && c != '\t' { c.escape_default().to_string() } else { c.to_string() })
+        .collect::<String>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_sequences_are_shown_escaped() {
+        assert_eq!(super::printable("a\x1b[2Jb\n\tc\u{9b}"), "a\\u{1b}[2Jb\n\tc\\u{9b}");
+        assert_eq!(super::printable("plain"), "plain");
     }
 }

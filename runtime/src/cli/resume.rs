@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::run::{HowToRun, execute};
-use super::{CliError, Place, open_database, tenant_policy};
+use super::{CliError, Place, admit, open_database};
 use crate::run::{Run, RunStatus, StepPath};
 use crate::store::{History, Journal};
 use crate::workflow::{Workflow, fingerprint_changes};
@@ -69,7 +69,7 @@ async fn continue_run(
         )));
     }
     let workflow = Arc::new(load_unchanged(&run, &db.fingerprint(run_id)?)?);
-    let policy = tenant_policy(place, &run.tenant, &workflow)?;
+    let tenant = admit(place, &run.tenant, &workflow)?;
     // Bound when the run was created; bound again here because a stored
     // record is data from disk, not a checked value.
     let inputs = workflow.bind_inputs(&run.inputs)?;
@@ -85,7 +85,7 @@ async fn continue_run(
         db.forget_steps(run_id, &paths)?;
     }
     db.reopen_run(run_id)?;
-    execute(db, workflow, run, inputs, how, policy).await
+    execute(db, workflow, run, inputs, how, tenant, place.secrets_dir).await
 }
 
 /// The run's workflow, if neither it nor its components changed since the

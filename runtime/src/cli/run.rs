@@ -11,12 +11,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::report::{millis, steps_table};
-use super::{
-    CliError, Place, TenantPolicy, engine_config, exit, open_database, parse_key_value, sandbox_with_kv, tenant_policy,
-};
+use super::{CliError, Place, admit, engine_config, exit, open_database, parse_key_value, sandbox_with_kv};
 use crate::run::{Run, RunStatus, StepPath, StepStatus};
+use crate::sandbox::EngineConfig;
 use crate::scheduler::{self, RunEvent, RunOptions};
 use crate::store::{Database, Journal, new_run_id};
+use crate::tenant::Tenant;
 use crate::workflow::{Inputs, Workflow};
 
 #[derive(Debug, clap::Args)]
@@ -51,8 +51,8 @@ pub(crate) struct Args {
 /// How to run: shared by `run`, `resume` and `retry`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct HowToRun {
-    /// Attempts running at once [default: twice the CPU cores, at least 4].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Attempts running at once, 1 to 4096 [default: twice the CPU cores, at least 4].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     max_parallel: Option<u32>,
     /// Cancel running steps as soon as a required step fails (`always` steps still run).
     #[arg(long)]
@@ -94,13 +94,13 @@ pub(crate) async fn run(args: Args, place: &Place<'_>) -> Result<u8, CliError> {
     let fingerprint = workflow
         .fingerprint()
         .map_err(|err| CliError::Invalid(format!("error: cannot read the workflow's files: {err}")))?;
-    let policy = tenant_policy(place, &args.tenant, &workflow)?;
+    let tenant = admit(place, &args.tenant, &workflow)?;
     let db = open_database(place.data_dir)?;
     let path = workflow.file.display().to_string();
     let mut run = Run::new(new_run_id(), &workflow.name, &path, &args.tenant, bound.as_map().clone());
     run.labels = args.labels.into_iter().collect();
     db.create_run(&run, &fingerprint)?;
-    execute(db, workflow, run, bound, &args.how, policy).await
+    execute(db, workflow, run, bound, &args.how, tenant, place.secrets_dir).await
 }
 
 /// Runs a recorded run (new, resumed or retried) with progress and a
@@ -111,28 +111,31 @@ pub(crate) async fn execute(
     run: Run,
     inputs: Inputs,
     how: &HowToRun,
-    policy: TenantPolicy,
+    tenant: Arc<Tenant>,
+    secrets_dir: Option<&std::path::Path>,
 ) -> Result<u8, CliError> {
-    let sandbox = sandbox_with_kv(engine_config(db.data_dir()), db.clone())?;
+    let max_parallel = how.max_parallel.map_or_else(scheduler::default_max_parallel, |n| n as usize);
+    let config = EngineConfig {
+        max_concurrent_attempts: u32::try_from(max_parallel).unwrap_or(u32::MAX),
+        ..engine_config(db.data_dir())
+    };
+    let sandbox = sandbox_with_kv(config, db.clone())?;
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     let (events, receiver) = mpsc::unbounded_channel();
     let mut options = RunOptions::new(run.id);
-    options.tenant = run.tenant;
+    options.secrets_dir = secrets_dir.map(ToOwned::to_owned);
     options.labels = run.labels;
     options.created_ms = run.created_ms;
     options.fail_fast = how.fail_fast;
     options.events = Some(events);
     options.cancel = cancel.clone();
     options.journal = Some(db);
-    if let Some(n) = how.max_parallel {
-        options.max_parallel = n as usize;
-    }
+    options.max_parallel = max_parallel;
     let dispatcher = scheduler::Dispatcher::new(options.max_parallel);
-    dispatcher.set_share(&options.tenant, policy.share);
+    dispatcher.set_share(&tenant.name, tenant.share());
     options.dispatcher = Some(dispatcher);
-    options.max_run_fuel = policy.max_run_fuel;
-    options.tenants = policy.tenants;
+    options.tenant = tenant;
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
     let result = scheduler::run(&sandbox, workflow, inputs, options).await;
     let _ = progress.await;

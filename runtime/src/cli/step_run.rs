@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use bytesize::ByteSize;
 
-use super::report::millis;
+use super::report::{millis, printable};
 use super::{CliError, exit, parse_key_value, sandbox_with};
 use crate::run::Attempt;
 use crate::sandbox::{AttemptRequest, DirGrant, EngineConfig, ExitCodes, Grants, HttpGrant, Limits, StepContext};
@@ -34,7 +34,7 @@ pub(crate) struct Args {
     #[arg(long, value_name = "SIZE")]
     memory: Option<ByteSize>,
     /// Grant a host directory: HOST:GUEST, HOST:GUEST:ro (read-only) or HOST:GUEST:rw. Repeatable.
-    #[arg(long = "dir", value_name = "HOST:GUEST[:ro]")]
+    #[arg(long = "dir", value_name = "HOST:GUEST[:ro]", value_parser = |spec: &str| DirGrant::parse(spec, std::path::Path::new("")))]
     dirs: Vec<DirGrant>,
     /// A config value the step reads through wasi:config. Repeatable.
     #[arg(long = "config", value_parser = parse_key_value, value_name = "KEY=VALUE")]
@@ -164,7 +164,7 @@ fn print_attempt(attempt: &Attempt, json: bool) -> Result<(), CliError> {
         println!("{text}");
     } else {
         for record in &attempt.logs {
-            eprintln!("[{}] {}: {}", record.level, record.context, record.message);
+            eprintln!("[{}] {}: {}", record.level, printable(&record.context), printable(&record.message));
         }
         match attempt.output() {
             Some(output) => println!("{output}"),
@@ -174,7 +174,7 @@ fn print_attempt(attempt: &Attempt, json: bool) -> Result<(), CliError> {
                     if !lines.is_empty() {
                         eprintln!("--- step {name} (last lines) ---");
                         for line in &lines[lines.len().saturating_sub(10)..] {
-                            eprintln!("{line}");
+                            eprintln!("{}", printable(line));
                         }
                     }
                 }
@@ -189,7 +189,7 @@ fn print_attempt(attempt: &Attempt, json: bool) -> Result<(), CliError> {
 fn summary(attempt: &Attempt) -> String {
     let status = match attempt.failure() {
         None => "succeeded".to_owned(),
-        Some(failure) => format!("failed ({}): {}", failure.kind, failure.message),
+        Some(failure) => format!("failed ({}): {}", failure.kind, printable(&failure.message)),
     };
     format!(
         "{status} · {:.1?} · fuel {} · peak memory {}",

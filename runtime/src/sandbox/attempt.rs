@@ -1,6 +1,7 @@
 //! One attempt: a fresh store and instance, the call to `run`, and the
 //! classification of how it ended.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
@@ -17,6 +18,7 @@ use super::host::http::HttpPolicy;
 use super::host::logging::LogBuffer;
 use super::limits::{InstanceLimiter, Limits};
 use super::redact::Redactor;
+use super::scratch::ScratchRoot;
 use crate::run::{Attempt, Failure, FailureKind, LogRecord, Outcome, now_ms};
 use crate::store::{KeyValueStore, KvScope};
 
@@ -82,19 +84,30 @@ enum Returned {
     Exit(i32),
 }
 
+/// Where an attempt's own files go, and what it must never reach.
+pub(crate) struct Places<'a> {
+    /// Scratch directories are made here.
+    pub(crate) scratch: &'a ScratchRoot,
+    /// stepbox's data directory, which no grant may overlap.
+    pub(crate) reserved: Option<&'a Path>,
+    /// The most host resources any attempt may hold, whatever its limits.
+    pub(crate) max_resources: u32,
+}
+
 pub(crate) async fn run(
     engine: &Engine,
     kv: Arc<dyn KeyValueStore>,
+    places: &Places<'_>,
     component: &StepComponent,
     request: AttemptRequest,
 ) -> Attempt {
     let AttemptRequest { context, input, limits, mut grants, exit_codes } = request;
+    let redactor = Redactor::new(grants.secrets.values());
     let stdio_cap = usize::try_from(limits.stdio.as_u64()).unwrap_or(usize::MAX);
-    let stdout = CappedPipe::new(stdio_cap);
-    let stderr = CappedPipe::new(stdio_cap);
+    let stdout = CappedPipe::new(stdio_cap, redactor.longest());
+    let stderr = CappedPipe::new(stdio_cap, redactor.longest());
     let started = Attempt::started(context.attempt, now_ms());
 
-    let redactor = Redactor::new(grants.secrets.values());
     let command = component.is_command();
     if command {
         if !grants.stdin.is_empty() {
@@ -110,14 +123,15 @@ pub(crate) async fn run(
         grants.args.insert(0, program.unwrap_or_else(|| "step".into()));
     }
     // Removed when dropped, at the end of this function.
-    let scratch = match grants.scratch.then(tempfile::TempDir::new).transpose() {
+    let scratch = match grants.scratch.then(|| places.scratch.attempt_dir()).transpose() {
         Ok(scratch) => scratch,
         Err(err) => {
             let failure = Failure::new(FailureKind::Trap, format!("cannot create the scratch directory: {err}"));
             return report(started, Outcome::Failed { failure }, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
         }
     };
-    let mut wasi = match grants.wasi_builder(&stdout, &stderr, scratch.as_ref().map(tempfile::TempDir::path)) {
+    let scratch_path = scratch.as_ref().map(tempfile::TempDir::path);
+    let mut wasi = match grants.wasi_builder(&stdout, &stderr, scratch_path, places.reserved) {
         Ok(wasi) => wasi,
         Err(err) => {
             // A grant the host cannot honour (a missing directory) is a
@@ -126,10 +140,17 @@ pub(crate) async fn run(
             return report(started, Outcome::Failed { failure }, 0, 0, Vec::new(), &stdout, &stderr, &redactor);
         }
     };
+    let max_resources = limits.host_resources.min(places.max_resources) as usize;
     let mut table = ResourceTable::new();
-    table.set_max_capacity(limits.host_resources as usize);
+    table.set_max_capacity(max_resources);
     let (wasi, preview1) = match component.entry {
-        Entry::Module(_) => (WasiCtxBuilder::new().build(), Some(wasi.build_p1())),
+        Entry::Module(_) => {
+            // A preview1 module keeps its descriptors in a table of its
+            // own, held to the same cap.
+            let mut preview1 = wasi.build_p1();
+            wasmtime_wasi::WasiView::ctx(&mut preview1).table.set_max_capacity(max_resources);
+            (WasiCtxBuilder::new().build(), Some(preview1))
+        }
         _ => (wasi.build(), None),
     };
     let state = StepState {
@@ -198,14 +219,14 @@ pub(crate) async fn run(
             FailureKind::Timeout,
             format!("the attempt ran longer than its timeout of {}", humantime::format_duration(limits.timeout)),
         )),
-        Ok(Err(err)) => failed(classify_error(&err, &store, &stderr)),
+        Ok(Err(err)) => failed(classify_error(&err, &store, &stderr.captured(&redactor).text)),
         Ok(Ok(Returned::Step(Err(StepError::Retryable(message))))) => {
             failed(Failure::new(FailureKind::Retryable, message))
         }
         Ok(Ok(Returned::Step(Err(StepError::Fatal(message))))) => failed(Failure::new(FailureKind::Fatal, message)),
         Ok(Ok(Returned::Step(Ok(output)))) => check_output(&output, &limits, false),
         Ok(Ok(Returned::Exit(0))) => {
-            let captured = stdout.captured();
+            let captured = stdout.captured(&redactor);
             if captured.dropped_bytes > 0 {
                 failed(Failure::new(
                     FailureKind::OutputLimit,
@@ -215,7 +236,7 @@ pub(crate) async fn run(
                 check_output(&captured.text, &limits, true)
             }
         }
-        Ok(Ok(Returned::Exit(code))) => failed(exit_failure(code, &exit_codes, &stderr)),
+        Ok(Ok(Returned::Exit(code))) => failed(exit_failure(code, &exit_codes, &stderr.captured(&redactor).text)),
     };
     let peak_memory = store.data().limiter.peak_memory();
     let logs = std::mem::replace(&mut store.data_mut().logs, LogBuffer::new(String::new(), 0, Redactor::default()))
@@ -223,7 +244,7 @@ pub(crate) async fn run(
     drop(store);
     drop(scratch);
     // A command's stdout is its output; it is not kept twice.
-    let stdout = if command { CappedPipe::new(0) } else { stdout };
+    let stdout = if command { CappedPipe::new(0, 0) } else { stdout };
     report(started, outcome, fuel_consumed, peak_memory, logs, &stdout, &stderr, &redactor)
 }
 
@@ -245,9 +266,8 @@ fn exited(result: wasmtime::Result<()>) -> wasmtime::Result<Returned> {
 
 /// A command's non-zero exit, classified by `exit_codes`, with the last line
 /// it wrote to stderr (usually the reason).
-fn exit_failure(code: i32, exit_codes: &ExitCodes, stderr: &CappedPipe) -> Failure {
+fn exit_failure(code: i32, exit_codes: &ExitCodes, stderr: &str) -> Failure {
     let kind = if exit_codes.retryable.contains(&code) { FailureKind::Retryable } else { FailureKind::Fatal };
-    let stderr = stderr.captured().text;
     match stderr.lines().rev().map(str::trim).find(|line| !line.is_empty()) {
         Some(last) => Failure::new(kind, format!("the command exited with code {code}: {last}")),
         None => Failure::new(kind, format!("the command exited with code {code}")),
@@ -266,10 +286,6 @@ fn report(
     stderr: &CappedPipe,
     redactor: &Redactor,
 ) -> Attempt {
-    let redact = |mut captured: crate::run::Captured| {
-        captured.text = redactor.text(&captured.text);
-        captured
-    };
     let outcome = match outcome {
         Outcome::Succeeded { output } => Outcome::Succeeded { output: redactor.json(output) },
         Outcome::Failed { failure } => failed(Failure { message: redactor.text(&failure.message), ..failure }),
@@ -281,8 +297,8 @@ fn report(
         fuel_consumed,
         peak_memory,
         logs,
-        stdout: redact(stdout.captured()),
-        stderr: redact(stderr.captured()),
+        stdout: stdout.captured(redactor),
+        stderr: stderr.captured(redactor),
         ..started
     }
 }
@@ -311,7 +327,7 @@ fn check_output(output: &str, limits: &Limits, lenient: bool) -> Outcome {
 }
 
 /// Names the failure behind an error from instantiating or calling the guest.
-fn classify_error(err: &wasmtime::Error, store: &Store<StepState>, stderr: &CappedPipe) -> Failure {
+fn classify_error(err: &wasmtime::Error, store: &Store<StepState>, stderr: &str) -> Failure {
     if let Some(exit) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
         return Failure::new(
             FailureKind::Trap,
@@ -349,7 +365,7 @@ fn classify_error(err: &wasmtime::Error, store: &Store<StepState>, stderr: &Capp
         ),
         None => format!("{err:#}"),
     };
-    if let Some(panic) = panic_message(&stderr.captured().text) {
+    if let Some(panic) = panic_message(stderr) {
         message.push_str(&format!(" ({panic})"));
     }
     Failure::new(FailureKind::Trap, message)

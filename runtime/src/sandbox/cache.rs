@@ -187,7 +187,7 @@ impl CompileCache {
     /// Writes to a temporary file and renames it into place, so a reader
     /// never sees half an entry.
     fn store<T: Compiled>(&self, path: &Path, compiled: &T) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir)?;
+        crate::store::create_private_dir(&self.dir)?;
         let serialized = compiled.serialize().map_err(|err| anyhow::anyhow!("{err:#}"))?;
         let mut temp = tempfile::NamedTempFile::new_in(&self.dir)?;
         std::io::Write::write_all(&mut temp, &serialized)?;

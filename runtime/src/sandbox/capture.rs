@@ -1,6 +1,9 @@
 //! Capped capture of a guest's stdout or stderr: the first bytes are kept,
 //! the rest is counted and dropped, and the guest never sees an error (a
-//! step that logs a lot should not fail because of it).
+//! step that logs a lot should not fail because of it). Secrets are
+//! redacted before the capture is cut to its cap, so the pipe keeps as many
+//! bytes past the cap as the longest secret has: a secret that crosses the
+//! cut is seen whole, and replaced.
 
 use std::io;
 use std::pin::Pin;
@@ -14,6 +17,7 @@ use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 
+use super::redact::Redactor;
 use crate::run::Captured;
 
 #[derive(Debug, Default)]
@@ -26,32 +30,45 @@ struct Buffer {
 #[derive(Debug, Clone)]
 pub(crate) struct CappedPipe {
     capacity: usize,
+    /// Bytes kept past the cap, so a secret crossing it can be redacted.
+    overhang: usize,
     buffer: Arc<Mutex<Buffer>>,
 }
 
 impl CappedPipe {
-    pub(crate) fn new(capacity: usize) -> Self {
-        CappedPipe { capacity, buffer: Arc::default() }
+    /// Keeps `capacity` bytes of what is written, redacting secrets of up
+    /// to `overhang` bytes across the cut.
+    pub(crate) fn new(capacity: usize, overhang: usize) -> Self {
+        CappedPipe { capacity, overhang, buffer: Arc::default() }
     }
 
     fn append(&self, bytes: &[u8]) {
         let mut buffer = self.buffer.lock();
-        let room = self.capacity.saturating_sub(buffer.kept.len());
+        let room = self.capacity.saturating_add(self.overhang).saturating_sub(buffer.kept.len());
         let kept = bytes.len().min(room);
         buffer.kept.extend_from_slice(&bytes[..kept]);
         buffer.dropped += (bytes.len() - kept) as u64;
     }
 
-    pub(crate) fn captured(&self) -> Captured {
+    /// What was captured, with `redactor`'s secrets replaced, cut to the
+    /// cap.
+    pub(crate) fn captured(&self, redactor: &Redactor) -> Captured {
         let buffer = self.buffer.lock();
-        let mut text = String::from_utf8_lossy(&buffer.kept).into_owned();
-        if buffer.dropped > 0 {
+        let mut text = redactor.text(&String::from_utf8_lossy(&buffer.kept));
+        let written = buffer.kept.len() as u64 + buffer.dropped;
+        let dropped = if buffer.dropped == 0 && text.len() <= self.capacity {
+            0
+        } else {
+            text.truncate(text.floor_char_boundary(self.capacity));
+            written.saturating_sub(self.capacity as u64).max(1)
+        };
+        if dropped > 0 {
             if !text.ends_with('\n') && !text.is_empty() {
                 text.push('\n');
             }
-            text.push_str(&format!("[... {} more bytes dropped]", buffer.dropped));
+            text.push_str(&format!("[... {dropped} more bytes dropped]"));
         }
-        Captured { text, dropped_bytes: buffer.dropped }
+        Captured { text, dropped_bytes: dropped }
     }
 }
 
@@ -114,11 +131,22 @@ mod tests {
 
     #[test]
     fn keeps_the_first_bytes_and_counts_the_rest() {
-        let pipe = CappedPipe::new(4);
+        let pipe = CappedPipe::new(4, 0);
         pipe.append(b"abc");
         pipe.append(b"defg");
-        let captured = pipe.captured();
+        let captured = pipe.captured(&Redactor::default());
         assert_eq!(captured.text, "abcd\n[... 3 more bytes dropped]");
         assert_eq!(captured.dropped_bytes, 3);
+    }
+
+    #[test]
+    fn a_secret_across_the_cut_leaves_nothing_of_itself() {
+        let secret = "hunter2".to_owned();
+        let redactor = Redactor::new([&secret]);
+        let pipe = CappedPipe::new(6, redactor.longest());
+        pipe.append(b"abcdhunter2 and more");
+        let captured = pipe.captured(&redactor);
+        assert_eq!(captured.text, "abcd[r\n[... 14 more bytes dropped]");
+        assert!(!captured.text.contains("hu"), "{}", captured.text);
     }
 }

@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use bytesize::ByteSize;
+
+use super::limits::{MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES};
 use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// How often the epoch advances: the longest a guest runs before it yields to
@@ -21,9 +23,12 @@ pub struct EngineConfig {
     pub max_concurrent_attempts: u32,
     /// The largest memory limit any attempt may be given.
     pub max_memory: ByteSize,
-    /// Where compiled components are kept between processes; `None`
-    /// compiles every time.
-    pub cache_dir: Option<std::path::PathBuf>,
+    /// The data directory: compiled components are kept in its `compiled/`
+    /// between processes, attempts' scratch directories are made in its
+    /// `scratch/`, and no directory grant may reach into it. `None` compiles
+    /// every time and makes scratch directories under the system's
+    /// temporary directory.
+    pub data_dir: Option<std::path::PathBuf>,
     /// Memory of each instance slot kept resident between attempts. Makes a
     /// short attempt about twice as fast (see BENCHMARKS.md); costs up to
     /// this much resident memory per recently used slot.
@@ -33,9 +38,9 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
-            max_concurrent_attempts: 256,
+            max_concurrent_attempts: 64,
             max_memory: ByteSize::gib(4),
-            cache_dir: None,
+            data_dir: None,
             keep_resident: ByteSize::mib(4),
         }
     }
@@ -44,12 +49,17 @@ impl Default for EngineConfig {
 pub(crate) fn build(config: &EngineConfig) -> anyhow::Result<Engine> {
     let instances = config.max_concurrent_attempts.max(1);
     let mut pool = PoolingAllocationConfig::default();
+    // The pool holds, for every attempt that may run, as many core
+    // instances, memories and tables as one attempt may create, so an
+    // attempt at its caps cannot starve another of slots.
+    let (core_instances, memories, tables) = (MAX_INSTANCES as u32, MAX_MEMORIES as u32, MAX_TABLES as u32);
     pool.total_component_instances(instances)
-        // A component built by Rust or another toolchain holds a few core
-        // instances, memories and tables (its own, the WASI adapter's, shims).
-        .total_core_instances(instances * 8)
-        .total_memories(instances * 2)
-        .total_tables(instances * 4)
+        .max_core_instances_per_component(core_instances)
+        .max_memories_per_component(memories)
+        .max_tables_per_component(tables)
+        .total_core_instances(instances * core_instances)
+        .total_memories(instances * memories)
+        .total_tables(instances * tables)
         .total_stacks(instances)
         .max_memory_size(usize::try_from(config.max_memory.as_u64()).unwrap_or(usize::MAX));
     // Resetting a slot's memory in place (only the pages the attempt

@@ -19,21 +19,43 @@ use super::capture::CappedPipe;
 const MAX_RANDOM_BYTES: u64 = 1024 * 1024;
 
 /// A host directory made visible to the guest.
+///
+/// The path is resolved (symlinks and `..`) when the grant is made, and the
+/// directory it leads to then is the one an attempt gets: when an attempt
+/// starts, the directory is opened again (beneath its tenant's ceiling, when
+/// there is one, so nothing that resolves outside it can be reached) and
+/// refused unless it is still that same directory. A step that swaps a
+/// directory on the path for a symlink cannot redirect a later grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirGrant {
-    /// The directory on the host.
+    /// The directory on the host, resolved.
     pub host: PathBuf,
     /// Where the guest sees it.
     pub guest: String,
     /// Whether the guest may only read.
     pub read_only: bool,
+    /// The device and inode the path led to when the grant was made.
+    identity: (u64, u64),
+    /// The tenant's ceiling directory it is opened beneath, if any.
+    ceiling: Option<PathBuf>,
 }
 
-impl std::str::FromStr for DirGrant {
-    type Err = String;
+impl DirGrant {
+    /// Grants the directory `host` at `guest`; fails when `host` is not a
+    /// directory.
+    pub fn new(host: &Path, guest: impl Into<String>, read_only: bool) -> Result<Self, String> {
+        let missing = |err: std::io::Error| format!("directory {} cannot be granted: {err}", host.display());
+        let resolved = host.canonicalize().map_err(missing)?;
+        let metadata = std::fs::metadata(&resolved).map_err(missing)?;
+        if !metadata.is_dir() {
+            return Err(format!("{} is not a directory", host.display()));
+        }
+        Ok(DirGrant { host: resolved, guest: guest.into(), read_only, identity: identity(&metadata), ceiling: None })
+    }
 
-    /// Parses `HOST:GUEST[:ro]` (or `HOST:GUEST:rw`).
-    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+    /// Parses `HOST:GUEST[:ro]` (or `HOST:GUEST:rw`), HOST relative to
+    /// `base_dir`, and grants it.
+    pub fn parse(spec: &str, base_dir: &Path) -> Result<Self, String> {
         let usage = || format!("`{spec}` is not a directory grant; write HOST:GUEST, HOST:GUEST:ro or HOST:GUEST:rw");
         let (rest, read_only) = match spec.rsplit_once(':') {
             Some((rest, "ro")) => (rest, true),
@@ -44,8 +66,53 @@ impl std::str::FromStr for DirGrant {
         if host.is_empty() || guest.is_empty() {
             return Err(usage());
         }
-        Ok(DirGrant { host: PathBuf::from(host), guest: guest.to_owned(), read_only })
+        DirGrant::new(&base_dir.join(host), guest, read_only)
     }
+
+    /// The same grant, opened beneath `ceiling` (a resolved directory that
+    /// holds it) when an attempt starts.
+    pub fn beneath(self, ceiling: PathBuf) -> Self {
+        DirGrant { ceiling: Some(ceiling), ..self }
+    }
+
+    /// Opens the directory for one attempt: beneath the ceiling if there is
+    /// one, and only if it is still the directory granted.
+    fn open(&self) -> anyhow::Result<std::fs::File> {
+        let dir = match &self.ceiling {
+            Some(ceiling) => {
+                let inside = self.host.strip_prefix(ceiling).map_err(|_| {
+                    anyhow::anyhow!("directory {} is not under {}", self.host.display(), ceiling.display())
+                })?;
+                let ceiling = cap_std::fs::Dir::open_ambient_dir(ceiling, cap_std::ambient_authority())?;
+                let dir = if inside.as_os_str().is_empty() { ceiling } else { ceiling.open_dir(inside)? };
+                dir.into_std_file()
+            }
+            None => std::fs::File::open(&self.host)?,
+        };
+        let metadata = dir.metadata()?;
+        if !metadata.is_dir() || identity(&metadata) != self.identity {
+            anyhow::bail!(
+                "{} is no longer the directory that was granted (it, or a directory on its path, was replaced); \
+                 load the workflow again to grant what is there now",
+                self.host.display()
+            );
+        }
+        Ok(dir)
+    }
+}
+
+/// A directory's device and inode.
+fn identity(metadata: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (metadata.dev(), metadata.ino())
+}
+
+/// A path that opens exactly the directory `dir` holds open, whatever has
+/// since changed at its old path.
+fn held_path(dir: &std::fs::File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    let fds = if cfg!(target_os = "linux") { "/proc/self/fd" } else { "/dev/fd" };
+    Path::new(fds).join(dir.as_raw_fd().to_string())
 }
 
 /// Outbound HTTP a step may make: one host (or every subdomain of one, with
@@ -223,12 +290,14 @@ impl HostMonotonicClock for SteppingClock {
 impl Grants {
     /// A WASI context builder with exactly these grants (built for WASI 0.2
     /// or preview1 by the caller); stdout and stderr go to the given capped
-    /// pipes, `scratch` (when granted) appears at `/scratch`.
+    /// pipes, `scratch` (when granted) appears at `/scratch`. No directory
+    /// grant may hold or lie inside `reserved` (stepbox's own files).
     pub(crate) fn wasi_builder(
         &self,
         stdout: &CappedPipe,
         stderr: &CappedPipe,
         scratch: Option<&Path>,
+        reserved: Option<&Path>,
     ) -> anyhow::Result<WasiCtxBuilder> {
         let mut builder = WasiCtxBuilder::new();
         builder
@@ -272,11 +341,20 @@ impl Grants {
                 .preopened_dir(scratch, SCRATCH, FsPerms::ReadWrite)
                 .map_err(|err| anyhow::anyhow!("cannot create the scratch directory: {err}"))?;
         }
+        let reserved = reserved.and_then(|reserved| reserved.canonicalize().ok());
         for dir in &self.dirs {
+            let cannot = |err: anyhow::Error| anyhow::anyhow!("cannot grant directory {}: {err:#}", dir.host.display());
+            if let Some(reserved) = reserved.as_ref().filter(|r| r.starts_with(&dir.host) || dir.host.starts_with(r)) {
+                return Err(cannot(anyhow::anyhow!(
+                    "it overlaps stepbox's data directory {}, which no step may reach; grant a directory outside it",
+                    reserved.display()
+                )));
+            }
+            let opened = dir.open().map_err(cannot)?;
             let perms = if dir.read_only { FsPerms::ReadOnly } else { FsPerms::ReadWrite };
             builder
-                .preopened_dir(&dir.host, &dir.guest, perms)
-                .map_err(|err| anyhow::anyhow!("cannot grant directory {} to the step: {err}", dir.host.display()))?;
+                .preopened_dir(held_path(&opened), &dir.guest, perms)
+                .map_err(|err| cannot(anyhow::anyhow!("{err:#}")))?;
         }
         Ok(builder)
     }
@@ -288,15 +366,17 @@ mod tests {
 
     #[test]
     fn parses_directory_grants() {
-        assert_eq!(
-            "data:/data:ro".parse::<DirGrant>().unwrap(),
-            DirGrant { host: "data".into(), guest: "/data".into(), read_only: true }
-        );
-        assert_eq!(
-            "/tmp/x:/x".parse::<DirGrant>().unwrap(),
-            DirGrant { host: "/tmp/x".into(), guest: "/x".into(), read_only: false }
-        );
-        assert!("nowhere".parse::<DirGrant>().unwrap_err().contains("HOST:GUEST"));
+        let base = std::env::temp_dir().canonicalize().unwrap();
+        let dir = base.join(format!("stepbox-grant-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        let grant = DirGrant::parse(&format!("{name}:/data:ro"), &base).unwrap();
+        assert_eq!((grant.host.as_path(), grant.guest.as_str(), grant.read_only), (dir.as_path(), "/data", true));
+        let grant = DirGrant::parse(&format!("{}:/x", dir.display()), Path::new("/elsewhere")).unwrap();
+        assert_eq!((grant.host.as_path(), grant.read_only), (dir.as_path(), false));
+        assert!(DirGrant::parse("nowhere", &base).unwrap_err().contains("HOST:GUEST"));
+        assert!(DirGrant::parse("no/such/dir:/x", &base).unwrap_err().contains("cannot be granted"));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     fn http(spec: &str) -> HttpGrant {

@@ -63,11 +63,14 @@ pub(crate) struct InstanceLimiter {
     hit: Option<LimitHit>,
 }
 
-/// Instances, memories and tables one attempt may create: a step component
-/// needs a handful of each; hostile ones do not get thousands.
-const MAX_INSTANCES: usize = 64;
-const MAX_MEMORIES: usize = 16;
-const MAX_TABLES: usize = 64;
+/// Core instances one attempt may create: a step component needs a handful;
+/// hostile ones do not get thousands. The instance pool holds this many per
+/// attempt slot, as it does memories and tables.
+pub(crate) const MAX_INSTANCES: usize = 64;
+/// Linear memories one attempt may create.
+pub(crate) const MAX_MEMORIES: usize = 16;
+/// Tables one attempt may create.
+pub(crate) const MAX_TABLES: usize = 64;
 
 impl InstanceLimiter {
     pub(crate) fn new(limits: &Limits) -> Self {

@@ -11,6 +11,7 @@ mod grants;
 mod host;
 mod limits;
 mod redact;
+mod scratch;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use crate::store::KeyValueStore;
 use cache::{CompileCache, Loaded};
 use component::Linkers;
 use host::StepState;
+use scratch::ScratchRoot;
 
 /// Runs step components. Cheap to clone; build one per process.
 #[derive(Clone)]
@@ -40,12 +42,21 @@ pub struct Sandbox {
     cache: Option<CompileCache>,
     loaded: Arc<Loaded>,
     kv: Arc<dyn KeyValueStore>,
+    scratch: Arc<ScratchRoot>,
+    /// Host resources (open files among them) one attempt may hold: its
+    /// share of the process's open-files limit.
+    resource_share: u32,
+    /// One permit per instance slot of the pool: an attempt waits for a
+    /// free slot rather than failing to instantiate.
+    slots: Arc<tokio::sync::Semaphore>,
     config: EngineConfig,
 }
 
 impl Sandbox {
-    /// Builds the engine, links the host interfaces and starts the epoch
-    /// ticker. `kv` backs every step's `wasi:keyvalue`.
+    /// Builds the engine, links the host interfaces, starts the epoch
+    /// ticker and claims a part of the scratch directory (removing what
+    /// killed processes left there). `kv` backs every step's
+    /// `wasi:keyvalue`.
     pub fn new(config: EngineConfig, kv: Arc<dyn KeyValueStore>) -> anyhow::Result<Self> {
         let engine = engine::build(&config)?;
         let mut component = Linker::new(&engine);
@@ -55,9 +66,18 @@ impl Sandbox {
         let mut module = wasmtime::Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::preview1)?;
         engine::start_epoch_ticker(&engine)?;
-        let cache = config.cache_dir.clone().map(|dir| CompileCache::new(dir, &engine));
+        let cache = config.data_dir.as_ref().map(|dir| CompileCache::new(dir.join("compiled"), &engine));
+        let scratch = match &config.data_dir {
+            Some(dir) => dir.join("scratch"),
+            None => std::env::temp_dir().join("stepbox-scratch"),
+        };
+        let scratch = ScratchRoot::claim(&scratch)
+            .map_err(|err| anyhow::anyhow!("cannot set up the scratch directory {}: {err}", scratch.display()))?;
+        let resource_share = resource_share(config.max_concurrent_attempts)?;
         let linkers = Arc::new(Linkers { component, module });
-        Ok(Sandbox { engine, linkers, cache, loaded: Arc::default(), kv, config })
+        let scratch = Arc::new(scratch);
+        let slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_attempts.max(1) as usize));
+        Ok(Sandbox { engine, linkers, cache, loaded: Arc::default(), kv, scratch, resource_share, slots, config })
     }
 
     /// The engine every attempt runs on (for benchmarks that compare
@@ -106,6 +126,31 @@ impl Sandbox {
             );
             return Attempt::refused(request.context.attempt, now_ms(), failure);
         }
-        attempt::run(&self.engine, self.kv.clone(), component, request).await
+        // Never closed, so this always gets a permit.
+        let _slot = self.slots.acquire().await.ok();
+        let places = attempt::Places {
+            scratch: &self.scratch,
+            reserved: self.config.data_dir.as_deref(),
+            max_resources: self.resource_share,
+        };
+        attempt::run(&self.engine, self.kv.clone(), &places, component, request).await
     }
+}
+
+/// Host resources one attempt may hold so that `slots` attempts at once
+/// cannot use up the process's open files: every open file or socket of a
+/// guest is a resource, so the shares together stay within the open-files
+/// limit, less a reserve for the process's own (the database, the cache,
+/// connections).
+fn resource_share(slots: u32) -> anyhow::Result<u32> {
+    let (open_files, _) = rlimit::Resource::NOFILE.get()?;
+    let reserve = (open_files / 10).max(256);
+    let share = open_files.saturating_sub(reserve) / u64::from(slots.max(1));
+    if share < 32 {
+        anyhow::bail!(
+            "the open-files limit ({open_files}) is too low for {slots} attempts at once; \
+             raise it (ulimit -n) or run fewer attempts at once"
+        );
+    }
+    Ok(u32::try_from(share).unwrap_or(u32::MAX))
 }

@@ -35,8 +35,16 @@ pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToke
     (i, report)
 }
 
-/// The items of a fan-out; one `None` for a plain step.
+/// The items of a fan-out; one `None` for a plain step. More than the
+/// tenant's `max_items` fail the step before any runs.
 fn items(shared: &Shared, i: usize) -> Result<Vec<Option<Value>>, String> {
+    let max = shared.base.tenant.spec.run.max_items;
+    let too_many = |count: String| {
+        format!(
+            "the fan-out has {count} items, over tenant `{}`'s ceiling of {max} (max_items)",
+            shared.base.tenant.name
+        )
+    };
     let context = shared.context.with_item(None);
     let list = |value: &Value, what: &str| -> Result<Vec<Value>, String> {
         let value = match value {
@@ -50,11 +58,26 @@ fn items(shared: &Shared, i: usize) -> Result<Vec<Option<Value>>, String> {
     };
     match &shared.workflow.steps[i].fan_out {
         FanOut::None => Ok(vec![None]),
-        FanOut::ForEach(value) => Ok(list(value, "for_each")?.into_iter().map(Some).collect()),
+        FanOut::ForEach(value) => {
+            let items = list(value, "for_each")?;
+            if items.len() > max {
+                return Err(too_many(items.len().to_string()));
+            }
+            Ok(items.into_iter().map(Some).collect())
+        }
         FanOut::Matrix(axes) => {
+            let axes = axes
+                .iter()
+                .map(|(key, value)| Ok((key, list(value, &format!("matrix.{key}"))?)))
+                .collect::<Result<Vec<_>, String>>()?;
+            // Counted before the combinations are built, which could not fit
+            // in memory.
+            let count = axes.iter().try_fold(1usize, |count, (_, values)| count.checked_mul(values.len()));
+            if count.is_none_or(|count| count > max) {
+                return Err(too_many(count.map_or_else(|| "more than 2^64".into(), |count| count.to_string())));
+            }
             let mut combinations = vec![serde_json::Map::new()];
-            for (key, value) in axes {
-                let values = list(value, &format!("matrix.{key}"))?;
+            for (key, values) in axes {
                 combinations = combinations
                     .into_iter()
                     .flat_map(|combination| {
@@ -172,9 +195,12 @@ async fn execution(
         return report;
     }
     let context = shared.context.with_item(item.as_ref());
-    let prepared = template::render_value(&step.with, &context)
-        .map_err(|err| format!("`with`: {err}"))
-        .and_then(|input| Ok((step.grants.render(&context, &input)?, input)));
+    let prepared =
+        template::render_value(&step.with, &context).map_err(|err| format!("`with`: {err}")).and_then(|input| {
+            let mut grants = step.grants.render(&context, &input, shared.base.secrets_dir.as_deref())?;
+            grants.dirs = shared.base.tenant.confine(grants.dirs)?;
+            Ok((grants, input))
+        });
     let (grants, input) = match prepared {
         Ok(prepared) => prepared,
         Err(err) => {
@@ -201,15 +227,20 @@ async fn execution(
                 Attempt::refused(number, now_ms(), Failure::new(FailureKind::CircuitOpen, message))
             }
             Admission::Run => {
-                let mut limits = step.limits.clone();
-                if let Some(left) = &shared.base.fuel_left {
-                    let left = left.load(std::sync::atomic::Ordering::SeqCst);
-                    if left == 0 {
-                        shared.stop_run("it used up its tenant's fuel budget (max_run_fuel)".into());
-                        report.status = StepStatus::Cancelled;
-                        return report;
-                    }
-                    limits.fuel = limits.fuel.min(left);
+                let mut limits = step.limits.over(&shared.base.limits);
+                let reserved = match &shared.base.fuel {
+                    Some(budget) => match budget.reserve(limits.fuel).await {
+                        Some(granted) => Some(budget.clone()).zip(Some(granted)),
+                        None => {
+                            shared.stop_run("it used up its tenant's fuel budget (max_run_fuel)".into());
+                            report.status = StepStatus::Cancelled;
+                            return report;
+                        }
+                    },
+                    None => None,
+                };
+                if let Some((_, granted)) = reserved {
+                    limits.fuel = granted;
                 }
                 let request = AttemptRequest {
                     context: StepContext {
@@ -217,7 +248,7 @@ async fn execution(
                         step_id: path.to_string(),
                         attempt: number,
                         idempotency_key: idempotency_key.clone(),
-                        tenant: shared.tenant.clone(),
+                        tenant: shared.base.tenant.name.clone(),
                         workflow: shared.workflow.name.clone(),
                     },
                     input: input.to_string(),
@@ -226,13 +257,8 @@ async fn execution(
                     exit_codes: step.exit_codes.clone(),
                 };
                 let attempt = attempt_once(shared, name, component, request, &path, cancel).await;
-                if let Some(left) = &shared.base.fuel_left {
-                    let used = attempt.fuel_consumed;
-                    let _ = left.fetch_update(
-                        std::sync::atomic::Ordering::SeqCst,
-                        std::sync::atomic::Ordering::SeqCst,
-                        |left| Some(left.saturating_sub(used)),
-                    );
+                if let Some((budget, granted)) = reserved {
+                    budget.give_back(granted, attempt.fuel_consumed);
                 }
                 if let Some(breaker) = breaker {
                     let counts = attempt.failure().is_some_and(|f| {
@@ -324,7 +350,7 @@ async fn attempt_once(
         if !shared.durable(started).await {
             return None;
         }
-        let _slot = shared.base.dispatcher.acquire(&shared.tenant).await;
+        let _slot = shared.base.dispatcher.acquire(&shared.base.tenant.name).await;
         shared.emit(RunEvent::AttemptStarted { path: path.clone(), attempt: number });
         Some(shared.sandbox.run(component, request).await)
     };
@@ -366,7 +392,7 @@ async fn include(
         // What the child's `Shared` reads; slots, fuel and the stop token
         // come from the run's `Base`.
         let options = super::RunOptions {
-            tenant: shared.tenant.clone(),
+            tenant: shared.base.tenant.clone(),
             events: shared.events.clone(),
             journal: shared.journal.clone(),
             ..super::RunOptions::new(shared.run_id.clone())
@@ -405,11 +431,11 @@ fn load_templated_include(shared: &Shared, path: &str, context: &minijinja::Valu
     let path = template::render_text(path, context).map_err(|err| format!("`include`: {err}"))?;
     let workflow = Workflow::load(&shared.workflow.base_dir.join(path))
         .map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
-    if let Some(tenants) = &shared.base.tenants {
-        tenants
-            .check(&shared.tenant, &workflow)
-            .map_err(|err| format!("the included workflow goes over the tenant's ceilings:\n{err}"))?;
-    }
+    shared
+        .base
+        .tenant
+        .check_at(&workflow, shared.depth() + 1)
+        .map_err(|err| format!("the included workflow goes over the tenant's ceilings:\n{err}"))?;
     Ok(workflow)
 }
 

@@ -2,12 +2,14 @@
 //! to a limit, with retries, fan-out, failure policies, per-component
 //! circuit breakers and rate limits, and cancellation.
 
+mod budget;
 mod context;
 mod dispatch;
 mod execute;
 mod policy;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,8 +22,9 @@ pub use dispatch::{Dispatcher, Slot};
 use crate::run::{Failure, Run, RunReport, RunStatus, StepPath, StepReport, StepStatus, now_ms};
 use crate::sandbox::{Sandbox, StepComponent};
 use crate::store::{Durable, Journal, ResumeState};
-use crate::tenant::Tenants;
+use crate::tenant::Tenant;
 use crate::workflow::{Diagnostic, Inputs, Workflow, WorkflowError, template};
+use budget::FuelBudget;
 use context::{RunContext, StepsView};
 use policy::{CircuitBreaker, RateLimiter};
 
@@ -63,8 +66,13 @@ pub enum RunEvent {
 pub struct RunOptions {
     /// The run's id; see [`crate::store::new_run_id`].
     pub run_id: String,
-    /// The tenant the run belongs to.
-    pub tenant: String,
+    /// The tenant the run belongs to, with its ceilings: its steps' default
+    /// limits, its fuel budget per run, and what a workflow included by a
+    /// templated path is checked against when it is reached.
+    pub tenant: Arc<Tenant>,
+    /// Where `{ file: NAME }` secrets are read from; without it, such a
+    /// secret fails its step.
+    pub secrets_dir: Option<PathBuf>,
     /// Labels to find the run by, echoed in its report.
     pub labels: BTreeMap<String, String>,
     /// When the run was created (unix ms): now for a new run, the recorded
@@ -83,25 +91,20 @@ pub struct RunOptions {
     /// Attempt slots shared with other runs, handed out fairly across
     /// tenants; a run without one gets its own `max_parallel` slots.
     pub dispatcher: Option<Arc<Dispatcher>>,
-    /// Fuel all attempts of the run may use together (a tenant ceiling).
-    pub max_run_fuel: Option<u64>,
     /// Where every transition is recorded before the scheduler acts on it.
     /// A run with a journal resumes: executions it records as succeeded
     /// are not run again.
     pub journal: Option<Arc<dyn Journal>>,
-    /// The tenants file the run was admitted under: a workflow it includes
-    /// is checked against the tenant's ceilings when the include is
-    /// reached (its path may be a template, known only then).
-    pub tenants: Option<Arc<Tenants>>,
 }
 
 impl RunOptions {
-    /// A run with this id, for the tenant `default`, with the default
-    /// parallelism and nothing else.
+    /// A run with this id, for the unconstrained tenant `default`, with the
+    /// default parallelism and nothing else.
     pub fn new(run_id: impl Into<String>) -> Self {
         RunOptions {
             run_id: run_id.into(),
-            tenant: "default".into(),
+            tenant: Arc::new(Tenant::unconstrained("default")),
+            secrets_dir: None,
             labels: BTreeMap::new(),
             created_ms: now_ms(),
             max_parallel: default_max_parallel(),
@@ -109,9 +112,7 @@ impl RunOptions {
             events: None,
             cancel: CancellationToken::new(),
             dispatcher: None,
-            max_run_fuel: None,
             journal: None,
-            tenants: None,
         }
     }
 }
@@ -158,14 +159,15 @@ pub async fn compile(workflow: &Workflow, sandbox: &Sandbox) -> Result<HashMap<S
     if diagnostics.is_empty() { Ok(compiled) } else { Err(WorkflowError { diagnostics }) }
 }
 
-/// Compiles the components and runs the workflow with inputs bound by
-/// [`Workflow::bind_inputs`].
+/// Checks the workflow against its tenant's ceilings, compiles its
+/// components and runs it with inputs bound by [`Workflow::bind_inputs`].
 pub async fn run(
     sandbox: &Sandbox,
     workflow: Arc<Workflow>,
     inputs: Inputs,
     options: RunOptions,
 ) -> Result<RunReport, WorkflowError> {
+    options.tenant.check(&workflow)?;
     let components = compile(&workflow, sandbox).await?;
     let resume = match &options.journal {
         Some(journal) => {
@@ -183,8 +185,10 @@ pub async fn run(
         resume: Arc::new(resume),
         stop: options.cancel.child_token(),
         stop_error: Arc::new(parking_lot::Mutex::new(None)),
-        fuel_left: options.max_run_fuel.map(|fuel| Arc::new(std::sync::atomic::AtomicU64::new(fuel))),
-        tenants: options.tenants.clone(),
+        fuel: options.tenant.spec.max_run_fuel.map(|fuel| Arc::new(FuelBudget::new(fuel))),
+        limits: Arc::new(options.tenant.default_limits()),
+        tenant: options.tenant.clone(),
+        secrets_dir: options.secrets_dir.clone().map(Arc::from),
     };
     let shared = Shared::new(sandbox.clone(), workflow.clone(), components, &inputs, &options, base, None);
     let graph = run_graph(shared.clone(), options.fail_fast).await;
@@ -200,7 +204,7 @@ pub async fn run(
         id: options.run_id,
         workflow: workflow.name.clone(),
         workflow_path: workflow.file.display().to_string(),
-        tenant: options.tenant,
+        tenant: options.tenant.name.clone(),
         labels: options.labels,
         inputs: inputs.as_map().clone(),
         status,
@@ -231,9 +235,12 @@ pub(crate) struct Base {
     stop: CancellationToken,
     /// Why the run stopped, when it was not a step's doing.
     stop_error: Arc<parking_lot::Mutex<Option<String>>>,
-    /// What is left of the run's fuel budget, if it has one.
-    fuel_left: Option<Arc<std::sync::atomic::AtomicU64>>,
-    tenants: Option<Arc<Tenants>>,
+    /// The run's fuel budget, if its tenant has one.
+    fuel: Option<Arc<FuelBudget>>,
+    /// The limits of a step that sets none (its tenant's defaults).
+    limits: Arc<crate::sandbox::Limits>,
+    tenant: Arc<Tenant>,
+    secrets_dir: Option<Arc<std::path::Path>>,
 }
 
 /// Everything the tasks of one run share.
@@ -245,7 +252,6 @@ pub(crate) struct Shared {
     limiters: HashMap<String, RateLimiter>,
     base: Base,
     run_id: String,
-    tenant: String,
     events: Option<mpsc::UnboundedSender<RunEvent>>,
     journal: Option<Arc<dyn Journal>>,
     context: RunContext,
@@ -281,7 +287,7 @@ impl Shared {
         let context = RunContext {
             inputs: template::to_jinja(inputs.as_map()),
             vars: template::to_jinja(&workflow.vars),
-            run: minijinja::context! { id => options.run_id.clone(), workflow => workflow.name.clone(), tenant => options.tenant.clone() },
+            run: minijinja::context! { id => options.run_id.clone(), workflow => workflow.name.clone(), tenant => options.tenant.name.clone() },
             steps,
         };
         Arc::new(Shared {
@@ -291,7 +297,6 @@ impl Shared {
             limiters,
             base,
             run_id: options.run_id.clone(),
-            tenant: options.tenant.clone(),
             events: options.events.clone(),
             journal: options.journal.clone(),
             context,
@@ -301,6 +306,11 @@ impl Shared {
     }
 
     /// The path of step `i` of this workflow in the run.
+    /// How many workflows deep this one is: 1 for the run's own.
+    fn depth(&self) -> usize {
+        self.parent.as_ref().map_or(1, |parent| parent.depth() + 1)
+    }
+
     fn path(&self, i: usize) -> StepPath {
         let id = &self.workflow.steps[i].id;
         match &self.parent {

@@ -22,6 +22,14 @@ use crate::run::{Attempt, Run, RunReport, RunStatus, StepPath, StepReport};
 pub use memory::MemoryKeyValueStore;
 pub use sqlite::{DATABASE_FILE, Database, SCHEMA_VERSION};
 
+/// Creates `dir` and its missing parents so that only this user can enter
+/// them: a data directory holds every tenant's records and compiled native
+/// code.
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
 /// A new run id: a UUIDv7, unique across processes and machines and
 /// sorting by creation time.
 pub fn new_run_id() -> String {

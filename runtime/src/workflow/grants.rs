@@ -10,9 +10,13 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::diagnostic::Diagnostics;
+use super::spec::SecretSource;
 use super::spec::StepSpec;
 use super::template;
 use crate::sandbox::{DirGrant, Grants, HttpGrant};
+
+/// The largest secret file read: secrets are keys and passwords.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
 
 /// What a step may reach beyond its own memory, before rendering: config,
 /// environment, arguments and stdin are still templates.
@@ -24,8 +28,8 @@ pub struct StepGrants {
     pub env: BTreeMap<String, String>,
     /// Host directories, resolved against the workflow file's directory.
     pub dirs: Vec<DirGrant>,
-    /// Secret name → the host environment variable holding it.
-    pub secrets: BTreeMap<String, String>,
+    /// Secret name → where its value comes from.
+    pub secrets: BTreeMap<String, SecretSource>,
     /// Command-line arguments; templates.
     pub args: Vec<String>,
     /// Text on the step's stdin; a template.
@@ -45,19 +49,13 @@ impl StepGrants {
     pub(crate) fn from_spec(d: &mut Diagnostics, step: &StepSpec, id: &str, base_dir: &Path) -> Self {
         let mut dirs = Vec::new();
         for dir in &step.dirs {
-            match dir.value.parse::<DirGrant>() {
-                Ok(mut grant) => {
-                    grant.host = base_dir.join(&grant.host);
-                    if !grant.host.is_dir() {
-                        d.on(
-                            dir,
-                            format!("step `{id}`: directory {} does not exist", grant.host.display()),
-                            Some("host paths are relative to the workflow file".into()),
-                        );
-                    }
-                    dirs.push(grant);
-                }
-                Err(message) => d.on(dir, message, None),
+            match DirGrant::parse(&dir.value, base_dir) {
+                Ok(grant) => dirs.push(grant),
+                Err(message) => d.on(
+                    dir,
+                    format!("step `{id}`: {message}"),
+                    Some("host paths are relative to the workflow file".into()),
+                ),
             }
         }
         let mut network = Vec::new();
@@ -92,7 +90,7 @@ impl StepGrants {
             config: step.config.clone(),
             env: step.env.clone(),
             dirs,
-            secrets: step.secrets.iter().map(|(key, secret)| (key.clone(), secret.env.clone())).collect(),
+            secrets: step.secrets.clone(),
             args: step.args.clone(),
             stdin: step.stdin.clone(),
             scratch: step.scratch,
@@ -103,10 +101,15 @@ impl StepGrants {
     }
 
     /// The grants of one execution, whose templates see `context` and whose
-    /// rendered input is `input`: secrets read from the host's environment,
-    /// a deterministic step's seed taken from the input. The error names
-    /// the field that could not be rendered.
-    pub fn render(&self, context: &minijinja::Value, input: &Value) -> Result<Grants, String> {
+    /// rendered input is `input`: secrets read from the host's environment
+    /// or from `secrets_dir`, a deterministic step's seed taken from the
+    /// input. The error names the field that could not be rendered.
+    pub fn render(
+        &self,
+        context: &minijinja::Value,
+        input: &Value,
+        secrets_dir: Option<&Path>,
+    ) -> Result<Grants, String> {
         let text =
             |text: &str, what: &str| template::render_text(text, context).map_err(|err| format!("`{what}`: {err}"));
         let map = |map: &BTreeMap<String, String>, what: &str| {
@@ -117,9 +120,10 @@ impl StepGrants {
         let secrets = self
             .secrets
             .iter()
-            .map(|(key, var)| match std::env::var(var) {
-                Ok(value) => Ok((key.clone(), value)),
-                Err(_) => Err(format!("secret `{key}` reads the environment variable {var}, which is not set")),
+            .map(|(key, source)| {
+                read_secret(source, secrets_dir)
+                    .map(|value| (key.clone(), value))
+                    .map_err(|why| format!("secret `{key}`: {why}"))
             })
             .collect::<Result<_, String>>()?;
         // Seeded from the input, so the same input gives the same output.
@@ -146,5 +150,54 @@ impl StepGrants {
             network: self.network.clone(),
             http: self.http.clone(),
         })
+    }
+}
+
+/// The value of one secret: an environment variable of the host, or a file
+/// in the secrets directory, opened beneath it so neither `..` nor a
+/// symlink leads out. A file's trailing line break is not part of the
+/// value.
+fn read_secret(source: &SecretSource, secrets_dir: Option<&Path>) -> Result<String, String> {
+    match source {
+        SecretSource::Env(var) => {
+            std::env::var(var).map_err(|_| format!("it reads the environment variable {var}, which is not set"))
+        }
+        SecretSource::File(name) => {
+            let dir = secrets_dir.ok_or_else(|| {
+                format!("it reads the file {name}, but no secrets directory is set (start stepbox with --secrets-dir)")
+            })?;
+            let cannot = |err: std::io::Error| format!("cannot read the file {name} in {}: {err}", dir.display());
+            let dir = cap_std::fs::Dir::open_ambient_dir(dir, cap_std::ambient_authority()).map_err(cannot)?;
+            let file = dir.open(name).map_err(cannot)?;
+            let mut value = String::new();
+            std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_SECRET_FILE + 1), &mut value)
+                .map_err(cannot)?;
+            if value.len() as u64 > MAX_SECRET_FILE {
+                return Err(format!("the file {name} is over the {MAX_SECRET_FILE}-byte limit of a secret"));
+            }
+            let trimmed = value.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v)).unwrap_or(&value);
+            Ok(trimmed.to_owned())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_file_is_read_beneath_the_secrets_directory_without_its_line_break() {
+        let dir = std::env::temp_dir().join(format!("stepbox-secret-files-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/key"), "s3cret\r\n").unwrap();
+        std::fs::write(dir.join("big"), vec![b'x'; MAX_SECRET_FILE as usize + 1]).unwrap();
+        let file = |name: &str| read_secret(&SecretSource::File(name.into()), Some(&dir));
+        assert_eq!(file("sub/key").unwrap(), "s3cret");
+        assert!(file("../etc/passwd").unwrap_err().contains("cannot read the file ../etc/passwd"));
+        assert!(file("/etc/passwd").unwrap_err().contains("cannot read the file /etc/passwd"));
+        assert!(file("big").unwrap_err().contains("over the 65536-byte limit"));
+        let none = read_secret(&SecretSource::File("sub/key".into()), None).unwrap_err();
+        assert!(none.contains("no secrets directory is set (start stepbox with --secrets-dir)"), "{none}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

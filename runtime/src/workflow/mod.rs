@@ -27,8 +27,8 @@ pub(crate) use parse::read as read_file;
 pub use spec::WorkflowSpec;
 
 use crate::run::FailureKind;
-use crate::sandbox::Limits;
-use spec::{Backoff, BreakerSpec, InputSpec, RateLimitSpec};
+
+use spec::{Backoff, BreakerSpec, InputSpec, LimitsSpec, RateLimitSpec};
 
 /// A validated workflow: every reference resolved, the graph acyclic.
 #[derive(Debug, Clone)]
@@ -121,8 +121,9 @@ pub struct Step {
     pub handles: Vec<usize>,
     /// When failed attempts are tried again.
     pub retry: RetryPolicy,
-    /// Per-attempt ceilings.
-    pub limits: Limits,
+    /// The per-attempt limits the step (or the workflow's defaults) sets;
+    /// the rest are its tenant's defaults, filled in when it runs.
+    pub limits: LimitsSpec,
     /// One execution, or one per item.
     pub fan_out: FanOut,
     /// Items of a fan-out running at once, at most.

@@ -190,10 +190,21 @@ pub struct LimitsSpec {
 }
 
 impl LimitsSpec {
+    /// These limits over `base`'s: each field set here wins. A step's are
+    /// taken over `defaults.limits`.
+    pub fn over_spec(&self, base: &LimitsSpec) -> LimitsSpec {
+        LimitsSpec {
+            fuel: self.fuel.or(base.fuel),
+            timeout: self.timeout.or(base.timeout),
+            memory: self.memory.or(base.memory),
+            output: self.output.or(base.output),
+            stdio: self.stdio.or(base.stdio),
+        }
+    }
+
     /// These limits over `base`: each field set here wins, the rest come
-    /// from `base`. Steps take them over `defaults.limits`, which is over
-    /// stepbox's own defaults; `stepbox step run` takes its flags the same
-    /// way.
+    /// from `base`. A step's are taken over its tenant's default limits when
+    /// it runs; `stepbox step run` takes its flags the same way.
     pub fn over(&self, base: &Limits) -> Limits {
         Limits {
             fuel: self.fuel.unwrap_or(base.fuel),
@@ -338,9 +349,10 @@ pub struct StepSpec {
     #[schemars(with = "Vec<String>")]
     pub dirs: Vec<Spanned<String>>,
     /// Secret values the step reads through `wasi:config`, taken from the
-    /// host's environment when it runs; never recorded anywhere.
+    /// host's environment or secrets directory when it runs; never recorded
+    /// anywhere.
     #[serde(default)]
-    pub secrets: BTreeMap<String, SecretSpec>,
+    pub secrets: BTreeMap<String, SecretSource>,
     /// Command-line arguments; templates.
     #[serde(default)]
     pub args: Vec<String>,
@@ -373,12 +385,25 @@ pub struct ExitCodesSpec {
     pub retryable: Vec<i32>,
 }
 
-/// Where a secret's value comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct SecretSpec {
-    /// The host environment variable that holds it.
-    pub env: String,
+/// Where a secret's value comes from: `{ env: VAR }` or `{ file: NAME }`.
+/// A tenant may read only the secrets its tenants-file entry grants.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum SecretSource {
+    /// A host environment variable.
+    Env(String),
+    /// A file in the secrets directory (`--secrets-dir`), as container
+    /// platforms mount secrets.
+    File(String),
+}
+
+impl std::fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::Env(name) => write!(f, "env:{name}"),
+            SecretSource::File(name) => write!(f, "file:{name}"),
+        }
+    }
 }
 
 /// What a step may reach over the network.

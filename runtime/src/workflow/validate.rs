@@ -17,7 +17,7 @@ use super::spec::{ComponentSpec, RetrySpec, WorkflowSpec};
 use super::template::check::{check_list, check_templates};
 use super::template::is_template;
 use super::{Action, Component, FanOut, RetryPolicy, Step, Workflow, graph, parse};
-use crate::sandbox::{ExitCodes, Limits};
+use crate::sandbox::ExitCodes;
 
 /// Reads and validates the workflow file at `path`. `including` holds the
 /// files that include this one, to refuse include cycles.
@@ -43,9 +43,12 @@ pub(super) fn validate(
         }
     }
 
-    let defaults_limits = spec.defaults.limits.over(&Limits::default());
     let defaults_retry = spec.defaults.retry.over(&RetryPolicy::default());
     check_retry(&mut d, &spec.defaults.retry, "defaults.retry");
+    check_duration(&mut d, spec.defaults.limits.timeout, "defaults.limits.timeout");
+    if let Some(breaker) = spec.defaults.circuit_breaker {
+        check_duration(&mut d, Some(breaker.cool_down), "defaults.circuit_breaker.cool_down");
+    }
 
     // Components: declared ones, then paths used directly by steps.
     let mut components: BTreeMap<String, Component> = BTreeMap::new();
@@ -61,6 +64,12 @@ pub(super) fn validate(
                 Some("use at least 1 start per a non-zero interval".into()),
             );
         }
+        check_duration(&mut d, rate_limit.map(|limit| limit.per), &format!("component `{name}`: rate_limit.per"));
+        check_duration(
+            &mut d,
+            breaker.map(|breaker| breaker.cool_down),
+            &format!("component `{name}`: circuit_breaker.cool_down"),
+        );
         if breaker.is_some_and(|breaker| breaker.failures == 0) {
             d.on(component, format!("component `{name}`: circuit_breaker.failures must be at least 1"), None);
         }
@@ -180,6 +189,7 @@ pub(super) fn validate(
         if let Some(retry) = &step.retry {
             check_retry(&mut d, retry, &format!("step `{id}`'s retry"));
         }
+        check_duration(&mut d, step.limits.as_ref().and_then(|l| l.timeout), &format!("step `{id}`: limits.timeout"));
         let grants = StepGrants::from_spec(&mut d, step, &id, base_dir);
         steps.push(Step {
             id,
@@ -195,7 +205,7 @@ pub(super) fn validate(
             limits: step
                 .limits
                 .as_ref()
-                .map_or_else(|| defaults_limits.clone(), |limits| limits.over(&defaults_limits)),
+                .map_or_else(|| spec.defaults.limits.clone(), |limits| limits.over_spec(&spec.defaults.limits)),
             fan_out,
             max_concurrent: step.max_concurrent,
             grants,
@@ -318,7 +328,26 @@ fn load_include(
     }
 }
 
+/// The longest duration a workflow may name. Deadlines are computed from
+/// durations; far beyond this they would overflow the clock.
+const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+
+fn check_duration(d: &mut Diagnostics, duration: Option<std::time::Duration>, what: &str) {
+    if duration.is_some_and(|duration| duration > MAX_DURATION) {
+        d.nowhere(
+            format!(
+                "{what}: {} is longer than the longest duration stepbox accepts",
+                humantime::format_duration(duration.unwrap_or_default())
+            ),
+            Some("use at most 366d".into()),
+        );
+    }
+}
+
 fn check_retry(d: &mut Diagnostics, retry: &RetrySpec, what: &str) {
+    check_duration(d, retry.initial, &format!("{what}: initial"));
+    check_duration(d, retry.max, &format!("{what}: max"));
+    check_duration(d, retry.deadline, &format!("{what}: deadline"));
     if retry.attempts == Some(0) {
         d.nowhere(format!("{what}: attempts must be at least 1 (1 means no retries)"), None);
     }

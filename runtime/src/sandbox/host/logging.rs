@@ -48,18 +48,18 @@ impl LogBuffer {
         self.records
     }
 
-    fn push(&mut self, level: Level, mut context: String, mut message: String) {
+    fn push(&mut self, level: Level, context: String, message: String) {
+        // Redacted before they are cut, so a secret across the cut is
+        // replaced whole.
+        let (mut context, mut message) = (self.redactor.text(&context), self.redactor.text(&message));
         truncate_with_marker(&mut context, MAX_CONTEXT);
         truncate_with_marker(&mut message, MAX_MESSAGE);
-        let (context, message) = (self.redactor.text(&context), self.redactor.text(&message));
+        // At debug level whatever the guest's level: a guest must not be
+        // able to flood stepbox's own stderr. The records are in the
+        // journal, for `stepbox logs`.
         let step = self.step_id.as_str();
-        match level {
-            Level::Trace => tracing::trace!(target: "stepbox::guest", step, context, "{message}"),
-            Level::Debug => tracing::debug!(target: "stepbox::guest", step, context, "{message}"),
-            Level::Info => tracing::info!(target: "stepbox::guest", step, context, "{message}"),
-            Level::Warn => tracing::warn!(target: "stepbox::guest", step, context, "{message}"),
-            Level::Error | Level::Critical => tracing::error!(target: "stepbox::guest", step, context, "{message}"),
-        }
+        let level_name = LogLevel::from(level).to_string();
+        tracing::debug!(target: "stepbox::guest", step, level = level_name, context, "{message}");
         let size = context.len() + message.len();
         if size > self.budget {
             self.dropped += 1;

@@ -121,9 +121,14 @@ impl Database {
     /// Opens (creating if needed) the database in `data_dir`: checks its
     /// integrity and brings its schema up to date.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|source| StoreError::DataDir { path: data_dir.to_owned(), source })?;
+        let data_dir_error = |source| StoreError::DataDir { path: data_dir.to_owned(), source };
+        super::create_private_dir(data_dir).map_err(data_dir_error)?;
         let path = data_dir.join(DATABASE_FILE);
+        // Readable by this user only; SQLite gives its WAL and index files
+        // the same mode.
+        std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().create(true).append(true), 0o600)
+            .open(&path)
+            .map_err(data_dir_error)?;
         let conn = Connection::open(&path).map_err(|err| StoreError::from_sqlite(&path, err))?;
         let conn = Arc::new(Mutex::new(conn));
         configure(&path, &mut conn.lock())?;
