@@ -30,7 +30,8 @@ impl Langs<'_> {
     /// while others compile); returns each component with its name.
     pub fn build_all(&self) -> Vec<(String, String)> {
         std::fs::create_dir_all(&self.out).expect("creating the output directory");
-        let builds: [(&str, fn(&Self) -> PathBuf); 3] =
+        type Build<'a> = fn(&Langs<'a>) -> PathBuf;
+        let builds: [(&str, Build<'_>); 3] =
             [("transform-py", Self::python), ("transform-js", Self::javascript), ("transform-c", Self::c)];
         std::thread::scope(|scope| {
             let running: Vec<_> =

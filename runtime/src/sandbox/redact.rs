@@ -52,8 +52,9 @@ impl Redactor {
             Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (self.text(&k), self.json(v))).collect()),
             // A number or boolean that reads as a secret (a PIN, an account
             // number) is one.
-            Value::Number(_) | Value::Bool(_) if self.secrets.iter().any(|s| *s == value.to_string()) => {
-                Value::String(REDACTED.into())
+            Value::Number(_) | Value::Bool(_) => {
+                let text = value.to_string();
+                if self.secrets.contains(&text) { Value::String(REDACTED.into()) } else { value }
             }
             other => other,
         }
