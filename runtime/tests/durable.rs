@@ -129,10 +129,23 @@ fn a_run_killed_at_random_moments_resumes_without_repeating_finished_steps() {
             None => command.args(["run", workflow.to_str().unwrap()]),
             Some(id) => command.args(["resume", id]),
         };
-        let mut child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        // The first process must live long enough to record the run.
-        let lifetime = if run_id.is_none() { random.between(600, 900) } else { random.between(100, 450) };
-        std::thread::sleep(Duration::from_millis(lifetime));
+        let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        // Killed a random while after its first attempt started, so every
+        // kill lands in the middle of work however slow the machine is.
+        let progress = std::io::BufReader::new(child.stderr.take().unwrap());
+        let (started, started_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(progress).map_while(Result::ok) {
+                if line.contains(": attempt ") && line.ends_with(" started") {
+                    let _ = started.send(());
+                }
+            }
+        });
+        assert!(
+            started_rx.recv_timeout(Duration::from_secs(60)).is_ok(),
+            "seed {seed}: kill {kill}: no attempt started"
+        );
+        std::thread::sleep(Duration::from_millis(random.between(0, 450)));
         assert!(
             child.try_wait().unwrap().is_none(),
             "seed {seed}: the run finished before kill {kill}; make its steps slower"
@@ -585,4 +598,116 @@ fn the_data_directory_and_its_database_are_private_to_their_user() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("reaches back before 1970"), "{}", stderr(&out));
     assert_eq!(json(&data, &["runs", "--json"]).as_array().unwrap().len(), 1);
+}
+
+/// A workflow whose one step sleeps `millis`.
+fn slow_workflow(dir: &Path, millis: u64) -> PathBuf {
+    let path = dir.join("slow.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "name: slow\ncomponents:\n  sleepy: {}\nsteps:\n  - id: nap\n    uses: sleepy\n    with: {{ millis: {millis} }}\n    limits: {{ timeout: 60s }}\n",
+            guests::SLEEPY
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Starts `stepbox run` of `workflow` and waits until its first attempt
+/// started; returns the process and the run's id.
+fn start_run(data: &Path, workflow: &Path) -> (std::process::Child, String) {
+    let mut child = stepbox(data).args(["run", workflow.to_str().unwrap()]).stderr(Stdio::piped()).spawn().unwrap();
+    let mut progress = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("attempt 1 started") {
+        line.clear();
+        let read = std::io::BufRead::read_line(&mut progress, &mut line).unwrap();
+        assert!(read > 0, "stepbox exited before its first attempt");
+    }
+    // Drained, so the child never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut progress, &mut std::io::sink()));
+    let id = json(data, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned();
+    (child, id)
+}
+
+#[test]
+fn a_run_has_one_owner_and_a_dead_owners_run_is_interrupted() {
+    let dir = temp_dir("lease");
+    let data = dir.join("data");
+    let (mut child, id) = start_run(&data, &slow_workflow(&dir, 30_000));
+    let run = &json(&data, &["runs", "--json"])[0];
+    assert_eq!(run["status"], "running");
+    let owner = run["owner"].as_str().unwrap().to_owned();
+    assert!(owner.contains(&format!(":{}:", child.id())), "{owner}");
+
+    // A second process cannot continue it, nor can gc remove it.
+    let out = output(&data, &["resume", &id]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("run {id} is being run by {owner}")), "{}", stderr(&out));
+    let out = output(&data, &["gc", "--older-than", "0s", "--interrupted"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 0 run(s)"), "{}", stderr(&out));
+
+    // Its process dies: the run is interrupted at once (another process
+    // may resume it, as the SIGKILL test does); gc removes it only when
+    // asked.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(json(&data, &["runs", "--json"])[0]["status"], "interrupted");
+    assert_eq!(json(&data, &["runs", "--status", "interrupted", "--json"]).as_array().unwrap().len(), 1);
+    assert!(json(&data, &["runs", "--status", "running", "--json"]).as_array().unwrap().is_empty());
+    let out = output(&data, &["gc", "--older-than", "0s"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 0 run(s)"));
+    let out = output(&data, &["gc", "--older-than", "0s", "--interrupted"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 1 run(s)"), "{}", stderr(&out));
+}
+
+/// The most memory the process `pid` has held resident (VmHWM), in bytes.
+fn peak_resident(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[test]
+fn a_fan_out_of_chatty_steps_keeps_the_process_small() {
+    let dir = temp_dir("chatty");
+    let data = dir.join("data");
+    let path = dir.join("chatty.yaml");
+    // 1,000 items that each write 1.5 MiB to stdout and to stderr. Each
+    // attempt keeps 1 MiB of each while it runs, the journal 64 KiB; kept
+    // in memory to the end of the run they would take 2 GiB.
+    std::fs::write(
+        &path,
+        format!(
+            "name: chatty\ncomponents:\n  chatty: {}\nsteps:\n  - id: flood\n    uses: chatty\n    for_each: \"{{{{ range(1000)|list }}}}\"\n    with: {{ bytes: 1572864 }}\n",
+            guests::CHATTY
+        ),
+    )
+    .unwrap();
+    let mut child = stepbox(&data)
+        .args(["run", path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut peak = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        peak = peak.max(peak_resident(child.id()).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(peak > 0, "the process's memory was read");
+    assert!(peak < 512 * 1024 * 1024, "the process held {} MiB", peak / 1024 / 1024);
+    let id = json(&data, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned();
+    let logs = json(&data, &["logs", &id, "--json"]);
+    let stdout = logs[0]["executions"][999]["attempts"][0]["stdout"]["text"].as_str().unwrap().to_owned();
+    assert!(
+        stdout.starts_with("xxx") && stdout.ends_with("more bytes not kept in the journal]"),
+        "the journal keeps the head"
+    );
 }

@@ -62,6 +62,8 @@ impl From<StoreError> for CliError {
         match err {
             // The user named a run that is not there.
             StoreError::NoSuchRun(_) => CliError::Usage(err.to_string()),
+            // Another process runs it: not now.
+            StoreError::Leased { .. } => CliError::Usage(err.to_string()),
             _ => CliError::Failed(err.to_string()),
         }
     }

@@ -70,6 +70,10 @@ pub(crate) struct GcArgs {
     /// compiled by another version of stepbox or wasmtime, and files left by an interrupted compile.
     #[arg(long)]
     cache: bool,
+    /// Delete interrupted runs too (their process died before they finished); a run a live process
+    /// holds is never deleted.
+    #[arg(long)]
+    interrupted: bool,
 }
 
 fn print_json(value: &impl serde::Serialize) -> Result<u8, CliError> {
@@ -171,7 +175,7 @@ pub(crate) fn gc(args: GcArgs, data_dir: &Path) -> Result<u8, CliError> {
     if before < 0.0 {
         return Err(CliError::Usage(format!("--older-than {older_than} reaches back before 1970; give a shorter age")));
     }
-    let removed = db.gc(before)?;
+    let removed = db.gc(before, args.interrupted)?;
     println!("removed {removed} run(s) started more than {older_than} ago");
     Ok(0)
 }

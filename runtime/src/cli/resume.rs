@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::run::{HowToRun, execute};
+use super::run::{HowToRun, Owned, execute};
 use super::{CliError, Place, admit, open_database};
 use crate::run::{Run, RunStatus, StepPath};
-use crate::store::{History, Journal};
+use crate::store::{History, Journal, LEASE_TTL, this_owner};
 use crate::workflow::{Workflow, fingerprint_changes};
 
 #[derive(Debug, clap::Args)]
@@ -68,6 +68,9 @@ async fn continue_run(
             "run {run_id} already succeeded; there is nothing to resume (`stepbox retry --from STEP` runs steps again)"
         )));
     }
+    // Held from here, so no other process continues it at the same time;
+    // refused while the process running it lives.
+    let lease = db.acquire_lease(run_id, this_owner(), LEASE_TTL)?;
     let workflow = Arc::new(load_unchanged(&run, &db.fingerprint(run_id)?)?);
     let tenant = admit(place, &run.tenant, &workflow)?;
     // Bound when the run was created; bound again here because a stored
@@ -85,7 +88,7 @@ async fn continue_run(
         db.forget_steps(run_id, &paths)?;
     }
     db.reopen_run(run_id)?;
-    execute(db, workflow, run, inputs, how, tenant, place.secrets_dir).await
+    execute(db, Owned { workflow, run, inputs, tenant, lease }, how, place.secrets_dir).await
 }
 
 /// The run's workflow, if neither it nor its components changed since the

@@ -15,7 +15,7 @@ use super::{CliError, Place, admit, engine_config, exit, open_database, parse_ke
 use crate::run::{Run, RunStatus, StepPath, StepStatus};
 use crate::sandbox::EngineConfig;
 use crate::scheduler::{self, RunEvent, RunOptions};
-use crate::store::{Database, Journal, new_run_id};
+use crate::store::{Database, Heartbeat, History, Journal, LEASE_TTL, Lease, new_run_id, this_owner};
 use crate::tenant::Tenant;
 use crate::workflow::{Inputs, Workflow};
 
@@ -100,20 +100,30 @@ pub(crate) async fn run(args: Args, place: &Place<'_>) -> Result<u8, CliError> {
     let mut run = Run::new(new_run_id(), &workflow.name, &path, &args.tenant, bound.as_map().clone());
     run.labels = args.labels.into_iter().collect();
     db.create_run(&run, &fingerprint)?;
-    execute(db, workflow, run, bound, &args.how, tenant, place.secrets_dir).await
+    let lease = db.acquire_lease(&run.id, this_owner(), LEASE_TTL)?;
+    let owned = Owned { workflow, run, inputs: bound, tenant, lease };
+    execute(db, owned, &args.how, place.secrets_dir).await
+}
+
+/// A recorded run this process owns, ready to go: its workflow, its inputs
+/// bound, its tenant admitted, its lease held.
+pub(crate) struct Owned {
+    pub(crate) workflow: Arc<Workflow>,
+    pub(crate) run: Run,
+    pub(crate) inputs: Inputs,
+    pub(crate) tenant: Arc<Tenant>,
+    pub(crate) lease: Lease,
 }
 
 /// Runs a recorded run (new, resumed or retried) with progress and a
 /// summary.
 pub(crate) async fn execute(
     db: Arc<Database>,
-    workflow: Arc<Workflow>,
-    run: Run,
-    inputs: Inputs,
+    owned: Owned,
     how: &HowToRun,
-    tenant: Arc<Tenant>,
     secrets_dir: Option<&std::path::Path>,
 ) -> Result<u8, CliError> {
+    let Owned { workflow, run, inputs, tenant, lease } = owned;
     let max_parallel = how.max_parallel.map_or_else(scheduler::default_max_parallel, |n| n as usize);
     let config = EngineConfig {
         max_concurrent_attempts: u32::try_from(max_parallel).unwrap_or(u32::MAX),
@@ -122,6 +132,9 @@ pub(crate) async fn execute(
     let sandbox = sandbox_with_kv(config, db.clone())?;
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
+    // Renewed while the run goes on, released when it ends; a lease taken
+    // over by another process stops this one.
+    let _heartbeat = Heartbeat::start(db.clone(), lease, cancel.clone());
     let (events, receiver) = mpsc::unbounded_channel();
     let mut options = RunOptions::new(run.id);
     options.secrets_dir = secrets_dir.map(ToOwned::to_owned);
@@ -130,7 +143,7 @@ pub(crate) async fn execute(
     options.fail_fast = how.fail_fast;
     options.events = Some(events);
     options.cancel = cancel.clone();
-    options.journal = Some(db);
+    options.journal = Some(db.clone());
     options.max_parallel = max_parallel;
     let dispatcher = scheduler::Dispatcher::new(options.max_parallel);
     dispatcher.set_share(&tenant.name, tenant.share());
@@ -139,8 +152,10 @@ pub(crate) async fn execute(
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
     let result = scheduler::run(&sandbox, workflow, inputs, options).await;
     let _ = progress.await;
-    let report = result?;
+    let mut report = result?;
     if how.json {
+        // The attempts' logs, stdout and stderr left memory for the journal.
+        report.restore_records(db.run_report(&report.run.id)?);
         let text = serde_json::to_string_pretty(&report)
             .map_err(|err| CliError::Failed(format!("cannot encode the report: {err}")))?;
         println!("{text}");
@@ -163,7 +178,7 @@ pub(crate) async fn execute(
     );
     Ok(match status {
         RunStatus::Succeeded => 0,
-        RunStatus::Running | RunStatus::Failed => exit::FAILED,
+        RunStatus::Running | RunStatus::Interrupted | RunStatus::Failed => exit::FAILED,
         RunStatus::Cancelled => exit::CANCELLED,
     })
 }

@@ -36,6 +36,15 @@ pub struct Attempt {
 }
 
 impl Attempt {
+    /// Lets go of the logs, stdout and stderr once the journal holds them,
+    /// so a run's memory does not grow with what its attempts printed. The
+    /// counts of dropped bytes stay.
+    pub fn forget_records(&mut self) {
+        self.logs = Vec::new();
+        self.stdout.text = String::new();
+        self.stderr.text = String::new();
+    }
+
     /// An attempt that has started at `started_ms` and measured nothing yet.
     pub fn started(attempt: u32, started_ms: f64) -> Self {
         Attempt {

@@ -2,7 +2,7 @@
 //! attempt: built by the scheduler as it runs, and rebuilt from the journal
 //! by `stepbox show`. Times are unix milliseconds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -35,6 +35,9 @@ pub struct Run {
     pub created_ms: f64,
     /// When it last finished.
     pub finished_ms: Option<f64>,
+    /// The process that holds it while it runs (`HOST:PID:NONCE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl Run {
@@ -58,6 +61,7 @@ impl Run {
             error: None,
             created_ms: super::now_ms(),
             finished_ms: None,
+            owner: None,
         }
     }
 
@@ -80,6 +84,35 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// Puts back the logs, stdout and stderr that left memory once recorded
+    /// (see [`Attempt::forget_records`]), from the run's report as the
+    /// journal holds it.
+    pub fn restore_records(&mut self, recorded: RunReport) {
+        let mut kept: HashMap<(String, u32), Attempt> = HashMap::new();
+        let mut pending: Vec<StepReport> = recorded.steps;
+        while let Some(step) = pending.pop() {
+            for execution in step.executions {
+                for attempt in execution.attempts {
+                    kept.insert((execution.idempotency_key.clone(), attempt.attempt), attempt);
+                }
+            }
+            pending.extend(step.steps);
+        }
+        let mut steps: Vec<&mut StepReport> = self.steps.iter_mut().collect();
+        while let Some(step) = steps.pop() {
+            for execution in &mut step.executions {
+                for attempt in &mut execution.attempts {
+                    if let Some(recorded) = kept.remove(&(execution.idempotency_key.clone(), attempt.attempt)) {
+                        attempt.logs = recorded.logs;
+                        attempt.stdout = recorded.stdout;
+                        attempt.stderr = recorded.stderr;
+                    }
+                }
+            }
+            steps.extend(step.steps.iter_mut());
+        }
+    }
+
     /// The step at `path` (its text, like `billing.charge`), at any depth.
     pub fn step(&self, path: &str) -> Option<&StepReport> {
         fn find<'a>(steps: &'a [StepReport], path: &str) -> Option<&'a StepReport> {

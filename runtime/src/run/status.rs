@@ -11,9 +11,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunStatus {
-    /// Started and not finished: running now, or interrupted (see `stepbox
-    /// resume`).
+    /// Started and not finished, and held by a live process.
     Running,
+    /// Started and not finished, but the process that ran it is gone (its
+    /// lease expired, or it died on this machine): `stepbox resume`
+    /// continues it. Never stored; read from a running run's lease.
+    Interrupted,
     /// Every required step succeeded.
     Succeeded,
     /// A required step failed, or the run had to stop.
@@ -75,7 +78,13 @@ macro_rules! named {
     };
 }
 
-named!(RunStatus { Running => "running", Succeeded => "succeeded", Failed => "failed", Cancelled => "cancelled" });
+named!(RunStatus {
+    Running => "running",
+    Interrupted => "interrupted",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Cancelled => "cancelled",
+});
 named!(StepStatus {
     Pending => "pending",
     Running => "running",
@@ -99,6 +108,8 @@ mod tests {
             assert_eq!(status.as_str().parse::<RunStatus>(), Ok(status));
             assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
         }
-        assert!("done".parse::<RunStatus>().unwrap_err().contains("running, succeeded, failed, cancelled"));
+        assert!(
+            "done".parse::<RunStatus>().unwrap_err().contains("running, interrupted, succeeded, failed, cancelled")
+        );
     }
 }

@@ -16,6 +16,7 @@ use crate::tenant::Share;
 #[derive(Debug)]
 pub struct Dispatcher {
     state: Mutex<State>,
+    slots: usize,
 }
 
 #[derive(Debug)]
@@ -60,6 +61,7 @@ impl Dispatcher {
     /// `slots` attempts run at once over all tenants.
     pub fn new(slots: usize) -> Arc<Self> {
         Arc::new(Dispatcher {
+            slots: slots.max(1),
             state: Mutex::new(State {
                 free: slots.max(1),
                 tenants: BTreeMap::new(),
@@ -67,6 +69,11 @@ impl Dispatcher {
                 served_in_turn: 0,
             }),
         })
+    }
+
+    /// How many attempts run at once over all tenants.
+    pub fn slots(&self) -> usize {
+        self.slots
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

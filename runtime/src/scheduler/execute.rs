@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use rand::RngExt;
 use serde_json::Value;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -105,19 +104,21 @@ async fn fan_out(
     let step = &shared.workflow.steps[i];
     let fanned = step.fan_out != FanOut::None;
     if fanned {
-        let limit = Arc::new(Semaphore::new(step.max_concurrent.map_or(items.len().max(1), |n| n as usize)));
-        let mut tasks = JoinSet::new();
+        // Items start as earlier ones finish, at most `window` at once (the
+        // step's max_concurrent, else the attempt slots): the rest wait as
+        // values, not as tasks.
+        let window = step.max_concurrent.map_or_else(|| shared.base.dispatcher.slots(), |n| n as usize).max(1);
         let count = items.len();
-        for (k, item) in items.into_iter().enumerate() {
-            let (shared, limit, cancel, component) =
-                (shared.clone(), limit.clone(), cancel.clone(), component.to_owned());
-            tasks.spawn(async move {
-                let _slot = limit.acquire_owned().await;
-                (k, execution(&shared, i, &component, Some(k), item, &cancel).await)
-            });
-        }
+        let mut pending = items.into_iter().enumerate();
+        let mut tasks = JoinSet::new();
         let mut executions: Vec<Option<ExecutionReport>> = vec![None; count];
-        while let Some(joined) = tasks.join_next().await {
+        loop {
+            while tasks.len() < window {
+                let Some((k, item)) = pending.next() else { break };
+                let (shared, cancel, component) = (shared.clone(), cancel.clone(), component.to_owned());
+                tasks.spawn(async move { (k, execution(&shared, i, &component, Some(k), item, &cancel).await) });
+            }
+            let Some(joined) = tasks.join_next().await else { break };
             match joined {
                 Ok((k, execution)) => executions[k] = Some(execution),
                 Err(err) => {
@@ -275,9 +276,13 @@ async fn execution(
         let retry = attempt.failure().and_then(|f| retry_delay(step, f, number - earlier, first_start));
         let ran = !matches!(attempt.failure(), Some(f) if f.kind == FailureKind::CircuitOpen);
         if ran {
-            shared.record(|journal, run_id| {
+            let recorded = shared.record(|journal, run_id| {
                 journal.attempt_finished(run_id, &path, &idempotency_key, &attempt, retry.is_none())
             });
+            // The journal holds them now.
+            if recorded.is_some() {
+                attempt.forget_records();
+            }
         }
         let failure = attempt.failure().cloned();
         if let Some(output) = attempt.output() {
@@ -407,7 +412,7 @@ async fn include(
         Ok(child) => {
             report.status = match child.status {
                 RunStatus::Succeeded => StepStatus::Succeeded,
-                RunStatus::Running | RunStatus::Failed => StepStatus::Failed,
+                RunStatus::Running | RunStatus::Interrupted | RunStatus::Failed => StepStatus::Failed,
                 RunStatus::Cancelled => StepStatus::Cancelled,
             };
             if report.status == StepStatus::Succeeded {

@@ -93,7 +93,9 @@ pub struct RunOptions {
     pub dispatcher: Option<Arc<Dispatcher>>,
     /// Where every transition is recorded before the scheduler acts on it.
     /// A run with a journal resumes: executions it records as succeeded
-    /// are not run again.
+    /// are not run again. Its attempts' logs, stdout and stderr leave
+    /// memory once recorded: the report [`run`] returns has none; read the
+    /// run's report from the store's history for them.
     pub journal: Option<Arc<dyn Journal>>,
 }
 
@@ -212,6 +214,7 @@ pub async fn run(
         error,
         created_ms: options.created_ms,
         finished_ms: Some(now_ms()),
+        owner: None,
     };
     Ok(RunReport { run, output_errors: graph.output_errors, steps: graph.steps })
 }

@@ -7,6 +7,7 @@
 //! them. [`Database`] implements all three on one SQLite file; a server
 //! database implements the same traits beside it.
 
+mod lease;
 mod memory;
 mod sqlite;
 
@@ -19,6 +20,7 @@ use serde_json::Value;
 
 use crate::run::{Attempt, Run, RunReport, RunStatus, StepPath, StepReport};
 
+pub use lease::{Heartbeat, LEASE_TTL, Lease, is_gone, this_owner};
 pub use memory::MemoryKeyValueStore;
 pub use sqlite::{DATABASE_FILE, Database, SCHEMA_VERSION};
 
@@ -58,8 +60,17 @@ pub trait Journal: Send + Sync {
     /// inside them, so they run again: `stepbox retry --from`.
     fn forget_steps(&self, run_id: &str, steps: &[StepPath]) -> Result<(), StoreError>;
     /// Deletes the finished runs created before `before_ms` (unix ms) and
-    /// all their records; returns how many.
-    fn gc(&self, before_ms: f64) -> Result<usize, StoreError>;
+    /// all their records, and interrupted ones too when `interrupted`;
+    /// never a run whose lease is live. Returns how many.
+    fn gc(&self, before_ms: f64, interrupted: bool) -> Result<usize, StoreError>;
+    /// Takes the lease on `run_id` for `owner` for `ttl`, unless a live
+    /// owner holds it (the error names it). Each taking raises the lease's
+    /// epoch, so a holder that lost it cannot renew it.
+    fn acquire_lease(&self, run_id: &str, owner: &str, ttl: std::time::Duration) -> Result<Lease, StoreError>;
+    /// Extends a held lease by `ttl` from now; fails if it was taken over.
+    fn renew_lease(&self, lease: &Lease, ttl: std::time::Duration) -> Result<(), StoreError>;
+    /// Gives a held lease up.
+    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError>;
     /// What an interrupted run already did.
     fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError>;
     /// An attempt of the execution at `path` (idempotency key `key`) may
@@ -194,6 +205,22 @@ pub enum StoreError {
     /// No run has this id.
     #[error("no run `{0}` in this data directory; `stepbox runs` lists them")]
     NoSuchRun(String),
+    /// Another live process holds the run.
+    #[error(
+        "run {run_id} is being run by {owner} (its lease runs until {}); wait for it to finish, or stop that process",
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(*until_ms as u64))
+    )]
+    Leased {
+        /// The run.
+        run_id: String,
+        /// Who holds it.
+        owner: String,
+        /// When the lease expires unless renewed (unix ms).
+        until_ms: f64,
+    },
+    /// The lease was taken over by another process.
+    #[error("run {0} was taken over by another process; this one stops")]
+    LeaseLost(String),
 }
 
 /// Whose state a key belongs to: steps of one tenant and workflow share it,

@@ -8,15 +8,23 @@ use serde_json::Value;
 
 use super::Database;
 use crate::run::{
-    Attempt, Captured, ExecutionReport, Failure, FailureKind, Outcome, Run, RunReport, StepPath, StepReport, StepStatus,
+    Attempt, Captured, ExecutionReport, Failure, FailureKind, Outcome, Run, RunReport, RunStatus, StepPath, StepReport,
+    StepStatus,
 };
 use crate::store::{History, RunFilter, StoreError};
 
-const RUN_COLUMNS: &str =
-    "id, workflow, workflow_path, tenant, inputs, status, outputs, error, created_ms, finished_ms";
+const RUN_COLUMNS: &str = "id, workflow, workflow_path, tenant, inputs, status, outputs, error, created_ms, finished_ms, \
+     lease_owner, lease_expires_ms";
 
-/// A run from a row of [`RUN_COLUMNS`], without its labels.
+/// A run from a row of [`RUN_COLUMNS`], without its labels. A running run
+/// whose lease is not live is `interrupted`.
 fn run_from(row: &Row<'_>) -> rusqlite::Result<Run> {
+    let (owner, expires): (Option<String>, Option<i64>) = (row.get(10)?, row.get(11)?);
+    let live = super::journal::held(owner.as_deref(), expires);
+    let status = match row.get(5)? {
+        RunStatus::Running if !live => RunStatus::Interrupted,
+        status => status,
+    };
     Ok(Run {
         id: row.get(0)?,
         workflow: row.get(1)?,
@@ -24,11 +32,12 @@ fn run_from(row: &Row<'_>) -> rusqlite::Result<Run> {
         tenant: row.get(3)?,
         labels: BTreeMap::new(),
         inputs: object(Database::json(row.get(4)?)).unwrap_or_default(),
-        status: row.get(5)?,
+        status,
         outputs: object(Database::json(row.get(6)?)),
         error: row.get(7)?,
         created_ms: row.get(8)?,
         finished_ms: row.get(9)?,
+        owner: owner.filter(|_| live),
     })
 }
 
@@ -74,11 +83,16 @@ impl History for Database {
                 "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR workflow = ?2)
                  ORDER BY created_ms DESC, id DESC"
             ))?;
-            let rows = statement.query_map(params![filter.status, filter.workflow], run_from)?;
+            // An interrupted run is stored as running.
+            let stored = filter.status.map(|status| match status {
+                RunStatus::Interrupted => RunStatus::Running,
+                status => status,
+            });
+            let rows = statement.query_map(params![stored, filter.workflow], run_from)?;
             rows.collect()
         })?;
         let mut kept = Vec::new();
-        for mut run in runs {
+        for mut run in runs.into_iter().filter(|run| filter.status.is_none_or(|status| run.status == status)) {
             run.labels = self.labels(&run.id)?;
             if filter.labels.iter().all(|(key, value)| run.labels.get(key) == Some(value)) {
                 kept.push(run);

@@ -2,13 +2,16 @@
 //! executions, steps and the run's end go through the group-committing
 //! writer; creating, reopening and trimming runs commit on their own.
 
-use rusqlite::{Connection, params};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use super::Database;
 use super::writer::Kind;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
-use crate::store::{Durable, Journal, ResumeState, StoreError};
+use crate::store::lease::{is_gone, leased};
+use crate::store::{Durable, Journal, Lease, ResumeState, StoreError};
 
 /// Bytes of stdout, stderr and logs kept per attempt in the journal.
 const MAX_CAPTURE: usize = 64 * 1024;
@@ -43,6 +46,17 @@ fn capped_logs(attempt: &Attempt) -> String {
     let dropped = attempt.logs.len() - kept.len();
     kept.push(serde_json::json!({ "level": "warn", "context": "stepbox", "message": format!("{dropped} more log records not kept in the journal") }));
     Database::text(&Value::Array(kept))
+}
+
+/// Whether a lease held by `owner` until `expires_ms` is live: not
+/// expired, and its process not known to be gone.
+pub(super) fn held(owner: Option<&str>, expires_ms: Option<i64>) -> bool {
+    owner.is_some_and(|owner| expires_ms.is_some_and(|expires| expires as f64 > now_ms()) && !is_gone(owner))
+}
+
+/// A lease's expiry `ttl` from now, in unix ms.
+fn expiry(ttl: Duration) -> i64 {
+    (now_ms() + ttl.as_secs_f64() * 1000.0) as i64
 }
 
 impl Journal for Database {
@@ -95,12 +109,81 @@ impl Journal for Database {
         })
     }
 
-    fn gc(&self, before_ms: f64) -> Result<usize, StoreError> {
+    fn gc(&self, before_ms: f64, interrupted: bool) -> Result<usize, StoreError> {
         self.write(|tx| {
-            tx.execute(
+            let finished = tx.execute(
                 "DELETE FROM runs WHERE created_ms < ?1 AND status != ?2",
                 params![before_ms as i64, RunStatus::Running],
+            )?;
+            if !interrupted {
+                return Ok(finished);
+            }
+            let running: Vec<(String, Option<String>, Option<i64>)> = {
+                let mut statement = tx.prepare(
+                    "SELECT id, lease_owner, lease_expires_ms FROM runs WHERE created_ms < ?1 AND status = ?2",
+                )?;
+                let rows = statement.query_map(params![before_ms as i64, RunStatus::Running], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let mut removed = finished;
+            for (id, owner, expires) in running {
+                if !held(owner.as_deref(), expires) {
+                    removed += tx.execute("DELETE FROM runs WHERE id = ?1", params![id])?;
+                }
+            }
+            Ok(removed)
+        })
+    }
+
+    fn acquire_lease(&self, run_id: &str, owner: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        let taken = self.write(|tx| {
+            let current: Option<(Option<String>, Option<i64>, i64)> = tx
+                .query_row(
+                    "SELECT lease_owner, lease_expires_ms, lease_epoch FROM runs WHERE id = ?1",
+                    params![run_id],
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+                )
+                .optional()?;
+            let Some((holder, expires, epoch)) = current else { return Ok(None) };
+            if let Some(holder) = holder.filter(|holder| holder != owner && held(Some(holder), expires)) {
+                return Ok(Some(Err((holder, expires.unwrap_or_default()))));
+            }
+            let epoch = epoch + 1;
+            tx.execute(
+                "UPDATE runs SET lease_owner = ?2, lease_expires_ms = ?3, lease_epoch = ?4 WHERE id = ?1",
+                params![run_id, owner, expiry(ttl), epoch],
+            )?;
+            Ok(Some(Ok(epoch)))
+        })?;
+        match taken {
+            None => Err(StoreError::NoSuchRun(run_id.to_owned())),
+            Some(Err((holder, until))) => Err(leased(run_id, &holder, until as f64)),
+            Some(Ok(epoch)) => {
+                Ok(Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() })
+            }
+        }
+    }
+
+    fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
+        let renewed = self.write(|tx| {
+            tx.execute(
+                "UPDATE runs SET lease_expires_ms = ?4 WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3",
+                params![lease.run_id, lease.owner, lease.epoch.cast_signed(), expiry(ttl)],
             )
+        })?;
+        if renewed == 0 { Err(StoreError::LeaseLost(lease.run_id.clone())) } else { Ok(()) }
+    }
+
+    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL
+                 WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3",
+                params![lease.run_id, lease.owner, lease.epoch.cast_signed()],
+            )
+            .map(drop)
         })
     }
 
@@ -367,5 +450,38 @@ mod tests {
         drop(db);
         let db = Database::open(dir.path()).unwrap();
         assert_eq!(db.resume_state("b").unwrap().attempts.len(), 50);
+    }
+
+    #[test]
+    fn a_run_has_one_live_owner_and_a_lost_lease_cannot_be_renewed() {
+        use crate::store::History;
+        let (_dir, db) = open();
+        let (me, other) = ("elsewhere:1:aaaaaaaa", "elsewhere:2:bbbbbbbb");
+        let ttl = Duration::from_secs(60);
+        let lease = db.acquire_lease("a", me, ttl).unwrap();
+        assert_eq!(db.load_run("a").unwrap().owner.as_deref(), Some(me));
+        let err = db.acquire_lease("a", other, ttl).unwrap_err();
+        assert!(matches!(&err, StoreError::Leased { owner, .. } if owner == me), "{err}");
+        assert!(err.to_string().contains(&format!("run a is being run by {me}")), "{err}");
+        db.renew_lease(&lease, ttl).unwrap();
+        // Not finished and held: gc keeps it, even when asked for
+        // interrupted runs.
+        assert_eq!(db.gc(now_ms() + 1000.0, true).unwrap(), 1, "only the unleased run b goes");
+        assert!(db.load_run("a").is_ok());
+
+        // An expired lease: the run is interrupted, and another owner takes
+        // it over, with a new epoch; the old holder cannot renew.
+        db.renew_lease(&lease, Duration::ZERO).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(db.load_run("a").unwrap().status, RunStatus::Interrupted);
+        let taken = db.acquire_lease("a", other, ttl).unwrap();
+        assert!(taken.epoch > lease.epoch);
+        assert!(matches!(db.renew_lease(&lease, ttl), Err(StoreError::LeaseLost(_))));
+        // Releasing a lost lease leaves the new holder's alone.
+        db.release_lease(&lease).unwrap();
+        assert_eq!(db.load_run("a").unwrap().owner.as_deref(), Some(other));
+        db.release_lease(&taken).unwrap();
+        assert_eq!(db.load_run("a").unwrap().status, RunStatus::Interrupted);
+        assert!(matches!(db.acquire_lease("nope", me, ttl), Err(StoreError::NoSuchRun(_))));
     }
 }

@@ -23,7 +23,7 @@ use writer::{Job, Kind, Writer};
 
 /// The schema this build writes. Each entry of `MIGRATIONS` moves a
 /// database one version up.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // 1: runs, their steps, executions and attempts; key-value state.
@@ -99,6 +99,10 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE steps ADD COLUMN required INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE attempts ADD COLUMN delay_before_ms REAL NOT NULL DEFAULT 0;
     ALTER TABLE runs ADD COLUMN error TEXT;",
+    // 3: the lease of the process running a run.
+    "ALTER TABLE runs ADD COLUMN lease_owner TEXT;
+    ALTER TABLE runs ADD COLUMN lease_expires_ms INTEGER;
+    ALTER TABLE runs ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The file name inside the data directory.
@@ -202,7 +206,10 @@ fn configure(path: &Path, conn: &mut Connection) -> Result<(), StoreError> {
     }
     if version < SCHEMA_VERSION {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        for migration in &MIGRATIONS[version as usize..] {
+        // Read again under the write lock: another process opening the same
+        // database may have migrated it meanwhile.
+        let version: u32 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
+        for migration in MIGRATIONS.get(version as usize..).unwrap_or_default() {
             tx.execute_batch(migration).map_err(err)?;
         }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(err)?;
@@ -263,3 +270,22 @@ macro_rules! stored_as_text {
 }
 
 stored_as_text!(RunStatus, StepStatus, FailureKind, StepPath);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_opening_a_new_database_at_once_migrate_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let opened: Vec<_> = (0..8)
+            .map(|_| {
+                let dir = dir.path().to_owned();
+                std::thread::spawn(move || Database::open(&dir).map(drop).map_err(|err| err.to_string()))
+            })
+            .collect();
+        for open in opened {
+            assert_eq!(open.join().unwrap(), Ok(()));
+        }
+    }
+}

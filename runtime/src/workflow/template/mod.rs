@@ -20,6 +20,12 @@ pub const ROOTS: [&str; 5] = ["inputs", "vars", "steps", "item", "run"];
 /// Instructions one template or expression may execute.
 const TEMPLATE_FUEL: u64 = 1_000_000;
 
+/// The largest value one template or expression may build, as JSON text. A
+/// few instructions can describe a huge value (`[0] * 100000000` is a
+/// lazy sequence); it is refused while it is written out, before it fills
+/// the host's memory.
+pub const MAX_TEMPLATE_VALUE: usize = 16 * 1024 * 1024;
+
 fn env() -> &'static Environment<'static> {
     static ENV: OnceLock<Environment<'static>> = OnceLock::new();
     ENV.get_or_init(|| {
@@ -117,7 +123,18 @@ pub fn render_string(text: &str, context: &minijinja::Value) -> Result<Value, St
     if sole_expression(text).is_some() {
         return evaluate(text, context);
     }
-    env().render_str(text, context).map(Value::String).map_err(describe)
+    let text = env().render_str(text, context).map_err(describe)?;
+    if text.len() > MAX_TEMPLATE_VALUE {
+        return Err(too_large());
+    }
+    Ok(Value::String(text))
+}
+
+fn too_large() -> String {
+    format!(
+        "the template builds a value larger than {}, the most a template may build",
+        bytesize::ByteSize(MAX_TEMPLATE_VALUE as u64).display().iec()
+    )
 }
 
 /// Renders a template to text (config values, environment variables).
@@ -128,8 +145,32 @@ pub fn render_text(text: &str, context: &minijinja::Value) -> Result<String, Str
     }
 }
 
+/// The value as JSON, written out as text under [`MAX_TEMPLATE_VALUE`]
+/// first, so a huge value stops while it is written rather than after.
 fn to_json(value: &minijinja::Value) -> Result<Value, String> {
-    serde_json::to_value(value).map_err(|err| format!("the value cannot be turned into JSON: {err}"))
+    /// A buffer that refuses to grow past the limit.
+    struct Capped(Vec<u8>);
+    impl std::io::Write for Capped {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            if self.0.len() + bytes.len() > MAX_TEMPLATE_VALUE {
+                return Err(std::io::Error::other(too_large()));
+            }
+            self.0.extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut text = Capped(Vec::new());
+    if let Err(err) = serde_json::to_writer(&mut text, value) {
+        return Err(match err.io_error_kind() {
+            Some(_) => too_large(),
+            None => format!("the value cannot be turned into JSON: {err}"),
+        });
+    }
+    serde_json::from_slice(&text.0).map_err(|err| format!("the value cannot be turned into JSON: {err}"))
 }
 
 /// minijinja's message plus its detail, on one line.
@@ -170,6 +211,17 @@ mod tests {
         let paths = referenced_paths("{{ steps.a.output.x }} and {{ inputs.n }}", false).unwrap();
         assert!(paths.contains("steps.a.output.x") && paths.contains("inputs.n"), "{paths:?}");
         assert!(referenced_paths("{{ oops", false).is_err());
+    }
+
+    #[test]
+    fn a_huge_value_is_refused_while_it_is_built() {
+        for huge in ["{{ [0] * 100000000 }}", "{{ [[0] * 10000] * 10000 }}", "{{ 'x' * 100000000 }} and more"] {
+            let err = render_string(huge, &ctx()).unwrap_err();
+            assert!(
+                err.contains("builds a value larger than 16.0 MiB, the most a template may build"),
+                "{huge}: {err}"
+            );
+        }
     }
 
     #[test]

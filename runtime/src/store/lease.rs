@@ -1,0 +1,130 @@
+//! A run has one owner at a time: the process running it holds its lease
+//! (an owner name, an expiry it renews while it runs, and an epoch that
+//! grows with every new holder). Another process cannot resume or retry a
+//! run whose lease is live; a run whose holder died is `interrupted`.
+//!
+//! The epoch is a fencing token: a holder that lost its lease (it was
+//! paused past the expiry, and another process took over) cannot renew it,
+//! and stops. Workers that run a run's attempts on other machines extend
+//! the same lease rather than take their own.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Journal, StoreError};
+
+/// How long a lease lasts without renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// A lease on one run, as its holder knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The run.
+    pub run_id: String,
+    /// Who holds it ([`this_owner`]).
+    pub owner: String,
+    /// Which taking of the lease this is.
+    pub epoch: u64,
+}
+
+/// This process's name as a lease owner: `HOST:PID:NONCE`, so another
+/// process on the same machine can tell at once that it died.
+pub fn this_owner() -> &'static str {
+    static OWNER: OnceLock<String> = OnceLock::new();
+    OWNER.get_or_init(|| {
+        let nonce = uuid::Uuid::now_v7().simple().to_string();
+        format!("{}:{}:{}", host_name(), std::process::id(), &nonce[nonce.len() - 8..])
+    })
+}
+
+/// Whether `owner` is a process on this machine that is no longer running.
+/// An owner elsewhere is alive until its lease expires.
+pub fn is_gone(owner: &str) -> bool {
+    let mut parts = owner.rsplitn(3, ':');
+    let (_nonce, pid, host) = (parts.next(), parts.next(), parts.next());
+    match (host, pid.and_then(|pid| pid.parse::<u32>().ok())) {
+        (Some(host), Some(pid)) if host == host_name() => !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        _ => false,
+    }
+}
+
+fn host_name() -> &'static str {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_owned())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "localhost".into())
+    })
+}
+
+/// Keeps a lease alive while its run goes on: renews it every third of
+/// [`LEASE_TTL`], and cancels `lost` when it cannot (another process took
+/// the run over). Releases the lease when dropped.
+pub struct Heartbeat {
+    journal: Arc<dyn Journal>,
+    lease: Lease,
+    stop: CancellationToken,
+}
+
+impl Heartbeat {
+    /// Starts renewing `lease`; `lost` is cancelled if it is lost.
+    pub fn start(journal: Arc<dyn Journal>, lease: Lease, lost: CancellationToken) -> Self {
+        let stop = CancellationToken::new();
+        let (renewing, held, stopped) = (journal.clone(), lease.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stopped.cancelled() => return,
+                    () = tokio::time::sleep(LEASE_TTL / 3) => {}
+                }
+                let (journal, lease) = (renewing.clone(), held.clone());
+                let renewed = tokio::task::spawn_blocking(move || journal.renew_lease(&lease, LEASE_TTL)).await;
+                if !matches!(renewed, Ok(Ok(()))) {
+                    tracing::error!(run = held.run_id, "the run's lease could not be renewed; stopping");
+                    lost.cancel();
+                    return;
+                }
+            }
+        });
+        Heartbeat { journal, lease, stop }
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Err(err) = self.journal.release_lease(&self.lease) {
+            tracing::warn!(run = self.lease.run_id, "could not release the run's lease: {err}");
+        }
+    }
+}
+
+impl std::fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heartbeat").field("lease", &self.lease).finish()
+    }
+}
+
+/// The error for a run someone else holds.
+pub(crate) fn leased(run_id: &str, owner: &str, until_ms: f64) -> StoreError {
+    StoreError::Leased { run_id: run_id.to_owned(), owner: owner.to_owned(), until_ms }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_owner_on_this_machine_is_gone_when_its_process_is() {
+        assert!(!is_gone(this_owner()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(is_gone(&format!("{}:{pid}:abcdef12", host_name())));
+        assert!(!is_gone(&format!("elsewhere:{pid}:abcdef12")), "another machine's owner lives until it expires");
+    }
+}
