@@ -365,3 +365,36 @@ async fn parallel_attempts_cannot_together_overshoot_the_fuel_budget() {
     assert_eq!(report.run.status, RunStatus::Failed);
     assert!(report.run.error.as_deref().unwrap_or_default().contains("fuel budget"), "{:?}", report.run.error);
 }
+
+#[tokio::test]
+async fn an_include_cannot_reach_out_of_its_workflows_directory_without_a_ceiling() {
+    let dir = temp_dir("include-paths");
+    std::fs::create_dir_all(dir.join("flows")).unwrap();
+    std::fs::create_dir_all(dir.join("shared")).unwrap();
+    let sub = format!("name: sub\ncomponents:\n  hello: {}\nsteps:\n  - id: greet\n    uses: hello\n", guests::HELLO);
+    std::fs::write(dir.join("shared/sub.yaml"), &sub).unwrap();
+    std::fs::write(dir.join("flows/sub.yaml"), &sub).unwrap();
+    std::os::unix::fs::symlink(dir.join("shared/sub.yaml"), dir.join("flows/link.yaml")).unwrap();
+    let flows = dir.join("flows");
+    let outer = |name: &str, include: &str| {
+        let yaml = format!(
+            "name: {name}\ninputs:\n  which: {{ type: string, default: x }}\nsteps:\n  - id: inner\n    include: \"{include}\"\n"
+        );
+        load(&flows, name, &yaml)
+    };
+    let unconstrained = Tenant::unconstrained("default");
+    // Literal: checked before the run.
+    unconstrained.check(&outer("inside", "sub.yaml")).expect("in the workflow's own directory");
+    for include in ["../shared/sub.yaml", "link.yaml"] {
+        let err = unconstrained.check(&outer("out", include)).unwrap_err().to_string();
+        assert!(err.contains("is outside the including workflow's directory"), "{include}: {err}");
+    }
+    // A ceiling that lists the directory allows it.
+    let tenant = acme(&dir, &format!("{{ components: any, includes: ['{}'] }}", dir.join("shared").display()));
+    tenant.check(&outer("out", "../shared/sub.yaml")).expect("shared/ is an allowed include directory");
+    // Templated: checked when reached; the include step fails.
+    let report = run_under(Arc::new(unconstrained), outer("templated", "{{ '../shared/sub.yaml' }}")).await;
+    let reason = report.steps[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains("is outside the including workflow's directory"), "{reason}");
+    assert!(report.steps[0].steps.is_empty());
+}

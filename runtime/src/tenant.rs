@@ -171,6 +171,11 @@ pub struct TenantSpec {
     /// Component files must lie under one of these directories.
     #[serde(default)]
     pub components: Allowed<PathBuf>,
+    /// Directories included workflows may come from besides the including
+    /// workflow's own directory (the default: an include cannot reach out
+    /// of it with `..`, an absolute path or a symlink).
+    #[serde(default)]
+    pub includes: Allowed<PathBuf>,
     /// Granted host directories must lie under one of these.
     #[serde(default)]
     pub dirs: Allowed<PathBuf>,
@@ -197,6 +202,7 @@ impl TenantSpec {
             max_run_fuel: None,
             run: RunCeilings::default(),
             components: Allowed::Any,
+            includes: Allowed::Only(Vec::new()),
             dirs: Allowed::Any,
             network: Allowed::Any,
             http: Allowed::Any,
@@ -310,6 +316,26 @@ impl Tenant {
             .collect()
     }
 
+    /// Whether a workflow included from a workflow in `base_dir` may be the
+    /// file at `path`: it must lie in `base_dir`'s tree, or under one of the
+    /// tenant's `includes`. Compared after resolving `..` and symlinks.
+    pub fn confine_include(&self, base_dir: &Path, path: &Path) -> Result<(), String> {
+        // A missing file is reported by whoever reads it.
+        if !path.exists() {
+            return Ok(());
+        }
+        let allowed = under(path, base_dir) || self.spec.includes.permits(|dir| under(path, dir));
+        if allowed {
+            return Ok(());
+        }
+        Err(format!(
+            "the included workflow {} is outside the including workflow's directory and tenant `{}`'s allowed includes ({})",
+            path.display(),
+            self.name,
+            self.source()
+        ))
+    }
+
     /// Where a ceiling is set, for messages.
     fn source(&self) -> String {
         match &self.file {
@@ -362,6 +388,9 @@ impl Tenant {
             // it is reached.
             if let Action::Include { path, workflow: included } = &step.action {
                 if let Some(included) = included {
+                    if let Err(problem) = self.confine_include(&workflow.base_dir, &included.file) {
+                        problems.push(format!("step `{id}`: {problem}"));
+                    }
                     problems.extend(
                         self.problems(included, depth + 1)
                             .into_iter()

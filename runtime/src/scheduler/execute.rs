@@ -434,8 +434,9 @@ async fn include(
 /// held to the tenant's ceilings then.
 fn load_templated_include(shared: &Shared, path: &str, context: &minijinja::Value) -> Result<Workflow, String> {
     let path = template::render_text(path, context).map_err(|err| format!("`include`: {err}"))?;
-    let workflow = Workflow::load(&shared.workflow.base_dir.join(path))
-        .map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
+    let path = shared.workflow.base_dir.join(path);
+    shared.base.tenant.confine_include(&shared.workflow.base_dir, &path)?;
+    let workflow = Workflow::load(&path).map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
     shared
         .base
         .tenant
