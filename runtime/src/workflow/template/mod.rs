@@ -123,11 +123,37 @@ pub fn render_string(text: &str, context: &minijinja::Value) -> Result<Value, St
     if sole_expression(text).is_some() {
         return evaluate(text, context);
     }
-    let text = env().render_str(text, context).map_err(describe)?;
-    if text.len() > MAX_TEMPLATE_VALUE {
-        return Err(too_large());
+    // Rendered into a capped buffer: text can hold a huge value too
+    // (`{{ [0] * 100000000 }} and more`).
+    let template = env().template_from_str(text).map_err(describe)?;
+    let mut out = Capped::default();
+    if let Err(err) = template.render_captured_to(context, &mut out) {
+        return Err(if out.full { too_large() } else { describe(err) });
     }
-    Ok(Value::String(text))
+    String::from_utf8(out.bytes).map(Value::String).map_err(|err| format!("the template rendered invalid text: {err}"))
+}
+
+/// A buffer that refuses to grow past [`MAX_TEMPLATE_VALUE`].
+#[derive(Default)]
+struct Capped {
+    bytes: Vec<u8>,
+    /// Whether a write was refused.
+    full: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + bytes.len() > MAX_TEMPLATE_VALUE {
+            self.full = true;
+            return Err(std::io::Error::other(too_large()));
+        }
+        self.bytes.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn too_large() -> String {
@@ -148,29 +174,11 @@ pub fn render_text(text: &str, context: &minijinja::Value) -> Result<String, Str
 /// The value as JSON, written out as text under [`MAX_TEMPLATE_VALUE`]
 /// first, so a huge value stops while it is written rather than after.
 fn to_json(value: &minijinja::Value) -> Result<Value, String> {
-    /// A buffer that refuses to grow past the limit.
-    struct Capped(Vec<u8>);
-    impl std::io::Write for Capped {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            if self.0.len() + bytes.len() > MAX_TEMPLATE_VALUE {
-                return Err(std::io::Error::other(too_large()));
-            }
-            self.0.extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut text = Capped(Vec::new());
+    let mut text = Capped::default();
     if let Err(err) = serde_json::to_writer(&mut text, value) {
-        return Err(match err.io_error_kind() {
-            Some(_) => too_large(),
-            None => format!("the value cannot be turned into JSON: {err}"),
-        });
+        return Err(if text.full { too_large() } else { format!("the value cannot be turned into JSON: {err}") });
     }
-    serde_json::from_slice(&text.0).map_err(|err| format!("the value cannot be turned into JSON: {err}"))
+    serde_json::from_slice(&text.bytes).map_err(|err| format!("the value cannot be turned into JSON: {err}"))
 }
 
 /// minijinja's message plus its detail, on one line.
@@ -215,7 +223,12 @@ mod tests {
 
     #[test]
     fn a_huge_value_is_refused_while_it_is_built() {
-        for huge in ["{{ [0] * 100000000 }}", "{{ [[0] * 10000] * 10000 }}", "{{ 'x' * 100000000 }} and more"] {
+        for huge in [
+            "{{ [0] * 100000000 }}",
+            "{{ [[0] * 10000] * 10000 }}",
+            "{{ 'x' * 100000000 }} and more",
+            "{{ [0] * 100000000 }} and more",
+        ] {
             let err = render_string(huge, &ctx()).unwrap_err();
             assert!(
                 err.contains("builds a value larger than 16.0 MiB, the most a template may build"),
