@@ -14,10 +14,11 @@ pub fn repository_root(depth: usize) -> PathBuf {
     manifest_dir.ancestors().nth(depth).expect("the crate lies inside the repository").to_owned()
 }
 
-/// Where the guests are built: `target/guest-examples` of the host build's
-/// target directory, which is where the example workflows look for them.
+/// Where the guests are built: `target/guest-examples` of the repository,
+/// which is where the example workflows look for them, wherever
+/// `CARGO_TARGET_DIR` puts the host build.
 pub fn target_dir(root: &Path) -> PathBuf {
-    env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("guest-examples")
+    root.join("target/guest-examples")
 }
 
 /// Rebuilds when the guests, the SDK or the contract change.

@@ -1,13 +1,14 @@
 //! The tests' build script's half for guests in other languages: Python
 //! (componentize-py), JavaScript (componentize-js) and C (zig's clang with
-//! its bundled wasi-libc, `wit-bindgen c`, `wasm-tools component new` with
-//! the preview1 adapter). Each implements the same step as
-//! `guest-examples/transform`.
+//! its bundled wasi-libc; the bindings and the component come from the
+//! libraries behind `wit-bindgen c` and `wasm-tools component new`, which
+//! the SDK's macro compiles anyway, so no tool is built twice). Each
+//! implements the same step as `guest-examples/transform`.
 //!
-//! Every tool comes from a registry (PyPI, npm, crates.io) and is fetched
-//! into `target/tools` the first time, so the tests need Python 3 with pip
-//! and Node.js with npm beside rustup, and no system packages. A missing
-//! pip or npm stops the build with what to install. Nothing is skipped.
+//! Every tool comes from a registry (PyPI, npm) and is fetched into
+//! `target/tools` the first time, so the tests need Python 3 with pip and
+//! Node.js with npm beside rustup, and no system packages. A missing pip or
+//! npm stops the build with what to install. Nothing is skipped.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -86,21 +87,8 @@ impl Langs<'_> {
     }
 
     fn c(&self) -> PathBuf {
-        let wit_bindgen = self.cargo_tool("wit-bindgen", WIT_BINDGEN, &["--no-default-features", "--features", "c"]);
-        let wasm_tools =
-            self.cargo_tool("wasm-tools", WASM_TOOLS, &["--no-default-features", "--features", "component"]);
         let bindings = self.out.join("c-bindings");
-        let mut generate = Command::new(wit_bindgen);
-        // wit/deps/cli imports a clock interface behind this feature gate.
-        generate.arg("c").arg(self.root.join("wit")).args([
-            "--world",
-            "step",
-            "--features",
-            "clocks-timezone",
-            "--out-dir",
-        ]);
-        generate.arg(&bindings);
-        run(generate, "generating the C bindings of wit/ (wit-bindgen c)");
+        c_bindings(&self.root.join("wit"), &bindings);
 
         let source = self.root.join("guest-examples/c/transform");
         let core = self.out.join("transform-c.core.wasm");
@@ -122,18 +110,21 @@ impl Langs<'_> {
             .arg(&core);
         run(compile, "compiling guest-examples/c/transform (zig cc)");
 
-        let adapter = self.out.join("wasi_snapshot_preview1.reactor.wasm");
-        std::fs::write(&adapter, wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER)
-            .expect("writing the preview1 adapter");
+        // What `wasm-tools component new --adapt` does.
+        let module = std::fs::read(&core).expect("reading the C module");
+        let component = wit_component::ComponentEncoder::default()
+            .validate(true)
+            .module(&module)
+            .and_then(|encoder| {
+                encoder.adapter(
+                    "wasi_snapshot_preview1",
+                    wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+                )
+            })
+            .and_then(|mut encoder| encoder.encode())
+            .unwrap_or_else(|err| panic!("wrapping the C module as a component failed: {err:#}"));
         let out = self.out.join("transform-c.wasm");
-        let mut wrap = Command::new(wasm_tools);
-        wrap.args(["component", "new"])
-            .arg(&core)
-            .arg("--adapt")
-            .arg(format!("wasi_snapshot_preview1={}", adapter.display()))
-            .arg("-o")
-            .arg(&out);
-        run(wrap, "wrapping the C module as a component (wasm-tools component new)");
+        std::fs::write(&out, component).expect("writing the C component");
         out
     }
 
@@ -154,28 +145,6 @@ impl Langs<'_> {
         }
         site
     }
-
-    /// A Rust tool from crates.io, installed into `target/tools/bin` once.
-    fn cargo_tool(&self, binary: &str, package: &str, flags: &[&str]) -> PathBuf {
-        let tool = self.tools.join("bin").join(binary);
-        if !tool.exists() {
-            let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-            // Unoptimized: they run once, on small inputs, and compile in
-            // half the time.
-            cargo
-                .args(["install", "--quiet", "--locked", "--debug", "--root"])
-                .arg(&self.tools)
-                .arg("--target-dir")
-                .arg(self.tools.join("build"))
-                .args(flags)
-                .arg(package);
-            for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR"] {
-                cargo.env_remove(var);
-            }
-            fetch(cargo, "cargo");
-        }
-        tool
-    }
 }
 
 /// Runs an install command; `needs` names what it needs when it cannot run.
@@ -192,5 +161,25 @@ fn run(mut command: Command, what: &str) {
         Ok(status) if status.success() => {}
         Ok(_) => panic!("{what} failed (see the errors above)"),
         Err(err) => panic!("{what}: cannot run `{command:?}`: {err}"),
+    }
+}
+
+/// What `wit-bindgen c wit --world step --features clocks-timezone
+/// --out-dir OUT` does: C bindings of the step world into `out`.
+fn c_bindings(wit: &Path, out: &Path) {
+    let mut resolve = wit_bindgen_core::wit_parser::Resolve::default();
+    // wit/deps/cli imports a clock interface behind this feature gate.
+    resolve.features.insert("clocks-timezone".to_owned());
+    let mut files = wit_bindgen_core::Files::default();
+    let generated = resolve
+        .push_path(wit)
+        .and_then(|(package, _)| resolve.select_world(&[package], Some("step")))
+        .and_then(|world| wit_bindgen_c::Opts::default().build().generate(&resolve, world, &mut files));
+    if let Err(err) = generated {
+        panic!("generating the C bindings of {} failed: {err:#}", wit.display());
+    }
+    std::fs::create_dir_all(out).expect("creating the C bindings directory");
+    for (name, contents) in files.iter() {
+        std::fs::write(out.join(name), contents).expect("writing the C bindings");
     }
 }

@@ -68,7 +68,6 @@ const C: &[File] = &[
 
 /// The tool versions the printed commands fetch, as the tests use them.
 mod versions {
-    #![allow(dead_code)] // WIT_BINDGEN and WASM_TOOLS are for the build script
     include!("../../templates/versions.rs");
 }
 use versions::{COMPONENTIZE_JS, COMPONENTIZE_PY, PREVIEW2_SHIM, ZIG};
