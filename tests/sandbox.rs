@@ -160,7 +160,7 @@ async fn parallel_counters_never_lose_an_update() {
 async fn parallel_counters_on_the_durable_store_never_lose_an_update() {
     let dir = std::env::temp_dir().join(format!("stepbox-kv-{}", std::process::id()));
     let db = std::sync::Arc::new(stepbox::store::Database::open(&dir).unwrap());
-    let durable = stepbox::sandbox::Sandbox::new(stepbox::sandbox::EngineConfig::default(), db).unwrap();
+    let durable = stepbox::sandbox::Sandbox::new(stepbox::sandbox::EngineConfig::default(), db.key_values()).unwrap();
     let component = durable.load(std::path::Path::new(guests::COUNTER)).unwrap();
     let attempts = (0..16).map(|i| {
         let (durable, component) = (durable.clone(), component.clone());
@@ -181,8 +181,9 @@ async fn parallel_counters_on_the_durable_store_never_lose_an_update() {
     let reopened = stepbox::store::Database::open(&dir).unwrap();
     let scope = stepbox::store::KvScope { tenant: "tenant".into(), workflow: "tests".into() };
     use stepbox::store::KeyValueStore;
-    assert_eq!(reopened.get(&scope, "default", "parallel").unwrap(), Some(b"16".to_vec()));
-    assert_eq!(reopened.get(&scope, "default", "runs_seen").unwrap(), Some(b"16".to_vec()));
+    let kv = reopened.key_values();
+    assert_eq!(kv.get(&scope, "default", "parallel").unwrap(), Some(b"16".to_vec()));
+    assert_eq!(kv.get(&scope, "default", "runs_seen").unwrap(), Some(b"16".to_vec()));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -379,4 +380,32 @@ async fn hostile_guests_do_not_disturb_healthy_ones() {
             report.duration_ms()
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_that_finds_no_free_instance_slot_waits_for_one() {
+    // Two instance slots in the pool; six attempts at once, straight to the
+    // sandbox (no scheduler in front to hold them back).
+    let config = stepbox::sandbox::EngineConfig {
+        data_dir: Some(common::data_dir()),
+        max_concurrent_attempts: 2,
+        ..Default::default()
+    };
+    let small = stepbox::sandbox::Sandbox::new(config, std::sync::Arc::new(stepbox::store::MemoryKeyValueStore::new()))
+        .unwrap();
+    let component = small.load(Path::new(guests::SLEEPY)).unwrap();
+    let attempts: Vec<_> = (0..6)
+        .map(|_| {
+            let (small, component) = (small.clone(), component.clone());
+            tokio::spawn(async move { small.run(&component, request(json!({ "millis": 150 }))).await })
+        })
+        .collect();
+    let mut spans = Vec::new();
+    for attempt in attempts {
+        let report = attempt.await.unwrap();
+        assert!(report.output().is_some(), "every attempt succeeds: {report:?}");
+        spans.push((report.started_ms, report.finished_ms.unwrap()));
+    }
+    let overlap = spans.iter().map(|(start, _)| spans.iter().filter(|(s, f)| s <= start && start < f).count()).max();
+    assert!(overlap <= Some(2), "at most two attempts ran at once, not {overlap:?}");
 }

@@ -324,6 +324,32 @@ async fn a_fan_out_over_the_items_ceiling_fails_before_any_item_runs() {
 }
 
 #[tokio::test]
+async fn a_run_cannot_create_more_executions_than_its_ceiling_however_its_fan_outs_add_up() {
+    let dir = temp_dir("executions");
+    let workflow = load(
+        &dir,
+        "executions",
+        &format!(
+            "name: executions\ncomponents:\n  echo: {}\nsteps:\n  - id: first\n    uses: echo\n    for_each: \"{{{{ range(6)|list }}}}\"\n  - id: second\n    uses: echo\n    depends_on: [first]\n    for_each: \"{{{{ range(6)|list }}}}\"\n  - id: third\n    uses: echo\n    depends_on: [second]\n    always: true\n",
+            guests::ECHO
+        ),
+    );
+    let report = run_under(acme(&dir, "{ components: any, max_items: 6, max_executions: 10 }"), workflow).await;
+    assert_eq!(report.steps[0].status, StepStatus::Succeeded, "{:?}", report.steps[0]);
+    assert_eq!(report.steps[1].status, StepStatus::Failed);
+    let reason = report.steps[1].reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains(
+            "this step's 6 executions would make the run's 12, over tenant `acme`'s ceiling of 10 (max_executions)"
+        ),
+        "{reason}"
+    );
+    assert!(report.steps[1].executions.is_empty());
+    // What the refused step did not create is left for the others.
+    assert_eq!(report.steps[2].status, StepStatus::Succeeded);
+}
+
+#[tokio::test]
 async fn a_templated_include_that_reaches_itself_stops_at_the_depth_ceiling() {
     let dir = temp_dir("depth");
     // Includes itself through a template, which validation cannot see.
@@ -397,4 +423,89 @@ async fn an_include_cannot_reach_out_of_its_workflows_directory_without_a_ceilin
     let reason = report.steps[0].reason.clone().unwrap_or_default();
     assert!(reason.contains("is outside the including workflow's directory"), "{reason}");
     assert!(report.steps[0].steps.is_empty());
+}
+
+/// A workflow whose one step, under `limits`, writes `size`-byte values to
+/// key-value state until a write fails.
+fn kv_flood(dir: &std::path::Path, size: usize, limits: &str) -> Workflow {
+    let yaml = format!(
+        "name: flood\ncomponents:\n  abuse: {}\nsteps:\n  - id: flood\n    uses: abuse\n    with: {{ attack: kv-flood, size: {size} }}\n    limits: {limits}\n",
+        guests::HOST_ABUSE
+    );
+    let path = dir.join("flood.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    Workflow::load(&path).unwrap()
+}
+
+#[tokio::test]
+async fn a_tenant_cannot_keep_more_key_value_state_than_its_quota() {
+    let dir = temp_dir("kv-quota");
+    let mut tenant = Tenant::unconstrained("kv-quota");
+    tenant.spec.kv.max_bytes = bytesize::ByteSize::mib(2);
+    let report = run_under(Arc::new(tenant), kv_flood(&dir, 1024 * 1024, "{}")).await;
+    assert_eq!(report.run.status, RunStatus::Failed);
+    let attempt = &report.steps[0].executions[0].attempts[0];
+    let message = &attempt.failure().expect("the flood fails").message;
+    // Two 1 MiB values fit in 2 MiB only without their keys: the second
+    // write is refused.
+    assert!(message.starts_with("write 1 failed"), "{message}");
+    assert!(message.contains("tenant `kv-quota` would keep") && message.contains("kv.max_bytes"), "{message}");
+}
+
+/// The longest wait of a chain's step for the one before it: from one
+/// attempt's end to the next one's start.
+fn longest_handover(report: &RunReport) -> f64 {
+    let attempts: Vec<_> = report.steps.iter().map(|s| &s.executions[0].attempts[0]).collect();
+    attempts.windows(2).map(|pair| pair[1].started_ms - pair[0].finished_ms.unwrap()).fold(0.0, f64::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_looping_large_key_value_writes_does_not_delay_another_tenants_attempts() {
+    let dir = temp_dir("kv-neighbour");
+    let db = Arc::new(stepbox::store::Database::open(&dir.join("data")).unwrap());
+    let config = stepbox::sandbox::EngineConfig { data_dir: Some(common::data_dir()), ..Default::default() };
+    let shared = stepbox::sandbox::Sandbox::new(config, db.key_values()).unwrap();
+    let mut chain = format!("name: chain\ncomponents:\n  echo: {}\nsteps:\n  - id: s0\n    uses: echo\n", guests::ECHO);
+    for i in 1..20 {
+        chain.push_str(&format!("  - id: s{i}\n    uses: echo\n    depends_on: [s{}]\n", i - 1));
+    }
+    std::fs::write(dir.join("chain.yaml"), chain).unwrap();
+    let run = |tenant: &'static str, workflow: Workflow, id: String, cancel| {
+        let (db, shared) = (db.clone(), shared.clone());
+        async move {
+            let record = stepbox::run::Run::new(id.clone(), &workflow.name, "", tenant, Default::default());
+            stepbox::store::Journal::create_run(&*db, &record, &serde_json::json!({})).unwrap();
+            let options = RunOptions {
+                tenant: Arc::new(Tenant::unconstrained(tenant)),
+                journal: Some(db),
+                cancel,
+                ..RunOptions::new(id)
+            };
+            let inputs = workflow.bind_inputs(&Default::default()).unwrap();
+            scheduler::run(&shared, Arc::new(workflow), inputs, options).await.unwrap()
+        }
+    };
+    let chain = || Workflow::load(&dir.join("chain.yaml")).unwrap();
+
+    // Alone, twice: the first warms the component cache.
+    run("quiet", chain(), "warm".into(), Default::default()).await;
+    let alone = run("quiet", chain(), "alone".into(), Default::default()).await;
+    assert_eq!(alone.run.status, RunStatus::Succeeded, "{:?}", alone.steps[0]);
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flood =
+        tokio::spawn(run("noisy", kv_flood(&dir, 1024 * 1024, "{ timeout: 60s }"), "flood".into(), stop.clone()));
+    // Let the flood get going.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let beside = run("quiet", chain(), "beside".into(), Default::default()).await;
+    stop.cancel();
+    let flood = flood.await.unwrap();
+    assert_eq!(beside.run.status, RunStatus::Succeeded);
+    // The flood was still writing when the chain ended.
+    assert_eq!(flood.run.status, RunStatus::Cancelled, "{:?}", flood.run.error);
+    let (alone, beside) = (longest_handover(&alone), longest_handover(&beside));
+    assert!(
+        beside <= alone + 50.0,
+        "alone a step waited at most {alone:.1} ms for the one before; beside the flood {beside:.1} ms"
+    );
 }

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
 use crate::sandbox::{DirGrant, HttpGrant, Limits};
+use crate::store::KvQuota;
 use crate::workflow::spec::{LimitsSpec, SecretSource};
 use crate::workflow::{Action, Diagnostic, Workflow, WorkflowError, read_file};
 
@@ -189,6 +190,10 @@ pub struct TenantSpec {
     /// The secrets steps may read.
     #[serde(default)]
     pub secrets: Allowed<SecretGrant>,
+    /// How much key-value state the tenant's steps may keep, over all its
+    /// workflows (default 64 MiB and 100,000 keys).
+    #[serde(default)]
+    pub kv: KvQuota,
 }
 
 impl TenantSpec {
@@ -207,6 +212,7 @@ impl TenantSpec {
             network: Allowed::Any,
             http: Allowed::Any,
             secrets: Allowed::Any,
+            kv: KvQuota::default(),
         }
     }
 }
@@ -222,11 +228,15 @@ pub struct RunCeilings {
     pub max_include_depth: usize,
     /// Attempts of one execution (`retry.attempts`).
     pub max_attempts: u32,
+    /// Executions of one run, over all its steps and includes: each is
+    /// journaled and waits for a slot, so this bounds what a run can queue
+    /// and write however its fan-outs multiply.
+    pub max_executions: usize,
 }
 
 impl Default for RunCeilings {
     fn default() -> Self {
-        RunCeilings { max_items: 10_000, max_include_depth: 8, max_attempts: 100 }
+        RunCeilings { max_items: 10_000, max_include_depth: 8, max_attempts: 100, max_executions: 100_000 }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests in this directory.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use stepbox::run::Attempt;
@@ -14,10 +14,15 @@ use stepbox::store::MemoryKeyValueStore;
 pub fn sandbox() -> &'static Sandbox {
     static SANDBOX: OnceLock<Sandbox> = OnceLock::new();
     SANDBOX.get_or_init(|| {
-        let target = Path::new(stepbox_tests::guests::HELLO).ancestors().nth(4).expect("guests live under target/");
-        let config = EngineConfig { data_dir: Some(target.join("tests-data")), ..EngineConfig::default() };
+        let config = EngineConfig { data_dir: Some(data_dir()), ..EngineConfig::default() };
         Sandbox::new(config, Arc::new(MemoryKeyValueStore::new())).expect("building the sandbox")
     })
+}
+
+/// The data directory of the tests' sandboxes, under the target directory.
+pub fn data_dir() -> PathBuf {
+    let target = Path::new(stepbox_tests::guests::HELLO).ancestors().nth(4).expect("guests live under target/");
+    target.join("tests-data")
 }
 
 pub fn load(path: &str) -> StepComponent {
@@ -35,6 +40,7 @@ pub fn request(input: serde_json::Value) -> AttemptRequest {
             idempotency_key: "run-1/step".into(),
             tenant: "tenant".into(),
             workflow: "tests".into(),
+            kv_quota: Default::default(),
         },
         input: input.to_string(),
         limits: Limits::default(),

@@ -2,7 +2,8 @@
 //! `huge-log` logs one message of N bytes, `log-flood` logs N messages,
 //! `resource-loop` opens key-value buckets without closing them,
 //! `huge-output` returns N bytes, `stdin` reads all of stdin, `random` asks
-//! the host for u64::MAX random bytes.
+//! the host for u64::MAX random bytes, `kv-flood` writes N-byte values to
+//! four keys in turn until a write fails (and says which and why).
 use std::io::Read;
 
 use serde::Deserialize;
@@ -40,6 +41,17 @@ fn run(input: Input) -> Result<serde_json::Value, StepError> {
             let mut text = String::new();
             std::io::stdin().read_to_string(&mut text)?;
             Ok(serde_json::json!(text))
+        }
+        "kv-flood" => {
+            let bucket = Bucket::open_default()?;
+            let value = vec![b'k'; input.size];
+            let mut written = 0u64;
+            loop {
+                if let Err(err) = bucket.set_bytes(&format!("flood-{}", written % 4), &value) {
+                    return Err(StepError::fatal(format!("write {written} failed: {err}")));
+                }
+                written += 1;
+            }
         }
         "random" => Ok(serde_json::json!(wasip2::random::random::get_random_bytes(u64::MAX).len())),
         other => Err(StepError::fatal(format!("unknown attack {other}"))),

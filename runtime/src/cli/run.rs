@@ -129,7 +129,7 @@ pub(crate) async fn execute(
         max_concurrent_attempts: u32::try_from(max_parallel).unwrap_or(u32::MAX),
         ..engine_config(db.data_dir())
     };
-    let sandbox = sandbox_with_kv(config, db.clone())?;
+    let sandbox = sandbox_with_kv(config, db.key_values())?;
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     // Renewed while the run goes on, released when it ends; a lease taken

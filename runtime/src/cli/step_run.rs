@@ -132,6 +132,7 @@ pub(crate) async fn run(args: Args, data_dir: &std::path::Path) -> Result<u8, Cl
             attempt: 1,
             tenant: "default".into(),
             workflow: "step-run".into(),
+            kv_quota: Default::default(),
         },
         input,
         limits,

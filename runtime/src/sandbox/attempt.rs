@@ -20,7 +20,7 @@ use super::limits::{InstanceLimiter, Limits};
 use super::redact::Redactor;
 use super::scratch::ScratchRoot;
 use crate::run::{Attempt, Failure, FailureKind, LogRecord, Outcome, now_ms};
-use crate::store::{KeyValueStore, KvScope};
+use crate::store::{KeyValueStore, KvQuota, KvScope};
 
 /// Fuel handed to compiled code at a time (see `fuel_async_yield_interval`).
 const FUEL_SLICE: u64 = 10_000_000;
@@ -45,6 +45,8 @@ pub struct StepContext {
     pub tenant: String,
     /// Key-value state is shared by the steps of one workflow (and tenant).
     pub workflow: String,
+    /// How much key-value state the tenant may keep.
+    pub kv_quota: KvQuota,
 }
 
 /// Everything one attempt needs besides the component.
@@ -167,7 +169,8 @@ pub(crate) async fn run(
         ),
         config: Arc::new(grants.config.into_iter().chain(grants.secrets).collect()),
         kv,
-        kv_scope: KvScope { tenant: context.tenant.clone(), workflow: context.workflow.clone() },
+        kv_scope: Arc::new(KvScope { tenant: context.tenant.clone(), workflow: context.workflow.clone() }),
+        kv_quota: context.kv_quota,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);

@@ -22,7 +22,7 @@ pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToke
     report.started_ms = Some(now_ms());
     match &step.action {
         Action::Include { path, workflow } => include(&shared, i, path, workflow.as_ref(), &cancel, &mut report).await,
-        Action::Run { component } => match items(&shared, i) {
+        Action::Run { component } => match items(&shared, i).and_then(|items| admit(&shared, items)) {
             Ok(items) => fan_out(&shared, i, component, items, &cancel, &mut report).await,
             Err(reason) => {
                 report.status = StepStatus::Failed;
@@ -35,7 +35,8 @@ pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToke
 }
 
 /// The items of a fan-out; one `None` for a plain step. More than the
-/// tenant's `max_items` fail the step before any runs.
+/// tenant's `max_items`, or more executions than its `max_executions` left
+/// to the run, fail the step before any runs.
 fn items(shared: &Shared, i: usize) -> Result<Vec<Option<Value>>, String> {
     let max = shared.base.tenant.spec.run.max_items;
     let too_many = |count: String| {
@@ -91,6 +92,23 @@ fn items(shared: &Shared, i: usize) -> Result<Vec<Option<Value>>, String> {
             Ok(combinations.into_iter().map(|c| Some(Value::Object(c))).collect())
         }
     }
+}
+
+/// Counts `items` more executions against the run's `max_executions`.
+fn admit(shared: &Shared, items: Vec<Option<Value>>) -> Result<Vec<Option<Value>>, String> {
+    let max = shared.base.tenant.spec.run.max_executions;
+    let before = shared.base.executions.fetch_add(items.len(), std::sync::atomic::Ordering::Relaxed);
+    let total = before.saturating_add(items.len());
+    if total > max {
+        shared.base.executions.fetch_sub(items.len(), std::sync::atomic::Ordering::Relaxed);
+        return Err(format!(
+            "this step's {} executions would make the run's {total}, over tenant `{}`'s ceiling of {max} \
+             (max_executions)",
+            items.len(),
+            shared.base.tenant.name
+        ));
+    }
+    Ok(items)
 }
 
 async fn fan_out(
@@ -251,6 +269,7 @@ async fn execution(
                         idempotency_key: idempotency_key.clone(),
                         tenant: shared.base.tenant.name.clone(),
                         workflow: shared.workflow.name.clone(),
+                        kv_quota: shared.base.tenant.spec.kv,
                     },
                     input: input.to_string(),
                     limits,

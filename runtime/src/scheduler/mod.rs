@@ -188,6 +188,7 @@ pub async fn run(
         stop: options.cancel.child_token(),
         stop_error: Arc::new(parking_lot::Mutex::new(None)),
         fuel: options.tenant.spec.max_run_fuel.map(|fuel| Arc::new(FuelBudget::new(fuel))),
+        executions: Arc::default(),
         limits: Arc::new(options.tenant.default_limits()),
         tenant: options.tenant.clone(),
         secrets_dir: options.secrets_dir.clone().map(Arc::from),
@@ -240,6 +241,9 @@ pub(crate) struct Base {
     stop_error: Arc<parking_lot::Mutex<Option<String>>>,
     /// The run's fuel budget, if its tenant has one.
     fuel: Option<Arc<FuelBudget>>,
+    /// Executions the run has created, held to its tenant's
+    /// `max_executions`.
+    executions: Arc<std::sync::atomic::AtomicUsize>,
     /// The limits of a step that sets none (its tenant's defaults).
     limits: Arc<crate::sandbox::Limits>,
     tenant: Arc<Tenant>,

@@ -1,7 +1,7 @@
 use parking_lot::{Mutex, MutexGuard};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use super::{KeyValueStore, KvError, KvScope, add_to_stored};
+use super::{KeyValueStore, KvError, KvQuota, KvScope, KvUsage, add_to_stored};
 
 type Key = (KvScope, String, String);
 
@@ -9,7 +9,26 @@ type Key = (KvScope, String, String);
 /// lock makes every operation atomic, which is plenty for one process.
 #[derive(Debug, Default)]
 pub struct MemoryKeyValueStore {
-    entries: Mutex<BTreeMap<Key, Vec<u8>>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: BTreeMap<Key, Vec<u8>>,
+    /// By tenant.
+    usage: HashMap<String, KvUsage>,
+}
+
+impl Inner {
+    /// Stores `value` at `entry` if the tenant's quota allows it.
+    fn put(&mut self, entry: Key, value: Vec<u8>, quota: &KvQuota) -> Result<(), KvError> {
+        let old = self.entries.get(&entry).map(Vec::len);
+        let usage = self.usage.get(&entry.0.tenant).copied().unwrap_or_default();
+        let usage = usage.change(&entry.0, &entry.2, old, Some(value.len()), quota)?;
+        self.usage.insert(entry.0.tenant.clone(), usage);
+        self.entries.insert(entry, value);
+        Ok(())
+    }
 }
 
 impl MemoryKeyValueStore {
@@ -18,8 +37,8 @@ impl MemoryKeyValueStore {
         Self::default()
     }
 
-    fn entries(&self) -> MutexGuard<'_, BTreeMap<Key, Vec<u8>>> {
-        self.entries.lock()
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock()
     }
 }
 
@@ -29,16 +48,19 @@ fn key(scope: &KvScope, bucket: &str, key: &str) -> Key {
 
 impl KeyValueStore for MemoryKeyValueStore {
     fn get(&self, scope: &KvScope, bucket: &str, k: &str) -> Result<Option<Vec<u8>>, KvError> {
-        Ok(self.entries().get(&key(scope, bucket, k)).cloned())
+        Ok(self.inner().entries.get(&key(scope, bucket, k)).cloned())
     }
 
-    fn set(&self, scope: &KvScope, bucket: &str, k: &str, value: &[u8]) -> Result<(), KvError> {
-        self.entries().insert(key(scope, bucket, k), value.to_vec());
-        Ok(())
+    fn set(&self, scope: &KvScope, bucket: &str, k: &str, value: &[u8], quota: &KvQuota) -> Result<(), KvError> {
+        self.inner().put(key(scope, bucket, k), value.to_vec(), quota)
     }
 
     fn delete(&self, scope: &KvScope, bucket: &str, k: &str) -> Result<(), KvError> {
-        self.entries().remove(&key(scope, bucket, k));
+        let mut inner = self.inner();
+        if let Some(old) = inner.entries.remove(&key(scope, bucket, k)) {
+            let usage = inner.usage.entry(scope.tenant.clone()).or_default();
+            *usage = usage.change(scope, k, Some(old.len()), None, &KvQuota::default())?;
+        }
         Ok(())
     }
 
@@ -50,8 +72,9 @@ impl KeyValueStore for MemoryKeyValueStore {
         limit: usize,
     ) -> Result<Vec<String>, KvError> {
         let start = key(scope, bucket, after.unwrap_or(""));
-        let entries = self.entries();
-        Ok(entries
+        let inner = self.inner();
+        Ok(inner
+            .entries
             .range(start..)
             .take_while(|((s, b, _), _)| s == scope && b == bucket)
             .map(|((_, _, k), _)| k)
@@ -61,11 +84,11 @@ impl KeyValueStore for MemoryKeyValueStore {
             .collect())
     }
 
-    fn increment(&self, scope: &KvScope, bucket: &str, k: &str, delta: i64) -> Result<i64, KvError> {
-        let mut entries = self.entries();
+    fn increment(&self, scope: &KvScope, bucket: &str, k: &str, delta: i64, quota: &KvQuota) -> Result<i64, KvError> {
+        let mut inner = self.inner();
         let entry = key(scope, bucket, k);
-        let next = add_to_stored(k, entries.get(&entry).map(Vec::as_slice), delta)?;
-        entries.insert(entry, next.to_string().into_bytes());
+        let next = add_to_stored(k, inner.entries.get(&entry).map(Vec::as_slice), delta)?;
+        inner.put(entry, next.to_string().into_bytes(), quota)?;
         Ok(next)
     }
 
@@ -76,60 +99,14 @@ impl KeyValueStore for MemoryKeyValueStore {
         k: &str,
         expected: Option<&[u8]>,
         new: &[u8],
+        quota: &KvQuota,
     ) -> Result<bool, KvError> {
-        let mut entries = self.entries();
+        let mut inner = self.inner();
         let entry = key(scope, bucket, k);
-        if entries.get(&entry).map(Vec::as_slice) != expected {
+        if inner.entries.get(&entry).map(Vec::as_slice) != expected {
             return Ok(false);
         }
-        entries.insert(entry, new.to_vec());
+        inner.put(entry, new.to_vec(), quota)?;
         Ok(true)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scope(tenant: &str) -> KvScope {
-        KvScope { tenant: tenant.into(), workflow: "wf".into() }
-    }
-
-    #[test]
-    fn scopes_do_not_see_each_other() {
-        let kv = MemoryKeyValueStore::new();
-        kv.set(&scope("a"), "default", "k", b"1").unwrap();
-        assert_eq!(kv.get(&scope("b"), "default", "k").unwrap(), None);
-        assert_eq!(kv.list_keys(&scope("b"), "default", None, 10).unwrap(), Vec::<String>::new());
-        assert_eq!(kv.get(&scope("a"), "default", "k").unwrap(), Some(b"1".to_vec()));
-    }
-
-    #[test]
-    fn list_keys_pages_in_order() {
-        let kv = MemoryKeyValueStore::new();
-        for k in ["c", "a", "b", "d"] {
-            kv.set(&scope("t"), "default", k, b"x").unwrap();
-        }
-        kv.set(&scope("t"), "other", "aa", b"x").unwrap();
-        assert_eq!(kv.list_keys(&scope("t"), "default", None, 2).unwrap(), ["a", "b"]);
-        assert_eq!(kv.list_keys(&scope("t"), "default", Some("b"), 10).unwrap(), ["c", "d"]);
-    }
-
-    #[test]
-    fn increment_counts_from_zero_and_rejects_non_integers() {
-        let kv = MemoryKeyValueStore::new();
-        assert_eq!(kv.increment(&scope("t"), "default", "n", 5).unwrap(), 5);
-        assert_eq!(kv.increment(&scope("t"), "default", "n", -2).unwrap(), 3);
-        kv.set(&scope("t"), "default", "s", b"\"text\"").unwrap();
-        assert_eq!(kv.increment(&scope("t"), "default", "s", 1), Err(KvError::NotAnInteger { key: "s".into() }));
-    }
-
-    #[test]
-    fn compare_and_swap_only_swaps_the_expected_value() {
-        let kv = MemoryKeyValueStore::new();
-        assert!(kv.compare_and_swap(&scope("t"), "b", "k", None, b"1").unwrap());
-        assert!(!kv.compare_and_swap(&scope("t"), "b", "k", None, b"2").unwrap());
-        assert!(kv.compare_and_swap(&scope("t"), "b", "k", Some(b"1"), b"2").unwrap());
-        assert_eq!(kv.get(&scope("t"), "b", "k").unwrap(), Some(b"2".to_vec()));
     }
 }

@@ -4,9 +4,13 @@
 //!
 //! Each is a trait, [`Journal`], [`History`] and [`KeyValueStore`], so
 //! the scheduler, the CLI and the sandbox do not know which database holds
-//! them. [`Database`] implements all three on one SQLite file; a server
-//! database implements the same traits beside it.
+//! them. [`Database`] implements the first two on one SQLite file, and
+//! [`KeyValueDatabase`] the third on another beside it, so key-value
+//! writes never wait for the journal's lock nor hold it; a server database
+//! implements the same traits beside them.
 
+#[cfg(test)]
+mod kv_conformance;
 mod lease;
 mod memory;
 mod sqlite;
@@ -22,7 +26,7 @@ use crate::run::{Attempt, Run, RunReport, RunStatus, StepPath, StepReport};
 
 pub use lease::{Heartbeat, LEASE_TTL, Lease, is_gone, this_owner};
 pub use memory::MemoryKeyValueStore;
-pub use sqlite::{DATABASE_FILE, Database, SCHEMA_VERSION};
+pub use sqlite::{DATABASE_FILE, Database, KV_FILE, KeyValueDatabase, SCHEMA_VERSION};
 
 /// Creates `dir` and its missing parents so that only this user can enter
 /// them: a data directory holds every tenant's records and compiled native
@@ -249,9 +253,83 @@ pub enum KvError {
         /// The key.
         key: String,
     },
+    /// A write would take the tenant past its quota.
+    #[error(
+        "tenant `{tenant}` would keep {wanted} {what} of key-value state; its quota is {quota} \
+         (`kv.max_{what}` in the tenants file); delete keys it no longer needs"
+    )]
+    Quota {
+        /// The tenant.
+        tenant: String,
+        /// `bytes` or `keys`.
+        what: &'static str,
+        /// What the tenant would keep after the write.
+        wanted: u64,
+        /// Its quota.
+        quota: u64,
+    },
     /// The database failed.
     #[error("key-value storage failed: {0}")]
     Storage(String),
+}
+
+/// How much key-value state one tenant may keep, over all its workflows:
+/// keys and values count with their lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KvQuota {
+    /// Bytes of keys and values together.
+    pub max_bytes: bytesize::ByteSize,
+    /// Keys.
+    pub max_keys: u64,
+}
+
+impl Default for KvQuota {
+    fn default() -> Self {
+        KvQuota { max_bytes: bytesize::ByteSize::mib(64), max_keys: 100_000 }
+    }
+}
+
+/// What one tenant keeps: the sums its quota is checked against, kept
+/// beside the data and changed in the same transaction as it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct KvUsage {
+    pub(crate) bytes: u64,
+    pub(crate) keys: u64,
+}
+
+impl KvUsage {
+    /// The usage after `key`'s value goes from `old` bytes to `new` bytes
+    /// (`None`: absent), or the error if that grows past `quota`. A change
+    /// that does not grow a sum is always allowed, so a tenant over a
+    /// lowered quota can still delete and shrink.
+    pub(crate) fn change(
+        self,
+        scope: &KvScope,
+        key: &str,
+        old: Option<usize>,
+        new: Option<usize>,
+        quota: &KvQuota,
+    ) -> Result<KvUsage, KvError> {
+        let size = |value: Option<usize>| value.map_or(0, |len| (key.len() + len) as u64);
+        let bytes = (self.bytes + size(new)).saturating_sub(size(old));
+        let keys = (self.keys + u64::from(new.is_some())).saturating_sub(u64::from(old.is_some()));
+        let over = |what, wanted: u64, before: u64, quota: u64| {
+            (wanted > quota && wanted > before).then(|| KvError::Quota {
+                tenant: scope.tenant.clone(),
+                what,
+                wanted,
+                quota,
+            })
+        };
+        if let Some(err) = over("bytes", bytes, self.bytes, quota.max_bytes.as_u64()) {
+            return Err(err);
+        }
+        if let Some(err) = over("keys", keys, self.keys, quota.max_keys) {
+            return Err(err);
+        }
+        Ok(KvUsage { bytes, keys })
+    }
 }
 
 /// Key-value storage for steps. Implementations must make `increment` and
@@ -259,8 +337,8 @@ pub enum KvError {
 pub trait KeyValueStore: Send + Sync {
     /// The value at `key`, if any.
     fn get(&self, scope: &KvScope, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, KvError>;
-    /// Sets `key` to `value`.
-    fn set(&self, scope: &KvScope, bucket: &str, key: &str, value: &[u8]) -> Result<(), KvError>;
+    /// Sets `key` to `value`, within the tenant's `quota`.
+    fn set(&self, scope: &KvScope, bucket: &str, key: &str, value: &[u8], quota: &KvQuota) -> Result<(), KvError>;
     /// Removes `key`.
     fn delete(&self, scope: &KvScope, bucket: &str, key: &str) -> Result<(), KvError>;
     /// Up to `limit` keys of `bucket` that sort after `after`, in order.
@@ -273,7 +351,7 @@ pub trait KeyValueStore: Send + Sync {
     ) -> Result<Vec<String>, KvError>;
     /// Add `delta` to the decimal integer stored at `key` (missing counts as
     /// 0), store it and return it.
-    fn increment(&self, scope: &KvScope, bucket: &str, key: &str, delta: i64) -> Result<i64, KvError>;
+    fn increment(&self, scope: &KvScope, bucket: &str, key: &str, delta: i64, quota: &KvQuota) -> Result<i64, KvError>;
     /// Set `key` to `new` only if its value is still `expected` (`None`: not
     /// set). Returns whether it swapped.
     fn compare_and_swap(
@@ -283,6 +361,7 @@ pub trait KeyValueStore: Send + Sync {
         key: &str,
         expected: Option<&[u8]>,
         new: &[u8],
+        quota: &KvQuota,
     ) -> Result<bool, KvError>;
 }
 

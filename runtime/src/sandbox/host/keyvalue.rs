@@ -1,9 +1,15 @@
+//! `wasi:keyvalue`: every call runs on a blocking thread, so a slow disk
+//! or another process's lock never stalls the async runtime, and the
+//! attempt's timeout still ends an attempt waiting on one.
+
+use std::sync::Arc;
+
 use wasmtime::component::Resource;
 
 use super::StepState;
 use crate::sandbox::bindings::wasi::keyvalue::atomics::{self, CasError};
 use crate::sandbox::bindings::wasi::keyvalue::store::{self, Error, KeyResponse};
-use crate::store::KvError;
+use crate::store::{KeyValueStore, KvError, KvQuota, KvScope};
 
 /// Caps on what a guest may pass into a key-value call, so one call cannot
 /// make the host copy or store an unbounded amount.
@@ -53,8 +59,33 @@ impl StepState {
         Ok(self.table.get(bucket)?.name.clone())
     }
 
-    fn read(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, Error> {
-        self.kv.get(&self.kv_scope, bucket, key).map_err(other)
+    /// What a call needs, taken out of the state before it is awaited.
+    fn store(&self) -> KvCall {
+        KvCall { kv: self.kv.clone(), scope: self.kv_scope.clone(), quota: self.kv_quota }
+    }
+}
+
+/// The store as one attempt sees it.
+struct KvCall {
+    kv: Arc<dyn KeyValueStore>,
+    scope: Arc<KvScope>,
+    quota: KvQuota,
+}
+
+impl KvCall {
+    /// Runs `call` against the store on a blocking thread.
+    async fn call<T: Send + 'static>(
+        self,
+        call: impl FnOnce(&dyn KeyValueStore, &KvScope, &KvQuota) -> Result<T, KvError> + Send + 'static,
+    ) -> Result<T, Error> {
+        match tokio::task::spawn_blocking(move || call(&*self.kv, &self.scope, &self.quota)).await {
+            Ok(result) => result.map_err(other),
+            Err(failed) => Err(Error::Other(format!("the key-value call failed: {failed}"))),
+        }
+    }
+
+    async fn read(self, bucket: String, key: String) -> Result<Option<Vec<u8>>, Error> {
+        self.call(move |kv, scope, _| kv.get(scope, &bucket, &key)).await
     }
 }
 
@@ -70,32 +101,43 @@ impl store::Host for StepState {
 impl store::HostBucket for StepState {
     async fn get(&mut self, bucket: Resource<BucketHandle>, key: String) -> KvResult<Option<Vec<u8>>> {
         let name = self.bucket_name(&bucket)?;
-        Ok(check_key(&key).and_then(|()| self.read(&name, &key)))
+        if let Err(err) = check_key(&key) {
+            return Ok(Err(err));
+        }
+        Ok(self.store().read(name, key).await)
     }
 
     async fn set(&mut self, bucket: Resource<BucketHandle>, key: String, value: Vec<u8>) -> KvResult<()> {
         let name = self.bucket_name(&bucket)?;
-        Ok(check_key(&key)
-            .and_then(|()| check_value(&value))
-            .and_then(|()| self.kv.set(&self.kv_scope, &name, &key, &value).map_err(other)))
+        if let Err(err) = check_key(&key).and_then(|()| check_value(&value)) {
+            return Ok(Err(err));
+        }
+        Ok(self.store().call(move |kv, scope, quota| kv.set(scope, &name, &key, &value, quota)).await)
     }
 
     async fn delete(&mut self, bucket: Resource<BucketHandle>, key: String) -> KvResult<()> {
         let name = self.bucket_name(&bucket)?;
-        Ok(check_key(&key).and_then(|()| self.kv.delete(&self.kv_scope, &name, &key).map_err(other)))
+        if let Err(err) = check_key(&key) {
+            return Ok(Err(err));
+        }
+        Ok(self.store().call(move |kv, scope, _| kv.delete(scope, &name, &key)).await)
     }
 
     async fn exists(&mut self, bucket: Resource<BucketHandle>, key: String) -> KvResult<bool> {
         let name = self.bucket_name(&bucket)?;
-        Ok(check_key(&key).and_then(|()| self.read(&name, &key)).map(|value| value.is_some()))
+        if let Err(err) = check_key(&key) {
+            return Ok(Err(err));
+        }
+        Ok(self.store().call(move |kv, scope, _| kv.get(scope, &name, &key).map(|value| value.is_some())).await)
     }
 
     async fn list_keys(&mut self, bucket: Resource<BucketHandle>, cursor: Option<String>) -> KvResult<KeyResponse> {
         let name = self.bucket_name(&bucket)?;
-        let keys = match self.kv.list_keys(&self.kv_scope, &name, cursor.as_deref(), PAGE) {
-            Ok(keys) => keys,
-            Err(err) => return Ok(Err(other(err))),
-        };
+        let keys =
+            match self.store().call(move |kv, scope, _| kv.list_keys(scope, &name, cursor.as_deref(), PAGE)).await {
+                Ok(keys) => keys,
+                Err(err) => return Ok(Err(err)),
+            };
         // The cursor is the last key returned: the next page starts after it.
         let cursor = if keys.len() == PAGE { keys.last().cloned() } else { None };
         Ok(Ok(KeyResponse { keys, cursor }))
@@ -110,7 +152,10 @@ impl store::HostBucket for StepState {
 impl atomics::Host for StepState {
     async fn increment(&mut self, bucket: Resource<BucketHandle>, key: String, delta: i64) -> KvResult<i64> {
         let name = self.bucket_name(&bucket)?;
-        Ok(check_key(&key).and_then(|()| self.kv.increment(&self.kv_scope, &name, &key, delta).map_err(other)))
+        if let Err(err) = check_key(&key) {
+            return Ok(Err(err));
+        }
+        Ok(self.store().call(move |kv, scope, quota| kv.increment(scope, &name, &key, delta, quota)).await)
     }
 
     async fn swap(&mut self, cas: Resource<CasHandle>, value: Vec<u8>) -> wasmtime::Result<Result<(), CasError>> {
@@ -118,13 +163,17 @@ impl atomics::Host for StepState {
         if let Err(err) = check_value(&value) {
             return Ok(Err(CasError::StoreError(err)));
         }
-        match self.kv.compare_and_swap(&self.kv_scope, &bucket, &key, seen.as_deref(), &value) {
+        let (b, k) = (bucket.clone(), key.clone());
+        let swapped = self
+            .store()
+            .call(move |kv, scope, quota| kv.compare_and_swap(scope, &b, &k, seen.as_deref(), &value, quota));
+        match swapped.await {
             Ok(true) => Ok(Ok(())),
-            Ok(false) => match self.read(&bucket, &key) {
+            Ok(false) => match self.store().read(bucket.clone(), key.clone()).await {
                 Ok(seen) => Ok(Err(CasError::CasFailed(self.table.push(CasHandle { bucket, key, seen })?))),
                 Err(err) => Ok(Err(CasError::StoreError(err))),
             },
-            Err(err) => Ok(Err(CasError::StoreError(other(err)))),
+            Err(err) => Ok(Err(CasError::StoreError(err))),
         }
     }
 }
@@ -132,7 +181,10 @@ impl atomics::Host for StepState {
 impl atomics::HostCas for StepState {
     async fn new(&mut self, bucket: Resource<BucketHandle>, key: String) -> KvResult<Resource<CasHandle>> {
         let name = self.bucket_name(&bucket)?;
-        let seen = match check_key(&key).and_then(|()| self.read(&name, &key)) {
+        if let Err(err) = check_key(&key) {
+            return Ok(Err(err));
+        }
+        let seen = match self.store().read(name.clone(), key.clone()).await {
             Ok(seen) => seen,
             Err(err) => return Ok(Err(err)),
         };

@@ -16,7 +16,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::limits::InstanceLimiter;
-use crate::store::{KeyValueStore, KvScope};
+use crate::store::{KeyValueStore, KvQuota, KvScope};
 
 /// Everything one attempt's `Store` holds. Built fresh per attempt and
 /// dropped with it.
@@ -32,7 +32,8 @@ pub(crate) struct StepState {
     pub(crate) logs: logging::LogBuffer,
     pub(crate) config: Arc<BTreeMap<String, String>>,
     pub(crate) kv: Arc<dyn KeyValueStore>,
-    pub(crate) kv_scope: KvScope,
+    pub(crate) kv_scope: Arc<KvScope>,
+    pub(crate) kv_quota: KvQuota,
 }
 
 /// `stepbox:step/types` declares types only.

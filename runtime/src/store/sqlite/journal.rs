@@ -430,6 +430,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn forgetting_a_step_forgets_only_that_step_and_what_is_inside_it() {
+        let (_dir, db) = open();
+        // `_` is a wildcard in SQL's LIKE: no look-alike may go too (`%`
+        // cannot be in a step path at all).
+        let paths = ["fetch_a", "fetch-a", "fetchXa", "fetch_ab", "fetch_a.inner", "fetch_a[2]", "fetchzz"];
+        for path in paths {
+            let key = format!("a/{path}");
+            let attempt = Attempt {
+                outcome: crate::run::Outcome::Succeeded { output: Value::from(path) },
+                ..Attempt::started(1, 0.0)
+            };
+            start(&db, "a", &key, 1).await.unwrap();
+            db.attempt_finished("a", &path.parse().unwrap(), &key, &attempt, true).await.unwrap();
+        }
+        assert!("fetch%".parse::<StepPath>().is_err());
+        db.forget_steps("a", &["fetch_a".parse().unwrap()]).unwrap();
+        let mut kept: Vec<String> = db.resume_state("a").unwrap().completed.into_keys().collect();
+        kept.sort();
+        assert_eq!(kept, ["a/fetch-a", "a/fetchXa", "a/fetch_ab", "a/fetchzz"]);
+    }
+
+    #[tokio::test]
     async fn awaiting_a_record_makes_every_earlier_one_durable() {
         let (_dir, db) = open();
         let keys: Vec<String> = (0..500).map(|n| format!("a/s[{n}]")).collect();

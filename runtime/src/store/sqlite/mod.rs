@@ -1,5 +1,6 @@
-//! The embedded store: one SQLite file in the data directory holding the
-//! run journal, the run history and the steps' key-value state. WAL mode,
+//! The embedded store: SQLite files in the data directory, `stepbox.db`
+//! holding the run journal and the run history, and `kv.db` the steps'
+//! key-value state (see [`kv`]). WAL mode,
 //! `synchronous=FULL` (a commit survives a power cut), a busy timeout for
 //! concurrent readers, an integrity check and a schema version on open.
 
@@ -21,13 +22,30 @@ use super::{Durable, StoreError};
 use crate::run::{FailureKind, RunStatus, StepPath, StepStatus};
 use writer::{Job, Kind, Writer};
 
-/// The schema this build writes. Each entry of `MIGRATIONS` moves a
-/// database one version up.
-pub const SCHEMA_VERSION: u32 = 3;
+pub use kv::{KV_FILE, KeyValueDatabase};
 
-const MIGRATIONS: &[&str] = &[
-    // 1: runs, their steps, executions and attempts; key-value state.
-    "CREATE TABLE runs (
+/// A database file's schema: each migration moves it one version up, and
+/// the version is the number of migrations.
+pub(super) struct Schema {
+    migrations: &'static [&'static str],
+}
+
+impl Schema {
+    const fn version(&self) -> u32 {
+        self.migrations.len() as u32
+    }
+}
+
+/// The journal's schema version this build writes.
+pub const SCHEMA_VERSION: u32 = SCHEMA.version();
+
+/// The version that moved key-value state into its own file.
+const KV_MOVED: u32 = 4;
+
+const SCHEMA: Schema = Schema {
+    migrations: &[
+        // 1: runs, their steps, executions and attempts; key-value state.
+        "CREATE TABLE runs (
         id TEXT PRIMARY KEY,
         workflow TEXT NOT NULL,
         workflow_path TEXT NOT NULL,
@@ -93,17 +111,21 @@ const MIGRATIONS: &[&str] = &[
         value BLOB NOT NULL,
         PRIMARY KEY (tenant, workflow, bucket, key)
     ) WITHOUT ROWID;",
-    // 2: what a run report holds beyond version 1: whether a step is
-    // required, the backoff before an attempt, and why a run stopped when
-    // no step failed.
-    "ALTER TABLE steps ADD COLUMN required INTEGER NOT NULL DEFAULT 1;
+        // 2: what a run report holds beyond version 1: whether a step is
+        // required, the backoff before an attempt, and why a run stopped when
+        // no step failed.
+        "ALTER TABLE steps ADD COLUMN required INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE attempts ADD COLUMN delay_before_ms REAL NOT NULL DEFAULT 0;
     ALTER TABLE runs ADD COLUMN error TEXT;",
-    // 3: the lease of the process running a run.
-    "ALTER TABLE runs ADD COLUMN lease_owner TEXT;
+        // 3: the lease of the process running a run.
+        "ALTER TABLE runs ADD COLUMN lease_owner TEXT;
     ALTER TABLE runs ADD COLUMN lease_expires_ms INTEGER;
     ALTER TABLE runs ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0;",
-];
+        // 4: key-value state lives in kv.db; `Database::open` copies it there
+        // first.
+        "DROP TABLE kv;",
+    ],
+};
 
 /// The file name inside the data directory.
 pub const DATABASE_FILE: &str = "stepbox.db";
@@ -117,8 +139,9 @@ pub struct Database {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
     /// Journal records go through the group-committing writer; other writes
-    /// (runs, key-value state) commit on their own.
+    /// (runs, leases) commit on their own.
     writer: Writer,
+    kv: Arc<KeyValueDatabase>,
 }
 
 impl Database {
@@ -127,18 +150,24 @@ impl Database {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let data_dir_error = |source| StoreError::DataDir { path: data_dir.to_owned(), source };
         super::create_private_dir(data_dir).map_err(data_dir_error)?;
+        let kv = Arc::new(KeyValueDatabase::open(data_dir)?);
         let path = data_dir.join(DATABASE_FILE);
-        // Readable by this user only; SQLite gives its WAL and index files
-        // the same mode.
-        std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().create(true).append(true), 0o600)
-            .open(&path)
-            .map_err(data_dir_error)?;
-        let conn = Connection::open(&path).map_err(|err| StoreError::from_sqlite(&path, err))?;
+        let mut conn = open_private(&path)?;
+        let version: u32 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(|e| StoreError::from_sqlite(&path, e))?;
+        if version < KV_MOVED {
+            kv.import(&path)?;
+        }
+        configure(&path, &mut conn, &SCHEMA)?;
         let conn = Arc::new(Mutex::new(conn));
-        configure(&path, &mut conn.lock())?;
-        let writer = Writer::start(conn.clone(), path.clone())
-            .map_err(|source| StoreError::DataDir { path: data_dir.to_owned(), source })?;
-        Ok(Database { path, conn, writer })
+        let writer = Writer::start(conn.clone(), path.clone()).map_err(data_dir_error)?;
+        Ok(Database { path, conn, writer, kv })
+    }
+
+    /// The steps' key-value state, in its own file beside this one.
+    pub fn key_values(&self) -> Arc<KeyValueDatabase> {
+        self.kv.clone()
     }
 
     /// The database file.
@@ -185,7 +214,18 @@ impl Database {
     }
 }
 
-fn configure(path: &Path, conn: &mut Connection) -> Result<(), StoreError> {
+/// Opens the database file at `path`, creating it readable by this user
+/// only (SQLite gives its WAL and index files the same mode).
+fn open_private(path: &Path) -> Result<Connection, StoreError> {
+    std::os::unix::fs::OpenOptionsExt::mode(std::fs::OpenOptions::new().create(true).append(true), 0o600)
+        .open(path)
+        .map_err(|source| StoreError::DataDir { path: path.to_owned(), source })?;
+    Connection::open(path).map_err(|err| StoreError::from_sqlite(path, err))
+}
+
+/// Sets a connection up (WAL, full sync, a busy timeout), checks the file's
+/// integrity and brings it to `schema`, refusing a newer one.
+fn configure(path: &Path, conn: &mut Connection, schema: &Schema) -> Result<(), StoreError> {
     let err = |err| StoreError::from_sqlite(path, err);
     conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0)).map_err(err)?;
@@ -201,18 +241,18 @@ fn configure(path: &Path, conn: &mut Connection) -> Result<(), StoreError> {
         return Err(StoreError::Corrupt { path: path.to_owned(), detail: check });
     }
     let version: u32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::NewerSchema { path: path.to_owned(), found: version, supported: SCHEMA_VERSION });
+    if version > schema.version() {
+        return Err(StoreError::NewerSchema { path: path.to_owned(), found: version, supported: schema.version() });
     }
-    if version < SCHEMA_VERSION {
+    if version < schema.version() {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
         // Read again under the write lock: another process opening the same
         // database may have migrated it meanwhile.
         let version: u32 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
-        for migration in MIGRATIONS.get(version as usize..).unwrap_or_default() {
+        for migration in schema.migrations.get(version as usize..).unwrap_or_default() {
             tx.execute_batch(migration).map_err(err)?;
         }
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(err)?;
+        tx.pragma_update(None, "user_version", schema.version()).map_err(err)?;
         tx.commit().map_err(err)?;
     }
     Ok(())
@@ -287,5 +327,40 @@ mod tests {
         for open in opened {
             assert_eq!(open.join().unwrap(), Ok(()));
         }
+    }
+
+    #[test]
+    fn key_value_state_of_a_version_3_database_moves_to_its_own_file_with_its_usage() {
+        use crate::store::{KeyValueStore, KvError, KvQuota, KvScope};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DATABASE_FILE);
+        let conn = Connection::open(&path).unwrap();
+        for migration in &SCHEMA.migrations[..3] {
+            conn.execute_batch(migration).unwrap();
+        }
+        conn.execute_batch(
+            "PRAGMA user_version = 3;
+             INSERT INTO kv VALUES ('acme', 'wf', 'default', 'count', CAST('41' AS BLOB));
+             INSERT INTO kv VALUES ('acme', 'wf', 'default', 'big', zeroblob(1000));",
+        )
+        .unwrap();
+        drop(conn);
+
+        let db = Database::open(dir.path()).unwrap();
+        let kv = db.key_values();
+        let scope = KvScope { tenant: "acme".into(), workflow: "wf".into() };
+        assert_eq!(kv.increment(&scope, "default", "count", 1, &KvQuota::default()).unwrap(), 42);
+        // The moved rows count against the quota: 5 + 2 and 3 + 1000 bytes.
+        let quota = KvQuota { max_bytes: bytesize::ByteSize::b(1010), max_keys: 10 };
+        let err = kv.set(&scope, "default", "x", b"yz", &quota).unwrap_err();
+        assert!(matches!(err, KvError::Quota { wanted: 1013, .. }), "{err:?}");
+        let tables: i64 = db
+            .read(|conn| conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'kv'", [], |row| row.get(0)))
+            .unwrap();
+        assert_eq!(tables, 0, "the journal's file no longer holds key-value state");
+        drop(db);
+        // Opening again copies nothing twice.
+        let db = Database::open(dir.path()).unwrap();
+        assert_eq!(db.key_values().get(&scope, "default", "count").unwrap(), Some(b"42".to_vec()));
     }
 }
