@@ -172,6 +172,28 @@ async fn a_resource_creation_loop_stops_at_the_resource_limit() {
 }
 
 #[tokio::test]
+async fn compare_and_swap_handles_that_make_the_host_hold_copies_stop_at_the_host_memory_limit() {
+    // Each handle keeps a 1 MiB copy on the host, outside the guest's own
+    // memory; 10,000 of them (the resource cap) would be 10 GiB.
+    let report = run(guests::HOST_ABUSE, request(json!({ "attack": "cas-hoard", "size": 1024 * 1024 }))).await;
+    assert_eq!(failure_kind(&report), FailureKind::MemoryLimit, "{report:?}");
+    let message = &report.failure().unwrap().message;
+    assert!(message.contains("host memory limit of 16.0 MiB") && message.contains("compare-and-swap"), "{message}");
+    assert!(report.peak_memory < 8 * 1024 * 1024, "the copies are the host's, not the guest's: {}", report.peak_memory);
+}
+
+#[tokio::test]
+async fn captured_output_counts_against_the_host_memory_limit() {
+    // 1 MiB of stdout and of stderr kept would fit in the default budget;
+    // with a 1 MiB budget the flood is refused and the attempt ends.
+    let mut req = request(json!({ "bytes": 4 * 1024 * 1024 }));
+    req.limits.host_memory = ByteSize::mib(1);
+    let report = run(guests::CHATTY, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::MemoryLimit, "{report:?}");
+    assert!(report.failure().unwrap().message.contains("capture"), "{report:?}");
+}
+
+#[tokio::test]
 async fn a_huge_return_value_is_an_output_limit() {
     let report = run(guests::HOST_ABUSE, request(json!({ "attack": "huge-output", "size": 3 * 1024 * 1024 }))).await;
     assert_eq!(failure_kind(&report), FailureKind::OutputLimit);
@@ -258,6 +280,8 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
         (guests::FS_ESCAPE, json!({ "attack": "symlink" })),
         (guests::NET_PROBE, json!({ "attack": "dns", "host": "localhost" })),
         (guests::HOST_ABUSE, json!({ "attack": "random" })),
+        (guests::HOST_ABUSE, json!({ "attack": "cas-hoard", "size": 1024 * 1024 })),
+        (guests::HOST_ABUSE, json!({ "attack": "kv-flood", "size": 1024 * 1024 })),
         (guests::HTTP_PROBE, json!({ "url": "http://127.0.0.1:9/" })),
     ];
     let components = hostile

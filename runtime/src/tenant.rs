@@ -303,6 +303,7 @@ impl Tenant {
             memory: ceiling.memory.map_or(defaults.memory, |max| max.min(defaults.memory)),
             output: ceiling.output.map_or(defaults.output, |max| max.min(defaults.output)),
             stdio: ceiling.stdio.map_or(defaults.stdio, |max| max.min(defaults.stdio)),
+            host_memory: ceiling.host_memory.map_or(defaults.host_memory, |max| max.min(defaults.host_memory)),
             ..defaults
         }
     }
@@ -466,6 +467,7 @@ fn limits_over(ceiling: &LimitsSpec, limits: &Limits) -> Vec<(&'static str, Stri
         ("limits.memory", limits.memory, ceiling.memory),
         ("limits.output", limits.output, ceiling.output),
         ("limits.stdio", limits.stdio, ceiling.stdio),
+        ("limits.host_memory", limits.host_memory, ceiling.host_memory),
     ] {
         if let Some(max) = max.filter(|max| asked > *max) {
             over.push((what, bytes(asked), bytes(max)));

@@ -255,6 +255,50 @@ fn retry_reruns_the_failed_step_and_resume_refuses_changed_files() {
 }
 
 #[test]
+fn resume_refuses_a_workflow_included_through_a_template_that_changed() {
+    let dir = temp_dir("templated-include");
+    let data = dir.join("data");
+    let inner = |succeed_on_attempt: u32| {
+        let yaml = format!(
+            "name: inner\ncomponents:\n  flaky: {}\nsteps:\n  - id: x\n    uses: flaky\n    with: {{ succeed_on_attempt: {succeed_on_attempt} }}\n",
+            guests::FLAKY
+        );
+        std::fs::write(dir.join("inner.yaml"), yaml).unwrap();
+    };
+    inner(5);
+    let outer = dir.join("outer.yaml");
+    std::fs::write(
+        &outer,
+        "name: outer\ninputs:\n  which: { type: string, default: inner }\nsteps:\n  - id: inc\n    include: \"{{ inputs.which }}.yaml\"\n",
+    )
+    .unwrap();
+    assert_eq!(output(&data, &["run", outer.to_str().unwrap()]).status.code(), Some(1));
+    let id = json(&data, &["runs", "--workflow", "outer", "--json"])[0]["id"].as_str().unwrap().to_owned();
+
+    // Unchanged, the resume reads the same file and goes on (attempt 2).
+    let report: Value = serde_json::from_slice(&output(&data, &["resume", &id, "--json"]).stdout).unwrap();
+    let inc = &report["steps"][0];
+    assert_eq!(inc["steps"][0]["executions"][0]["attempts"][0]["attempt"], 2, "{report}");
+
+    // Changed, the include step refuses it and nothing of it runs.
+    inner(1);
+    let report: Value = serde_json::from_slice(&output(&data, &["resume", &id, "--json"]).stdout).unwrap();
+    let inc = &report["steps"][0];
+    assert_eq!(inc["status"], "failed", "{report}");
+    let reason = inc["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the included workflow changed since the run started (the workflow file changed)"),
+        "{reason}"
+    );
+    assert!(inc["steps"].as_array().is_none_or(Vec::is_empty), "{report}");
+
+    // retry --from the include step takes the file as it is now.
+    let report: Value =
+        serde_json::from_slice(&output(&data, &["retry", &id, "--from", "inc", "--json"]).stdout).unwrap();
+    assert_eq!(report["status"], "succeeded", "{report}");
+}
+
+#[test]
 fn history_commands_show_steps_logs_and_collect_garbage() {
     let dir = temp_dir("history");
     let data = dir.join("data");

@@ -3,7 +3,9 @@
 //! `resource-loop` opens key-value buckets without closing them,
 //! `huge-output` returns N bytes, `stdin` reads all of stdin, `random` asks
 //! the host for u64::MAX random bytes, `kv-flood` writes N-byte values to
-//! four keys in turn until a write fails (and says which and why).
+//! four keys in turn until a write fails (and says which and why),
+//! `cas-hoard` stores an N-byte value and opens compare-and-swap handles on
+//! it without end (each makes the host keep a copy).
 use std::io::Read;
 
 use serde::Deserialize;
@@ -51,6 +53,16 @@ fn run(input: Input) -> Result<serde_json::Value, StepError> {
                     return Err(StepError::fatal(format!("write {written} failed: {err}")));
                 }
                 written += 1;
+            }
+        }
+        "cas-hoard" => {
+            use stepbox_sdk::__private::bindings::wasi::keyvalue::{atomics::Cas, store};
+            let failed = |err: store::Error| StepError::fatal(format!("{err:?}"));
+            let bucket = store::open("default").map_err(failed)?;
+            bucket.set("hoard", &vec![b'h'; input.size]).map_err(failed)?;
+            let mut held = Vec::new();
+            loop {
+                held.push(Cas::new(&bucket, "hoard").map_err(failed)?);
             }
         }
         "random" => Ok(serde_json::json!(wasip2::random::random::get_random_bytes(u64::MAX).len())),

@@ -16,6 +16,7 @@ use super::grants::Grants;
 use super::host::StepState;
 use super::host::http::HttpPolicy;
 use super::host::logging::LogBuffer;
+use super::host_memory::HostMemory;
 use super::limits::{InstanceLimiter, Limits};
 use super::redact::Redactor;
 use super::scratch::ScratchRoot;
@@ -106,8 +107,9 @@ pub(crate) async fn run(
     let AttemptRequest { context, input, limits, mut grants, exit_codes } = request;
     let redactor = Redactor::new(grants.secrets.values());
     let stdio_cap = usize::try_from(limits.stdio.as_u64()).unwrap_or(usize::MAX);
-    let stdout = CappedPipe::new(stdio_cap, redactor.longest());
-    let stderr = CappedPipe::new(stdio_cap, redactor.longest());
+    let host_memory = HostMemory::new(limits.host_memory);
+    let stdout = CappedPipe::new(stdio_cap, redactor.longest(), host_memory.clone(), "stdout capture");
+    let stderr = CappedPipe::new(stdio_cap, redactor.longest(), host_memory.clone(), "stderr capture");
     let started = Attempt::started(context.attempt, now_ms());
 
     let command = component.is_command();
@@ -166,11 +168,13 @@ pub(crate) async fn run(
             context.step_id.clone(),
             usize::try_from(limits.logs.as_u64()).unwrap_or(usize::MAX),
             redactor.clone(),
+            host_memory.clone(),
         ),
         config: Arc::new(grants.config.into_iter().chain(grants.secrets).collect()),
         kv,
         kv_scope: Arc::new(KvScope { tenant: context.tenant.clone(), workflow: context.workflow.clone() }),
         kv_quota: context.kv_quota,
+        host_memory: host_memory.clone(),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
@@ -241,13 +245,22 @@ pub(crate) async fn run(
         }
         Ok(Ok(Returned::Exit(code))) => failed(exit_failure(code, &exit_codes, &stderr.captured(&redactor).text)),
     };
+    // A refused host buffer ends the attempt, however the guest took the
+    // refusal.
+    let outcome = match host_memory.refused() {
+        Some(why) => failed(Failure::new(FailureKind::MemoryLimit, why)),
+        None => outcome,
+    };
     let peak_memory = store.data().limiter.peak_memory();
-    let logs = std::mem::replace(&mut store.data_mut().logs, LogBuffer::new(String::new(), 0, Redactor::default()))
-        .into_records();
+    let logs = std::mem::replace(
+        &mut store.data_mut().logs,
+        LogBuffer::new(String::new(), 0, Redactor::default(), host_memory.clone()),
+    )
+    .into_records();
     drop(store);
     drop(scratch);
     // A command's stdout is its output; it is not kept twice.
-    let stdout = if command { CappedPipe::new(0, 0) } else { stdout };
+    let stdout = if command { CappedPipe::new(0, 0, host_memory, "stdout capture") } else { stdout };
     report(started, outcome, fuel_consumed, peak_memory, logs, &stdout, &stderr, &redactor)
 }
 

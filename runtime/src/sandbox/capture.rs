@@ -17,6 +17,7 @@ use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 
+use super::host_memory::HostMemory;
 use super::redact::Redactor;
 use crate::run::Captured;
 
@@ -33,21 +34,29 @@ pub(crate) struct CappedPipe {
     /// Bytes kept past the cap, so a secret crossing it can be redacted.
     overhang: usize,
     buffer: Arc<Mutex<Buffer>>,
+    /// What the kept bytes are charged to, and under which name.
+    memory: HostMemory,
+    name: &'static str,
 }
 
 impl CappedPipe {
     /// Keeps `capacity` bytes of what is written, redacting secrets of up
-    /// to `overhang` bytes across the cut.
-    pub(crate) fn new(capacity: usize, overhang: usize) -> Self {
-        CappedPipe { capacity, overhang, buffer: Arc::default() }
+    /// to `overhang` bytes across the cut; the kept bytes are charged to
+    /// `memory` as `name`.
+    pub(crate) fn new(capacity: usize, overhang: usize, memory: HostMemory, name: &'static str) -> Self {
+        CappedPipe { capacity, overhang, buffer: Arc::default(), memory, name }
     }
 
-    fn append(&self, bytes: &[u8]) {
+    /// Keeps what fits; fails when the attempt's host memory cannot hold
+    /// it, which ends the attempt.
+    fn append(&self, bytes: &[u8]) -> Result<(), super::host_memory::HostMemorySpent> {
         let mut buffer = self.buffer.lock();
         let room = self.capacity.saturating_add(self.overhang).saturating_sub(buffer.kept.len());
         let kept = bytes.len().min(room);
+        self.memory.take(kept, self.name)?;
         buffer.kept.extend_from_slice(&bytes[..kept]);
         buffer.dropped += (bytes.len() - kept) as u64;
+        Ok(())
     }
 
     /// What was captured, with `redactor`'s secrets replaced, cut to the
@@ -75,8 +84,7 @@ impl CappedPipe {
 #[wasmtime_wasi::async_trait]
 impl OutputStream for CappedPipe {
     fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
-        self.append(&bytes);
-        Ok(())
+        self.append(&bytes).map_err(|spent| StreamError::Trap(spent.into()))
     }
 
     fn flush(&mut self) -> Result<(), StreamError> {
@@ -96,8 +104,7 @@ impl Pollable for CappedPipe {
 
 impl AsyncWrite for CappedPipe {
     fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.append(buf);
-        Poll::Ready(Ok(buf.len()))
+        Poll::Ready(self.append(buf).map(|()| buf.len()).map_err(io::Error::other))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -129,11 +136,24 @@ impl StdoutStream for CappedPipe {
 mod tests {
     use super::*;
 
+    fn roomy() -> HostMemory {
+        HostMemory::new(bytesize::ByteSize::mib(1))
+    }
+
+    #[test]
+    fn kept_bytes_are_charged_and_a_write_past_the_budget_fails() {
+        let memory = HostMemory::new(bytesize::ByteSize::b(10));
+        let pipe = CappedPipe::new(100, 0, memory.clone(), "stdout");
+        pipe.append(b"12345678").unwrap();
+        assert!(pipe.append(b"abc").is_err());
+        assert!(memory.refused().unwrap().contains("(stdout)"));
+    }
+
     #[test]
     fn keeps_the_first_bytes_and_counts_the_rest() {
-        let pipe = CappedPipe::new(4, 0);
-        pipe.append(b"abc");
-        pipe.append(b"defg");
+        let pipe = CappedPipe::new(4, 0, roomy(), "stdout");
+        pipe.append(b"abc").unwrap();
+        pipe.append(b"defg").unwrap();
         let captured = pipe.captured(&Redactor::default());
         assert_eq!(captured.text, "abcd\n[... 3 more bytes dropped]");
         assert_eq!(captured.dropped_bytes, 3);
@@ -143,8 +163,8 @@ mod tests {
     fn a_secret_across_the_cut_leaves_nothing_of_itself() {
         let secret = "hunter2".to_owned();
         let redactor = Redactor::new([&secret]);
-        let pipe = CappedPipe::new(6, redactor.longest());
-        pipe.append(b"abcdhunter2 and more");
+        let pipe = CappedPipe::new(6, redactor.longest(), roomy(), "stdout");
+        pipe.append(b"abcdhunter2 and more").unwrap();
         let captured = pipe.captured(&redactor);
         assert_eq!(captured.text, "abcd[r\n[... 14 more bytes dropped]");
         assert!(!captured.text.contains("hu"), "{}", captured.text);

@@ -31,6 +31,10 @@ pub struct Limits {
     /// Host resources (open files, streams, buckets) held at once, so a
     /// guest cannot grow host memory by opening handles in a loop.
     pub host_resources: u32,
+    /// Memory the host may hold for the attempt outside its linear memory:
+    /// stdout and stderr captures, log records, key-value compare-and-swap
+    /// handles. More is a `memory-limit` failure.
+    pub host_memory: ByteSize,
 }
 
 impl Default for Limits {
@@ -44,6 +48,7 @@ impl Default for Limits {
             output: ByteSize::mib(1),
             logs: ByteSize::mib(1),
             host_resources: 10_000,
+            host_memory: ByteSize::mib(16),
         }
     }
 }

@@ -9,6 +9,7 @@ mod component;
 mod engine;
 mod grants;
 mod host;
+mod host_memory;
 mod limits;
 mod redact;
 mod scratch;

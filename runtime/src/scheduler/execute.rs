@@ -405,7 +405,11 @@ async fn include(
     let result = async {
         let workflow = match loaded {
             Some(workflow) => workflow.clone(),
-            None => Arc::new(load_templated_include(shared, path, &context)?),
+            None => {
+                let workflow = load_templated_include(shared, path, &context)?;
+                pin_templated_include(shared, &shared.path(i), &workflow).await?;
+                Arc::new(workflow)
+            }
         };
         let inputs = match template::render_value(&step.with, &context).map_err(|err| format!("`with`: {err}"))? {
             Value::Object(map) => map,
@@ -462,6 +466,30 @@ fn load_templated_include(shared: &Shared, path: &str, context: &minijinja::Valu
         .check_at(&workflow, shared.depth() + 1)
         .map_err(|err| format!("the included workflow goes over the tenant's ceilings:\n{err}"))?;
     Ok(workflow)
+}
+
+/// Holds a templated include to the files the run first read through it:
+/// the first time, their fingerprint is journaled; on resume, files that
+/// changed since are refused (a literal include is checked with the run's
+/// own files before the resume starts).
+async fn pin_templated_include(shared: &Shared, path: &StepPath, workflow: &Workflow) -> Result<(), String> {
+    let Some(journal) = &shared.journal else { return Ok(()) };
+    let fingerprint =
+        workflow.fingerprint().map_err(|err| format!("cannot read the included workflow's files: {err}"))?;
+    if let Some(before) = shared.base.resume.includes.get(&path.to_string()) {
+        let changes = crate::workflow::fingerprint_changes(before, &fingerprint);
+        if !changes.is_empty() {
+            return Err(format!(
+                "the included workflow changed since the run started ({}); start a new run to use it",
+                changes.join("; ")
+            ));
+        }
+        return Ok(());
+    }
+    journal
+        .include_loaded(&shared.run_id, path, &fingerprint)
+        .await
+        .map_err(|err| format!("cannot record the included workflow: {err}"))
 }
 
 /// The nested run of an include, boxed with an explicit `Send` so the

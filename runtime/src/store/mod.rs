@@ -84,6 +84,11 @@ pub trait Journal: Send + Sync {
     /// An attempt ended; when it was the `last` of its execution, the
     /// execution's result (its status, and its output) goes with it.
     fn attempt_finished(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt, last: bool) -> Durable;
+    /// The include step at `path` read its workflow through a template,
+    /// which gave these file hashes ([`crate::workflow::Workflow::fingerprint`]).
+    /// The first record of a step is kept, so a resume can refuse a file
+    /// that changed since; awaited before the included workflow runs.
+    fn include_loaded(&self, run_id: &str, path: &StepPath, fingerprint: &Value) -> Durable;
     /// A step reached its final status; `position` is its place in its
     /// workflow. Durable before any dependent runs, since a dependent
     /// awaits its own later start record.
@@ -119,6 +124,9 @@ pub struct ResumeState {
     pub completed: HashMap<String, Value>,
     /// The highest attempt number of each execution.
     pub attempts: HashMap<String, u32>,
+    /// The fingerprints of workflows included through a template, by the
+    /// include step's path.
+    pub includes: HashMap<String, Value>,
 }
 
 /// Which runs `stepbox runs` lists.

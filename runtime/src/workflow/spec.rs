@@ -187,6 +187,10 @@ pub struct LimitsSpec {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub stdio: Option<ByteSize>,
+    /// Memory the host may hold for an attempt outside its linear memory.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub host_memory: Option<ByteSize>,
 }
 
 impl LimitsSpec {
@@ -199,6 +203,7 @@ impl LimitsSpec {
             memory: self.memory.or(base.memory),
             output: self.output.or(base.output),
             stdio: self.stdio.or(base.stdio),
+            host_memory: self.host_memory.or(base.host_memory),
         }
     }
 
@@ -212,6 +217,7 @@ impl LimitsSpec {
             memory: self.memory.unwrap_or(base.memory),
             output: self.output.unwrap_or(base.output),
             stdio: self.stdio.unwrap_or(base.stdio),
+            host_memory: self.host_memory.unwrap_or(base.host_memory),
             ..base.clone()
         }
     }

@@ -9,6 +9,7 @@ use wasmtime::component::Resource;
 use super::StepState;
 use crate::sandbox::bindings::wasi::keyvalue::atomics::{self, CasError};
 use crate::sandbox::bindings::wasi::keyvalue::store::{self, Error, KeyResponse};
+use crate::sandbox::host_memory::Charge;
 use crate::store::{KeyValueStore, KvError, KvQuota, KvScope};
 
 /// Caps on what a guest may pass into a key-value call, so one call cannot
@@ -24,11 +25,13 @@ pub struct BucketHandle {
     name: String,
 }
 
-/// A compare-and-swap in progress: the value seen when it was created.
+/// A compare-and-swap in progress: the value seen when it was created,
+/// held in the attempt's host memory until the handle goes.
 pub struct CasHandle {
     bucket: String,
     key: String,
     seen: Option<Vec<u8>>,
+    _held: Charge,
 }
 
 type KvResult<T> = wasmtime::Result<Result<T, Error>>;
@@ -57,6 +60,19 @@ fn check_value(value: &[u8]) -> Result<(), Error> {
 impl StepState {
     fn bucket_name(&self, bucket: &Resource<BucketHandle>) -> wasmtime::Result<String> {
         Ok(self.table.get(bucket)?.name.clone())
+    }
+
+    /// A new compare-and-swap handle, its copy of the value charged to the
+    /// attempt's host memory; past it the attempt ends.
+    fn cas_handle(
+        &mut self,
+        bucket: String,
+        key: String,
+        seen: Option<Vec<u8>>,
+    ) -> wasmtime::Result<Resource<CasHandle>> {
+        let size = bucket.len() + key.len() + seen.as_ref().map_or(0, Vec::len);
+        let held = self.host_memory.charge(size, "key-value compare-and-swap handles")?;
+        Ok(self.table.push(CasHandle { bucket, key, seen, _held: held })?)
     }
 
     /// What a call needs, taken out of the state before it is awaited.
@@ -159,7 +175,8 @@ impl atomics::Host for StepState {
     }
 
     async fn swap(&mut self, cas: Resource<CasHandle>, value: Vec<u8>) -> wasmtime::Result<Result<(), CasError>> {
-        let CasHandle { bucket, key, seen } = self.table.delete(cas)?;
+        // The old handle's charge is given back here.
+        let CasHandle { bucket, key, seen, .. } = self.table.delete(cas)?;
         if let Err(err) = check_value(&value) {
             return Ok(Err(CasError::StoreError(err)));
         }
@@ -170,7 +187,7 @@ impl atomics::Host for StepState {
         match swapped.await {
             Ok(true) => Ok(Ok(())),
             Ok(false) => match self.store().read(bucket.clone(), key.clone()).await {
-                Ok(seen) => Ok(Err(CasError::CasFailed(self.table.push(CasHandle { bucket, key, seen })?))),
+                Ok(seen) => Ok(Err(CasError::CasFailed(self.cas_handle(bucket, key, seen)?))),
                 Err(err) => Ok(Err(CasError::StoreError(err))),
             },
             Err(err) => Ok(Err(CasError::StoreError(err))),
@@ -188,7 +205,7 @@ impl atomics::HostCas for StepState {
             Ok(seen) => seen,
             Err(err) => return Ok(Err(err)),
         };
-        Ok(Ok(self.table.push(CasHandle { bucket: name, key, seen })?))
+        Ok(Ok(self.cas_handle(name, key, seen)?))
     }
 
     async fn current(&mut self, cas: Resource<CasHandle>) -> KvResult<Option<Vec<u8>>> {

@@ -1,6 +1,7 @@
 use super::{StepState, truncate_with_marker};
 use crate::run::{LogLevel, LogRecord};
 use crate::sandbox::bindings::wasi::logging::logging::{Host, Level};
+use crate::sandbox::host_memory::{HostMemory, HostMemorySpent};
 use crate::sandbox::redact::Redactor;
 
 /// Longest single message kept; the rest is cut with a marker.
@@ -21,19 +22,21 @@ impl From<Level> for LogLevel {
     }
 }
 
-/// The log records of one attempt, capped in total bytes.
+/// The log records of one attempt, capped in total bytes and charged to
+/// the attempt's host memory.
 #[derive(Debug)]
 pub(crate) struct LogBuffer {
     step_id: String,
     redactor: Redactor,
     budget: usize,
+    memory: HostMemory,
     records: Vec<LogRecord>,
     dropped: u64,
 }
 
 impl LogBuffer {
-    pub(crate) fn new(step_id: String, budget: usize, redactor: Redactor) -> Self {
-        LogBuffer { step_id, redactor, budget, records: Vec::new(), dropped: 0 }
+    pub(crate) fn new(step_id: String, budget: usize, redactor: Redactor, memory: HostMemory) -> Self {
+        LogBuffer { step_id, redactor, budget, memory, records: Vec::new(), dropped: 0 }
     }
 
     /// The kept records, plus a final warning record when some were dropped.
@@ -48,7 +51,7 @@ impl LogBuffer {
         self.records
     }
 
-    fn push(&mut self, level: Level, context: String, message: String) {
+    fn push(&mut self, level: Level, context: String, message: String) -> Result<(), HostMemorySpent> {
         // Redacted before they are cut, so a secret across the cut is
         // replaced whole.
         let (mut context, mut message) = (self.redactor.text(&context), self.redactor.text(&message));
@@ -63,16 +66,17 @@ impl LogBuffer {
         let size = context.len() + message.len();
         if size > self.budget {
             self.dropped += 1;
-            return;
+            return Ok(());
         }
+        self.memory.take(size, "log records")?;
         self.budget -= size;
         self.records.push(LogRecord { level: level.into(), context, message });
+        Ok(())
     }
 }
 
 impl Host for StepState {
     async fn log(&mut self, level: Level, context: String, message: String) -> wasmtime::Result<()> {
-        self.logs.push(level, context, message);
-        Ok(())
+        Ok(self.logs.push(level, context, message)?)
     }
 }

@@ -15,6 +15,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
+use super::host_memory::HostMemory;
 use super::limits::InstanceLimiter;
 use crate::store::{KeyValueStore, KvQuota, KvScope};
 
@@ -34,6 +35,8 @@ pub(crate) struct StepState {
     pub(crate) kv: Arc<dyn KeyValueStore>,
     pub(crate) kv_scope: Arc<KvScope>,
     pub(crate) kv_quota: KvQuota,
+    /// What the host holds for the attempt besides its linear memory.
+    pub(crate) host_memory: HostMemory,
 }
 
 /// `stepbox:step/types` declares types only.

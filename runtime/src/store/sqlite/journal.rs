@@ -95,7 +95,7 @@ impl Journal for Database {
 
     fn forget_steps(&self, run_id: &str, steps: &[StepPath]) -> Result<(), StoreError> {
         self.write(|tx| {
-            for table in ["steps", "executions"] {
+            for table in ["steps", "executions", "includes"] {
                 let recorded: Vec<StepPath> = {
                     let mut statement = tx.prepare(&format!("SELECT step_id FROM {table} WHERE run_id = ?1"))?;
                     statement.query_map(params![run_id], |row| row.get(0))?.collect::<rusqlite::Result<_>>()?
@@ -202,6 +202,11 @@ impl Journal for Database {
                 let (key, attempts) = row?;
                 state.attempts.insert(key, attempts);
             }
+            let mut statement = conn.prepare("SELECT step_id, fingerprint FROM includes WHERE run_id = ?1")?;
+            for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
+                let (path, fingerprint) = row?;
+                state.includes.insert(path, Database::json(Some(fingerprint)).unwrap_or(Value::Null));
+            }
             Ok(state)
         })
     }
@@ -238,6 +243,21 @@ impl Journal for Database {
                     Some(execution) => execution.insert(conn, &id, &key),
                     None => Ok(()),
                 }
+            }),
+        )
+    }
+
+    fn include_loaded(&self, run_id: &str, path: &StepPath, fingerprint: &Value) -> Durable {
+        let (id, path, fingerprint) = (run_id.to_owned(), path.clone(), Database::text(fingerprint));
+        self.queue(
+            run_id,
+            Kind::Awaited,
+            Box::new(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO includes (run_id, step_id, fingerprint) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![id, path, fingerprint])
+                .map(drop)
             }),
         )
     }

@@ -124,6 +124,14 @@ const SCHEMA: Schema = Schema {
         // 4: key-value state lives in kv.db; `Database::open` copies it there
         // first.
         "DROP TABLE kv;",
+        // 5: the fingerprints of workflows included through a template,
+        // taken when the run first read them.
+        "CREATE TABLE includes (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            step_id TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            PRIMARY KEY (run_id, step_id)
+        );",
     ],
 };
 
