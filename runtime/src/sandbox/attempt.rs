@@ -161,7 +161,11 @@ pub(crate) async fn run(
         wasi,
         preview1,
         table,
-        http: WasiHttpCtx::new(),
+        http: {
+            let mut http = WasiHttpCtx::new();
+            http.set_field_size_limit(super::host::http::FIELDS_LIMIT);
+            http
+        },
         http_policy: HttpPolicy::new(grants.http),
         limiter: InstanceLimiter::new(&limits),
         logs: LogBuffer::new(

@@ -14,6 +14,17 @@ type Sent = Box<
         + Send,
 >;
 
+/// The most bytes one write to an outgoing body may pass. wasmtime-wasi-http
+/// holds up to two such chunks per body until the request is sent, and any
+/// step may create bodies (the types are linked for every step, the
+/// handler refuses requests without a grant), so this bounds what each
+/// body can make the host hold: 128 KiB instead of 2 MiB.
+const OUTGOING_CHUNK: usize = 64 * 1024;
+
+/// The most bytes of header names and values one `fields` may hold (the
+/// default is 128 KiB).
+pub(crate) const FIELDS_LIMIT: usize = 64 * 1024;
+
 /// Lets a request out only when one of the step's grants allows its method,
 /// host and port; the guest sees `HTTP-request-denied` otherwise.
 pub(crate) struct HttpPolicy {
@@ -35,6 +46,14 @@ impl HttpPolicy {
 }
 
 impl WasiHttpHooks for HttpPolicy {
+    fn p2_outgoing_body_buffer_chunks(&mut self) -> usize {
+        1
+    }
+
+    fn p2_outgoing_body_chunk_size(&mut self) -> usize {
+        OUTGOING_CHUNK
+    }
+
     fn send_request(
         &mut self,
         request: http::Request<WasiBody>,
