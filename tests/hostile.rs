@@ -183,14 +183,22 @@ async fn compare_and_swap_handles_that_make_the_host_hold_copies_stop_at_the_hos
 }
 
 #[tokio::test]
-async fn captured_output_counts_against_the_host_memory_limit() {
-    // 1 MiB of stdout and of stderr kept would fit in the default budget;
-    // with a 1 MiB budget the flood is refused and the attempt ends.
+async fn output_caps_that_the_host_memory_limit_cannot_hold_are_refused_before_the_step_runs() {
+    // The captures and the logs are charged to the host memory limit: 1 MiB
+    // of each stream and 1 MiB of logs do not fit in 2 MiB.
     let mut req = request(json!({ "bytes": 4 * 1024 * 1024 }));
-    req.limits.host_memory = ByteSize::mib(1);
+    req.limits.host_memory = ByteSize::mib(2);
     let report = run(guests::CHATTY, req).await;
-    assert_eq!(failure_kind(&report), FailureKind::MemoryLimit, "{report:?}");
-    assert!(report.failure().unwrap().message.contains("capture"), "{report:?}");
+    assert_eq!(failure_kind(&report), FailureKind::Fatal, "{report:?}");
+    let message = &report.failure().unwrap().message;
+    assert!(message.contains("limits.host_memory (2.0 MiB) cannot hold the stdout and stderr captures"), "{message}");
+    assert!(report.stdout.text.is_empty(), "it never ran");
+    // With room for them, the flood is cut at the caps and the step succeeds.
+    let mut req = request(json!({ "bytes": 4 * 1024 * 1024 }));
+    req.limits.host_memory = ByteSize::mib(3);
+    let report = run(guests::CHATTY, req).await;
+    assert!(report.output().is_some(), "{report:?}");
+    assert_eq!(report.stderr.dropped_bytes, 3 * 1024 * 1024);
 }
 
 #[tokio::test]

@@ -15,13 +15,14 @@ use super::component::{Entry, StepComponent};
 use super::grants::Grants;
 use super::host::StepState;
 use super::host::http::HttpPolicy;
+use super::host::keyvalue::SharedKv;
 use super::host::logging::LogBuffer;
 use super::host_memory::HostMemory;
 use super::limits::{InstanceLimiter, Limits};
 use super::redact::Redactor;
 use super::scratch::ScratchRoot;
 use crate::run::{Attempt, Failure, FailureKind, LogRecord, Outcome, now_ms};
-use crate::store::{KeyValueStore, KvQuota, KvScope};
+use crate::store::{KvQuota, KvScope};
 
 /// Fuel handed to compiled code at a time (see `fuel_async_yield_interval`).
 const FUEL_SLICE: u64 = 10_000_000;
@@ -99,7 +100,7 @@ pub(crate) struct Places<'a> {
 
 pub(crate) async fn run(
     engine: &Engine,
-    kv: Arc<dyn KeyValueStore>,
+    kv: SharedKv,
     places: &Places<'_>,
     component: &StepComponent,
     request: AttemptRequest,
@@ -108,9 +109,26 @@ pub(crate) async fn run(
     let redactor = Redactor::new(grants.secrets.values());
     let stdio_cap = usize::try_from(limits.stdio.as_u64()).unwrap_or(usize::MAX);
     let host_memory = HostMemory::new(limits.host_memory);
+    let started = Attempt::started(context.attempt, now_ms());
+    // The captures and the logs are charged to the host memory limit as
+    // they fill: it must hold them all, so that output past their own caps
+    // is cut, never an error.
+    let logs_cap = usize::try_from(limits.logs.as_u64()).unwrap_or(usize::MAX);
+    let buffers = stdio_cap.saturating_add(redactor.longest()).saturating_mul(2).saturating_add(logs_cap);
+    if buffers as u64 > limits.host_memory.as_u64() {
+        let failure = Failure::new(
+            FailureKind::Fatal,
+            format!(
+                "limits.host_memory ({}) cannot hold the stdout and stderr captures and the logs ({} with these \
+                 limits); raise it or lower limits.stdio",
+                limits.host_memory.display().iec(),
+                bytesize::ByteSize(buffers as u64).display().iec()
+            ),
+        );
+        return Attempt::refused(context.attempt, now_ms(), failure);
+    }
     let stdout = CappedPipe::new(stdio_cap, redactor.longest(), host_memory.clone(), "stdout capture");
     let stderr = CappedPipe::new(stdio_cap, redactor.longest(), host_memory.clone(), "stderr capture");
-    let started = Attempt::started(context.attempt, now_ms());
 
     let command = component.is_command();
     if command {
@@ -168,12 +186,7 @@ pub(crate) async fn run(
         },
         http_policy: HttpPolicy::new(grants.http),
         limiter: InstanceLimiter::new(&limits),
-        logs: LogBuffer::new(
-            context.step_id.clone(),
-            usize::try_from(limits.logs.as_u64()).unwrap_or(usize::MAX),
-            redactor.clone(),
-            host_memory.clone(),
-        ),
+        logs: LogBuffer::new(context.step_id.clone(), logs_cap, redactor.clone(), host_memory.clone()),
         config: Arc::new(grants.config.into_iter().chain(grants.secrets).collect()),
         kv,
         kv_scope: Arc::new(KvScope { tenant: context.tenant.clone(), workflow: context.workflow.clone() }),

@@ -42,7 +42,7 @@ pub struct Sandbox {
     linkers: Arc<Linkers>,
     cache: Option<CompileCache>,
     loaded: Arc<Loaded>,
-    kv: Arc<dyn KeyValueStore>,
+    kv: host::keyvalue::SharedKv,
     scratch: Arc<ScratchRoot>,
     /// Host resources (open files among them) one attempt may hold: its
     /// share of the process's open-files limit.
@@ -78,6 +78,7 @@ impl Sandbox {
         let linkers = Arc::new(Linkers { component, module });
         let scratch = Arc::new(scratch);
         let slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_attempts.max(1) as usize));
+        let kv = host::keyvalue::SharedKv::new(kv);
         Ok(Sandbox { engine, linkers, cache, loaded: Arc::default(), kv, scratch, resource_share, slots, config })
     }
 

@@ -67,36 +67,57 @@ fn compare_and_swap_only_swaps_the_expected_value() {
     }
 }
 
+/// What a key of bucket `b` in workflow `wf` of a one-letter tenant costs.
+fn row(key: &str, value: usize) -> u64 {
+    (1 + 2 + 1 + key.len() + super::KV_ROW_OVERHEAD + value) as u64
+}
+
 #[test]
-fn a_tenant_cannot_keep_more_bytes_or_keys_than_its_quota_and_can_always_shrink() {
-    let quota = KvQuota { max_bytes: bytesize::ByteSize::b(100), max_keys: 3 };
+fn a_tenant_cannot_keep_more_bytes_than_its_quota_and_can_always_shrink() {
+    let full = row("a", 60) + row("c", 38);
+    let quota = KvQuota { max_bytes: bytesize::ByteSize::b(full), max_keys: 100 };
     for (kv, _dir) in backends() {
         let t = scope("t");
-        // 1 + 60 bytes, then 1 + 38: 100 in all, exactly the quota.
+        // Exactly the quota.
         kv.set(&t, "b", "a", &[0; 60], &quota).unwrap();
         kv.set(&t, "b", "c", &[0; 38], &quota).unwrap();
-        let err = kv.set(&t, "b", "d", &[0; 1], &quota).unwrap_err();
-        assert_eq!(err, KvError::Quota { tenant: "t".into(), what: "bytes", wanted: 102, quota: 100 });
+        let err = kv.set(&t, "b", "d", &[], &quota).unwrap_err();
+        assert_eq!(err, KvError::Quota { tenant: "t".into(), what: "bytes", wanted: full + row("d", 0), quota: full });
         assert!(err.to_string().contains("kv.max_bytes"), "{err}");
+        // Empty values are not free: names and the row count.
+        assert!(row("d", 0) > 30);
         // Growing a key is refused too; the same size or smaller is not.
         assert!(matches!(kv.set(&t, "b", "a", &[0; 61], &quota), Err(KvError::Quota { .. })));
         assert!(matches!(
             kv.compare_and_swap(&t, "b", "a", Some(&[0; 60]), &[1; 61], &quota),
             Err(KvError::Quota { .. })
         ));
+        assert!(matches!(kv.increment(&t, "b", "n", 1, &quota), Err(KvError::Quota { .. })));
         kv.set(&t, "b", "a", &[1; 60], &quota).unwrap();
         kv.set(&t, "b", "a", &[1; 10], &quota).unwrap();
-        // Keys: a third fits, a fourth does not.
-        kv.set(&t, "b", "e", b"", &quota).unwrap();
-        let err = kv.increment(&t, "b", "f", 1, &quota).unwrap_err();
-        assert!(matches!(err, KvError::Quota { what: "keys", wanted: 4, quota: 3, .. }), "{err:?}");
         // Other tenants keep their own account.
-        kv.set(&scope("u"), "b", "a", &[0; 99], &quota).unwrap();
-        // Deleting frees room, also across workflows of the tenant.
-        kv.delete(&t, "b", "a").unwrap();
+        kv.set(&scope("u"), "b", "a", &[0; 60], &quota).unwrap();
+        // Deleting frees room, also for another workflow of the tenant.
+        kv.delete(&t, "b", "c").unwrap();
         kv.delete(&t, "b", "never-set").unwrap();
         let other_workflow = KvScope { tenant: "t".into(), workflow: "other".into() };
         kv.set(&other_workflow, "b", "g", &[0; 40], &quota).unwrap();
-        assert!(matches!(kv.set(&other_workflow, "b", "h", b"", &quota), Err(KvError::Quota { what: "keys", .. })));
+    }
+}
+
+#[test]
+fn a_tenant_cannot_keep_more_keys_than_its_quota() {
+    let quota = KvQuota { max_bytes: bytesize::ByteSize::mib(1), max_keys: 3 };
+    for (kv, _dir) in backends() {
+        let t = scope("t");
+        for key in ["a", "b", "c"] {
+            kv.set(&t, "b", key, b"", &quota).unwrap();
+        }
+        // Overwriting keeps the count.
+        kv.set(&t, "b", "a", b"x", &quota).unwrap();
+        let err = kv.increment(&t, "b", "d", 1, &quota).unwrap_err();
+        assert!(matches!(err, KvError::Quota { what: "keys", wanted: 4, quota: 3, .. }), "{err:?}");
+        kv.delete(&t, "b", "a").unwrap();
+        kv.increment(&t, "b", "d", 1, &quota).unwrap();
     }
 }

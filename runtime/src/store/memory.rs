@@ -24,7 +24,7 @@ impl Inner {
     fn put(&mut self, entry: Key, value: Vec<u8>, quota: &KvQuota) -> Result<(), KvError> {
         let old = self.entries.get(&entry).map(Vec::len);
         let usage = self.usage.get(&entry.0.tenant).copied().unwrap_or_default();
-        let usage = usage.change(&entry.0, &entry.2, old, Some(value.len()), quota)?;
+        let usage = usage.change(&entry.0, &entry.1, &entry.2, old, Some(value.len()), quota)?;
         self.usage.insert(entry.0.tenant.clone(), usage);
         self.entries.insert(entry, value);
         Ok(())
@@ -59,7 +59,7 @@ impl KeyValueStore for MemoryKeyValueStore {
         let mut inner = self.inner();
         if let Some(old) = inner.entries.remove(&key(scope, bucket, k)) {
             let usage = inner.usage.entry(scope.tenant.clone()).or_default();
-            *usage = usage.change(scope, k, Some(old.len()), None, &KvQuota::default())?;
+            *usage = usage.change(scope, bucket, k, Some(old.len()), None, &KvQuota::default())?;
         }
         Ok(())
     }

@@ -298,8 +298,14 @@ impl Default for KvQuota {
     }
 }
 
+/// Bytes a stored key costs besides its names and value (the row and its
+/// index entry), so many empty values are not free.
+pub(crate) const KV_ROW_OVERHEAD: usize = 32;
+
 /// What one tenant keeps: the sums its quota is checked against, kept
-/// beside the data and changed in the same transaction as it.
+/// beside the data and changed in the same transaction as it. A key counts
+/// its tenant, workflow, bucket and key names, its value and
+/// [`KV_ROW_OVERHEAD`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct KvUsage {
     pub(crate) bytes: u64,
@@ -307,19 +313,21 @@ pub(crate) struct KvUsage {
 }
 
 impl KvUsage {
-    /// The usage after `key`'s value goes from `old` bytes to `new` bytes
-    /// (`None`: absent), or the error if that grows past `quota`. A change
-    /// that does not grow a sum is always allowed, so a tenant over a
-    /// lowered quota can still delete and shrink.
+    /// The usage after `key` of `bucket` goes from a value of `old` bytes
+    /// to one of `new` bytes (`None`: absent), or the error if that grows
+    /// past `quota`. A change that does not grow a sum is always allowed,
+    /// so a tenant over a lowered quota can still delete and shrink.
     pub(crate) fn change(
         self,
         scope: &KvScope,
+        bucket: &str,
         key: &str,
         old: Option<usize>,
         new: Option<usize>,
         quota: &KvQuota,
     ) -> Result<KvUsage, KvError> {
-        let size = |value: Option<usize>| value.map_or(0, |len| (key.len() + len) as u64);
+        let names = scope.tenant.len() + scope.workflow.len() + bucket.len() + key.len() + KV_ROW_OVERHEAD;
+        let size = |value: Option<usize>| value.map_or(0, |len| (names + len) as u64);
         let bytes = (self.bytes + size(new)).saturating_sub(size(old));
         let keys = (self.keys + u64::from(new.is_some())).saturating_sub(u64::from(old.is_some()));
         let over = |what, wanted: u64, before: u64, quota: u64| {

@@ -81,20 +81,57 @@ impl StepState {
     }
 }
 
+/// Key-value calls on blocking threads at once, over all attempts: the
+/// store serializes writes anyway, and attempts that time out cannot pile
+/// up blocking work (or the values they pass) behind it.
+const IN_FLIGHT: usize = 16;
+
+/// The key-value store as a sandbox's attempts share it.
+#[derive(Clone)]
+pub(crate) struct SharedKv {
+    store: Arc<dyn KeyValueStore>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+}
+
+impl SharedKv {
+    pub(crate) fn new(store: Arc<dyn KeyValueStore>) -> Self {
+        SharedKv { store, in_flight: Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)) }
+    }
+}
+
 /// The store as one attempt sees it.
 struct KvCall {
-    kv: Arc<dyn KeyValueStore>,
+    kv: SharedKv,
     scope: Arc<KvScope>,
     quota: KvQuota,
 }
 
+/// A blocking task that is called off when its attempt goes before it
+/// starts (a running one cannot be stopped, and finishes).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl KvCall {
-    /// Runs `call` against the store on a blocking thread.
+    /// Runs `call` against the store on a blocking thread, once one of the
+    /// calls in flight is free.
     async fn call<T: Send + 'static>(
         self,
         call: impl FnOnce(&dyn KeyValueStore, &KvScope, &KvQuota) -> Result<T, KvError> + Send + 'static,
     ) -> Result<T, Error> {
-        match tokio::task::spawn_blocking(move || call(&*self.kv, &self.scope, &self.quota)).await {
+        let Ok(permit) = self.kv.in_flight.clone().acquire_owned().await else {
+            return Err(Error::Other("the key-value store is closed".into()));
+        };
+        let store = self.kv.store;
+        let mut task = AbortOnDrop(tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            call(&*store, &self.scope, &self.quota)
+        }));
+        match (&mut task.0).await {
             Ok(result) => result.map_err(other),
             Err(failed) => Err(Error::Other(format!("the key-value call failed: {failed}"))),
         }

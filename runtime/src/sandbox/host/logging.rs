@@ -63,7 +63,9 @@ impl LogBuffer {
         let step = self.step_id.as_str();
         let level_name = LogLevel::from(level).to_string();
         tracing::debug!(target: "stepbox::guest", step, level = level_name, context, "{message}");
-        let size = context.len() + message.len();
+        // A record costs its text and its own size, so empty messages are
+        // not free.
+        let size = context.len() + message.len() + std::mem::size_of::<LogRecord>();
         if size > self.budget {
             self.dropped += 1;
             return Ok(());

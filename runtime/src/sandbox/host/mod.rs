@@ -17,7 +17,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::host_memory::HostMemory;
 use super::limits::InstanceLimiter;
-use crate::store::{KeyValueStore, KvQuota, KvScope};
+use crate::store::{KvQuota, KvScope};
 
 /// Everything one attempt's `Store` holds. Built fresh per attempt and
 /// dropped with it.
@@ -32,7 +32,7 @@ pub(crate) struct StepState {
     pub(crate) limiter: InstanceLimiter,
     pub(crate) logs: logging::LogBuffer,
     pub(crate) config: Arc<BTreeMap<String, String>>,
-    pub(crate) kv: Arc<dyn KeyValueStore>,
+    pub(crate) kv: keyvalue::SharedKv,
     pub(crate) kv_scope: Arc<KvScope>,
     pub(crate) kv_quota: KvQuota,
     /// What the host holds for the attempt besides its linear memory.

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::Schema;
-use crate::store::{KeyValueStore, KvError, KvQuota, KvScope, KvUsage, StoreError, add_to_stored};
+use crate::store::{KV_ROW_OVERHEAD, KeyValueStore, KvError, KvQuota, KvScope, KvUsage, StoreError, add_to_stored};
 
 /// The file name inside the data directory.
 pub const KV_FILE: &str = "kv.db";
@@ -66,9 +66,14 @@ impl KeyValueDatabase {
             if there {
                 tx.execute_batch(
                     "INSERT OR IGNORE INTO kv SELECT tenant, workflow, bucket, key, value FROM journal.kv;
-                     DELETE FROM kv_usage;
-                     INSERT INTO kv_usage SELECT tenant, SUM(length(CAST(key AS BLOB)) + length(value)), COUNT(*)
-                         FROM kv GROUP BY tenant;",
+                     DELETE FROM kv_usage;",
+                )?;
+                tx.execute(
+                    "INSERT INTO kv_usage SELECT tenant, SUM(
+                         length(CAST(tenant AS BLOB)) + length(CAST(workflow AS BLOB)) + length(CAST(bucket AS BLOB))
+                         + length(CAST(key AS BLOB)) + length(value) + ?1), COUNT(*)
+                     FROM kv GROUP BY tenant",
+                    [KV_ROW_OVERHEAD as i64],
                 )?;
             }
             tx.commit()
@@ -107,7 +112,7 @@ impl KeyValueDatabase {
         quota: &KvQuota,
     ) -> Result<(), KvError> {
         let old = value_len(tx, scope, bucket, key).map_err(|e| self.err(e))?;
-        self.account(tx, scope, key, old, Some(value.len()), quota)?;
+        self.account(tx, scope, bucket, key, old, Some(value.len()), quota)?;
         tx.execute(
             "INSERT INTO kv (tenant, workflow, bucket, key, value) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT DO UPDATE SET value = excluded.value",
@@ -119,10 +124,12 @@ impl KeyValueDatabase {
 
     /// Moves the tenant's usage by one key's change, refusing growth past
     /// `quota`.
+    #[allow(clippy::too_many_arguments)]
     fn account(
         &self,
         tx: &Transaction<'_>,
         scope: &KvScope,
+        bucket: &str,
         key: &str,
         old: Option<usize>,
         new: Option<usize>,
@@ -135,7 +142,7 @@ impl KeyValueDatabase {
             .optional()
             .map_err(|e| self.err(e))?
             .unwrap_or_default();
-        let usage = usage.change(scope, key, old, new, quota)?;
+        let usage = usage.change(scope, bucket, key, old, new, quota)?;
         tx.execute(
             "INSERT INTO kv_usage (tenant, bytes, keys) VALUES (?1, ?2, ?3)
              ON CONFLICT DO UPDATE SET bytes = excluded.bytes, keys = excluded.keys",
@@ -175,7 +182,7 @@ impl KeyValueStore for KeyValueDatabase {
         self.write(|tx| {
             let Some(old) = value_len(tx, scope, bucket, key).map_err(|e| self.err(e))? else { return Ok(()) };
             // Shrinking is never refused, whatever the quota.
-            self.account(tx, scope, key, Some(old), None, &KvQuota::default())?;
+            self.account(tx, scope, bucket, key, Some(old), None, &KvQuota::default())?;
             tx.execute(
                 "DELETE FROM kv WHERE tenant = ?1 AND workflow = ?2 AND bucket = ?3 AND key = ?4",
                 params![scope.tenant, scope.workflow, bucket, key],

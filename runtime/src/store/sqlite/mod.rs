@@ -358,10 +358,12 @@ mod tests {
         let kv = db.key_values();
         let scope = KvScope { tenant: "acme".into(), workflow: "wf".into() };
         assert_eq!(kv.increment(&scope, "default", "count", 1, &KvQuota::default()).unwrap(), 42);
-        // The moved rows count against the quota: 5 + 2 and 3 + 1000 bytes.
-        let quota = KvQuota { max_bytes: bytesize::ByteSize::b(1010), max_keys: 10 };
+        // The moved rows count against the quota, each with its tenant,
+        // workflow, bucket and key names and the row overhead beside its
+        // value: 13 + 5 + 32 + 2 and 13 + 3 + 32 + 1000; `x` adds 48.
+        let quota = KvQuota { max_bytes: bytesize::ByteSize::b(1100), max_keys: 10 };
         let err = kv.set(&scope, "default", "x", b"yz", &quota).unwrap_err();
-        assert!(matches!(err, KvError::Quota { wanted: 1013, .. }), "{err:?}");
+        assert!(matches!(err, KvError::Quota { wanted: 1148, .. }), "{err:?}");
         let tables: i64 = db
             .read(|conn| conn.query_row("SELECT COUNT(*) FROM sqlite_master WHERE name = 'kv'", [], |row| row.get(0)))
             .unwrap();
