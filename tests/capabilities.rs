@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use common::{request, run};
+use common::{request, run, sandbox};
 use serde_json::json;
 use stepbox::run::FailureKind;
 use stepbox::sandbox::REDACTED;
@@ -76,7 +76,8 @@ async fn only_granted_addresses_can_be_reached() {
 }
 
 /// A plain HTTP/1.1 server on loopback that answers every request with
-/// `METHOD PATH BODY` and counts the requests that reached it.
+/// `METHOD PATH BODY` (and ` AUTHORIZATION` when there is one) and counts
+/// the requests that reached it.
 async fn echo_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -90,24 +91,29 @@ async fn echo_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
                 let mut reader = BufReader::new(socket);
                 let mut request_line = String::new();
                 reader.read_line(&mut request_line).await.unwrap();
-                let mut length = 0;
+                let (mut length, mut authorization) = (0, None);
                 loop {
                     let mut header = String::new();
                     reader.read_line(&mut header).await.unwrap();
                     if header.trim().is_empty() {
                         break;
                     }
-                    if let Some((name, value)) = header.split_once(':')
-                        && name.eq_ignore_ascii_case("content-length")
-                    {
-                        length = value.trim().parse().unwrap();
+                    if let Some((name, value)) = header.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            length = value.trim().parse().unwrap();
+                        } else if name.eq_ignore_ascii_case("authorization") {
+                            authorization = Some(value.trim().to_owned());
+                        }
                     }
                 }
                 let mut body = vec![0; length];
                 reader.read_exact(&mut body).await.unwrap();
                 let mut parts = request_line.split_whitespace();
                 let (method, path) = (parts.next().unwrap(), parts.next().unwrap());
-                let answer = format!("{method} {path} {}", String::from_utf8_lossy(&body));
+                let mut answer = format!("{method} {path} {}", String::from_utf8_lossy(&body));
+                if let Some(authorization) = authorization {
+                    answer.push_str(&format!(" {authorization}"));
+                }
                 let response =
                     format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}", answer.len());
                 reader.into_inner().write_all(response.as_bytes()).await.unwrap();
@@ -147,6 +153,55 @@ async fn only_granted_http_requests_leave_the_sandbox() {
 
     let wildcard = format!("*.localhost:{}", server.port());
     assert_eq!(send("GET", format!("http://localhost:{}/", server.port()), &[&wildcard]).await.output(), Some(&denied));
+}
+
+/// A step that may only send a secret: it sees a placeholder, the host puts
+/// the value in the headers of the requests `send_to` allows, and nothing
+/// the step records holds the value.
+#[tokio::test]
+async fn a_send_only_secret_reaches_only_the_granted_hosts_headers_and_never_the_guest() {
+    const SECRET: &str = "sk_live_send_only_42";
+    let (server, _) = echo_server().await;
+    let (other, _) = echo_server().await;
+    let dir = std::env::temp_dir().join(format!("stepbox-send-only-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("secrets")).unwrap();
+    std::fs::write(dir.join("secrets/api"), SECRET).unwrap();
+    let yaml = format!(
+        "name: send-only\ncomponents:\n  probe: {probe}\nsteps:\n  - id: granted\n    uses: probe\n    with: {{ method: POST, url: \"http://{server}/v1\", body: x, bearer: api }}\n    network: {{ http: [\"{server}\", \"{other}\"] }}\n    secrets: {{ api: {{ file: api, send_to: [\"POST@{server}\"] }} }}\n  - id: elsewhere\n    uses: probe\n    with: {{ method: POST, url: \"http://{other}/v1\", body: x, bearer: api }}\n    network: {{ http: [\"{server}\", \"{other}\"] }}\n    secrets: {{ api: {{ file: api, send_to: [\"POST@{server}\"] }} }}\n",
+        probe = guests::HTTP_PROBE
+    );
+    std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
+    let workflow = stepbox::workflow::Workflow::load(&dir.join("wf.yaml")).unwrap();
+    let inputs = workflow.bind_inputs(&Default::default()).unwrap();
+    let options = stepbox::scheduler::RunOptions {
+        secrets_dir: Some(dir.join("secrets")),
+        ..stepbox::scheduler::RunOptions::new("send-only")
+    };
+    let report = stepbox::scheduler::run(sandbox(), Arc::new(workflow), inputs, options).await.unwrap();
+    let output = |i: usize| report.steps[i].output.clone().unwrap_or_else(|| panic!("{:?}", report.steps[i]));
+
+    // The granted host got the value; the guest put only a placeholder, and
+    // the echo of the value came back redacted.
+    let granted = output(0)["response"].clone();
+    let sent = granted["sent"].as_str().unwrap();
+    assert!(sent.starts_with("Bearer stepbox-secret-api-"), "{granted}");
+    assert_eq!(granted["body"], format!("POST /v1 x Bearer {REDACTED}"), "{granted}");
+    // Another host, even one the step may call, got the placeholder.
+    let elsewhere = output(1)["response"].clone();
+    assert!(elsewhere["body"].as_str().unwrap().starts_with("POST /v1 x Bearer stepbox-secret-api-"), "{elsewhere}");
+    assert_ne!(elsewhere["sent"], granted["sent"], "each execution has its own placeholder");
+    assert!(!format!("{report:?}").contains(SECRET));
+
+    // `send_to` must fit inside the step's HTTP grants.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!("name: bad\ncomponents:\n  probe: {}\nsteps:\n  - id: a\n    uses: probe\n    secrets: {{ api: {{ env: X, send_to: [\"evil.example\"] }} }}\n", guests::HTTP_PROBE),
+    )
+    .unwrap();
+    let err = stepbox::workflow::Workflow::load(&bad).unwrap_err().to_string();
+    assert!(err.contains("secret `api` may be sent to `evil.example`, which `network.http` does not grant"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test]

@@ -434,7 +434,13 @@ impl Tenant {
                     "step `{id}`: address {address} is not in tenant `{tenant}`'s allowed network ({source})"
                 ));
             }
-            for (key, secret) in step.grants.secrets.iter().filter(|(_, s)| !spec.secrets.permits(|g| g.allows(s))) {
+            for (key, secret) in step
+                .grants
+                .secrets
+                .iter()
+                .map(|(key, s)| (key, &s.source))
+                .filter(|(_, s)| !spec.secrets.permits(|g| g.allows(s)))
+            {
                 problems.push(format!(
                     "step `{id}`: secret `{key}` ({secret}) is not among tenant `{tenant}`'s allowed secrets ({source})"
                 ));

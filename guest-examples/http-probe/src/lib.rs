@@ -1,7 +1,9 @@
 //! Makes one HTTP request through `wasi:http/outgoing-handler`:
 //! `{"method": "GET", "url": "http://127.0.0.1:8080/path", "body": "..."}`.
 //! The output is `{"status": 200, "body": "..."}`, or `{"refused": "..."}`
-//! with the error code the host answered with.
+//! with the error code the host answered with. With `"bearer": KEY` it
+//! sends `authorization: Bearer <config value KEY>`, and says what it put
+//! there as `"sent"`.
 use serde::{Deserialize, Serialize};
 use stepbox_sdk::{StepError, step};
 use wasip2::http::outgoing_handler;
@@ -15,6 +17,8 @@ struct Input {
     url: String,
     #[serde(default)]
     body: String,
+    #[serde(default)]
+    bearer: Option<String>,
 }
 
 fn get() -> String {
@@ -24,27 +28,39 @@ fn get() -> String {
 #[derive(Serialize)]
 #[serde(rename_all = "snake_case")]
 enum Output {
-    Response { status: u16, body: String },
+    Response {
+        status: u16,
+        body: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sent: Option<String>,
+    },
     Refused(String),
 }
 
 #[step]
 fn run(input: Input) -> Result<Output, StepError> {
-    Ok(match send(&input) {
-        Ok((status, body)) => Output::Response { status, body },
+    let authorization = match &input.bearer {
+        Some(key) => Some(format!("Bearer {}", stepbox_sdk::config::require(key)?)),
+        None => None,
+    };
+    Ok(match send(&input, authorization.as_deref()) {
+        Ok((status, body)) => Output::Response { status, body, sent: authorization },
         Err(code) => Output::Refused(format!("{code:?}")),
     })
 }
 
-fn send(input: &Input) -> Result<(u16, String), ErrorCode> {
+fn send(input: &Input, authorization: Option<&str>) -> Result<(u16, String), ErrorCode> {
     let (scheme, rest) = input.url.split_once("://").ok_or(ErrorCode::HttpRequestUriInvalid)?;
     let (authority, path) = match rest.find('/') {
         Some(at) => rest.split_at(at),
         None => (rest, "/"),
     };
     let length = input.body.len().to_string().into_bytes();
-    let headers = Fields::from_list(&[("content-length".into(), length)])
-        .map_err(|err| ErrorCode::InternalError(Some(format!("{err:?}"))))?;
+    let mut fields = vec![("content-length".into(), length)];
+    if let Some(authorization) = authorization {
+        fields.push(("authorization".into(), authorization.as_bytes().to_vec()));
+    }
+    let headers = Fields::from_list(&fields).map_err(|err| ErrorCode::InternalError(Some(format!("{err:?}"))))?;
     let request = OutgoingRequest::new(headers);
     let method = match input.method.as_str() {
         "GET" => Method::Get,

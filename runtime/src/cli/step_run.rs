@@ -147,6 +147,7 @@ pub(crate) async fn run(args: Args, data_dir: &std::path::Path) -> Result<u8, Cl
             deterministic: args.deterministic,
             network: args.network,
             http: args.http,
+            http_secrets: Vec::new(),
         },
         exit_codes: if args.retryable_exit.is_empty() {
             ExitCodes::default()

@@ -106,7 +106,8 @@ pub(crate) async fn run(
     request: AttemptRequest,
 ) -> Attempt {
     let AttemptRequest { context, input, limits, mut grants, exit_codes } = request;
-    let redactor = Redactor::new(grants.secrets.values());
+    // Values sent only in headers are redacted too: a server may echo them.
+    let redactor = Redactor::new(grants.secrets.values().chain(grants.http_secrets.iter().map(|secret| &secret.value)));
     let stdio_cap = usize::try_from(limits.stdio.as_u64()).unwrap_or(usize::MAX);
     let host_memory = HostMemory::new(limits.host_memory);
     let started = Attempt::started(context.attempt, now_ms());
@@ -184,7 +185,7 @@ pub(crate) async fn run(
             http.set_field_size_limit(super::host::http::FIELDS_LIMIT);
             http
         },
-        http_policy: HttpPolicy::new(grants.http),
+        http_policy: HttpPolicy::new(grants.http, grants.http_secrets),
         limiter: InstanceLimiter::new(&limits),
         logs: LogBuffer::new(context.step_id.clone(), logs_cap, redactor.clone(), host_memory.clone()),
         config: Arc::new(grants.config.into_iter().chain(grants.secrets).collect()),

@@ -254,6 +254,37 @@ pub struct Grants {
     /// Outbound HTTP (`wasi:http/outgoing-handler`) the step may make; any
     /// other request fails with `HTTP-request-denied`.
     pub http: Vec<HttpGrant>,
+    /// Secrets the step holds only as placeholders (in `config`): the host
+    /// puts the value in place of the placeholder in the headers of the
+    /// requests each one may be sent with.
+    pub http_secrets: Vec<HttpSecret>,
+}
+
+/// A secret a step may send but never see.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpSecret {
+    /// What the step sees instead of the value: random, so it tells
+    /// nothing, and new for each execution.
+    pub placeholder: String,
+    /// The value.
+    pub value: String,
+    /// The requests whose headers may carry it.
+    pub send_to: Vec<HttpGrant>,
+}
+
+impl HttpSecret {
+    /// A secret `name` with a fresh placeholder.
+    pub fn new(name: &str, value: String, send_to: Vec<HttpGrant>) -> Self {
+        let placeholder = format!("stepbox-secret-{name}-{:032x}", rand::random::<u128>());
+        HttpSecret { placeholder, value, send_to }
+    }
+}
+
+/// Never prints the value.
+impl std::fmt::Debug for HttpSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSecret").field("placeholder", &self.placeholder).field("send_to", &self.send_to).finish()
+    }
 }
 
 /// Where a scratch directory appears in the guest.

@@ -24,7 +24,7 @@ pub use attempt::{AttemptRequest, ExitCodes, StepContext};
 pub use cache::CacheGc;
 pub use component::{LoadError, StepComponent};
 pub use engine::EngineConfig;
-pub use grants::{DirGrant, Grants, HttpGrant, SCRATCH};
+pub use grants::{DirGrant, Grants, HttpGrant, HttpSecret, SCRATCH};
 pub use limits::Limits;
 pub use redact::REDACTED;
 

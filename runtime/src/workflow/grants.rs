@@ -13,7 +13,7 @@ use super::diagnostic::Diagnostics;
 use super::spec::SecretSource;
 use super::spec::StepSpec;
 use super::template;
-use crate::sandbox::{DirGrant, Grants, HttpGrant};
+use crate::sandbox::{DirGrant, Grants, HttpGrant, HttpSecret};
 
 /// The largest secret file read: secrets are keys and passwords.
 const MAX_SECRET_FILE: u64 = 64 * 1024;
@@ -28,8 +28,8 @@ pub struct StepGrants {
     pub env: BTreeMap<String, String>,
     /// Host directories, resolved against the workflow file's directory.
     pub dirs: Vec<DirGrant>,
-    /// Secret name → where its value comes from.
-    pub secrets: BTreeMap<String, SecretSource>,
+    /// Secret name → where its value comes from, and where it may be sent.
+    pub secrets: BTreeMap<String, StepSecret>,
     /// Command-line arguments; templates.
     pub args: Vec<String>,
     /// Text on the step's stdin; a template.
@@ -42,6 +42,16 @@ pub struct StepGrants {
     pub network: Vec<SocketAddr>,
     /// Outbound HTTP the step may make.
     pub http: Vec<HttpGrant>,
+}
+
+/// One secret of a step, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepSecret {
+    /// Where the value comes from.
+    pub source: SecretSource,
+    /// Empty: the step reads the value. Otherwise it reads a placeholder,
+    /// swapped for the value in the headers of the requests these allow.
+    pub send_to: Vec<HttpGrant>,
 }
 
 impl StepGrants {
@@ -86,11 +96,29 @@ impl StepGrants {
                 Some("keep one".into()),
             );
         }
+        let mut secrets = BTreeMap::new();
+        for (key, secret) in &step.secrets {
+            let mut send_to = Vec::new();
+            for rule in &secret.send_to {
+                match rule.parse::<HttpGrant>() {
+                    Ok(rule) if http.iter().any(|grant| rule.within(grant)) => send_to.push(rule),
+                    Ok(_) => d.on(
+                        &step.id,
+                        format!(
+                            "step `{id}`: secret `{key}` may be sent to `{rule}`, which `network.http` does not grant"
+                        ),
+                        Some("every send_to rule must fit inside one of the step's HTTP grants".into()),
+                    ),
+                    Err(message) => d.on(&step.id, format!("step `{id}`: secret `{key}`: {message}"), None),
+                }
+            }
+            secrets.insert(key.clone(), StepSecret { source: secret.source.clone(), send_to });
+        }
         StepGrants {
             config: step.config.clone(),
             env: step.env.clone(),
             dirs,
-            secrets: step.secrets.clone(),
+            secrets,
             args: step.args.clone(),
             stdin: step.stdin.clone(),
             scratch: step.scratch,
@@ -117,15 +145,18 @@ impl StepGrants {
                 .map(|(key, value)| Ok((key.clone(), text(value, &format!("{what}.{key}"))?)))
                 .collect::<Result<_, String>>()
         };
-        let secrets = self
-            .secrets
-            .iter()
-            .map(|(key, source)| {
-                read_secret(source, secrets_dir)
-                    .map(|value| (key.clone(), value))
-                    .map_err(|why| format!("secret `{key}`: {why}"))
-            })
-            .collect::<Result<_, String>>()?;
+        let mut config: BTreeMap<String, String> = map(&self.config, "config")?;
+        let (mut secrets, mut http_secrets) = (BTreeMap::new(), Vec::new());
+        for (key, secret) in &self.secrets {
+            let value = read_secret(&secret.source, secrets_dir).map_err(|why| format!("secret `{key}`: {why}"))?;
+            if secret.send_to.is_empty() {
+                secrets.insert(key.clone(), value);
+            } else {
+                let sendable = HttpSecret::new(key, value, secret.send_to.clone());
+                config.insert(key.clone(), sendable.placeholder.clone());
+                http_secrets.push(sendable);
+            }
+        }
         // Seeded from the input, so the same input gives the same output.
         let deterministic = self.deterministic.then(|| {
             use sha2::Digest;
@@ -135,7 +166,7 @@ impl StepGrants {
         Ok(Grants {
             dirs: self.dirs.clone(),
             env: map(&self.env, "env")?,
-            config: map(&self.config, "config")?,
+            config,
             stdin: self
                 .stdin
                 .as_deref()
@@ -149,6 +180,7 @@ impl StepGrants {
             deterministic,
             network: self.network.clone(),
             http: self.http.clone(),
+            http_secrets,
         })
     }
 }

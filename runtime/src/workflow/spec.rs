@@ -356,9 +356,11 @@ pub struct StepSpec {
     pub dirs: Vec<Spanned<String>>,
     /// Secret values the step reads through `wasi:config`, taken from the
     /// host's environment or secrets directory when it runs; never recorded
-    /// anywhere.
+    /// anywhere. A secret with `send_to` reaches the step only as a
+    /// placeholder, which the host swaps for the value in the headers of
+    /// HTTP requests those rules allow.
     #[serde(default)]
-    pub secrets: BTreeMap<String, SecretSource>,
+    pub secrets: BTreeMap<String, SecretSpec>,
     /// Command-line arguments; templates.
     #[serde(default)]
     pub args: Vec<String>,
@@ -409,6 +411,58 @@ impl std::fmt::Display for SecretSource {
             SecretSource::Env(name) => write!(f, "env:{name}"),
             SecretSource::File(name) => write!(f, "file:{name}"),
         }
+    }
+}
+
+/// One secret of a step: where its value comes from, and, for a secret the
+/// step may only send, where to.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(try_from = "RawSecret", into = "RawSecret")]
+pub struct SecretSpec {
+    /// Where the value comes from.
+    pub source: SecretSource,
+    /// `[METHOD,METHOD@]HOST[:PORT]` rules, as in `network.http`: when
+    /// given, the step sees a placeholder, and only requests these rules
+    /// allow carry the value, in place of the placeholder in their headers.
+    pub send_to: Vec<String>,
+}
+
+/// A secret as written: `{ env: VAR }` or `{ file: NAME }`, with an
+/// optional `send_to`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    /// A host environment variable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    env: Option<String>,
+    /// A file in the secrets directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    file: Option<String>,
+    /// Where the value may be sent; see [`SecretSpec::send_to`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    send_to: Vec<String>,
+}
+
+impl TryFrom<RawSecret> for SecretSpec {
+    type Error = String;
+
+    fn try_from(raw: RawSecret) -> Result<Self, Self::Error> {
+        let source = match (raw.env, raw.file) {
+            (Some(var), None) => SecretSource::Env(var),
+            (None, Some(name)) => SecretSource::File(name),
+            _ => return Err("a secret is `{ env: VAR }` or `{ file: NAME }`, exactly one of them".into()),
+        };
+        Ok(SecretSpec { source, send_to: raw.send_to })
+    }
+}
+
+impl From<SecretSpec> for RawSecret {
+    fn from(secret: SecretSpec) -> Self {
+        let (env, file) = match secret.source {
+            SecretSource::Env(var) => (Some(var), None),
+            SecretSource::File(name) => (None, Some(name)),
+        };
+        RawSecret { env, file, send_to: secret.send_to }
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use http::uri::Scheme;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
-use crate::sandbox::grants::HttpGrant;
+use crate::sandbox::grants::{HttpGrant, HttpSecret};
 
 /// The response future wasmtime-wasi-http expects from a hook.
 type Sent = Box<
@@ -29,19 +29,46 @@ pub(crate) const FIELDS_LIMIT: usize = 64 * 1024;
 /// host and port; the guest sees `HTTP-request-denied` otherwise.
 pub(crate) struct HttpPolicy {
     grants: Arc<[HttpGrant]>,
+    secrets: Arc<[HttpSecret]>,
 }
 
 impl HttpPolicy {
-    pub(crate) fn new(grants: Vec<HttpGrant>) -> Self {
-        HttpPolicy { grants: grants.into() }
+    pub(crate) fn new(grants: Vec<HttpGrant>, secrets: Vec<HttpSecret>) -> Self {
+        HttpPolicy { grants: grants.into(), secrets: secrets.into() }
     }
 
-    fn allows(&self, request: &http::Request<WasiBody>) -> bool {
+    /// Whether one of `grants` lets `request` out.
+    fn allowed_by(grants: &[HttpGrant], request: &http::Request<WasiBody>) -> bool {
         let uri = request.uri();
         let default_port = if uri.scheme() == Some(&Scheme::HTTPS) { 443 } else { 80 };
         let (Some(host), method) = (uri.host(), request.method().as_str()) else { return false };
         let port = uri.port_u16().unwrap_or(default_port);
-        self.grants.iter().any(|grant| grant.allows(method, host, port, default_port))
+        grants.iter().any(|grant| grant.allows(method, host, port, default_port))
+    }
+
+    /// Puts each secret's value in place of its placeholder in the headers
+    /// of a request its `send_to` allows; elsewhere the placeholder stays,
+    /// and tells the receiver nothing.
+    fn fill_in_secrets(&self, request: &mut http::Request<WasiBody>) -> Result<(), Error> {
+        let sendable: Vec<&HttpSecret> =
+            self.secrets.iter().filter(|secret| Self::allowed_by(&secret.send_to, request)).collect();
+        if sendable.is_empty() {
+            return Ok(());
+        }
+        for value in request.headers_mut().values_mut() {
+            let Ok(text) = value.to_str() else { continue };
+            if !sendable.iter().any(|secret| text.contains(&secret.placeholder)) {
+                continue;
+            }
+            let filled =
+                sendable.iter().fold(text.to_owned(), |text, secret| text.replace(&secret.placeholder, &secret.value));
+            // A value that cannot be a header value (a line break) is never
+            // sent, nor shown.
+            *value = http::HeaderValue::from_str(&filled)
+                .map_err(|_| Error::InternalError(Some("a secret's value cannot be sent in a header".into())))?;
+            value.set_sensitive(true);
+        }
+        Ok(())
     }
 }
 
@@ -60,9 +87,13 @@ impl WasiHttpHooks for HttpPolicy {
         options: Option<RequestOptions>,
         _response_errors: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Sent {
-        if !self.allows(&request) {
+        if !Self::allowed_by(&self.grants, &request) {
             tracing::debug!(method = %request.method(), uri = %request.uri(), "HTTP request denied: not granted");
             return Box::new(async { Err(Error::HttpRequestDenied) });
+        }
+        let mut request = request;
+        if let Err(err) = self.fill_in_secrets(&mut request) {
+            return Box::new(async { Err(err) });
         }
         Box::new(async move {
             use http_body_util::BodyExt;
