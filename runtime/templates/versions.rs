@@ -12,3 +12,8 @@ pub const PREVIEW2_SHIM: &str = "@bytecodealliance/preview2-shim@0.25.0";
 /// zig's C compiler, from PyPI: it targets wasm32-wasi with the wasi-libc it
 /// bundles, so C steps need no system packages.
 pub const ZIG: &str = "ziglang==0.17.1";
+/// wit-bindgen's C generator, from crates.io, which the C template's
+/// build.sh runs.
+pub const WIT_BINDGEN: &str = "wit-bindgen-cli@0.46.0";
+/// wasm-tools, from crates.io, which the C template's build.sh runs.
+pub const WASM_TOOLS: &str = "wasm-tools@1.239.0";

@@ -274,10 +274,44 @@ fn ctrl_c_cancels_a_run_and_records_the_cancelled_steps() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+mod versions {
+    #![allow(dead_code)] // only the C template's tools are installed here
+    include!("../templates/versions.rs");
+}
+
+/// The tools the C template's build.sh runs besides zig, installed from
+/// crates.io into `tools/bin` the first time, as its comment tells users.
+fn c_template_tools(tools: &std::path::Path) {
+    let wanted = [
+        ("wit-bindgen", versions::WIT_BINDGEN, ["--features", "c"]),
+        ("wasm-tools", versions::WASM_TOOLS, ["--features", "component"]),
+    ];
+    for (binary, package, features) in wanted {
+        if tools.join("bin").join(binary).exists() {
+            continue;
+        }
+        // Unoptimized: they run once, on small inputs, and compile in half
+        // the time.
+        let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cargo
+            .args(["install", "--quiet", "--locked", "--debug", "--no-default-features", "--root"])
+            .arg(tools)
+            .arg("--target-dir")
+            .arg(tools.join("build"))
+            .args(features)
+            .arg(package);
+        for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR"] {
+            cargo.env_remove(var);
+        }
+        assert!(cargo.status().unwrap().success(), "installing {package} failed");
+    }
+}
+
 /// `stepbox new` in `lang`: the printed commands build a step that runs.
-/// The C build finds wit-bindgen, wasm-tools and zig where the tests' build
-/// script installed them (zig through `STEPBOX_ZIG_DIR`, so its 100 MB are
-/// not fetched again). One test per language, so they build side by side.
+/// The C build finds wit-bindgen and wasm-tools where `c_template_tools`
+/// installs them, and zig where the tests' build script did (through
+/// `STEPBOX_ZIG_DIR`, so its 100 MB are not fetched again). One test per
+/// language, so they build side by side.
 fn new_project_builds_and_runs_with_the_printed_commands(lang: &str) {
     let dir = std::env::temp_dir().join(format!("stepbox-new-{lang}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -285,6 +319,9 @@ fn new_project_builds_and_runs_with_the_printed_commands(lang: &str) {
     let tools = std::path::Path::new(guests::HELLO).ancestors().nth(4).unwrap().join("tools");
     let path = format!("{}:{}", tools.join("bin").display(), std::env::var("PATH").unwrap_or_default());
     let zig = tools.join("zig");
+    if lang == "c" {
+        c_template_tools(&tools);
+    }
     let project = dir.join(format!("greeter-{lang}"));
     let out = stepbox(&["new", project.to_str().unwrap(), "--lang", lang]);
     assert!(out.status.success(), "{lang}: {}", stderr(&out));

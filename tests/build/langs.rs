@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 #[path = "../../runtime/templates/versions.rs"]
+#[allow(dead_code)] // WIT_BINDGEN and WASM_TOOLS are for the C template's test
 mod versions;
-use versions::*;
+use versions::{COMPONENTIZE_JS, COMPONENTIZE_PY, PREVIEW2_SHIM, ZIG};
 
 pub struct Langs<'a> {
     /// The repository.

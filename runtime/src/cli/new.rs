@@ -70,7 +70,7 @@ const C: &[File] = &[
 mod versions {
     include!("../../templates/versions.rs");
 }
-use versions::{COMPONENTIZE_JS, COMPONENTIZE_PY, PREVIEW2_SHIM, ZIG};
+use versions::{COMPONENTIZE_JS, COMPONENTIZE_PY, PREVIEW2_SHIM, WASM_TOOLS, WIT_BINDGEN, ZIG};
 
 impl Lang {
     fn files(self) -> &'static [File] {
@@ -147,7 +147,11 @@ fn write_project(dir: &Path, name: &str, lang: Lang) -> std::io::Result<()> {
         }
         std::fs::write(
             path,
-            text.replace("__NAME__", name).replace("__SDK__", &sdk_dependency()).replace("__ZIG__", ZIG),
+            text.replace("__NAME__", name)
+                .replace("__SDK__", &sdk_dependency())
+                .replace("__ZIG__", ZIG)
+                .replace("__WIT_BINDGEN__", WIT_BINDGEN)
+                .replace("__WASM_TOOLS__", WASM_TOOLS),
         )?;
     }
     if lang == Lang::C {

@@ -96,19 +96,25 @@ fn items(shared: &Shared, i: usize) -> Result<Vec<Option<Value>>, String> {
 
 /// Counts `items` more executions against the run's `max_executions`.
 fn admit(shared: &Shared, items: Vec<Option<Value>>) -> Result<Vec<Option<Value>>, String> {
+    count_executions(shared, items.len())?;
+    Ok(items)
+}
+
+/// Counts `count` more executions (an include counts as one, so includes
+/// cannot multiply without bound either) against `max_executions`.
+fn count_executions(shared: &Shared, count: usize) -> Result<(), String> {
     let max = shared.base.tenant.spec.run.max_executions;
-    let before = shared.base.executions.fetch_add(items.len(), std::sync::atomic::Ordering::Relaxed);
-    let total = before.saturating_add(items.len());
+    let before = shared.base.executions.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+    let total = before.saturating_add(count);
     if total > max {
-        shared.base.executions.fetch_sub(items.len(), std::sync::atomic::Ordering::Relaxed);
+        shared.base.executions.fetch_sub(count, std::sync::atomic::Ordering::Relaxed);
         return Err(format!(
-            "this step's {} executions would make the run's {total}, over tenant `{}`'s ceiling of {max} \
+            "this step's {count} executions would make the run's {total}, over tenant `{}`'s ceiling of {max} \
              (max_executions)",
-            items.len(),
             shared.base.tenant.name
         ));
     }
-    Ok(items)
+    Ok(())
 }
 
 async fn fan_out(
@@ -403,11 +409,12 @@ async fn include(
     let step = &shared.workflow.steps[i];
     let context = shared.context.with_item(None);
     let result = async {
+        count_executions(shared, 1)?;
         let workflow = match loaded {
             Some(workflow) => workflow.clone(),
             None => {
-                let workflow = load_templated_include(shared, path, &context)?;
-                pin_templated_include(shared, &shared.path(i), &workflow).await?;
+                let (workflow, fingerprint) = load_templated_include(shared, path, &context).await?;
+                pin_templated_include(shared, &shared.path(i), fingerprint).await?;
                 Arc::new(workflow)
             }
         };
@@ -454,28 +461,36 @@ async fn include(
 
 /// The workflow of an include whose path is a template, known only now: a
 /// file written by an earlier step is read and validated when reached, and
-/// held to the tenant's ceilings then.
-fn load_templated_include(shared: &Shared, path: &str, context: &minijinja::Value) -> Result<Workflow, String> {
+/// held to the tenant's ceilings then; with the hashes of its files. The
+/// files are read on a blocking thread.
+async fn load_templated_include(
+    shared: &Shared,
+    path: &str,
+    context: &minijinja::Value,
+) -> Result<(Workflow, Value), String> {
     let path = template::render_text(path, context).map_err(|err| format!("`include`: {err}"))?;
-    let path = shared.workflow.base_dir.join(path);
-    shared.base.tenant.confine_include(&shared.workflow.base_dir, &path)?;
-    let workflow = Workflow::load(&path).map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
-    shared
-        .base
-        .tenant
-        .check_at(&workflow, shared.depth() + 1)
-        .map_err(|err| format!("the included workflow goes over the tenant's ceilings:\n{err}"))?;
-    Ok(workflow)
+    let base_dir = shared.workflow.base_dir.clone();
+    let (tenant, depth) = (shared.base.tenant.clone(), shared.depth() + 1);
+    let load = move || {
+        let path = base_dir.join(path);
+        tenant.confine_include(&base_dir, &path)?;
+        let workflow = Workflow::load(&path).map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
+        tenant
+            .check_at(&workflow, depth)
+            .map_err(|err| format!("the included workflow goes over the tenant's ceilings:\n{err}"))?;
+        let fingerprint =
+            workflow.fingerprint().map_err(|err| format!("cannot read the included workflow's files: {err}"))?;
+        Ok((workflow, fingerprint))
+    };
+    tokio::task::spawn_blocking(load).await.map_err(|err| format!("loading the included workflow failed: {err}"))?
 }
 
 /// Holds a templated include to the files the run first read through it:
 /// the first time, their fingerprint is journaled; on resume, files that
 /// changed since are refused (a literal include is checked with the run's
 /// own files before the resume starts).
-async fn pin_templated_include(shared: &Shared, path: &StepPath, workflow: &Workflow) -> Result<(), String> {
+async fn pin_templated_include(shared: &Shared, path: &StepPath, fingerprint: Value) -> Result<(), String> {
     let Some(journal) = &shared.journal else { return Ok(()) };
-    let fingerprint =
-        workflow.fingerprint().map_err(|err| format!("cannot read the included workflow's files: {err}"))?;
     if let Some(before) = shared.base.resume.includes.get(&path.to_string()) {
         let changes = crate::workflow::fingerprint_changes(before, &fingerprint);
         if !changes.is_empty() {

@@ -4,8 +4,8 @@
 # first run installs it into .tools/), then a component with the WASI preview1
 # adapter. Set STEPBOX_ZIG_DIR to use a zig installed elsewhere (with pip
 # --target). Needs python3 with pip, and wit-bindgen and wasm-tools:
-#   cargo install --locked wasm-tools@1.239.0
-#   cargo install --locked wit-bindgen-cli@0.46.0 --no-default-features --features c
+#   cargo install --locked __WASM_TOOLS__
+#   cargo install --locked __WIT_BINDGEN__ --no-default-features --features c
 set -eu
 cd "$(dirname "$0")"
 ZIG=__ZIG__
