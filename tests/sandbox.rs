@@ -409,3 +409,91 @@ async fn an_attempt_that_finds_no_free_instance_slot_waits_for_one() {
     let overlap = spans.iter().map(|(start, _)| spans.iter().filter(|(s, f)| s <= start && start < f).count()).max();
     assert!(overlap <= Some(2), "at most two attempts ran at once, not {overlap:?}");
 }
+
+/// A key-value store whose every call takes a second, counting the calls
+/// that ran.
+struct SlowStore(std::sync::atomic::AtomicUsize);
+
+impl SlowStore {
+    fn call<T: Default>(&self) -> Result<T, stepbox::store::KvError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_secs(1));
+        Ok(T::default())
+    }
+}
+
+impl stepbox::store::KeyValueStore for SlowStore {
+    fn get(&self, _: &stepbox::store::KvScope, _: &str, _: &str) -> Result<Option<Vec<u8>>, stepbox::store::KvError> {
+        self.call()
+    }
+    fn set(
+        &self,
+        _: &stepbox::store::KvScope,
+        _: &str,
+        _: &str,
+        _: &[u8],
+        _: &stepbox::store::KvQuota,
+    ) -> Result<(), stepbox::store::KvError> {
+        self.call()
+    }
+    fn delete(&self, _: &stepbox::store::KvScope, _: &str, _: &str) -> Result<(), stepbox::store::KvError> {
+        self.call()
+    }
+    fn list_keys(
+        &self,
+        _: &stepbox::store::KvScope,
+        _: &str,
+        _: Option<&str>,
+        _: usize,
+    ) -> Result<Vec<String>, stepbox::store::KvError> {
+        self.call()
+    }
+    fn increment(
+        &self,
+        _: &stepbox::store::KvScope,
+        _: &str,
+        _: &str,
+        _: i64,
+        _: &stepbox::store::KvQuota,
+    ) -> Result<i64, stepbox::store::KvError> {
+        self.call()
+    }
+    fn compare_and_swap(
+        &self,
+        _: &stepbox::store::KvScope,
+        _: &str,
+        _: &str,
+        _: Option<&[u8]>,
+        _: &[u8],
+        _: &stepbox::store::KvQuota,
+    ) -> Result<bool, stepbox::store::KvError> {
+        self.call()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeout_ends_an_attempt_waiting_on_key_value_state_and_calls_it_left_waiting_never_run() {
+    let store = std::sync::Arc::new(SlowStore(Default::default()));
+    let config = stepbox::sandbox::EngineConfig { data_dir: Some(common::data_dir()), ..Default::default() };
+    let slow = stepbox::sandbox::Sandbox::new(config, store.clone()).unwrap();
+    let component = slow.load(Path::new(guests::COUNTER)).unwrap();
+    // 20 attempts at once, each stuck in its first key-value call; 16 calls
+    // run at a time, so 4 wait for a turn when their attempts time out.
+    let started = Instant::now();
+    let attempts: Vec<_> = (0..20)
+        .map(|i| {
+            let (slow, component) = (slow.clone(), component.clone());
+            let mut req = request(json!({ "key": format!("k{i}") }));
+            req.limits.timeout = Duration::from_millis(300);
+            tokio::spawn(async move { slow.run(&component, req).await })
+        })
+        .collect();
+    for attempt in attempts {
+        let report = attempt.await.unwrap();
+        assert_eq!(report.failure().map(|f| f.kind), Some(FailureKind::Timeout), "{report:?}");
+    }
+    assert!(started.elapsed() < Duration::from_millis(300) + SLACK, "took {:?}", started.elapsed());
+    // The calls already running finish; the waiting ones were called off.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(store.0.load(std::sync::atomic::Ordering::SeqCst), 16);
+}
