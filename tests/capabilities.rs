@@ -167,7 +167,7 @@ async fn a_send_only_secret_reaches_only_the_granted_hosts_headers_and_never_the
     std::fs::create_dir_all(dir.join("secrets")).unwrap();
     std::fs::write(dir.join("secrets/api"), SECRET).unwrap();
     let yaml = format!(
-        "name: send-only\ncomponents:\n  probe: {probe}\nsteps:\n  - id: granted\n    uses: probe\n    with: {{ method: POST, url: \"http://{server}/v1\", body: x, bearer: api }}\n    network: {{ http: [\"{server}\", \"{other}\"] }}\n    secrets: {{ api: {{ file: api, send_to: [\"POST@{server}\"] }} }}\n  - id: elsewhere\n    uses: probe\n    with: {{ method: POST, url: \"http://{other}/v1\", body: x, bearer: api }}\n    network: {{ http: [\"{server}\", \"{other}\"] }}\n    secrets: {{ api: {{ file: api, send_to: [\"POST@{server}\"] }} }}\n",
+        "name: send-only\ncomponents:\n  probe: {probe}\nsteps:\n  - id: granted\n    uses: probe\n    with: {{ method: POST, url: \"http://{server}/v1\", body: x, bearer: api }}\n    network: {{ http: [\"{server}\", \"{other}\"] }}\n    secrets: {{ api: {{ file: api, send_to: [\"POST@{server}\"] }} }}\n  - id: elsewhere\n    uses: probe\n    with: {{ method: POST, url: \"http://{other}/v1\", body: x, bearer: api }}\n    network: {{ http: [\"{server}\", \"{other}\"] }}\n    secrets: {{ api: {{ file: api, send_to: [\"POST@{server}\"] }} }}\n  - id: echoed\n    uses: probe\n    with: {{ method: POST, url: \"http://{server}/v1\", body: x, bearer: api, bearer_header: x-echo }}\n    network: {{ http: [\"{server}\"] }}\n    secrets: {{ api: {{ file: api, send_to: [\"POST@{server}\"] }} }}\n",
         probe = guests::HTTP_PROBE
     );
     std::fs::write(dir.join("wf.yaml"), yaml).unwrap();
@@ -190,6 +190,10 @@ async fn a_send_only_secret_reaches_only_the_granted_hosts_headers_and_never_the
     let elsewhere = output(1)["response"].clone();
     assert!(elsewhere["body"].as_str().unwrap().starts_with("POST /v1 x Bearer stepbox-secret-api-"), "{elsewhere}");
     assert_ne!(elsewhere["sent"], granted["sent"], "each execution has its own placeholder");
+    // Anywhere but `authorization` (where a server might echo it back), the
+    // placeholder refuses the request.
+    let echoed = output(2)["refused"].as_str().unwrap().to_owned();
+    assert!(echoed.contains("a send-only secret may go only in the `authorization` header"), "{echoed}");
     assert!(!format!("{report:?}").contains(SECRET));
 
     // `send_to` must fit inside the step's HTTP grants.

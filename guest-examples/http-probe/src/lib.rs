@@ -2,8 +2,8 @@
 //! `{"method": "GET", "url": "http://127.0.0.1:8080/path", "body": "..."}`.
 //! The output is `{"status": 200, "body": "..."}`, or `{"refused": "..."}`
 //! with the error code the host answered with. With `"bearer": KEY` it
-//! sends `authorization: Bearer <config value KEY>`, and says what it put
-//! there as `"sent"`.
+//! sends `authorization: Bearer <config value KEY>` (or under the header
+//! `"bearer_header"` names), and says what it put there as `"sent"`.
 use serde::{Deserialize, Serialize};
 use stepbox_sdk::{StepError, step};
 use wasip2::http::outgoing_handler;
@@ -19,6 +19,12 @@ struct Input {
     body: String,
     #[serde(default)]
     bearer: Option<String>,
+    #[serde(default = "authorization")]
+    bearer_header: String,
+}
+
+fn authorization() -> String {
+    "authorization".into()
 }
 
 fn get() -> String {
@@ -43,13 +49,13 @@ fn run(input: Input) -> Result<Output, StepError> {
         Some(key) => Some(format!("Bearer {}", stepbox_sdk::config::require(key)?)),
         None => None,
     };
-    Ok(match send(&input, authorization.as_deref()) {
+    Ok(match send(&input, authorization.as_deref().map(|value| (input.bearer_header.as_str(), value))) {
         Ok((status, body)) => Output::Response { status, body, sent: authorization },
         Err(code) => Output::Refused(format!("{code:?}")),
     })
 }
 
-fn send(input: &Input, authorization: Option<&str>) -> Result<(u16, String), ErrorCode> {
+fn send(input: &Input, authorization: Option<(&str, &str)>) -> Result<(u16, String), ErrorCode> {
     let (scheme, rest) = input.url.split_once("://").ok_or(ErrorCode::HttpRequestUriInvalid)?;
     let (authority, path) = match rest.find('/') {
         Some(at) => rest.split_at(at),
@@ -57,8 +63,8 @@ fn send(input: &Input, authorization: Option<&str>) -> Result<(u16, String), Err
     };
     let length = input.body.len().to_string().into_bytes();
     let mut fields = vec![("content-length".into(), length)];
-    if let Some(authorization) = authorization {
-        fields.push(("authorization".into(), authorization.as_bytes().to_vec()));
+    if let Some((header, value)) = authorization {
+        fields.push((header.into(), value.as_bytes().to_vec()));
     }
     let headers = Fields::from_list(&fields).map_err(|err| ErrorCode::InternalError(Some(format!("{err:?}"))))?;
     let request = OutgoingRequest::new(headers);

@@ -357,8 +357,8 @@ pub struct StepSpec {
     /// Secret values the step reads through `wasi:config`, taken from the
     /// host's environment or secrets directory when it runs; never recorded
     /// anywhere. A secret with `send_to` reaches the step only as a
-    /// placeholder, which the host swaps for the value in the headers of
-    /// HTTP requests those rules allow.
+    /// placeholder, which the host swaps for the value in the
+    /// `authorization` header of HTTPS requests those rules allow.
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretSpec>,
     /// Command-line arguments; templates.

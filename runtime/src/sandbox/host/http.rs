@@ -46,16 +46,44 @@ impl HttpPolicy {
         grants.iter().any(|grant| grant.allows(method, host, port, default_port))
     }
 
-    /// Puts each secret's value in place of its placeholder in the headers
-    /// of a request its `send_to` allows; elsewhere the placeholder stays,
-    /// and tells the receiver nothing.
+    /// Puts each secret's value in place of its placeholder in the
+    /// `authorization` header of a request its `send_to` allows, sent over
+    /// HTTPS (or to a loopback address); elsewhere the placeholder stays,
+    /// and tells the receiver nothing. A placeholder anywhere else (another
+    /// header, the URI) refuses the request, so a server that echoes such
+    /// headers back cannot hand the value to the step.
     fn fill_in_secrets(&self, request: &mut http::Request<WasiBody>) -> Result<(), Error> {
+        if self.secrets.is_empty() {
+            return Ok(());
+        }
+        let holds = |bytes: &[u8]| {
+            self.secrets.iter().any(|secret| {
+                let placeholder = secret.placeholder.as_bytes();
+                bytes.windows(placeholder.len()).any(|window| window == placeholder)
+            })
+        };
+        let misplaced = holds(request.uri().to_string().as_bytes())
+            || request
+                .headers()
+                .iter()
+                .any(|(name, value)| name != http::header::AUTHORIZATION && holds(value.as_bytes()));
+        if misplaced {
+            return Err(Error::InternalError(Some(
+                "a send-only secret may go only in the `authorization` header".into(),
+            )));
+        }
+        let uri = request.uri();
+        let loopback = uri.host().and_then(|host| host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok());
+        let private = uri.scheme() == Some(&Scheme::HTTPS) || loopback.is_some_and(|ip| ip.is_loopback());
         let sendable: Vec<&HttpSecret> =
-            self.secrets.iter().filter(|secret| Self::allowed_by(&secret.send_to, request)).collect();
+            self.secrets.iter().filter(|secret| private && Self::allowed_by(&secret.send_to, request)).collect();
         if sendable.is_empty() {
             return Ok(());
         }
-        for value in request.headers_mut().values_mut() {
+        for (name, value) in request.headers_mut().iter_mut() {
+            if name != http::header::AUTHORIZATION {
+                continue;
+            }
             let Ok(text) = value.to_str() else { continue };
             if !sendable.iter().any(|secret| text.contains(&secret.placeholder)) {
                 continue;
