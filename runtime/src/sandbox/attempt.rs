@@ -270,11 +270,7 @@ pub(crate) async fn run(
         None => outcome,
     };
     let peak_memory = store.data().limiter.peak_memory();
-    let logs = std::mem::replace(
-        &mut store.data_mut().logs,
-        LogBuffer::new(String::new(), 0, Redactor::default(), host_memory.clone()),
-    )
-    .into_records();
+    let logs = store.data_mut().logs.take_records();
     drop(store);
     drop(scratch);
     // A command's stdout is its output; it is not kept twice.

@@ -59,7 +59,7 @@ impl KeyValueStore for MemoryKeyValueStore {
         let mut inner = self.inner();
         if let Some(old) = inner.entries.remove(&key(scope, bucket, k)) {
             let usage = inner.usage.entry(scope.tenant.clone()).or_default();
-            *usage = usage.change(scope, bucket, k, Some(old.len()), None, &KvQuota::default())?;
+            *usage = usage.removed(scope, bucket, k, old.len());
         }
         Ok(())
     }

@@ -326,8 +326,7 @@ impl KvUsage {
         new: Option<usize>,
         quota: &KvQuota,
     ) -> Result<KvUsage, KvError> {
-        let names = scope.tenant.len() + scope.workflow.len() + bucket.len() + key.len() + KV_ROW_OVERHEAD;
-        let size = |value: Option<usize>| value.map_or(0, |len| (names + len) as u64);
+        let size = |value: Option<usize>| value.map_or(0, |len| row_size(scope, bucket, key, len));
         let bytes = (self.bytes + size(new)).saturating_sub(size(old));
         let keys = (self.keys + u64::from(new.is_some())).saturating_sub(u64::from(old.is_some()));
         let over = |what, wanted: u64, before: u64, quota: u64| {
@@ -346,6 +345,20 @@ impl KvUsage {
         }
         Ok(KvUsage { bytes, keys })
     }
+
+    /// The usage after `key` of `bucket`, holding `old` bytes, is deleted:
+    /// never refused.
+    pub(crate) fn removed(self, scope: &KvScope, bucket: &str, key: &str, old: usize) -> KvUsage {
+        KvUsage {
+            bytes: self.bytes.saturating_sub(row_size(scope, bucket, key, old)),
+            keys: self.keys.saturating_sub(1),
+        }
+    }
+}
+
+/// What a key holding `value` bytes costs against its tenant's quota.
+fn row_size(scope: &KvScope, bucket: &str, key: &str, value: usize) -> u64 {
+    (scope.tenant.len() + scope.workflow.len() + bucket.len() + key.len() + KV_ROW_OVERHEAD + value) as u64
 }
 
 /// Key-value storage for steps. Implementations must make `increment` and

@@ -39,16 +39,18 @@ impl LogBuffer {
         LogBuffer { step_id, redactor, budget, memory, records: Vec::new(), dropped: 0 }
     }
 
-    /// The kept records, plus a final warning record when some were dropped.
-    pub(crate) fn into_records(mut self) -> Vec<LogRecord> {
-        if self.dropped > 0 {
+    /// The kept records, plus a final warning record when some were
+    /// dropped; the buffer is left empty.
+    pub(crate) fn take_records(&mut self) -> Vec<LogRecord> {
+        let dropped = std::mem::take(&mut self.dropped);
+        if dropped > 0 {
             self.records.push(LogRecord {
                 level: LogLevel::Warn,
                 context: "stepbox".into(),
-                message: format!("{} more log messages dropped: the attempt's log limit was reached", self.dropped),
+                message: format!("{dropped} more log messages dropped: the attempt's log limit was reached"),
             });
         }
-        self.records
+        std::mem::take(&mut self.records)
     }
 
     fn push(&mut self, level: Level, context: String, message: String) -> Result<(), HostMemorySpent> {

@@ -112,7 +112,7 @@ impl KeyValueDatabase {
         quota: &KvQuota,
     ) -> Result<(), KvError> {
         let old = value_len(tx, scope, bucket, key).map_err(|e| self.err(e))?;
-        self.account(tx, scope, bucket, key, old, Some(value.len()), quota)?;
+        self.account(tx, scope, |usage| usage.change(scope, bucket, key, old, Some(value.len()), quota))?;
         tx.execute(
             "INSERT INTO kv (tenant, workflow, bucket, key, value) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT DO UPDATE SET value = excluded.value",
@@ -122,18 +122,12 @@ impl KeyValueDatabase {
         Ok(())
     }
 
-    /// Moves the tenant's usage by one key's change, refusing growth past
-    /// `quota`.
-    #[allow(clippy::too_many_arguments)]
+    /// Moves the tenant's usage as `change` says, which may refuse.
     fn account(
         &self,
         tx: &Transaction<'_>,
         scope: &KvScope,
-        bucket: &str,
-        key: &str,
-        old: Option<usize>,
-        new: Option<usize>,
-        quota: &KvQuota,
+        change: impl FnOnce(KvUsage) -> Result<KvUsage, KvError>,
     ) -> Result<(), KvError> {
         let usage = tx
             .query_row("SELECT bytes, keys FROM kv_usage WHERE tenant = ?1", [&scope.tenant], |row| {
@@ -142,7 +136,7 @@ impl KeyValueDatabase {
             .optional()
             .map_err(|e| self.err(e))?
             .unwrap_or_default();
-        let usage = usage.change(scope, bucket, key, old, new, quota)?;
+        let usage = change(usage)?;
         tx.execute(
             "INSERT INTO kv_usage (tenant, bytes, keys) VALUES (?1, ?2, ?3)
              ON CONFLICT DO UPDATE SET bytes = excluded.bytes, keys = excluded.keys",
@@ -181,8 +175,7 @@ impl KeyValueStore for KeyValueDatabase {
     fn delete(&self, scope: &KvScope, bucket: &str, key: &str) -> Result<(), KvError> {
         self.write(|tx| {
             let Some(old) = value_len(tx, scope, bucket, key).map_err(|e| self.err(e))? else { return Ok(()) };
-            // Shrinking is never refused, whatever the quota.
-            self.account(tx, scope, bucket, key, Some(old), None, &KvQuota::default())?;
+            self.account(tx, scope, |usage| Ok(usage.removed(scope, bucket, key, old)))?;
             tx.execute(
                 "DELETE FROM kv WHERE tenant = ?1 AND workflow = ?2 AND bucket = ?3 AND key = ?4",
                 params![scope.tenant, scope.workflow, bucket, key],
