@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 /// Plain programs (`fn main`) that are also built as preview1 modules.
-const PREVIEW1_PROGRAMS: [&str; 1] = ["wordcount"];
+const PREVIEW1_PROGRAMS: [&str; 2] = ["wordcount", "scratch-fill"];
 
 fn main() {
     let root = guests::repository_root(1);

@@ -183,6 +183,27 @@ async fn compare_and_swap_handles_that_make_the_host_hold_copies_stop_at_the_hos
 }
 
 #[tokio::test]
+async fn http_objects_a_step_builds_without_sending_stop_at_the_host_memory_limit() {
+    // No grant is needed to build HTTP header fields and requests, only to
+    // send them. Kept without end, 15 KB header sets and requests with a
+    // 60 KB path and a written 64 KiB body chunk would be the host's, up to
+    // the resource cap (10,000: 150 MB, and over 1 GB). (A 4 MiB budget
+    // binds before this machine's share of open files does.)
+    for (attack, size, what) in [("fields-hoard", 15_000, "HTTP header fields"), ("request-hoard", 60_000, "HTTP")] {
+        let mut req = request(json!({ "attack": attack, "size": size }));
+        req.limits.host_memory = ByteSize::mib(4);
+        let report = run(guests::HOST_ABUSE, req).await;
+        assert_eq!(failure_kind(&report), FailureKind::MemoryLimit, "{attack}: {report:?}");
+        let message = &report.failure().unwrap().message;
+        assert!(message.contains("host memory limit of 4.0 MiB") && message.contains(what), "{attack}: {message}");
+    }
+    // What a dropped request held is given back: a step may build as many
+    // as it likes, one after another.
+    let report = run(guests::HOST_ABUSE, request(json!({ "attack": "request-churn", "size": 2_000 }))).await;
+    assert_eq!(report.output(), Some(&json!(2_000)), "{report:?}");
+}
+
+#[tokio::test]
 async fn output_caps_that_the_host_memory_limit_cannot_hold_are_refused_before_the_step_runs() {
     // The captures and the logs are charged to the host memory limit: 1 MiB
     // of each stream and 1 MiB of logs do not fit in 2 MiB.
@@ -291,6 +312,8 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
         (guests::HOST_ABUSE, json!({ "attack": "cas-hoard", "size": 1024 * 1024 })),
         (guests::HOST_ABUSE, json!({ "attack": "kv-flood", "size": 1024 * 1024 })),
         (guests::HTTP_PROBE, json!({ "url": "http://127.0.0.1:9/" })),
+        (guests::SCRATCH_FILL, json!({ "how": "files" })),
+        (guests::SCRATCH_FILL_WASIP1, json!({ "how": "dirs" })),
     ];
     let components = hostile
         .into_iter()
@@ -300,6 +323,7 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
         let mut req = request(input);
         req.limits.timeout = Duration::from_secs(3);
         req.grants.dirs = playground.grants();
+        req.grants.scratch = true;
         attacks.push(tokio::spawn(async move { sandbox().run(&component, req).await }));
     }
     let hello = common::load(guests::HELLO);
@@ -424,4 +448,64 @@ async fn a_preview1_module_opening_files_in_a_loop_stops_at_the_resource_cap() {
     let report = run(guests::FS_READ, read).await;
     assert_eq!(report.output().map(|o| o["contents"].clone()), Some(json!("x")), "{report:?}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Runs the scratch filler (`how`, `mib`) as `program` with a scratch
+/// directory of `cap` (the default when `None`), returning its report.
+async fn fill_scratch(program: &str, how: &str, mib: u64, cap: Option<ByteSize>) -> serde_json::Value {
+    let mut req = request(json!({ "how": how, "mib": mib }));
+    req.grants.scratch = true;
+    if let Some(cap) = cap {
+        req.limits.scratch = cap;
+    }
+    req.limits.timeout = Duration::from_secs(30);
+    let report = run(program, req).await;
+    report.output().cloned().unwrap_or_else(|| panic!("{program} {how}: {report:?}"))
+}
+
+/// The same program as a command component and as a preview1 module: both
+/// write through calls stepbox holds to the scratch size.
+const FILLERS: [&str; 2] = [guests::SCRATCH_FILL, guests::SCRATCH_FILL_WASIP1];
+
+#[tokio::test]
+async fn writes_past_the_scratch_size_fail_inside_the_guest_however_they_are_made() {
+    const MIB: u64 = 1 << 20;
+    for program in FILLERS {
+        for how in ["append", "files", "pwrite"] {
+            let report = fill_scratch(program, how, 0, Some(ByteSize::mib(8))).await;
+            // The write that would pass 8 MiB fails with "no space left on
+            // device"; the step itself carries on and reports it. (A
+            // component's libc, wasi-libc, reports a failed write to a
+            // file stream, which is how it writes at a file's position, as
+            // a plain I/O error.)
+            let streamed = program == guests::SCRATCH_FILL && how != "pwrite";
+            let expected = if streamed { "Uncategorized" } else { "StorageFull" };
+            assert_eq!(report["error"], json!(expected), "{program} {how}: {report}");
+            let written = report["written"].as_u64().unwrap();
+            assert!((7 * MIB..=8 * MIB).contains(&written), "{program} {how}: {report}");
+            assert!(report["held"].as_u64().unwrap() <= 8 * MIB, "{program} {how}: {report}");
+        }
+        // A file cannot be made larger than the space by resizing it.
+        let report = fill_scratch(program, "sparse", 1024, Some(ByteSize::mib(8))).await;
+        assert_eq!((&report["error"], &report["held"]), (&json!("StorageFull"), &json!(0)), "{program}: {report}");
+        // Every directory costs a block: 8 MiB holds 2,048 at most, not
+        // the unbounded number of empty ones a byte count alone would.
+        let report = fill_scratch(program, "dirs", 0, Some(ByteSize::mib(8))).await;
+        let entries = report["entries"].as_u64().unwrap();
+        assert_eq!(report["error"], json!("StorageFull"), "{program}: {report}");
+        assert!((1_900..=2_048).contains(&entries), "{program}: {report}");
+        // Truncating a file gives its space back.
+        let report = fill_scratch(program, "truncate", 6, Some(ByteSize::mib(8))).await;
+        assert_eq!((&report["error"], &report["written"]), (&json!(null), &json!(12 * MIB)), "{program}: {report}");
+    }
+}
+
+#[tokio::test]
+async fn a_step_that_sets_no_scratch_size_gets_64_mib() {
+    const MIB: u64 = 1 << 20;
+    for program in FILLERS {
+        let report = fill_scratch(program, "files", 0, None).await;
+        assert!(report["error"].is_string(), "{program}: {report}");
+        assert!((63 * MIB..=64 * MIB).contains(&report["written"].as_u64().unwrap()), "{program}: {report}");
+    }
 }

@@ -266,17 +266,20 @@ fn every_limit_a_step_can_set_has_an_enforced_ceiling() {
         &dir,
         "limits",
         &format!(
-            "name: limits\ncomponents:\n  hello: {}\nsteps:\n  - id: a\n    uses: hello\n    limits: {{ stdio: 2MiB, output: 4MiB, host_memory: 32MiB }}\n    retry: {{ attempts: 50 }}\n",
+            "name: limits\ncomponents:\n  hello: {}\nsteps:\n  - id: a\n    uses: hello\n    limits: {{ stdio: 2MiB, output: 4MiB, host_memory: 32MiB, scratch: 1GiB }}\n    retry: {{ attempts: 50 }}\n",
             guests::HELLO
         ),
     );
-    let tenant =
-        acme(&dir, "{ components: any, limits: { stdio: 1MiB, output: 1MiB, host_memory: 16MiB }, max_attempts: 5 }");
+    let tenant = acme(
+        &dir,
+        "{ components: any, limits: { stdio: 1MiB, output: 1MiB, host_memory: 16MiB, scratch: 64MiB }, max_attempts: 5 }",
+    );
     let err = tenant.check(&workflow).unwrap_err().to_string();
     for expected in [
         "step `a`: limits.stdio 2.0 MiB is over tenant `acme`'s ceiling of 1.0 MiB (limits.stdio in",
         "step `a`: limits.output 4.0 MiB is over tenant `acme`'s ceiling of 1.0 MiB (limits.output in",
         "step `a`: limits.host_memory 32.0 MiB is over tenant `acme`'s ceiling of 16.0 MiB (limits.host_memory in",
+        "step `a`: limits.scratch 1.0 GiB is over tenant `acme`'s ceiling of 64.0 MiB (limits.scratch in",
         "step `a`: retry.attempts 50 is over tenant `acme`'s ceiling of 5 (max_attempts in",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");

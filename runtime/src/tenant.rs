@@ -304,6 +304,7 @@ impl Tenant {
             output: ceiling.output.map_or(defaults.output, |max| max.min(defaults.output)),
             stdio: ceiling.stdio.map_or(defaults.stdio, |max| max.min(defaults.stdio)),
             host_memory: ceiling.host_memory.map_or(defaults.host_memory, |max| max.min(defaults.host_memory)),
+            scratch: ceiling.scratch.map_or(defaults.scratch, |max| max.min(defaults.scratch)),
             ..defaults
         }
     }
@@ -474,6 +475,7 @@ fn limits_over(ceiling: &LimitsSpec, limits: &Limits) -> Vec<(&'static str, Stri
         ("limits.output", limits.output, ceiling.output),
         ("limits.stdio", limits.stdio, ceiling.stdio),
         ("limits.host_memory", limits.host_memory, ceiling.host_memory),
+        ("limits.scratch", limits.scratch, ceiling.scratch),
     ] {
         if let Some(max) = max.filter(|max| asked > *max) {
             over.push((what, bytes(asked), bytes(max)));
@@ -524,10 +526,14 @@ mod tests {
 
     #[test]
     fn a_ceiling_below_a_default_becomes_the_default() {
-        let tenant =
-            Tenant { name: "t".into(), spec: spec("{ limits: { fuel: 1000, stdio: 1KiB } }").unwrap(), file: None };
+        let tenant = Tenant {
+            name: "t".into(),
+            spec: spec("{ limits: { fuel: 1000, stdio: 1KiB, scratch: 1MiB } }").unwrap(),
+            file: None,
+        };
         let limits = tenant.default_limits();
         assert_eq!((limits.fuel, limits.stdio), (1000, bytesize::ByteSize::kib(1)));
+        assert_eq!(limits.scratch, bytesize::ByteSize::mib(1));
         assert_eq!(limits.memory, Limits::default().memory);
     }
 }

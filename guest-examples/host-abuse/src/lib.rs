@@ -5,11 +5,17 @@
 //! the host for u64::MAX random bytes, `kv-flood` writes N-byte values to
 //! four keys in turn until a write fails (and says which and why),
 //! `cas-hoard` stores an N-byte value and opens compare-and-swap handles on
-//! it without end (each makes the host keep a copy).
+//! it without end (each makes the host keep a copy), `fields-hoard` builds
+//! HTTP header fields of N bytes and keeps them all, `request-hoard` builds
+//! HTTP requests with an N-byte path and a written body chunk and keeps
+//! them all, `request-churn` builds and drops N such requests (no grant
+//! is needed for any of them: nothing is sent).
 use std::io::Read;
 
 use serde::Deserialize;
 use stepbox_sdk::{StepError, kv::Bucket, step};
+use wasip2::http::types::{Fields, OutgoingBody, OutgoingRequest};
+use wasip2::io::streams::OutputStream;
 
 #[derive(Deserialize)]
 struct Input {
@@ -65,7 +71,40 @@ fn run(input: Input) -> Result<serde_json::Value, StepError> {
                 held.push(Cas::new(&bucket, "hoard").map_err(failed)?);
             }
         }
+        "fields-hoard" => {
+            let mut held = Vec::new();
+            loop {
+                let entry = ("x-pad".to_owned(), vec![b'p'; input.size]);
+                held.push(Fields::from_list(&[entry]).map_err(|err| StepError::fatal(format!("{err:?}")))?);
+            }
+        }
+        "request-hoard" => {
+            let mut held = Vec::new();
+            loop {
+                held.push(request(input.size)?);
+            }
+        }
+        "request-churn" => {
+            for _ in 0..input.size {
+                drop(request(1024)?);
+            }
+            Ok(serde_json::json!(input.size))
+        }
         "random" => Ok(serde_json::json!(wasip2::random::random::get_random_bytes(u64::MAX).len())),
         other => Err(StepError::fatal(format!("unknown attack {other}"))),
     }
+}
+
+/// An HTTP request (never sent) with a path of `size` bytes and a body
+/// holding one written chunk; in the order they may be dropped (a body's
+/// stream before the body).
+fn request(size: usize) -> Result<(OutputStream, OutgoingBody, OutgoingRequest), StepError> {
+    let request = OutgoingRequest::new(Fields::new());
+    let path = format!("/{}", "p".repeat(size));
+    request.set_path_with_query(Some(&path)).map_err(|()| StepError::fatal("the path was refused"))?;
+    let body = request.body().map_err(|()| StepError::fatal("no body"))?;
+    let stream = body.write().map_err(|()| StepError::fatal("no body stream"))?;
+    let room = stream.check_write().map_err(|err| StepError::fatal(format!("{err:?}")))?;
+    stream.write(&vec![b'b'; room.min(64 * 1024) as usize]).map_err(|err| StepError::fatal(format!("{err:?}")))?;
+    Ok((stream, body, request))
 }

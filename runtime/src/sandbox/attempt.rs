@@ -14,13 +14,15 @@ use super::capture::CappedPipe;
 use super::component::{Entry, StepComponent};
 use super::grants::Grants;
 use super::host::StepState;
+use super::host::filesystem::ScratchUse;
 use super::host::http::HttpPolicy;
 use super::host::keyvalue::SharedKv;
 use super::host::logging::LogBuffer;
+use super::host::preview1::SCRATCH_FD;
 use super::host_memory::HostMemory;
 use super::limits::{InstanceLimiter, Limits};
 use super::redact::Redactor;
-use super::scratch::ScratchRoot;
+use super::scratch::{ScratchHandles, ScratchRoot, ScratchSpace};
 use crate::run::{Attempt, Failure, FailureKind, LogRecord, Outcome, now_ms};
 use crate::store::{KvQuota, KvScope};
 
@@ -176,6 +178,12 @@ pub(crate) async fn run(
         }
         _ => (wasi.build(), None),
     };
+    let scratch_use = scratch.as_ref().map(|_| ScratchUse {
+        space: ScratchSpace::new(limits.scratch),
+        handles: ScratchHandles::default(),
+        // A module's scratch directory is its first preopen.
+        preview1_fds: preview1.iter().map(|_| SCRATCH_FD).collect(),
+    });
     let state = StepState {
         wasi,
         preview1,
@@ -193,6 +201,8 @@ pub(crate) async fn run(
         kv_scope: Arc::new(KvScope { tenant: context.tenant.clone(), workflow: context.workflow.clone() }),
         kv_quota: context.kv_quota,
         host_memory: host_memory.clone(),
+        scratch: scratch_use,
+        http_held: Default::default(),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);

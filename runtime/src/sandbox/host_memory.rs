@@ -74,6 +74,19 @@ pub(crate) struct Charge {
     bytes: u64,
 }
 
+impl Charge {
+    /// Takes over `other`'s bytes, for what moved into this charge's holder.
+    pub(crate) fn absorb(&mut self, mut other: Charge) {
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+
+    /// Keeps the bytes taken for the rest of the attempt, for what went
+    /// where it cannot be followed.
+    pub(crate) fn keep(mut self) {
+        self.bytes = 0;
+    }
+}
+
 impl Drop for Charge {
     fn drop(&mut self) {
         self.memory.inner.used.fetch_sub(self.bytes, Ordering::Relaxed);

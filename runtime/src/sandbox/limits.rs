@@ -35,6 +35,10 @@ pub struct Limits {
     /// stdout and stderr captures, log records, key-value compare-and-swap
     /// handles. More is a `memory-limit` failure.
     pub host_memory: ByteSize,
+    /// What a scratch directory may hold: file contents past their ends,
+    /// and a block per file or directory. Past it the guest's write fails
+    /// (`ENOSPC`, "no space left on device").
+    pub scratch: ByteSize,
 }
 
 impl Default for Limits {
@@ -49,6 +53,7 @@ impl Default for Limits {
             logs: ByteSize::mib(1),
             host_resources: 10_000,
             host_memory: ByteSize::mib(16),
+            scratch: ByteSize::mib(64),
         }
     }
 }

@@ -62,10 +62,13 @@ impl Sandbox {
         let engine = engine::build(&config)?;
         let mut component = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut component)?;
+        host::filesystem::add_to_linker(&mut component)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component)?;
+        host::http_objects::add_to_linker(&mut component)?;
         bindings::StepCore::add_to_linker::<_, HasSelf<_>>(&mut component, |state| state)?;
         let mut module = wasmtime::Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::preview1)?;
+        host::preview1::add_to_linker(&mut module)?;
         engine::start_epoch_ticker(&engine)?;
         let cache = config.data_dir.as_ref().map(|dir| CompileCache::new(dir.join("compiled"), &engine));
         let scratch = match &config.data_dir {

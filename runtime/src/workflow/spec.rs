@@ -191,6 +191,10 @@ pub struct LimitsSpec {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub host_memory: Option<ByteSize>,
+    /// What a scratch directory may hold.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub scratch: Option<ByteSize>,
 }
 
 impl LimitsSpec {
@@ -204,6 +208,7 @@ impl LimitsSpec {
             output: self.output.or(base.output),
             stdio: self.stdio.or(base.stdio),
             host_memory: self.host_memory.or(base.host_memory),
+            scratch: self.scratch.or(base.scratch),
         }
     }
 
@@ -218,6 +223,7 @@ impl LimitsSpec {
             output: self.output.unwrap_or(base.output),
             stdio: self.stdio.unwrap_or(base.stdio),
             host_memory: self.host_memory.unwrap_or(base.host_memory),
+            scratch: self.scratch.unwrap_or(base.scratch),
             ..base.clone()
         }
     }

@@ -19,11 +19,12 @@ type Sent = Box<
 /// step may create bodies (the types are linked for every step, the
 /// handler refuses requests without a grant), so this bounds what each
 /// body can make the host hold: 128 KiB instead of 2 MiB.
-const OUTGOING_CHUNK: usize = 64 * 1024;
+pub(crate) const OUTGOING_CHUNK: usize = 64 * 1024;
 
-/// The most bytes of header names and values one `fields` may hold (the
-/// default is 128 KiB).
-pub(crate) const FIELDS_LIMIT: usize = 64 * 1024;
+/// The most bytes of header names and values one `fields` a guest builds
+/// may hold (the default is 128 KiB): twice what common servers accept, and
+/// what each such `fields` is charged to the attempt's host memory.
+pub(crate) const FIELDS_LIMIT: usize = 16 * 1024;
 
 /// Lets a request out only when one of the step's grants allows its method,
 /// host and port; the guest sees `HTTP-request-denied` otherwise.

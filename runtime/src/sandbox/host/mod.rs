@@ -1,11 +1,15 @@
 //! The host state of one attempt and the host side of stepbox's imports:
-//! `wasi:logging`, `wasi:keyvalue`, `wasi:config` and the policy of
-//! `wasi:http`.
+//! `wasi:logging`, `wasi:keyvalue`, `wasi:config`, the policy of
+//! `wasi:http`, and the filesystem calls that hold a scratch directory to
+//! its size.
 
 pub(crate) mod config;
+pub(crate) mod filesystem;
 pub(crate) mod http;
+pub(crate) mod http_objects;
 pub(crate) mod keyvalue;
 pub(crate) mod logging;
+pub(crate) mod preview1;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,6 +41,12 @@ pub(crate) struct StepState {
     pub(crate) kv_quota: KvQuota,
     /// What the host holds for the attempt besides its linear memory.
     pub(crate) host_memory: HostMemory,
+    /// The attempt's scratch directory and what it may still take; `None`
+    /// without one.
+    pub(crate) scratch: Option<filesystem::ScratchUse>,
+    /// What the attempt's `wasi:http` objects hold, charged to
+    /// `host_memory`.
+    pub(crate) http_held: http_objects::HttpHeld,
 }
 
 /// `stepbox:step/types` declares types only.

@@ -1,0 +1,188 @@
+//! The `wasi:http` objects a guest builds, in the attempt's host memory
+//! budget. Any step can build header fields, requests, responses and
+//! bodies (only sending needs a grant), so each is charged the most it can
+//! make the host hold when it is created, and given back when it is
+//! dropped: header fields [`FIELDS_LIMIT`], a request its path, authority
+//! and queued body chunk, a body the chunk it may be writing. Header fields
+//! move into the request or response built from them, and a request's
+//! charge into its response future once sent; fields that end up somewhere
+//! stepbox cannot see go (trailers, a response's headers) keep theirs for
+//! the rest of the attempt.
+//!
+//! The calls that create, take or drop these objects are defined again
+//! over wasmtime-wasi-http's own, which do the work.
+
+use std::collections::HashMap;
+
+use wasmtime::component::{Linker, Resource, ResourceType};
+use wasmtime_wasi_http::p2::bindings::http::outgoing_handler::Host as _;
+use wasmtime_wasi_http::p2::bindings::http::types::{self as wit, ErrorCode, HeaderError, Host as _};
+use wasmtime_wasi_http::p2::body::HostOutgoingBody;
+use wasmtime_wasi_http::p2::types::{HostFutureIncomingResponse, HostOutgoingRequest, HostOutgoingResponse};
+use wasmtime_wasi_http::{FieldMap, RequestOptions, WasiHttpView};
+
+use super::StepState;
+use super::http::{FIELDS_LIMIT, OUTGOING_CHUNK};
+use crate::sandbox::host_memory::Charge;
+
+/// The WASI 0.2 HTTP interfaces wasmtime-wasi-http defines; components
+/// importing any 0.2 version link to these.
+const TYPES: &str = "wasi:http/types@0.2.12";
+const HANDLER: &str = "wasi:http/outgoing-handler@0.2.12";
+
+/// What a request holds besides its headers: its path and authority (the
+/// `http` crate keeps each under 64 KiB) and the chunk of its body queued
+/// for sending.
+const REQUEST_BYTES: usize = 2 * 64 * 1024 + OUTGOING_CHUNK;
+
+/// What a body holds while it is written: the chunk waiting for the queue.
+const BODY_BYTES: usize = OUTGOING_CHUNK;
+
+/// Charges for the attempt's live HTTP objects, by handle.
+#[derive(Debug, Default)]
+pub(crate) struct HttpHeld(HashMap<u32, Charge>);
+
+impl HttpHeld {
+    /// Takes the charge of `rep`, which a call is about to consume.
+    fn take(&mut self, rep: u32) -> Option<Charge> {
+        self.0.remove(&rep)
+    }
+
+    /// Keeps the charge of `rep`, which a call is about to consume into
+    /// something stepbox does not follow, for the rest of the attempt.
+    fn keep(&mut self, rep: u32) {
+        if let Some(charge) = self.0.remove(&rep) {
+            charge.keep();
+        }
+    }
+}
+
+/// Defines the charged calls over the ones already in `linker`.
+pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()> {
+    linker.allow_shadowing(true);
+    let mut types = linker.instance(TYPES)?;
+    types.resource("fields", ResourceType::host::<FieldMap>(), |mut store, rep| {
+        let state = store.data_mut();
+        state.http_held.take(rep);
+        wit::HostFields::drop(&mut state.http(), Resource::new_own(rep))
+    })?;
+    types.resource("outgoing-request", ResourceType::host::<HostOutgoingRequest>(), |mut store, rep| {
+        let state = store.data_mut();
+        state.http_held.take(rep);
+        wit::HostOutgoingRequest::drop(&mut state.http(), Resource::new_own(rep))
+    })?;
+    types.resource("outgoing-body", ResourceType::host::<HostOutgoingBody>(), |mut store, rep| {
+        let state = store.data_mut();
+        state.http_held.take(rep);
+        wit::HostOutgoingBody::drop(&mut state.http(), Resource::new_own(rep))
+    })?;
+    types.resource(
+        "future-incoming-response",
+        ResourceType::host::<HostFutureIncomingResponse>(),
+        |mut store, rep| {
+            let state = store.data_mut();
+            state.http_held.take(rep);
+            wit::HostFutureIncomingResponse::drop(&mut state.http(), Resource::new_own(rep))
+        },
+    )?;
+
+    types.func_wrap("[constructor]fields", |mut store, ()| {
+        let state = store.data_mut();
+        let charge = state.host_memory.charge(FIELDS_LIMIT, "HTTP header fields")?;
+        let fields = wit::HostFields::new(&mut state.http())?;
+        state.http_held.0.insert(fields.rep(), charge);
+        Ok((fields,))
+    })?;
+    types.func_wrap("[static]fields.from-list", |mut store, (entries,): (Vec<(String, Vec<u8>)>,)| {
+        let state = store.data_mut();
+        let charge = state.host_memory.charge(FIELDS_LIMIT, "HTTP header fields")?;
+        let result: Result<_, HeaderError> = match wit::HostFields::from_list(&mut state.http(), entries) {
+            Ok(fields) => {
+                state.http_held.0.insert(fields.rep(), charge);
+                Ok(fields)
+            }
+            Err(err) => Err(state.http().convert_header_error(err)?),
+        };
+        Ok((result,))
+    })?;
+    types.func_wrap("[method]fields.clone", |mut store, (fields,): (Resource<FieldMap>,)| {
+        let state = store.data_mut();
+        let charge = state.host_memory.charge(FIELDS_LIMIT, "HTTP header fields")?;
+        let copy = wit::HostFields::clone(&mut state.http(), fields)?;
+        state.http_held.0.insert(copy.rep(), charge);
+        Ok((copy,))
+    })?;
+
+    types.func_wrap("[constructor]outgoing-request", |mut store, (headers,): (Resource<FieldMap>,)| {
+        let state = store.data_mut();
+        let mut charge = state.host_memory.charge(REQUEST_BYTES, "HTTP requests")?;
+        if let Some(headers) = state.http_held.take(headers.rep()) {
+            charge.absorb(headers);
+        }
+        let request = wit::HostOutgoingRequest::new(&mut state.http(), headers)?;
+        state.http_held.0.insert(request.rep(), charge);
+        Ok((request,))
+    })?;
+    types.func_wrap("[constructor]outgoing-response", |mut store, (headers,): (Resource<FieldMap>,)| {
+        let state = store.data_mut();
+        state.http_held.keep(headers.rep());
+        let response = wit::HostOutgoingResponse::new(&mut state.http(), headers)?;
+        Ok((response,))
+    })?;
+    types.func_wrap("[method]outgoing-request.body", |mut store, (request,): (Resource<HostOutgoingRequest>,)| {
+        let state = store.data_mut();
+        let charge = state.host_memory.charge(BODY_BYTES, "HTTP bodies")?;
+        let body = wit::HostOutgoingRequest::body(&mut state.http(), request)?;
+        if let Ok(body) = &body {
+            state.http_held.0.insert(body.rep(), charge);
+        }
+        Ok((body,))
+    })?;
+    types.func_wrap(
+        "[method]outgoing-response.body",
+        |mut store, (response,): (Resource<HostOutgoingResponse>,)| {
+            let state = store.data_mut();
+            let charge = state.host_memory.charge(BODY_BYTES, "HTTP bodies")?;
+            let body = wit::HostOutgoingResponse::body(&mut state.http(), response)?;
+            if let Ok(body) = &body {
+                state.http_held.0.insert(body.rep(), charge);
+            }
+            Ok((body,))
+        },
+    )?;
+    types.func_wrap(
+        "[static]outgoing-body.finish",
+        |mut store, (body, trailers): (Resource<HostOutgoingBody>, Option<Resource<FieldMap>>)| {
+            let state = store.data_mut();
+            state.http_held.take(body.rep());
+            if let Some(trailers) = &trailers {
+                state.http_held.keep(trailers.rep());
+            }
+            let result: Result<(), ErrorCode> = match wit::HostOutgoingBody::finish(&mut state.http(), body, trailers) {
+                Ok(()) => Ok(()),
+                Err(err) => Err(state.http().convert_error_code(err)?),
+            };
+            Ok((result,))
+        },
+    )?;
+
+    linker.instance(HANDLER)?.func_wrap(
+        "handle",
+        |mut store, (request, options): (Resource<HostOutgoingRequest>, Option<Resource<RequestOptions>>)| {
+            let state = store.data_mut();
+            let charge = state.http_held.take(request.rep());
+            let result: Result<_, ErrorCode> = match state.http().handle(request, options) {
+                Ok(future) => {
+                    if let Some(charge) = charge {
+                        state.http_held.0.insert(future.rep(), charge);
+                    }
+                    Ok(future)
+                }
+                Err(err) => Err(state.http().convert_error_code(err)?),
+            };
+            Ok((result,))
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
