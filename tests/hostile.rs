@@ -312,6 +312,8 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
         (guests::HOST_ABUSE, json!({ "attack": "cas-hoard", "size": 1024 * 1024 })),
         (guests::HOST_ABUSE, json!({ "attack": "kv-flood", "size": 1024 * 1024 })),
         (guests::HTTP_PROBE, json!({ "url": "http://127.0.0.1:9/" })),
+        (guests::HOST_ABUSE, json!({ "attack": "fields-hoard", "size": 15_000 })),
+        (guests::HOST_ABUSE, json!({ "attack": "request-hoard", "size": 60_000 })),
         (guests::SCRATCH_FILL, json!({ "how": "files" })),
         (guests::SCRATCH_FILL_WASIP1, json!({ "how": "dirs" })),
     ];
