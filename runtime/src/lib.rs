@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+mod failpoint;
 pub mod run;
 pub mod sandbox;
 pub mod scheduler;

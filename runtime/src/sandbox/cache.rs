@@ -18,6 +18,7 @@ use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
 
 use super::component::StepComponent;
+use crate::failpoint::failpoint;
 
 /// The sha256 of a component's bytes: what both caches are keyed by.
 pub(crate) type Digest = [u8; 32];
@@ -191,7 +192,9 @@ impl CompileCache {
         let serialized = compiled.serialize().map_err(|err| anyhow::anyhow!("{err:#}"))?;
         let mut temp = tempfile::NamedTempFile::new_in(&self.dir)?;
         std::io::Write::write_all(&mut temp, &serialized)?;
+        failpoint!("cache.before-persist");
         temp.persist(path)?;
+        failpoint!("cache.after-persist");
         Ok(())
     }
 

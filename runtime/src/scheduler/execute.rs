@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::policy::Admission;
 use super::{Base, GraphReport, RunEvent, Shared, run_graph};
+use crate::failpoint::failpoint;
 use crate::run::{Attempt, ExecutionReport, Failure, FailureKind, RunStatus, StepPath, StepReport, StepStatus, now_ms};
 use crate::sandbox::{AttemptRequest, StepContext};
 use crate::workflow::{Action, FanOut, Workflow, template};
@@ -382,7 +383,11 @@ async fn attempt_once(
         }
         let _slot = shared.base.dispatcher.acquire(&shared.base.tenant.name).await;
         shared.emit(RunEvent::AttemptStarted { path: path.clone(), attempt: number });
-        Some(shared.sandbox.run(component, request).await)
+        failpoint!("attempt.before-run");
+        let attempt = shared.sandbox.run(component, request).await;
+        // Its effects are done; its end is not recorded yet.
+        failpoint!("attempt.after-run");
+        Some(attempt)
     };
     let queued_ms = now_ms();
     tokio::select! {

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::Database;
 use super::writer::Kind;
+use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
 use crate::store::lease::{is_gone, leased};
 use crate::store::{Durable, Journal, Lease, ResumeState, StoreError};
@@ -161,6 +162,7 @@ impl Journal for Database {
             None => Err(StoreError::NoSuchRun(run_id.to_owned())),
             Some(Err((holder, until))) => Err(leased(run_id, &holder, until as f64)),
             Some(Ok(epoch)) => {
+                failpoint!("lease.acquired");
                 Ok(Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() })
             }
         }
@@ -177,6 +179,7 @@ impl Journal for Database {
     }
 
     fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
+        failpoint!("lease.before-release");
         self.write(|tx| {
             tx.execute(
                 "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL

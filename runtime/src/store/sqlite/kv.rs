@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::Schema;
+use crate::failpoint::failpoint;
 use crate::store::{KV_ROW_OVERHEAD, KeyValueStore, KvError, KvQuota, KvScope, KvUsage, StoreError, add_to_stored};
 
 /// The file name inside the data directory.
@@ -97,7 +98,9 @@ impl KeyValueDatabase {
         let mut conn = self.conn.lock();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|e| self.err(e))?;
         let value = f(&tx)?;
+        failpoint!("kv.before-commit");
         tx.commit().map_err(|e| self.err(e))?;
+        failpoint!("kv.after-commit");
         Ok(value)
     }
 

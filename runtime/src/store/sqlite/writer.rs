@@ -22,6 +22,7 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
+use crate::failpoint::failpoint;
 use crate::store::{Durable, StoreError};
 
 /// One record's statements, run inside the batch's transaction (again, if
@@ -205,8 +206,12 @@ fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<u
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|err| (None, err))?;
     for (index, queued) in pending.iter().enumerate() {
         (queued.job)(&tx).map_err(|err| (Some(index), err))?;
+        failpoint!("journal.batch.record-written");
     }
-    tx.commit().map_err(|err| (None, err))
+    failpoint!("journal.batch.before-commit");
+    tx.commit().map_err(|err| (None, err))?;
+    failpoint!("journal.batch.after-commit");
+    Ok(())
 }
 
 fn fail_all(

@@ -1,0 +1,73 @@
+//! What the tests that drive the `stepbox` binary share.
+#![allow(dead_code)] // Each test file uses its own part.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// A fresh directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("stepbox-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The `stepbox` binary, with `data` as its data directory.
+pub fn stepbox(data: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stepbox"));
+    command.env("STEPBOX_DATA_DIR", data);
+    command
+}
+
+/// Runs `stepbox ARGS` to the end.
+pub fn output(data: &Path, args: &[&str]) -> Output {
+    stepbox(data).args(args).output().unwrap()
+}
+
+/// Runs `stepbox ARGS` (which print JSON) and parses what it printed.
+pub fn json(data: &Path, args: &[&str]) -> Value {
+    let out = output(data, args);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|err| panic!("{args:?}: {err}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// What a finished `stepbox` printed to stderr.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// How many times each idempotency key was appended to `out/keys.log`
+/// under `dir` by the side-effect step.
+pub fn key_counts(dir: &Path) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for line in std::fs::read_to_string(dir.join("out/keys.log")).unwrap_or_default().lines() {
+        *counts.entry(line.to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+/// Executions the journal holds as succeeded, and attempts (key and
+/// number) it holds as still running: the ones a kill interrupted.
+pub fn journal_state(data: &Path, run_id: &str) -> (HashSet<String>, Vec<(String, u64)>) {
+    let shown = json(data, &["show", run_id, "--json"]);
+    let mut completed = HashSet::new();
+    let mut interrupted = Vec::new();
+    for step in shown["steps"].as_array().unwrap() {
+        for execution in step["executions"].as_array().unwrap() {
+            let key = execution["idempotency_key"].as_str().unwrap().to_owned();
+            for attempt in execution["attempts"].as_array().unwrap() {
+                match attempt["status"].as_str().unwrap() {
+                    "succeeded" => {
+                        completed.insert(key.clone());
+                    }
+                    "running" => interrupted.push((key.clone(), attempt["attempt"].as_u64().unwrap())),
+                    _ => {}
+                }
+            }
+        }
+    }
+    (completed, interrupted)
+}
