@@ -186,10 +186,12 @@ async fn compare_and_swap_handles_that_make_the_host_hold_copies_stop_at_the_hos
 async fn http_objects_a_step_builds_without_sending_stop_at_the_host_memory_limit() {
     // No grant is needed to build HTTP header fields and requests, only to
     // send them. Kept without end, 15 KB header sets and requests with a
-    // 60 KB path and a written 64 KiB body chunk would be the host's, up to
+    // 16 KB path and a written 64 KiB body chunk would be the host's, up to
     // the resource cap (10,000: 150 MB, and over 1 GB). (A 4 MiB budget
     // binds before this machine's share of open files does.)
-    for (attack, size, what) in [("fields-hoard", 15_000, "HTTP header fields"), ("request-hoard", 60_000, "HTTP")] {
+    for (attack, size, what) in
+        [("fields-hoard", 15_000, "HTTP header fields"), ("request-hoard", 16_000, "HTTP requests")]
+    {
         let mut req = request(json!({ "attack": attack, "size": size }));
         req.limits.host_memory = ByteSize::mib(4);
         let report = run(guests::HOST_ABUSE, req).await;
@@ -197,6 +199,16 @@ async fn http_objects_a_step_builds_without_sending_stop_at_the_host_memory_limi
         let message = &report.failure().unwrap().message;
         assert!(message.contains("host memory limit of 4.0 MiB") && message.contains(what), "{attack}: {message}");
     }
+    // A request's parts are held to lengths its charge covers (the `http`
+    // crate alone would keep a method or an authority of any length).
+    let parts = |size: usize| async move {
+        let report = run(guests::HOST_ABUSE, request(json!({ "attack": "request-parts", "size": size }))).await;
+        report.output().cloned().unwrap_or_else(|| panic!("{report:?}"))
+    };
+    let accepted = json!({ "method": true, "scheme": true, "authority": true, "path": true });
+    assert_eq!(parts(60).await, accepted);
+    let refused = json!({ "method": false, "scheme": false, "authority": false, "path": false });
+    assert_eq!(parts(1024 * 1024).await, refused);
     // What a dropped request held is given back: a step may build as many
     // as it likes, one after another.
     let report = run(guests::HOST_ABUSE, request(json!({ "attack": "request-churn", "size": 2_000 }))).await;
@@ -313,7 +325,7 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
         (guests::HOST_ABUSE, json!({ "attack": "kv-flood", "size": 1024 * 1024 })),
         (guests::HTTP_PROBE, json!({ "url": "http://127.0.0.1:9/" })),
         (guests::HOST_ABUSE, json!({ "attack": "fields-hoard", "size": 15_000 })),
-        (guests::HOST_ABUSE, json!({ "attack": "request-hoard", "size": 60_000 })),
+        (guests::HOST_ABUSE, json!({ "attack": "request-hoard", "size": 16_000 })),
         (guests::SCRATCH_FILL, json!({ "how": "files" })),
         (guests::SCRATCH_FILL_WASIP1, json!({ "how": "dirs" })),
     ];
@@ -499,6 +511,31 @@ async fn writes_past_the_scratch_size_fail_inside_the_guest_however_they_are_mad
         // Truncating a file gives its space back.
         let report = fill_scratch(program, "truncate", 6, Some(ByteSize::mib(8))).await;
         assert_eq!((&report["error"], &report["written"]), (&json!(null), &json!(12 * MIB)), "{program}: {report}");
+    }
+}
+
+#[tokio::test]
+async fn files_cannot_be_moved_or_linked_into_the_scratch_directory_uncharged() {
+    // A sparse 1 GiB file made in a granted directory costs nothing there;
+    // moved into /scratch and truncated, it would give back space it never
+    // took. A file linked out could grow outside and shrink inside.
+    for (i, program) in FILLERS.into_iter().enumerate() {
+        let dir = std::env::temp_dir().join(format!("stepbox-cross-{}-{i}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut req = request(json!({ "how": "cross" }));
+        req.grants.scratch = true;
+        req.grants.dirs.push(DirGrant::new(&dir, "/data", false).unwrap());
+        let report = run(program, req).await;
+        let expected = json!({
+            "move_in": "CrossesDevices",
+            "link_in": "CrossesDevices",
+            "link_out": "CrossesDevices",
+            "move_out": "ok",
+        });
+        assert_eq!(report.output(), Some(&expected), "{program}: {report:?}");
+        assert_eq!(std::fs::read_to_string(dir.join("moved")).unwrap(), "x");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
 

@@ -11,7 +11,8 @@ use bytesize::ByteSize;
 use common::{load, request, run, sandbox};
 use serde_json::json;
 use stepbox::run::{FailureKind, LogLevel, Outcome};
-use stepbox::sandbox::DirGrant;
+use stepbox::sandbox::{DirGrant, EngineConfig, Sandbox};
+use stepbox::store::MemoryKeyValueStore;
 use stepbox_tests::guests;
 
 /// Slack on top of a time limit for a busy, shared test machine.
@@ -240,6 +241,20 @@ async fn no_grant_reaches_the_data_directory_with_the_compile_cache_and_scratch(
         assert_eq!(failure.kind, FailureKind::Fatal);
         assert!(failure.message.contains("overlaps stepbox's data directory"), "{}: {failure}", granted.display());
     }
+}
+
+#[tokio::test]
+async fn without_a_data_directory_no_grant_reaches_the_scratch_directories() {
+    // Scratch directories are then made under the system's temporary
+    // directory, which a grant of it would reach, another tenant's among them.
+    let config = EngineConfig { data_dir: None, ..EngineConfig::default() };
+    let sandbox = Sandbox::new(config, std::sync::Arc::new(MemoryKeyValueStore::new())).unwrap();
+    let mut req = request(json!({ "path": "/data/x" }));
+    req.grants.dirs.push(DirGrant::new(&std::env::temp_dir(), "/data", true).unwrap());
+    let component = sandbox.load(Path::new(guests::FS_READ)).unwrap();
+    let failure = sandbox.run(&component, req).await.failure().cloned().unwrap();
+    assert_eq!(failure.kind, FailureKind::Fatal);
+    assert!(failure.message.contains("overlaps stepbox's data directory or scratch directories"), "{failure}");
 }
 
 #[tokio::test]

@@ -8,13 +8,15 @@
 //! it without end (each makes the host keep a copy), `fields-hoard` builds
 //! HTTP header fields of N bytes and keeps them all, `request-hoard` builds
 //! HTTP requests with an N-byte path and a written body chunk and keeps
-//! them all, `request-churn` builds and drops N such requests (no grant
-//! is needed for any of them: nothing is sent).
+//! them all, `request-churn` builds and drops N such requests,
+//! `request-parts` sets a request's method, scheme, authority and path to
+//! N-byte names and says which the host accepted (no grant is needed for
+//! any of them: nothing is sent).
 use std::io::Read;
 
 use serde::Deserialize;
 use stepbox_sdk::{StepError, kv::Bucket, step};
-use wasip2::http::types::{Fields, OutgoingBody, OutgoingRequest};
+use wasip2::http::types::{Fields, Method, OutgoingBody, OutgoingRequest, Scheme};
 use wasip2::io::streams::OutputStream;
 
 #[derive(Deserialize)]
@@ -83,6 +85,16 @@ fn run(input: Input) -> Result<serde_json::Value, StepError> {
             loop {
                 held.push(request(input.size)?);
             }
+        }
+        "request-parts" => {
+            let request = OutgoingRequest::new(Fields::new());
+            let name = "a".repeat(input.size);
+            Ok(serde_json::json!({
+                "method": request.set_method(&Method::Other(name.clone())).is_ok(),
+                "scheme": request.set_scheme(Some(&Scheme::Other(name.clone()))).is_ok(),
+                "authority": request.set_authority(Some(&name)).is_ok(),
+                "path": request.set_path_with_query(Some(&format!("/{name}"))).is_ok(),
+            }))
         }
         "request-churn" => {
             for _ in 0..input.size {

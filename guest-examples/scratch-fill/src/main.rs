@@ -9,7 +9,10 @@
 //! - `"pwrite"`: 1 MiB writes at ever higher offsets (positioned writes),
 //! - `"sparse"`: one file resized to `N` MiB without writing it,
 //! - `"dirs"`: empty directories until one cannot be made,
-//! - `"truncate"`: `N` MiB written, the file truncated, `N` MiB again.
+//! - `"truncate"`: `N` MiB written, the file truncated, `N` MiB again,
+//! - `"cross"`: a 1 GiB sparse file made in the granted `/data` moved and
+//!   linked into `/scratch`, a scratch file linked and moved out; the
+//!   output is then each of those outcomes (`"ok"` or the error's kind).
 //!
 //! Output (stdout): `{"written": bytes written, "entries": entries made,
 //! "error": the error's kind or null, "held": bytes of the files in
@@ -24,6 +27,10 @@ fn main() {
     std::io::stdin().read_to_string(&mut stdin).expect("stdin");
     let input: serde_json::Value = serde_json::from_str(&stdin).expect("JSON input");
     let mib = input["mib"].as_u64().unwrap_or(1);
+    if input["how"] == "cross" {
+        println!("{}", cross());
+        return;
+    }
     let chunk = vec![7u8; MIB];
     let (mut written, mut entries) = (0u64, 0u64);
     let result = match input["how"].as_str().unwrap_or_default() {
@@ -72,6 +79,22 @@ fn main() {
         .sum();
     let error = result.err().map(|err| format!("{:?}", err.kind()));
     println!("{}", serde_json::json!({ "written": written, "entries": entries, "error": error, "held": held }));
+}
+
+/// Moves and links across the edge of `/scratch`.
+fn cross() -> serde_json::Value {
+    let outcome = |result: std::io::Result<()>| match result {
+        Ok(()) => "ok".to_owned(),
+        Err(err) => format!("{:?}", err.kind()),
+    };
+    File::create("/data/outside").and_then(|file| file.set_len(1 << 30)).expect("a sparse file in /data");
+    std::fs::write("/scratch/mine", "x").expect("a file in /scratch");
+    serde_json::json!({
+        "move_in": outcome(std::fs::rename("/data/outside", "/scratch/inside")),
+        "link_in": outcome(std::fs::hard_link("/data/outside", "/scratch/linked")),
+        "link_out": outcome(std::fs::hard_link("/scratch/mine", "/data/linked")),
+        "move_out": outcome(std::fs::rename("/scratch/mine", "/data/moved")),
+    })
 }
 
 /// A positioned write (`pwrite`, which std keeps unstable on WASI), so

@@ -94,8 +94,9 @@ enum Returned {
 pub(crate) struct Places<'a> {
     /// Scratch directories are made here.
     pub(crate) scratch: &'a ScratchRoot,
-    /// stepbox's data directory, which no grant may overlap.
-    pub(crate) reserved: Option<&'a Path>,
+    /// stepbox's own directories (the data directory, the scratch
+    /// directories), which no grant may overlap.
+    pub(crate) reserved: &'a [&'a Path],
     /// The most host resources any attempt may hold, whatever its limits.
     pub(crate) max_resources: u32,
 }

@@ -322,13 +322,13 @@ impl Grants {
     /// A WASI context builder with exactly these grants (built for WASI 0.2
     /// or preview1 by the caller); stdout and stderr go to the given capped
     /// pipes, `scratch` (when granted) appears at `/scratch`. No directory
-    /// grant may hold or lie inside `reserved` (stepbox's own files).
+    /// grant may hold or lie inside one of `reserved` (stepbox's own files).
     pub(crate) fn wasi_builder(
         &self,
         stdout: &CappedPipe,
         stderr: &CappedPipe,
         scratch: Option<&Path>,
-        reserved: Option<&Path>,
+        reserved: &[&Path],
     ) -> anyhow::Result<WasiCtxBuilder> {
         let mut builder = WasiCtxBuilder::new();
         builder
@@ -372,12 +372,13 @@ impl Grants {
                 .preopened_dir(scratch, SCRATCH, FsPerms::ReadWrite)
                 .map_err(|err| anyhow::anyhow!("cannot create the scratch directory: {err}"))?;
         }
-        let reserved = reserved.and_then(|reserved| reserved.canonicalize().ok());
+        let reserved: Vec<_> = reserved.iter().filter_map(|reserved| reserved.canonicalize().ok()).collect();
         for dir in &self.dirs {
             let cannot = |err: anyhow::Error| anyhow::anyhow!("cannot grant directory {}: {err:#}", dir.host.display());
-            if let Some(reserved) = reserved.as_ref().filter(|r| r.starts_with(&dir.host) || dir.host.starts_with(r)) {
+            if let Some(reserved) = reserved.iter().find(|r| r.starts_with(&dir.host) || dir.host.starts_with(r)) {
                 return Err(cannot(anyhow::anyhow!(
-                    "it overlaps stepbox's data directory {}, which no step may reach; grant a directory outside it",
+                    "it overlaps stepbox's data directory or scratch directories ({}), which no step may reach; \
+                     grant a directory outside it",
                     reserved.display()
                 )));
             }

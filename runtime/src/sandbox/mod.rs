@@ -133,11 +133,9 @@ impl Sandbox {
         }
         // Never closed, so this always gets a permit.
         let _slot = self.slots.acquire().await.ok();
-        let places = attempt::Places {
-            scratch: &self.scratch,
-            reserved: self.config.data_dir.as_deref(),
-            max_resources: self.resource_share,
-        };
+        let reserved: Vec<&Path> = self.config.data_dir.as_deref().into_iter().chain([self.scratch.parent()]).collect();
+        let places =
+            attempt::Places { scratch: &self.scratch, reserved: &reserved, max_resources: self.resource_share };
         attempt::run(&self.engine, self.kv.clone(), &places, component, request).await
     }
 }

@@ -13,11 +13,14 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 
 /// This process's part of a `scratch/` directory.
 pub(crate) struct ScratchRoot {
+    /// The `scratch/` directory every process's part is in.
+    parent: PathBuf,
     dir: PathBuf,
     lock_path: PathBuf,
     /// Locked for as long as this process lives.
@@ -41,7 +44,13 @@ impl ScratchRoot {
         std::fs::rename(&pending, &lock_path)?;
         let dir = parent.join(&id);
         crate::store::create_private_dir(&dir)?;
-        Ok(ScratchRoot { dir, lock_path, _lock: lock })
+        Ok(ScratchRoot { parent: parent.to_owned(), dir, lock_path, _lock: lock })
+    }
+
+    /// The `scratch/` directory every process's part is in, which no grant
+    /// may reach.
+    pub(crate) fn parent(&self) -> &Path {
+        &self.parent
     }
 
     /// A new, empty directory for one attempt; removed when dropped.
@@ -79,90 +88,118 @@ fn remove_abandoned(parent: &Path) -> io::Result<()> {
 /// the disk with empty files and directories for free.
 pub(crate) const ENTRY_BYTES: u64 = 4096;
 
-/// The bytes one attempt's scratch directory may still take; clones share
-/// them. A write is charged for what it adds past the end of its file
-/// (holes included), a new entry for [`ENTRY_BYTES`]; truncating a file and
-/// removing an entry give theirs back. Removing a file does not give back
-/// its contents, which stay on disk while any descriptor holds the file.
-#[derive(Debug, Clone)]
-pub(crate) struct ScratchSpace {
-    inner: Arc<Space>,
+/// Which file a charge is for: its device and inode, as the host or
+/// wasmtime's preview1 layer tells them.
+pub(crate) type FileId = (u64, u64);
+
+/// The id of the file `metadata` describes.
+pub(crate) fn file_id(metadata: &std::fs::Metadata) -> FileId {
+    use std::os::unix::fs::MetadataExt;
+    (metadata.dev(), metadata.ino())
 }
 
-#[derive(Debug)]
-struct Space {
+/// The bytes one attempt's scratch directory may still take; clones share
+/// them. A write is charged for what it adds past the end of its file
+/// (holes included), a new entry (file, directory, link) for
+/// [`ENTRY_BYTES`]. Truncating a file gives back what it freed, never more
+/// than that file was charged; nothing else gives anything back (a removed
+/// file's contents stay on disk while a descriptor holds it, a directory
+/// does not shrink when its entries go).
+#[derive(Debug, Clone)]
+pub(crate) struct ScratchSpace {
     cap: u64,
-    used: AtomicU64,
+    inner: Arc<Mutex<Space>>,
+}
+
+#[derive(Debug, Default)]
+struct Space {
+    used: u64,
+    /// What each file's contents were charged and have not given back.
+    files: HashMap<FileId, u64>,
     /// Stream writes that may not have landed yet.
-    writes_in_flight: AtomicU64,
+    writes_in_flight: u64,
     /// Set when a stream was dropped with a write that may still land.
-    unsettled: AtomicBool,
+    unsettled: bool,
+}
+
+/// The error a call over the space fails with: a full disk (`ENOSPC`),
+/// which the guest sees as its call failing, as programs expect of a full
+/// disk.
+fn full() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
 }
 
 impl ScratchSpace {
     pub(crate) fn new(cap: bytesize::ByteSize) -> Self {
-        ScratchSpace {
-            inner: Arc::new(Space {
-                cap: cap.as_u64(),
-                used: AtomicU64::new(0),
-                writes_in_flight: AtomicU64::new(0),
-                unsettled: AtomicBool::new(false),
-            }),
-        }
+        ScratchSpace { cap: cap.as_u64(), inner: Arc::default() }
     }
 
-    /// Takes `bytes`, or fails as a full disk (`ENOSPC`, which the guest
-    /// sees as its write failing, as programs expect of a full disk) when
-    /// they do not fit.
-    pub(crate) fn take(&self, bytes: u64) -> io::Result<()> {
-        self.inner
-            .used
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                used.checked_add(bytes).filter(|total| *total <= self.inner.cap)
-            })
-            .map(drop)
-            .map_err(|_| io::Error::from_raw_os_error(libc::ENOSPC))
+    fn take(space: &mut Space, cap: u64, bytes: u64) -> io::Result<()> {
+        space.used = space.used.checked_add(bytes).filter(|total| *total <= cap).ok_or_else(full)?;
+        Ok(())
     }
 
-    /// Gives back `bytes` taken before.
-    pub(crate) fn give_back(&self, bytes: u64) {
-        let _ =
-            self.inner.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| Some(used.saturating_sub(bytes)));
+    /// Takes what a new directory entry costs.
+    pub(crate) fn take_entry(&self) -> io::Result<()> {
+        Self::take(&mut self.inner.lock(), self.cap, ENTRY_BYTES)
     }
 
-    /// Takes what writing `len` bytes at `offset` adds to a file of `size`
-    /// bytes, returning it.
-    pub(crate) fn take_write(&self, size: u64, offset: u64, len: u64) -> io::Result<u64> {
+    /// Gives back an entry's cost when the call that was to make it failed.
+    pub(crate) fn entry_not_made(&self) {
+        let mut space = self.inner.lock();
+        space.used = space.used.saturating_sub(ENTRY_BYTES);
+    }
+
+    /// Takes what writing `len` bytes at `offset` adds to `file`, now
+    /// `size` bytes, returning it.
+    pub(crate) fn take_write(&self, file: FileId, size: u64, offset: u64, len: u64) -> io::Result<u64> {
         let growth = offset.saturating_add(len).saturating_sub(size);
-        self.take(growth)?;
+        let mut space = self.inner.lock();
+        Self::take(&mut space, self.cap, growth)?;
+        *space.files.entry(file).or_default() += growth;
         Ok(growth)
     }
 
-    /// Gives back what truncating a file freed, unless a stream write may
-    /// still land: it was charged against the size before the truncation,
-    /// and landing after it would leave an uncharged hole that later
-    /// writes could fill for free.
-    pub(crate) fn give_back_truncated(&self, bytes: u64) {
-        let settled = self.inner.writes_in_flight.load(Ordering::Acquire) == 0;
-        if settled && !self.inner.unsettled.load(Ordering::Acquire) {
-            self.give_back(bytes);
+    /// Gives back what a write took and did not add (it failed, or wrote
+    /// less).
+    pub(crate) fn write_unused(&self, file: FileId, bytes: u64) {
+        let mut space = self.inner.lock();
+        let charged = space.files.entry(file).or_default();
+        let bytes = bytes.min(*charged);
+        *charged -= bytes;
+        space.used = space.used.saturating_sub(bytes);
+    }
+
+    /// Gives back what truncating `file` freed, at most what it was
+    /// charged, unless a stream write may still land: charged against the
+    /// size before the truncation, landing after it would leave an
+    /// uncharged hole that later writes could fill for free.
+    pub(crate) fn truncated(&self, file: FileId, freed: u64) {
+        let settled = {
+            let space = self.inner.lock();
+            space.writes_in_flight == 0 && !space.unsettled
+        };
+        if settled {
+            self.write_unused(file, freed);
         }
     }
 
     /// Notes a stream write started (`true`) or known to have landed.
     pub(crate) fn write_in_flight(&self, started: bool) {
+        let mut space = self.inner.lock();
         if started {
-            self.inner.writes_in_flight.fetch_add(1, Ordering::AcqRel);
+            space.writes_in_flight += 1;
         } else {
-            self.inner.writes_in_flight.fetch_sub(1, Ordering::AcqRel);
+            space.writes_in_flight = space.writes_in_flight.saturating_sub(1);
         }
     }
 
     /// Notes a stream dropped with a write that may land at any time:
     /// truncations give nothing back from then on.
     pub(crate) fn write_abandoned(&self) {
-        self.inner.unsettled.store(true, Ordering::Release);
-        self.write_in_flight(false);
+        let mut space = self.inner.lock();
+        space.unsettled = true;
+        space.writes_in_flight = space.writes_in_flight.saturating_sub(1);
     }
 }
 
@@ -200,25 +237,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scratch_space_is_taken_given_back_and_kept_while_a_write_may_land() {
+    fn scratch_space_is_taken_and_given_back_only_as_far_as_each_file_was_charged() {
+        let (a, b) = ((1, 1), (1, 2));
         let space = ScratchSpace::new(bytesize::ByteSize::b(100));
-        assert_eq!(space.take_write(10, 20, 50).unwrap(), 60, "the hole counts");
-        assert_eq!(space.take(41).unwrap_err().raw_os_error(), Some(libc::ENOSPC));
-        space.take(40).unwrap();
-        space.give_back(30);
+        assert_eq!(space.take_write(a, 10, 20, 50).unwrap(), 60, "the hole counts");
+        assert_eq!(space.take_write(b, 0, 0, 41).unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        space.take_write(b, 0, 0, 40).unwrap();
+        // Truncating gives back at most what the file was charged: `a`
+        // may have grown far beyond what it was charged here.
+        space.truncated(a, 1_000_000);
+        space.take_write(b, 40, 40, 60).unwrap();
+        assert!(space.take_write(a, 0, 0, 1).is_err());
+        space.write_unused(b, 100);
+        space.take_write(b, 0, 0, 90).unwrap();
         // A write charged against the old size may land after a
         // truncation: nothing is given back until it has.
         space.write_in_flight(true);
-        space.give_back_truncated(70);
-        assert!(space.take(31).is_err());
+        space.truncated(b, 90);
+        assert!(space.take_write(a, 0, 0, 11).is_err());
         space.write_in_flight(false);
-        space.give_back_truncated(70);
-        space.take(100).unwrap();
+        space.truncated(b, 90);
+        space.take_write(a, 0, 0, 100).unwrap();
         // A stream dropped mid-write leaves truncations giving nothing back.
         space.write_in_flight(true);
         space.write_abandoned();
-        space.give_back_truncated(100);
-        assert!(space.take(1).is_err());
+        space.truncated(a, 100);
+        assert!(space.take_write(b, 0, 0, 1).is_err());
     }
 
     #[test]

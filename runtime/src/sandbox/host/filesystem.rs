@@ -2,9 +2,12 @@
 //! to or take from what a directory holds are defined again over
 //! wasmtime-wasi's own: on a descriptor in the attempt's scratch directory
 //! they charge the attempt's [`ScratchSpace`] first (failing the call with
-//! `insufficient-space` when it is spent) and then do what wasmtime-wasi does. Streams
-//! that write to a scratch file are wrapped so that each write is charged.
-//! Every other descriptor passes straight through.
+//! `insufficient-space` when it is spent) and then do what wasmtime-wasi
+//! does. Streams that write to a scratch file are wrapped so that each
+//! write is charged. A link between the scratch directory and elsewhere,
+//! or a move into it, is refused as `cross-device`: a file must not come
+//! in uncharged, nor grow outside and shrink inside. Every other
+//! descriptor passes straight through.
 //!
 //! (Preview1 modules do not reach these calls; `host::preview1` holds them
 //! to the same space.)
@@ -24,7 +27,7 @@ use wasmtime_wasi::p2::{DynOutputStream, FsResult, OutputStream, Pollable, Strea
 
 use super::StepState;
 use crate::sandbox::grants::SCRATCH;
-use crate::sandbox::scratch::{ENTRY_BYTES, ScratchHandles, ScratchSpace};
+use crate::sandbox::scratch::{FileId, ScratchHandles, ScratchSpace, file_id};
 
 /// The WASI 0.2 filesystem interfaces wasmtime-wasi defines; components
 /// importing any 0.2 version link to these.
@@ -69,12 +72,12 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
         |mut store, (fd, path): (Resource<Descriptor>, String)| {
             Box::new(async move {
                 let state = store.data_mut();
-                let entry = Entry::of(state, &fd)?;
-                if let Err(code) = entry.take() {
-                    return Ok((Err(code),));
-                }
+                let entry = match Entry::take(state, &fd)? {
+                    Ok(entry) => entry,
+                    Err(code) => return Ok((Err(code),)),
+                };
                 let result = fs(state).create_directory_at(fd, path).await;
-                entry.added(result.is_ok());
+                entry.made(result.is_ok());
                 answer(state, result)
             })
         },
@@ -84,12 +87,12 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
         |mut store, (fd, old, new): (Resource<Descriptor>, String, String)| {
             Box::new(async move {
                 let state = store.data_mut();
-                let entry = Entry::of(state, &fd)?;
-                if let Err(code) = entry.take() {
-                    return Ok((Err(code),));
-                }
+                let entry = match Entry::take(state, &fd)? {
+                    Ok(entry) => entry,
+                    Err(code) => return Ok((Err(code),)),
+                };
                 let result = fs(state).symlink_at(fd, old, new).await;
-                entry.added(result.is_ok());
+                entry.made(result.is_ok());
                 answer(state, result)
             })
         },
@@ -99,37 +102,31 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
         |mut store, (fd, flags, old, new_fd, new): (Resource<Descriptor>, PathFlags, String, Resource<Descriptor>, String)| {
             Box::new(async move {
                 let state = store.data_mut();
-                // The new entry appears in the directory of `new_fd`.
-                let entry = Entry::of(state, &new_fd)?;
-                if let Err(code) = entry.take() {
-                    return Ok((Err(code),));
+                if crosses(state, &fd, &new_fd)? {
+                    return Ok((Err(ErrorCode::CrossDevice),));
                 }
+                // The new entry appears in the directory of `new_fd`.
+                let entry = match Entry::take(state, &new_fd)? {
+                    Ok(entry) => entry,
+                    Err(code) => return Ok((Err(code),)),
+                };
                 let result = fs(state).link_at(fd, flags, old, new_fd, new).await;
-                entry.added(result.is_ok());
+                entry.made(result.is_ok());
                 answer(state, result)
             })
         },
     )?;
     types.func_wrap_async(
-        "[method]descriptor.unlink-file-at",
-        |mut store, (fd, path): (Resource<Descriptor>, String)| {
+        "[method]descriptor.rename-at",
+        |mut store, (fd, old, new_fd, new): (Resource<Descriptor>, String, Resource<Descriptor>, String)| {
             Box::new(async move {
                 let state = store.data_mut();
-                let entry = Entry::of(state, &fd)?;
-                let result = fs(state).unlink_file_at(fd, path).await;
-                entry.removed(result.is_ok());
-                answer(state, result)
-            })
-        },
-    )?;
-    types.func_wrap_async(
-        "[method]descriptor.remove-directory-at",
-        |mut store, (fd, path): (Resource<Descriptor>, String)| {
-            Box::new(async move {
-                let state = store.data_mut();
-                let entry = Entry::of(state, &fd)?;
-                let result = fs(state).remove_directory_at(fd, path).await;
-                entry.removed(result.is_ok());
+                // Out of the scratch directory is fine (it stays charged);
+                // into it would bring in what was never charged.
+                if scratch_of(state, &new_fd)?.is_some() && scratch_of(state, &fd)?.is_none() {
+                    return Ok((Err(ErrorCode::CrossDevice),));
+                }
+                let result = fs(state).rename_at(fd, old, new_fd, new).await;
                 answer(state, result)
             })
         },
@@ -168,10 +165,11 @@ fn answer<T>(state: &mut StepState, result: FsResult<T>) -> Answer<T> {
     }
 }
 
-/// The size of an open scratch file, by its handle. An `fstat` of an open
-/// file on the local disk the data directory lives on does not wait on I/O.
-fn size(file: &File) -> Result<u64, ErrorCode> {
-    file.metadata().map(|meta| meta.len()).map_err(|err| ErrorCode::from(&err))
+/// The id and size of an open scratch file, by its handle. An `fstat` of
+/// an open file on the local disk the data directory lives on does not
+/// wait on I/O.
+fn size(file: &File) -> std::io::Result<(FileId, u64)> {
+    file.metadata().map(|meta| (file_id(&meta), meta.len()))
 }
 
 async fn write(
@@ -183,17 +181,17 @@ async fn write(
         let result = fs(state).write(fd, buffer, offset).await;
         return answer(state, result);
     };
-    let before = match size(&file) {
+    let (id, before) = match size(&file) {
         Ok(size) => size,
-        Err(code) => return Ok((Err(code),)),
+        Err(err) => return Ok((Err(ErrorCode::from(&err)),)),
     };
-    let Ok(taken) = space.take_write(before, offset, buffer.len() as u64) else {
+    let Ok(taken) = space.take_write(id, before, offset, buffer.len() as u64) else {
         return Ok((Err(ErrorCode::InsufficientSpace),));
     };
     let result = fs(state).write(fd, buffer, offset).await;
     // A short or failed write gives back what it did not add.
-    let written = result.as_ref().map_or(0, |n| *n);
-    space.give_back(taken - offset.saturating_add(written).saturating_sub(before).min(taken));
+    let added = result.as_ref().map_or(0, |n| offset.saturating_add(*n).saturating_sub(before));
+    space.write_unused(id, taken.saturating_sub(added));
     answer(state, result)
 }
 
@@ -203,15 +201,17 @@ async fn set_size(mut store: StoreContextMut<'_, StepState>, (fd, new): (Resourc
         let result = fs(state).set_size(fd, new).await;
         return answer(state, result);
     };
-    let before = match size(&file) {
+    let (id, before) = match size(&file) {
         Ok(size) => size,
-        Err(code) => return Ok((Err(code),)),
+        Err(err) => return Ok((Err(ErrorCode::from(&err)),)),
     };
-    let Ok(taken) = space.take_write(before, new, 0) else { return Ok((Err(ErrorCode::InsufficientSpace),)) };
+    let Ok(taken) = space.take_write(id, before, new, 0) else {
+        return Ok((Err(ErrorCode::InsufficientSpace),));
+    };
     let result = fs(state).set_size(fd, new).await;
     match &result {
-        Ok(()) => space.give_back_truncated(before.saturating_sub(new)),
-        Err(_) => space.give_back(taken),
+        Ok(()) => space.truncated(id, before.saturating_sub(new)),
+        Err(_) => space.write_unused(id, taken),
     }
     answer(state, result)
 }
@@ -250,17 +250,17 @@ async fn open_at(
         let result = fs(state).open_at(fd, path_flags, path, open_flags, flags).await;
         return answer(state, result);
     };
-    let (mut taken, mut truncated) = (0, 0);
+    let (mut new_entry, mut truncated) = (false, 0);
     if open_flags.intersects(OpenFlags::CREATE | OpenFlags::TRUNCATE) {
         let parent = Resource::new_borrow(fd.rep());
         match fs(state).stat_at(parent, path_flags, path.clone()).await {
             Ok(stat) if open_flags.contains(OpenFlags::TRUNCATE) => truncated = stat.size,
             Ok(_) => {}
             Err(_) if open_flags.contains(OpenFlags::CREATE) => {
-                if space.take(ENTRY_BYTES).is_err() {
+                if space.take_entry().is_err() {
                     return Ok((Err(ErrorCode::InsufficientSpace),));
                 }
-                taken = ENTRY_BYTES;
+                new_entry = true;
             }
             Err(_) => {}
         }
@@ -268,42 +268,50 @@ async fn open_at(
     let result = fs(state).open_at(fd, path_flags, path, open_flags, flags).await;
     match &result {
         Ok(opened) => {
-            space.give_back_truncated(truncated);
             let handle = handle(state.table.get(opened)?).clone();
+            if truncated > 0
+                && let Ok((id, _)) = size(&handle)
+            {
+                space.truncated(id, truncated);
+            }
             if let Some(scratch) = &mut state.scratch {
                 scratch.handles.insert(&handle);
             }
         }
-        Err(_) => space.give_back(taken),
+        Err(_) if new_entry => space.entry_not_made(),
+        Err(_) => {}
     }
     answer(state, result)
 }
 
-/// A directory entry a call on `fd` adds or removes, charged to the
-/// scratch space when `fd` is a scratch directory.
+/// Whether a link from `from` to `to` would join a file in the scratch
+/// directory with one outside it, which stepbox refuses: a file reachable
+/// both ways could grow outside the space and shrink inside it.
+fn crosses(state: &StepState, from: &Resource<Descriptor>, to: &Resource<Descriptor>) -> wasmtime::Result<bool> {
+    Ok(scratch_of(state, from)?.is_some() != scratch_of(state, to)?.is_some())
+}
+
+/// A directory entry a call on `fd` makes, charged to the scratch space
+/// when `fd` is a scratch directory.
 struct Entry(Option<ScratchSpace>);
 
 impl Entry {
-    fn of(state: &StepState, fd: &Resource<Descriptor>) -> wasmtime::Result<Self> {
-        Ok(Entry(scratch_of(state, fd)?.map(|(space, _)| space)))
-    }
-
-    /// Takes the entry's cost before the call that adds it.
-    fn take(&self) -> Result<(), ErrorCode> {
-        self.0.as_ref().map_or(Ok(()), |space| space.take(ENTRY_BYTES).map_err(|_| ErrorCode::InsufficientSpace))
-    }
-
-    /// Gives the cost back if the call did not add the entry after all.
-    fn added(&self, ok: bool) {
-        if let (Some(space), false) = (&self.0, ok) {
-            space.give_back(ENTRY_BYTES);
+    /// Takes the entry's cost before the call that makes it, or answers
+    /// that the space is spent.
+    fn take(state: &StepState, fd: &Resource<Descriptor>) -> wasmtime::Result<Result<Self, ErrorCode>> {
+        let space = scratch_of(state, fd)?.map(|(space, _)| space);
+        if let Some(space) = &space
+            && space.take_entry().is_err()
+        {
+            return Ok(Err(ErrorCode::InsufficientSpace));
         }
+        Ok(Ok(Entry(space)))
     }
 
-    /// Gives the cost back once a call has removed the entry.
-    fn removed(&self, ok: bool) {
-        if let (Some(space), true) = (&self.0, ok) {
-            space.give_back(ENTRY_BYTES);
+    /// Gives the cost back if the call did not make the entry after all.
+    fn made(&self, ok: bool) {
+        if let (Some(space), false) = (&self.0, ok) {
+            space.entry_not_made();
         }
     }
 }
@@ -312,7 +320,7 @@ impl Entry {
 /// past the end of the file. wasmtime-wasi's file stream writes in the
 /// background but finishes one write before it takes the next, so the
 /// file's size is current when the next is charged; until then the write
-/// is in flight (see [`ScratchSpace::give_back_truncated`]).
+/// is in flight (see [`ScratchSpace::truncated`]).
 struct ChargedStream {
     inner: DynOutputStream,
     file: Arc<File>,
@@ -354,10 +362,10 @@ impl Pollable for ChargedStream {
 impl OutputStream for ChargedStream {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
         let len = bytes.len() as u64;
-        let size = self.file.metadata().map_err(failed)?.len();
-        let taken = self.space.take_write(size, self.position.unwrap_or(size), len).map_err(failed)?;
+        let (id, size) = size(&self.file).map_err(failed)?;
+        let taken = self.space.take_write(id, size, self.position.unwrap_or(size), len).map_err(failed)?;
         if let Err(err) = self.inner.write(bytes) {
-            self.space.give_back(taken);
+            self.space.write_unused(id, taken);
             return Err(err);
         }
         if !self.in_flight {

@@ -1,13 +1,14 @@
 //! The `wasi:http` objects a guest builds, in the attempt's host memory
-//! budget. Any step can build header fields, requests, responses and
+//! budget. Any step can build header fields, requests and responses with
 //! bodies (only sending needs a grant), so each is charged the most it can
 //! make the host hold when it is created, and given back when it is
-//! dropped: header fields [`FIELDS_LIMIT`], a request its path, authority
-//! and queued body chunk, a body the chunk it may be writing. Header fields
-//! move into the request or response built from them, and a request's
-//! charge into its response future once sent; fields that end up somewhere
-//! stepbox cannot see go (trailers, a response's headers) keep theirs for
-//! the rest of the attempt.
+//! dropped: header fields [`FIELDS_LIMIT`], a request or a response the
+//! body chunks queued for it (its body's writes wait in that queue, which
+//! the request or response owns) and, for a request, its method, scheme,
+//! authority and path, each held to a length here. Header fields move into
+//! the request or response built from them, and a request's charge into
+//! its response future once sent; trailers, which go where stepbox does
+//! not follow, keep theirs for the rest of the attempt.
 //!
 //! The calls that create, take or drop these objects are defined again
 //! over wasmtime-wasi-http's own, which do the work.
@@ -16,7 +17,7 @@ use std::collections::HashMap;
 
 use wasmtime::component::{Linker, Resource, ResourceType};
 use wasmtime_wasi_http::p2::bindings::http::outgoing_handler::Host as _;
-use wasmtime_wasi_http::p2::bindings::http::types::{self as wit, ErrorCode, HeaderError, Host as _};
+use wasmtime_wasi_http::p2::bindings::http::types::{self as wit, ErrorCode, HeaderError, Host as _, Method, Scheme};
 use wasmtime_wasi_http::p2::body::HostOutgoingBody;
 use wasmtime_wasi_http::p2::types::{HostFutureIncomingResponse, HostOutgoingRequest, HostOutgoingResponse};
 use wasmtime_wasi_http::{FieldMap, RequestOptions, WasiHttpView};
@@ -30,13 +31,19 @@ use crate::sandbox::host_memory::Charge;
 const TYPES: &str = "wasi:http/types@0.2.12";
 const HANDLER: &str = "wasi:http/outgoing-handler@0.2.12";
 
-/// What a request holds besides its headers: its path and authority (the
-/// `http` crate keeps each under 64 KiB) and the chunk of its body queued
-/// for sending.
-const REQUEST_BYTES: usize = 2 * 64 * 1024 + OUTGOING_CHUNK;
+/// The longest path and query a request may have: twice what common
+/// servers accept.
+const PATH_LIMIT: usize = 16 * 1024;
+/// The longest authority (`host:port`, with user info) a request may have.
+const AUTHORITY_LIMIT: usize = 1024;
+/// The longest method or scheme name a request may have.
+const NAME_LIMIT: usize = 64;
 
-/// What a body holds while it is written: the chunk waiting for the queue.
-const BODY_BYTES: usize = OUTGOING_CHUNK;
+/// The body chunks queued for a request or response: the queue holds one
+/// more than its length (wasmtime-wasi-http's body channel).
+const QUEUE_BYTES: usize = 2 * OUTGOING_CHUNK;
+/// What a request holds besides its headers.
+const REQUEST_BYTES: usize = QUEUE_BYTES + PATH_LIMIT + AUTHORITY_LIMIT + 2 * NAME_LIMIT;
 
 /// Charges for the attempt's live HTTP objects, by handle.
 #[derive(Debug, Default)]
@@ -46,6 +53,15 @@ impl HttpHeld {
     /// Takes the charge of `rep`, which a call is about to consume.
     fn take(&mut self, rep: u32) -> Option<Charge> {
         self.0.remove(&rep)
+    }
+
+    /// `charge` with the charge of `rep` added, which a call is about to
+    /// consume into the holder of `charge`.
+    fn absorbed(&mut self, rep: u32, mut charge: Charge) -> Charge {
+        if let Some(moved) = self.take(rep) {
+            charge.absorb(moved);
+        }
+        charge
     }
 
     /// Keeps the charge of `rep`, which a call is about to consume into
@@ -71,10 +87,10 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
         state.http_held.take(rep);
         wit::HostOutgoingRequest::drop(&mut state.http(), Resource::new_own(rep))
     })?;
-    types.resource("outgoing-body", ResourceType::host::<HostOutgoingBody>(), |mut store, rep| {
+    types.resource("outgoing-response", ResourceType::host::<HostOutgoingResponse>(), |mut store, rep| {
         let state = store.data_mut();
         state.http_held.take(rep);
-        wit::HostOutgoingBody::drop(&mut state.http(), Resource::new_own(rep))
+        wit::HostOutgoingResponse::drop(&mut state.http(), Resource::new_own(rep))
     })?;
     types.resource(
         "future-incoming-response",
@@ -115,46 +131,60 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
 
     types.func_wrap("[constructor]outgoing-request", |mut store, (headers,): (Resource<FieldMap>,)| {
         let state = store.data_mut();
-        let mut charge = state.host_memory.charge(REQUEST_BYTES, "HTTP requests")?;
-        if let Some(headers) = state.http_held.take(headers.rep()) {
-            charge.absorb(headers);
-        }
+        let charge = state.host_memory.charge(REQUEST_BYTES, "HTTP requests")?;
+        let charge = state.http_held.absorbed(headers.rep(), charge);
         let request = wit::HostOutgoingRequest::new(&mut state.http(), headers)?;
         state.http_held.0.insert(request.rep(), charge);
         Ok((request,))
     })?;
     types.func_wrap("[constructor]outgoing-response", |mut store, (headers,): (Resource<FieldMap>,)| {
         let state = store.data_mut();
-        state.http_held.keep(headers.rep());
+        let charge = state.host_memory.charge(QUEUE_BYTES, "HTTP responses")?;
+        let charge = state.http_held.absorbed(headers.rep(), charge);
         let response = wit::HostOutgoingResponse::new(&mut state.http(), headers)?;
+        state.http_held.0.insert(response.rep(), charge);
         Ok((response,))
     })?;
-    types.func_wrap("[method]outgoing-request.body", |mut store, (request,): (Resource<HostOutgoingRequest>,)| {
-        let state = store.data_mut();
-        let charge = state.host_memory.charge(BODY_BYTES, "HTTP bodies")?;
-        let body = wit::HostOutgoingRequest::body(&mut state.http(), request)?;
-        if let Ok(body) = &body {
-            state.http_held.0.insert(body.rep(), charge);
-        }
-        Ok((body,))
-    })?;
     types.func_wrap(
-        "[method]outgoing-response.body",
-        |mut store, (response,): (Resource<HostOutgoingResponse>,)| {
-            let state = store.data_mut();
-            let charge = state.host_memory.charge(BODY_BYTES, "HTTP bodies")?;
-            let body = wit::HostOutgoingResponse::body(&mut state.http(), response)?;
-            if let Ok(body) = &body {
-                state.http_held.0.insert(body.rep(), charge);
+        "[method]outgoing-request.set-method",
+        |mut store, (request, method): (Resource<HostOutgoingRequest>, Method)| {
+            if matches!(&method, Method::Other(name) if name.len() > NAME_LIMIT) {
+                return Ok((Err(()),));
             }
-            Ok((body,))
+            Ok((wit::HostOutgoingRequest::set_method(&mut store.data_mut().http(), request, method)?,))
+        },
+    )?;
+    types.func_wrap(
+        "[method]outgoing-request.set-scheme",
+        |mut store, (request, scheme): (Resource<HostOutgoingRequest>, Option<Scheme>)| {
+            if matches!(&scheme, Some(Scheme::Other(name)) if name.len() > NAME_LIMIT) {
+                return Ok((Err(()),));
+            }
+            Ok((wit::HostOutgoingRequest::set_scheme(&mut store.data_mut().http(), request, scheme)?,))
+        },
+    )?;
+    types.func_wrap(
+        "[method]outgoing-request.set-authority",
+        |mut store, (request, authority): (Resource<HostOutgoingRequest>, Option<String>)| {
+            if authority.as_ref().is_some_and(|authority| authority.len() > AUTHORITY_LIMIT) {
+                return Ok((Err(()),));
+            }
+            Ok((wit::HostOutgoingRequest::set_authority(&mut store.data_mut().http(), request, authority)?,))
+        },
+    )?;
+    types.func_wrap(
+        "[method]outgoing-request.set-path-with-query",
+        |mut store, (request, path): (Resource<HostOutgoingRequest>, Option<String>)| {
+            if path.as_ref().is_some_and(|path| path.len() > PATH_LIMIT) {
+                return Ok((Err(()),));
+            }
+            Ok((wit::HostOutgoingRequest::set_path_with_query(&mut store.data_mut().http(), request, path)?,))
         },
     )?;
     types.func_wrap(
         "[static]outgoing-body.finish",
         |mut store, (body, trailers): (Resource<HostOutgoingBody>, Option<Resource<FieldMap>>)| {
             let state = store.data_mut();
-            state.http_held.take(body.rep());
             if let Some(trailers) = &trailers {
                 state.http_held.keep(trailers.rep());
             }

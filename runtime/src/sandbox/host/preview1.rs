@@ -3,8 +3,8 @@
 //! preview1 calls that add to or take from a directory are defined again
 //! over its own, the way `host::filesystem` does for components: on a
 //! descriptor in the scratch directory they charge the attempt's scratch
-//! space first (failing with `ENOSPC` when it is spent), then call
-//! wasmtime-wasi's implementation.
+//! space first (failing with `ENOSPC` when it is spent, and a link or move
+//! across its edge with `EXDEV`), then call wasmtime-wasi's implementation.
 //!
 //! The scratch directory is the first directory a module is given (it is
 //! preopened before any grant), so descriptor 3; descriptors opened
@@ -18,7 +18,7 @@ use wasmtime_wasi::p1::wasi_snapshot_preview1::{self as abi, WasiSnapshotPreview
 use wiggle::{GuestMemory, GuestPtr};
 
 use super::StepState;
-use crate::sandbox::scratch::{ENTRY_BYTES, ScratchSpace};
+use crate::sandbox::scratch::{FileId, ScratchSpace};
 
 const MODULE: &str = "wasi_snapshot_preview1";
 
@@ -27,6 +27,11 @@ pub(crate) const SCRATCH_FD: u32 = 3;
 
 /// What a call answers when the scratch space is spent.
 const QUOTA: i32 = Errno::Nospc as i32;
+
+/// What a call answers that would link or move a file into the scratch
+/// directory from outside it (or link one out): `EXDEV`, as between two
+/// filesystems, which programs handle by copying.
+const CROSS_DEVICE: i32 = Errno::Xdev as i32;
 
 /// Defines the charged calls over the ones already in `linker`.
 pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()> {
@@ -106,18 +111,20 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
                     .await;
                 };
                 let oflags_set = Oflags::from_bits_truncate(oflags as u16);
-                let (mut taken, mut truncated) = (0, 0);
+                let (mut new_entry, mut truncated) = (false, None);
                 if oflags_set.intersects(Oflags::CREAT | Oflags::TRUNC) {
                     let lookup = Lookupflags::from_bits_truncate(lookup as u32);
                     let at = GuestPtr::<str>::new((path as u32, path_len as u32));
                     match state.preview1().path_filestat_get(&mut memory, Fd::from(dir as u32), lookup, at).await {
-                        Ok(stat) if oflags_set.contains(Oflags::TRUNC) => truncated = stat.size,
+                        Ok(stat) if oflags_set.contains(Oflags::TRUNC) => {
+                            truncated = Some(((stat.dev, stat.ino), stat.size));
+                        }
                         Ok(_) => {}
                         Err(_) if oflags_set.contains(Oflags::CREAT) => {
-                            if space.take(ENTRY_BYTES).is_err() {
+                            if space.take_entry().is_err() {
                                 return Ok(QUOTA);
                             }
-                            taken = ENTRY_BYTES;
+                            new_entry = true;
                         }
                         Err(_) => {}
                     }
@@ -138,13 +145,15 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
                 )
                 .await?;
                 if errno == 0 {
-                    space.give_back_truncated(truncated);
+                    if let Some((id, size)) = truncated {
+                        space.truncated(id, size);
+                    }
                     let fd = memory.read(GuestPtr::<u32>::new(opened as u32))?;
                     if let Some(scratch) = &mut state.scratch {
                         scratch.preview1_fds.insert(fd);
                     }
-                } else {
-                    space.give_back(taken);
+                } else if new_entry {
+                    space.entry_not_made();
                 }
                 Ok(errno)
             })
@@ -207,6 +216,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
         |mut caller, (old_dir, flags, old, old_len, dir, new, new_len): (i32, i32, i32, i32, i32, i32, i32)| {
             Box::new(async move {
                 let (mut memory, state, _) = parts(&mut caller)?;
+                if scratch_of(state, old_dir).is_some() != scratch_of(state, dir).is_some() {
+                    return Ok(CROSS_DEVICE);
+                }
                 let entry = match Entry::new(state, dir) {
                     Ok(entry) => entry,
                     Err(errno) => return Ok(errno),
@@ -217,22 +229,21 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
             })
         },
     )?;
-    linker.func_wrap_async(MODULE, "path_unlink_file", |mut caller, (dir, path, len): (i32, i32, i32)| {
-        Box::new(async move {
-            let (mut memory, state, _) = parts(&mut caller)?;
-            let entry = Entry(scratch_of(state, dir));
-            let errno = abi::path_unlink_file(state.preview1(), &mut memory, dir, path, len).await?;
-            Ok(entry.removed(errno))
-        })
-    })?;
-    linker.func_wrap_async(MODULE, "path_remove_directory", |mut caller, (dir, path, len): (i32, i32, i32)| {
-        Box::new(async move {
-            let (mut memory, state, _) = parts(&mut caller)?;
-            let entry = Entry(scratch_of(state, dir));
-            let errno = abi::path_remove_directory(state.preview1(), &mut memory, dir, path, len).await?;
-            Ok(entry.removed(errno))
-        })
-    })?;
+    linker.func_wrap_async(
+        MODULE,
+        "path_rename",
+        |mut caller, (old_dir, old, old_len, dir, new, new_len): (i32, i32, i32, i32, i32, i32)| {
+            Box::new(async move {
+                let (mut memory, state, _) = parts(&mut caller)?;
+                // Out of the scratch directory is fine (it stays charged);
+                // into it would bring in what was never charged.
+                if scratch_of(state, dir).is_some() && scratch_of(state, old_dir).is_none() {
+                    return Ok(CROSS_DEVICE);
+                }
+                abi::path_rename(state.preview1(), &mut memory, old_dir, old, old_len, dir, new, new_len).await
+            })
+        },
+    )?;
     linker.allow_shadowing(false);
     Ok(())
 }
@@ -262,6 +273,7 @@ struct Charge(Option<Taken>);
 struct Taken {
     space: ScratchSpace,
     fd: i32,
+    file: FileId,
     size_before: u64,
     taken: u64,
 }
@@ -286,7 +298,7 @@ impl Charge {
         }
         let Some(len) = first_non_empty(memory, iovs, count) else { return Ok(Charge(None)) };
         let ctx = state.preview1();
-        let Some(size) = file_size(ctx, memory, fd).await else { return Ok(Charge(None)) };
+        let Some((file, size)) = file_size(ctx, memory, fd).await else { return Ok(Charge(None)) };
         let Ok(fdstat) = ctx.fd_fdstat_get(memory, Fd::from(fd as u32)).await else { return Ok(Charge(None)) };
         // Appending ignores the offset, as on Linux.
         let position = match offset {
@@ -297,8 +309,8 @@ impl Charge {
                 Err(_) => return Ok(Charge(None)),
             },
         };
-        match space.take_write(size, position, len) {
-            Ok(taken) => Ok(Charge(Some(Taken { space, fd, size_before: size, taken }))),
+        match space.take_write(file, size, position, len) {
+            Ok(taken) => Ok(Charge(Some(Taken { space, fd, file, size_before: size, taken }))),
             Err(_) => Err(QUOTA),
         }
     }
@@ -306,9 +318,9 @@ impl Charge {
     /// Takes what resizing `fd` to `new` adds, or answers `ENOSPC`.
     async fn resize(memory: &mut GuestMemory<'_>, state: &mut StepState, fd: i32, new: u64) -> Result<Self, i32> {
         let Some(space) = scratch_of(state, fd) else { return Ok(Charge(None)) };
-        let Some(size) = file_size(state.preview1(), memory, fd).await else { return Ok(Charge(None)) };
-        match space.take_write(size, new, 0) {
-            Ok(taken) => Ok(Charge(Some(Taken { space, fd, size_before: size, taken }))),
+        let Some((file, size)) = file_size(state.preview1(), memory, fd).await else { return Ok(Charge(None)) };
+        match space.take_write(file, size, new, 0) {
+            Ok(taken) => Ok(Charge(Some(Taken { space, fd, file, size_before: size, taken }))),
             Err(_) => Err(QUOTA),
         }
     }
@@ -317,17 +329,17 @@ impl Charge {
     /// failed write gives back what it did not add, a truncation what it
     /// removed.
     async fn settle(self, memory: &mut GuestMemory<'_>, state: &mut StepState) {
-        let Some(Taken { space, fd, size_before, taken }) = self.0 else { return };
-        let size_after = file_size(state.preview1(), memory, fd).await.unwrap_or(size_before);
-        space.give_back(taken.saturating_sub(size_after.saturating_sub(size_before)));
-        space.give_back_truncated(size_before.saturating_sub(size_after));
+        let Some(Taken { space, fd, file, size_before, taken }) = self.0 else { return };
+        let size_after = file_size(state.preview1(), memory, fd).await.map_or(size_before, |(_, size)| size);
+        space.write_unused(file, taken.saturating_sub(size_after.saturating_sub(size_before)));
+        space.truncated(file, size_before.saturating_sub(size_after));
     }
 }
 
-/// The size of the regular file `fd`, if it is one.
-async fn file_size(ctx: &mut WasiP1Ctx, memory: &mut GuestMemory<'_>, fd: i32) -> Option<u64> {
+/// The id and size of the regular file `fd`, if it is one.
+async fn file_size(ctx: &mut WasiP1Ctx, memory: &mut GuestMemory<'_>, fd: i32) -> Option<(FileId, u64)> {
     let stat = ctx.fd_filestat_get(memory, Fd::from(fd as u32)).await.ok()?;
-    (stat.filetype == Filetype::RegularFile).then_some(stat.size)
+    (stat.filetype == Filetype::RegularFile).then_some(((stat.dev, stat.ino), stat.size))
 }
 
 /// The length of the first non-empty buffer of the `count` at `iovs`.
@@ -342,17 +354,17 @@ fn first_non_empty(memory: &GuestMemory<'_>, iovs: i32, count: i32) -> Option<u6
     Some(0)
 }
 
-/// A directory entry a call adds or removes, charged to the scratch space
-/// when its directory is in the scratch directory.
+/// A directory entry a call makes, charged to the scratch space when its
+/// directory is in the scratch directory.
 struct Entry(Option<ScratchSpace>);
 
 impl Entry {
-    /// Takes the entry's cost before the call that adds it, or fails with
+    /// Takes the entry's cost before the call that makes it, or fails with
     /// `ENOSPC` (as an `Err` carrying the answer).
     fn new(state: &StepState, dir: i32) -> Result<Self, i32> {
         let space = scratch_of(state, dir);
         match &space {
-            Some(space) if space.take(ENTRY_BYTES).is_err() => Err(QUOTA),
+            Some(space) if space.take_entry().is_err() => Err(QUOTA),
             _ => Ok(Entry(space)),
         }
     }
@@ -360,15 +372,7 @@ impl Entry {
     /// Gives the cost back if the call failed; passes its answer on.
     fn added(self, errno: i32) -> i32 {
         if let (Some(space), true) = (&self.0, errno != 0) {
-            space.give_back(ENTRY_BYTES);
-        }
-        errno
-    }
-
-    /// Gives the cost back once a call has removed the entry.
-    fn removed(self, errno: i32) -> i32 {
-        if let (Some(space), 0) = (&self.0, errno) {
-            space.give_back(ENTRY_BYTES);
+            space.entry_not_made();
         }
         errno
     }
