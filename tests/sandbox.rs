@@ -322,6 +322,45 @@ async fn endless_chatty_runs_out_of_fuel_with_its_capture_capped() {
 }
 
 #[tokio::test]
+async fn the_timeout_ends_an_attempt_blocked_reading_a_file_or_waiting_on_http() {
+    // A FIFO nobody writes to: opening it to read blocks in the host.
+    let dir = std::env::temp_dir().join(format!("stepbox-blocked-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let mut req = request(json!({ "path": "/data/fifo" }));
+    req.grants.dirs.push(DirGrant::new(&dir, "/data", true).unwrap());
+    req.limits.timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let report = run(guests::FS_READ, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::Timeout, "{report:?}");
+    assert!(started.elapsed() < Duration::from_millis(300) + SLACK, "took {:?}", started.elapsed());
+    // Let the host thread still blocked in the open go.
+    let _writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+
+    // A server that accepts the connection and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    let mut req = request(json!({ "url": format!("http://{address}/") }));
+    req.grants.http = vec![format!("GET@{address}").parse().unwrap()];
+    req.limits.timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let report = run(guests::HTTP_PROBE, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::Timeout, "{report:?}");
+    assert!(started.elapsed() < Duration::from_millis(300) + SLACK, "took {:?}", started.elapsed());
+    held.abort();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn sleepy_times_out_while_blocked_in_a_clock_wait() {
     let mut req = request(json!({}));
     req.limits.timeout = Duration::from_millis(300);

@@ -241,36 +241,42 @@ fn graph_draws_mermaid_and_dot_and_schema_describes_the_file() {
 
 #[cfg(unix)]
 #[test]
-fn ctrl_c_cancels_a_run_and_records_the_cancelled_steps() {
+fn ctrl_c_and_sigterm_cancel_a_run_and_record_the_cancelled_steps() {
     let dir = std::env::temp_dir().join(format!("stepbox-cli-cancel-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let workflow = dir.join("slow.yaml");
+    // The step's own timeout is far off, so only the signal can end it.
     std::fs::write(
         &workflow,
         format!("name: slow\ncomponents:\n  sleepy: {}\nsteps:\n  - id: nap\n    uses: sleepy\n    with: {{ seconds: 60 }}\n    limits: {{ timeout: 2m }}\n", guests::SLEEPY),
     )
     .unwrap();
-    let mut child = command()
-        .args(["run", workflow.to_str().unwrap(), "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Wait until the step is running, then interrupt.
-    let mut progress = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("nap: attempt 1 started") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut progress, &mut line).unwrap() > 0, "stepbox exited early");
+    for signal in ["INT", "TERM"] {
+        let started = std::time::Instant::now();
+        let mut child = command()
+            .args(["run", workflow.to_str().unwrap(), "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until the step is running, then signal.
+        let mut progress = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("nap: attempt 1 started") {
+            line.clear();
+            assert!(std::io::BufRead::read_line(&mut progress, &mut line).unwrap() > 0, "stepbox exited early");
+        }
+        let status = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(130), "SIG{signal}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(50), "SIG{signal} ended the 60-second step");
+        let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        assert_eq!(report["status"], "cancelled", "SIG{signal}");
+        assert_eq!(report["steps"][0]["status"], "cancelled", "SIG{signal}");
+        let attempt = &report["steps"][0]["executions"][0]["attempts"][0];
+        assert_eq!(attempt["failure"]["kind"], "cancelled", "SIG{signal}: {attempt}");
     }
-    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130));
-    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(report["status"], "cancelled");
-    assert_eq!(report["steps"][0]["status"], "cancelled");
-    assert_eq!(report["steps"][0]["executions"][0]["attempts"][0]["failure"]["kind"], "cancelled");
     std::fs::remove_dir_all(dir).unwrap();
 }
 
