@@ -202,6 +202,47 @@ fn retry_reruns_the_failed_step_and_resume_refuses_changed_files() {
 }
 
 #[test]
+fn resume_refuses_a_changed_workflow_file() {
+    let dir = temp_dir("changed-file");
+    let data = dir.join("data");
+    let workflow = small_workflow(&dir, 3);
+    assert_eq!(output(&data, &["run", workflow.to_str().unwrap()]).status.code(), Some(1));
+    let id = json(&data, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned();
+    let text = std::fs::read_to_string(&workflow).unwrap();
+    std::fs::write(&workflow, text.replace("name: c }", "name: d }")).unwrap();
+    let out = output(&data, &["resume", &id]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("the workflow file changed"), "{}", stderr(&out));
+    let shown = json(&data, &["show", &id, "--json"]);
+    assert_eq!(shown["steps"][1]["executions"][0]["attempts"].as_array().unwrap().len(), 1, "nothing ran again");
+}
+
+#[test]
+fn resume_and_retry_are_held_to_the_tenants_ceilings_of_today() {
+    let dir = temp_dir("tenant-resume");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let workflow = small_workflow(&dir, 3);
+    std::fs::write(data.join("tenants.yaml"), "tenants:\n  roomy: { components: any }\n").unwrap();
+    let out = output(&data, &["run", workflow.to_str().unwrap(), "--tenant", "roomy"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let id = json(&data, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned();
+    // The operator takes the components away from the tenant.
+    std::fs::write(data.join("tenants.yaml"), "tenants:\n  roomy: {}\n").unwrap();
+    for command in ["resume", "retry"] {
+        let out = output(&data, &[command, &id]);
+        assert_eq!(out.status.code(), Some(3), "{command}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("is not under tenant `roomy`'s allowed component paths"),
+            "{command}: {}",
+            stderr(&out)
+        );
+    }
+    let shown = json(&data, &["show", &id, "--json"]);
+    assert_eq!(shown["steps"][1]["executions"][0]["attempts"].as_array().unwrap().len(), 1, "nothing ran again");
+}
+
+#[test]
 fn resume_refuses_a_workflow_included_through_a_template_that_changed() {
     let dir = temp_dir("templated-include");
     let data = dir.join("data");

@@ -206,6 +206,15 @@ fn a_run_aborted_at_any_failpoint_resumes_to_a_clean_runs_outputs_without_repeat
                     assert_eq!(Some(numbers), attempts_before.get(key), "{name}@{nth}: {key} finished, then ran again");
                 }
             }
+            // An attempt the abort interrupted stays in the record, and
+            // the execution goes on with the next number.
+            for (key, number) in &interrupted {
+                let numbers = &attempts_after[key];
+                assert!(
+                    numbers.contains(number) && numbers.contains(&(number + 1)),
+                    "{name}@{nth}: {key}: interrupted attempt {number}, then {numbers:?}"
+                );
+            }
             let counts_after = key_counts(&case);
             for (key, &count) in &counts_after {
                 let allowed = 1 + interrupted.iter().filter(|(k, _)| k == key).count();
