@@ -155,6 +155,40 @@ async fn only_granted_http_requests_leave_the_sandbox() {
     assert_eq!(send("GET", format!("http://localhost:{}/", server.port()), &[&wildcard]).await.output(), Some(&denied));
 }
 
+#[tokio::test]
+async fn hop_by_hop_and_proxy_headers_never_leave_the_sandbox() {
+    let (server, served) = echo_server().await;
+    let send = |header: &str| {
+        let mut req = request(json!({ "url": format!("http://{server}/"), "bearer": "k", "bearer_header": header }));
+        req.grants.config.insert("k".into(), "v".into());
+        req.grants.http = vec![format!("GET@{server}").parse().unwrap()];
+        run(guests::HTTP_PROBE, req)
+    };
+    let forbidden = [
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "http2-settings",
+    ];
+    for header in forbidden {
+        let report = send(header).await;
+        let refused = report.output().map(|output| output["refused"].clone());
+        assert_eq!(
+            refused,
+            Some(json!("ErrorCode::InternalError(Some(\"HeaderError::Forbidden\"))")),
+            "{header}: {report:?}"
+        );
+    }
+    assert_eq!(served.load(Ordering::SeqCst), 0, "no request with such a header was sent");
+    let report = send("x-api-key").await;
+    assert_eq!(report.output().map(|output| output["response"]["status"].clone()), Some(json!(200)), "{report:?}");
+}
+
 /// A step that may only send a secret: it sees a placeholder, the host puts
 /// the value in the headers of the requests `send_to` allows, and nothing
 /// the step records holds the value.

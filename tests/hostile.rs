@@ -134,6 +134,22 @@ async fn environment_variables_and_stdin_are_empty_unless_granted() {
     let mut req = request(json!({ "attack": "stdin" }));
     req.grants.stdin = b"granted input".to_vec();
     assert_eq!(run(guests::HOST_ABUSE, req).await.output(), Some(&json!("granted input")));
+    // The host's environment (PATH, HOME, whatever the tests run with)
+    // never reaches a step: it sees exactly what it was granted.
+    let report = run(guests::HOST_ABUSE, request(json!({ "attack": "env" }))).await;
+    assert_eq!(report.output(), Some(&json!({})), "{report:?}");
+    let mut req = request(json!({ "attack": "env" }));
+    req.grants.env.insert("REGION".into(), "eu-west".into());
+    req.grants.env.insert("MODE".into(), "batch".into());
+    let report = run(guests::HOST_ABUSE, req).await;
+    assert_eq!(report.output(), Some(&json!({ "MODE": "batch", "REGION": "eu-west" })), "{report:?}");
+}
+
+#[tokio::test]
+async fn key_value_keys_and_values_are_held_to_their_sizes() {
+    let report = run(guests::HOST_ABUSE, request(json!({ "attack": "kv-sizes" }))).await;
+    let expected = json!({ "key_1024": true, "key_1025": false, "value_1mib": true, "value_1mib_and_1": false });
+    assert_eq!(report.output(), Some(&expected), "{report:?}");
 }
 
 #[tokio::test]

@@ -123,19 +123,23 @@ async fn flaky_fails_retryably_until_its_attempt() {
 #[tokio::test]
 async fn counter_keeps_state_per_tenant_and_workflow() {
     let component = load(guests::COUNTER);
-    let run_as = |tenant: &str, run_id: &str| {
+    let run_in = |workflow: &str, tenant: &str, run_id: &str| {
         let mut req = request(json!({}));
         req.context.tenant = tenant.into();
-        req.context.workflow = "counter-state".into();
+        req.context.workflow = workflow.into();
         req.context.run_id = run_id.into();
         sandbox().run(&component, req)
     };
+    let run_as = |tenant: &str, run_id: &str| run_in("counter-state", tenant, run_id);
     let first = run_as("acme", "r1").await;
     assert_eq!(first.output(), Some(&json!({ "count": 1, "previous_run": null, "runs_seen": 1 })), "{first:?}");
     let second = run_as("acme", "r2").await;
     assert_eq!(second.output(), Some(&json!({ "count": 2, "previous_run": "r1", "runs_seen": 2 })));
     let other_tenant = run_as("globex", "r3").await;
     assert_eq!(other_tenant.output(), Some(&json!({ "count": 1, "previous_run": null, "runs_seen": 1 })));
+    // The same tenant's other workflows have their own state too.
+    let other_workflow = run_in("counter-elsewhere", "acme", "r4").await;
+    assert_eq!(other_workflow.output(), Some(&json!({ "count": 1, "previous_run": null, "runs_seen": 1 })));
 }
 
 #[tokio::test]

@@ -9,6 +9,8 @@
 //! HTTP header fields of N bytes and keeps them all, `request-hoard` builds
 //! HTTP requests with an N-byte path and a written body chunk and keeps
 //! them all, `request-churn` builds and drops N such requests,
+//! `kv-sizes` writes keys and values at and just past the host's caps and
+//! says which were accepted, `env` returns the environment,
 //! `request-parts` sets a request's method, scheme, authority and path to
 //! N-byte names and says which the host accepted (no grant is needed for
 //! any of them: nothing is sent).
@@ -86,6 +88,16 @@ fn run(input: Input) -> Result<serde_json::Value, StepError> {
                 held.push(request(input.size)?);
             }
         }
+        "kv-sizes" => {
+            let bucket = Bucket::open_default()?;
+            Ok(serde_json::json!({
+                "key_1024": bucket.set_bytes(&"k".repeat(1024), b"v").is_ok(),
+                "key_1025": bucket.set_bytes(&"k".repeat(1025), b"v").is_ok(),
+                "value_1mib": bucket.set_bytes("v", &vec![b'v'; 1024 * 1024]).is_ok(),
+                "value_1mib_and_1": bucket.set_bytes("v", &vec![b'v'; 1024 * 1024 + 1]).is_ok(),
+            }))
+        }
+        "env" => Ok(serde_json::json!(std::env::vars().collect::<std::collections::BTreeMap<_, _>>())),
         "request-parts" => {
             let request = OutgoingRequest::new(Fields::new());
             let name = "a".repeat(input.size);

@@ -222,6 +222,15 @@ mod tests {
     }
 
     #[test]
+    fn a_template_that_computes_too_long_runs_out_of_its_budget() {
+        let endless = "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}";
+        let err = render_string(endless, &ctx()).unwrap_err();
+        assert!(err.contains("fuel"), "{err}");
+        // A template well within it renders.
+        assert_eq!(render_string("{% for i in range(100) %}{% endfor %}done", &ctx()).unwrap(), json!("done"));
+    }
+
+    #[test]
     fn a_huge_value_is_refused_while_it_is_built() {
         for huge in [
             "{{ [0] * 100000000 }}",
