@@ -380,6 +380,7 @@ steps:
   - id: slow
     uses: sleepy
     with: { seconds: 30 }
+    limits: { timeout: 2m }
   - id: fails
     uses: flaky
     with: { succeed_on_attempt: 9 }
@@ -425,7 +426,10 @@ async fn cancelling_a_run_stops_running_attempts_and_records_them() {
     assert_eq!(report.run.status, RunStatus::Cancelled);
     assert_eq!(step(&report, "slow").status, StepStatus::Cancelled);
     assert_eq!(step(&report, "cleanup").status, StepStatus::Cancelled, "nothing starts after a cancel");
-    assert!(report.run.duration_ms().unwrap() < 30_000.0);
+    // The step's own timeout is two minutes and its sleep 30 seconds: only
+    // the cancel can have ended it, and soon.
+    assert_eq!(attempts(&report, "slow")[0].failure().unwrap().kind, FailureKind::Cancelled);
+    assert!(report.run.duration_ms().unwrap() < 10_000.0);
 }
 
 #[tokio::test]
