@@ -318,43 +318,75 @@ async fn http_is_refused_without_a_grant() {
     assert!(listener.accept().is_err(), "nothing connected");
 }
 
+/// What one attack must end in.
+enum Ends {
+    /// A failure of this kind, with this in its message.
+    Failure(FailureKind, &'static str),
+    /// An output that holds this text.
+    Output(&'static str),
+}
+
 /// Every attack at once, next to 50 healthy steps: the healthy steps all
-/// succeed and the host stays up.
+/// succeed, each attack ends as it does alone, and the host stays up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_healthy_steps_succeed_beside_every_attack() {
+    use Ends::{Failure, Output};
     let playground = Playground::new("mixed");
     std::fs::write(playground.root.join("data/f.txt"), "x").unwrap();
     let mut attacks = Vec::new();
     let hostile = [
-        (guests::SPIN, json!(null)),
-        (guests::MEMORY_HOG, json!(null)),
-        (guests::RECURSE, json!(null)),
-        (guests::CHATTY, json!({})),
-        (guests::SLEEPY, json!({})),
-        (guests::BIG_MEMORY, json!(1)),
-        (guests::HOST_ABUSE, json!({ "attack": "resource-loop" })),
-        (guests::HOST_ABUSE, json!({ "attack": "log-flood", "size": 1_000_000 })),
-        (guests::FS_ESCAPE, json!({ "attack": "symlink" })),
-        (guests::NET_PROBE, json!({ "attack": "dns", "host": "localhost" })),
-        (guests::HOST_ABUSE, json!({ "attack": "random" })),
-        (guests::HOST_ABUSE, json!({ "attack": "cas-hoard", "size": 1024 * 1024 })),
-        (guests::HOST_ABUSE, json!({ "attack": "kv-flood", "size": 1024 * 1024 })),
-        (guests::HTTP_PROBE, json!({ "url": "http://127.0.0.1:9/" })),
-        (guests::HOST_ABUSE, json!({ "attack": "fields-hoard", "size": 15_000 })),
-        (guests::HOST_ABUSE, json!({ "attack": "request-hoard", "size": 16_000 })),
-        (guests::SCRATCH_FILL, json!({ "how": "files" })),
-        (guests::SCRATCH_FILL_WASIP1, json!({ "how": "dirs" })),
+        (guests::SPIN, json!(null), Failure(FailureKind::OutOfFuel, "used up its fuel")),
+        (guests::MEMORY_HOG, json!(null), Failure(FailureKind::MemoryLimit, "its limit is 64.0 MiB")),
+        (guests::RECURSE, json!(null), Failure(FailureKind::StackOverflow, "overflowed its call stack")),
+        (guests::CHATTY, json!({}), Failure(FailureKind::Timeout, "timeout of 3s")),
+        (guests::SLEEPY, json!({}), Failure(FailureKind::Timeout, "timeout of 3s")),
+        (guests::BIG_MEMORY, json!(1), Failure(FailureKind::MemoryLimit, "its limit is 64.0 MiB")),
+        (guests::HOST_ABUSE, json!({ "attack": "resource-loop" }), Failure(FailureKind::Trap, "no free keys")),
+        (guests::HOST_ABUSE, json!({ "attack": "log-flood", "size": 1_000_000 }), Output("1000000")),
+        (guests::FS_ESCAPE, json!({ "attack": "symlink" }), Output("refused: ")),
+        (guests::NET_PROBE, json!({ "attack": "dns", "host": "localhost" }), Output("refused: ")),
+        (guests::HOST_ABUSE, json!({ "attack": "random" }), Failure(FailureKind::Trap, "exceeds limit 1048576")),
+        (
+            guests::HOST_ABUSE,
+            json!({ "attack": "cas-hoard", "size": 1024 * 1024 }),
+            Failure(FailureKind::MemoryLimit, "compare-and-swap"),
+        ),
+        (guests::HOST_ABUSE, json!({ "attack": "kv-flood", "size": 1024 * 1024 }), Failure(FailureKind::Timeout, "3s")),
+        (guests::HTTP_PROBE, json!({ "url": "http://127.0.0.1:9/" }), Output("HttpRequestDenied")),
+        (
+            guests::HOST_ABUSE,
+            json!({ "attack": "fields-hoard", "size": 15_000 }),
+            Failure(FailureKind::MemoryLimit, "HTTP header fields"),
+        ),
+        (
+            guests::HOST_ABUSE,
+            json!({ "attack": "request-hoard", "size": 16_000 }),
+            Failure(FailureKind::MemoryLimit, "HTTP requests"),
+        ),
+        (guests::SCRATCH_FILL, json!({ "how": "files" }), Output("\"held\":")),
+        (guests::SCRATCH_FILL_WASIP1, json!({ "how": "dirs" }), Output("\"error\":\"StorageFull\"")),
     ];
-    let components = hostile
-        .into_iter()
-        .map(|(guest, input)| (common::load(guest), input))
-        .chain([(table_bomb(1).unwrap(), json!(null)), (open_loop(), json!(null))]);
-    for (component, input) in components {
+    let components = hostile.into_iter().map(|(guest, input, ends)| (common::load(guest), input, ends)).chain([
+        (table_bomb(1).unwrap(), json!(null), Failure(FailureKind::MemoryLimit, "the limit is 20000")),
+        (open_loop(), json!(null), Failure(FailureKind::Trap, "no free keys")),
+    ]);
+    for (component, input, ends) in components {
         let mut req = request(input);
         req.limits.timeout = Duration::from_secs(3);
         req.grants.dirs = playground.grants();
-        req.grants.scratch = true;
-        attacks.push(tokio::spawn(async move { sandbox().run(&component, req).await }));
+        // Fuel, not the clock, ends the spin, however busy the machine.
+        if component.path().to_string_lossy().contains("spin") {
+            req.limits.fuel = 200_000_000;
+        }
+        if component.path().to_string_lossy().contains("scratch-fill") {
+            req.grants.scratch = true;
+            req.limits.scratch = ByteSize::mib(1);
+        }
+        // A budget that binds before the share of open files does.
+        req.limits.host_memory = ByteSize::mib(4);
+        req.limits.stdio = ByteSize::kib(512);
+        req.limits.logs = ByteSize::kib(512);
+        attacks.push((ends, tokio::spawn(async move { sandbox().run(&component, req).await })));
     }
     let hello = common::load(guests::HELLO);
     let healthy: Vec<_> = (0..50)
@@ -367,9 +399,22 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
         let report = task.await.unwrap();
         assert_eq!(report.output(), Some(&json!({ "greeting": format!("Hello, n{i}!") })), "{report:?}");
     }
-    for task in attacks {
+    for (ends, task) in attacks {
         let report = task.await.expect("an attack did not take the host down");
         assert!(report.duration_ms() < 6000.0, "{report:?}");
+        match ends {
+            Failure(kind, text) => {
+                let failure = report.failure().unwrap_or_else(|| panic!("{report:?}"));
+                assert!(
+                    failure.kind == kind && failure.message.contains(text),
+                    "expected {kind:?} ({text}): {failure}"
+                );
+            }
+            Output(text) => {
+                let output = report.output().map(|output| output.to_string()).unwrap_or_default();
+                assert!(output.contains(text), "expected an output with {text}: {report:?}");
+            }
+        }
     }
     playground.assert_untouched("mixed");
 }
