@@ -15,7 +15,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
 use common::{journal_state, json, key_counts, output, stderr, stepbox, temp_dir};
-use serde_json::Value;
+use serde_json::{Value, json};
 use stepbox_tests::guests;
 
 /// Every failpoint in stepbox's source, by name.
@@ -96,17 +96,36 @@ steps:
     path
 }
 
-/// Each step's output (the counter's aside, which depends on how often
-/// it ran), with the run's id taken out, by step id.
+/// Each step's output, with the run's id taken out, by step id. The
+/// counter's is left aside (it depends on how often it ran), and the flaky
+/// step's attempt number, which an interrupted attempt rightly moves on,
+/// must be its last attempt's and is then left aside too.
 fn outputs(shown: &Value) -> BTreeMap<String, String> {
     let id = shown["id"].as_str().unwrap();
-    shown["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|step| step["id"] != "count")
-        .map(|step| (step["id"].as_str().unwrap().to_owned(), step["output"].to_string().replace(id, "RUN")))
-        .collect()
+    let mut outputs = BTreeMap::new();
+    for step in shown["steps"].as_array().unwrap() {
+        let mut output = step["output"].clone();
+        let flaky = match step["id"].as_str().unwrap() {
+            "count" => continue,
+            "flaky" => Some(&mut output),
+            "gather" => Some(&mut output["flaky"]),
+            _ => None,
+        };
+        if let Some(flaky) = flaky {
+            let last =
+                shown["steps"].as_array().unwrap().iter().find(|step| step["id"] == "flaky").unwrap()["executions"][0]
+                    ["attempts"]
+                    .as_array()
+                    .unwrap()
+                    .last()
+                    .unwrap()["attempt"]
+                    .clone();
+            assert_eq!(flaky["succeeded_on_attempt"], last, "the flaky step's output is its last attempt's");
+            flaky["succeeded_on_attempt"] = json!("LAST");
+        }
+        outputs.insert(step["id"].as_str().unwrap().to_owned(), output.to_string().replace(id, "RUN"));
+    }
+    outputs
 }
 
 /// Every execution's attempt numbers, by idempotency key.
