@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::{request, run, sandbox};
 use serde_json::json;
 use stepbox::run::FailureKind;
-use stepbox::sandbox::REDACTED;
+use stepbox::sandbox::{EngineConfig, REDACTED, Sandbox};
+use stepbox::store::MemoryKeyValueStore;
 use stepbox_tests::guests;
 
 #[tokio::test]
@@ -33,6 +34,38 @@ async fn each_attempt_gets_its_own_empty_scratch_directory() {
         let report = run(guests::PROBE, req).await;
         assert_eq!(report.output(), Some(&json!({ "before": [], "read": "scribbled" })), "{report:?}");
     }
+}
+
+#[tokio::test]
+async fn concurrent_attempts_get_private_scratch_directories_removed_afterwards() {
+    let data = std::env::temp_dir().join(format!("stepbox-scratch-private-{}", std::process::id()));
+    let config = EngineConfig { data_dir: Some(data.clone()), ..EngineConfig::default() };
+    let sandbox = Arc::new(Sandbox::new(config, Arc::new(MemoryKeyValueStore::new())).unwrap());
+    let probe = sandbox.load(std::path::Path::new(guests::PROBE)).unwrap();
+    let attempts: Vec<_> = (0..8)
+        .map(|_| {
+            let (sandbox, probe) = (sandbox.clone(), probe.clone());
+            let mut req = request(json!({ "probe": "scratch" }));
+            req.grants.scratch = true;
+            tokio::spawn(async move { sandbox.run(&probe, req).await })
+        })
+        .collect();
+    for attempt in attempts {
+        let report = attempt.await.unwrap();
+        // Each wrote note.txt; none saw another's.
+        assert_eq!(report.output(), Some(&json!({ "before": [], "read": "scribbled" })), "{report:?}");
+    }
+    // This process's part of scratch/ holds no attempt's directory now.
+    let mut left = Vec::new();
+    for part in std::fs::read_dir(data.join("scratch")).unwrap() {
+        let part = part.unwrap().path();
+        if part.is_dir() {
+            left.extend(std::fs::read_dir(&part).unwrap().map(|entry| entry.unwrap().path()));
+        }
+    }
+    assert!(left.is_empty(), "{left:?}");
+    drop(sandbox);
+    std::fs::remove_dir_all(data).unwrap();
 }
 
 #[tokio::test]

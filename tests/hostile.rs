@@ -11,7 +11,8 @@ use bytesize::ByteSize;
 use common::{request, run, sandbox};
 use serde_json::json;
 use stepbox::run::{Attempt, FailureKind, Outcome};
-use stepbox::sandbox::{DirGrant, LoadError, StepComponent};
+use stepbox::sandbox::{DirGrant, EngineConfig, LoadError, Sandbox, StepComponent};
+use stepbox::store::MemoryKeyValueStore;
 use stepbox_tests::guests;
 
 fn failure_kind(report: &Attempt) -> FailureKind {
@@ -270,12 +271,26 @@ async fn a_huge_initial_memory_is_refused_before_any_code_runs() {
 async fn an_attempt_never_sees_what_the_one_before_wrote() {
     // Instance slots are reused with their touched pages kept resident;
     // each attempt must still start from the component's initial memory,
-    // inside the resident region (7) and beyond it (100 MiB).
-    for index in [7, 7, 100 * 1024 * 1024, 7, 100 * 1024 * 1024] {
+    // inside the resident region (7) and beyond it (100 MiB). A sandbox of
+    // one attempt at a time has one instance slot and 16 memory slots
+    // (MAX_MEMORIES): 20 attempts one after another must reuse them.
+    let data = std::env::temp_dir().join(format!("stepbox-one-slot-{}", std::process::id()));
+    let config = EngineConfig {
+        max_concurrent_attempts: 1,
+        max_memory: ByteSize::mib(512),
+        data_dir: Some(data.clone()),
+        ..EngineConfig::default()
+    };
+    let sandbox = Sandbox::new(config, std::sync::Arc::new(MemoryKeyValueStore::new())).unwrap();
+    let component = sandbox.load(Path::new(guests::BIG_MEMORY)).unwrap();
+    for (attempt, index) in [7, 100 * 1024 * 1024].into_iter().cycle().take(20).enumerate() {
         let mut req = request(json!(index));
         req.limits.memory = ByteSize::mib(300);
-        assert_eq!(run(guests::BIG_MEMORY, req).await.output(), Some(&json!(1)), "index {index}");
+        let report = sandbox.run(&component, req).await;
+        assert_eq!(report.output(), Some(&json!(1)), "attempt {attempt}, index {index}: {report:?}");
     }
+    drop(sandbox);
+    std::fs::remove_dir_all(data).unwrap();
 }
 
 /// The hand-written table bomb (`guests/table-bomb.wat`) with a table of

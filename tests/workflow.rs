@@ -42,6 +42,9 @@ fn components() -> String {
         ("fs-read", guests::FS_READ),
         ("wordcount", guests::WORDCOUNT),
         ("wordcount-wasip1", guests::WORDCOUNT_WASIP1),
+        ("probe", guests::PROBE),
+        ("host-abuse", guests::HOST_ABUSE),
+        ("net-probe", guests::NET_PROBE),
     ] {
         text.push_str(&format!("  {name}: {path}\n"));
     }
@@ -855,4 +858,43 @@ async fn a_component_that_is_not_a_step_fails_compilation_at_its_declaration() {
             && diagnostic.message.contains("exports neither `run` nor `wasi:cli/run`"),
         "{diagnostic}"
     );
+}
+
+#[tokio::test]
+async fn grants_written_in_a_workflow_file_take_effect_when_it_runs() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let report = run(&format!(
+        "name: granted
+steps:
+  - id: clock
+    uses: probe
+    deterministic: true
+    with: {{ probe: clock-and-random }}
+  - id: scratch
+    uses: probe
+    scratch: true
+    with: {{ probe: scratch }}
+  - id: stdin
+    uses: host-abuse
+    stdin: \"hello from {{{{ run.workflow }}}}\"
+    with: {{ attack: stdin }}
+  - id: connect
+    uses: net-probe
+    network: {{ connect: ['{address}'] }}
+    with: {{ attack: connect, address: '{address}' }}
+  - id: closed
+    uses: net-probe
+    with: {{ attack: connect, address: '{address}' }}
+"
+    ))
+    .await;
+    let output = |id: &str| {
+        attempts(&report, id).last().and_then(|a| a.output().cloned()).unwrap_or_else(|| panic!("{id}: {report:#?}"))
+    };
+    assert_eq!(output("clock")["now"], 946_684_800, "a fixed clock: 2000-01-01T00:00:00Z");
+    assert_eq!(output("scratch"), json!({ "before": [], "read": "scribbled" }));
+    assert_eq!(output("stdin"), json!("hello from granted"));
+    assert_eq!(output("connect"), json!({ "outcome": "done: connected" }));
+    assert!(output("closed")["outcome"].as_str().unwrap().starts_with("refused: "), "no grant, no connection");
 }
