@@ -60,8 +60,11 @@ async fn a_tenant_with_a_huge_backlog_does_not_starve_a_small_one() {
     let dir = temp_dir("fair");
     let dispatcher = Dispatcher::new(4);
     let big = tokio::spawn(run_as("big", sleepers(&dir, "big", 600, 10), dispatcher.clone()));
-    // Let the big tenant's backlog queue up first.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Let the big tenant's backlog queue up first: a first-in-first-out
+    // dispatcher would then start the small tenant's steps after all of it.
+    while dispatcher.waiting("big") < 500 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     let small_started = Instant::now();
     let (small, small_done) = run_as("small", sleepers(&dir, "small", 10, 10), dispatcher).await;
     let (big, big_done) = big.await.unwrap();

@@ -86,6 +86,11 @@ impl Dispatcher {
         state.tenants.entry(tenant.to_owned()).or_default().share = Share { weight: share.weight.max(1), ..share };
     }
 
+    /// How many of `tenant`'s attempts wait for a slot now.
+    pub fn waiting(&self, tenant: &str) -> usize {
+        self.lock().tenants.get(tenant).map_or(0, |queue| queue.waiting.len())
+    }
+
     /// Waits for a slot for `tenant`.
     pub async fn acquire(self: &Arc<Self>, tenant: &str) -> Slot {
         let (sender, receiver) = oneshot::channel();
