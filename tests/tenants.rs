@@ -140,6 +140,22 @@ async fn a_workflow_over_a_tenant_ceiling_fails_validation_naming_it() {
     assert!(
         unknown.contains("tenant `globex` is not in the tenants file") && unknown.contains("the tenants are: acme")
     );
+
+    // Paths are compared once `..` and symlinks are resolved: a path that
+    // names the allowed directory but leads out of it is refused.
+    std::fs::copy(guests::HELLO, dir.join("outside.wasm")).unwrap();
+    std::os::unix::fs::symlink(dir.join("outside.wasm"), allowed.join("link.wasm")).unwrap();
+    std::os::unix::fs::symlink(dir.join("data"), allowed.join("data-link")).unwrap();
+    std::fs::write(
+        &path,
+        "name: wf\ncomponents:\n  dotdot: allowed/../outside.wasm\n  linked: allowed/link.wasm\nsteps:\n  - id: a\n    uses: dotdot\n    dirs: ['allowed/../data:/data']\n  - id: b\n    uses: linked\n    dirs: ['allowed/data-link:/data']\n",
+    )
+    .unwrap();
+    let err = tenants.get("acme").unwrap().check(&Workflow::load(&path).unwrap()).unwrap_err().to_string();
+    for expected in ["component `dotdot`", "component `linked`", "step `a`", "step `b`"] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert_eq!(err.matches("is not under tenant `acme`'s allowed dirs").count(), 2, "{err}");
 }
 
 #[tokio::test]
