@@ -268,6 +268,21 @@ async fn a_huge_initial_memory_is_refused_before_any_code_runs() {
 }
 
 #[tokio::test]
+async fn shared_memory_and_more_memories_than_an_attempt_may_have_are_refused() {
+    // No memory of a step is shared with anything: a shared memory (the
+    // threads proposal) does not even load.
+    let shared = wat::parse_str(r#"(module (memory (export "memory") 1 1 shared) (func (export "_start")))"#).unwrap();
+    let err = sandbox().load_bytes(Path::new("shared.wasm"), &shared).unwrap_err().to_string();
+    assert!(err.contains("shared"), "{err}");
+    // A core module has one memory, however many it declares: refused when
+    // it loads, before any of it runs.
+    let memories = "(memory 1)".repeat(16);
+    let text = format!(r#"(module {memories} (memory (export "memory") 1) (func (export "_start")))"#);
+    let err = sandbox().load_bytes(Path::new("many.wasm"), &wat::parse_str(text).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("asks for more than any step may have") && err.contains("memories count of 17"), "{err}");
+}
+
+#[tokio::test]
 async fn an_attempt_never_sees_what_the_one_before_wrote() {
     // Instance slots are reused with their touched pages kept resident;
     // each attempt must still start from the component's initial memory,

@@ -160,4 +160,17 @@ mod tests {
         assert_eq!(limiter.peak_memory(), 128 * 1024);
         assert!(limiter.hit().unwrap().0.contains("limit is 128.0 KiB"), "{:?}", limiter.hit());
     }
+
+    #[test]
+    fn the_defaults_are_the_ones_security_md_lists() {
+        let limits = Limits::default();
+        assert_eq!(limits.fuel, 2_000_000_000);
+        assert_eq!(limits.timeout, Duration::from_secs(10));
+        assert_eq!(limits.memory, ByteSize::mib(64));
+        assert_eq!(limits.table_elements, 20_000);
+        assert_eq!((limits.stdio, limits.output, limits.logs), (ByteSize::mib(1), ByteSize::mib(1), ByteSize::mib(1)));
+        assert_eq!(limits.host_resources, 10_000);
+        assert_eq!(limits.host_memory, ByteSize::mib(16));
+        assert_eq!(limits.scratch, ByteSize::mib(64));
+    }
 }
