@@ -742,4 +742,6 @@ fn a_fan_out_of_chatty_steps_keeps_the_process_small() {
         stdout.starts_with("xxx") && stdout.ends_with("more bytes not kept in the journal]"),
         "the journal keeps the head"
     );
+    // 64 KiB of it, and the marker.
+    assert!((64 * 1024..64 * 1024 + 100).contains(&stdout.len()), "{} bytes kept", stdout.len());
 }
