@@ -525,6 +525,13 @@ mod tests {
     }
 
     #[test]
+    fn the_run_ceilings_default_to_the_numbers_security_md_lists() {
+        let ceilings = RunCeilings::default();
+        assert_eq!((ceilings.max_items, ceilings.max_include_depth), (10_000, 8));
+        assert_eq!((ceilings.max_attempts, ceilings.max_executions), (100, 100_000));
+    }
+
+    #[test]
     fn a_ceiling_below_a_default_becomes_the_default() {
         let tenant = Tenant {
             name: "t".into(),

@@ -42,15 +42,23 @@ pub struct DirGrant {
 
 impl DirGrant {
     /// Grants the directory `host` at `guest`; fails when `host` is not a
-    /// directory.
+    /// directory, or `guest` is where a step's scratch directory appears
+    /// (a grant there would pass for it).
     pub fn new(host: &Path, guest: impl Into<String>, read_only: bool) -> Result<Self, String> {
+        let guest = guest.into();
+        if Path::new(&guest).starts_with(SCRATCH) {
+            return Err(format!(
+                "{guest} is where a step's scratch directory appears; grant {} at another path",
+                host.display()
+            ));
+        }
         let missing = |err: std::io::Error| format!("directory {} cannot be granted: {err}", host.display());
         let resolved = host.canonicalize().map_err(missing)?;
         let metadata = std::fs::metadata(&resolved).map_err(missing)?;
         if !metadata.is_dir() {
             return Err(format!("{} is not a directory", host.display()));
         }
-        Ok(DirGrant { host: resolved, guest: guest.into(), read_only, identity: identity(&metadata), ceiling: None })
+        Ok(DirGrant { host: resolved, guest, read_only, identity: identity(&metadata), ceiling: None })
     }
 
     /// Parses `HOST:GUEST[:ro]` (or `HOST:GUEST:rw`), HOST relative to
@@ -395,6 +403,16 @@ impl Grants {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_directory_is_granted_where_the_scratch_directory_appears() {
+        let dir = std::env::temp_dir();
+        for guest in ["/scratch", "/scratch/more"] {
+            let err = DirGrant::new(&dir, guest, false).unwrap_err();
+            assert!(err.contains("is where a step's scratch directory appears"), "{err}");
+        }
+        DirGrant::new(&dir, "/scratchpad", false).expect("another name");
+    }
 
     #[test]
     fn parses_directory_grants() {

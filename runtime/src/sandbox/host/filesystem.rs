@@ -4,10 +4,10 @@
 //! they charge the attempt's [`ScratchSpace`] first (failing the call with
 //! `insufficient-space` when it is spent) and then do what wasmtime-wasi
 //! does. Streams that write to a scratch file are wrapped so that each
-//! write is charged. A link between the scratch directory and elsewhere,
-//! or a move into it, is refused as `cross-device`: a file must not come
-//! in uncharged, nor grow outside and shrink inside. Every other
-//! descriptor passes straight through.
+//! write is charged. A link or a move between the scratch directory and
+//! elsewhere is refused as `cross-device`: a file must not come in
+//! uncharged, nor grow outside and shrink inside. Every other descriptor
+//! passes straight through.
 //!
 //! (Preview1 modules do not reach these calls; `host::preview1` holds them
 //! to the same space.)
@@ -121,12 +121,20 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
         |mut store, (fd, old, new_fd, new): (Resource<Descriptor>, String, Resource<Descriptor>, String)| {
             Box::new(async move {
                 let state = store.data_mut();
-                // Out of the scratch directory is fine (it stays charged);
-                // into it would bring in what was never charged.
-                if scratch_of(state, &new_fd)?.is_some() && scratch_of(state, &fd)?.is_none() {
+                // Across the edge of the scratch directory either way: in
+                // would bring in what was never charged, out would let a
+                // directory opened in scratch lead back in from outside.
+                if crosses(state, &fd, &new_fd)? {
                     return Ok((Err(ErrorCode::CrossDevice),));
                 }
+                // A rename may grow the destination directory, which never
+                // shrinks: it costs an entry, like a new name.
+                let entry = match Entry::take(state, &new_fd)? {
+                    Ok(entry) => entry,
+                    Err(code) => return Ok((Err(code),)),
+                };
                 let result = fs(state).rename_at(fd, old, new_fd, new).await;
+                entry.made(result.is_ok());
                 answer(state, result)
             })
         },
@@ -284,9 +292,10 @@ async fn open_at(
     answer(state, result)
 }
 
-/// Whether a link from `from` to `to` would join a file in the scratch
-/// directory with one outside it, which stepbox refuses: a file reachable
-/// both ways could grow outside the space and shrink inside it.
+/// Whether a link or move from `from` to `to` would cross the edge of the
+/// scratch directory, which stepbox refuses: a file reachable both ways
+/// could grow outside the space and shrink inside it, and one moved in
+/// would come in uncharged.
 fn crosses(state: &StepState, from: &Resource<Descriptor>, to: &Resource<Descriptor>) -> wasmtime::Result<bool> {
     Ok(scratch_of(state, from)?.is_some() != scratch_of(state, to)?.is_some())
 }

@@ -2,7 +2,7 @@
 //! budget. Any step can build header fields, requests and responses with
 //! bodies (only sending needs a grant), so each is charged the most it can
 //! make the host hold when it is created, and given back when it is
-//! dropped: header fields [`FIELDS_LIMIT`], a request or a response the
+//! dropped: header fields [`FIELDS_BYTES`], a request or a response the
 //! body chunks queued for it (its body's writes wait in that queue, which
 //! the request or response owns) and, for a request, its method, scheme,
 //! authority and path, each held to a length here. Header fields move into
@@ -24,7 +24,7 @@ use wasmtime_wasi_http::{FieldMap, RequestOptions, WasiHttpView};
 
 use super::StepState;
 use super::http::{FIELDS_LIMIT, OUTGOING_CHUNK};
-use crate::sandbox::host_memory::Charge;
+use crate::sandbox::host_memory::{Charge, HostMemorySpent};
 
 /// The WASI 0.2 HTTP interfaces wasmtime-wasi-http defines; components
 /// importing any 0.2 version link to these.
@@ -38,6 +38,11 @@ const PATH_LIMIT: usize = 16 * 1024;
 const AUTHORITY_LIMIT: usize = 1024;
 /// The longest method or scheme name a request may have.
 const NAME_LIMIT: usize = 64;
+
+/// What one `fields` may make the host hold: its content is held to
+/// [`FIELDS_LIMIT`] (names and values), and the map around them costs
+/// about as much again and more as it grows.
+const FIELDS_BYTES: usize = 4 * FIELDS_LIMIT;
 
 /// The body chunks queued for a request or response: the queue holds one
 /// more than its length (wasmtime-wasi-http's body channel).
@@ -54,23 +59,24 @@ impl HttpHeld {
     fn take(&mut self, rep: u32) -> Option<Charge> {
         self.0.remove(&rep)
     }
+}
 
-    /// `charge` with the charge of `rep` added, which a call is about to
-    /// consume into the holder of `charge`.
-    fn absorbed(&mut self, rep: u32, mut charge: Charge) -> Charge {
-        if let Some(moved) = self.take(rep) {
-            charge.absorb(moved);
-        }
-        charge
+/// The charge of the header fields `rep`, which a call is about to consume.
+/// A view of another object's fields (a request's `headers()`) carries
+/// none, yet the map it shares is copied or kept by what consumes it: it
+/// is charged now.
+fn fields_charge(state: &mut StepState, rep: u32) -> Result<Charge, HostMemorySpent> {
+    match state.http_held.take(rep) {
+        Some(charge) => Ok(charge),
+        None => state.host_memory.charge(FIELDS_BYTES, "HTTP header fields"),
     }
+}
 
-    /// Keeps the charge of `rep`, which a call is about to consume into
-    /// something stepbox does not follow, for the rest of the attempt.
-    fn keep(&mut self, rep: u32) {
-        if let Some(charge) = self.0.remove(&rep) {
-            charge.keep();
-        }
-    }
+/// `charge` with that of the header fields `rep` added, which a call is
+/// about to consume into the holder of `charge`.
+fn absorbed(state: &mut StepState, rep: u32, mut charge: Charge) -> Result<Charge, HostMemorySpent> {
+    charge.absorb(fields_charge(state, rep)?);
+    Ok(charge)
 }
 
 /// Defines the charged calls over the ones already in `linker`.
@@ -104,14 +110,14 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
 
     types.func_wrap("[constructor]fields", |mut store, ()| {
         let state = store.data_mut();
-        let charge = state.host_memory.charge(FIELDS_LIMIT, "HTTP header fields")?;
+        let charge = state.host_memory.charge(FIELDS_BYTES, "HTTP header fields")?;
         let fields = wit::HostFields::new(&mut state.http())?;
         state.http_held.0.insert(fields.rep(), charge);
         Ok((fields,))
     })?;
     types.func_wrap("[static]fields.from-list", |mut store, (entries,): (Vec<(String, Vec<u8>)>,)| {
         let state = store.data_mut();
-        let charge = state.host_memory.charge(FIELDS_LIMIT, "HTTP header fields")?;
+        let charge = state.host_memory.charge(FIELDS_BYTES, "HTTP header fields")?;
         let result: Result<_, HeaderError> = match wit::HostFields::from_list(&mut state.http(), entries) {
             Ok(fields) => {
                 state.http_held.0.insert(fields.rep(), charge);
@@ -123,7 +129,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
     })?;
     types.func_wrap("[method]fields.clone", |mut store, (fields,): (Resource<FieldMap>,)| {
         let state = store.data_mut();
-        let charge = state.host_memory.charge(FIELDS_LIMIT, "HTTP header fields")?;
+        let charge = state.host_memory.charge(FIELDS_BYTES, "HTTP header fields")?;
         let copy = wit::HostFields::clone(&mut state.http(), fields)?;
         state.http_held.0.insert(copy.rep(), charge);
         Ok((copy,))
@@ -132,7 +138,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
     types.func_wrap("[constructor]outgoing-request", |mut store, (headers,): (Resource<FieldMap>,)| {
         let state = store.data_mut();
         let charge = state.host_memory.charge(REQUEST_BYTES, "HTTP requests")?;
-        let charge = state.http_held.absorbed(headers.rep(), charge);
+        let charge = absorbed(state, headers.rep(), charge)?;
         let request = wit::HostOutgoingRequest::new(&mut state.http(), headers)?;
         state.http_held.0.insert(request.rep(), charge);
         Ok((request,))
@@ -140,7 +146,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
     types.func_wrap("[constructor]outgoing-response", |mut store, (headers,): (Resource<FieldMap>,)| {
         let state = store.data_mut();
         let charge = state.host_memory.charge(QUEUE_BYTES, "HTTP responses")?;
-        let charge = state.http_held.absorbed(headers.rep(), charge);
+        let charge = absorbed(state, headers.rep(), charge)?;
         let response = wit::HostOutgoingResponse::new(&mut state.http(), headers)?;
         state.http_held.0.insert(response.rep(), charge);
         Ok((response,))
@@ -186,7 +192,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
         |mut store, (body, trailers): (Resource<HostOutgoingBody>, Option<Resource<FieldMap>>)| {
             let state = store.data_mut();
             if let Some(trailers) = &trailers {
-                state.http_held.keep(trailers.rep());
+                fields_charge(state, trailers.rep())?.keep();
             }
             let result: Result<(), ErrorCode> = match wit::HostOutgoingBody::finish(&mut state.http(), body, trailers) {
                 Ok(()) => Ok(()),

@@ -28,9 +28,9 @@ pub(crate) const SCRATCH_FD: u32 = 3;
 /// What a call answers when the scratch space is spent.
 const QUOTA: i32 = Errno::Nospc as i32;
 
-/// What a call answers that would link or move a file into the scratch
-/// directory from outside it (or link one out): `EXDEV`, as between two
-/// filesystems, which programs handle by copying.
+/// What a call answers that would link or move a file across the edge of
+/// the scratch directory: `EXDEV`, as between two filesystems, which
+/// programs handle by copying.
 const CROSS_DEVICE: i32 = Errno::Xdev as i32;
 
 /// Defines the charged calls over the ones already in `linker`.
@@ -92,7 +92,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
             i32,
         )| {
             Box::new(async move {
-                let (mut memory, state, _) = parts(&mut caller)?;
+                let (mut memory, state, fuel) = parts(&mut caller)?;
                 let Some(space) = scratch_of(state, dir) else {
                     let ctx = state.preview1();
                     return abi::path_open(
@@ -129,6 +129,8 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
                         Err(_) => {}
                     }
                 }
+                // The lookup above spent some of the call's allowance.
+                state.preview1().set_hostcall_fuel(fuel);
                 let ctx = state.preview1();
                 let errno = abi::path_open(
                     ctx,
@@ -235,12 +237,19 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
         |mut caller, (old_dir, old, old_len, dir, new, new_len): (i32, i32, i32, i32, i32, i32)| {
             Box::new(async move {
                 let (mut memory, state, _) = parts(&mut caller)?;
-                // Out of the scratch directory is fine (it stays charged);
-                // into it would bring in what was never charged.
-                if scratch_of(state, dir).is_some() && scratch_of(state, old_dir).is_none() {
+                // Across the edge of the scratch directory either way, as
+                // for components.
+                if scratch_of(state, dir).is_some() != scratch_of(state, old_dir).is_some() {
                     return Ok(CROSS_DEVICE);
                 }
-                abi::path_rename(state.preview1(), &mut memory, old_dir, old, old_len, dir, new, new_len).await
+                // A rename may grow the destination directory: an entry.
+                let entry = match Entry::new(state, dir) {
+                    Ok(entry) => entry,
+                    Err(errno) => return Ok(errno),
+                };
+                let ctx = state.preview1();
+                let errno = abi::path_rename(ctx, &mut memory, old_dir, old, old_len, dir, new, new_len).await?;
+                Ok(entry.added(errno))
             })
         },
     )?;
