@@ -694,6 +694,36 @@ fn a_run_has_one_owner_and_a_dead_owners_run_is_interrupted() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("removed 1 run(s)"), "{}", stderr(&out));
 }
 
+#[test]
+fn stepbox_raises_its_open_files_limit_to_the_hard_limit_at_start() {
+    let dir = temp_dir("nofile");
+    let data = dir.join("data");
+    let workflow = slow_workflow(&dir, 30_000);
+    // Started with a low soft limit, as many shells and services do.
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_stepbox"), "run"])
+        .arg(&workflow)
+        .env("STEPBOX_DATA_DIR", &data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut progress = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("attempt 1 started") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut progress, &mut line).unwrap() > 0, "stepbox exited early");
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let open_files: Vec<&str> =
+        limits.lines().find(|line| line.starts_with("Max open files")).unwrap().split_whitespace().collect();
+    let (soft, hard) = (open_files[3], open_files[4]);
+    assert_eq!(soft, hard, "{limits}");
+    assert_ne!(soft, "256", "the hard limit here is above 256: {limits}");
+    let _ = child.kill();
+    child.wait().unwrap();
+}
+
 /// The most memory the process `pid` has held resident (VmHWM), in bytes.
 fn peak_resident(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
