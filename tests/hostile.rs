@@ -266,7 +266,7 @@ async fn a_huge_initial_memory_is_refused_before_any_code_runs() {
 }
 
 #[tokio::test]
-async fn shared_memory_and_more_memories_than_an_attempt_may_have_are_refused() {
+async fn shared_memory_and_more_memories_or_instances_than_an_attempt_may_have_are_refused() {
     // No memory of a step is shared with anything: a shared memory (the
     // threads proposal) does not even load.
     let shared = wat::parse_str(r#"(module (memory (export "memory") 1 1 shared) (func (export "_start")))"#).unwrap();
@@ -278,6 +278,11 @@ async fn shared_memory_and_more_memories_than_an_attempt_may_have_are_refused() 
     let text = format!(r#"(module {memories} (memory (export "memory") 1) (func (export "_start")))"#);
     let err = sandbox().load_bytes(Path::new("many.wasm"), &wat::parse_str(text).unwrap()).unwrap_err().to_string();
     assert!(err.contains("asks for more than any step may have") && err.contains("memories count of 17"), "{err}");
+    // More core instances than an attempt may create (64).
+    let instances = "(core instance (instantiate $m))".repeat(65);
+    let component = wat::parse_str(format!("(component (core module $m) {instances})")).unwrap();
+    let err = sandbox().load_bytes(Path::new("instances.wasm"), &component).unwrap_err().to_string();
+    assert!(err.contains("asks for more than any step may have"), "{err}");
 }
 
 #[tokio::test]

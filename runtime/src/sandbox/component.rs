@@ -59,8 +59,15 @@ pub enum LoadError {
         /// The file.
         path: PathBuf,
     },
-    #[error("{path} asks for more than any step may have: {message}; make its initial tables or memories smaller")]
-    /// Its initial memories or tables exceed what any attempt may have.
+    #[error(
+        "{path} asks for more than any step may have: {message}; make its initial tables or memories smaller, \
+         or use fewer of them (a step may create {instances} core instances, {memories} memories and {tables} tables)",
+        instances = super::limits::MAX_INSTANCES,
+        memories = super::limits::MAX_MEMORIES,
+        tables = super::limits::MAX_TABLES
+    )]
+    /// Its initial memories or tables, or their number, or its instances,
+    /// exceed what any attempt may have.
     OverLimits {
         /// The file.
         path: PathBuf,
