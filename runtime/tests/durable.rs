@@ -648,8 +648,10 @@ fn slow_workflow(dir: &Path, millis: u64) -> PathBuf {
 
 /// Starts `stepbox run` of `workflow` and waits until its first attempt
 /// started; returns the process and the run's id.
-fn start_run(data: &Path, workflow: &Path) -> (std::process::Child, String) {
-    let mut child = stepbox(data).args(["run", workflow.to_str().unwrap()]).stderr(Stdio::piped()).spawn().unwrap();
+/// Waits until `child` (a `stepbox run` with its stderr piped) has started
+/// its first attempt, then drains its stderr so it never blocks on a full
+/// pipe.
+fn wait_for_first_attempt(child: &mut std::process::Child) {
     let mut progress = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     while !line.contains("attempt 1 started") {
@@ -657,8 +659,12 @@ fn start_run(data: &Path, workflow: &Path) -> (std::process::Child, String) {
         let read = std::io::BufRead::read_line(&mut progress, &mut line).unwrap();
         assert!(read > 0, "stepbox exited before its first attempt");
     }
-    // Drained, so the child never blocks on a full pipe.
     std::thread::spawn(move || std::io::copy(&mut progress, &mut std::io::sink()));
+}
+
+fn start_run(data: &Path, workflow: &Path) -> (std::process::Child, String) {
+    let mut child = stepbox(data).args(["run", workflow.to_str().unwrap()]).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_first_attempt(&mut child);
     let id = json(data, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned();
     (child, id)
 }
@@ -708,12 +714,7 @@ fn stepbox_raises_its_open_files_limit_to_the_hard_limit_at_start() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut progress = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("attempt 1 started") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut progress, &mut line).unwrap() > 0, "stepbox exited early");
-    }
+    wait_for_first_attempt(&mut child);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
     let open_files: Vec<&str> =
         limits.lines().find(|line| line.starts_with("Max open files")).unwrap().split_whitespace().collect();

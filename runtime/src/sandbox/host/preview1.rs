@@ -93,26 +93,12 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
         )| {
             Box::new(async move {
                 let (mut memory, state, fuel) = parts(&mut caller)?;
-                let Some(space) = scratch_of(state, dir) else {
-                    let ctx = state.preview1();
-                    return abi::path_open(
-                        ctx,
-                        &mut memory,
-                        dir,
-                        lookup,
-                        path,
-                        path_len,
-                        oflags,
-                        base,
-                        inheriting,
-                        fdflags,
-                        opened,
-                    )
-                    .await;
-                };
+                let space = scratch_of(state, dir);
                 let oflags_set = Oflags::from_bits_truncate(oflags as u16);
                 let (mut new_entry, mut truncated) = (false, None);
-                if oflags_set.intersects(Oflags::CREAT | Oflags::TRUNC) {
+                if let Some(space) = &space
+                    && oflags_set.intersects(Oflags::CREAT | Oflags::TRUNC)
+                {
                     let lookup = Lookupflags::from_bits_truncate(lookup as u32);
                     let at = GuestPtr::<str>::new((path as u32, path_len as u32));
                     match state.preview1().path_filestat_get(&mut memory, Fd::from(dir as u32), lookup, at).await {
@@ -128,9 +114,9 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
                         }
                         Err(_) => {}
                     }
+                    // The lookup spent some of the call's allowance.
+                    state.preview1().set_hostcall_fuel(fuel);
                 }
-                // The lookup above spent some of the call's allowance.
-                state.preview1().set_hostcall_fuel(fuel);
                 let ctx = state.preview1();
                 let errno = abi::path_open(
                     ctx,
@@ -146,6 +132,7 @@ pub(crate) fn add_to_linker(linker: &mut Linker<StepState>) -> anyhow::Result<()
                     opened,
                 )
                 .await?;
+                let Some(space) = space else { return Ok(errno) };
                 if errno == 0 {
                     if let Some((id, size)) = truncated {
                         space.truncated(id, size);
