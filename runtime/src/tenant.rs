@@ -149,8 +149,8 @@ struct TenantsFile {
 }
 
 /// One tenant's ceilings. Grants it leaves out are refused; limits it leaves
-/// out are stepbox's defaults.
-#[derive(Debug, Clone, Deserialize)]
+/// out are stepbox's defaults. The default is an empty entry: no grants.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     /// Attempt slots per turn when tenants compete (default 1).
@@ -284,6 +284,23 @@ impl Tenant {
     /// stepbox's default limits and run ceilings.
     pub fn unconstrained(name: impl Into<String>) -> Self {
         Tenant { name: name.into(), spec: TenantSpec::unconstrained(), file: None }
+    }
+
+    /// A tenant `stepbox serve` knows no ceilings for (there is no tenants
+    /// file): an empty entry's, so a service grants nothing beyond the
+    /// sandbox until its operator writes a tenants file.
+    pub fn restricted(name: impl Into<String>) -> Self {
+        Tenant { name: name.into(), spec: TenantSpec::default(), file: None }
+    }
+
+    /// This tenant running a deployed bundle stored at `root`: its
+    /// components and includes must lie inside the bundle, whatever the
+    /// tenants file allows for local files.
+    pub fn for_bundle(&self, root: &Path) -> Tenant {
+        let mut tenant = self.clone();
+        tenant.spec.components = Allowed::Only(vec![root.to_owned()]);
+        tenant.spec.includes = Allowed::Only(vec![root.to_owned()]);
+        tenant
     }
 
     /// How the dispatcher serves this tenant.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 
-use super::report::{all_steps, millis, print_attempt, steps_table, when};
+use super::report::{millis, print_attempt, steps_table, when};
 use super::{CliError, engine_config, open_database, parse_key_value, sandbox_with};
 use crate::run::{RunStatus, now_ms};
 use crate::store::{History, Journal, RunFilter};
@@ -84,7 +84,13 @@ fn print_json(value: &impl serde::Serialize) -> Result<u8, CliError> {
 
 pub(crate) fn runs(args: RunsArgs, data_dir: &Path) -> Result<u8, CliError> {
     let db = open_database(data_dir)?;
-    let filter = RunFilter { status: args.status, workflow: args.workflow, labels: args.labels, limit: args.limit };
+    let filter = RunFilter {
+        status: args.status,
+        workflow: args.workflow,
+        labels: args.labels,
+        limit: args.limit,
+        ..RunFilter::default()
+    };
     let runs = db.list_runs(&filter)?;
     if args.json {
         return print_json(&runs);
@@ -133,7 +139,8 @@ pub(crate) fn show(args: ShowArgs, data_dir: &Path) -> Result<u8, CliError> {
 pub(crate) fn logs(args: LogsArgs, data_dir: &Path) -> Result<u8, CliError> {
     let db = open_database(data_dir)?;
     let report = db.run_report(&args.run_id)?;
-    let steps: Vec<_> = all_steps(&report.steps)
+    let steps: Vec<_> = report
+        .all_steps()
         .into_iter()
         .filter(|step| args.step.as_ref().is_none_or(|wanted| step.id.to_string() == *wanted))
         .collect();

@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand};
 use crate::sandbox::{EngineConfig, Sandbox};
 use crate::store::{Database, KeyValueStore, MemoryKeyValueStore};
 use crate::tenant::{Tenant, Tenants};
-use crate::workflow::Workflow;
+use crate::workflow::{Workflow, WorkflowError};
 pub(crate) use error::{CliError, exit};
 
 const ABOUT_EXAMPLES: &str = "Examples:
@@ -64,7 +64,7 @@ pub(crate) struct Place<'a> {
 
 /// The tenant `name` with its ceilings from the tenants file (unconstrained
 /// without one), after checking `workflow` against them.
-pub(crate) fn admit(place: &Place<'_>, name: &str, workflow: &Workflow) -> Result<Arc<Tenant>, CliError> {
+pub(crate) fn admit(place: &Place<'_>, name: &str, workflow: &Workflow) -> Result<Arc<Tenant>, WorkflowError> {
     let tenant = match place.tenants {
         Some(file) => Tenants::load(file)?.get(name)?,
         None => Tenant::unconstrained(name),

@@ -58,9 +58,6 @@ pub(crate) fn when(ms: f64) -> String {
 }
 
 /// Every step of the report, included ones after their include step.
-pub(crate) fn all_steps(steps: &[StepReport]) -> Vec<&StepReport> {
-    steps.iter().flat_map(|step| std::iter::once(step).chain(all_steps(&step.steps))).collect()
-}
 
 /// One attempt's logs, stdout and stderr, and how it failed.
 pub(crate) fn print_attempt(step: &StepReport, key: &str, attempt: &Attempt) {

@@ -14,10 +14,10 @@ use super::report::{millis, steps_table};
 use super::{CliError, Place, admit, engine_config, exit, open_database, parse_key_value, sandbox_with_kv};
 use crate::run::{Run, RunStatus, StepPath, StepStatus};
 use crate::sandbox::EngineConfig;
-use crate::scheduler::{self, RunEvent, RunOptions};
-use crate::store::{Database, Heartbeat, History, Journal, LEASE_TTL, Lease, new_run_id, this_owner};
-use crate::tenant::Tenant;
-use crate::workflow::{Inputs, Workflow};
+use crate::scheduler::{self, RunEvent};
+use crate::service::Owned;
+use crate::store::{Database, Heartbeat, History, Journal, LEASE_TTL, new_run_id, this_owner};
+use crate::workflow::Workflow;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -105,16 +105,6 @@ pub(crate) async fn run(args: Args, place: &Place<'_>) -> Result<u8, CliError> {
     execute(db, owned, &args.how, place.secrets_dir).await
 }
 
-/// A recorded run this process owns, ready to go: its workflow, its inputs
-/// bound, its tenant admitted, its lease held.
-pub(crate) struct Owned {
-    pub(crate) workflow: Arc<Workflow>,
-    pub(crate) run: Run,
-    pub(crate) inputs: Inputs,
-    pub(crate) tenant: Arc<Tenant>,
-    pub(crate) lease: Lease,
-}
-
 /// Runs a recorded run (new, resumed or retried) with progress and a
 /// summary.
 pub(crate) async fn execute(
@@ -123,7 +113,6 @@ pub(crate) async fn execute(
     how: &HowToRun,
     secrets_dir: Option<&std::path::Path>,
 ) -> Result<u8, CliError> {
-    let Owned { workflow, run, inputs, tenant, lease } = owned;
     let max_parallel = how.max_parallel.map_or_else(scheduler::default_max_parallel, |n| n as usize);
     let config = EngineConfig {
         max_concurrent_attempts: u32::try_from(max_parallel).unwrap_or(u32::MAX),
@@ -132,23 +121,16 @@ pub(crate) async fn execute(
     let sandbox = sandbox_with_kv(config, db.key_values())?;
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
-    // Renewed while the run goes on, released when it ends; a lease taken
-    // over by another process stops this one.
-    let _heartbeat = Heartbeat::start(db.clone(), lease, cancel.clone());
     let (events, receiver) = mpsc::unbounded_channel();
-    let mut options = RunOptions::new(run.id);
+    let mut options = owned.options(db.clone(), scheduler::Dispatcher::new(max_parallel));
     options.secrets_dir = secrets_dir.map(ToOwned::to_owned);
-    options.labels = run.labels;
-    options.created_ms = run.created_ms;
     options.fail_fast = how.fail_fast;
     options.events = Some(events);
     options.cancel = cancel.clone();
-    options.journal = Some(db.clone());
-    options.max_parallel = max_parallel;
-    let dispatcher = scheduler::Dispatcher::new(options.max_parallel);
-    dispatcher.set_share(&tenant.name, tenant.share());
-    options.dispatcher = Some(dispatcher);
-    options.tenant = tenant;
+    let Owned { workflow, inputs, lease, .. } = owned;
+    // Renewed while the run goes on, released when it ends; a lease taken
+    // over by another process stops this one.
+    let _heartbeat = Heartbeat::start(db.clone(), lease, cancel.clone());
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
     let result = scheduler::run(&sandbox, workflow, inputs, options).await;
     let _ = progress.await;
@@ -253,6 +235,7 @@ async fn show_progress(mut events: mpsc::UnboundedReceiver<RunEvent>, total: u64
                     let _ = bars.println(describe(&event));
                 }
             }
+            RunEvent::RunFinished { .. } => {}
         }
     }
     overall.finish_and_clear();
@@ -268,5 +251,6 @@ fn describe(event: &RunEvent) -> String {
             Some(reason) => format!("{path}: {status} ({reason})"),
             None => format!("{path}: {status}"),
         },
+        RunEvent::RunFinished { status } => format!("the run {status}"),
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// One attempt.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Attempt {
     /// 1 for an execution's first attempt; numbers count on across resumes.
     pub attempt: u32,
@@ -89,7 +89,7 @@ impl Attempt {
 }
 
 /// How an attempt ended.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum Outcome {
     /// It has not ended (or its process died before it did).
@@ -118,7 +118,7 @@ impl Outcome {
 }
 
 /// Why an attempt failed. Retry policies decide by this class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureKind {
     /// The attempt ran past its wall-clock timeout.
@@ -204,7 +204,7 @@ impl std::str::FromStr for FailureKind {
 }
 
 /// A failed attempt: its class and a message for people.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Failure {
     /// The class retry policies decide by.
     pub kind: FailureKind,
@@ -226,7 +226,7 @@ impl fmt::Display for Failure {
 }
 
 /// What a guest wrote to one stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Captured {
     /// The kept bytes as text (invalid UTF-8 replaced), ending with a
     /// `[... N more bytes dropped]` marker when the stream went over its cap.
@@ -243,7 +243,7 @@ impl Captured {
 }
 
 /// A log message a step sent through `wasi:logging`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogRecord {
     /// How severe.
     pub level: LogLevel,
@@ -254,7 +254,7 @@ pub struct LogRecord {
 }
 
 /// The level of a log message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 #[allow(missing_docs)] // the levels of `wasi:logging`
 pub enum LogLevel {

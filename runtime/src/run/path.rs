@@ -98,6 +98,15 @@ impl FromStr for StepPath {
     }
 }
 
+/// A path is its text in the API's documents.
+impl utoipa::PartialSchema for StepPath {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        String::schema()
+    }
+}
+
+impl utoipa::ToSchema for StepPath {}
+
 impl serde::Serialize for StepPath {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)

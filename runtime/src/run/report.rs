@@ -10,7 +10,7 @@ use serde_json::Value;
 use super::{Attempt, RunStatus, StepPath, StepStatus};
 
 /// A run as recorded: what it runs, for whom, and how it stands.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Run {
     /// The run id (a UUIDv7).
     pub id: String,
@@ -23,10 +23,12 @@ pub struct Run {
     /// Labels to find it by.
     pub labels: BTreeMap<String, String>,
     /// Its inputs, as bound.
+    #[schema(value_type = Object)]
     pub inputs: serde_json::Map<String, Value>,
     /// Where it stands.
     pub status: RunStatus,
     /// The workflow's outputs, once it finished.
+    #[schema(value_type = Option<Object>)]
     pub outputs: Option<serde_json::Map<String, Value>>,
     /// Why it stopped, when that was not a step's doing (its journal failed,
     /// its fuel budget ran out).
@@ -38,6 +40,10 @@ pub struct Run {
     /// The process that holds it while it runs (`HOST:PID:NONCE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The deployed version of its workflow it runs, for a run started
+    /// through `stepbox serve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
 }
 
 impl Run {
@@ -62,6 +68,7 @@ impl Run {
             created_ms: super::now_ms(),
             finished_ms: None,
             owner: None,
+            version: None,
         }
     }
 
@@ -72,7 +79,7 @@ impl Run {
 }
 
 /// A run with everything it did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunReport {
     /// The run itself.
     #[serde(flatten)]
@@ -113,6 +120,20 @@ impl RunReport {
         }
     }
 
+    /// Every step, each included workflow's steps after their include
+    /// step.
+    pub fn all_steps(&self) -> Vec<&StepReport> {
+        fn walk<'a>(steps: &'a [StepReport], all: &mut Vec<&'a StepReport>) {
+            for step in steps {
+                all.push(step);
+                walk(&step.steps, all);
+            }
+        }
+        let mut all = Vec::new();
+        walk(&self.steps, &mut all);
+        all
+    }
+
     /// The step at `path` (its text, like `billing.charge`), at any depth.
     pub fn step(&self, path: &str) -> Option<&StepReport> {
         fn find<'a>(steps: &'a [StepReport], path: &str) -> Option<&'a StepReport> {
@@ -123,7 +144,7 @@ impl RunReport {
 }
 
 /// One step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StepReport {
     /// Its path in the run: its id, under its include steps.
     pub id: StepPath,
@@ -183,7 +204,7 @@ impl StepReport {
 }
 
 /// One execution of a step: the whole step, or one item of a fan-out.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ExecutionReport {
     /// Its path: the step's, with the item for a fan-out.
     pub path: StepPath,

@@ -27,6 +27,8 @@ struct State {
     turn: VecDeque<String>,
     /// Slots the front tenant has had in its current turn.
     served_in_turn: u32,
+    /// No more slots are handed out: the process is shutting down.
+    draining: bool,
 }
 
 #[derive(Debug, Default)]
@@ -67,6 +69,7 @@ impl Dispatcher {
                 tenants: BTreeMap::new(),
                 turn: VecDeque::new(),
                 served_in_turn: 0,
+                draining: false,
             }),
         })
     }
@@ -89,6 +92,18 @@ impl Dispatcher {
     /// How many of `tenant`'s attempts wait for a slot now.
     pub fn waiting(&self, tenant: &str) -> usize {
         self.lock().tenants.get(tenant).map_or(0, |queue| queue.waiting.len())
+    }
+
+    /// Hands out no more slots: attempts running now finish, attempts
+    /// waiting for a slot wait until their runs are interrupted. For a
+    /// process that is shutting down.
+    pub fn drain(&self) {
+        self.lock().draining = true;
+    }
+
+    /// How many slots are held by running attempts now.
+    pub fn busy(&self) -> usize {
+        self.slots - self.lock().free
     }
 
     /// Waits for a slot for `tenant`.
@@ -120,7 +135,7 @@ impl State {
     /// Gives free slots to waiting tenants, in turn.
     fn hand_out(&mut self, dispatcher: &Arc<Dispatcher>) {
         let mut idle_turns = 0;
-        while self.free > 0 && idle_turns < self.turn.len() {
+        while !self.draining && self.free > 0 && idle_turns < self.turn.len() {
             let Some(tenant) = self.turn.front().cloned() else { return };
             let Some(queue) = self.tenants.get_mut(&tenant) else {
                 self.turn.pop_front();
@@ -193,5 +208,23 @@ mod tests {
         let _other = dispatcher.acquire("u").await;
         drop(a);
         waiting.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_draining_dispatcher_lets_slots_go_and_hands_none_out() {
+        let dispatcher = Dispatcher::new(2);
+        let held = dispatcher.acquire("t").await;
+        dispatcher.drain();
+        let waiting = tokio::spawn({
+            let dispatcher = dispatcher.clone();
+            async move { dispatcher.acquire("t").await }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(dispatcher.busy(), 1);
+        drop(held);
+        tokio::task::yield_now().await;
+        assert_eq!(dispatcher.busy(), 0);
+        assert!(!waiting.is_finished(), "a free slot is not handed out while draining");
+        waiting.abort();
     }
 }

@@ -479,7 +479,8 @@ async fn load_templated_include(
     let load = move || {
         let path = base_dir.join(path);
         tenant.confine_include(&base_dir, &path)?;
-        let workflow = Workflow::load(&path).map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
+        let workflow =
+            Workflow::load_for(&path, &tenant).map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
         tenant
             .check_at(&workflow, depth)
             .map_err(|err| format!("the included workflow goes over the tenant's ceilings:\n{err}"))?;

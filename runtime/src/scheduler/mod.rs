@@ -28,9 +28,10 @@ use budget::FuelBudget;
 use context::{RunContext, StepsView};
 use policy::{CircuitBreaker, RateLimiter};
 
-/// Something that happened during a run, for progress displays and
-/// embedders.
-#[derive(Debug, Clone, PartialEq)]
+/// Something that happened during a run, for progress displays, the
+/// service's live event streams and embedders.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum RunEvent {
     /// An attempt of the execution at `path` started.
     AttemptStarted {
@@ -46,6 +47,8 @@ pub enum RunEvent {
         /// The number of the attempt that failed.
         attempt: u32,
         /// The backoff before the next attempt.
+        #[serde(rename = "delay_ms", serialize_with = "millis")]
+        #[schema(value_type = f64)]
         delay: Duration,
         /// Why it failed.
         failure: Failure,
@@ -59,6 +62,15 @@ pub enum RunEvent {
         /// Why it was skipped, failed or cancelled.
         reason: Option<String>,
     },
+    /// The run ended (or, `interrupted`, stopped to be resumed later).
+    RunFinished {
+        /// How it ended.
+        status: RunStatus,
+    },
+}
+
+fn millis<S: serde::Serializer>(delay: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(delay.as_secs_f64() * 1000.0)
 }
 
 /// How to run.
@@ -78,6 +90,8 @@ pub struct RunOptions {
     /// When the run was created (unix ms): now for a new run, the recorded
     /// time for a resumed one.
     pub created_ms: f64,
+    /// The deployed version of the workflow, for a run of `stepbox serve`.
+    pub version: Option<u32>,
     /// Attempts running at once, over the whole run.
     pub max_parallel: usize,
     /// Cancel running steps as soon as a required step fails (`always`
@@ -88,6 +102,10 @@ pub struct RunOptions {
     /// Cancel to stop the run: running attempts end as `cancelled` and no
     /// more steps start.
     pub cancel: CancellationToken,
+    /// Cancel to stop the run without ending it (the process is shutting
+    /// down): running attempts end as `cancelled` and are recorded, but the
+    /// run is not; it stays unfinished, for a resume to continue.
+    pub interrupt: CancellationToken,
     /// Attempt slots shared with other runs, handed out fairly across
     /// tenants; a run without one gets its own `max_parallel` slots.
     pub dispatcher: Option<Arc<Dispatcher>>,
@@ -109,10 +127,12 @@ impl RunOptions {
             secrets_dir: None,
             labels: BTreeMap::new(),
             created_ms: now_ms(),
+            version: None,
             max_parallel: default_max_parallel(),
             fail_fast: false,
             events: None,
             cancel: CancellationToken::new(),
+            interrupt: CancellationToken::new(),
             dispatcher: None,
             journal: None,
         }
@@ -182,10 +202,18 @@ pub async fn run(
         None => ResumeState::default(),
     };
     let dispatcher = options.dispatcher.clone().unwrap_or_else(|| Dispatcher::new(options.max_parallel));
+    let stop = options.cancel.child_token();
+    let interrupted = {
+        let (interrupt, stop) = (options.interrupt.clone(), stop.clone());
+        tokio::spawn(async move {
+            interrupt.cancelled().await;
+            stop.cancel();
+        })
+    };
     let base = Base {
         dispatcher,
         resume: Arc::new(resume),
-        stop: options.cancel.child_token(),
+        stop,
         stop_error: Arc::new(parking_lot::Mutex::new(None)),
         fuel: options.tenant.spec.max_run_fuel.map(|fuel| Arc::new(FuelBudget::new(fuel))),
         executions: Arc::default(),
@@ -195,14 +223,21 @@ pub async fn run(
     };
     let shared = Shared::new(sandbox.clone(), workflow.clone(), components, &inputs, &options, base, None);
     let graph = run_graph(shared.clone(), options.fail_fast).await;
+    interrupted.abort();
     let mut status = graph.status;
     let error = shared.base.stop_error.lock().clone().map(|why| format!("the run stopped because {why}"));
     if error.is_some() {
         status = RunStatus::Failed;
     }
-    let record =
-        shared.record(|journal, run_id| journal.run_finished(run_id, status, &graph.outputs, error.as_deref()));
-    shared.durable(record).await;
+    if options.interrupt.is_cancelled() {
+        // Not finished: what it did is recorded, and a resume goes on.
+        status = RunStatus::Interrupted;
+    } else {
+        let record =
+            shared.record(|journal, run_id| journal.run_finished(run_id, status, &graph.outputs, error.as_deref()));
+        shared.durable(record).await;
+    }
+    shared.emit(RunEvent::RunFinished { status });
     let run = Run {
         id: options.run_id,
         workflow: workflow.name.clone(),
@@ -216,6 +251,7 @@ pub async fn run(
         created_ms: options.created_ms,
         finished_ms: Some(now_ms()),
         owner: None,
+        version: options.version,
     };
     Ok(RunReport { run, output_errors: graph.output_errors, steps: graph.steps })
 }

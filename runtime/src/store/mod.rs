@@ -13,6 +13,7 @@
 mod kv_conformance;
 mod lease;
 mod memory;
+mod registry;
 mod sqlite;
 
 use std::collections::HashMap;
@@ -26,6 +27,7 @@ use crate::run::{Attempt, Run, RunReport, RunStatus, StepPath, StepReport};
 
 pub use lease::{Heartbeat, LEASE_TTL, Lease, is_gone, this_owner};
 pub use memory::MemoryKeyValueStore;
+pub use registry::{Registry, Started, TokenRecord, WorkflowVersion};
 pub use sqlite::{DATABASE_FILE, Database, KV_FILE, KeyValueDatabase, SCHEMA_VERSION};
 
 /// Creates `dir` and its missing parents so that only this user can enter
@@ -129,9 +131,14 @@ pub struct ResumeState {
     pub includes: HashMap<String, Value>,
 }
 
-/// Which runs `stepbox runs` lists.
+/// Which runs `stepbox runs` and the API list.
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
+    /// Only runs of this tenant.
+    pub tenant: Option<String>,
+    /// Only runs older than this one (its id): the cursor of the page
+    /// after a page that ended with it.
+    pub before: Option<String>,
     /// Only runs with this status.
     pub status: Option<RunStatus>,
     /// Only runs of this workflow (its name).

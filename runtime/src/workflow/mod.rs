@@ -27,6 +27,7 @@ pub(crate) use parse::read as read_file;
 pub use spec::WorkflowSpec;
 
 use crate::run::FailureKind;
+use crate::tenant::Tenant;
 
 use spec::{Backoff, BreakerSpec, InputSpec, LimitsSpec, RateLimitSpec};
 
@@ -196,13 +197,20 @@ impl RetryPolicy {
 impl Workflow {
     /// Reads and validates a workflow file (YAML or JSON).
     pub fn load(path: &Path) -> Result<Workflow, WorkflowError> {
-        validate::load_file(path, &mut Vec::new())
+        validate::load_file(path, &mut validate::Loading::default())
+    }
+
+    /// Like [`Workflow::load`], for a file `tenant` controls: an include
+    /// outside what the tenant may include is refused before it is read.
+    /// The rest of the tenant's ceilings are checked by [`Tenant::check`].
+    pub fn load_for(path: &Path, tenant: &Tenant) -> Result<Workflow, WorkflowError> {
+        validate::load_file(path, &mut validate::Loading::for_tenant(tenant))
     }
 
     /// Validates a workflow given as a spec (from the builder, or decoded by
     /// the caller); relative paths resolve against `base_dir`.
     pub fn from_spec(spec: WorkflowSpec, name_for_messages: &str, base_dir: &Path) -> Result<Workflow, WorkflowError> {
-        validate::validate(spec, Path::new(name_for_messages), base_dir, &mut Vec::new())
+        validate::validate(spec, Path::new(name_for_messages), base_dir, &mut validate::Loading::default())
     }
 
     /// The position of step `id` in [`Workflow::steps`].

@@ -18,20 +18,39 @@ use super::template::check::{check_list, check_templates};
 use super::template::is_template;
 use super::{Action, Component, FanOut, RetryPolicy, Step, Workflow, graph, parse};
 use crate::sandbox::ExitCodes;
+use crate::tenant::Tenant;
 
-/// Reads and validates the workflow file at `path`. `including` holds the
-/// files that include this one, to refuse include cycles.
-pub(super) fn load_file(path: &Path, including: &mut Vec<PathBuf>) -> Result<Workflow, WorkflowError> {
+/// Where a load is in its tree of includes.
+#[derive(Default)]
+pub(super) struct Loading<'a> {
+    /// The files that include the one being loaded, to refuse include
+    /// cycles.
+    including: Vec<PathBuf>,
+    /// When set, an include outside what this tenant may include is
+    /// refused before it is read: its contents could otherwise show up in
+    /// an error message, and a device file would never end.
+    tenant: Option<&'a Tenant>,
+}
+
+impl<'a> Loading<'a> {
+    /// A load whose includes `tenant` must be allowed to include.
+    pub(super) fn for_tenant(tenant: &'a Tenant) -> Self {
+        Loading { including: Vec::new(), tenant: Some(tenant) }
+    }
+}
+
+/// Reads and validates the workflow file at `path`.
+pub(super) fn load_file(path: &Path, loading: &mut Loading<'_>) -> Result<Workflow, WorkflowError> {
     let spec: WorkflowSpec = parse::read(path, "workflow file")?;
     let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
-    validate(spec, path, &base_dir, including)
+    validate(spec, path, &base_dir, loading)
 }
 
 pub(super) fn validate(
     spec: WorkflowSpec,
     file: &Path,
     base_dir: &Path,
-    including: &mut Vec<PathBuf>,
+    loading: &mut Loading<'_>,
 ) -> Result<Workflow, WorkflowError> {
     let mut d = Diagnostics::new(file);
     if spec.name.trim().is_empty() {
@@ -137,7 +156,7 @@ pub(super) fn validate(
             }
             (None, Some(include)) => Some(Action::Include {
                 path: include.value.clone(),
-                workflow: load_include(&mut d, include, base_dir, including).map(Arc::new),
+                workflow: load_include(&mut d, include, base_dir, loading).map(Arc::new),
             }),
             (Some(_), Some(_)) => {
                 d.on(
@@ -300,24 +319,28 @@ fn load_include(
     d: &mut Diagnostics,
     include: &Spanned<String>,
     base_dir: &Path,
-    including: &mut Vec<PathBuf>,
+    loading: &mut Loading<'_>,
 ) -> Option<Workflow> {
     if is_template(&include.value) {
         return None;
     }
     let path = base_dir.join(&include.value);
+    if let Some(Err(problem)) = loading.tenant.map(|tenant| tenant.confine_include(base_dir, &path)) {
+        d.on(include, problem, None);
+        return None;
+    }
     let key = path.canonicalize().unwrap_or_else(|_| path.clone());
-    if including.contains(&key) {
+    if loading.including.contains(&key) {
         d.on(
             include,
-            format!("{} includes itself (through {} file(s))", path.display(), including.len()),
+            format!("{} includes itself (through {} file(s))", path.display(), loading.including.len()),
             Some("remove the include cycle".into()),
         );
         return None;
     }
-    including.push(key);
-    let loaded = load_file(&path, including);
-    including.pop();
+    loading.including.push(key);
+    let loaded = load_file(&path, loading);
+    loading.including.pop();
     match loaded {
         Ok(workflow) => Some(workflow),
         Err(err) => {

@@ -14,7 +14,7 @@ use crate::run::{
 use crate::store::{History, RunFilter, StoreError};
 
 const RUN_COLUMNS: &str = "id, workflow, workflow_path, tenant, inputs, status, outputs, error, created_ms, finished_ms, \
-     lease_owner, lease_expires_ms";
+     lease_owner, lease_expires_ms, version";
 
 /// A run from a row of [`RUN_COLUMNS`], without its labels. A running run
 /// whose lease is not live is `interrupted`.
@@ -38,6 +38,7 @@ fn run_from(row: &Row<'_>) -> rusqlite::Result<Run> {
         created_ms: row.get(8)?,
         finished_ms: row.get(9)?,
         owner: owner.filter(|_| live),
+        version: row.get(12)?,
     })
 }
 
@@ -78,27 +79,58 @@ impl History for Database {
     }
 
     fn list_runs(&self, filter: &RunFilter) -> Result<Vec<Run>, StoreError> {
+        // An interrupted run is stored as running: which running runs are
+        // interrupted is known only once their leases are read.
+        let stored = filter.status.map(|status| match status {
+            RunStatus::Interrupted => RunStatus::Running,
+            status => status,
+        });
+        let by_lease = matches!(filter.status, Some(RunStatus::Running | RunStatus::Interrupted));
+        let before = match &filter.before {
+            Some(id) => Some(
+                self.read(|conn| {
+                    conn.query_row("SELECT created_ms FROM runs WHERE id = ?1", params![id], |row| row.get::<_, f64>(0))
+                        .optional()
+                })?
+                .ok_or_else(|| StoreError::NoSuchRun(id.clone()))?,
+            ),
+            None => None,
+        };
+        let mut sql = format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR workflow = ?2)
+             AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR created_ms < ?4 OR (created_ms = ?4 AND id < ?5))"
+        );
+        let mut values: Vec<Box<dyn rusqlite::ToSql>> = vec![
+            Box::new(stored),
+            Box::new(filter.workflow.clone()),
+            Box::new(filter.tenant.clone()),
+            Box::new(before),
+            Box::new(filter.before.clone()),
+        ];
+        for (key, value) in &filter.labels {
+            sql.push_str(&format!(
+                " AND EXISTS (SELECT 1 FROM run_labels WHERE run_id = runs.id AND key = ?{} AND value = ?{})",
+                values.len() + 1,
+                values.len() + 2
+            ));
+            values.push(Box::new(key.clone()));
+            values.push(Box::new(value.clone()));
+        }
+        sql.push_str(" ORDER BY created_ms DESC, id DESC");
+        if filter.limit > 0 && !by_lease {
+            sql.push_str(&format!(" LIMIT {}", filter.limit));
+        }
         let runs: Vec<Run> = self.read(|conn| {
-            let mut statement = conn.prepare(&format!(
-                "SELECT {RUN_COLUMNS} FROM runs WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR workflow = ?2)
-                 ORDER BY created_ms DESC, id DESC"
-            ))?;
-            // An interrupted run is stored as running.
-            let stored = filter.status.map(|status| match status {
-                RunStatus::Interrupted => RunStatus::Running,
-                status => status,
-            });
-            let rows = statement.query_map(params![stored, filter.workflow], run_from)?;
+            let mut statement = conn.prepare(&sql)?;
+            let rows = statement.query_map(rusqlite::params_from_iter(values.iter()), run_from)?;
             rows.collect()
         })?;
         let mut kept = Vec::new();
         for mut run in runs.into_iter().filter(|run| filter.status.is_none_or(|status| run.status == status)) {
             run.labels = self.labels(&run.id)?;
-            if filter.labels.iter().all(|(key, value)| run.labels.get(key) == Some(value)) {
-                kept.push(run);
-                if filter.limit > 0 && kept.len() == filter.limit {
-                    break;
-                }
+            kept.push(run);
+            if filter.limit > 0 && kept.len() == filter.limit {
+                break;
             }
         }
         Ok(kept)

@@ -49,6 +49,29 @@ fn capped_logs(attempt: &Attempt) -> String {
     Database::text(&Value::Array(kept))
 }
 
+/// Inserts a new run's row and its labels.
+pub(super) fn insert_run(conn: &Connection, run: &Run, fingerprint: &Value) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms, version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+        params![
+            run.id,
+            run.workflow,
+            run.workflow_path,
+            Database::text(fingerprint),
+            run.tenant,
+            Database::text(&Value::Object(run.inputs.clone())),
+            run.status,
+            run.created_ms as i64,
+            run.version
+        ],
+    )?;
+    for (key, value) in &run.labels {
+        conn.execute("INSERT INTO run_labels (run_id, key, value) VALUES (?1, ?2, ?3)", params![run.id, key, value])?;
+    }
+    Ok(())
+}
+
 /// Whether a lease held by `owner` until `expires_ms` is live: not
 /// expired, and its process not known to be gone.
 pub(super) fn held(owner: Option<&str>, expires_ms: Option<i64>) -> bool {
@@ -62,26 +85,7 @@ fn expiry(ttl: Duration) -> i64 {
 
 impl Journal for Database {
     fn create_run(&self, run: &Run, fingerprint: &Value) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
-                params![
-                    run.id,
-                    run.workflow,
-                    run.workflow_path,
-                    Database::text(fingerprint),
-                    run.tenant,
-                    Database::text(&Value::Object(run.inputs.clone())),
-                    run.status,
-                    run.created_ms as i64
-                ],
-            )?;
-            for (key, value) in &run.labels {
-                tx.execute("INSERT INTO run_labels (run_id, key, value) VALUES (?1, ?2, ?3)", params![run.id, key, value])?;
-            }
-            Ok(())
-        })
+        self.write(|tx| insert_run(tx, run, fingerprint))
     }
 
     fn reopen_run(&self, run_id: &str) -> Result<(), StoreError> {

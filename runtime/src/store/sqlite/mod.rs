@@ -7,6 +7,7 @@
 mod history;
 mod journal;
 mod kv;
+mod registry;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -132,6 +133,34 @@ const SCHEMA: Schema = Schema {
             fingerprint TEXT NOT NULL,
             PRIMARY KEY (run_id, step_id)
         );",
+        // 6: the service's records: API tokens (hashed), deployed workflow
+        // versions, idempotency keys; the version a run was started from.
+        "CREATE TABLE tokens (
+            id TEXT PRIMARY KEY,
+            hash TEXT NOT NULL UNIQUE,
+            tenant TEXT,
+            name TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            revoked_ms INTEGER
+        );
+        CREATE TABLE workflow_versions (
+            tenant TEXT NOT NULL,
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            digest TEXT NOT NULL,
+            entry TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            PRIMARY KEY (tenant, name, version)
+        );
+        CREATE TABLE idempotency_keys (
+            tenant TEXT NOT NULL,
+            key TEXT NOT NULL,
+            request TEXT NOT NULL,
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            PRIMARY KEY (tenant, key)
+        );
+        ALTER TABLE runs ADD COLUMN version INTEGER;
+        CREATE INDEX runs_by_tenant ON runs (tenant, id);",
     ],
 };
 

@@ -1,0 +1,145 @@
+//! A run's live events, numbered from 1, for the API's event streams: a
+//! client that lost its connection comes back with the last number it saw
+//! and gets what followed. The newest [`KEEP`] events of a run are kept.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::scheduler::RunEvent;
+
+/// Events kept per run: a run's memory in the service does not grow with
+/// its size.
+pub const KEEP: usize = 10_000;
+
+/// One event as sent: its number and its JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Numbered {
+    /// From 1, in the order the run emitted them.
+    pub id: u64,
+    /// The event as JSON.
+    pub json: Arc<str>,
+}
+
+/// The events of one run.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The number of the first kept event, less one.
+    dropped: u64,
+    events: VecDeque<Arc<str>>,
+    finished: bool,
+}
+
+/// What a reader gets: the events after the number it gave, and whether
+/// the run is over (no more will come).
+#[derive(Debug)]
+pub struct Batch {
+    /// Events, oldest first.
+    pub events: Vec<Numbered>,
+    /// No more events will come.
+    pub finished: bool,
+    /// Events after the given number that are no longer kept.
+    pub missed: u64,
+}
+
+impl EventLog {
+    /// Adds an event, dropping the oldest beyond [`KEEP`].
+    pub fn push(&self, event: &RunEvent) {
+        let json: Arc<str> = serde_json::to_string(event).unwrap_or_else(|_| "{}".into()).into();
+        let mut state = self.state.lock();
+        state.events.push_back(json);
+        if state.events.len() > KEEP {
+            state.events.pop_front();
+            state.dropped += 1;
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// Marks the run over: readers end once they have every event.
+    pub fn finish(&self) {
+        self.state.lock().finished = true;
+        self.changed.notify_waiters();
+    }
+
+    /// The events after number `after`; waits for one when there is none
+    /// and the run goes on.
+    pub async fn after(&self, after: u64) -> Batch {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before looking, so an event pushed in between
+            // still wakes this reader.
+            changed.as_mut().enable();
+            {
+                let state = self.state.lock();
+                let first = after.max(state.dropped);
+                let skip = usize::try_from(first - state.dropped).unwrap_or(usize::MAX);
+                if skip < state.events.len() || state.finished {
+                    let events = state
+                        .events
+                        .iter()
+                        .enumerate()
+                        .skip(skip)
+                        .map(|(i, json)| Numbered { id: state.dropped + i as u64 + 1, json: json.clone() })
+                        .collect();
+                    return Batch { events, finished: state.finished, missed: first - after };
+                }
+            }
+            changed.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::RunStatus;
+
+    fn event(n: u32) -> RunEvent {
+        RunEvent::AttemptStarted { path: crate::run::StepPath::root("s"), attempt: n }
+    }
+
+    #[tokio::test]
+    async fn a_reader_gets_what_followed_its_last_event_and_waits_for_more() {
+        let log = Arc::new(EventLog::default());
+        log.push(&event(1));
+        log.push(&event(2));
+        let batch = log.after(1).await;
+        assert_eq!(batch.events.iter().map(|e| e.id).collect::<Vec<_>>(), [2]);
+        assert!(batch.events[0].json.contains("\"attempt\":2"), "{}", batch.events[0].json);
+        let waiting = tokio::spawn({
+            let log = log.clone();
+            async move { log.after(2).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        log.push(&RunEvent::RunFinished { status: RunStatus::Succeeded });
+        log.finish();
+        let batch = waiting.await.unwrap();
+        assert_eq!(batch.events[0].id, 3);
+        assert!(batch.events[0].json.contains("\"type\":\"run_finished\""), "{}", batch.events[0].json);
+        let batch = log.after(3).await;
+        assert!(batch.events.is_empty() && batch.finished);
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_events_are_kept_and_a_reader_learns_what_it_missed() {
+        let log = EventLog::default();
+        for n in 0..KEEP as u32 + 5 {
+            log.push(&event(n));
+        }
+        let batch = log.after(0).await;
+        assert_eq!(batch.missed, 5);
+        assert_eq!(batch.events.first().map(|e| e.id), Some(6));
+        assert_eq!(batch.events.len(), KEEP);
+    }
+}

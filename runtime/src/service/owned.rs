@@ -1,0 +1,136 @@
+//! A recorded run this process owns: how a new, resumed or retried run is
+//! readied for the scheduler, the same for `stepbox run` and `stepbox
+//! serve`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::run::{Run, RunStatus, StepPath};
+use crate::scheduler::{Dispatcher, RunOptions};
+use crate::store::{Database, History, Journal, LEASE_TTL, Lease, StoreError, this_owner};
+use crate::tenant::Tenant;
+use crate::workflow::{Inputs, Workflow, WorkflowError, fingerprint_changes};
+
+/// A recorded run this process owns, ready to go: its workflow, its inputs
+/// bound, its tenant admitted, its lease held.
+pub struct Owned {
+    /// The workflow it runs.
+    pub workflow: Arc<Workflow>,
+    /// The run as recorded.
+    pub run: Run,
+    /// Its inputs, bound to the workflow's declarations.
+    pub inputs: Inputs,
+    /// Its tenant, with the ceilings that apply.
+    pub tenant: Arc<Tenant>,
+    /// The lease this process holds on it.
+    pub lease: Lease,
+}
+
+impl Owned {
+    /// The scheduler's options for this run, journaled to `journal`, its
+    /// attempts taking `dispatcher`'s slots at its tenant's share.
+    pub fn options(&self, journal: Arc<dyn Journal>, dispatcher: Arc<Dispatcher>) -> RunOptions {
+        dispatcher.set_share(&self.tenant.name, self.tenant.share());
+        let mut options = RunOptions::new(self.run.id.clone());
+        options.labels = self.run.labels.clone();
+        options.created_ms = self.run.created_ms;
+        options.version = self.run.version;
+        options.journal = Some(journal);
+        options.max_parallel = dispatcher.slots();
+        options.dispatcher = Some(dispatcher);
+        options.tenant = self.tenant.clone();
+        options
+    }
+}
+
+/// Why a recorded run cannot continue.
+#[derive(Debug, thiserror::Error)]
+pub enum ContinueError {
+    /// `retry` of a run that did not fail.
+    #[error("run {run_id} is {status}; only a failed or cancelled run can be retried")]
+    NotRetryable {
+        /// The run.
+        run_id: String,
+        /// Where it stands.
+        status: RunStatus,
+    },
+    /// `resume` of a run that succeeded.
+    #[error("run {0} already succeeded; there is nothing to resume (retry it from a step to run steps again)")]
+    Succeeded(String),
+    /// `retry --from` a step the workflow does not have.
+    #[error("the workflow has no step `{step}`; its steps are: {steps}")]
+    NoSuchStep {
+        /// The step asked for.
+        step: String,
+        /// The workflow's steps.
+        steps: String,
+    },
+    /// The run's workflow or components changed, or no longer load.
+    #[error("{0}")]
+    Changed(String),
+    /// The workflow is over its tenant's ceilings, or the inputs no longer
+    /// bind.
+    #[error("{0}")]
+    Invalid(#[from] WorkflowError),
+    /// The store failed, or another process holds the run.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+/// Takes over run `run_id` to continue it: `resume` (what did not succeed
+/// runs), or `retry` (a failed or cancelled run; with `from`, that step and
+/// everything after it run again). `admit` gives the run's tenant with its
+/// ceilings. The lease is taken before anything is changed, so no other
+/// process continues the run at the same time.
+pub fn continue_run(
+    db: &Database,
+    run_id: &str,
+    from: Option<&str>,
+    retry: bool,
+    admit: impl FnOnce(&Run, &Workflow) -> Result<Arc<Tenant>, WorkflowError>,
+) -> Result<Owned, ContinueError> {
+    let run = db.load_run(run_id)?;
+    if retry && !matches!(run.status, RunStatus::Failed | RunStatus::Cancelled) {
+        return Err(ContinueError::NotRetryable { run_id: run_id.to_owned(), status: run.status });
+    }
+    if !retry && run.status == RunStatus::Succeeded {
+        return Err(ContinueError::Succeeded(run_id.to_owned()));
+    }
+    let lease = db.acquire_lease(run_id, this_owner(), LEASE_TTL)?;
+    let workflow = Arc::new(load_unchanged(&run, &db.fingerprint(run_id)?)?);
+    let tenant = admit(&run, &workflow)?;
+    // Bound when the run was created; bound again here because a stored
+    // record is data from disk, not a checked value.
+    let inputs = workflow.bind_inputs(&run.inputs)?;
+    if let Some(from) = from {
+        let Some(start) = workflow.step_index(from) else {
+            let steps: Vec<&str> = workflow.steps.iter().map(|step| step.id.as_str()).collect();
+            return Err(ContinueError::NoSuchStep { step: from.to_owned(), steps: steps.join(", ") });
+        };
+        let paths: Vec<StepPath> = workflow.downstream(start).map(|i| StepPath::root(&workflow.steps[i].id)).collect();
+        db.forget_steps(run_id, &paths)?;
+    }
+    db.reopen_run(run_id)?;
+    Ok(Owned { workflow, run, inputs, tenant, lease })
+}
+
+/// The run's workflow, if neither it nor its components changed since the
+/// run was created with `fingerprint`.
+fn load_unchanged(run: &Run, fingerprint: &serde_json::Value) -> Result<Workflow, ContinueError> {
+    let path = Path::new(&run.workflow_path);
+    let workflow = Workflow::load(path)
+        .map_err(|err| ContinueError::Changed(format!("error: the run's workflow no longer loads:\n{err}")))?;
+    let now = workflow
+        .fingerprint()
+        .map_err(|err| ContinueError::Changed(format!("error: cannot read the workflow's files: {err}")))?;
+    let changes = fingerprint_changes(fingerprint, &now);
+    if !changes.is_empty() {
+        return Err(ContinueError::Changed(format!(
+            "error: run {} cannot continue: since it started, {} ({}); start a new run",
+            run.id,
+            changes.join(", "),
+            path.display()
+        )));
+    }
+    Ok(workflow)
+}

@@ -1,0 +1,388 @@
+//! Runs in the service: started from a deployed version, driven in the
+//! background, listed, read, cancelled, resumed and retried, each call
+//! within the caller's scope.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::{EventLog, LiveRun, Owned, Reservation, Scope, Service, ServiceError, continue_run, finished, no_run};
+use crate::run::{Outcome, Run, RunReport, RunStatus};
+use crate::scheduler::{self, RunEvent};
+use crate::store::{Heartbeat, History, Journal, LEASE_TTL, Registry, RunFilter, Started, new_run_id, this_owner};
+
+/// Labels a run may carry.
+const MAX_LABELS: usize = 32;
+/// The longest label key, in bytes.
+const MAX_LABEL_KEY: usize = 64;
+/// The longest label value, in bytes.
+const MAX_LABEL_VALUE: usize = 256;
+/// The longest idempotency key, in bytes.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// What starts a run.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StartRun {
+    /// The run's inputs, by name.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub inputs: serde_json::Map<String, serde_json::Value>,
+    /// Labels to find the run by (at most 32; keys up to 64 bytes, values
+    /// up to 256).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The deployed version to run; the newest when left out.
+    #[serde(default)]
+    pub version: Option<u32>,
+}
+
+/// One page of runs, newest first.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct RunPage {
+    /// The runs.
+    pub runs: Vec<Run>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ServiceError> {
+    let bad = |message: String| ServiceError::Invalid { code: "invalid_labels", message };
+    if labels.len() > MAX_LABELS {
+        return Err(bad(format!("a run may have at most {MAX_LABELS} labels; this one has {}", labels.len())));
+    }
+    for (key, value) in labels {
+        if key.is_empty() || key.len() > MAX_LABEL_KEY || value.len() > MAX_LABEL_VALUE {
+            return Err(bad(format!(
+                "label `{}` is too long or empty: keys take 1 to {MAX_LABEL_KEY} bytes, values up to {MAX_LABEL_VALUE}",
+                key.chars().take(MAX_LABEL_KEY).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Service {
+    /// Starts a run of the scope's tenant's workflow `name`. With an
+    /// idempotency key, a request repeated with the same key returns the
+    /// run the first one started (and `false`: nothing new started).
+    pub async fn start_run(
+        self: &Arc<Self>,
+        scope: &Scope,
+        name: &str,
+        request: StartRun,
+        idempotency_key: Option<String>,
+    ) -> Result<(Run, bool), ServiceError> {
+        self.accepting()?;
+        let tenant_name = scope.tenant()?.to_owned();
+        if let Some(key) = idempotency_key.as_ref().filter(|key| key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY) {
+            return Err(ServiceError::BadRequest {
+                code: "invalid_idempotency_key",
+                message: format!(
+                    "an Idempotency-Key takes 1 to {MAX_IDEMPOTENCY_KEY} bytes; this one has {}",
+                    key.len()
+                ),
+            });
+        }
+        check_labels(&request.labels)?;
+        let version = self.workflow(scope, name, request.version).await?;
+        let deployed = self.deployed(&version).await?;
+        let tenant = Arc::new(self.tenant(&tenant_name)?.for_bundle(&deployed.dir));
+        tenant.check(&deployed.workflow).map_err(ServiceError::invalid_workflow)?;
+        let inputs = deployed
+            .workflow
+            .bind_inputs(&request.inputs)
+            .map_err(|err| ServiceError::Invalid { code: "invalid_inputs", message: err.to_string() })?;
+        let reservation = Reservation::take(&self.live, &tenant_name, Some(self.config.max_active_runs))?;
+        let path = deployed.workflow.file.display().to_string();
+        let mut run = Run::new(new_run_id(), name, &path, &tenant_name, inputs.as_map().clone());
+        run.labels = request.labels.clone();
+        run.version = Some(version.version);
+        let fingerprint = deployed.fingerprint.clone();
+        let record = run.clone();
+        let request_hash = {
+            let asked = serde_json::json!({ "workflow": name, "request": request });
+            format!("{:x}", Sha256::digest(asked.to_string().as_bytes()))
+        };
+        let (started, lease) = self
+            .blocking(move |db| {
+                let started = match idempotency_key {
+                    Some(key) => db.create_run_once(&record, &fingerprint, &key, &request_hash)?,
+                    None => {
+                        db.create_run(&record, &fingerprint)?;
+                        Started::Created
+                    }
+                };
+                let lease = match started {
+                    Started::Created => Some(db.acquire_lease(&record.id, this_owner(), LEASE_TTL)?),
+                    _ => None,
+                };
+                Ok((started, lease))
+            })
+            .await?;
+        match (started, lease) {
+            (Started::Created, Some(lease)) => {
+                let owned = Owned { workflow: deployed.workflow.clone(), run: run.clone(), inputs, tenant, lease };
+                self.launch(owned, reservation);
+                Ok((run, true))
+            }
+            (Started::Existing(id), _) => Ok((self.blocking(move |db| Ok(db.load_run(&id)?)).await?, false)),
+            (Started::Conflict(id), _) => Err(ServiceError::Conflict {
+                code: "idempotency_key_reused",
+                message: format!(
+                    "this Idempotency-Key started run {id} with a different request; use a new key for a new run"
+                ),
+            }),
+            (Started::Created, None) => Err(ServiceError::Internal("a new run has no lease".into())),
+        }
+    }
+
+    /// Drives an owned run in the background until it ends or is
+    /// interrupted.
+    fn launch(self: &Arc<Self>, owned: Owned, reservation: Reservation) {
+        let live = Arc::new(LiveRun {
+            cancel: tokio_util::sync::CancellationToken::new(),
+            interrupt: self.interrupt.child_token(),
+            events: Arc::new(EventLog::default()),
+        });
+        self.live.lock().runs.insert(owned.run.id.clone(), live.clone());
+        self.tasks.spawn(self.clone().drive(owned, live, reservation));
+    }
+
+    async fn drive(self: Arc<Self>, owned: Owned, live: Arc<LiveRun>, reservation: Reservation) {
+        let (sender, mut receiver) = mpsc::unbounded_channel();
+        let mut options = owned.options(self.db.clone(), self.dispatcher.clone());
+        options.secrets_dir = self.config.secrets_dir.clone();
+        options.cancel = live.cancel.clone();
+        options.interrupt = live.interrupt.clone();
+        options.events = Some(sender);
+        let Owned { workflow, inputs, lease, run, .. } = owned;
+        // A lease lost to another process interrupts the run here: that
+        // process goes on with it.
+        let heartbeat = Heartbeat::start(self.db.clone(), lease, live.interrupt.clone());
+        let events = live.events.clone();
+        let forward = tokio::spawn(async move {
+            while let Some(event) = receiver.recv().await {
+                events.push(&event);
+            }
+        });
+        let result = scheduler::run(&self.sandbox, workflow, inputs, options).await;
+        let _ = forward.await;
+        if let Err(err) = result {
+            // It could not start (its resume state could not be read):
+            // record why, so it does not hang as interrupted.
+            let message = format!("the run could not start: {err}");
+            tracing::error!(run = run.id, "{message}");
+            let record = self.db.run_finished(&run.id, RunStatus::Failed, &serde_json::Map::new(), Some(&message));
+            if let Err(err) = record.await {
+                tracing::error!(run = run.id, "cannot record the run's failure: {err}");
+            }
+            live.events.push(&RunEvent::RunFinished { status: RunStatus::Failed });
+        }
+        drop(heartbeat);
+        live.events.finish();
+        self.finished.lock().put(run.id.clone(), live.events.clone());
+        self.live.lock().runs.remove(&run.id);
+        drop(reservation);
+    }
+
+    /// Resumes the runs of deployed workflows that a crash left
+    /// interrupted (their owner died, or its lease expired).
+    pub(super) async fn resume_interrupted(self: &Arc<Self>) {
+        let filter = RunFilter { status: Some(RunStatus::Interrupted), ..RunFilter::default() };
+        let runs = match self.blocking(move |db| Ok(db.list_runs(&filter)?)).await {
+            Ok(runs) => runs,
+            Err(err) => {
+                tracing::error!("cannot list interrupted runs to resume them: {err}");
+                return;
+            }
+        };
+        for run in runs.into_iter().filter(|run| run.version.is_some()) {
+            match self.continue_owned(&run, None, false, None).await {
+                Ok(()) => tracing::info!(run = run.id, "resumed a run a crash interrupted"),
+                Err(err) => tracing::warn!(run = run.id, "cannot resume an interrupted run: {err}"),
+            }
+        }
+    }
+
+    /// A run in the caller's scope.
+    pub async fn run(&self, scope: &Scope, id: &str) -> Result<Run, ServiceError> {
+        let wanted = id.to_owned();
+        let run = self.blocking(move |db| Ok(db.load_run(&wanted)?)).await?;
+        if !scope.sees(&run.tenant) {
+            return Err(ServiceError::NotFound(no_run(id)));
+        }
+        Ok(run)
+    }
+
+    /// A run's report: its steps, executions and attempts as recorded.
+    pub async fn report(&self, scope: &Scope, id: &str) -> Result<RunReport, ServiceError> {
+        self.run(scope, id).await?;
+        let wanted = id.to_owned();
+        self.blocking(move |db| Ok(db.run_report(&wanted)?)).await
+    }
+
+    /// Runs in the caller's scope that match `filter`, a page of at most
+    /// `filter.limit`.
+    pub async fn runs(&self, scope: &Scope, mut filter: RunFilter) -> Result<RunPage, ServiceError> {
+        if let Scope::Tenant(tenant) = scope {
+            filter.tenant = Some(tenant.clone());
+        }
+        if let Some(cursor) = filter.before.clone() {
+            // A cursor is a run id: one the caller cannot see is no cursor.
+            self.run(scope, &cursor).await.map_err(|_| ServiceError::BadRequest {
+                code: "invalid_cursor",
+                message: format!("`{cursor}` is not a cursor from an earlier page; start again without one"),
+            })?;
+        }
+        let limit = filter.limit;
+        let runs = self.blocking(move |db| Ok(db.list_runs(&filter)?)).await?;
+        let next_cursor = runs.last().filter(|_| runs.len() == limit).map(|run| run.id.clone());
+        Ok(RunPage { runs, next_cursor })
+    }
+
+    /// Cancels a run: a running one stops its attempts and ends as
+    /// `cancelled`; an interrupted one is recorded as cancelled at once.
+    pub async fn cancel(&self, scope: &Scope, id: &str) -> Result<Run, ServiceError> {
+        let run = self.run(scope, id).await?;
+        let live = self.live.lock().runs.get(id).cloned();
+        if let Some(live) = live {
+            live.cancel.cancel();
+            return Ok(run);
+        }
+        match run.status {
+            status if finished(status) => Err(ServiceError::Conflict {
+                code: "run_finished",
+                message: format!("run {id} already {status}; there is nothing to cancel"),
+            }),
+            RunStatus::Interrupted => {
+                let wanted = id.to_owned();
+                let lease = self.blocking(move |db| Ok(db.acquire_lease(&wanted, this_owner(), LEASE_TTL)?)).await?;
+                let record = self.db.run_finished(
+                    id,
+                    RunStatus::Cancelled,
+                    &serde_json::Map::new(),
+                    Some("cancelled while interrupted"),
+                );
+                record.await?;
+                self.blocking(move |db| Ok(db.release_lease(&lease)?)).await?;
+                self.run(scope, id).await
+            }
+            _ => Err(ServiceError::Conflict {
+                code: "run_held",
+                message: format!(
+                    "run {id} is run by another process ({}); cancel it there",
+                    run.owner.unwrap_or_default()
+                ),
+            }),
+        }
+    }
+
+    /// Continues a run: `resume` runs what did not succeed; `retry` runs a
+    /// failed or cancelled run again from its failed steps, or from step
+    /// `from` and everything after it.
+    pub async fn continue_run(
+        self: &Arc<Self>,
+        scope: &Scope,
+        id: &str,
+        retry: bool,
+        from: Option<String>,
+    ) -> Result<Run, ServiceError> {
+        self.accepting()?;
+        let run = self.run(scope, id).await?;
+        if run.version.is_none() {
+            return Err(ServiceError::Conflict {
+                code: "not_a_service_run",
+                message: format!("run {id} was not started through the service; continue it with `stepbox resume`"),
+            });
+        }
+        if self.live.lock().runs.contains_key(id) {
+            return Err(ServiceError::Conflict {
+                code: "run_running",
+                message: format!("run {id} is running; cancel it first, or wait for it to end"),
+            });
+        }
+        let reservation = Reservation::take(&self.live, &run.tenant, Some(self.config.max_active_runs))?;
+        self.continue_owned(&run, from, retry, Some(reservation)).await?;
+        self.run(scope, id).await
+    }
+
+    /// Takes `run` over and drives it again.
+    async fn continue_owned(
+        self: &Arc<Self>,
+        run: &Run,
+        from: Option<String>,
+        retry: bool,
+        reservation: Option<Reservation>,
+    ) -> Result<(), ServiceError> {
+        let version = run.version.ok_or_else(|| ServiceError::Internal("not a service run".into()))?;
+        let scope = Scope::Tenant(run.tenant.clone());
+        let deployed = self.deployed(&self.workflow(&scope, &run.workflow, Some(version)).await?).await?;
+        let tenant = Arc::new(self.tenant(&run.tenant)?.for_bundle(&deployed.dir));
+        let reservation = match reservation {
+            Some(reservation) => reservation,
+            None => Reservation::take(&self.live, &run.tenant, None)?,
+        };
+        let id = run.id.clone();
+        let owned = self
+            .blocking(move |db| {
+                Ok(continue_run(db, &id, from.as_deref(), retry, |_, workflow| {
+                    tenant.check(workflow)?;
+                    Ok(tenant)
+                })?)
+            })
+            .await?;
+        self.launch(owned, reservation);
+        Ok(())
+    }
+
+    /// A run's events: live while this service drives it, else what its
+    /// report records.
+    pub async fn events(&self, scope: &Scope, id: &str) -> Result<Arc<EventLog>, ServiceError> {
+        self.run(scope, id).await?;
+        let live = self.live.lock().runs.get(id).map(|live| live.events.clone());
+        if let Some(events) = live.or_else(|| self.finished.lock().get(id).cloned()) {
+            return Ok(events);
+        }
+        let report = self.report(scope, id).await?;
+        Ok(Arc::new(recorded_events(&report)))
+    }
+}
+
+/// The events a recorded run emitted, rebuilt from its report: each
+/// attempt's start (and retry), each step's end, and the run's end.
+fn recorded_events(report: &RunReport) -> EventLog {
+    let log = EventLog::default();
+    for step in report.all_steps() {
+        for execution in &step.executions {
+            for (i, attempt) in execution.attempts.iter().enumerate() {
+                log.push(&RunEvent::AttemptStarted { path: execution.path.clone(), attempt: attempt.attempt });
+                if let (Outcome::Failed { failure }, Some(next)) = (&attempt.outcome, execution.attempts.get(i + 1)) {
+                    log.push(&RunEvent::Retrying {
+                        path: execution.path.clone(),
+                        attempt: attempt.attempt,
+                        delay: std::time::Duration::from_secs_f64(next.delay_before_ms.max(0.0) / 1000.0),
+                        failure: failure.clone(),
+                    });
+                }
+            }
+        }
+        if finished_step(step.status) {
+            log.push(&RunEvent::StepFinished {
+                path: step.id.clone(),
+                status: step.status,
+                reason: step.reason.clone(),
+            });
+        }
+    }
+    log.push(&RunEvent::RunFinished { status: report.run.status });
+    log.finish();
+    log
+}
+
+fn finished_step(status: crate::run::StepStatus) -> bool {
+    !matches!(status, crate::run::StepStatus::Pending | crate::run::StepStatus::Running)
+}

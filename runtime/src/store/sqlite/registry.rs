@@ -1,0 +1,231 @@
+//! The service's records in the SQLite store: tokens, workflow versions and
+//! idempotency keys, in the same file as the runs they point at.
+
+use rusqlite::{OptionalExtension, Row, params};
+use serde_json::Value;
+
+use super::Database;
+use super::journal::insert_run;
+use crate::run::{Run, now_ms};
+use crate::store::{Registry, Started, StoreError, TokenRecord, WorkflowVersion};
+
+const TOKEN_COLUMNS: &str = "id, tenant, name, created_ms, revoked_ms";
+const VERSION_COLUMNS: &str = "tenant, name, version, digest, entry, created_ms";
+
+fn token_from(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
+    Ok(TokenRecord {
+        id: row.get(0)?,
+        tenant: row.get(1)?,
+        name: row.get(2)?,
+        created_ms: row.get(3)?,
+        revoked_ms: row.get(4)?,
+    })
+}
+
+fn version_from(row: &Row<'_>) -> rusqlite::Result<WorkflowVersion> {
+    Ok(WorkflowVersion {
+        tenant: row.get(0)?,
+        name: row.get(1)?,
+        version: row.get(2)?,
+        digest: row.get(3)?,
+        entry: row.get(4)?,
+        created_ms: row.get(5)?,
+    })
+}
+
+impl Registry for Database {
+    fn create_token(&self, token: &TokenRecord, hash: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO tokens (id, hash, tenant, name, created_ms, revoked_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![token.id, hash, token.tenant, token.name, token.created_ms, token.revoked_ms],
+            )
+            .map(drop)
+        })
+    }
+
+    fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1 AND revoked_ms IS NULL"))?
+                .query_row(params![hash], token_from)
+                .optional()
+        })
+    }
+
+    fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn.prepare(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_ms, id"))?;
+            statement.query_map([], token_from)?.collect()
+        })
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let changed = tx.execute(
+                "UPDATE tokens SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+                params![id, now_ms() as i64],
+            )?;
+            Ok(changed > 0)
+        })
+    }
+
+    fn deploy(
+        &self,
+        tenant: &str,
+        name: &str,
+        digest: &str,
+        entry: &str,
+    ) -> Result<(WorkflowVersion, bool), StoreError> {
+        self.write(|tx| {
+            let newest = tx
+                .query_row(
+                    &format!(
+                        "SELECT {VERSION_COLUMNS} FROM workflow_versions WHERE tenant = ?1 AND name = ?2
+                         ORDER BY version DESC LIMIT 1"
+                    ),
+                    params![tenant, name],
+                    version_from,
+                )
+                .optional()?;
+            if let Some(newest) = newest.as_ref().filter(|newest| newest.digest == digest && newest.entry == entry) {
+                return Ok((newest.clone(), false));
+            }
+            let version = WorkflowVersion {
+                tenant: tenant.to_owned(),
+                name: name.to_owned(),
+                version: newest.map_or(1, |newest| newest.version + 1),
+                digest: digest.to_owned(),
+                entry: entry.to_owned(),
+                created_ms: now_ms() as i64,
+            };
+            tx.execute(
+                &format!("INSERT INTO workflow_versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                params![
+                    version.tenant,
+                    version.name,
+                    version.version,
+                    version.digest,
+                    version.entry,
+                    version.created_ms
+                ],
+            )?;
+            Ok((version, true))
+        })
+    }
+
+    fn workflow_version(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<WorkflowVersion>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {VERSION_COLUMNS} FROM workflow_versions
+                 WHERE tenant = ?1 AND name = ?2 AND (?3 IS NULL OR version = ?3)
+                 ORDER BY version DESC LIMIT 1"
+            ))?
+            .query_row(params![tenant, name, version], version_from)
+            .optional()
+        })
+    }
+
+    fn list_workflows(&self, tenant: &str) -> Result<Vec<WorkflowVersion>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn.prepare(&format!(
+                "SELECT {VERSION_COLUMNS} FROM workflow_versions AS v WHERE tenant = ?1
+                 AND version = (SELECT MAX(version) FROM workflow_versions WHERE tenant = v.tenant AND name = v.name)
+                 ORDER BY name"
+            ))?;
+            statement.query_map(params![tenant], version_from)?.collect()
+        })
+    }
+
+    fn create_run_once(&self, run: &Run, fingerprint: &Value, key: &str, request: &str) -> Result<Started, StoreError> {
+        self.write(|tx| {
+            let earlier: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT run_id, request FROM idempotency_keys WHERE tenant = ?1 AND key = ?2",
+                    params![run.tenant, key],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )
+                .optional()?;
+            match earlier {
+                Some((run_id, earlier)) if earlier == request => Ok(Started::Existing(run_id)),
+                Some((run_id, _)) => Ok(Started::Conflict(run_id)),
+                None => {
+                    insert_run(tx, run, fingerprint)?;
+                    tx.execute(
+                        "INSERT INTO idempotency_keys (tenant, key, request, run_id) VALUES (?1, ?2, ?3, ?4)",
+                        params![run.tenant, key, request, run.id],
+                    )?;
+                    Ok(Started::Created)
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (tempfile::TempDir, Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        (dir, db)
+    }
+
+    #[test]
+    fn a_deploy_of_the_same_bundle_keeps_the_version_and_a_changed_one_adds_one() {
+        let (_dir, db) = open();
+        let (first, new) = db.deploy("acme", "orders", "aaa", "w.yaml").unwrap();
+        assert_eq!((first.version, new), (1, true));
+        let (again, new) = db.deploy("acme", "orders", "aaa", "w.yaml").unwrap();
+        assert_eq!((again.version, new), (1, false));
+        let (second, new) = db.deploy("acme", "orders", "bbb", "w.yaml").unwrap();
+        assert_eq!((second.version, new), (2, true));
+        // Another tenant's workflow of the same name has its own versions.
+        let (other, _) = db.deploy("globex", "orders", "bbb", "w.yaml").unwrap();
+        assert_eq!(other.version, 1);
+        assert_eq!(db.workflow_version("acme", "orders", None).unwrap().unwrap().digest, "bbb");
+        assert_eq!(db.workflow_version("acme", "orders", Some(1)).unwrap().unwrap().digest, "aaa");
+        assert_eq!(db.workflow_version("acme", "orders", Some(3)).unwrap(), None);
+        let listed: Vec<(String, u32)> =
+            db.list_workflows("acme").unwrap().into_iter().map(|v| (v.name, v.version)).collect();
+        assert_eq!(listed, [("orders".to_owned(), 2)]);
+    }
+
+    #[test]
+    fn an_idempotency_key_starts_one_run_and_refuses_a_different_request() {
+        let (_dir, db) = open();
+        let run = |id: &str| Run::new(id.into(), "w", "w.yaml", "acme", Default::default());
+        assert_eq!(db.create_run_once(&run("r1"), &Value::Null, "k", "req-a").unwrap(), Started::Created);
+        assert_eq!(db.create_run_once(&run("r2"), &Value::Null, "k", "req-a").unwrap(), Started::Existing("r1".into()));
+        assert_eq!(db.create_run_once(&run("r3"), &Value::Null, "k", "req-b").unwrap(), Started::Conflict("r1".into()));
+        // The key is the tenant's own.
+        let mut other = run("r4");
+        other.tenant = "globex".into();
+        assert_eq!(db.create_run_once(&other, &Value::Null, "k", "req-a").unwrap(), Started::Created);
+        use crate::store::History;
+        assert!(matches!(db.load_run("r2"), Err(StoreError::NoSuchRun(_))));
+    }
+
+    #[test]
+    fn a_revoked_token_is_not_found() {
+        let (_dir, db) = open();
+        let token = TokenRecord {
+            id: "t1".into(),
+            tenant: Some("acme".into()),
+            name: "ci".into(),
+            created_ms: 1,
+            revoked_ms: None,
+        };
+        db.create_token(&token, "hash").unwrap();
+        assert_eq!(db.find_token("hash").unwrap(), Some(token));
+        assert!(db.revoke_token("t1").unwrap());
+        assert!(!db.revoke_token("t1").unwrap());
+        assert_eq!(db.find_token("hash").unwrap(), None);
+        assert!(db.list_tokens().unwrap()[0].revoked_ms.is_some());
+    }
+}
