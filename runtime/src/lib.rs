@@ -14,6 +14,7 @@ mod failpoint;
 pub mod run;
 pub mod sandbox;
 pub mod scheduler;
+pub mod server;
 pub mod service;
 pub mod store;
 pub mod tenant;

@@ -5,12 +5,14 @@
 //! Every command returns its exit code, or a `CliError` that
 //! [`main_with_args`] prints once.
 
+mod client;
 mod error;
 mod history;
 mod new;
 mod report;
 mod resume;
 mod run;
+mod serve;
 mod step_run;
 mod validate;
 
@@ -50,6 +52,12 @@ struct Cli {
     /// Where `{ file: NAME }` secrets are read from (as container platforms mount them, e.g. /run/secrets).
     #[arg(long, global = true, env = "STEPBOX_SECRETS_DIR", value_name = "DIR")]
     secrets_dir: Option<PathBuf>,
+    /// The address of a `stepbox serve` to work with, e.g. http://127.0.0.1:7433.
+    #[arg(long, global = true, env = "STEPBOX_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// The API token to use with --server (`stepbox token create` makes one).
+    #[arg(long, global = true, env = "STEPBOX_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -113,6 +121,13 @@ enum Command {
     /// Print the JSON Schema of workflow files, for editor completion.
     #[command(after_help = "Examples:\n  stepbox schema > stepbox.schema.json")]
     Schema,
+    /// Serve the HTTP API: tenants deploy workflows and start, follow and manage runs.
+    Serve(serve::ServeArgs),
+    /// Create, list and revoke the service's API tokens.
+    #[command(subcommand)]
+    Token(serve::TokenCommand),
+    /// Upload a workflow with everything it references to a `stepbox serve`.
+    Deploy(serve::DeployArgs),
     /// Create a step project in Rust, Python, JavaScript or C.
     New(new::Args),
     /// Work with single steps.
@@ -188,6 +203,12 @@ where
             Command::Graph(args) => validate::graph(args),
             Command::Schema => validate::schema(),
             Command::New(args) => new::new(args),
+            Command::Serve(args) => serve::serve(args, &place).await,
+            Command::Token(command) => serve::token(command, &place),
+            Command::Deploy(args) => match client::Client::new(cli.server.as_deref(), cli.token.as_deref()) {
+                Ok(client) => serve::deploy(args, client).await,
+                Err(err) => Err(err),
+            },
             Command::Step(StepCommand::Run(args)) => step_run::run(args, &data_dir).await,
         }
     });

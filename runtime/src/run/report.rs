@@ -163,6 +163,7 @@ pub struct StepReport {
     /// Its executions: one, or one per item of a fan-out.
     pub executions: Vec<ExecutionReport>,
     /// The steps of an included workflow.
+    #[schema(no_recursion)]
     pub steps: Vec<StepReport>,
 }
 

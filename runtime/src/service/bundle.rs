@@ -103,15 +103,15 @@ impl Bundle {
         self.files.values().map(Vec::len).sum()
     }
 
-    /// The bundle of the workflow file at `path`: it, its components and
-    /// the workflows it includes by a literal path (with theirs), and the
-    /// `extra` files (for includes chosen by a template). Paths are kept
-    /// relative to the deepest directory holding them all, so the
-    /// workflow's relative references work unchanged.
-    pub fn from_workflow_file(path: &Path, extra: &[PathBuf]) -> Result<Bundle, String> {
-        let workflow = Workflow::load(path).map_err(|err| err.to_string())?;
+    /// The bundle of a workflow loaded from its file: the file, its
+    /// components and the workflows it includes by a literal path (with
+    /// theirs), and the `extra` files (for includes chosen by a template).
+    /// Paths are kept relative to the deepest directory holding them all,
+    /// so the workflow's relative references work unchanged.
+    pub fn of_workflow(workflow: &Workflow, extra: &[PathBuf]) -> Result<Bundle, String> {
+        let path = workflow.file.as_path();
         let mut paths = Vec::new();
-        collect(&workflow, &mut paths);
+        collect(workflow, &mut paths);
         paths.extend(extra.iter().cloned());
         let mut absolute = Vec::new();
         for file in &paths {

@@ -287,6 +287,11 @@ impl Service {
         Ok(service)
     }
 
+    /// The largest bundle a deploy may upload.
+    pub fn max_bundle_bytes(&self) -> u64 {
+        self.config.max_bundle_bytes
+    }
+
     /// The store, for the server's own reads (tokens).
     pub fn database(&self) -> &Arc<Database> {
         &self.db
@@ -331,6 +336,12 @@ impl Service {
         self.interrupt.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+    }
+
+    /// Cancelled once the service stops taking work: long-lived streams
+    /// end with it.
+    pub fn closing(&self) -> CancellationToken {
+        self.closing.clone()
     }
 
     /// How many runs this service drives now.

@@ -2,7 +2,7 @@
 //! only), deployed workflow versions, and the idempotency keys runs were
 //! started with.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::StoreError;
 use crate::run::Run;
@@ -24,7 +24,7 @@ pub struct TokenRecord {
 }
 
 /// One deployed version of a tenant's workflow.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkflowVersion {
     /// The tenant that deployed it.
     pub tenant: String,

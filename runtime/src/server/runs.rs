@@ -1,0 +1,345 @@
+//! `/v1/runs`: listing runs, reading their reports and logs, following
+//! their events live, and cancelling, resuming and retrying them.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::{Stream, StreamExt, stream};
+use serde::{Deserialize, Serialize};
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Body, Caller, Params};
+use crate::run::{Run, RunReport, RunStatus, StepReport};
+use crate::service::{RunPage, Service};
+use crate::store::RunFilter;
+
+/// Runs a page holds when the request does not say.
+const DEFAULT_PAGE: usize = 20;
+/// The most runs a page holds.
+const MAX_PAGE: usize = 500;
+
+/// Which runs to list. `label` may be given many times.
+#[derive(Debug, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RunsQuery {
+    /// Only runs with this status.
+    #[param(inline)]
+    status: Option<RunStatus>,
+    /// Only runs of this workflow.
+    workflow: Option<String>,
+    /// Only runs with this label, `KEY=VALUE`; repeat for several.
+    label: Option<Vec<String>>,
+    /// Runs per page, 1 to 500 (default 20).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<usize>,
+    /// The `next_cursor` of the page before.
+    cursor: Option<String>,
+}
+
+impl RunsQuery {
+    /// Reads the query string; repeated `label`s are kept, anything
+    /// unknown is refused.
+    fn parse(raw: Option<&str>) -> Result<RunsQuery, ApiError> {
+        let bad = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message);
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.unwrap_or_default())
+            .map_err(|err| bad(format!("the query string: {err}")))?;
+        let mut query = RunsQuery::default();
+        for (name, value) in pairs {
+            match name.as_str() {
+                "status" => query.status = Some(value.parse().map_err(bad)?),
+                "workflow" => query.workflow = Some(value),
+                "label" => query.label.get_or_insert_default().push(value),
+                "limit" => {
+                    query.limit = Some(
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|limit| (1..=MAX_PAGE).contains(limit))
+                            .ok_or_else(|| bad(format!("limit `{value}` is not a number from 1 to {MAX_PAGE}")))?,
+                    );
+                }
+                "cursor" => query.cursor = Some(value),
+                other => {
+                    return Err(bad(format!(
+                        "unknown query parameter `{other}`; use status, workflow, label, limit or cursor"
+                    )));
+                }
+            }
+        }
+        Ok(query)
+    }
+
+    /// The filter the query asks for.
+    fn filter(self) -> Result<RunFilter, ApiError> {
+        let mut labels = Vec::new();
+        for label in self.label.unwrap_or_default() {
+            let (key, value) = label.split_once('=').filter(|(key, _)| !key.is_empty()).ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", format!("label `{label}` is not KEY=VALUE"))
+            })?;
+            labels.push((key.to_owned(), value.to_owned()));
+        }
+        Ok(RunFilter {
+            status: self.status,
+            workflow: self.workflow,
+            labels,
+            limit: self.limit.unwrap_or(DEFAULT_PAGE),
+            before: self.cursor,
+            tenant: None,
+        })
+    }
+}
+
+/// Lists runs, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/v1/runs",
+    tag = "runs",
+    params(RunsQuery),
+    responses(
+        (status = 200, body = RunPage),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list(
+    State(service): State<Arc<Service>>,
+    Caller(scope): Caller,
+    RawQuery(query): RawQuery,
+) -> Result<Json<RunPage>, ApiError> {
+    let filter = RunsQuery::parse(query.as_deref())?.filter()?;
+    Ok(Json(service.runs(&scope, filter).await?))
+}
+
+/// A run's report: its steps, executions and attempts.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, body = RunReport),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(service): State<Arc<Service>>,
+    Caller(scope): Caller,
+    Params(id): Params<String>,
+) -> Result<Json<RunReport>, ApiError> {
+    Ok(Json(service.report(&scope, &id).await?))
+}
+
+/// The steps of a run with their attempts' logs, stdout and stderr.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Logs {
+    /// Every step (included workflows' after their include step), or the
+    /// one asked for.
+    pub steps: Vec<StepReport>,
+}
+
+/// Which step's logs.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// Only this step (its path, like `billing.charge`).
+    step: Option<String>,
+}
+
+/// A run's logs.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/logs",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id"), LogsQuery),
+    responses(
+        (status = 200, body = Logs),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn logs(
+    State(service): State<Arc<Service>>,
+    Caller(scope): Caller,
+    Params(id): Params<String>,
+    query: Result<axum::extract::Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Logs>, ApiError> {
+    let axum::extract::Query(query) = query.map_err(super::bad_query)?;
+    let report = service.report(&scope, &id).await?;
+    let steps: Vec<StepReport> = report
+        .all_steps()
+        .into_iter()
+        .filter(|step| query.step.as_ref().is_none_or(|wanted| step.id.to_string() == *wanted))
+        .cloned()
+        .collect();
+    if let Some(wanted) = query.step.filter(|_| steps.is_empty()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("run {id} has no step `{wanted}` with records"),
+        ));
+    }
+    Ok(Json(Logs { steps }))
+}
+
+/// Cancels a run: its running attempts stop, and it ends as `cancelled`.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/cancel",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 202, description = "Cancelling; the run ends shortly", body = Run),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn cancel(
+    State(service): State<Arc<Service>>,
+    Caller(scope): Caller,
+    Params(id): Params<String>,
+) -> Result<(StatusCode, Json<Run>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(service.cancel(&scope, &id).await?)))
+}
+
+/// Resumes an interrupted, failed or cancelled run: what succeeded is
+/// reused, the rest runs.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/resume",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 202, description = "Running again", body = Run),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn resume(
+    State(service): State<Arc<Service>>,
+    Caller(scope): Caller,
+    Params(id): Params<String>,
+) -> Result<(StatusCode, Json<Run>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(service.continue_run(&scope, &id, false, None).await?)))
+}
+
+/// How to retry.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Run this step and everything after it again; without it, the
+    /// failed steps run again.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// Retries a failed or cancelled run.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/retry",
+    tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    request_body = Retry,
+    responses(
+        (status = 202, description = "Running again", body = Run),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
+        (status = 503, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn retry(
+    State(service): State<Arc<Service>>,
+    Caller(scope): Caller,
+    Params(id): Params<String>,
+    Body(retry): Body<Retry>,
+) -> Result<(StatusCode, Json<Run>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(service.continue_run(&scope, &id, true, retry.from).await?)))
+}
+
+/// A run's events as server-sent events, live: each `data` is one event as
+/// JSON (`attempt_started`, `retrying`, `step_finished`, `run_finished`),
+/// each `id` its number. Reconnect with `Last-Event-ID` to get what
+/// followed. The stream ends after `run_finished`.
+#[utoipa::path(
+    get,
+    path = "/v1/runs/{id}/events",
+    tag = "runs",
+    params(
+        ("id" = String, Path, description = "The run's id"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "The last event seen; the stream goes on after it"),
+    ),
+    responses(
+        (status = 200, description = "A stream of events", content_type = "text/event-stream", body = String),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn events(
+    State(service): State<Arc<Service>>,
+    Caller(scope): Caller,
+    Params(id): Params<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let after = match headers.get("last-event-id") {
+        Some(value) => value.to_str().ok().and_then(|text| text.trim().parse::<u64>().ok()).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_last_event_id", "Last-Event-ID must be an event's number")
+        })?,
+        None => 0,
+    };
+    let log = service.events(&scope, &id).await?;
+    let closing = service.closing();
+    // Each step waits for the events after the last one sent, and ends
+    // the stream once the run is over or the service shuts down.
+    let batches = stream::unfold((after, false), move |(after, done)| {
+        let (log, closing) = (log.clone(), closing.clone());
+        async move {
+            if done {
+                return None;
+            }
+            let batch = tokio::select! {
+                batch = log.after(after) => batch,
+                () = closing.cancelled() => return None,
+            };
+            let last = batch.events.last().map_or(after, |event| event.id);
+            let mut out = Vec::new();
+            if batch.missed > 0 {
+                out.push(Event::default().comment(format!("{} older events are no longer kept", batch.missed)));
+            }
+            out.extend(
+                batch.events.into_iter().map(|event| Event::default().id(event.id.to_string()).data(&*event.json)),
+            );
+            Some((stream::iter(out.into_iter().map(Ok)), (last, batch.finished)))
+        }
+    });
+    Ok(Sse::new(batches.flatten()).keep_alive(KeepAlive::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_runs_query_keeps_repeated_labels_and_refuses_what_it_does_not_know() {
+        let parse = |query: &str| RunsQuery::parse(Some(query)).and_then(RunsQuery::filter);
+        let filter = parse("status=failed&label=a%3D1&label=b=2&limit=5&cursor=x").unwrap();
+        assert_eq!(filter.status, Some(RunStatus::Failed));
+        assert_eq!(filter.labels, [("a".to_owned(), "1".to_owned()), ("b".to_owned(), "2".to_owned())]);
+        assert_eq!((filter.limit, filter.before.as_deref()), (5, Some("x")));
+        assert_eq!(parse("").unwrap().limit, DEFAULT_PAGE);
+        for bad in ["status=done", "limit=0", "limit=501", "label=novalue", "label==x", "colour=red"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}
