@@ -96,17 +96,31 @@ impl Service {
             .workflow
             .bind_inputs(&request.inputs)
             .map_err(|err| ServiceError::Invalid { code: "invalid_inputs", message: err.to_string() })?;
-        let reservation = Reservation::take(&self.live, &tenant_name, Some(self.config.max_active_runs))?;
+        let request_hash = {
+            let asked = serde_json::json!({ "workflow": name, "request": request });
+            format!("{:x}", Sha256::digest(asked.to_string().as_bytes()))
+        };
+        let reservation = match Reservation::take(&self.live, &tenant_name, Some(self.config.max_active_runs)) {
+            Ok(reservation) => reservation,
+            // A repeated request starts nothing, so it is answered anyway.
+            Err(err) => {
+                let Some(key) = idempotency_key else { return Err(err) };
+                let (tenant, hash) = (tenant_name.clone(), request_hash.clone());
+                let earlier = self.blocking(move |db| Ok(db.idempotency_key(&tenant, &key)?)).await?;
+                return match earlier {
+                    Some((id, earlier)) if earlier == hash => {
+                        Ok((self.blocking(move |db| Ok(db.load_run(&id)?)).await?, false))
+                    }
+                    _ => Err(err),
+                };
+            }
+        };
         let path = deployed.workflow.file.display().to_string();
         let mut run = Run::new(new_run_id(), name, &path, &tenant_name, inputs.as_map().clone());
         run.labels = request.labels.clone();
         run.version = Some(version.version);
         let fingerprint = deployed.fingerprint.clone();
         let record = run.clone();
-        let request_hash = {
-            let asked = serde_json::json!({ "workflow": name, "request": request });
-            format!("{:x}", Sha256::digest(asked.to_string().as_bytes()))
-        };
         let (started, lease) = self
             .blocking(move |db| {
                 let started = match idempotency_key {

@@ -83,6 +83,9 @@ pub trait Registry: Send + Sync {
     /// The newest version of each of a tenant's workflows, by name.
     fn list_workflows(&self, tenant: &str) -> Result<Vec<WorkflowVersion>, StoreError>;
 
+    /// The run `tenant` started with idempotency key `key`, with the hash
+    /// of the request that started it.
+    fn idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<(String, String)>, StoreError>;
     /// Creates `run` (as [`super::Journal::create_run`]) unless `tenant`
     /// already started a run with idempotency key `key`; `request` (a hash
     /// of what was asked) tells a repeated request from a different one

@@ -33,6 +33,13 @@ fn version_from(row: &Row<'_>) -> rusqlite::Result<WorkflowVersion> {
     })
 }
 
+/// The run a key started, and the hash of the request that started it.
+fn earlier_request(conn: &rusqlite::Connection, tenant: &str, key: &str) -> rusqlite::Result<Option<(String, String)>> {
+    conn.prepare_cached("SELECT run_id, request FROM idempotency_keys WHERE tenant = ?1 AND key = ?2")?
+        .query_row(params![tenant, key], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()
+}
+
 impl Registry for Database {
     fn create_token(&self, token: &TokenRecord, hash: &str) -> Result<(), StoreError> {
         self.write(|tx| {
@@ -141,26 +148,21 @@ impl Registry for Database {
         })
     }
 
+    fn idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<(String, String)>, StoreError> {
+        self.read(|conn| earlier_request(conn, tenant, key))
+    }
+
     fn create_run_once(&self, run: &Run, fingerprint: &Value, key: &str, request: &str) -> Result<Started, StoreError> {
-        self.write(|tx| {
-            let earlier: Option<(String, String)> = tx
-                .query_row(
-                    "SELECT run_id, request FROM idempotency_keys WHERE tenant = ?1 AND key = ?2",
-                    params![run.tenant, key],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
-                )
-                .optional()?;
-            match earlier {
-                Some((run_id, earlier)) if earlier == request => Ok(Started::Existing(run_id)),
-                Some((run_id, _)) => Ok(Started::Conflict(run_id)),
-                None => {
-                    insert_run(tx, run, fingerprint)?;
-                    tx.execute(
-                        "INSERT INTO idempotency_keys (tenant, key, request, run_id) VALUES (?1, ?2, ?3, ?4)",
-                        params![run.tenant, key, request, run.id],
-                    )?;
-                    Ok(Started::Created)
-                }
+        self.write(|tx| match earlier_request(tx, &run.tenant, key)? {
+            Some((run_id, earlier)) if earlier == request => Ok(Started::Existing(run_id)),
+            Some((run_id, _)) => Ok(Started::Conflict(run_id)),
+            None => {
+                insert_run(tx, run, fingerprint)?;
+                tx.execute(
+                    "INSERT INTO idempotency_keys (tenant, key, request, run_id) VALUES (?1, ?2, ?3, ?4)",
+                    params![run.tenant, key, request, run.id],
+                )?;
+                Ok(Started::Created)
             }
         })
     }

@@ -1,0 +1,702 @@
+//! `stepbox serve` as its users meet it: a real server process on an
+//! ephemeral port, tokens made with `stepbox token create`, workflows
+//! deployed with `stepbox deploy`, and a real HTTP client for the rest.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{journal_state, key_counts, output, stderr, stepbox, temp_dir};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use stepbox_tests::guests;
+
+/// A `stepbox serve` process; killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    /// Starts `stepbox serve` on a free port with `data` and `args`.
+    fn start(data: &Path, args: &[&str]) -> Server {
+        let mut child = stepbox(data)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("stepbox is serving ")
+            .and_then(|url| url.strip_suffix("/v1"))
+            .unwrap_or_else(|| panic!("stepbox serve printed {line:?}"))
+            .to_owned();
+        Server { child, url }
+    }
+
+    fn api(&self, token: &str) -> Api {
+        Api { http: reqwest::Client::new(), url: self.url.clone(), token: token.to_owned(), tenant: None }
+    }
+
+    /// SIGTERM, then waits for the process to exit; returns its exit code.
+    fn terminate(mut self) -> Option<i32> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap().code()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An API client acting as one token.
+#[derive(Clone)]
+struct Api {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    /// The `Stepbox-Tenant` header, for an admin acting for a tenant.
+    tenant: Option<String>,
+}
+
+impl Api {
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token);
+        if let Some(tenant) = &self.tenant {
+            request = request.header("Stepbox-Tenant", tenant);
+        }
+        request
+    }
+
+    async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or_else(|err| panic!("{status}: not JSON ({err}): {text}"));
+        (status, body)
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        Self::send(self.request(reqwest::Method::GET, path)).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        Self::send(self.request(reqwest::Method::POST, path).json(&body)).await
+    }
+
+    /// Starts a run of `workflow`; returns its id.
+    async fn start(&self, workflow: &str, body: Value) -> String {
+        let (status, run) = self.post(&format!("/v1/workflows/{workflow}/runs"), body).await;
+        assert_eq!(status, StatusCode::CREATED, "{run}");
+        run["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until run `id` is in a final state; returns its report.
+    async fn finished(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (status, report) = self.get(&format!("/v1/runs/{id}")).await;
+            assert_eq!(status, StatusCode::OK, "{report}");
+            if ["succeeded", "failed", "cancelled"].contains(&report["status"].as_str().unwrap()) {
+                return report;
+            }
+            assert!(Instant::now() < deadline, "run {id} did not finish: {report}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Reads run `id`'s event stream from after `last` until it ends or
+    /// `stop` says so: the events with their numbers.
+    async fn events(&self, id: &str, last: Option<u64>, stop: impl Fn(&Value) -> bool) -> Vec<(u64, Value)> {
+        let mut request = self.request(reqwest::Method::GET, &format!("/v1/runs/{id}/events"));
+        if let Some(last) = last {
+            request = request.header("Last-Event-ID", last.to_string());
+        }
+        let mut response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let (mut buffer, mut events) = (String::new(), Vec::new());
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), response.chunk()).await.unwrap().unwrap()
+        {
+            buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                let (mut number, mut data) = (None, None);
+                for line in frame.lines() {
+                    if let Some(value) = line.strip_prefix("id: ") {
+                        number = Some(value.parse().unwrap());
+                    } else if let Some(value) = line.strip_prefix("data: ") {
+                        data = Some(serde_json::from_str::<Value>(value).unwrap());
+                    }
+                }
+                if let (Some(number), Some(data)) = (number, data) {
+                    let done = stop(&data);
+                    events.push((number, data));
+                    if done {
+                        return events;
+                    }
+                }
+            }
+        }
+        events
+    }
+}
+
+/// A token made with `stepbox token create`: for `tenant`, or an admin's.
+fn token(data: &Path, tenant: Option<&str>) -> String {
+    let mut args = vec!["token", "create"];
+    match tenant {
+        Some(tenant) => args.extend(["--tenant", tenant]),
+        None => args.push("--admin"),
+    }
+    let out = output(data, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Deploys `workflow` with `stepbox deploy`; returns what it printed.
+fn deploy(server: &Server, token: &str, workflow: &Path) -> String {
+    let out = stepbox(Path::new("/nonexistent"))
+        .args(["deploy", workflow.to_str().unwrap(), "--server", &server.url, "--token", token])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A workflow project: `name.yaml` beside a copy of each component, as a
+/// user's repository holds them.
+fn project(dir: &Path, name: &str, yaml: &str, components: &[(&str, &str)]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for (file, source) in components {
+        std::fs::copy(source, dir.join(file)).unwrap();
+    }
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn greeter(dir: &Path) -> PathBuf {
+    project(
+        dir,
+        "greet",
+        "name: greet\ninputs:\n  who: { type: string, required: true }\ncomponents:\n  hello: hello.wasm\nsteps:\n  - id: first\n    uses: hello\n    with: { name: '{{ inputs.who }}' }\n  - id: second\n    uses: hello\n    with: { name: '{{ steps.first.output.greeting }}' }\n    depends_on: [first]\noutputs:\n  greeting: '{{ steps.second.output.greeting }}'\n",
+        &[("hello.wasm", guests::HELLO)],
+    )
+}
+
+fn sleeper(dir: &Path, millis: u64) -> PathBuf {
+    project(
+        dir,
+        "nap",
+        &format!(
+            "name: nap\ncomponents:\n  sleepy: sleepy.wasm\nsteps:\n  - id: nap\n    uses: sleepy\n    with: {{ millis: {millis} }}\n    limits: {{ timeout: 60s }}\n"
+        ),
+        &[("sleepy.wasm", guests::SLEEPY)],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployed_workflow_runs_over_http_and_its_events_stream_live() {
+    let dir = temp_dir("serve-basics");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let server = Server::start(&data, &[]);
+    let api = server.api(&acme);
+    let workflow = greeter(&dir.join("project"));
+
+    // Deploying the same files keeps the version; a change adds one.
+    assert!(deploy(&server, &acme, &workflow).contains("deployed `greet` version 1 (2 files"));
+    assert!(deploy(&server, &acme, &workflow).contains("`greet` is unchanged: version 1"));
+    let (status, listed) = api.get("/v1/workflows").await;
+    assert_eq!((status, listed["workflows"][0]["version"].clone()), (StatusCode::OK, json!(1)));
+
+    let id = api.start("greet", json!({ "inputs": { "who": "Ada" }, "labels": { "order": "42" } })).await;
+    let events = api.events(&id, None, |event| event["type"] == "run_finished").await;
+    let numbers: Vec<u64> = events.iter().map(|(n, _)| *n).collect();
+    assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>(), "numbered from 1 without gaps");
+    let kinds: Vec<String> = events
+        .iter()
+        .map(|(_, e)| format!("{} {}", e["type"].as_str().unwrap(), e["path"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "attempt_started first",
+            "step_finished first",
+            "attempt_started second",
+            "step_finished second",
+            "run_finished "
+        ]
+    );
+    assert_eq!(events.last().unwrap().1["status"], "succeeded");
+    // A client that reconnects with the last number it saw gets the rest.
+    let rest = api.events(&id, Some(3), |_| false).await;
+    assert_eq!(rest.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [4, 5]);
+
+    let report = api.finished(&id).await;
+    assert_eq!(report["outputs"]["greeting"], "Hello, Hello, Ada!!");
+    assert_eq!((report["version"].clone(), report["labels"]["order"].clone()), (json!(1), json!("42")));
+    let (status, logs) = api.get(&format!("/v1/runs/{id}/logs?step=second")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(logs["steps"][0]["executions"][0]["attempts"][0]["status"], "succeeded");
+
+    // A new version: the old run keeps the version it ran.
+    std::fs::write(&workflow, std::fs::read_to_string(&workflow).unwrap() + "# changed\n").unwrap();
+    assert!(deploy(&server, &acme, &workflow).contains("deployed `greet` version 2"));
+    let second = api.start("greet", json!({ "inputs": { "who": "Bo" } })).await;
+    assert_eq!(api.finished(&second).await["version"], 2);
+    let pinned = api.start("greet", json!({ "inputs": { "who": "Cy" }, "version": 1 })).await;
+    assert_eq!(api.finished(&pinned).await["version"], 1);
+
+    // Pages of runs, newest first, by cursor.
+    let (_, page) = api.get("/v1/runs?limit=2").await;
+    let ids = |page: &Value| -> Vec<String> {
+        page["runs"].as_array().unwrap().iter().map(|run| run["id"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(ids(&page), [pinned.clone(), second.clone()]);
+    let cursor = page["next_cursor"].as_str().unwrap().to_owned();
+    let (_, page) = api.get(&format!("/v1/runs?limit=2&cursor={cursor}")).await;
+    assert_eq!((ids(&page), page["next_cursor"].clone()), (vec![id.clone()], Value::Null));
+    let (_, page) = api.get("/v1/runs?label=order=42").await;
+    assert_eq!(ids(&page), [id.clone()]);
+
+    // The OpenAPI document is served.
+    let (status, document) = api.get("/v1/openapi.json").await;
+    assert_eq!((status, document["openapi"].as_str()), (StatusCode::OK, Some("3.1.0")));
+    assert!(document["paths"]["/v1/runs/{id}/events"]["get"].is_object());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_cannot_see_or_touch_another_tenants_workflows_runs_or_state() {
+    let dir = temp_dir("serve-isolation");
+    let data = dir.join("data");
+    let (acme, globex, admin) = (token(&data, Some("acme")), token(&data, Some("globex")), token(&data, None));
+    let server = Server::start(&data, &[]);
+    let counter = project(
+        &dir.join("project"),
+        "count",
+        "name: count\ncomponents:\n  counter: counter.wasm\nsteps:\n  - id: count\n    uses: counter\n",
+        &[("counter.wasm", guests::COUNTER)],
+    );
+    deploy(&server, &acme, &counter);
+    let (a, g) = (server.api(&acme), server.api(&globex));
+    let run = a.start("count", json!({})).await;
+    let first = a.finished(&run).await;
+
+    // Every way to reach acme's run answers globex as if it did not exist.
+    let missing = |(status, body): (StatusCode, Value)| {
+        assert_eq!((status, body["error"]["code"].clone()), (StatusCode::NOT_FOUND, json!("not_found")), "{body}");
+        body["error"]["message"].as_str().unwrap().to_owned()
+    };
+    let unknown = missing(g.get("/v1/runs/019ad3c5-0000-7000-8000-000000000000").await);
+    let probed = missing(g.get(&format!("/v1/runs/{run}")).await);
+    assert_eq!(probed.replace(&run, "ID"), unknown.replace("019ad3c5-0000-7000-8000-000000000000", "ID"));
+    missing(g.get(&format!("/v1/runs/{run}/logs")).await);
+    missing(g.get(&format!("/v1/runs/{run}/events")).await);
+    for action in ["cancel", "resume", "retry"] {
+        missing(g.post(&format!("/v1/runs/{run}/{action}"), json!({})).await);
+    }
+    missing(g.get("/v1/workflows/count").await);
+    missing(g.post("/v1/workflows/count/runs", json!({})).await);
+    assert_eq!(g.get("/v1/runs").await.1["runs"], json!([]));
+    assert_eq!(g.get("/v1/workflows").await.1["workflows"], json!([]));
+    let (status, body) = g.get(&format!("/v1/runs?cursor={run}")).await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::BAD_REQUEST, json!("invalid_cursor")));
+
+    // Key-value state: the same workflow deployed by globex counts on its own.
+    deploy(&server, &globex, &counter);
+    let theirs = g.start("count", json!({})).await;
+    let mine = a.start("count", json!({})).await;
+    let count = |report: &Value| report["steps"][0]["output"].clone();
+    assert_eq!(count(&g.finished(&theirs).await), count(&first), "globex starts from nothing");
+    assert_ne!(count(&a.finished(&mine).await), count(&first), "acme's count went on");
+
+    // A tenant token cannot act for another tenant; an admin can act for any.
+    let mut posing = g.clone();
+    posing.tenant = Some("acme".into());
+    let (status, body) = posing.get("/v1/runs").await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::FORBIDDEN, json!("forbidden")));
+    let root = server.api(&admin);
+    assert_eq!(root.get(&format!("/v1/runs/{run}")).await.0, StatusCode::OK);
+    assert_eq!(root.get("/v1/runs").await.1["runs"].as_array().unwrap().len(), 3);
+    let (status, body) = root.post("/v1/workflows/count/runs", json!({})).await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::BAD_REQUEST, json!("tenant_required")));
+    let mut acting = root.clone();
+    acting.tenant = Some("globex".into());
+    assert_eq!(acting.get("/v1/runs").await.1["runs"].as_array().unwrap().len(), 1);
+
+    // A revoked token is refused at once.
+    let listed = output(&data, &["token", "list", "--json"]);
+    let tokens: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let id = tokens.as_array().unwrap().iter().find(|t| t["tenant"] == "globex").unwrap()["id"].as_str().unwrap();
+    assert!(output(&data, &["token", "revoke", id]).status.success());
+    let (status, body) = g.get("/v1/runs").await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::UNAUTHORIZED, json!("unauthorized")));
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains(&globex), "token list never shows a token");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idempotency_key_starts_one_run_and_a_tenant_past_its_active_runs_gets_429() {
+    let dir = temp_dir("serve-idempotency");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let server = Server::start(&data, &["--max-active-runs", "2"]);
+    deploy(&server, &acme, &sleeper(&dir.join("project"), 20_000));
+    let api = server.api(&acme);
+    let start = |key: &'static str, body: Value| {
+        let api = api.clone();
+        async move {
+            let request = api.request(reqwest::Method::POST, "/v1/workflows/nap/runs").header("Idempotency-Key", key);
+            Api::send(request.json(&body)).await
+        }
+    };
+    let (status, first) = start("order-1", json!({})).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, again) = start("order-1", json!({})).await;
+    assert_eq!((status, again["id"].clone()), (StatusCode::OK, first["id"].clone()));
+    let (status, body) = start("order-1", json!({ "labels": { "x": "y" } })).await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::CONFLICT, json!("idempotency_key_reused")));
+
+    assert_eq!(start("order-2", json!({})).await.0, StatusCode::CREATED);
+    let response = api.request(reqwest::Method::POST, "/v1/workflows/nap/runs").json(&json!({})).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_runs");
+    // A repeated request is still answered: it starts nothing.
+    assert_eq!(start("order-1", json!({})).await.0, StatusCode::OK);
+
+    // Cancelling one frees its place.
+    let id = first["id"].as_str().unwrap();
+    assert_eq!(api.post(&format!("/v1/runs/{id}/cancel"), json!({})).await.0, StatusCode::ACCEPTED);
+    assert_eq!(api.finished(id).await["status"], "cancelled");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = api.post("/v1/workflows/nap/runs", json!({})).await;
+        if status == StatusCode::CREATED {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cancelled run's place was not freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_json_errors_that_say_what_to_fix() {
+    let dir = temp_dir("serve-errors");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let server = Server::start(&data, &["--max-bundle", "1MiB"]);
+    let api = server.api(&acme);
+    deploy(&server, &acme, &greeter(&dir.join("project")));
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("{}{path}", server.url);
+    let expect = |status: StatusCode, code: &str, (got, body): (StatusCode, Value)| {
+        assert_eq!((got, body["error"]["code"].as_str()), (status, Some(code)), "{body}");
+        body["error"]["message"].as_str().unwrap().to_owned()
+    };
+
+    expect(StatusCode::UNAUTHORIZED, "unauthorized", Api::send(http.get(url("/v1/runs"))).await);
+    expect(StatusCode::UNAUTHORIZED, "unauthorized", Api::send(http.get(url("/v1/runs")).bearer_auth("sbx_x")).await);
+    expect(StatusCode::NOT_FOUND, "not_found", api.get("/v2/nothing").await);
+    expect(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        Api::send(api.request(reqwest::Method::DELETE, "/v1/runs")).await,
+    );
+    let raw = |body: &'static str, kind: &'static str| {
+        api.request(reqwest::Method::POST, "/v1/workflows/greet/runs").header("content-type", kind).body(body)
+    };
+    expect(StatusCode::BAD_REQUEST, "invalid_json", Api::send(raw("{", "application/json")).await);
+    expect(StatusCode::UNSUPPORTED_MEDIA_TYPE, "not_json", Api::send(raw("{}", "text/plain")).await);
+    let message = expect(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_body",
+        api.post("/v1/workflows/greet/runs", json!({ "input": {} })).await,
+    );
+    assert!(message.contains("unknown field `input`"), "{message}");
+    let message = expect(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_inputs",
+        api.post("/v1/workflows/greet/runs", json!({})).await,
+    );
+    assert!(message.contains("who"), "{message}");
+    expect(StatusCode::NOT_FOUND, "not_found", api.post("/v1/workflows/nope/runs", json!({})).await);
+    expect(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        api.post("/v1/workflows/greet/runs", json!({ "inputs": { "who": "x" }, "version": 9 })).await,
+    );
+    let labels: serde_json::Map<String, Value> = (0..40).map(|i| (format!("k{i}"), json!("v"))).collect();
+    expect(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_labels",
+        api.post("/v1/workflows/greet/runs", json!({ "inputs": { "who": "x" }, "labels": labels })).await,
+    );
+    expect(StatusCode::BAD_REQUEST, "invalid_query", api.get("/v1/runs?limit=0").await);
+    expect(StatusCode::BAD_REQUEST, "invalid_query", api.get("/v1/runs?status=done").await);
+    let events = api.request(reqwest::Method::GET, "/v1/runs/x/events").header("Last-Event-ID", "soon");
+    expect(StatusCode::BAD_REQUEST, "invalid_last_event_id", Api::send(events).await);
+    let huge = json!({ "inputs": { "who": "x".repeat(2 * 1024 * 1024) } });
+    expect(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", api.post("/v1/workflows/greet/runs", huge).await);
+
+    // Bundles: every file path stays inside the bundle, the workflow is
+    // checked, and its name must be the one it is deployed under.
+    let put = |name: &str, bundle: Value| {
+        Api::send(api.request(reqwest::Method::PUT, &format!("/v1/workflows/{name}")).json(&bundle))
+    };
+    let b64 = |text: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(text)
+    };
+    let message = expect(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_bundle",
+        put("x", json!({ "workflow": "w.yaml", "files": { "w.yaml": b64("x"), "../up.wasm": b64("x") } })).await,
+    );
+    assert!(message.contains("`..`"), "{message}");
+    let message = expect(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_workflow",
+        put("x", json!({ "workflow": "w.yaml", "files": { "w.yaml": b64("name: x\nsteps: []\nbogus: 1\n") } })).await,
+    );
+    assert!(message.contains("bogus"), "{message}");
+    let message = expect(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "name_mismatch",
+        put("other", json!({ "workflow": "w.yaml", "files": { "w.yaml": b64("name: x\nsteps: []\n") } })).await,
+    );
+    assert!(message.contains("named `x`"), "{message}");
+    let message = expect(StatusCode::UNPROCESSABLE_ENTITY, "invalid_component", put("x", json!({ "workflow": "w.yaml", "files": { "w.yaml": b64("name: x\ncomponents:\n  c: c.wasm\nsteps:\n  - id: s\n    uses: c\n"), "c.wasm": b64("not wasm") } })).await);
+    assert!(message.contains("component `c`"), "{message}");
+    let big = "x".repeat(1024 * 1024 + 1);
+    expect(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_bundle",
+        put("x", json!({ "workflow": "w.yaml", "files": { "w.yaml": b64(&big) } })).await,
+    );
+    // A refused deploy leaves no files behind.
+    let kept: Vec<_> = std::fs::read_dir(data.join("bundles")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployed_workflow_cannot_reach_files_outside_its_bundle() {
+    let dir = temp_dir("serve-escape");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let server = Server::start(&data, &[]);
+    let api = server.api(&acme);
+    let secret = dir.join("secret.yaml");
+    std::fs::write(&secret, "name: stolen-secret-value\nsteps: [}\n").unwrap();
+    std::fs::copy(guests::HELLO, dir.join("outside.wasm")).unwrap();
+    let b64 = |text: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(text)
+    };
+    let hello = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(guests::HELLO).unwrap())
+    };
+    let attempts = [
+        // A literal include outside the bundle is refused before it is read,
+        // so nothing of it can show in the message.
+        format!("name: x\nsteps:\n  - id: s\n    include: {}\n", secret.display()),
+        "name: x\nsteps:\n  - id: s\n    include: ../../../../../../dev/zero\n".to_owned(),
+        // Components must be files of the bundle.
+        format!("name: x\ncomponents:\n  c: {}\nsteps:\n  - id: s\n    uses: c\n", dir.join("outside.wasm").display()),
+        "name: x\ncomponents:\n  c: /dev/zero\nsteps:\n  - id: s\n    uses: c\n".to_owned(),
+        // Without a tenants file, steps get no directories or secrets.
+        "name: x\ncomponents:\n  c: c.wasm\nsteps:\n  - id: s\n    uses: c\n    dirs: ['/etc:/etc']\n".to_owned(),
+        "name: x\ncomponents:\n  c: c.wasm\nsteps:\n  - id: s\n    uses: c\n    secrets: { K: { env: HOME } }\n"
+            .to_owned(),
+    ];
+    for yaml in attempts {
+        let bundle = json!({ "workflow": "w.yaml", "files": { "w.yaml": b64(&yaml), "c.wasm": hello } });
+        let (status, body) = Api::send(api.request(reqwest::Method::PUT, "/v1/workflows/x").json(&bundle)).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_workflow")),
+            "{yaml}: {body}"
+        );
+        assert!(!body.to_string().contains("stolen-secret-value"), "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_resume_and_retry_work_over_http() {
+    let dir = temp_dir("serve-continue");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let server = Server::start(&data, &[]);
+    let api = server.api(&acme);
+    deploy(&server, &acme, &sleeper(&dir.join("nap"), 30_000));
+    let flaky = project(
+        &dir.join("flaky"),
+        "flaky",
+        "name: flaky\ncomponents:\n  flaky: flaky.wasm\nsteps:\n  - id: hello\n    uses: flaky\n    with: { succeed_on_attempt: 2 }\n",
+        &[("flaky.wasm", guests::FLAKY)],
+    );
+    deploy(&server, &acme, &flaky);
+
+    let nap = api.start("nap", json!({})).await;
+    api.events(&nap, None, |event| event["type"] == "attempt_started").await;
+    assert_eq!(api.post(&format!("/v1/runs/{nap}/cancel"), json!({})).await.0, StatusCode::ACCEPTED);
+    let report = api.finished(&nap).await;
+    assert_eq!(report["status"], "cancelled");
+    let (status, body) = api.post(&format!("/v1/runs/{nap}/cancel"), json!({})).await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::CONFLICT, json!("run_finished")));
+
+    let run = api.start("flaky", json!({})).await;
+    assert_eq!(api.finished(&run).await["status"], "failed");
+    let (status, body) = api.post(&format!("/v1/runs/{run}/retry"), json!({ "from": "nope" })).await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("no_such_step")));
+    let (status, body) = api.post(&format!("/v1/runs/{run}/retry"), json!({})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let report = api.finished(&run).await;
+    assert_eq!(report["status"], "succeeded", "{report}");
+    let attempts = &report["steps"][0]["executions"][0]["attempts"];
+    assert_eq!(attempts.as_array().unwrap().len(), 2, "the retry's attempt counts on: {report}");
+    let (status, body) = api.post(&format!("/v1/runs/{run}/resume"), json!({})).await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::CONFLICT, json!("run_not_continuable")));
+}
+
+/// 3 chains of 8 steps; each step appends its key to `out/keys.log`.
+fn chains(dir: &Path) -> PathBuf {
+    let mut yaml = String::from("name: chains\ncomponents:\n  effect: effect.wasm\nsteps:\n");
+    for chain in 0..3 {
+        for link in 0..8 {
+            yaml.push_str(&format!(
+                "  - id: c{chain}-s{link}\n    uses: effect\n    dirs: ['{}:/out']\n    with: {{ file: /out/keys.log, millis: 150 }}\n    limits: {{ timeout: 30s }}\n",
+                dir.join("out").display()
+            ));
+            if link > 0 {
+                yaml.push_str(&format!("    depends_on: [c{chain}-s{}]\n", link - 1));
+            }
+        }
+    }
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    project(&dir.join("project"), "chains", &yaml, &[("effect.wasm", guests::SIDE_EFFECT)])
+}
+
+fn tenants_allowing(dir: &Path) -> PathBuf {
+    let file = dir.join("tenants.yaml");
+    std::fs::write(&file, format!("tenants:\n  acme:\n    dirs: ['{}']\n", dir.display())).unwrap();
+    file
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_killed_with_the_server_resume_when_it_starts_again_without_repeating_finished_steps() {
+    let dir = temp_dir("serve-kill");
+    let data = dir.join("data");
+    let tenants = tenants_allowing(&dir);
+    let tenants = tenants.to_str().unwrap();
+    let acme = token(&data, Some("acme"));
+    let workflow = chains(&dir);
+    let mut server = Server::start(&data, &["--tenants", tenants]);
+    deploy(&server, &acme, &workflow);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(server.api(&acme).start("chains", json!({})).await);
+    }
+    let mut completed_counts: std::collections::HashMap<String, usize> = Default::default();
+    let mut interrupted = 0;
+    for kill in 0..3 {
+        // Killed once more steps finished since the last start, while
+        // others run.
+        let api = server.api(&acme);
+        let target = completed_counts.len() + 4;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut succeeded = 0;
+            for id in &ids {
+                let report = api.get(&format!("/v1/runs/{id}")).await.1;
+                succeeded += report["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "succeeded").count();
+            }
+            if succeeded >= target {
+                break;
+            }
+            assert!(Instant::now() < deadline, "kill {kill}: no progress");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.child.kill().unwrap();
+        server.child.wait().unwrap();
+        // What the journal holds as done must never run again.
+        let counts = key_counts(&dir);
+        for id in &ids {
+            let (_, running) = journal_state(&data, id);
+            interrupted += running.len();
+            let shown: Value = serde_json::from_slice(&output(&data, &["show", id, "--json"]).stdout).unwrap();
+            for step in shown["steps"].as_array().unwrap().iter().filter(|s| s["status"] == "succeeded") {
+                let key = format!("{id}/{}", step["id"].as_str().unwrap());
+                let now = counts.get(&key).copied().unwrap_or(0);
+                assert_eq!(now, *completed_counts.entry(key.clone()).or_insert(now), "kill {kill}: {key} ran again");
+            }
+        }
+        server = Server::start(&data, &["--tenants", tenants]);
+    }
+    assert!(!completed_counts.is_empty(), "the killed servers made progress");
+    assert!(interrupted > 0, "no kill interrupted an attempt");
+    let api = server.api(&acme);
+    for id in &ids {
+        let report = api.finished(id).await;
+        assert_eq!(report["status"], "succeeded", "{report}");
+    }
+    let counts = key_counts(&dir);
+    for id in &ids {
+        for chain in 0..3 {
+            for link in 0..8 {
+                let key = format!("{id}/c{chain}-s{link}");
+                let count = counts.get(&key).copied().unwrap_or(0);
+                assert!(count >= 1, "{key} never ran");
+                if let Some(&then) = completed_counts.get(&key) {
+                    assert_eq!(count, then, "{key} ran again after it was recorded as done");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_lets_running_attempts_finish_and_the_rest_resume_at_the_next_start() {
+    let dir = temp_dir("serve-sigterm");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let server = Server::start(&data, &["--grace", "20s"]);
+    let two = project(
+        &dir.join("project"),
+        "two",
+        "name: two\ncomponents:\n  sleepy: sleepy.wasm\nsteps:\n  - id: first\n    uses: sleepy\n    with: { millis: 1500 }\n  - id: second\n    uses: sleepy\n    with: { millis: 10 }\n    depends_on: [first]\n",
+        &[("sleepy.wasm", guests::SLEEPY)],
+    );
+    deploy(&server, &acme, &two);
+    let api = server.api(&acme);
+    let id = api.start("two", json!({})).await;
+    api.events(&id, None, |event| event["type"] == "attempt_started").await;
+    let stopping = Instant::now();
+    assert_eq!(server.terminate(), Some(0));
+    assert!(stopping.elapsed() >= Duration::from_millis(500), "the running attempt was waited for");
+    // The running attempt finished and was recorded; the step after it
+    // never started; the run waits, unfinished, for the next start.
+    let shown: Value = serde_json::from_slice(&output(&data, &["show", &id, "--json"]).stdout).unwrap();
+    assert_eq!(shown["status"], "interrupted", "{shown}");
+    assert_eq!(shown["steps"][0]["status"], "succeeded", "{shown}");
+    assert_ne!(shown["steps"][1]["status"], "succeeded", "{shown}");
+
+    let server = Server::start(&data, &[]);
+    let report = server.api(&acme).finished(&id).await;
+    assert_eq!(report["status"], "succeeded", "{report}");
+    let attempts = report["steps"][0]["executions"][0]["attempts"].as_array().unwrap().len();
+    assert_eq!(attempts, 1, "the first step did not run again: {report}");
+}
