@@ -2,7 +2,8 @@
 //! programs among them for wasm32-wasip1 too, as preview1 modules), and the
 //! Python, JavaScript and C guests, then writes their paths as constants
 //! (one per example, named after it; `_WASIP1` for the preview1 builds) for
-//! the tests to load.
+//! the tests to load. It also fetches schemathesis, which the service's tests
+//! run against the API.
 
 #[path = "build/guests.rs"]
 mod guests;
@@ -16,6 +17,10 @@ use std::path::PathBuf;
 /// Plain programs (`fn main`) that are also built as preview1 modules.
 const PREVIEW1_PROGRAMS: [&str; 2] = ["wordcount", "scratch-fill"];
 
+/// schemathesis, from PyPI: the service's tests run it against the API's
+/// OpenAPI document.
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
 fn main() {
     let root = guests::repository_root(1);
     guests::watch(&root);
@@ -23,14 +28,20 @@ fn main() {
     let langs =
         langs::Langs { root: &root, tools: target_dir.parent().unwrap().join("tools"), out: target_dir.join("langs") };
     // The other languages' tools download and build beside the Rust guests.
+    let mut schemathesis = PathBuf::new();
     let mut artifacts = std::thread::scope(|scope| {
         let others = scope.spawn(|| langs.build_all());
+        let tools = scope.spawn(|| langs.pip_tool("schemathesis", SCHEMATHESIS));
         let mut artifacts = guests::cargo_build(&root, "wasm32-wasip2", &[]);
         for (name, path) in guests::cargo_build(&root, "wasm32-wasip1", &PREVIEW1_PROGRAMS) {
             artifacts.push((format!("{name}-wasip1"), path));
         }
         match others.join() {
             Ok(others) => artifacts.extend(others),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        match tools.join() {
+            Ok(site) => schemathesis = site,
             Err(panic) => std::panic::resume_unwind(panic),
         }
         artifacts
@@ -49,6 +60,11 @@ fn main() {
         writeln!(code, "    ({name:?}, {path:?}),").unwrap();
     }
     writeln!(code, "];").unwrap();
-    let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("guests.rs");
-    std::fs::write(out, code).unwrap();
+    let out = PathBuf::from(env::var_os("OUT_DIR").unwrap());
+    std::fs::write(out.join("guests.rs"), code).unwrap();
+    let tools = format!(
+        "/// Where schemathesis is installed: its `bin/st`, with this directory as `PYTHONPATH`.\npub const SCHEMATHESIS: &str = {:?};\n",
+        schemathesis.display().to_string()
+    );
+    std::fs::write(out.join("tools.rs"), tools).unwrap();
 }

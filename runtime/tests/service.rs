@@ -700,3 +700,32 @@ async fn sigterm_lets_running_attempts_finish_and_the_rest_resume_at_the_next_st
     let attempts = report["steps"][0]["executions"][0]["attempts"].as_array().unwrap().len();
     assert_eq!(attempts, 1, "the first step did not run again: {report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_openapi_document() {
+    let dir = temp_dir("serve-schemathesis");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let server = Server::start(&data, &[]);
+    // Data to reach: a deployed workflow and a finished run.
+    deploy(&server, &acme, &greeter(&dir.join("project")));
+    let api = server.api(&acme);
+    let id = api.start("greet", json!({ "inputs": { "who": "Ada" } })).await;
+    api.finished(&id).await;
+    let site = stepbox_tests::tools::SCHEMATHESIS;
+    let out = tokio::process::Command::new(Path::new(site).join("bin/st"))
+        .env("PYTHONPATH", site)
+        .current_dir(&dir)
+        .args(["run", &format!("{}/v1/openapi.json", server.url), "--workers", "2", "--max-examples", "40"])
+        .args(["-H", &format!("Authorization: Bearer {acme}")])
+        // Every check but one: a request the document allows may still be
+        // refused for what a schema cannot say (a bundle whose workflow is
+        // not valid YAML, a run id that does not exist).
+        .args(["--checks", "all", "--exclude-checks", "positive_data_acceptance"])
+        .output()
+        .await
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.contains("Tested: 11"), "every operation was tested: {report}");
+}

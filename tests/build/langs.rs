@@ -131,7 +131,7 @@ impl Langs<'_> {
 
     /// A Python package from PyPI, installed into `target/tools/<dir>` once;
     /// returns that directory, for `PYTHONPATH`.
-    fn pip_tool(&self, dir: &str, package: &str) -> PathBuf {
+    pub fn pip_tool(&self, dir: &str, package: &str) -> PathBuf {
         let site = self.tools.join(dir);
         // The version is part of the marker, so changing it installs anew.
         let marker = site.join(format!(".installed-{package}"));

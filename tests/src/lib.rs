@@ -5,3 +5,8 @@
 pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));
 }
+
+/// Test tools the build script fetched.
+pub mod tools {
+    include!(concat!(env!("OUT_DIR"), "/tools.rs"));
+}

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Body, Caller, Params};
 use crate::run::{Run, RunReport, RunStatus, StepReport};
-use crate::service::{RunPage, Service};
+use crate::service::{Numbered, RunPage, Service};
 use crate::store::RunFilter;
 
 /// Runs a page holds when the request does not say.
@@ -32,12 +32,22 @@ pub struct RunsQuery {
     /// Only runs of this workflow.
     workflow: Option<String>,
     /// Only runs with this label, `KEY=VALUE`; repeat for several.
+    #[param(schema_with = label_filters)]
     label: Option<Vec<String>>,
     /// Runs per page, 1 to 500 (default 20).
     #[param(minimum = 1, maximum = 500)]
     limit: Option<usize>,
     /// The `next_cursor` of the page before.
+    #[param(min_length = 1)]
     cursor: Option<String>,
+}
+
+/// The schema of `label` filters: `KEY=VALUE`, the key not empty.
+fn label_filters() -> utoipa::openapi::schema::Array {
+    let filter = utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .pattern(Some("^[^=]+="));
+    utoipa::openapi::schema::ArrayBuilder::new().items(filter).build()
 }
 
 impl RunsQuery {
@@ -267,6 +277,27 @@ pub async fn retry(
     Ok((StatusCode::ACCEPTED, Json(service.continue_run(&scope, &id, true, retry.from).await?)))
 }
 
+/// One server-sent event of a run's stream.
+#[derive(Debug, utoipa::ToSchema)]
+pub struct EventFrame {
+    /// The event's number, from 1: what `Last-Event-ID` takes.
+    id: String,
+    /// The event as JSON: `{"type": "attempt_started", ...}`.
+    data: String,
+}
+
+impl From<Numbered> for EventFrame {
+    fn from(event: Numbered) -> Self {
+        EventFrame { id: event.id.to_string(), data: event.json.to_string() }
+    }
+}
+
+impl From<EventFrame> for Event {
+    fn from(frame: EventFrame) -> Self {
+        Event::default().id(frame.id).data(frame.data)
+    }
+}
+
 /// A run's events as server-sent events, live: each `data` is one event as
 /// JSON (`attempt_started`, `retrying`, `step_finished`, `run_finished`),
 /// each `id` its number. Reconnect with `Last-Event-ID` to get what
@@ -277,10 +308,10 @@ pub async fn retry(
     tag = "runs",
     params(
         ("id" = String, Path, description = "The run's id"),
-        ("Last-Event-ID" = Option<u64>, Header, description = "The last event seen; the stream goes on after it"),
+        ("Last-Event-ID" = Option<i64>, Header, nullable = false, minimum = 0, description = "The last event seen; the stream goes on after it"),
     ),
     responses(
-        (status = 200, description = "A stream of events", content_type = "text/event-stream", body = String),
+        (status = 200, description = "A stream of events", content_type = "text/event-stream", body = EventFrame),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody),
     ),
@@ -293,9 +324,20 @@ pub async fn events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let after = match headers.get("last-event-id") {
-        Some(value) => value.to_str().ok().and_then(|text| text.trim().parse::<u64>().ok()).ok_or_else(|| {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_last_event_id", "Last-Event-ID must be an event's number")
-        })?,
+        // A number as the document gives it: a 64-bit signed integer, not
+        // negative.
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|text| text.trim().parse::<i64>().ok())
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_last_event_id",
+                    "Last-Event-ID must be an event's number",
+                )
+            })?,
         None => 0,
     };
     let log = service.events(&scope, &id).await?;
@@ -317,9 +359,7 @@ pub async fn events(
             if batch.missed > 0 {
                 out.push(Event::default().comment(format!("{} older events are no longer kept", batch.missed)));
             }
-            out.extend(
-                batch.events.into_iter().map(|event| Event::default().id(event.id.to_string()).data(&*event.json)),
-            );
+            out.extend(batch.events.into_iter().map(|event| Event::from(EventFrame::from(event))));
             Some((stream::iter(out.into_iter().map(Ok)), (last, batch.finished)))
         }
     });

@@ -101,7 +101,8 @@ pub async fn get(
     tag = "runs",
     params(
         ("name" = String, Path, description = "The workflow's name"),
-        ("Idempotency-Key" = Option<String>, Header, description = "Makes a repeated request return the same run"),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 256,
+            description = "Makes a repeated request return the same run"),
     ),
     request_body = StartRun,
     responses(

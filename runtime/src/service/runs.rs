@@ -34,6 +34,7 @@ pub struct StartRun {
     /// Labels to find the run by (at most 32; keys up to 64 bytes, values
     /// up to 256).
     #[serde(default)]
+    #[schema(schema_with = labels_schema)]
     pub labels: BTreeMap<String, String>,
     /// The deployed version to run; the newest when left out.
     #[serde(default)]
@@ -47,6 +48,20 @@ pub struct RunPage {
     pub runs: Vec<Run>,
     /// Pass as `cursor` for the next page; absent on the last page.
     pub next_cursor: Option<String>,
+}
+
+/// The schema of a run's labels, with their limits.
+fn labels_schema() -> utoipa::openapi::schema::Object {
+    use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Type};
+    let text = |min: usize, max: usize| {
+        ObjectBuilder::new().schema_type(Type::String).min_length(Some(min)).max_length(Some(max)).build()
+    };
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property_names(Some(text(1, MAX_LABEL_KEY)))
+        .additional_properties(Some(AdditionalProperties::RefOr(text(0, MAX_LABEL_VALUE).into())))
+        .max_properties(Some(MAX_LABELS))
+        .build()
 }
 
 fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ServiceError> {
