@@ -727,5 +727,109 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_openapi_do
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(report.contains("Tested: 11"), "every operation was tested: {report}");
+    assert!(report.contains("Tested: 12"), "every operation was tested: {report}");
+}
+
+/// `prepare`, then `approve` waits for an event, then `ship` greets whoever
+/// approved; `side` (a sleeper) runs beside them for `side_millis`.
+fn approval(dir: &Path, timeout: &str, side_millis: u64) -> PathBuf {
+    project(
+        dir,
+        "approval",
+        &format!(
+            "name: approval\ncomponents:\n  hello: hello.wasm\n  sleepy: sleepy.wasm\nsteps:\n  - id: prepare\n    uses: hello\n    with: {{ name: order }}\n  - id: approve\n    wait: {{ event: approve, timeout: {timeout} }}\n    depends_on: [prepare]\n  - id: ship\n    uses: hello\n    with: {{ name: '{{{{ steps.approve.output.by }}}}' }}\n    depends_on: [approve]\n  - id: side\n    uses: sleepy\n    with: {{ millis: {side_millis} }}\noutputs:\n  shipped: '{{{{ steps.ship.output.greeting }}}}'\n"
+        ),
+        &[("hello.wasm", guests::HELLO), ("sleepy.wasm", guests::SLEEPY)],
+    )
+}
+
+/// Waits until run `id` has `status`.
+async fn wait_for_status(api: &Api, id: &str, status: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, report) = api.get(&format!("/v1/runs/{id}")).await;
+        if report["status"] == status {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "run {id} never became {status}: {report}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiting_step_parks_its_run_across_a_restart_until_its_event_comes() {
+    let dir = temp_dir("serve-wait");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let mut server = Server::start(&data, &[]);
+    deploy(&server, &acme, &approval(&dir.join("project"), "72h", 10));
+    let api = server.api(&acme);
+    let id = api.start("approval", json!({})).await;
+    let events = api.events(&id, None, |event| event["type"] == "run_finished").await;
+    assert!(events.iter().any(|(_, e)| e["type"] == "wait_started" && e["event"] == "approve"), "{events:?}");
+    assert_eq!(events.last().unwrap().1["status"], "waiting");
+    // Parked: no process holds it.
+    let report = wait_for_status(&api, &id, "waiting").await;
+    assert!(report.get("owner").is_none(), "{report}");
+    assert_eq!(report["steps"][1]["status"], "waiting");
+
+    // An event for no step, or to another tenant's run, is refused.
+    let (status, body) = api.post(&format!("/v1/runs/{id}/events/reject"), json!({})).await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("no_such_event")));
+    let other = server.api(&token(&data, Some("globex")));
+    assert_eq!(other.post(&format!("/v1/runs/{id}/events/approve"), json!({})).await.0, StatusCode::NOT_FOUND);
+
+    // The wait survives the server.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    server = Server::start(&data, &[]);
+    let api = server.api(&acme);
+    assert_eq!(wait_for_status(&api, &id, "waiting").await["status"], "waiting");
+    let (status, run) = api.post(&format!("/v1/runs/{id}/events/approve"), json!({ "by": "Ada" })).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    let report = api.finished(&id).await;
+    assert_eq!(report["status"], "succeeded", "{report}");
+    assert_eq!(report["outputs"]["shipped"], "Hello, Ada!");
+    assert_eq!(report["steps"][1]["output"], json!({ "by": "Ada" }));
+    let prepared = &report["steps"][0]["executions"][0]["attempts"];
+    assert_eq!(prepared.as_array().unwrap().len(), 1, "prepare did not run again: {report}");
+    let (status, body) = api.post(&format!("/v1/runs/{id}/events/approve"), json!({})).await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::CONFLICT, json!("run_finished")));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_reaches_a_live_run_at_once_and_a_wait_past_its_timeout_fails_as_timeout() {
+    let dir = temp_dir("serve-wait-live");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let server = Server::start(&data, &[]);
+    let api = server.api(&acme);
+    // `side` keeps the run busy for 5s, so the waiting step waits in memory.
+    deploy(&server, &acme, &approval(&dir.join("live"), "72h", 5_000));
+    let id = api.start("approval", json!({})).await;
+    api.events(&id, None, |event| event["type"] == "wait_started").await;
+    let sent = Instant::now();
+    assert_eq!(api.post(&format!("/v1/runs/{id}/events/approve"), json!({ "by": "Bo" })).await.0, StatusCode::ACCEPTED);
+    let events = api.events(&id, None, |event| event["type"] == "step_finished" && event["path"] == "ship").await;
+    assert!(sent.elapsed() < Duration::from_secs(4), "the live run went on without parking first");
+    assert!(!events.iter().any(|(_, e)| e["type"] == "run_finished"), "{events:?}");
+    assert_eq!(api.finished(&id).await["outputs"]["shipped"], "Hello, Bo!");
+
+    // Nobody approves: past its timeout, the waiting step fails as `timeout`.
+    let short = approval(&dir.join("short"), "1s", 10);
+    let (status, body) =
+        Api::send(api.request(reqwest::Method::PUT, "/v1/workflows/approval").json(&bundle_of(&short))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = api.start("approval", json!({})).await;
+    let report = api.finished(&id).await;
+    assert_eq!(report["status"], "failed", "{report}");
+    let attempt = &report["steps"][1]["executions"][0]["attempts"][0];
+    assert_eq!(attempt["failure"]["kind"], "timeout", "{report}");
+    assert_eq!(report["steps"][2]["status"], "skipped");
+}
+
+/// The bundle `stepbox deploy` would send for `workflow`.
+fn bundle_of(workflow: &Path) -> Value {
+    let loaded = stepbox::workflow::Workflow::load(workflow).unwrap();
+    serde_json::to_value(stepbox::service::Bundle::of_workflow(&loaded, &[]).unwrap().encode()).unwrap()
 }

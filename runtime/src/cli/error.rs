@@ -13,6 +13,8 @@ pub(crate) mod exit {
     pub(crate) const USAGE: u8 = 2;
     /// The workflow, a component or the tenants file is not valid.
     pub(crate) const INVALID: u8 = 3;
+    /// The run waits for an event.
+    pub(crate) const WAITING: u8 = 4;
     /// The run was cancelled.
     pub(crate) const CANCELLED: u8 = 130;
 }

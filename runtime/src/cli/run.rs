@@ -162,6 +162,10 @@ pub(crate) async fn execute(
         RunStatus::Succeeded => 0,
         RunStatus::Running | RunStatus::Interrupted | RunStatus::Failed => exit::FAILED,
         RunStatus::Cancelled => exit::CANCELLED,
+        RunStatus::Waiting => {
+            eprintln!("the run waits for an event; events are sent to runs of workflows deployed to `stepbox serve`");
+            exit::WAITING
+        }
     })
 }
 
@@ -236,6 +240,9 @@ async fn show_progress(mut events: mpsc::UnboundedReceiver<RunEvent>, total: u64
                 }
             }
             RunEvent::RunFinished { .. } => {}
+            RunEvent::WaitStarted { .. } => {
+                let _ = bars.println(describe(&event));
+            }
         }
     }
     overall.finish_and_clear();
@@ -252,5 +259,6 @@ fn describe(event: &RunEvent) -> String {
             None => format!("{path}: {status}"),
         },
         RunEvent::RunFinished { status } => format!("the run {status}"),
+        RunEvent::WaitStarted { path, event } => format!("{path}: waiting for the event `{event}`"),
     }
 }

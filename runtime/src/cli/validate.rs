@@ -117,6 +117,7 @@ fn draw(workflow: &Workflow, format: GraphFormat) -> String {
         let what = match &step.action {
             Action::Run { component } => component.clone(),
             Action::Include { path, .. } => format!("include {path}"),
+            Action::Wait { event, .. } => format!("wait for {event}"),
         };
         format!("{}\\n{what}", step.id)
     };

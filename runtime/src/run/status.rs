@@ -23,6 +23,9 @@ pub enum RunStatus {
     Failed,
     /// It was cancelled (Ctrl-C, SIGTERM, an API call).
     Cancelled,
+    /// Unfinished, parked until an event it waits for is sent to it (or its
+    /// wait times out): no process holds it meanwhile.
+    Waiting,
 }
 
 /// Where a step, or one execution of it, stands.
@@ -42,6 +45,8 @@ pub enum StepStatus {
     Skipped,
     /// The run was cancelled before or while it ran.
     Cancelled,
+    /// A waiting step whose event has not come; the run is parked.
+    Waiting,
 }
 
 /// The name of each variant, as serde writes it, both ways.
@@ -84,6 +89,7 @@ named!(RunStatus {
     Succeeded => "succeeded",
     Failed => "failed",
     Cancelled => "cancelled",
+    Waiting => "waiting",
 });
 named!(StepStatus {
     Pending => "pending",
@@ -92,6 +98,7 @@ named!(StepStatus {
     Failed => "failed",
     Skipped => "skipped",
     Cancelled => "cancelled",
+    Waiting => "waiting",
 });
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToke
     report.started_ms = Some(now_ms());
     match &step.action {
         Action::Include { path, workflow } => include(&shared, i, path, workflow.as_ref(), &cancel, &mut report).await,
+        Action::Wait { event, timeout } => super::wait::step(&shared, i, event, *timeout, &cancel, &mut report).await,
         Action::Run { component } => match items(&shared, i).and_then(|items| admit(&shared, items)) {
             Ok(items) => fan_out(&shared, i, component, items, &cancel, &mut report).await,
             Err(reason) => {
@@ -449,9 +450,12 @@ async fn include(
                 RunStatus::Succeeded => StepStatus::Succeeded,
                 RunStatus::Running | RunStatus::Interrupted | RunStatus::Failed => StepStatus::Failed,
                 RunStatus::Cancelled => StepStatus::Cancelled,
+                RunStatus::Waiting => StepStatus::Waiting,
             };
             if report.status == StepStatus::Succeeded {
                 report.output = Some(Value::Object(child.outputs));
+            } else if report.status == StepStatus::Waiting {
+                report.reason = Some("a step of the included workflow waits for an event".into());
             } else {
                 report.reason = Some("a step of the included workflow failed".into());
             }

@@ -7,6 +7,7 @@ mod context;
 mod dispatch;
 mod execute;
 mod policy;
+mod wait;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use dispatch::{Dispatcher, Slot};
+pub use wait::Waits;
 
 use crate::run::{Failure, Run, RunReport, RunStatus, StepPath, StepReport, StepStatus, now_ms};
 use crate::sandbox::{Sandbox, StepComponent};
@@ -62,7 +64,15 @@ pub enum RunEvent {
         /// Why it was skipped, failed or cancelled.
         reason: Option<String>,
     },
-    /// The run ended (or, `interrupted`, stopped to be resumed later).
+    /// A waiting step started waiting for `event`.
+    WaitStarted {
+        /// The step.
+        path: StepPath,
+        /// The event it waits for.
+        event: String,
+    },
+    /// The run ended (or, `interrupted` or `waiting`, stopped to be resumed
+    /// later).
     RunFinished {
         /// How it ended.
         status: RunStatus,
@@ -102,6 +112,9 @@ pub struct RunOptions {
     /// Cancel to stop the run: running attempts end as `cancelled` and no
     /// more steps start.
     pub cancel: CancellationToken,
+    /// The events sent to the run's waiting steps while it runs (the
+    /// events recorded before it started are delivered when it starts).
+    pub waits: Arc<Waits>,
     /// Cancel to stop the run without ending it (the process is shutting
     /// down): running attempts end as `cancelled` and are recorded, but the
     /// run is not; it stays unfinished, for a resume to continue.
@@ -133,6 +146,7 @@ impl RunOptions {
             events: None,
             cancel: CancellationToken::new(),
             interrupt: CancellationToken::new(),
+            waits: Arc::default(),
             dispatcher: None,
             journal: None,
         }
@@ -201,6 +215,9 @@ pub async fn run(
         }
         None => ResumeState::default(),
     };
+    for (name, payload) in &resume.events {
+        options.waits.deliver(name, payload.clone());
+    }
     let dispatcher = options.dispatcher.clone().unwrap_or_else(|| Dispatcher::new(options.max_parallel));
     let stop = options.cancel.child_token();
     let interrupted = {
@@ -220,6 +237,7 @@ pub async fn run(
         limits: Arc::new(options.tenant.default_limits()),
         tenant: options.tenant.clone(),
         secrets_dir: options.secrets_dir.clone().map(Arc::from),
+        waits: options.waits.clone(),
     };
     let shared = Shared::new(sandbox.clone(), workflow.clone(), components, &inputs, &options, base, None);
     let graph = run_graph(shared.clone(), options.fail_fast).await;
@@ -232,6 +250,9 @@ pub async fn run(
     if options.interrupt.is_cancelled() {
         // Not finished: what it did is recorded, and a resume goes on.
         status = RunStatus::Interrupted;
+    } else if status == RunStatus::Waiting {
+        let record = shared.record(|journal, run_id| journal.run_parked(run_id));
+        shared.durable(record).await;
     } else {
         let record =
             shared.record(|journal, run_id| journal.run_finished(run_id, status, &graph.outputs, error.as_deref()));
@@ -284,6 +305,8 @@ pub(crate) struct Base {
     limits: Arc<crate::sandbox::Limits>,
     tenant: Arc<Tenant>,
     secrets_dir: Option<Arc<std::path::Path>>,
+    /// Events for the run's waiting steps, and whether it parked.
+    waits: Arc<Waits>,
 }
 
 /// Everything the tasks of one run share.
@@ -426,6 +449,11 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
     let mut first_failure: Option<String> = None;
     let mut running: JoinSet<(usize, StepReport)> = JoinSet::new();
     let mut task_step: HashMap<tokio::task::Id, usize> = HashMap::new();
+    // While this loop works, or a component step runs, the run does not
+    // park (see `wait`).
+    let waits = shared.base.waits.clone();
+    let mut working = Some(waits.busy());
+    let mut step_work = HashMap::new();
 
     loop {
         while let Some(i) = ready.pop_front() {
@@ -440,6 +468,9 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
                     let token = if steps[i].always { cancel.clone() } else { fail_fast_token.clone() };
                     let handle = running.spawn(execute::step(shared.clone(), i, token));
                     task_step.insert(handle.id(), i);
+                    if matches!(steps[i].action, crate::workflow::Action::Run { .. }) {
+                        step_work.insert(handle.id(), waits.busy());
+                    }
                     continue;
                 }
                 Decision::Skip { reason, blocking: blocks } => {
@@ -459,7 +490,14 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
             settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token);
             release(i, &dependents, &mut remaining, &mut ready);
         }
+        drop(working.take());
         let Some(joined) = running.join_next_with_id().await else { break };
+        working.replace(waits.busy());
+        let id = match &joined {
+            Ok((id, _)) => *id,
+            Err(err) => err.id(),
+        };
+        step_work.remove(&id);
         let (i, report) = match joined {
             Ok((_, result)) => result,
             Err(err) => {
@@ -472,12 +510,20 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
             }
         };
         reports[i] = report;
+        if reports[i].status == StepStatus::Waiting {
+            // Parked: recorded as waiting; its dependents wait with it.
+            shared.record(|journal, run_id| journal.step_finished(run_id, i, &reports[i]));
+            continue;
+        }
         settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token);
         release(i, &dependents, &mut remaining, &mut ready);
     }
+    drop(working);
 
     let status = if cancel.is_cancelled() {
         RunStatus::Cancelled
+    } else if reports.iter().any(|r| r.status == StepStatus::Waiting) {
+        RunStatus::Waiting
     } else if reports.iter().any(|r| r.required && matches!(r.status, StepStatus::Failed | StepStatus::Cancelled)) {
         RunStatus::Failed
     } else {

@@ -72,6 +72,7 @@ pub fn router(service: Arc<Service>) -> axum::Router {
         .routes(routes!(runs::get))
         .routes(routes!(runs::logs))
         .routes(routes!(runs::events))
+        .routes(routes!(runs::send_event))
         .routes(routes!(runs::cancel))
         .routes(routes!(runs::resume))
         .routes(routes!(runs::retry))

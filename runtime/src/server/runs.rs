@@ -277,6 +277,34 @@ pub async fn retry(
     Ok((StatusCode::ACCEPTED, Json(service.continue_run(&scope, &id, true, retry.from).await?)))
 }
 
+/// Sends an event to a run: a step waiting for it takes its payload as its
+/// output, and a parked run resumes. The first event of a name is kept.
+#[utoipa::path(
+    post,
+    path = "/v1/runs/{id}/events/{name}",
+    tag = "runs",
+    params(
+        ("id" = String, Path, description = "The run's id"),
+        ("name" = String, Path, description = "The event's name, as a waiting step names it"),
+    ),
+    request_body(content = serde_json::Value, description = "The event's payload, any JSON: the waiting step's output"),
+    responses(
+        (status = 202, description = "Received; the waiting step goes on", body = Run),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn send_event(
+    State(service): State<Arc<Service>>,
+    Caller(scope): Caller,
+    Params((id, name)): Params<(String, String)>,
+    Body(payload): Body<serde_json::Value>,
+) -> Result<(StatusCode, Json<Run>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(service.send_event(&scope, &id, &name, payload).await?)))
+}
+
 /// One server-sent event of a run's stream.
 #[derive(Debug, utoipa::ToSchema)]
 pub struct EventFrame {

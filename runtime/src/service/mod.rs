@@ -235,6 +235,9 @@ pub struct Service {
     closing: CancellationToken,
     /// Cancelled to interrupt every run this service drives.
     interrupt: CancellationToken,
+    /// Wakes the task that resumes parked runs: a run parked, or an event
+    /// came for one.
+    wake: tokio::sync::Notify,
 }
 
 /// The runs this service drives now.
@@ -247,6 +250,7 @@ struct Live {
 
 /// A run this service drives.
 struct LiveRun {
+    waits: Arc<crate::scheduler::Waits>,
     cancel: CancellationToken,
     interrupt: CancellationToken,
     events: Arc<EventLog>,
@@ -278,12 +282,14 @@ impl Service {
             tasks: TaskTracker::new(),
             closing: CancellationToken::new(),
             interrupt: CancellationToken::new(),
+            wake: tokio::sync::Notify::new(),
             db,
             sandbox,
             tenants,
             config,
         });
         service.resume_interrupted().await;
+        service.tasks.spawn(service.clone().wake_parked_runs());
         Ok(service)
     }
 

@@ -173,6 +173,7 @@ impl Service {
     /// interrupted.
     fn launch(self: &Arc<Self>, owned: Owned, reservation: Reservation) {
         let live = Arc::new(LiveRun {
+            waits: Arc::default(),
             cancel: tokio_util::sync::CancellationToken::new(),
             interrupt: self.interrupt.child_token(),
             events: Arc::new(EventLog::default()),
@@ -187,6 +188,7 @@ impl Service {
         options.secrets_dir = self.config.secrets_dir.clone();
         options.cancel = live.cancel.clone();
         options.interrupt = live.interrupt.clone();
+        options.waits = live.waits.clone();
         options.events = Some(sender);
         let Owned { workflow, inputs, lease, run, .. } = owned;
         // A lease lost to another process interrupts the run here: that
@@ -200,6 +202,7 @@ impl Service {
         });
         let result = scheduler::run(&self.sandbox, workflow, inputs, options).await;
         let _ = forward.await;
+        let parked = matches!(&result, Ok(report) if report.run.status == RunStatus::Waiting);
         if let Err(err) = result {
             // It could not start (its resume state could not be read):
             // record why, so it does not hang as interrupted.
@@ -216,6 +219,119 @@ impl Service {
         self.finished.lock().put(run.id.clone(), live.events.clone());
         self.live.lock().runs.remove(&run.id);
         drop(reservation);
+        if parked {
+            // An event may have come as it parked.
+            self.wake.notify_one();
+        }
+    }
+
+    /// Sends the event `name` with `payload` to a run: a step waiting for
+    /// it wakes (the run resumes if it parked), and one that reaches it
+    /// later finds it. Recorded before anything else, so it survives a
+    /// restart; the first event of a name is kept.
+    pub async fn send_event(
+        &self,
+        scope: &Scope,
+        id: &str,
+        name: &str,
+        payload: serde_json::Value,
+    ) -> Result<Run, ServiceError> {
+        let run = self.run(scope, id).await?;
+        if finished(run.status) {
+            return Err(ServiceError::Conflict {
+                code: "run_finished",
+                message: format!("run {id} already {}; no step waits for events any more", run.status),
+            });
+        }
+        let version = run.version.ok_or_else(|| ServiceError::Conflict {
+            code: "not_a_service_run",
+            message: format!("run {id} was not started through the service, so no event can be sent to it"),
+        })?;
+        let scope_of_run = Scope::Tenant(run.tenant.clone());
+        let deployed = self.deployed(&self.workflow(&scope_of_run, &run.workflow, Some(version)).await?).await?;
+        let events = deployed.workflow.wait_events();
+        if !events.contains(name) {
+            let known: Vec<&str> = events.iter().map(String::as_str).collect();
+            return Err(ServiceError::Invalid {
+                code: "no_such_event",
+                message: if known.is_empty() {
+                    format!("no step of workflow `{}` waits for an event", run.workflow)
+                } else {
+                    format!(
+                        "no step of workflow `{}` waits for `{name}`; its steps wait for: {}",
+                        run.workflow,
+                        known.join(", ")
+                    )
+                },
+            });
+        }
+        let (run_id, event, value) = (id.to_owned(), name.to_owned(), payload.clone());
+        let added = self.blocking(move |db| Ok(db.event_received(&run_id, &event, &value)?)).await?;
+        if !added {
+            return Err(ServiceError::Conflict {
+                code: "event_already_sent",
+                message: format!("the event `{name}` was sent to run {id} before; the first one is kept"),
+            });
+        }
+        let live = self.live.lock().runs.get(id).map(|live| live.waits.clone());
+        match live {
+            Some(waits) => waits.deliver(name, payload),
+            None => self.wake.notify_one(),
+        }
+        self.run(scope, id).await
+    }
+
+    /// Resumes parked runs whose event came or whose wait timed out, at
+    /// start and whenever a run parks, an event comes or a deadline
+    /// passes, until the service shuts down.
+    pub(super) async fn wake_parked_runs(self: Arc<Self>) {
+        /// How long it sleeps at most, in case a wake-up was missed.
+        const AT_MOST: std::time::Duration = std::time::Duration::from_secs(60);
+        // Runs that could not be resumed, not tried again by this process.
+        let mut given_up = std::collections::HashSet::new();
+        loop {
+            let woken = self.wake.notified();
+            let now = crate::run::now_ms();
+            let due = self.blocking(move |db| Ok((db.runs_to_wake(now)?, db.next_wait_deadline()?))).await;
+            let next = match due {
+                Ok((runs, next)) => {
+                    let runs =
+                        runs.into_iter().filter(|id| !given_up.contains(id) && !self.live.lock().runs.contains_key(id));
+                    for id in runs.collect::<Vec<_>>() {
+                        let run = match self
+                            .blocking({
+                                let id = id.clone();
+                                move |db| Ok(db.load_run(&id)?)
+                            })
+                            .await
+                        {
+                            Ok(run) => run,
+                            Err(err) => {
+                                tracing::warn!(run = id, "cannot read a parked run: {err}");
+                                continue;
+                            }
+                        };
+                        if let Err(err) = self.continue_owned(&run, None, false, None).await {
+                            tracing::warn!(run = id, "cannot resume a parked run: {err}");
+                            given_up.insert(id);
+                        }
+                    }
+                    next
+                }
+                Err(err) => {
+                    tracing::error!("cannot read the parked runs: {err}");
+                    None
+                }
+            };
+            let sleep = next.map_or(AT_MOST, |deadline| {
+                std::time::Duration::from_secs_f64(((deadline - crate::run::now_ms()) / 1000.0).clamp(0.2, 60.0))
+            });
+            tokio::select! {
+                () = woken => {}
+                () = tokio::time::sleep(sleep) => {}
+                () = self.closing.cancelled() => return,
+            }
+        }
     }
 
     /// Resumes the runs of deployed workflows that a crash left

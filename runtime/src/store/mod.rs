@@ -91,6 +91,25 @@ pub trait Journal: Send + Sync {
     /// The first record of a step is kept, so a resume can refuse a file
     /// that changed since; awaited before the included workflow runs.
     fn include_loaded(&self, run_id: &str, path: &StepPath, fingerprint: &Value) -> Durable;
+    /// The waiting step at `path` (idempotency key `key`) waits for `event`
+    /// since `started_ms`, until `deadline_ms` when it has a timeout. The
+    /// first record of a wait is kept, so its timeout counts from when it
+    /// was first reached, across resumes.
+    fn wait_started(
+        &self,
+        run_id: &str,
+        path: &StepPath,
+        key: &str,
+        event: &str,
+        started_ms: f64,
+        deadline_ms: Option<f64>,
+    ) -> Durable;
+    /// The run parked: only waiting steps were left, so it stopped, to be
+    /// resumed when an event comes or a wait times out. Its last record.
+    fn run_parked(&self, run_id: &str) -> Durable;
+    /// The event `name` was sent to the run with `payload`. The first of a
+    /// name is kept; returns whether this one was.
+    fn event_received(&self, run_id: &str, name: &str, payload: &Value) -> Result<bool, StoreError>;
     /// A step reached its final status; `position` is its place in its
     /// workflow. Durable before any dependent runs, since a dependent
     /// awaits its own later start record.
@@ -129,6 +148,11 @@ pub struct ResumeState {
     /// The fingerprints of workflows included through a template, by the
     /// include step's path.
     pub includes: HashMap<String, Value>,
+    /// When each waiting step was first reached (unix ms), by idempotency
+    /// key.
+    pub waits: HashMap<String, f64>,
+    /// The events sent to the run, by name.
+    pub events: HashMap<String, Value>,
 }
 
 /// Which runs `stepbox runs` and the API list.

@@ -83,6 +83,11 @@ pub trait Registry: Send + Sync {
     /// The newest version of each of a tenant's workflows, by name.
     fn list_workflows(&self, tenant: &str) -> Result<Vec<WorkflowVersion>, StoreError>;
 
+    /// Parked runs with a wait to settle by `now_ms`: its event has come,
+    /// or its deadline has passed.
+    fn runs_to_wake(&self, now_ms: f64) -> Result<Vec<String>, StoreError>;
+    /// The earliest deadline of a wait of a parked run, if any.
+    fn next_wait_deadline(&self) -> Result<Option<f64>, StoreError>;
     /// The run `tenant` started with idempotency key `key`, with the hash
     /// of the request that started it.
     fn idempotency_key(&self, tenant: &str, key: &str) -> Result<Option<(String, String)>, StoreError>;

@@ -114,6 +114,7 @@ impl StepBuilder {
                 id: spanned(id.into()),
                 uses: Some(spanned(uses.into())),
                 include: None,
+                wait: None,
                 with: None,
                 depends_on: Vec::new(),
                 when: None,

@@ -84,6 +84,15 @@ pub enum Action {
         /// `path` is literal; a templated path is loaded when reached.
         workflow: Option<Arc<Workflow>>,
     },
+    /// Waits for the event `event` to be sent to the run; its payload is
+    /// the step's output.
+    Wait {
+        /// The event's name.
+        event: String,
+        /// Past this, counted from when the step is reached, it fails as
+        /// `timeout`.
+        timeout: Option<Duration>,
+    },
 }
 
 /// How a step fans out.
@@ -243,6 +252,21 @@ impl Workflow {
             }
         }
         Ok(serde_json::json!({ "workflow": hash(&self.file)?, "components": components, "includes": includes }))
+    }
+
+    /// The events its waiting steps wait for, its literal includes' too.
+    pub fn wait_events(&self) -> std::collections::BTreeSet<String> {
+        let mut events = std::collections::BTreeSet::new();
+        for step in &self.steps {
+            match &step.action {
+                Action::Wait { event, .. } => {
+                    events.insert(event.clone());
+                }
+                Action::Include { workflow: Some(included), .. } => events.extend(included.wait_events()),
+                _ => {}
+            }
+        }
+        events
     }
 
     /// Checks the inputs a run was given against the declared ones and fills

@@ -313,6 +313,13 @@ pub struct StepSpec {
     #[serde(default)]
     #[schemars(with = "Option<serde_json::Value>")]
     pub with: Option<Spanned<serde_json::Value>>,
+    /// Wait for an event instead of running something (`uses`, `include`):
+    /// the run parks, holding no instance and no slot, until the event is
+    /// sent to it (`POST /v1/runs/{id}/events/{event}` on `stepbox serve`);
+    /// the event's JSON is the step's output.
+    #[serde(default)]
+    #[schemars(with = "Option<WaitSpec>")]
+    pub wait: Option<Spanned<WaitSpec>>,
     /// Steps that must finish first.
     #[serde(default)]
     #[schemars(with = "Vec<String>")]
@@ -388,6 +395,19 @@ pub struct StepSpec {
     /// codes are worth another attempt.
     #[serde(default)]
     pub exit_codes: Option<ExitCodesSpec>,
+}
+
+/// What a waiting step waits for.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WaitSpec {
+    /// The event's name: letters, digits, `_`, `-` and `.`.
+    pub event: String,
+    /// How long to wait from when the step is reached; past it the step
+    /// fails as `timeout`. Without it, the step waits as long as it takes.
+    #[serde(default, with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
+    pub timeout: Option<Duration>,
 }
 
 /// How a command's exit codes are classified: 0 succeeds, the `retryable`

@@ -150,27 +150,32 @@ pub(super) fn validate(
             .iter()
             .filter_map(|h| resolve(&mut d, h, &format!("step `{id}`'s on_failure names an")))
             .collect();
-        let action = match (&step.uses, &step.include) {
-            (Some(uses), None) => {
+        let kinds = [step.uses.is_some(), step.include.is_some(), step.wait.is_some()];
+        let action = match (&step.uses, &step.include, &step.wait) {
+            (Some(uses), None, None) => {
                 Some(Action::Run { component: resolve_uses(&mut d, uses, &mut components, base_dir) })
             }
-            (None, Some(include)) => Some(Action::Include {
+            (None, Some(include), None) => Some(Action::Include {
                 path: include.value.clone(),
                 workflow: load_include(&mut d, include, base_dir, loading).map(Arc::new),
             }),
-            (Some(_), Some(_)) => {
+            (None, None, Some(wait)) => {
+                check_wait(&mut d, wait, step, &id);
+                Some(Action::Wait { event: wait.value.event.clone(), timeout: wait.value.timeout })
+            }
+            _ if kinds.iter().filter(|&&kind| kind).count() > 1 => {
                 d.on(
                     &step.id,
-                    format!("step `{id}` has both `uses` and `include`"),
-                    Some("a step runs one component or one sub-workflow; keep one".into()),
+                    format!("step `{id}` has more than one of `uses`, `include` and `wait`"),
+                    Some("a step runs one component, runs one sub-workflow or waits for one event; keep one".into()),
                 );
                 None
             }
-            (None, None) => {
+            _ => {
                 d.on(
                     &step.id,
-                    format!("step `{id}` has neither `uses` nor `include`"),
-                    Some("add `uses: <component>` or `include: <file>`".into()),
+                    format!("step `{id}` has neither `uses`, `include` nor `wait`"),
+                    Some("add `uses: <component>`, `include: <file>` or `wait: { event: <name> }`".into()),
                 );
                 None
             }
@@ -348,6 +353,49 @@ fn load_include(
             d.on(include, format!("the included workflow {} is not valid:\n{first}", path.display()), None);
             None
         }
+    }
+}
+
+/// The longest event name a waiting step may wait for.
+const MAX_EVENT_NAME: usize = 64;
+
+/// A waiting step names a usable event and runs nothing: no fan-out,
+/// retries, limits or grants.
+fn check_wait(d: &mut Diagnostics, wait: &Spanned<super::spec::WaitSpec>, step: &super::spec::StepSpec, id: &str) {
+    let event = &wait.value.event;
+    let usable = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if event.is_empty() || event.len() > MAX_EVENT_NAME || !event.chars().all(usable) {
+        d.on(
+            wait,
+            format!("step `{id}` waits for `{}`, which is not an event name", event.escape_debug()),
+            Some(format!("use 1 to {MAX_EVENT_NAME} letters, digits, `_`, `-` and `.`")),
+        );
+    }
+    check_duration(d, wait.value.timeout, &format!("step `{id}`: wait.timeout"));
+    let runs_something = step.for_each.is_some()
+        || step.matrix.is_some()
+        || step.retry.is_some()
+        || step.limits.is_some()
+        || step.with.is_some()
+        || !step.dirs.is_empty()
+        || !step.secrets.is_empty()
+        || !step.env.is_empty()
+        || !step.config.is_empty()
+        || !step.args.is_empty()
+        || step.stdin.is_some()
+        || step.scratch
+        || step.deterministic
+        || step.network.is_some()
+        || step.exit_codes.is_some();
+    if runs_something {
+        d.on(
+            wait,
+            format!("step `{id}` waits for an event, so it cannot fan out, retry, take input, limits or grants"),
+            Some(
+                "keep `wait` with `depends_on`, `when`, `required` and `always`; move the rest to a step after it"
+                    .into(),
+            ),
+        );
     }
 }
 

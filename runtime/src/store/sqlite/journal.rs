@@ -100,7 +100,7 @@ impl Journal for Database {
 
     fn forget_steps(&self, run_id: &str, steps: &[StepPath]) -> Result<(), StoreError> {
         self.write(|tx| {
-            for table in ["steps", "executions", "includes"] {
+            for table in ["steps", "executions", "includes", "waits"] {
                 let recorded: Vec<StepPath> = {
                     let mut statement = tx.prepare(&format!("SELECT step_id FROM {table} WHERE run_id = ?1"))?;
                     statement.query_map(params![run_id], |row| row.get(0))?.collect::<rusqlite::Result<_>>()?
@@ -117,8 +117,8 @@ impl Journal for Database {
     fn gc(&self, before_ms: f64, interrupted: bool) -> Result<usize, StoreError> {
         self.write(|tx| {
             let finished = tx.execute(
-                "DELETE FROM runs WHERE created_ms < ?1 AND status != ?2",
-                params![before_ms as i64, RunStatus::Running],
+                "DELETE FROM runs WHERE created_ms < ?1 AND status NOT IN (?2, ?3)",
+                params![before_ms as i64, RunStatus::Running, RunStatus::Waiting],
             )?;
             if !interrupted {
                 return Ok(finished);
@@ -214,6 +214,16 @@ impl Journal for Database {
                 let (path, fingerprint) = row?;
                 state.includes.insert(path, Database::json(Some(fingerprint)).unwrap_or(Value::Null));
             }
+            let mut statement = conn.prepare("SELECT key, started_ms FROM waits WHERE run_id = ?1")?;
+            for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
+                let (key, started) = row?;
+                state.waits.insert(key, started);
+            }
+            let mut statement = conn.prepare("SELECT name, payload FROM run_events WHERE run_id = ?1")?;
+            for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
+                let (name, payload) = row?;
+                state.events.insert(name, Database::json(Some(payload)).unwrap_or(Value::Null));
+            }
             Ok(state)
         })
     }
@@ -267,6 +277,55 @@ impl Journal for Database {
                 .map(drop)
             }),
         )
+    }
+
+    fn wait_started(
+        &self,
+        run_id: &str,
+        path: &StepPath,
+        key: &str,
+        event: &str,
+        started_ms: f64,
+        deadline_ms: Option<f64>,
+    ) -> Durable {
+        let (id, path, key, event) = (run_id.to_owned(), path.clone(), key.to_owned(), event.to_owned());
+        self.queue(
+            run_id,
+            Kind::Awaited,
+            Box::new(move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![id, key, path, event, started_ms, deadline_ms])
+                .map(drop)
+            }),
+        )
+    }
+
+    fn run_parked(&self, run_id: &str) -> Durable {
+        let id = run_id.to_owned();
+        self.queue(
+            run_id,
+            Kind::Last,
+            Box::new(move |conn| {
+                conn.execute(
+                    "UPDATE runs SET status = ?2, updated_ms = ?3 WHERE id = ?1",
+                    params![id, RunStatus::Waiting, now_ms() as i64],
+                )
+                .map(drop)
+            }),
+        )
+    }
+
+    fn event_received(&self, run_id: &str, name: &str, payload: &Value) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let added = tx.execute(
+                "INSERT INTO run_events (run_id, name, payload, received_ms) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
+                params![run_id, name, Database::text(payload), now_ms()],
+            )?;
+            Ok(added > 0)
+        })
     }
 
     fn step_finished(&self, run_id: &str, position: usize, step: &StepReport) -> Durable {

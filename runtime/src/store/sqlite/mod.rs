@@ -161,6 +161,25 @@ const SCHEMA: Schema = Schema {
         );
         ALTER TABLE runs ADD COLUMN version INTEGER;
         CREATE INDEX runs_by_tenant ON runs (tenant, id);",
+        // 7: durable waits: when each waiting step was reached and until
+        // when it waits, and the events sent to runs.
+        "CREATE TABLE waits (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            step_id TEXT NOT NULL,
+            event TEXT NOT NULL,
+            started_ms REAL NOT NULL,
+            deadline_ms REAL,
+            PRIMARY KEY (run_id, key)
+        );
+        CREATE TABLE run_events (
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            received_ms REAL NOT NULL,
+            PRIMARY KEY (run_id, name)
+        );
+        CREATE INDEX runs_by_status ON runs (status);",
     ],
 };
 

@@ -9,6 +9,9 @@ use super::journal::insert_run;
 use crate::run::{Run, now_ms};
 use crate::store::{Registry, Started, StoreError, TokenRecord, WorkflowVersion};
 
+/// A wait (`w`) whose step has no result yet.
+const PENDING: &str = "NOT EXISTS (SELECT 1 FROM executions AS x WHERE x.run_id = w.run_id AND x.key = w.key)";
+
 const TOKEN_COLUMNS: &str = "id, tenant, name, created_ms, revoked_ms";
 const VERSION_COLUMNS: &str = "tenant, name, version, digest, entry, created_ms";
 
@@ -145,6 +148,28 @@ impl Registry for Database {
                  ORDER BY name"
             ))?;
             statement.query_map(params![tenant], version_from)?.collect()
+        })
+    }
+
+    fn runs_to_wake(&self, now_ms: f64) -> Result<Vec<String>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT DISTINCT w.run_id FROM waits AS w JOIN runs AS r ON r.id = w.run_id
+                 WHERE r.status = 'waiting' AND {PENDING}
+                 AND (w.deadline_ms <= ?1 OR EXISTS
+                      (SELECT 1 FROM run_events AS e WHERE e.run_id = w.run_id AND e.name = w.event))"
+            ))?;
+            statement.query_map(params![now_ms], |row| row.get(0))?.collect()
+        })
+    }
+
+    fn next_wait_deadline(&self) -> Result<Option<f64>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(&format!(
+                "SELECT MIN(w.deadline_ms) FROM waits AS w JOIN runs AS r ON r.id = w.run_id
+                 WHERE r.status = 'waiting' AND {PENDING}"
+            ))?
+            .query_row([], |row| row.get(0))
         })
     }
 
