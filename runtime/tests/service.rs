@@ -727,7 +727,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_openapi_do
         .unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{report}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(report.contains("Tested: 12"), "every operation was tested: {report}");
+    assert!(report.contains("Tested: 13"), "every operation was tested: {report}");
 }
 
 /// `prepare`, then `approve` waits for an event, then `ship` greets whoever
@@ -832,4 +832,123 @@ async fn an_event_reaches_a_live_run_at_once_and_a_wait_past_its_timeout_fails_a
 fn bundle_of(workflow: &Path) -> Value {
     let loaded = stepbox::workflow::Workflow::load(workflow).unwrap();
     serde_json::to_value(stepbox::service::Bundle::of_workflow(&loaded, &[]).unwrap().encode()).unwrap()
+}
+
+/// `X-Stepbox-Signature-256` for `body` under `secret`.
+fn signature(secret: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    let hex: String = mac.finalize().into_bytes().iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signed_webhook_starts_one_run_per_delivery_and_an_unsigned_one_none() {
+    let dir = temp_dir("serve-webhook");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let server = Server::start(&data, &[]);
+    let secret = "hook-secret-0123456789";
+    let hooked = project(
+        &dir.join("project"),
+        "hooked",
+        &format!(
+            "name: hooked\non:\n  webhook:\n    secret: {secret}\n    with: {{ who: '{{{{ body.user.name }}}} via {{{{ headers[\"x-source\"] }}}}' }}\ninputs:\n  who: {{ type: string, required: true }}\ncomponents:\n  hello: hello.wasm\nsteps:\n  - id: greet\n    uses: hello\n    with: {{ name: '{{{{ inputs.who }}}}' }}\noutputs:\n  greeting: '{{{{ steps.greet.output.greeting }}}}'\n"
+        ),
+        &[("hello.wasm", guests::HELLO)],
+    );
+    deploy(&server, &acme, &hooked);
+    deploy(&server, &acme, &greeter(&dir.join("plain")));
+    let http = reqwest::Client::new();
+    let hook = |workflow: &str, body: &'static str, signature: Option<String>, delivery: Option<&str>| {
+        let mut request = http
+            .post(format!("{}/v1/hooks/acme/{workflow}", server.url))
+            .header("content-type", "application/json")
+            .header("x-source", "ci")
+            .body(body);
+        if let Some(signature) = signature {
+            request = request.header("X-Stepbox-Signature-256", signature);
+        }
+        if let Some(delivery) = delivery {
+            request = request.header("X-Stepbox-Delivery", delivery);
+        }
+        Api::send(request)
+    };
+    let body = r#"{"user": {"name": "Ada"}}"#;
+    let (status, run) = hook("hooked", body, Some(signature(secret, body.as_bytes())), Some("d-1")).await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    let id = run["id"].as_str().unwrap().to_owned();
+    assert_eq!((run["labels"]["trigger"].clone(), run["labels"]["delivery"].clone()), (json!("webhook"), json!("d-1")));
+    let api = server.api(&acme);
+    assert_eq!(api.finished(&id).await["outputs"]["greeting"], "Hello, Ada via ci!");
+
+    // A replay starts nothing.
+    let (status, again) = hook("hooked", body, Some(signature(secret, body.as_bytes())), Some("d-1")).await;
+    assert_eq!((status, again["id"].as_str()), (StatusCode::OK, Some(id.as_str())));
+    let other = r#"{"user": {"name": "Eve"}}"#;
+    let (status, reused) = hook("hooked", other, Some(signature(secret, other.as_bytes())), Some("d-1")).await;
+    assert_eq!((status, reused["error"]["code"].clone()), (StatusCode::CONFLICT, json!("idempotency_key_reused")));
+
+    // Unsigned, wrongly signed, or signed for another body: refused.
+    let expect = |(status, body): (StatusCode, Value), want: StatusCode, code: &str| {
+        assert_eq!((status, body["error"]["code"].as_str()), (want, Some(code)), "{body}");
+    };
+    expect(hook("hooked", body, None, Some("d-2")).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    expect(
+        hook("hooked", body, Some(signature("not-the-secret-at-all", body.as_bytes())), Some("d-2")).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    expect(
+        hook("hooked", other, Some(signature(secret, body.as_bytes())), Some("d-2")).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    expect(
+        hook("hooked", body, Some(signature(secret, body.as_bytes())), None).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_delivery",
+    );
+    // No webhook, no workflow, no tenant: all alike.
+    expect(
+        hook("greet", body, Some(signature(secret, body.as_bytes())), Some("d-3")).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    expect(
+        hook("nothing", body, Some(signature(secret, body.as_bytes())), Some("d-3")).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let inputs = r#"{"user": {}}"#;
+    expect(
+        hook("hooked", inputs, Some(signature(secret, inputs.as_bytes())), Some("d-4")).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_inputs",
+    );
+    let page = api.get("/v1/runs?label=trigger=webhook").await.1;
+    assert_eq!(page["runs"].as_array().unwrap().len(), 1, "only the first delivery started a run: {page}");
+
+    // A short secret is refused when the workflow is deployed.
+    std::fs::write(&hooked, std::fs::read_to_string(&hooked).unwrap().replace(secret, "short")).unwrap();
+    let (status, body) =
+        Api::send(api.request(reqwest::Method::PUT, "/v1/workflows/hooked").json(&bundle_of_unchecked(&hooked))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("at least 16"), "{body}");
+}
+
+/// The bundle of a workflow file that does not validate: its file and its
+/// component, as a client might send them.
+fn bundle_of_unchecked(workflow: &Path) -> Value {
+    use base64::Engine;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let dir = workflow.parent().unwrap();
+    let mut files = serde_json::Map::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        files.insert(name, json!(engine.encode(std::fs::read(&path).unwrap())));
+    }
+    json!({ "workflow": workflow.file_name().unwrap().to_str().unwrap(), "files": files })
 }

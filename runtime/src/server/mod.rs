@@ -5,6 +5,7 @@
 
 mod error;
 mod extract;
+mod hooks;
 mod runs;
 mod workflows;
 
@@ -76,6 +77,7 @@ pub fn router(service: Arc<Service>) -> axum::Router {
         .routes(routes!(runs::cancel))
         .routes(routes!(runs::resume))
         .routes(routes!(runs::retry))
+        .routes(routes!(hooks::deliver))
         .layer(DefaultBodyLimit::max(MAX_BODY));
     let (router, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(deploys).merge(rest).split_for_parts();
     api.info.version = env!("CARGO_PKG_VERSION").to_owned();

@@ -15,6 +15,7 @@ mod events;
 mod owned;
 mod runs;
 mod tokens;
+mod triggers;
 mod workflows;
 
 use std::collections::HashMap;
@@ -31,6 +32,7 @@ pub use events::{Batch, EventLog, KEEP as EVENTS_KEPT, Numbered};
 pub use owned::{ContinueError, Owned, continue_run};
 pub use runs::{RunPage, StartRun};
 pub use tokens::{NewToken, Principal, TOKEN_PREFIX, authenticate, create as create_token};
+pub use triggers::Delivery;
 pub use workflows::Deployed;
 
 use crate::run::RunStatus;

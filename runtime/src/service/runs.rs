@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 use super::{EventLog, LiveRun, Owned, Reservation, Scope, Service, ServiceError, continue_run, finished, no_run};
 use crate::run::{Outcome, Run, RunReport, RunStatus};
 use crate::scheduler::{self, RunEvent};
-use crate::store::{Heartbeat, History, Journal, LEASE_TTL, Registry, RunFilter, Started, new_run_id, this_owner};
+use crate::store::{
+    Heartbeat, History, Journal, LEASE_TTL, Registry, RunFilter, Started, WorkflowVersion, new_run_id, this_owner,
+};
 
 /// Labels a run may carry.
 const MAX_LABELS: usize = 32;
@@ -39,6 +41,15 @@ pub struct StartRun {
     /// The deployed version to run; the newest when left out.
     #[serde(default)]
     pub version: Option<u32>,
+}
+
+/// What makes a start happen once: its key, the hash of what was asked
+/// (a different request with the same key is refused), and what the key is
+/// called in messages.
+pub(super) struct Once {
+    pub(super) key: String,
+    pub(super) request: String,
+    pub(super) named: &'static str,
 }
 
 /// One page of runs, newest first.
@@ -92,7 +103,7 @@ impl Service {
         idempotency_key: Option<String>,
     ) -> Result<(Run, bool), ServiceError> {
         self.accepting()?;
-        let tenant_name = scope.tenant()?.to_owned();
+        scope.tenant()?;
         if let Some(key) = idempotency_key.as_ref().filter(|key| key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY) {
             return Err(ServiceError::BadRequest {
                 code: "invalid_idempotency_key",
@@ -104,26 +115,43 @@ impl Service {
         }
         check_labels(&request.labels)?;
         let version = self.workflow(scope, name, request.version).await?;
-        let deployed = self.deployed(&version).await?;
+        let once = idempotency_key.map(|key| {
+            let asked = serde_json::json!({ "workflow": name, "request": request });
+            Once {
+                key,
+                request: format!("{:x}", Sha256::digest(asked.to_string().as_bytes())),
+                named: "Idempotency-Key",
+            }
+        });
+        self.start_version(&version, &request.inputs, request.labels.clone(), once).await
+    }
+
+    /// Starts a run of a deployed version with `inputs` (bound here) and
+    /// `labels`; with `once`, only the first start with its key does.
+    pub(super) async fn start_version(
+        self: &Arc<Self>,
+        version: &WorkflowVersion,
+        inputs: &serde_json::Map<String, serde_json::Value>,
+        labels: BTreeMap<String, String>,
+        once: Option<Once>,
+    ) -> Result<(Run, bool), ServiceError> {
+        let tenant_name = version.tenant.clone();
+        let deployed = self.deployed(version).await?;
         let tenant = Arc::new(self.tenant(&tenant_name)?.for_bundle(&deployed.dir));
         tenant.check(&deployed.workflow).map_err(ServiceError::invalid_workflow)?;
         let inputs = deployed
             .workflow
-            .bind_inputs(&request.inputs)
+            .bind_inputs(inputs)
             .map_err(|err| ServiceError::Invalid { code: "invalid_inputs", message: err.to_string() })?;
-        let request_hash = {
-            let asked = serde_json::json!({ "workflow": name, "request": request });
-            format!("{:x}", Sha256::digest(asked.to_string().as_bytes()))
-        };
         let reservation = match Reservation::take(&self.live, &tenant_name, Some(self.config.max_active_runs)) {
             Ok(reservation) => reservation,
             // A repeated request starts nothing, so it is answered anyway.
             Err(err) => {
-                let Some(key) = idempotency_key else { return Err(err) };
-                let (tenant, hash) = (tenant_name.clone(), request_hash.clone());
-                let earlier = self.blocking(move |db| Ok(db.idempotency_key(&tenant, &key)?)).await?;
+                let Some(once) = once else { return Err(err) };
+                let tenant = tenant_name.clone();
+                let earlier = self.blocking(move |db| Ok(db.idempotency_key(&tenant, &once.key)?)).await?;
                 return match earlier {
-                    Some((id, earlier)) if earlier == hash => {
+                    Some((id, earlier)) if earlier == once.request => {
                         Ok((self.blocking(move |db| Ok(db.load_run(&id)?)).await?, false))
                     }
                     _ => Err(err),
@@ -131,15 +159,16 @@ impl Service {
             }
         };
         let path = deployed.workflow.file.display().to_string();
-        let mut run = Run::new(new_run_id(), name, &path, &tenant_name, inputs.as_map().clone());
-        run.labels = request.labels.clone();
+        let mut run = Run::new(new_run_id(), &version.name, &path, &tenant_name, inputs.as_map().clone());
+        run.labels = labels;
         run.version = Some(version.version);
         let fingerprint = deployed.fingerprint.clone();
         let record = run.clone();
+        let named = once.as_ref().map_or("key", |once| once.named);
         let (started, lease) = self
             .blocking(move |db| {
-                let started = match idempotency_key {
-                    Some(key) => db.create_run_once(&record, &fingerprint, &key, &request_hash)?,
+                let started = match once {
+                    Some(once) => db.create_run_once(&record, &fingerprint, &once.key, &once.request)?,
                     None => {
                         db.create_run(&record, &fingerprint)?;
                         Started::Created
@@ -161,9 +190,7 @@ impl Service {
             (Started::Existing(id), _) => Ok((self.blocking(move |db| Ok(db.load_run(&id)?)).await?, false)),
             (Started::Conflict(id), _) => Err(ServiceError::Conflict {
                 code: "idempotency_key_reused",
-                message: format!(
-                    "this Idempotency-Key started run {id} with a different request; use a new key for a new run"
-                ),
+                message: format!("this {named} started run {id} with a different request; use a new one for a new run"),
             }),
             (Started::Created, None) => Err(ServiceError::Internal("a new run has no lease".into())),
         }

@@ -45,6 +45,7 @@ impl WorkflowBuilder {
                 components: Default::default(),
                 steps: Vec::new(),
                 outputs: Default::default(),
+                triggers: Default::default(),
             },
             base_dir: PathBuf::from("."),
         }

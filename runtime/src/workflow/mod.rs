@@ -51,6 +51,41 @@ pub struct Workflow {
     pub steps: Vec<Step>,
     /// The workflow's outputs: templates rendered when the run ends.
     pub outputs: BTreeMap<String, String>,
+    /// What starts its runs once deployed to `stepbox serve`.
+    pub triggers: Triggers,
+}
+
+/// What starts runs of a deployed workflow, checked.
+#[derive(Debug, Clone, Default)]
+pub struct Triggers {
+    /// Cron schedules, in file order.
+    pub schedules: Vec<Schedule>,
+    /// The webhook, if there is one.
+    pub webhook: Option<Webhook>,
+}
+
+/// A checked cron schedule.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// The pattern as written, which names the schedule.
+    pub pattern: String,
+    /// The pattern, parsed.
+    pub cron: croner::Cron,
+    /// The time zone its fields are read in.
+    pub timezone: jiff::tz::TimeZone,
+    /// The runs' inputs, as written (bound when a tick starts a run).
+    pub inputs: serde_json::Map<String, Value>,
+    /// What happens to ticks missed while the service was down.
+    pub catch_up: spec::CatchUp,
+}
+
+/// A checked webhook.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// The secret bodies are signed with.
+    pub secret: String,
+    /// The template of the run's inputs, over `body` and `headers`.
+    pub with: Option<Value>,
 }
 
 /// A component the workflow uses.

@@ -46,6 +46,72 @@ pub struct WorkflowSpec {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, String>")]
     pub outputs: BTreeMap<String, Spanned<String>>,
+    /// What starts runs of the workflow once it is deployed to `stepbox
+    /// serve`: schedules and a webhook.
+    #[serde(default, rename = "on")]
+    pub triggers: TriggersSpec,
+}
+
+/// What starts runs of a deployed workflow.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TriggersSpec {
+    /// Cron schedules: each tick starts one run.
+    #[serde(default)]
+    pub schedule: Vec<ScheduleSpec>,
+    /// `POST /v1/hooks/{tenant}/{workflow}`, signed with a secret, starts a
+    /// run.
+    #[serde(default)]
+    pub webhook: Option<WebhookSpec>,
+}
+
+/// A cron schedule.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    /// Five fields (minute hour day month weekday), or six with seconds
+    /// first: `*/5 * * * *`.
+    pub cron: String,
+    /// The IANA time zone the fields are read in (`Europe/Paris`); UTC when
+    /// left out.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// The runs' inputs.
+    #[serde(default)]
+    pub with: serde_json::Map<String, serde_json::Value>,
+    /// What happens to ticks missed while the service was down: `latest`
+    /// (the default) runs the last of them, `all` runs each, `none` skips
+    /// them.
+    #[serde(default)]
+    pub catch_up: CatchUp,
+}
+
+/// What happens to the ticks of a schedule missed while the service was
+/// down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CatchUp {
+    /// Skip them.
+    None,
+    /// Run the last of them.
+    #[default]
+    Latest,
+    /// Run each of them.
+    All,
+}
+
+/// A webhook.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    /// The shared secret (at least 16 characters) the sender signs each
+    /// body with: `X-Stepbox-Signature-256: sha256=<hex HMAC-SHA256>`.
+    pub secret: String,
+    /// The run's inputs: a template over `body` (the request's JSON, or its
+    /// text) and `headers` (by lowercase name). Without it, the body (a JSON
+    /// object) is the inputs.
+    #[serde(default)]
+    pub with: Option<serde_json::Value>,
 }
 
 /// A declared input.

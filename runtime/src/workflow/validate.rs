@@ -268,8 +268,9 @@ pub(super) fn validate(
     }
 
     check_templates(&mut d, &spec, &steps);
+    let triggers = check_triggers(&mut d, &spec.triggers);
     d.finish()?;
-    Ok(Workflow {
+    let workflow = Workflow {
         name: spec.name,
         file: file.to_owned(),
         base_dir: base_dir.to_owned(),
@@ -278,7 +279,72 @@ pub(super) fn validate(
         components,
         steps,
         outputs: spec.outputs.into_iter().map(|(name, value)| (name, value.value)).collect(),
-    })
+        triggers,
+    };
+    // A schedule's inputs are literal, so they are bound now, not at 3 a.m.
+    let mut d = Diagnostics::new(file);
+    for schedule in &workflow.triggers.schedules {
+        if let Err(err) = workflow.bind_inputs(&schedule.inputs) {
+            for diagnostic in err.diagnostics {
+                d.nowhere(format!("schedule `{}`: {}", schedule.pattern, diagnostic.message), diagnostic.help);
+            }
+        }
+    }
+    d.finish()?;
+    Ok(workflow)
+}
+
+/// The shortest webhook secret.
+const MIN_WEBHOOK_SECRET: usize = 16;
+
+fn check_triggers(d: &mut Diagnostics, spec: &super::spec::TriggersSpec) -> super::Triggers {
+    let mut schedules = Vec::new();
+    for schedule in &spec.schedule {
+        // Five fields, or six with seconds first.
+        let cron = match schedule.cron.parse::<croner::Cron>() {
+            Ok(cron) => cron,
+            Err(err) => {
+                d.nowhere(
+                    format!("schedule `{}` is not a cron pattern: {err}", schedule.cron),
+                    Some("write five fields, minute hour day month weekday, like `*/5 * * * *`".into()),
+                );
+                continue;
+            }
+        };
+        let timezone = match schedule.timezone.as_deref() {
+            None => jiff::tz::TimeZone::UTC,
+            Some(name) => match jiff::tz::TimeZone::get(name) {
+                Ok(zone) => zone,
+                Err(_) => {
+                    d.nowhere(
+                        format!("schedule `{}`: `{name}` is not a time zone", schedule.cron),
+                        Some("use an IANA name like `Europe/Paris` or `America/New_York`".into()),
+                    );
+                    continue;
+                }
+            },
+        };
+        schedules.push(super::Schedule {
+            pattern: schedule.cron.clone(),
+            cron,
+            timezone,
+            inputs: schedule.with.clone(),
+            catch_up: schedule.catch_up,
+        });
+    }
+    let webhook = spec.webhook.as_ref().map(|webhook| {
+        if webhook.secret.len() < MIN_WEBHOOK_SECRET {
+            d.nowhere(
+                format!(
+                    "the webhook's secret is {} characters long; it must have at least {MIN_WEBHOOK_SECRET}",
+                    webhook.secret.len()
+                ),
+                Some("use a long random value, e.g. `openssl rand -hex 32`".into()),
+            );
+        }
+        super::Webhook { secret: webhook.secret.clone(), with: webhook.with.clone() }
+    });
+    super::Triggers { schedules, webhook }
 }
 
 /// `uses` names a component, or is a path to a .wasm file (registered as a
