@@ -7,6 +7,7 @@ mod common;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{journal_state, key_counts, output, stderr, stepbox, temp_dir};
@@ -951,4 +952,82 @@ fn bundle_of_unchecked(workflow: &Path) -> Value {
         files.insert(name, json!(engine.encode(std::fs::read(&path).unwrap())));
     }
     json!({ "workflow": workflow.file_name().unwrap().to_str().unwrap(), "files": files })
+}
+
+fn at(text: &str) -> f64 {
+    text.parse::<jiff::Timestamp>().unwrap().as_millisecond() as f64
+}
+
+/// Runs of `workflow` in `scope`, oldest first, once there are `count`.
+async fn runs_of(service: &stepbox::service::Service, workflow: &str, count: usize) -> Vec<Value> {
+    let scope = stepbox::service::Scope::Tenant("acme".into());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let filter = stepbox::store::RunFilter { workflow: Some(workflow.into()), limit: 100, ..Default::default() };
+        let page = service.runs(&scope, filter).await.unwrap();
+        if page.runs.len() >= count {
+            let mut runs: Vec<Value> = page.runs.iter().map(|run| serde_json::to_value(run).unwrap()).collect();
+            runs.reverse();
+            return runs;
+        }
+        assert!(Instant::now() < deadline, "{workflow}: {} runs, not {count}", page.runs.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_cron_tick_runs_once_across_restarts_and_missed_ticks_catch_up_as_asked() {
+    use stepbox::service::{Bundle, ManualClock, Scope, Service, ServiceConfig};
+    let dir = temp_dir("serve-cron");
+    let clock = Arc::new(ManualClock::at(at("2026-12-03T10:00:30Z")));
+    let config = ServiceConfig { clock: clock.clone(), ..ServiceConfig::new(dir.join("data")) };
+    let service = Service::start(config.clone()).await.unwrap();
+    let scope = Scope::Tenant("acme".into());
+    for catch_up in ["none", "latest", "all"] {
+        let workflow = project(
+            &dir.join(catch_up),
+            catch_up,
+            &format!(
+                "name: {catch_up}\non:\n  schedule:\n    - cron: '*/5 * * * *'\n      timezone: Europe/Paris\n      catch_up: {catch_up}\n      with: {{ who: cron }}\ninputs:\n  who: {{ type: string, required: true }}\ncomponents:\n  hello: hello.wasm\nsteps:\n  - id: greet\n    uses: hello\n    with: {{ name: '{{{{ inputs.who }}}}' }}\n"
+            ),
+            &[("hello.wasm", guests::HELLO)],
+        );
+        let loaded = stepbox::workflow::Workflow::load(&workflow).unwrap();
+        service.deploy(&scope, catch_up, Bundle::of_workflow(&loaded, &[]).unwrap().encode()).await.unwrap();
+    }
+    // No tick yet; then one each, with the schedule's inputs and the
+    // tick's time as a label.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(service.runs(&scope, Default::default()).await.unwrap().runs.len(), 0);
+    clock.set(at("2026-12-03T10:05:00Z"));
+    for workflow in ["none", "latest", "all"] {
+        let runs = runs_of(&service, workflow, 1).await;
+        assert_eq!(runs[0]["labels"]["tick"], "2026-12-03T10:05:00Z");
+        assert_eq!(runs[0]["inputs"]["who"], "cron");
+    }
+    // The same moment again starts nothing more.
+    clock.set(at("2026-12-03T10:05:20Z"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(service.runs(&scope, Default::default()).await.unwrap().runs.len(), 3);
+
+    // Down across two ticks (10:10 and 10:15), back at 10:17.
+    service.shutdown(Duration::from_secs(5)).await;
+    drop(service);
+    clock.set(at("2026-12-03T10:17:00Z"));
+    let service = Service::start(config).await.unwrap();
+    let ticks = |runs: &[Value]| -> Vec<String> {
+        runs.iter().map(|r| r["labels"]["tick"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(ticks(&runs_of(&service, "latest", 2).await)[1], "2026-12-03T10:15:00Z");
+    assert_eq!(ticks(&runs_of(&service, "all", 3).await)[1..], ["2026-12-03T10:10:00Z", "2026-12-03T10:15:00Z"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(runs_of(&service, "none", 1).await.len(), 1, "none skips what was missed");
+    // The next tick comes to each as usual.
+    clock.set(at("2026-12-03T10:20:00Z"));
+    assert_eq!(ticks(&runs_of(&service, "none", 2).await)[1], "2026-12-03T10:20:00Z");
+    assert_eq!(runs_of(&service, "latest", 3).await.len(), 3);
+    assert_eq!(runs_of(&service, "all", 4).await.len(), 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(service.runs(&scope, Default::default()).await.unwrap().runs.len(), 9, "no tick ran twice");
+    service.shutdown(Duration::from_secs(5)).await;
 }

@@ -11,6 +11,7 @@
 //! does), so the CLI and tests can drive a service directly.
 
 mod bundle;
+mod clock;
 mod events;
 mod owned;
 mod runs;
@@ -28,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use bundle::{Bundle, BundleUpload, Bundles, MAX_FILES};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use events::{Batch, EventLog, KEEP as EVENTS_KEPT, Numbered};
 pub use owned::{ContinueError, Owned, continue_run};
 pub use runs::{RunPage, StartRun};
@@ -59,6 +61,14 @@ pub struct ServiceConfig {
     pub max_active_runs: usize,
     /// The largest bundle a deploy may upload, all files together.
     pub max_bundle_bytes: u64,
+    /// The clock schedules read.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for dyn Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({})", self.now_ms())
+    }
 }
 
 impl ServiceConfig {
@@ -72,6 +82,7 @@ impl ServiceConfig {
             slots: crate::scheduler::default_max_parallel(),
             max_active_runs: 1_000,
             max_bundle_bytes: 64 * 1024 * 1024,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -240,6 +251,8 @@ pub struct Service {
     /// Wakes the task that resumes parked runs: a run parked, or an event
     /// came for one.
     wake: tokio::sync::Notify,
+    /// Wakes the task that runs schedules: a deploy may have changed them.
+    deployed_now: tokio::sync::Notify,
 }
 
 /// The runs this service drives now.
@@ -285,6 +298,7 @@ impl Service {
             closing: CancellationToken::new(),
             interrupt: CancellationToken::new(),
             wake: tokio::sync::Notify::new(),
+            deployed_now: tokio::sync::Notify::new(),
             db,
             sandbox,
             tenants,
@@ -292,6 +306,7 @@ impl Service {
         });
         service.resume_interrupted().await;
         service.tasks.spawn(service.clone().wake_parked_runs());
+        service.tasks.spawn(service.clone().run_schedules());
         Ok(service)
     }
 

@@ -95,7 +95,9 @@ impl Service {
             .map_err(|err| ServiceError::Internal(err.to_string()))?
             .map_err(|err| ServiceError::Internal(format!("cannot store the bundle: {err}")))?;
         let name = name.to_owned();
-        self.blocking(move |db| Ok(db.deploy(&tenant_name, &name, &digest, &entry)?)).await
+        let deployed = self.blocking(move |db| Ok(db.deploy(&tenant_name, &name, &digest, &entry)?)).await?;
+        self.deployed_now.notify_one();
+        Ok(deployed)
     }
 
     /// The newest version of each of the scope's tenant's workflows.

@@ -83,6 +83,13 @@ pub trait Registry: Send + Sync {
     /// The newest version of each of a tenant's workflows, by name.
     fn list_workflows(&self, tenant: &str) -> Result<Vec<WorkflowVersion>, StoreError>;
 
+    /// The newest version of every tenant's every workflow.
+    fn all_workflows(&self) -> Result<Vec<WorkflowVersion>, StoreError>;
+    /// The last tick (unix ms) schedule `schedule` of a tenant's workflow
+    /// handled, if it handled one.
+    fn schedule_tick(&self, tenant: &str, workflow: &str, schedule: &str) -> Result<Option<f64>, StoreError>;
+    /// Records `tick_ms` as the last tick the schedule handled.
+    fn set_schedule_tick(&self, tenant: &str, workflow: &str, schedule: &str, tick_ms: f64) -> Result<(), StoreError>;
     /// Parked runs with a wait to settle by `now_ms`: its event has come,
     /// or its deadline has passed.
     fn runs_to_wake(&self, now_ms: f64) -> Result<Vec<String>, StoreError>;

@@ -180,6 +180,14 @@ const SCHEMA: Schema = Schema {
             PRIMARY KEY (run_id, name)
         );
         CREATE INDEX runs_by_status ON runs (status);",
+        // 8: the last tick each schedule of a deployed workflow handled.
+        "CREATE TABLE schedule_ticks (
+            tenant TEXT NOT NULL,
+            workflow TEXT NOT NULL,
+            schedule TEXT NOT NULL,
+            tick_ms REAL NOT NULL,
+            PRIMARY KEY (tenant, workflow, schedule)
+        );",
     ],
 };
 

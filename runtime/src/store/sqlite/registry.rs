@@ -151,6 +151,38 @@ impl Registry for Database {
         })
     }
 
+    fn all_workflows(&self) -> Result<Vec<WorkflowVersion>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn.prepare(&format!(
+                "SELECT {VERSION_COLUMNS} FROM workflow_versions AS v
+                 WHERE version = (SELECT MAX(version) FROM workflow_versions WHERE tenant = v.tenant AND name = v.name)
+                 ORDER BY tenant, name"
+            ))?;
+            statement.query_map([], version_from)?.collect()
+        })
+    }
+
+    fn schedule_tick(&self, tenant: &str, workflow: &str, schedule: &str) -> Result<Option<f64>, StoreError> {
+        self.read(|conn| {
+            conn.prepare_cached(
+                "SELECT tick_ms FROM schedule_ticks WHERE tenant = ?1 AND workflow = ?2 AND schedule = ?3",
+            )?
+            .query_row(params![tenant, workflow, schedule], |row| row.get(0))
+            .optional()
+        })
+    }
+
+    fn set_schedule_tick(&self, tenant: &str, workflow: &str, schedule: &str, tick_ms: f64) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO schedule_ticks (tenant, workflow, schedule, tick_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT DO UPDATE SET tick_ms = MAX(tick_ms, excluded.tick_ms)",
+                params![tenant, workflow, schedule, tick_ms],
+            )
+            .map(drop)
+        })
+    }
+
     fn runs_to_wake(&self, now_ms: f64) -> Result<Vec<String>, StoreError> {
         self.read(|conn| {
             let mut statement = conn.prepare_cached(&format!(
