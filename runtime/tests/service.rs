@@ -1031,3 +1031,75 @@ async fn each_cron_tick_runs_once_across_restarts_and_missed_ticks_catch_up_as_a
     assert_eq!(service.runs(&scope, Default::default()).await.unwrap().runs.len(), 9, "no tick ran twice");
     service.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_works_on_a_server_with_the_output_and_exit_codes_of_local_mode() {
+    let dir = temp_dir("serve-cli");
+    let data = dir.join("data");
+    let acme = token(&data, Some("acme"));
+    let server = Server::start(&data, &[]);
+    let remote = |args: &[&str]| {
+        let mut command = stepbox(Path::new("/nonexistent"));
+        command.env("STEPBOX_SERVER", &server.url).env("STEPBOX_TOKEN", &acme).args(args);
+        command.output().unwrap()
+    };
+    let greet = greeter(&dir.join("project"));
+    let greet = greet.to_str().unwrap();
+
+    // `run` deploys and runs, showing progress and the outputs as locally.
+    let out = remote(&["run", greet, "--input", "who=Ada", "--label", "order=7"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let outputs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outputs, json!({ "greeting": "Hello, Hello, Ada!!" }));
+    assert!(stderr(&out).contains("first: attempt 1 started"), "{}", stderr(&out));
+    let local = output(&dir, &["run", greet, "--input", "who=Ada"]);
+    assert_eq!(local.stdout, out.stdout, "the same outputs as a local run");
+
+    let runs: Value = serde_json::from_slice(&remote(&["runs", "--label", "order=7", "--json"]).stdout).unwrap();
+    let id = runs[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(runs.as_array().unwrap().len(), 1);
+    let shown: Value = serde_json::from_slice(&remote(&["show", &id, "--json"]).stdout).unwrap();
+    assert_eq!((shown["status"].clone(), shown["version"].clone()), (json!("succeeded"), json!(1)));
+    let logs = remote(&["logs", &id, "first"]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("greeting Ada in step first"), "{}", stderr(&logs));
+
+    // A failed run exits 1; retry on the server exits as the retried run.
+    let flaky = project(
+        &dir.join("flaky"),
+        "flaky",
+        "name: flaky\ncomponents:\n  flaky: flaky.wasm\nsteps:\n  - id: hello\n    uses: flaky\n    with: { succeed_on_attempt: 2 }\n",
+        &[("flaky.wasm", guests::FLAKY)],
+    );
+    let out = remote(&["run", flaky.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let failed: Value = serde_json::from_slice(&remote(&["runs", "--status", "failed", "--json"]).stdout).unwrap();
+    let failed = failed[0]["id"].as_str().unwrap().to_owned();
+    let out = remote(&["retry", &failed]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    // cancel, on the server.
+    deploy(&server, &acme, &sleeper(&dir.join("nap"), 30_000));
+    let nap = server.api(&acme).start("nap", json!({})).await;
+    let out = remote(&["cancel", &nap]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(server.api(&acme).finished(&nap).await["status"], "cancelled");
+    let out = remote(&["cancel", &nap]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already cancelled"), "{}", stderr(&out));
+
+    // A bad token or an unreachable server: clear errors, usual codes.
+    let out = stepbox(Path::new("/nonexistent"))
+        .args(["runs", "--server", &server.url, "--token", "sbx_nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("not valid, or it was revoked"), "{}", stderr(&out));
+    let out = stepbox(Path::new("/nonexistent"))
+        .args(["runs", "--server", "http://127.0.0.1:9", "--token", &acme])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is `stepbox serve` running there?"), "{}", stderr(&out));
+    let out = remote(&["run", greet, "--input", "who=Ada", "--max-parallel", "2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

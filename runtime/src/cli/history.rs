@@ -6,9 +6,11 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 
+use super::client::Client;
 use super::report::{millis, print_attempt, steps_table, when};
 use super::{CliError, engine_config, open_database, parse_key_value, sandbox_with};
-use crate::run::{RunStatus, now_ms};
+use crate::run::{Run, RunReport, RunStatus, now_ms};
+use crate::service::RunPage;
 use crate::store::{History, Journal, RunFilter};
 
 #[derive(Debug, clap::Args)]
@@ -82,8 +84,50 @@ fn print_json(value: &impl serde::Serialize) -> Result<u8, CliError> {
     Ok(0)
 }
 
-pub(crate) fn runs(args: RunsArgs, data_dir: &Path) -> Result<u8, CliError> {
-    let db = open_database(data_dir)?;
+/// Where the history commands read runs: the data directory, or a
+/// `stepbox serve` (`--server`), with the same output either way.
+pub(crate) enum Source<'a> {
+    /// The data directory.
+    Local(&'a Path),
+    /// A server, through its API.
+    Remote(&'a Client),
+}
+
+impl Source<'_> {
+    async fn report(&self, id: &str) -> Result<RunReport, CliError> {
+        match self {
+            Source::Local(data_dir) => Ok(open_database(data_dir)?.run_report(id)?),
+            Source::Remote(client) => client.get(&["runs", id], &[]).await,
+        }
+    }
+
+    async fn runs(&self, filter: RunFilter) -> Result<Vec<Run>, CliError> {
+        let client = match self {
+            Source::Local(data_dir) => return Ok(open_database(data_dir)?.list_runs(&filter)?),
+            Source::Remote(client) => client,
+        };
+        /// The most runs a page of the API holds.
+        const PAGE: usize = 500;
+        let mut runs = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let wanted = if filter.limit == 0 { PAGE } else { (filter.limit - runs.len()).min(PAGE) };
+            let mut query = vec![("limit", wanted.to_string())];
+            query.extend(filter.status.map(|status| ("status", status.to_string())));
+            query.extend(filter.workflow.clone().map(|workflow| ("workflow", workflow)));
+            query.extend(filter.labels.iter().map(|(key, value)| ("label", format!("{key}={value}"))));
+            query.extend(cursor.clone().map(|cursor| ("cursor", cursor)));
+            let page: RunPage = client.get(&["runs"], &query).await?;
+            runs.extend(page.runs);
+            match page.next_cursor {
+                Some(next) if filter.limit == 0 || runs.len() < filter.limit => cursor = Some(next),
+                _ => return Ok(runs),
+            }
+        }
+    }
+}
+
+pub(crate) async fn runs(args: RunsArgs, source: Source<'_>) -> Result<u8, CliError> {
     let filter = RunFilter {
         status: args.status,
         workflow: args.workflow,
@@ -91,7 +135,7 @@ pub(crate) fn runs(args: RunsArgs, data_dir: &Path) -> Result<u8, CliError> {
         limit: args.limit,
         ..RunFilter::default()
     };
-    let runs = db.list_runs(&filter)?;
+    let runs = source.runs(filter).await?;
     if args.json {
         return print_json(&runs);
     }
@@ -112,9 +156,8 @@ pub(crate) fn runs(args: RunsArgs, data_dir: &Path) -> Result<u8, CliError> {
     Ok(0)
 }
 
-pub(crate) fn show(args: ShowArgs, data_dir: &Path) -> Result<u8, CliError> {
-    let db = open_database(data_dir)?;
-    let report = db.run_report(&args.run_id)?;
+pub(crate) async fn show(args: ShowArgs, source: Source<'_>) -> Result<u8, CliError> {
+    let report = source.report(&args.run_id).await?;
     if args.json {
         return print_json(&report);
     }
@@ -136,9 +179,8 @@ pub(crate) fn show(args: ShowArgs, data_dir: &Path) -> Result<u8, CliError> {
     Ok(0)
 }
 
-pub(crate) fn logs(args: LogsArgs, data_dir: &Path) -> Result<u8, CliError> {
-    let db = open_database(data_dir)?;
-    let report = db.run_report(&args.run_id)?;
+pub(crate) async fn logs(args: LogsArgs, source: Source<'_>) -> Result<u8, CliError> {
+    let report = source.report(&args.run_id).await?;
     let steps: Vec<_> = report
         .all_steps()
         .into_iter()

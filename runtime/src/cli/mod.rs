@@ -104,6 +104,8 @@ enum Command {
     Resume(resume::ResumeArgs),
     /// Run a failed run again from its failed steps, or from a given step.
     Retry(resume::RetryArgs),
+    /// Cancel a run: an interrupted or waiting one at once, a running one on a server.
+    Cancel(resume::CancelArgs),
     /// List recorded runs.
     Runs(history::RunsArgs),
     /// Show a run: its steps, attempts, errors and outputs.
@@ -190,14 +192,27 @@ where
     let tenants = cli.tenants.clone().or_else(|| Some(data_dir.join("tenants.yaml")).filter(|path| path.is_file()));
     let place = Place { data_dir: &data_dir, tenants: tenants.as_deref(), secrets_dir: cli.secrets_dir.as_deref() };
     let result = runtime.block_on(async {
+        // With --server, these commands work on a `stepbox serve`.
+        let remote = match cli.server.as_deref() {
+            Some(server) => match client::Client::new(Some(server), cli.token.as_deref()) {
+                Ok(client) => Some(client),
+                Err(err) => return Err(err),
+            },
+            None => None,
+        };
+        let source = match &remote {
+            Some(client) => history::Source::Remote(client),
+            None => history::Source::Local(&data_dir),
+        };
         match cli.command {
-            Command::Run(args) => run::run(args, &place).await,
+            Command::Run(args) => run::run(args, &place, remote.as_ref()).await,
             Command::Compile(args) => validate::compile(args, &data_dir).await,
-            Command::Resume(args) => resume::resume(args, &place).await,
-            Command::Retry(args) => resume::retry(args, &place).await,
-            Command::Runs(args) => history::runs(args, &data_dir),
-            Command::Show(args) => history::show(args, &data_dir),
-            Command::Logs(args) => history::logs(args, &data_dir),
+            Command::Resume(args) => resume::resume(args, &place, remote.as_ref()).await,
+            Command::Retry(args) => resume::retry(args, &place, remote.as_ref()).await,
+            Command::Cancel(args) => resume::cancel(args, &place, remote.as_ref()).await,
+            Command::Runs(args) => history::runs(args, source).await,
+            Command::Show(args) => history::show(args, source).await,
+            Command::Logs(args) => history::logs(args, source).await,
             Command::Gc(args) => history::gc(args, &data_dir),
             Command::Validate(args) => validate::validate(args, &data_dir).await,
             Command::Graph(args) => validate::graph(args),
@@ -205,9 +220,9 @@ where
             Command::New(args) => new::new(args),
             Command::Serve(args) => serve::serve(args, &place).await,
             Command::Token(command) => serve::token(command, &place),
-            Command::Deploy(args) => match client::Client::new(cli.server.as_deref(), cli.token.as_deref()) {
-                Ok(client) => serve::deploy(args, client).await,
-                Err(err) => Err(err),
+            Command::Deploy(args) => match &remote {
+                Some(client) => serve::deploy(args, client).await,
+                None => Err(CliError::Usage("give the service's address with --server URL (or STEPBOX_SERVER)".into())),
             },
             Command::Step(StepCommand::Run(args)) => step_run::run(args, &data_dir).await,
         }

@@ -1,8 +1,11 @@
 //! `stepbox resume` and `stepbox retry`: continuing a recorded run.
 
-use super::run::{HowToRun, execute};
+use super::client::Client;
+use super::run::{HowToRun, execute, follow};
 use super::{CliError, Place, admit, open_database};
+use crate::run::{Run, RunStatus};
 use crate::service::{self, ContinueError};
+use crate::store::{History, Journal, LEASE_TTL, this_owner};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -35,12 +38,75 @@ pub(crate) struct RetryArgs {
     how: HowToRun,
 }
 
-pub(crate) async fn resume(args: ResumeArgs, place: &Place<'_>) -> Result<u8, CliError> {
-    continue_run(&args.run_id, None, &args.how, place, false).await
+pub(crate) async fn resume(args: ResumeArgs, place: &Place<'_>, remote: Option<&Client>) -> Result<u8, CliError> {
+    match remote {
+        Some(client) => continue_remote(client, &args.run_id, "resume", &serde_json::json!({}), &args.how).await,
+        None => continue_run(&args.run_id, None, &args.how, place, false).await,
+    }
 }
 
-pub(crate) async fn retry(args: RetryArgs, place: &Place<'_>) -> Result<u8, CliError> {
-    continue_run(&args.run_id, args.from.as_deref(), &args.how, place, true).await
+pub(crate) async fn retry(args: RetryArgs, place: &Place<'_>, remote: Option<&Client>) -> Result<u8, CliError> {
+    match remote {
+        Some(client) => {
+            let body = serde_json::json!({ "from": args.from });
+            continue_remote(client, &args.run_id, "retry", &body, &args.how).await
+        }
+        None => continue_run(&args.run_id, args.from.as_deref(), &args.how, place, true).await,
+    }
+}
+
+/// `resume` or `retry` on a server: asks it to continue the run, then
+/// follows the run to its end as a local one would be shown.
+async fn continue_remote(
+    client: &Client,
+    run_id: &str,
+    action: &str,
+    body: &serde_json::Value,
+    how: &HowToRun,
+) -> Result<u8, CliError> {
+    how.local_only()?;
+    let _: (Run, bool) = client.post(&["runs", run_id, action], body).await?;
+    follow(client, run_id, how.json).await
+}
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  stepbox cancel 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47
+  stepbox cancel 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47 --server http://127.0.0.1:7433
+
+An interrupted or waiting run is recorded as cancelled at once. A run another stepbox process runs is
+cancelled by stopping that process (Ctrl-C or SIGTERM); on a server, its running attempts stop.")]
+pub(crate) struct CancelArgs {
+    /// The run to cancel.
+    run_id: String,
+}
+
+pub(crate) async fn cancel(args: CancelArgs, place: &Place<'_>, remote: Option<&Client>) -> Result<u8, CliError> {
+    let id = &args.run_id;
+    if let Some(client) = remote {
+        let (run, _): (Run, bool) = client.post(&["runs", id, "cancel"], &serde_json::json!({})).await?;
+        eprintln!("cancelling run {}: its running attempts stop", run.id);
+        return Ok(0);
+    }
+    let db = open_database(place.data_dir)?;
+    let run = db.load_run(id)?;
+    match run.status {
+        RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled => {
+            Err(CliError::Usage(format!("run {id} already {}; there is nothing to cancel", run.status)))
+        }
+        RunStatus::Running => Err(CliError::Usage(format!(
+            "run {id} is being run by {}; stop that process (Ctrl-C or SIGTERM) to cancel it",
+            run.owner.unwrap_or_default()
+        ))),
+        RunStatus::Interrupted | RunStatus::Waiting => {
+            let lease = db.acquire_lease(id, this_owner(), LEASE_TTL)?;
+            db.run_finished(id, RunStatus::Cancelled, &serde_json::Map::new(), Some("cancelled while it did not run"))
+                .await?;
+            db.release_lease(&lease)?;
+            eprintln!("run {id} was cancelled");
+            Ok(0)
+        }
+    }
 }
 
 async fn continue_run(

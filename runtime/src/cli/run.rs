@@ -10,13 +10,14 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::client::Client;
 use super::report::{millis, steps_table};
 use super::{CliError, Place, admit, engine_config, exit, open_database, parse_key_value, sandbox_with_kv};
-use crate::run::{Run, RunStatus, StepPath, StepStatus};
+use crate::run::{Run, RunReport, RunStatus, StepPath, StepStatus};
 use crate::sandbox::EngineConfig;
 use crate::scheduler::{self, RunEvent};
-use crate::service::Owned;
-use crate::store::{Database, Heartbeat, History, Journal, LEASE_TTL, new_run_id, this_owner};
+use crate::service::{Bundle, Owned, StartRun};
+use crate::store::{Database, Heartbeat, History, Journal, LEASE_TTL, WorkflowVersion, new_run_id, this_owner};
 use crate::workflow::Workflow;
 
 #[derive(Debug, clap::Args)]
@@ -59,7 +60,20 @@ pub(crate) struct HowToRun {
     fail_fast: bool,
     /// Print the whole run report as JSON on stdout.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+}
+
+impl HowToRun {
+    /// Refuses what only a local run can do, for a run on a server.
+    pub(crate) fn local_only(&self) -> Result<(), CliError> {
+        if self.max_parallel.is_some() || self.fail_fast {
+            return Err(CliError::Usage(
+                "--max-parallel and --fail-fast set how this process runs steps; with --server, the service decides"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Reads `--input-file` and `--input` into one map.
@@ -85,8 +99,11 @@ pub(crate) fn collect_inputs(
     Ok(inputs)
 }
 
-pub(crate) async fn run(args: Args, place: &Place<'_>) -> Result<u8, CliError> {
+pub(crate) async fn run(args: Args, place: &Place<'_>, remote: Option<&Client>) -> Result<u8, CliError> {
     let inputs = collect_inputs(args.input_file.as_ref(), &args.inputs).map_err(CliError::Usage)?;
+    if let Some(client) = remote {
+        return run_remote(args, inputs, client).await;
+    }
     // Absolute, so `stepbox resume` finds it from anywhere.
     let file = std::path::absolute(&args.file).unwrap_or_else(|_| args.file.clone());
     let workflow = Arc::new(Workflow::load(&file)?);
@@ -103,6 +120,50 @@ pub(crate) async fn run(args: Args, place: &Place<'_>) -> Result<u8, CliError> {
     let lease = db.acquire_lease(&run.id, this_owner(), LEASE_TTL)?;
     let owned = Owned { workflow, run, inputs: bound, tenant, lease };
     execute(db, owned, &args.how, place.secrets_dir).await
+}
+
+/// `stepbox run FILE --server URL`: deploys the file with what it
+/// references (a new version only if something changed), starts a run of
+/// that version and follows it, shown as a local run is.
+async fn run_remote(
+    args: Args,
+    inputs: serde_json::Map<String, serde_json::Value>,
+    client: &Client,
+) -> Result<u8, CliError> {
+    args.how.local_only()?;
+    if args.tenant != "default" {
+        return Err(CliError::Usage(
+            "with --server, the token says which tenant the run belongs to; leave out --tenant".into(),
+        ));
+    }
+    let workflow = Workflow::load(&args.file)?;
+    let bundle = Bundle::of_workflow(&workflow, &[]).map_err(CliError::Usage)?;
+    let (version, _): (WorkflowVersion, bool) = client.put(&["workflows", &workflow.name], &bundle.encode()).await?;
+    let request = StartRun { inputs, labels: args.labels.into_iter().collect(), version: Some(version.version) };
+    let (run, _): (Run, bool) = client.post(&["workflows", &workflow.name, "runs"], &request).await?;
+    follow(client, &run.id, args.how.json).await
+}
+
+/// Follows a run on a server to its end: its events as progress lines,
+/// then its report, as a local run is shown; Ctrl-C cancels it.
+pub(crate) async fn follow(client: &Client, id: &str, json: bool) -> Result<u8, CliError> {
+    let report: RunReport = client.get(&["runs", id], &[]).await?;
+    let (events, receiver) = mpsc::unbounded_channel();
+    let progress = tokio::spawn(show_progress(receiver, report.steps.len() as u64));
+    let followed = tokio::select! {
+        followed = client.follow(id, events.clone()) => followed,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("cancelling the run: stopping running steps");
+            let _: (Run, bool) = client.post(&["runs", id, "cancel"], &serde_json::json!({})).await?;
+            client.follow(id, events.clone()).await
+        }
+    };
+    // The progress display ends when the last sender is gone.
+    drop(events);
+    let _ = progress.await;
+    followed?;
+    let report: RunReport = client.get(&["runs", id], &[]).await?;
+    summarize(&report, json)
 }
 
 /// Runs a recorded run (new, resumed or retried) with progress and a
@@ -138,11 +199,20 @@ pub(crate) async fn execute(
     if how.json {
         // The attempts' logs, stdout and stderr left memory for the journal.
         report.restore_records(db.run_report(&report.run.id)?);
-        let text = serde_json::to_string_pretty(&report)
+    }
+    summarize(&report, how.json)
+}
+
+/// Prints what a finished run gave (its report as JSON, or a table and its
+/// outputs) and how it ended; returns the run's exit code. The same for a
+/// local run and one followed on a server.
+pub(crate) fn summarize(report: &RunReport, json: bool) -> Result<u8, CliError> {
+    if json {
+        let text = serde_json::to_string_pretty(report)
             .map_err(|err| CliError::Failed(format!("cannot encode the report: {err}")))?;
         println!("{text}");
     } else {
-        eprintln!("{}", steps_table(&report));
+        eprintln!("{}", steps_table(report));
         for error in &report.output_errors {
             eprintln!("warning: {error}");
         }
@@ -163,7 +233,11 @@ pub(crate) async fn execute(
         RunStatus::Running | RunStatus::Interrupted | RunStatus::Failed => exit::FAILED,
         RunStatus::Cancelled => exit::CANCELLED,
         RunStatus::Waiting => {
-            eprintln!("the run waits for an event; events are sent to runs of workflows deployed to `stepbox serve`");
+            eprintln!(
+                "the run waits for an event: send it with `POST /v1/runs/{}/events/NAME` to the `stepbox serve` it \
+                 was deployed to",
+                report.run.id
+            );
             exit::WAITING
         }
     })

@@ -211,7 +211,7 @@ pub(crate) struct DeployArgs {
     json: bool,
 }
 
-pub(crate) async fn deploy(args: DeployArgs, client: Client) -> Result<u8, CliError> {
+pub(crate) async fn deploy(args: DeployArgs, client: &Client) -> Result<u8, CliError> {
     let workflow = Workflow::load(&args.file)?;
     let bundle = Bundle::of_workflow(&workflow, &args.extra).map_err(CliError::Usage)?;
     let files = bundle.files.len();

@@ -32,7 +32,7 @@ use policy::{CircuitBreaker, RateLimiter};
 
 /// Something that happened during a run, for progress displays, the
 /// service's live event streams and embedders.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RunEvent {
     /// An attempt of the execution at `path` started.
@@ -49,7 +49,7 @@ pub enum RunEvent {
         /// The number of the attempt that failed.
         attempt: u32,
         /// The backoff before the next attempt.
-        #[serde(rename = "delay_ms", serialize_with = "millis")]
+        #[serde(rename = "delay_ms", serialize_with = "millis", deserialize_with = "from_millis")]
         #[schema(value_type = f64)]
         delay: Duration,
         /// Why it failed.
@@ -81,6 +81,11 @@ pub enum RunEvent {
 
 fn millis<S: serde::Serializer>(delay: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_f64(delay.as_secs_f64() * 1000.0)
+}
+
+fn from_millis<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let ms = <f64 as serde::Deserialize>::deserialize(deserializer)?;
+    Duration::try_from_secs_f64(ms / 1000.0).map_err(serde::de::Error::custom)
 }
 
 /// How to run.

@@ -53,7 +53,7 @@ pub(super) struct Once {
 }
 
 /// One page of runs, newest first.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunPage {
     /// The runs.
     pub runs: Vec<Run>,
