@@ -345,6 +345,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn includes_that_branch_or_nest_without_end_are_refused_before_they_are_all_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // Each level includes the next twice: 2^30 loads if nothing stopped it.
+        for level in 0..30 {
+            let next = format!("l{}.yaml", level + 1);
+            std::fs::write(
+                dir.path().join(format!("l{level}.yaml")),
+                format!("name: l{level}\nsteps:\n  - id: a\n    include: {next}\n  - id: b\n    include: {next}\n"),
+            )
+            .unwrap();
+        }
+        std::fs::write(dir.path().join("l30.yaml"), "name: leaf\nsteps: []\n").unwrap();
+        let err = Workflow::load(&dir.path().join("l0.yaml")).unwrap_err().to_string();
+        assert!(err.contains("more than 1000 times"), "{err}");
+        // A chain deeper than a tenant allows is refused at the ceiling.
+        let tenant = Tenant::restricted("t");
+        let err = Workflow::load_for(&dir.path().join("l0.yaml"), &tenant).unwrap_err().to_string();
+        assert!(err.contains("more than 8 workflows deep"), "{err}");
+    }
+
+    #[test]
     fn backoff_grows_as_configured_and_stops_at_max() {
         let policy = RetryPolicy {
             initial: Duration::from_millis(100),

@@ -26,16 +26,34 @@ pub(super) struct Loading<'a> {
     /// The files that include the one being loaded, to refuse include
     /// cycles.
     including: Vec<PathBuf>,
+    /// Included files loaded so far, each load counted: a tree of
+    /// includes that branches at every level would otherwise be loaded an
+    /// exponential number of times.
+    loaded: usize,
     /// When set, an include outside what this tenant may include is
     /// refused before it is read: its contents could otherwise show up in
-    /// an error message, and a device file would never end.
+    /// an error message, and a device file would never end. Includes
+    /// deeper than the tenant's `max_include_depth` are refused unread too.
     tenant: Option<&'a Tenant>,
 }
+
+/// Included files one workflow may load in all, counting each time a file
+/// is included.
+const MAX_INCLUDES_LOADED: usize = 1_000;
+
+/// How deep includes may nest without a tenant's ceiling: deep enough for
+/// any real workflow, shallow enough for the stack.
+const MAX_INCLUDE_DEPTH: usize = 64;
 
 impl<'a> Loading<'a> {
     /// A load whose includes `tenant` must be allowed to include.
     pub(super) fn for_tenant(tenant: &'a Tenant) -> Self {
-        Loading { including: Vec::new(), tenant: Some(tenant) }
+        Loading { tenant: Some(tenant), ..Default::default() }
+    }
+
+    /// How deep includes may nest, the including workflow counted as 1.
+    fn max_depth(&self) -> usize {
+        self.tenant.map_or(MAX_INCLUDE_DEPTH, |tenant| tenant.spec.run.max_include_depth.min(MAX_INCLUDE_DEPTH))
     }
 }
 
@@ -398,6 +416,24 @@ fn load_include(
     let path = base_dir.join(&include.value);
     if let Some(Err(problem)) = loading.tenant.map(|tenant| tenant.confine_include(base_dir, &path)) {
         d.on(include, problem, None);
+        return None;
+    }
+    // The file being loaded and those including it, then this one.
+    if loading.including.len() + 2 > loading.max_depth() {
+        d.on(
+            include,
+            format!("includes nest more than {} workflows deep", loading.max_depth()),
+            Some("include fewer levels (max_include_depth in the tenants file)".into()),
+        );
+        return None;
+    }
+    loading.loaded += 1;
+    if loading.loaded > MAX_INCLUDES_LOADED {
+        d.on(
+            include,
+            format!("the workflow includes files more than {MAX_INCLUDES_LOADED} times in all"),
+            Some("include each file from fewer places".into()),
+        );
         return None;
     }
     let key = path.canonicalize().unwrap_or_else(|_| path.clone());
