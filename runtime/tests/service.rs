@@ -827,6 +827,29 @@ async fn an_event_reaches_a_live_run_at_once_and_a_wait_past_its_timeout_fails_a
     let attempt = &report["steps"][1]["executions"][0]["attempts"][0];
     assert_eq!(attempt["failure"]["kind"], "timeout", "{report}");
     assert_eq!(report["steps"][2]["status"], "skipped");
+
+    // A retry waits afresh, its timeout counted from the retry; two
+    // retries at once drive the run once.
+    let retry = |api: Api, id: String| async move { api.post(&format!("/v1/runs/{id}/retry"), json!({})).await.0 };
+    let (first, second) = tokio::join!(retry(api.clone(), id.clone()), retry(api.clone(), id.clone()));
+    let mut statuses = [first, second];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::ACCEPTED, StatusCode::CONFLICT]);
+    let events = api.events(&id, None, |event| event["type"] == "wait_started").await;
+    assert!(!events.iter().any(|(_, e)| e["type"] == "run_finished"), "{events:?}");
+    let report = api.finished(&id).await;
+    let attempts = report["steps"][1]["executions"][0]["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{report}");
+    assert!(attempts[1]["finished_ms"].as_f64().unwrap() - attempts[1]["started_ms"].as_f64().unwrap() >= 900.0);
+
+    // A parked run can be cancelled, and then takes no event.
+    // Version 1 waits 72h, so the run stays parked until it is cancelled.
+    let parked = api.start("approval", json!({ "version": 1 })).await;
+    wait_for_status(&api, &parked, "waiting").await;
+    assert_eq!(api.post(&format!("/v1/runs/{parked}/cancel"), json!({})).await.0, StatusCode::ACCEPTED);
+    assert_eq!(wait_for_status(&api, &parked, "cancelled").await["status"], "cancelled");
+    let (status, body) = api.post(&format!("/v1/runs/{parked}/events/approve"), json!({})).await;
+    assert_eq!((status, body["error"]["code"].clone()), (StatusCode::CONFLICT, json!("run_finished")));
 }
 
 /// The bundle `stepbox deploy` would send for `workflow`.

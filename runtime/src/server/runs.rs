@@ -21,6 +21,8 @@ use crate::store::RunFilter;
 const DEFAULT_PAGE: usize = 20;
 /// The most runs a page holds.
 const MAX_PAGE: usize = 500;
+/// The most `label` filters a query may give, as many as a run may have.
+const MAX_LABEL_FILTERS: usize = 32;
 
 /// Which runs to list. `label` may be given many times.
 #[derive(Debug, Default, utoipa::IntoParams)]
@@ -62,7 +64,13 @@ impl RunsQuery {
             match name.as_str() {
                 "status" => query.status = Some(value.parse().map_err(bad)?),
                 "workflow" => query.workflow = Some(value),
-                "label" => query.label.get_or_insert_default().push(value),
+                "label" => {
+                    let labels = query.label.get_or_insert_default();
+                    if labels.len() == MAX_LABEL_FILTERS {
+                        return Err(bad(format!("at most {MAX_LABEL_FILTERS} label filters may be given")));
+                    }
+                    labels.push(value);
+                }
                 "limit" => {
                     query.limit = Some(
                         value

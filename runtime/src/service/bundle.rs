@@ -18,6 +18,8 @@ use crate::workflow::{Action, Workflow};
 pub const MAX_FILES: usize = 1_000;
 /// The longest path inside a bundle, in bytes.
 pub const MAX_PATH: usize = 512;
+/// The longest name of one file or directory, as file systems allow.
+const MAX_NAME: usize = 255;
 
 /// A bundle on the wire: the files by their paths relative to the bundle's
 /// root, each base64-encoded, and which of them is the workflow.
@@ -176,6 +178,9 @@ fn check_path(path: &str) -> Result<(), String> {
     if path.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
         return bad("has an empty, `.` or `..` part");
     }
+    if path.split('/').any(|part| part.len() > MAX_NAME) {
+        return bad(&format!("has a name longer than {MAX_NAME} bytes"));
+    }
     // What the file system makes of it must be the same plain names.
     if !Path::new(path).components().all(|part| matches!(part, Component::Normal(_))) {
         return bad("is not a plain relative path");
@@ -269,6 +274,7 @@ mod tests {
             ("a\\..\\b", "backslash"),
             ("a\nb", "control"),
             ("", "empty"),
+            (&format!("{}/x", "n".repeat(256)), "longer than 255"),
         ] {
             let err = Bundle::decode(upload(&[(path, b"x"), ("w.yaml", b"")], "w.yaml")).unwrap_err();
             assert!(err.contains(why), "{path:?}: {err}");

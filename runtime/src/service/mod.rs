@@ -259,6 +259,9 @@ pub struct Service {
 #[derive(Default)]
 struct Live {
     runs: HashMap<String, Arc<LiveRun>>,
+    /// Runs being taken over (resumed, cancelled) by a call of this
+    /// service, so two calls cannot drive one run at once.
+    claimed: std::collections::HashSet<String>,
     /// Active runs per tenant: driven, or about to be.
     active: HashMap<String, usize>,
 }
@@ -403,6 +406,34 @@ impl Drop for Reservation {
                 state.active.remove(&self.tenant);
             }
         }
+    }
+}
+
+/// A run this service is taking over, held until it drives it or gives up;
+/// dropping it lets the run go.
+struct Claim {
+    live: Arc<Mutex<Live>>,
+    id: String,
+}
+
+impl Claim {
+    /// Claims run `id`, unless this service drives it or another call
+    /// claimed it.
+    fn take(live: &Arc<Mutex<Live>>, id: &str) -> Result<Claim, ServiceError> {
+        let mut state = live.lock();
+        if state.runs.contains_key(id) || !state.claimed.insert(id.to_owned()) {
+            return Err(ServiceError::Conflict {
+                code: "run_running",
+                message: format!("run {id} is running, or being resumed or cancelled; wait for it, or cancel it"),
+            });
+        }
+        Ok(Claim { live: live.clone(), id: id.to_owned() })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.live.lock().claimed.remove(&self.id);
     }
 }
 

@@ -109,6 +109,19 @@ pub fn continue_run(
         };
         let paths: Vec<StepPath> = workflow.downstream(start).map(|i| StepPath::root(&workflow.steps[i].id)).collect();
         db.forget_steps(run_id, &paths)?;
+    } else if retry {
+        // A waiting step that timed out (or was cancelled) waits afresh,
+        // its timeout counted from the retry.
+        let report = db.run_report(run_id)?;
+        let unsettled: Vec<StepPath> = wait_paths(&workflow, None)
+            .into_iter()
+            .filter(|path| {
+                report.step(&path.to_string()).is_some_and(|step| {
+                    matches!(step.status, crate::run::StepStatus::Failed | crate::run::StepStatus::Cancelled)
+                })
+            })
+            .collect();
+        db.forget_steps(run_id, &unsettled)?;
     }
     db.reopen_run(run_id)?;
     Ok(Owned { workflow, run, inputs, tenant, lease })
@@ -133,4 +146,20 @@ fn load_unchanged(run: &Run, fingerprint: &serde_json::Value) -> Result<Workflow
         )));
     }
     Ok(workflow)
+}
+
+/// The paths of `workflow`'s waiting steps, in its literal includes too.
+fn wait_paths(workflow: &Workflow, parent: Option<&StepPath>) -> Vec<StepPath> {
+    let mut paths = Vec::new();
+    for step in &workflow.steps {
+        let path = parent.map_or_else(|| StepPath::root(&step.id), |parent| parent.child(&step.id));
+        match &step.action {
+            crate::workflow::Action::Wait { .. } => paths.push(path),
+            crate::workflow::Action::Include { workflow: Some(included), .. } => {
+                paths.extend(wait_paths(included, Some(&path)));
+            }
+            _ => {}
+        }
+    }
+    paths
 }

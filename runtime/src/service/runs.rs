@@ -9,7 +9,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::{EventLog, LiveRun, Owned, Reservation, Scope, Service, ServiceError, continue_run, finished, no_run};
+use super::{
+    Claim, EventLog, LiveRun, Owned, Reservation, Scope, Service, ServiceError, continue_run, finished, no_run,
+};
 use crate::run::{Outcome, Run, RunReport, RunStatus};
 use crate::scheduler::{self, RunEvent};
 use crate::store::{
@@ -244,7 +246,13 @@ impl Service {
         drop(heartbeat);
         live.events.finish();
         self.finished.lock().put(run.id.clone(), live.events.clone());
-        self.live.lock().runs.remove(&run.id);
+        {
+            // Only this drive's entry: a later drive of the run may be live.
+            let mut state = self.live.lock();
+            if state.runs.get(&run.id).is_some_and(|entry| Arc::ptr_eq(entry, &live)) {
+                state.runs.remove(&run.id);
+            }
+        }
         drop(reservation);
         if parked {
             // An event may have come as it parked.
@@ -276,8 +284,7 @@ impl Service {
         })?;
         let scope_of_run = Scope::Tenant(run.tenant.clone());
         let deployed = self.deployed(&self.workflow(&scope_of_run, &run.workflow, Some(version)).await?).await?;
-        let events = deployed.workflow.wait_events();
-        if !events.contains(name) {
+        if let Some(events) = deployed.workflow.wait_events().filter(|events| !events.contains(name)) {
             let known: Vec<&str> = events.iter().map(String::as_str).collect();
             return Err(ServiceError::Invalid {
                 code: "no_such_event",
@@ -338,9 +345,14 @@ impl Service {
                                 continue;
                             }
                         };
-                        if let Err(err) = self.continue_owned(&run, None, false, None).await {
-                            tracing::warn!(run = id, "cannot resume a parked run: {err}");
-                            given_up.insert(id);
+                        // Woken runs count against their tenant's active runs;
+                        // past it they wait for the next round.
+                        match self.continue_owned(&run, None, false, Some(self.config.max_active_runs)).await {
+                            Ok(()) | Err(ServiceError::TooManyRuns { .. } | ServiceError::Conflict { .. }) => {}
+                            Err(err) => {
+                                tracing::warn!(run = id, "cannot resume a parked run: {err}");
+                                given_up.insert(id);
+                            }
                         }
                     }
                     next
@@ -351,7 +363,7 @@ impl Service {
                 }
             };
             let sleep = next.map_or(AT_MOST, |deadline| {
-                std::time::Duration::from_secs_f64(((deadline - crate::run::now_ms()) / 1000.0).clamp(0.2, 60.0))
+                std::time::Duration::from_secs_f64(((deadline - crate::run::now_ms()) / 1000.0).clamp(1.0, 60.0))
             });
             tokio::select! {
                 () = woken => {}
@@ -430,7 +442,8 @@ impl Service {
                 code: "run_finished",
                 message: format!("run {id} already {status}; there is nothing to cancel"),
             }),
-            RunStatus::Interrupted => {
+            RunStatus::Interrupted | RunStatus::Waiting => {
+                let _claim = Claim::take(&self.live, id)?;
                 let wanted = id.to_owned();
                 let lease = self.blocking(move |db| Ok(db.acquire_lease(&wanted, this_owner(), LEASE_TTL)?)).await?;
                 let record = self.db.run_finished(
@@ -471,14 +484,7 @@ impl Service {
                 message: format!("run {id} was not started through the service; continue it with `stepbox resume`"),
             });
         }
-        if self.live.lock().runs.contains_key(id) {
-            return Err(ServiceError::Conflict {
-                code: "run_running",
-                message: format!("run {id} is running; cancel it first, or wait for it to end"),
-            });
-        }
-        let reservation = Reservation::take(&self.live, &run.tenant, Some(self.config.max_active_runs))?;
-        self.continue_owned(&run, from, retry, Some(reservation)).await?;
+        self.continue_owned(&run, from, retry, Some(self.config.max_active_runs)).await?;
         self.run(scope, id).await
     }
 
@@ -488,16 +494,14 @@ impl Service {
         run: &Run,
         from: Option<String>,
         retry: bool,
-        reservation: Option<Reservation>,
+        limit: Option<usize>,
     ) -> Result<(), ServiceError> {
+        let claim = Claim::take(&self.live, &run.id)?;
+        let reservation = Reservation::take(&self.live, &run.tenant, limit)?;
         let version = run.version.ok_or_else(|| ServiceError::Internal("not a service run".into()))?;
         let scope = Scope::Tenant(run.tenant.clone());
         let deployed = self.deployed(&self.workflow(&scope, &run.workflow, Some(version)).await?).await?;
         let tenant = Arc::new(self.tenant(&run.tenant)?.for_bundle(&deployed.dir));
-        let reservation = match reservation {
-            Some(reservation) => reservation,
-            None => Reservation::take(&self.live, &run.tenant, None)?,
-        };
         let id = run.id.clone();
         let owned = self
             .blocking(move |db| {
@@ -508,6 +512,7 @@ impl Service {
             })
             .await?;
         self.launch(owned, reservation);
+        drop(claim);
         Ok(())
     }
 

@@ -116,7 +116,8 @@ impl Service {
         let labels =
             BTreeMap::from([("trigger".to_owned(), "webhook".to_owned()), ("delivery".to_owned(), id.to_owned())]);
         let once = Once {
-            key: format!("webhook:{name}:{id}"),
+            // The name's length first: names may hold `:`.
+            key: format!("webhook:{}:{name}:{id}", name.len()),
             request: format!("{:x}", Sha256::digest(delivery.body)),
             named: "delivery id",
         };
@@ -246,7 +247,7 @@ impl Service {
                 ("schedule".to_owned(), schedule.pattern.clone()),
                 ("tick".to_owned(), when),
             ]);
-            let once_key = format!("schedule:{}:{key}:{tick}", version.name);
+            let once_key = format!("schedule:{}:{}:{key}:{tick}", version.name.len(), version.name);
             let once = Once { key: once_key.clone(), request: once_key, named: "schedule tick" };
             if let Err(err) = self.start_version(version, &schedule.inputs, labels, Some(once)).await {
                 tracing::warn!(workflow = version.name, schedule = key, tick, "a tick could not start its run: {err}");

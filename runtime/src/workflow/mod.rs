@@ -289,19 +289,22 @@ impl Workflow {
         Ok(serde_json::json!({ "workflow": hash(&self.file)?, "components": components, "includes": includes }))
     }
 
-    /// The events its waiting steps wait for, its literal includes' too.
-    pub fn wait_events(&self) -> std::collections::BTreeSet<String> {
+    /// The events its waiting steps wait for, its literal includes' too;
+    /// `None` when a workflow it includes through a template (known only
+    /// when the run reaches it) could wait for any event.
+    pub fn wait_events(&self) -> Option<std::collections::BTreeSet<String>> {
         let mut events = std::collections::BTreeSet::new();
         for step in &self.steps {
             match &step.action {
                 Action::Wait { event, .. } => {
                     events.insert(event.clone());
                 }
-                Action::Include { workflow: Some(included), .. } => events.extend(included.wait_events()),
-                _ => {}
+                Action::Include { workflow: Some(included), .. } => events.extend(included.wait_events()?),
+                Action::Include { workflow: None, .. } => return None,
+                Action::Run { .. } => {}
             }
         }
-        events
+        Some(events)
     }
 
     /// Checks the inputs a run was given against the declared ones and fills
@@ -343,6 +346,30 @@ pub fn fingerprint_changes(before: &Value, now: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn triggers_are_checked_when_the_workflow_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |on: &str| {
+            let path = dir.path().join("w.yaml");
+            std::fs::write(&path, format!("name: w\non:\n{on}\nsteps: []\n")).unwrap();
+            Workflow::load(&path).map(|_| ()).map_err(|err| err.to_string())
+        };
+        check("  schedule: [{ cron: '*/5 * * * *', timezone: Europe/Paris }]").unwrap();
+        for (on, why) in [
+            ("  schedule: [{ cron: '* * * * * *' }]", "not a cron pattern"),
+            ("  schedule: [{ cron: '0 0 30 2 *' }]", "never comes"),
+            ("  schedule: [{ cron: '* * * * *', timezone: Mars/Olympus }]", "not a time zone"),
+            ("  schedule: [{ cron: '* * * * *', with: { nope: 1 } }]", "nope"),
+            ("  webhook: { secret: short }", "at least 16"),
+        ] {
+            let err = check(on).unwrap_err();
+            assert!(err.contains(why), "{on}: {err}");
+        }
+        let many: Vec<String> = (0..17).map(|minute| format!("{{ cron: '{minute} * * * *' }}")).collect();
+        let err = check(&format!("  schedule: [{}]", many.join(", "))).unwrap_err();
+        assert!(err.contains("at most 16"), "{err}");
+    }
 
     #[test]
     fn includes_that_branch_or_nest_without_end_are_refused_before_they_are_all_read() {

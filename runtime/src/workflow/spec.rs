@@ -69,8 +69,7 @@ pub struct TriggersSpec {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSpec {
-    /// Five fields (minute hour day month weekday), or six with seconds
-    /// first: `*/5 * * * *`.
+    /// Five fields, minute hour day month weekday: `*/5 * * * *`.
     pub cron: String,
     /// The IANA time zone the fields are read in (`Europe/Paris`); UTC when
     /// left out.

@@ -312,14 +312,25 @@ pub(super) fn validate(
     Ok(workflow)
 }
 
+/// Schedules one workflow may have.
+const MAX_SCHEDULES: usize = 16;
+
 /// The shortest webhook secret.
 const MIN_WEBHOOK_SECRET: usize = 16;
 
 fn check_triggers(d: &mut Diagnostics, spec: &super::spec::TriggersSpec) -> super::Triggers {
     let mut schedules = Vec::new();
-    for schedule in &spec.schedule {
-        // Five fields, or six with seconds first.
-        let cron = match schedule.cron.parse::<croner::Cron>() {
+    if spec.schedule.len() > MAX_SCHEDULES {
+        d.nowhere(
+            format!("the workflow has {} schedules; at most {MAX_SCHEDULES} are allowed", spec.schedule.len()),
+            Some("combine them: one cron pattern can name several minutes, hours and days".into()),
+        );
+    }
+    for schedule in spec.schedule.iter().take(MAX_SCHEDULES) {
+        // Five fields: a tick a minute at most, so schedules cannot keep
+        // the service busy.
+        let parser = croner::parser::CronParser::builder().seconds(croner::parser::Seconds::Disallowed).build();
+        let cron = match parser.parse(&schedule.cron) {
             Ok(cron) => cron,
             Err(err) => {
                 d.nowhere(
@@ -342,6 +353,16 @@ fn check_triggers(d: &mut Diagnostics, spec: &super::spec::TriggersSpec) -> supe
                 }
             },
         };
+        // A pattern that never matches (the 30th of February) would have
+        // the service search the calendar on every round.
+        let fires = jiff::Timestamp::now().to_zoned(timezone.clone());
+        if cron.find_next_occurrence(&fires, false).is_err() {
+            d.nowhere(
+                format!("schedule `{}` never comes", schedule.cron),
+                Some("check the day and month fields".into()),
+            );
+            continue;
+        }
         schedules.push(super::Schedule {
             pattern: schedule.cron.clone(),
             cron,
