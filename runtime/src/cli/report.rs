@@ -57,8 +57,6 @@ pub(crate) fn when(ms: f64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + millis(ms)).to_string()
 }
 
-/// Every step of the report, included ones after their include step.
-
 /// One attempt's logs, stdout and stderr, and how it failed.
 pub(crate) fn print_attempt(step: &StepReport, key: &str, attempt: &Attempt) {
     println!("== {} attempt {} ({key}) — {}", step.id, attempt.attempt, attempt.outcome.as_str());
