@@ -421,15 +421,16 @@ fn a_database_locked_by_another_writer_is_reported() {
     assert_eq!(json(&data, &["runs", "--json"]).as_array().unwrap().len(), 1);
 }
 
-/// Mounts a tiny tmpfs (the tests run as root in CI) to fill up.
+/// Mounts a tiny tmpfs (the tests run as root in CI) to fill up: room for
+/// a new database and a few runs.
 struct TinyDisk(PathBuf);
 
 impl TinyDisk {
     fn mount(dir: &Path) -> TinyDisk {
-        let status = Command::new("mount").args(["-t", "tmpfs", "-o", "size=400k", "tmpfs"]).arg(dir).status();
+        let status = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(dir).status();
         assert!(
             status.is_ok_and(|s| s.success()),
-            "mounting a 400k tmpfs on {} failed: this test needs root (CI runs as root)",
+            "mounting a 1 MiB tmpfs on {} failed: this test needs root (CI runs as root)",
             dir.display()
         );
         TinyDisk(dir.to_owned())

@@ -248,20 +248,29 @@ pub async fn run(
     let graph = run_graph(shared.clone(), options.fail_fast).await;
     interrupted.abort();
     let mut status = graph.status;
-    let error = shared.base.stop_error.lock().clone().map(|why| format!("the run stopped because {why}"));
+    let stopped =
+        |shared: &Shared| shared.base.stop_error.lock().clone().map(|why| format!("the run stopped because {why}"));
+    let mut error = stopped(&shared);
     if error.is_some() {
         status = RunStatus::Failed;
     }
-    if options.interrupt.is_cancelled() {
+    let recorded = if options.interrupt.is_cancelled() {
         // Not finished: what it did is recorded, and a resume goes on.
         status = RunStatus::Interrupted;
+        true
     } else if status == RunStatus::Waiting {
         let record = shared.record(|journal, run_id| journal.run_parked(run_id));
-        shared.durable(record).await;
+        shared.durable(record).await
     } else {
         let record =
             shared.record(|journal, run_id| journal.run_finished(run_id, status, &graph.outputs, error.as_deref()));
-        shared.durable(record).await;
+        shared.durable(record).await
+    };
+    if !recorded {
+        // The end could not be recorded: the run is not done as far as
+        // anyone reading the journal can tell, and a resume finishes it.
+        status = RunStatus::Failed;
+        error = stopped(&shared);
     }
     shared.emit(RunEvent::RunFinished { status });
     let run = Run {
