@@ -4,6 +4,7 @@
 
 mod floor;
 mod measure;
+mod service;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +35,9 @@ pub struct Sizes {
     /// Steps per run in the memory comparison, and runs before each reading.
     pub memory_run: usize,
     pub memory_runs: (usize, usize),
+    /// Runs started one at a time for the service's latencies, and runs
+    /// started by 50 clients for its rate.
+    pub service: (usize, usize),
 }
 
 /// What the issue asks for: 10,000 steps, 100,000 sequential ones.
@@ -44,10 +48,18 @@ pub const FULL: Sizes = Sizes {
     cpu_loop: 1_000_000_000,
     memory_run: 1_000,
     memory_runs: (1, 100),
+    service: (200, 5_000),
 };
 /// Every comparison, small enough for CI.
-pub const SMOKE: Sizes =
-    Sizes { graph: 100, naive: 3, cpu_rounds: 1, cpu_loop: 5_000_000, memory_run: 20, memory_runs: (1, 5) };
+pub const SMOKE: Sizes = Sizes {
+    graph: 100,
+    naive: 3,
+    cpu_rounds: 1,
+    cpu_loop: 5_000_000,
+    memory_run: 20,
+    memory_runs: (1, 5),
+    service: (5, 100),
+};
 
 /// Runs every comparison; `progress` hears what is about to run.
 pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Report> {
@@ -156,6 +168,26 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
         cold,
         Some(("warm start", warm)),
         Target::AtLeast(20.0),
+    );
+
+    progress("service");
+    let (samples, runs) = sizes.service;
+    let times = service::measure(samples, runs, 50).await?;
+    for (p, api, local) in [("p50", times.api.0, times.local.0), ("p99", times.api.1, times.local.1)] {
+        let baseline = format!("started in process, {p}");
+        let what = format!("service: POST …/runs to the first attempt's start, {p} (journal on)");
+        report.time(&what, api, Some((&baseline, local)));
+    }
+    report.time(
+        "service: signed webhook to the first attempt's start, p50",
+        times.webhook,
+        Some(("POST …/runs, p50", times.api.0)),
+    );
+    report.step(
+        &format!("service: {runs} one-step runs through the API from 50 clients"),
+        times.api_per_run,
+        Some(("started in process by 50 tasks", times.local_per_run)),
+        Target::None,
     );
 
     progress("fuel and epochs");

@@ -31,6 +31,10 @@ async fn every_comparison_runs_and_gives_a_reading() {
         "empty loop: epoch interruption on",
         "resident memory after 100 sequential steps",
         "peak resident memory",
+        "POST …/runs to the first attempt's start, p50",
+        "POST …/runs to the first attempt's start, p99",
+        "signed webhook to the first attempt's start",
+        "one-step runs through the API from 50 clients",
     ] {
         let row = find(what);
         match row.value {
