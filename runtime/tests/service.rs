@@ -717,7 +717,10 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_openapi_do
     let out = tokio::process::Command::new(Path::new(site).join("bin/st"))
         .env("PYTHONPATH", site)
         .current_dir(&dir)
-        .args(["run", &format!("{}/v1/openapi.json", server.url), "--workers", "2", "--max-examples", "40"])
+        // One worker: CPython 3.11 can crash compiling in two threads at
+        // once ("AST constructor recursion depth mismatch"), which is
+        // schemathesis failing, not the API.
+        .args(["run", &format!("{}/v1/openapi.json", server.url), "--workers", "1", "--max-examples", "40"])
         .args(["-H", &format!("Authorization: Bearer {acme}")])
         // Every check but one: a request the document allows may still be
         // refused for what a schema cannot say (a bundle whose workflow is
