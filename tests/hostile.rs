@@ -405,7 +405,10 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
     ]);
     for (component, input, ends) in components {
         let mut req = request(input);
-        req.limits.timeout = Duration::from_secs(3);
+        // Only the attacks that must end at their deadline meet one that a
+        // loaded machine could reach first; the rest end by their own limit.
+        let times_out = matches!(ends, Failure(FailureKind::Timeout, _));
+        req.limits.timeout = Duration::from_secs(if times_out { 3 } else { 60 });
         req.grants.dirs = playground.grants();
         // Fuel, not the clock, ends the spin, however busy the machine.
         if component.path().to_string_lossy().contains("spin") {
@@ -434,9 +437,11 @@ async fn fifty_healthy_steps_succeed_beside_every_attack() {
     }
     for (ends, task) in attacks {
         let report = task.await.expect("an attack did not take the host down");
-        assert!(report.duration_ms() < 6000.0, "{report:?}");
         match ends {
             Failure(kind, text) => {
+                if kind == FailureKind::Timeout {
+                    assert!(report.duration_ms() < 6000.0, "the deadline held: {report:?}");
+                }
                 let failure = report.failure().unwrap_or_else(|| panic!("{report:?}"));
                 assert!(
                     failure.kind == kind && failure.message.contains(text),
