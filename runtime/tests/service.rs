@@ -450,7 +450,9 @@ async fn bad_requests_get_json_errors_that_say_what_to_fix() {
     let events = api.request(reqwest::Method::GET, "/v1/runs/x/events").header("Last-Event-ID", "soon");
     expect(StatusCode::BAD_REQUEST, "invalid_last_event_id", Api::send(events).await);
     let huge = json!({ "inputs": { "who": "x".repeat(2 * 1024 * 1024) } });
-    expect(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", api.post("/v1/workflows/greet/runs", huge).await);
+    let response = api.request(reqwest::Method::POST, "/v1/workflows/greet/runs").json(&huge).send().await.unwrap();
+    assert_eq!(response.headers()["connection"], "close", "the unread rest of the body ends the connection");
+    expect(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", (response.status(), response.json().await.unwrap()));
 
     // Bundles: every file path stays inside the bundle, the workflow is
     // checked, and its name must be the one it is deployed under.
@@ -791,6 +793,12 @@ async fn a_waiting_step_parks_its_run_across_a_restart_until_its_event_comes() {
     assert_eq!(wait_for_status(&api, &id, "waiting").await["status"], "waiting");
     let (status, run) = api.post(&format!("/v1/runs/{id}/events/approve"), json!({ "by": "Ada" })).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{run}");
+    // A reader that comes back after the restart misses nothing.
+    let (last, _) = events.last().unwrap();
+    let after = api.events(&id, Some(*last), |event| event["type"] == "run_finished").await;
+    assert!(after.iter().any(|(_, e)| e["type"] == "step_finished" && e["path"] == "ship"), "{after:?}");
+    assert_eq!(after.last().unwrap().1["status"], "succeeded", "{after:?}");
+    assert!(after.windows(2).all(|pair| pair[0].0 < pair[1].0), "{after:?}");
     let report = api.finished(&id).await;
     assert_eq!(report["status"], "succeeded", "{report}");
     assert_eq!(report["outputs"]["shipped"], "Hello, Ada!");
@@ -833,20 +841,33 @@ async fn an_event_reaches_a_live_run_at_once_and_a_wait_past_its_timeout_fails_a
 
     // A retry waits afresh, its timeout counted from the retry; two
     // retries at once drive the run once.
+    let failed = api.events(&id, None, |event| event["type"] == "run_finished").await;
+    let (last, _) = *failed.last().unwrap();
     let retry = |api: Api, id: String| async move { api.post(&format!("/v1/runs/{id}/retry"), json!({})).await.0 };
     let (first, second) = tokio::join!(retry(api.clone(), id.clone()), retry(api.clone(), id.clone()));
     let mut statuses = [first, second];
     statuses.sort();
     assert_eq!(statuses, [StatusCode::ACCEPTED, StatusCode::CONFLICT]);
-    let events = api.events(&id, None, |event| event["type"] == "wait_started").await;
+    let events = api.events(&id, Some(last), |event| event["type"] == "wait_started").await;
     assert!(!events.iter().any(|(_, e)| e["type"] == "run_finished"), "{events:?}");
     let report = api.finished(&id).await;
     let attempts = report["steps"][1]["executions"][0]["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 2, "{report}");
     assert!(attempts[1]["finished_ms"].as_f64().unwrap() - attempts[1]["started_ms"].as_f64().unwrap() >= 900.0);
 
+    // Version 1 waits 72h, so its runs stay parked. The event stream of a
+    // parked run that an event wakes goes on numbering where it stopped.
+    let parked = api.start("approval", json!({ "version": 1 })).await;
+    let before = api.events(&parked, None, |event| event["type"] == "run_finished").await;
+    let (last, end) = before.last().unwrap();
+    assert_eq!(end["status"], "waiting", "{before:?}");
+    assert_eq!(api.post(&format!("/v1/runs/{parked}/events/approve"), json!({ "by": "Cy" })).await.0, StatusCode::ACCEPTED);
+    let after = api.events(&parked, Some(*last), |event| event["type"] == "run_finished").await;
+    assert_eq!(after.first().map(|(id, _)| *id), Some(last + 1), "{after:?}");
+    assert!(after.iter().any(|(_, e)| e["type"] == "step_finished" && e["path"] == "ship"), "{after:?}");
+    assert_eq!(after.last().unwrap().1["status"], "succeeded");
+
     // A parked run can be cancelled, and then takes no event.
-    // Version 1 waits 72h, so the run stays parked until it is cancelled.
     let parked = api.start("approval", json!({ "version": 1 })).await;
     wait_for_status(&api, &parked, "waiting").await;
     assert_eq!(api.post(&format!("/v1/runs/{parked}/cancel"), json!({})).await.0, StatusCode::ACCEPTED);

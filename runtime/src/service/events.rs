@@ -1,6 +1,13 @@
 //! A run's live events, numbered from 1, for the API's event streams: a
 //! client that lost its connection comes back with the last number it saw
 //! and gets what followed. The newest [`KEEP`] events of a run are kept.
+//!
+//! One log serves every drive of a run in this process (a parked run that
+//! an event wakes goes on numbering where it stopped). A process that did
+//! not see a run's earlier drives starts its log from the run's record; a
+//! number beyond what this log has given out came from another process,
+//! so that reader gets the stream from its start again: after a restart a
+//! reader may see events twice, never miss one.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -64,10 +71,16 @@ impl EventLog {
         self.changed.notify_waiters();
     }
 
-    /// Marks the run over: readers end once they have every event.
+    /// Marks this drive of the run over: readers end once they have every
+    /// event.
     pub fn finish(&self) {
         self.state.lock().finished = true;
         self.changed.notify_waiters();
+    }
+
+    /// Opens the log again for the run's next drive, its numbers going on.
+    pub fn reopen(&self) {
+        self.state.lock().finished = false;
     }
 
     /// The events after number `after`; waits for one when there is none
@@ -81,6 +94,8 @@ impl EventLog {
             changed.as_mut().enable();
             {
                 let state = self.state.lock();
+                let given = state.dropped + state.events.len() as u64;
+                let after = if after > given { 0 } else { after };
                 let first = after.max(state.dropped);
                 let skip = usize::try_from(first - state.dropped).unwrap_or(usize::MAX);
                 if skip < state.events.len() || state.finished {
@@ -141,5 +156,19 @@ mod tests {
         assert_eq!(batch.missed, 5);
         assert_eq!(batch.events.first().map(|e| e.id), Some(6));
         assert_eq!(batch.events.len(), KEEP);
+    }
+
+    #[tokio::test]
+    async fn a_reopened_log_numbers_on_and_a_number_it_never_gave_restarts_the_stream() {
+        let log = EventLog::default();
+        log.push(&event(1));
+        log.finish();
+        log.reopen();
+        log.push(&event(2));
+        let batch = log.after(1).await;
+        assert_eq!(batch.events.iter().map(|e| e.id).collect::<Vec<_>>(), [2]);
+        assert!(!batch.finished);
+        let batch = log.after(9).await;
+        assert_eq!((batch.events.len(), batch.missed), (2, 0));
     }
 }

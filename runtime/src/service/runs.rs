@@ -186,7 +186,7 @@ impl Service {
         match (started, lease) {
             (Started::Created, Some(lease)) => {
                 let owned = Owned { workflow: deployed.workflow.clone(), run: run.clone(), inputs, tenant, lease };
-                self.launch(owned, reservation);
+                self.launch(owned, reservation, Arc::default());
                 Ok((run, true))
             }
             (Started::Existing(id), _) => Ok((self.blocking(move |db| Ok(db.load_run(&id)?)).await?, false)),
@@ -200,12 +200,12 @@ impl Service {
 
     /// Drives an owned run in the background until it ends or is
     /// interrupted.
-    fn launch(self: &Arc<Self>, owned: Owned, reservation: Reservation) {
+    fn launch(self: &Arc<Self>, owned: Owned, reservation: Reservation, events: Arc<EventLog>) {
         let live = Arc::new(LiveRun {
             waits: Arc::default(),
             cancel: tokio_util::sync::CancellationToken::new(),
             interrupt: self.interrupt.child_token(),
-            events: Arc::new(EventLog::default()),
+            events,
         });
         self.live.lock().runs.insert(owned.run.id.clone(), live.clone());
         self.tasks.spawn(self.clone().drive(owned, live, reservation));
@@ -265,7 +265,7 @@ impl Service {
     /// later finds it. Recorded before anything else, so it survives a
     /// restart; the first event of a name is kept.
     pub async fn send_event(
-        &self,
+        self: &Arc<Self>,
         scope: &Scope,
         id: &str,
         name: &str,
@@ -310,6 +310,18 @@ impl Service {
         let live = self.live.lock().runs.get(id).map(|live| live.waits.clone());
         match live {
             Some(waits) => waits.deliver(name, payload),
+            // Parked: going on before the answer, so a reader of its events
+            // that comes after finds the stream open. Past its tenant's
+            // active runs (or with a drive about to end), the next round
+            // of waking resumes it.
+            None if run.status == RunStatus::Waiting => {
+                if let Err(err) = self.continue_owned(&run, None, false, Some(self.config.max_active_runs)).await {
+                    if !matches!(err, ServiceError::TooManyRuns { .. } | ServiceError::Conflict { .. }) {
+                        tracing::warn!(run = id, "cannot resume the run its event woke: {err}");
+                    }
+                    self.wake.notify_one();
+                }
+            }
             None => self.wake.notify_one(),
         }
         self.run(scope, id).await
@@ -503,15 +515,25 @@ impl Service {
         let deployed = self.deployed(&self.workflow(&scope, &run.workflow, Some(version)).await?).await?;
         let tenant = Arc::new(self.tenant(&run.tenant)?.for_bundle(&deployed.dir));
         let id = run.id.clone();
-        let owned = self
+        // Kept where readers find it until the new drive is live.
+        let earlier = self.finished.lock().get(&run.id).cloned();
+        let (owned, events) = self
             .blocking(move |db| {
-                Ok(continue_run(db, &id, from.as_deref(), retry, |_, workflow| {
+                // Read before it changes: the events so far, numbered as
+                // a reader of its earlier drives saw them.
+                let events = match earlier {
+                    Some(events) => events,
+                    None => Arc::new(recorded_events(&db.run_report(&id)?)),
+                };
+                let owned = continue_run(db, &id, from.as_deref(), retry, |_, workflow| {
                     tenant.check(workflow)?;
                     Ok(tenant)
-                })?)
+                })?;
+                Ok((owned, events))
             })
             .await?;
-        self.launch(owned, reservation);
+        events.reopen();
+        self.launch(owned, reservation, events);
         drop(claim);
         Ok(())
     }
