@@ -102,7 +102,7 @@ pub(crate) async fn cancel(args: CancelArgs, place: &Place<'_>, remote: Option<&
             let lease = db.acquire_lease(id, this_owner(), LEASE_TTL)?;
             db.run_finished(id, RunStatus::Cancelled, &serde_json::Map::new(), Some("cancelled while it did not run"))
                 .await?;
-            db.release_lease(&lease)?;
+            db.release_lease(&lease).await?;
             eprintln!("run {id} was cancelled");
             Ok(0)
         }

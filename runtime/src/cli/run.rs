@@ -17,7 +17,7 @@ use crate::run::{Run, RunReport, RunStatus, StepPath, StepStatus};
 use crate::sandbox::EngineConfig;
 use crate::scheduler::{self, RunEvent};
 use crate::service::{Bundle, Owned, StartRun};
-use crate::store::{Database, Heartbeat, History, Journal, LEASE_TTL, WorkflowVersion, new_run_id, this_owner};
+use crate::store::{Database, Heartbeat, History, Journal, WorkflowVersion, new_run_id};
 use crate::workflow::Workflow;
 
 #[derive(Debug, clap::Args)]
@@ -116,8 +116,7 @@ pub(crate) async fn run(args: Args, place: &Place<'_>, remote: Option<&Client>) 
     let path = workflow.file.display().to_string();
     let mut run = Run::new(new_run_id(), &workflow.name, &path, &args.tenant, bound.as_map().clone());
     run.labels = args.labels.into_iter().collect();
-    db.create_run(&run, &fingerprint)?;
-    let lease = db.acquire_lease(&run.id, this_owner(), LEASE_TTL)?;
+    let lease = db.create_run(&run, &fingerprint)?;
     let owned = Owned { workflow, run, inputs: bound, tenant, lease };
     execute(db, owned, &args.how, place.secrets_dir).await
 }
@@ -191,9 +190,10 @@ pub(crate) async fn execute(
     let Owned { workflow, inputs, lease, .. } = owned;
     // Renewed while the run goes on, released when it ends; a lease taken
     // over by another process stops this one.
-    let _heartbeat = Heartbeat::start(db.clone(), lease, cancel.clone());
+    let heartbeat = Heartbeat::start(db.clone(), lease, cancel.clone());
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
     let result = scheduler::run(&sandbox, workflow, inputs, options).await;
+    heartbeat.release().await;
     let _ = progress.await;
     let mut report = result?;
     if how.json {

@@ -167,34 +167,23 @@ impl Service {
         let fingerprint = deployed.fingerprint.clone();
         let record = run.clone();
         let named = once.as_ref().map_or("key", |once| once.named);
-        let (started, lease) = self
-            .blocking(move |db| {
-                let started = match once {
-                    Some(once) => db.create_run_once(&record, &fingerprint, &once.key, &once.request)?,
-                    None => {
-                        db.create_run(&record, &fingerprint)?;
-                        Started::Created
-                    }
-                };
-                let lease = match started {
-                    Started::Created => Some(db.acquire_lease(&record.id, this_owner(), LEASE_TTL)?),
-                    _ => None,
-                };
-                Ok((started, lease))
+        let started = self
+            .blocking(move |db| match once {
+                Some(once) => Ok(db.create_run_once(&record, &fingerprint, &once.key, &once.request)?),
+                None => Ok(Started::Created(db.create_run(&record, &fingerprint)?)),
             })
             .await?;
-        match (started, lease) {
-            (Started::Created, Some(lease)) => {
+        match started {
+            Started::Created(lease) => {
                 let owned = Owned { workflow: deployed.workflow.clone(), run: run.clone(), inputs, tenant, lease };
                 self.launch(owned, reservation, Arc::default());
                 Ok((run, true))
             }
-            (Started::Existing(id), _) => Ok((self.blocking(move |db| Ok(db.load_run(&id)?)).await?, false)),
-            (Started::Conflict(id), _) => Err(ServiceError::Conflict {
+            Started::Existing(id) => Ok((self.blocking(move |db| Ok(db.load_run(&id)?)).await?, false)),
+            Started::Conflict(id) => Err(ServiceError::Conflict {
                 code: "idempotency_key_reused",
                 message: format!("this {named} started run {id} with a different request; use a new one for a new run"),
             }),
-            (Started::Created, None) => Err(ServiceError::Internal("a new run has no lease".into())),
         }
     }
 
@@ -243,7 +232,7 @@ impl Service {
             }
             live.events.push(&RunEvent::RunFinished { status: RunStatus::Failed });
         }
-        drop(heartbeat);
+        heartbeat.release().await;
         live.events.finish();
         self.finished.lock().put(run.id.clone(), live.events.clone());
         {
@@ -465,7 +454,7 @@ impl Service {
                     Some("cancelled while interrupted"),
                 );
                 record.await?;
-                self.blocking(move |db| Ok(db.release_lease(&lease)?)).await?;
+                self.db.release_lease(&lease).await?;
                 self.run(scope, id).await
             }
             _ => Err(ServiceError::Conflict {

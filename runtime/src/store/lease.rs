@@ -63,11 +63,13 @@ fn host_name() -> &'static str {
 
 /// Keeps a lease alive while its run goes on: renews it every third of
 /// [`LEASE_TTL`], and cancels `lost` when it cannot (another process took
-/// the run over). Releases the lease when dropped.
+/// the run over). [`Heartbeat::release`] gives the lease up; dropped
+/// without it, the release is queued and not waited for.
 pub struct Heartbeat {
     journal: Arc<dyn Journal>,
     lease: Lease,
     stop: CancellationToken,
+    released: bool,
 }
 
 impl Heartbeat {
@@ -90,15 +92,25 @@ impl Heartbeat {
                 }
             }
         });
-        Heartbeat { journal, lease, stop }
+        Heartbeat { journal, lease, stop, released: false }
+    }
+
+    /// Stops renewing and gives the lease up, durably.
+    pub async fn release(mut self) {
+        self.stop.cancel();
+        self.released = true;
+        if let Err(err) = self.journal.release_lease(&self.lease).await {
+            tracing::warn!(run = self.lease.run_id, "could not release the run's lease: {err}");
+        }
     }
 }
 
 impl Drop for Heartbeat {
     fn drop(&mut self) {
         self.stop.cancel();
-        if let Err(err) = self.journal.release_lease(&self.lease) {
-            tracing::warn!(run = self.lease.run_id, "could not release the run's lease: {err}");
+        if !self.released {
+            // Queued at once; it commits with the next batch.
+            drop(self.journal.release_lease(&self.lease));
         }
     }
 }

@@ -58,8 +58,10 @@ pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 /// record, or within a few milliseconds.
 pub trait Journal: Send + Sync {
     /// Records a new run before it starts, with the fingerprint of its
-    /// files (see [`crate::workflow::Workflow::fingerprint`]).
-    fn create_run(&self, run: &Run, fingerprint: &Value) -> Result<(), StoreError>;
+    /// files (see [`crate::workflow::Workflow::fingerprint`]), its lease
+    /// held by this process ([`this_owner`], [`LEASE_TTL`]): one commit
+    /// where a create and a take would be two.
+    fn create_run(&self, run: &Run, fingerprint: &Value) -> Result<Lease, StoreError>;
     /// Marks a run as running again (resume, retry).
     fn reopen_run(&self, run_id: &str) -> Result<(), StoreError>;
     /// Forgets the results of these steps, their executions and everything
@@ -75,8 +77,8 @@ pub trait Journal: Send + Sync {
     fn acquire_lease(&self, run_id: &str, owner: &str, ttl: std::time::Duration) -> Result<Lease, StoreError>;
     /// Extends a held lease by `ttl` from now; fails if it was taken over.
     fn renew_lease(&self, lease: &Lease, ttl: std::time::Duration) -> Result<(), StoreError>;
-    /// Gives a held lease up.
-    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError>;
+    /// Gives a held lease up, with the next group commit.
+    fn release_lease(&self, lease: &Lease) -> Durable;
     /// What an interrupted run already did.
     fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError>;
     /// An attempt of the execution at `path` (idempotency key `key`) may

@@ -44,8 +44,8 @@ pub struct WorkflowVersion {
 /// What starting a run with an idempotency key did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Started {
-    /// The run was created.
-    Created,
+    /// The run was created, its lease held by this process.
+    Created(super::Lease),
     /// The key was used before by the same request: this is its run.
     Existing(String),
     /// The key was used before by a different request.

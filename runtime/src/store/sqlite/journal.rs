@@ -11,7 +11,7 @@ use super::Database;
 use super::writer::Kind;
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
-use crate::store::lease::{is_gone, leased};
+use crate::store::lease::{LEASE_TTL, is_gone, leased, this_owner};
 use crate::store::{Durable, Journal, Lease, ResumeState, StoreError};
 
 /// Bytes of stdout, stderr and logs kept per attempt in the journal.
@@ -50,10 +50,13 @@ fn capped_logs(attempt: &Attempt) -> String {
 }
 
 /// Inserts a new run's row and its labels.
-pub(super) fn insert_run(conn: &Connection, run: &Run, fingerprint: &Value) -> rusqlite::Result<()> {
+/// Inserts `run`, its lease held by this process from the start (epoch 1).
+pub(super) fn insert_run(conn: &Connection, run: &Run, fingerprint: &Value) -> rusqlite::Result<Lease> {
+    let lease = Lease { run_id: run.id.clone(), owner: this_owner().to_owned(), epoch: 1 };
     conn.execute(
-        "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms, version)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)",
+        "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms, version,
+                           lease_owner, lease_expires_ms, lease_epoch)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12)",
         params![
             run.id,
             run.workflow,
@@ -63,13 +66,16 @@ pub(super) fn insert_run(conn: &Connection, run: &Run, fingerprint: &Value) -> r
             Database::text(&Value::Object(run.inputs.clone())),
             run.status,
             run.created_ms as i64,
-            run.version
+            run.version,
+            lease.owner,
+            expiry(LEASE_TTL),
+            lease.epoch.cast_signed()
         ],
     )?;
     for (key, value) in &run.labels {
         conn.execute("INSERT INTO run_labels (run_id, key, value) VALUES (?1, ?2, ?3)", params![run.id, key, value])?;
     }
-    Ok(())
+    Ok(lease)
 }
 
 /// Whether a lease held by `owner` until `expires_ms` is live: not
@@ -84,8 +90,10 @@ fn expiry(ttl: Duration) -> i64 {
 }
 
 impl Journal for Database {
-    fn create_run(&self, run: &Run, fingerprint: &Value) -> Result<(), StoreError> {
-        self.write(|tx| insert_run(tx, run, fingerprint))
+    fn create_run(&self, run: &Run, fingerprint: &Value) -> Result<Lease, StoreError> {
+        let lease = self.write(|tx| insert_run(tx, run, fingerprint))?;
+        failpoint!("run.created");
+        Ok(lease)
     }
 
     fn reopen_run(&self, run_id: &str) -> Result<(), StoreError> {
@@ -165,10 +173,7 @@ impl Journal for Database {
         match taken {
             None => Err(StoreError::NoSuchRun(run_id.to_owned())),
             Some(Err((holder, until))) => Err(leased(run_id, &holder, until as f64)),
-            Some(Ok(epoch)) => {
-                failpoint!("lease.acquired");
-                Ok(Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() })
-            }
+            Some(Ok(epoch)) => Ok(Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() }),
         }
     }
 
@@ -182,16 +187,21 @@ impl Journal for Database {
         if renewed == 0 { Err(StoreError::LeaseLost(lease.run_id.clone())) } else { Ok(()) }
     }
 
-    fn release_lease(&self, lease: &Lease) -> Result<(), StoreError> {
-        failpoint!("lease.before-release");
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL
-                 WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3",
-                params![lease.run_id, lease.owner, lease.epoch.cast_signed()],
-            )
-            .map(drop)
-        })
+    fn release_lease(&self, lease: &Lease) -> Durable {
+        let lease = lease.clone();
+        self.queue(
+            &lease.run_id.clone(),
+            Kind::Last,
+            Box::new(move |conn| {
+                failpoint!("lease.before-release");
+                conn.execute(
+                    "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL
+                     WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3",
+                    params![lease.run_id, lease.owner, lease.epoch.cast_signed()],
+                )
+                .map(drop)
+            }),
+        )
     }
 
     fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError> {
@@ -481,9 +491,20 @@ mod tests {
         let db = Database::open(dir.path()).unwrap();
         for id in ["a", "b"] {
             let run = Run::new(id.into(), "w", "w.yaml", "t", Default::default());
-            db.create_run(&run, &Value::Null).unwrap();
+            let lease = db.create_run(&run, &Value::Null).unwrap();
+            // As a process that created its run and let go of it.
+            release(&db, &lease);
         }
         (dir, db)
+    }
+
+    /// Releases `lease` and waits for it, from sync and async tests alike.
+    fn release(db: &Database, lease: &Lease) {
+        let released = db.release_lease(lease);
+        std::thread::scope(|scope| {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            scope.spawn(move || runtime.block_on(released)).join().unwrap().unwrap();
+        });
     }
 
     /// Queues the start of attempt `attempt` of the execution `key`.
@@ -564,6 +585,19 @@ mod tests {
     }
 
     #[test]
+    fn a_new_run_is_leased_to_its_creator_in_the_same_commit() {
+        use crate::store::History;
+        let (_dir, db) = open();
+        let lease = db.create_run(&Run::new("c".into(), "w", "w.yaml", "t", Default::default()), &Value::Null).unwrap();
+        assert_eq!((lease.owner.as_str(), lease.epoch), (this_owner(), 1));
+        assert_eq!(db.load_run("c").unwrap().owner.as_deref(), Some(this_owner()));
+        let err = db.acquire_lease("c", "elsewhere:1:aaaaaaaa", Duration::from_secs(60)).unwrap_err();
+        assert!(matches!(err, StoreError::Leased { .. }), "{err}");
+        release(&db, &lease);
+        assert_eq!(db.load_run("c").unwrap().owner, None);
+    }
+
+    #[test]
     fn a_run_has_one_live_owner_and_a_lost_lease_cannot_be_renewed() {
         use crate::store::History;
         let (_dir, db) = open();
@@ -589,9 +623,9 @@ mod tests {
         assert!(taken.epoch > lease.epoch);
         assert!(matches!(db.renew_lease(&lease, ttl), Err(StoreError::LeaseLost(_))));
         // Releasing a lost lease leaves the new holder's alone.
-        db.release_lease(&lease).unwrap();
+        release(&db, &lease);
         assert_eq!(db.load_run("a").unwrap().owner.as_deref(), Some(other));
-        db.release_lease(&taken).unwrap();
+        release(&db, &taken);
         assert_eq!(db.load_run("a").unwrap().status, RunStatus::Interrupted);
         assert!(matches!(db.acquire_lease("nope", me, ttl), Err(StoreError::NoSuchRun(_))));
     }

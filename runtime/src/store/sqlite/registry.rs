@@ -214,12 +214,12 @@ impl Registry for Database {
             Some((run_id, earlier)) if earlier == request => Ok(Started::Existing(run_id)),
             Some((run_id, _)) => Ok(Started::Conflict(run_id)),
             None => {
-                insert_run(tx, run, fingerprint)?;
+                let lease = insert_run(tx, run, fingerprint)?;
                 tx.execute(
                     "INSERT INTO idempotency_keys (tenant, key, request, run_id) VALUES (?1, ?2, ?3, ?4)",
                     params![run.tenant, key, request, run.id],
                 )?;
-                Ok(Started::Created)
+                Ok(Started::Created(lease))
             }
         })
     }
@@ -259,13 +259,13 @@ mod tests {
     fn an_idempotency_key_starts_one_run_and_refuses_a_different_request() {
         let (_dir, db) = open();
         let run = |id: &str| Run::new(id.into(), "w", "w.yaml", "acme", Default::default());
-        assert_eq!(db.create_run_once(&run("r1"), &Value::Null, "k", "req-a").unwrap(), Started::Created);
+        assert!(matches!(db.create_run_once(&run("r1"), &Value::Null, "k", "req-a").unwrap(), Started::Created(_)));
         assert_eq!(db.create_run_once(&run("r2"), &Value::Null, "k", "req-a").unwrap(), Started::Existing("r1".into()));
         assert_eq!(db.create_run_once(&run("r3"), &Value::Null, "k", "req-b").unwrap(), Started::Conflict("r1".into()));
         // The key is the tenant's own.
         let mut other = run("r4");
         other.tenant = "globex".into();
-        assert_eq!(db.create_run_once(&other, &Value::Null, "k", "req-a").unwrap(), Started::Created);
+        assert!(matches!(db.create_run_once(&other, &Value::Null, "k", "req-a").unwrap(), Started::Created(_)));
         use crate::store::History;
         assert!(matches!(db.load_run("r2"), Err(StoreError::NoSuchRun(_))));
     }
