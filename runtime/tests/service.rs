@@ -861,7 +861,10 @@ async fn an_event_reaches_a_live_run_at_once_and_a_wait_past_its_timeout_fails_a
     let before = api.events(&parked, None, |event| event["type"] == "run_finished").await;
     let (last, end) = before.last().unwrap();
     assert_eq!(end["status"], "waiting", "{before:?}");
-    assert_eq!(api.post(&format!("/v1/runs/{parked}/events/approve"), json!({ "by": "Cy" })).await.0, StatusCode::ACCEPTED);
+    assert_eq!(
+        api.post(&format!("/v1/runs/{parked}/events/approve"), json!({ "by": "Cy" })).await.0,
+        StatusCode::ACCEPTED
+    );
     // As a browser's EventSource does, it reconnects while the stream of
     // the drive that parked ends empty.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -173,7 +173,9 @@ impl Journal for Database {
         match taken {
             None => Err(StoreError::NoSuchRun(run_id.to_owned())),
             Some(Err((holder, until))) => Err(leased(run_id, &holder, until as f64)),
-            Some(Ok(epoch)) => Ok(Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() }),
+            Some(Ok(epoch)) => {
+                Ok(Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() })
+            }
         }
     }
 
