@@ -3,11 +3,13 @@
 //! and gets what followed. The newest [`KEEP`] events of a run are kept.
 //!
 //! One log serves every drive of a run in this process (a parked run that
-//! an event wakes goes on numbering where it stopped). A process that did
-//! not see a run's earlier drives starts its log from the run's record; a
-//! number beyond what this log has given out came from another process,
-//! so that reader gets the stream from its start again: after a restart a
-//! reader may see events twice, never miss one.
+//! an event wakes goes on numbering where it stopped). A log rebuilt from
+//! the run's record (after a restart, or once a finished run's log left
+//! the cache) is numbered from an origin of its own, the time it was
+//! built, as its order need not be the live one: a number from any other
+//! log is below that origin (or beyond what it gave), and such a reader
+//! gets the stream from its start again. So a reader may see events twice
+//! across a restart, and never misses one.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub struct EventLog {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Numbers start after it.
+    origin: u64,
     /// The number of the first kept event, less one.
     dropped: u64,
     events: VecDeque<Arc<str>>,
@@ -58,6 +62,15 @@ pub struct Batch {
 }
 
 impl EventLog {
+    /// An empty log for events rebuilt from a record, numbered from an
+    /// origin no other log of the run has used: microseconds since the
+    /// epoch, times a thousand (so below 2^63 until the year 2262).
+    pub fn rebuilt() -> Self {
+        let micros = u64::try_from(std::time::UNIX_EPOCH.elapsed().unwrap_or_default().as_micros()).unwrap_or(0);
+        let origin = micros.saturating_mul(1000);
+        EventLog { state: Mutex::new(State { origin, dropped: origin, ..State::default() }), changed: Notify::new() }
+    }
+
     /// Adds an event, dropping the oldest beyond [`KEEP`].
     pub fn push(&self, event: &RunEvent) {
         let json: Arc<str> = serde_json::to_string(event).unwrap_or_else(|_| "{}".into()).into();
@@ -95,7 +108,7 @@ impl EventLog {
             {
                 let state = self.state.lock();
                 let given = state.dropped + state.events.len() as u64;
-                let after = if after > given { 0 } else { after };
+                let after = if after > given || after < state.origin { state.origin } else { after };
                 let first = after.max(state.dropped);
                 let skip = usize::try_from(first - state.dropped).unwrap_or(usize::MAX);
                 if skip < state.events.len() || state.finished {
@@ -170,5 +183,21 @@ mod tests {
         assert!(!batch.finished);
         let batch = log.after(9).await;
         assert_eq!((batch.events.len(), batch.missed), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_rebuilt_log_numbers_apart_and_gives_a_reader_of_another_log_everything() {
+        let log = EventLog::rebuilt();
+        log.push(&event(1));
+        log.push(&event(2));
+        let all = log.after(0).await;
+        assert_eq!((all.events.len(), all.missed), (2, 0));
+        assert!(all.events[0].id > 1_000_000_000_000_000_000, "{}", all.events[0].id);
+        // A number from the live log it replaces (small) and one it gave.
+        assert_eq!(log.after(5).await.events.len(), 2);
+        assert_eq!(
+            log.after(all.events[0].id).await.events.iter().map(|e| e.id).collect::<Vec<_>>(),
+            [all.events[1].id]
+        );
     }
 }

@@ -254,7 +254,7 @@ impl Service {
     /// later finds it. Recorded before anything else, so it survives a
     /// restart; the first event of a name is kept.
     pub async fn send_event(
-        self: &Arc<Self>,
+        &self,
         scope: &Scope,
         id: &str,
         name: &str,
@@ -299,18 +299,6 @@ impl Service {
         let live = self.live.lock().runs.get(id).map(|live| live.waits.clone());
         match live {
             Some(waits) => waits.deliver(name, payload),
-            // Parked: going on before the answer, so a reader of its events
-            // that comes after finds the stream open. Past its tenant's
-            // active runs (or with a drive about to end), the next round
-            // of waking resumes it.
-            None if run.status == RunStatus::Waiting => {
-                if let Err(err) = self.continue_owned(&run, None, false, Some(self.config.max_active_runs)).await {
-                    if !matches!(err, ServiceError::TooManyRuns { .. } | ServiceError::Conflict { .. }) {
-                        tracing::warn!(run = id, "cannot resume the run its event woke: {err}");
-                    }
-                    self.wake.notify_one();
-                }
-            }
             None => self.wake.notify_one(),
         }
         self.run(scope, id).await
@@ -543,7 +531,7 @@ impl Service {
 /// The events a recorded run emitted, rebuilt from its report: each
 /// attempt's start (and retry), each step's end, and the run's end.
 fn recorded_events(report: &RunReport) -> EventLog {
-    let log = EventLog::default();
+    let log = EventLog::rebuilt();
     for step in report.all_steps() {
         for execution in &step.executions {
             for (i, attempt) in execution.attempts.iter().enumerate() {
