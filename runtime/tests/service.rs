@@ -811,10 +811,10 @@ async fn a_waiting_step_parks_its_run_across_a_restart_until_its_event_comes() {
     assert_eq!(wait_for_status(&api, &id, "waiting").await["status"], "waiting");
     let (status, run) = api.post(&format!("/v1/runs/{id}/events/approve"), json!({ "by": "Ada" })).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{run}");
-    // A reader that comes back after the restart misses nothing.
+    // A reader that comes back after the restart misses nothing: rebuilt
+    // from the record, the stream starts over, the earlier drive's end
+    // coming again before the new drive's.
     let (last, _) = events.last().unwrap();
-    // Rebuilt from the record, the stream starts over: the earlier drive's
-    // end comes again before the new drive's.
     let after = api.follow(&id, *last).await;
     assert!(after.iter().any(|(_, e)| e["type"] == "step_finished" && e["path"] == "ship"), "{after:?}");
     assert_eq!(after.last().unwrap().1["status"], "succeeded", "{after:?}");

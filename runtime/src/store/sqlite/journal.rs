@@ -49,8 +49,8 @@ fn capped_logs(attempt: &Attempt) -> String {
     Database::text(&Value::Array(kept))
 }
 
-/// Inserts a new run's row and its labels.
-/// Inserts `run`, its lease held by this process from the start (epoch 1).
+/// Inserts a new run's row and its labels, its lease held by this process
+/// from the start (epoch 1).
 pub(super) fn insert_run(conn: &Connection, run: &Run, fingerprint: &Value) -> rusqlite::Result<Lease> {
     let lease = Lease { run_id: run.id.clone(), owner: this_owner().to_owned(), epoch: 1 };
     conn.execute(
@@ -190,9 +190,9 @@ impl Journal for Database {
     }
 
     fn release_lease(&self, lease: &Lease) -> Durable {
-        let lease = lease.clone();
+        let (run_id, lease) = (lease.run_id.clone(), lease.clone());
         self.queue(
-            &lease.run_id.clone(),
+            &run_id,
             Kind::Last,
             Box::new(move |conn| {
                 failpoint!("lease.before-release");
