@@ -126,7 +126,7 @@ impl Api {
             let events = self.events(id, Some(last), |event| event["type"] == "run_finished").await;
             last = events.last().map_or(last, |(number, _)| *number);
             seen.extend(events);
-            if seen.last().is_some_and(|(_, event)| event["status"] != "waiting") {
+            if seen.last().is_some_and(|(_, event)| event["type"] == "run_finished" && event["status"] != "waiting") {
                 return seen;
             }
             assert!(Instant::now() < deadline, "run {id} never went on: {seen:?}");
@@ -818,7 +818,9 @@ async fn a_waiting_step_parks_its_run_across_a_restart_until_its_event_comes() {
     let after = api.follow(&id, *last).await;
     assert!(after.iter().any(|(_, e)| e["type"] == "step_finished" && e["path"] == "ship"), "{after:?}");
     assert_eq!(after.last().unwrap().1["status"], "succeeded", "{after:?}");
-    assert!(after.windows(2).all(|pair| pair[0].0 < pair[1].0), "{after:?}");
+    // At least once: a stream rebuilt again starts over, so the earlier
+    // drive's end may come more than once, the new drive's end once.
+    assert_eq!(after.iter().filter(|(_, e)| e["type"] == "run_finished" && e["status"] == "succeeded").count(), 1);
     let report = api.finished(&id).await;
     assert_eq!(report["status"], "succeeded", "{report}");
     assert_eq!(report["outputs"]["shipped"], "Hello, Ada!");

@@ -243,7 +243,12 @@ impl Service {
             }
         }
         drop(reservation);
-        if parked {
+        if parked && live.cancel.is_cancelled() {
+            // Cancelled as it parked, too late for the scheduler to see.
+            if let Err(err) = self.cancel_stopped(&run.id).await {
+                tracing::error!(run = run.id, "cannot record the run's cancel: {err}");
+            }
+        } else if parked {
             // An event may have come as it parked.
             self.wake.notify_one();
         }
@@ -421,9 +426,10 @@ impl Service {
     /// `cancelled`; an interrupted one is recorded as cancelled at once.
     pub async fn cancel(&self, scope: &Scope, id: &str) -> Result<Run, ServiceError> {
         let run = self.run(scope, id).await?;
-        let live = self.live.lock().runs.get(id).cloned();
-        if let Some(live) = live {
-            live.cancel.cancel();
+        // Under the lock a drive leaves the map by: either it sees this
+        // cancel as it ends, or this finds it gone.
+        let driven = self.live.lock().runs.get(id).map(|live| live.cancel.cancel()).is_some();
+        if driven {
             return Ok(run);
         }
         match run.status {
@@ -432,17 +438,7 @@ impl Service {
                 message: format!("run {id} already {status}; there is nothing to cancel"),
             }),
             RunStatus::Interrupted | RunStatus::Waiting => {
-                let _claim = Claim::take(&self.live, id)?;
-                let wanted = id.to_owned();
-                let lease = self.blocking(move |db| Ok(db.acquire_lease(&wanted, this_owner(), LEASE_TTL)?)).await?;
-                let record = self.db.run_finished(
-                    id,
-                    RunStatus::Cancelled,
-                    &serde_json::Map::new(),
-                    Some("cancelled while interrupted"),
-                );
-                record.await?;
-                self.db.release_lease(&lease).await?;
+                self.cancel_stopped(id).await?;
                 self.run(scope, id).await
             }
             _ => Err(ServiceError::Conflict {
@@ -453,6 +449,16 @@ impl Service {
                 ),
             }),
         }
+    }
+
+    /// Records run `id`, which no process drives, as cancelled.
+    async fn cancel_stopped(&self, id: &str) -> Result<(), ServiceError> {
+        let _claim = Claim::take(&self.live, id)?;
+        let wanted = id.to_owned();
+        let lease = self.blocking(move |db| Ok(db.acquire_lease(&wanted, this_owner(), LEASE_TTL)?)).await?;
+        let reason = Some("cancelled while it did not run");
+        self.db.run_finished(id, RunStatus::Cancelled, &serde_json::Map::new(), reason).await?;
+        Ok(self.db.release_lease(&lease).await?)
     }
 
     /// Continues a run: `resume` runs what did not succeed; `retry` runs a
@@ -554,7 +560,11 @@ fn recorded_events(report: &RunReport) -> EventLog {
             });
         }
     }
-    log.push(&RunEvent::RunFinished { status: report.run.status });
+    // A run being taken up again has not finished: its stream ends
+    // without an end, and a reader that comes back finds the new drive.
+    if report.run.status != RunStatus::Running {
+        log.push(&RunEvent::RunFinished { status: report.run.status });
+    }
     log.finish();
     log
 }
