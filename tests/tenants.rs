@@ -498,7 +498,7 @@ async fn a_tenant_looping_large_key_value_writes_does_not_delay_another_tenants_
         let (db, shared) = (db.clone(), shared.clone());
         async move {
             let record = stepbox::run::Run::new(id.clone(), &workflow.name, "", tenant, Default::default());
-            stepbox::store::Journal::create_run(&*db, &record, &serde_json::json!({})).unwrap();
+            stepbox::store::Journal::create_run(&*db, &record, &serde_json::json!({})).1.await.unwrap();
             let options = RunOptions {
                 tenant: Arc::new(Tenant::unconstrained(tenant)),
                 journal: Some(db),

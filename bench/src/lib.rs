@@ -251,10 +251,11 @@ async fn timed_run(
     let mut database = None;
     if let Some(dir) = journal_dir {
         let db = Database::open(dir)?;
-        db.create_run(
+        let (_, created) = db.create_run(
             &Run::new(options.run_id.clone(), &workflow.name, "", "default", Default::default()),
             &json!({}),
-        )?;
+        );
+        created.await?;
         let db = Arc::new(db);
         options.journal = Some(db.clone());
         database = Some(db);

@@ -116,7 +116,8 @@ pub(crate) async fn run(args: Args, place: &Place<'_>, remote: Option<&Client>) 
     let path = workflow.file.display().to_string();
     let mut run = Run::new(new_run_id(), &workflow.name, &path, &args.tenant, bound.as_map().clone());
     run.labels = args.labels.into_iter().collect();
-    let lease = db.create_run(&run, &fingerprint)?;
+    let (lease, created) = db.create_run(&run, &fingerprint);
+    created.await?;
     let owned = Owned { workflow, run, inputs: bound, tenant, lease };
     execute(db, owned, &args.how, place.secrets_dir).await
 }

@@ -164,27 +164,35 @@ impl Service {
         let mut run = Run::new(new_run_id(), &version.name, &path, &tenant_name, inputs.as_map().clone());
         run.labels = labels;
         run.version = Some(version.version);
-        let fingerprint = deployed.fingerprint.clone();
-        let record = run.clone();
-        let named = once.as_ref().map_or("key", |once| once.named);
-        let started = self
-            .blocking(move |db| match once {
-                Some(once) => Ok(db.create_run_once(&record, &fingerprint, &once.key, &once.request)?),
-                None => Ok(Started::Created(db.create_run(&record, &fingerprint)?)),
-            })
-            .await?;
-        match started {
-            Started::Created(lease) => {
-                let owned = Owned { workflow: deployed.workflow.clone(), run: run.clone(), inputs, tenant, lease };
-                self.launch(owned, reservation, Arc::default());
-                Ok((run, true))
+        let fingerprint = &deployed.fingerprint;
+        let (lease, created) = match once {
+            Some(once) => match self.db.create_run_once(&run, fingerprint, &once.key, &once.request).await? {
+                Started::Created(lease) => (lease, None),
+                Started::Existing(id) => return Ok((self.blocking(move |db| Ok(db.load_run(&id)?)).await?, false)),
+                Started::Conflict(id) => {
+                    return Err(ServiceError::Conflict {
+                        code: "idempotency_key_reused",
+                        message: format!(
+                            "this {} started run {id} with a different request; use a new one for a new run",
+                            once.named
+                        ),
+                    });
+                }
+            },
+            None => {
+                let (lease, created) = self.db.create_run(&run, fingerprint);
+                (lease, Some(created))
             }
-            Started::Existing(id) => Ok((self.blocking(move |db| Ok(db.load_run(&id)?)).await?, false)),
-            Started::Conflict(id) => Err(ServiceError::Conflict {
-                code: "idempotency_key_reused",
-                message: format!("this {named} started run {id} with a different request; use a new one for a new run"),
-            }),
+        };
+        let owned = Owned { workflow: deployed.workflow.clone(), run: run.clone(), inputs, tenant, lease };
+        self.launch(owned, reservation, Arc::default());
+        // A run without a key starts while its record commits: its first
+        // attempt's start record commits after it, often in the same group
+        // commit. The caller hears of the run once it is durable.
+        if let Some(created) = created {
+            created.await?;
         }
+        Ok((run, true))
     }
 
     /// Drives an owned run in the background until it ends or is

@@ -29,6 +29,13 @@ pub struct Lease {
     pub epoch: u64,
 }
 
+impl Lease {
+    /// The lease a new run is created with: this process's, first taking.
+    pub fn created(run_id: &str) -> Self {
+        Lease { run_id: run_id.to_owned(), owner: this_owner().to_owned(), epoch: 1 }
+    }
+}
+
 /// This process's name as a lease owner: `HOST:PID:NONCE`, so another
 /// process on the same machine can tell at once that it died.
 pub fn this_owner() -> &'static str {

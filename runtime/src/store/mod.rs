@@ -44,9 +44,12 @@ pub fn new_run_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// A queued write's result, once it is committed.
+pub type Pending<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
+
 /// Resolves once a queued journal record, and every record of its run
 /// queued before it, is durable.
-pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+pub type Durable = Pending<()>;
 
 /// What the scheduler records, and the writes that manage a run's life.
 ///
@@ -57,11 +60,14 @@ pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 /// records are not waited for: they commit with the run's next start
 /// record, or within a few milliseconds.
 pub trait Journal: Send + Sync {
-    /// Records a new run before it starts, with the fingerprint of its
-    /// files (see [`crate::workflow::Workflow::fingerprint`]), its lease
-    /// held by this process ([`this_owner`], [`LEASE_TTL`]): one commit
-    /// where a create and a take would be two.
-    fn create_run(&self, run: &Run, fingerprint: &Value) -> Result<Lease, StoreError>;
+    /// Queues a new run's record, with the fingerprint of its files (see
+    /// [`crate::workflow::Workflow::fingerprint`]) and its lease, held by
+    /// this process ([`this_owner`], [`LEASE_TTL`]) from the start: one
+    /// record where a create and a take would be two, and one that shares
+    /// its commit with other runs' records. The run's later records commit
+    /// after it, so the run may start before the [`Durable`] resolves; it is
+    /// awaited before anyone is told the run exists.
+    fn create_run(&self, run: &Run, fingerprint: &Value) -> (Lease, Durable);
     /// Marks a run as running again (resume, retry).
     fn reopen_run(&self, run_id: &str) -> Result<(), StoreError>;
     /// Forgets the results of these steps, their executions and everything

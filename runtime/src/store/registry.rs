@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::StoreError;
+use super::{Pending, StoreError};
 use crate::run::Run;
 
 /// An API token as stored: never the token itself, only its SHA-256.
@@ -101,13 +101,8 @@ pub trait Registry: Send + Sync {
     /// Creates `run` (as [`super::Journal::create_run`]) unless `tenant`
     /// already started a run with idempotency key `key`; `request` (a hash
     /// of what was asked) tells a repeated request from a different one
-    /// reusing the key. One transaction, so two requests racing with one
-    /// key start one run.
-    fn create_run_once(
-        &self,
-        run: &Run,
-        fingerprint: &serde_json::Value,
-        key: &str,
-        request: &str,
-    ) -> Result<Started, StoreError>;
+    /// reusing the key. One record, checked and written in the commit that
+    /// holds it, so two requests racing with one key start one run.
+    fn create_run_once(&self, run: &Run, fingerprint: &serde_json::Value, key: &str, request: &str)
+    -> Pending<Started>;
 }

@@ -11,7 +11,7 @@ use super::Database;
 use super::writer::Kind;
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
-use crate::store::lease::{LEASE_TTL, is_gone, leased, this_owner};
+use crate::store::lease::{LEASE_TTL, is_gone, leased};
 use crate::store::{Durable, Journal, Lease, ResumeState, StoreError};
 
 /// Bytes of stdout, stderr and logs kept per attempt in the journal.
@@ -50,9 +50,9 @@ fn capped_logs(attempt: &Attempt) -> String {
 }
 
 /// Inserts a new run's row and its labels, its lease held by this process
-/// from the start (epoch 1).
-pub(super) fn insert_run(conn: &Connection, run: &Run, fingerprint: &Value) -> rusqlite::Result<Lease> {
-    let lease = Lease { run_id: run.id.clone(), owner: this_owner().to_owned(), epoch: 1 };
+/// from the start ([`Lease::created`]).
+pub(super) fn insert_run(conn: &Connection, run: &Run, fingerprint: &Value) -> rusqlite::Result<()> {
+    let lease = Lease::created(&run.id);
     conn.execute(
         "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms, version,
                            lease_owner, lease_expires_ms, lease_epoch)
@@ -75,7 +75,7 @@ pub(super) fn insert_run(conn: &Connection, run: &Run, fingerprint: &Value) -> r
     for (key, value) in &run.labels {
         conn.execute("INSERT INTO run_labels (run_id, key, value) VALUES (?1, ?2, ?3)", params![run.id, key, value])?;
     }
-    Ok(lease)
+    Ok(())
 }
 
 /// Whether a lease held by `owner` until `expires_ms` is live: not
@@ -90,10 +90,16 @@ fn expiry(ttl: Duration) -> i64 {
 }
 
 impl Journal for Database {
-    fn create_run(&self, run: &Run, fingerprint: &Value) -> Result<Lease, StoreError> {
-        let lease = self.write(|tx| insert_run(tx, run, fingerprint))?;
-        failpoint!("run.created");
-        Ok(lease)
+    fn create_run(&self, run: &Run, fingerprint: &Value) -> (Lease, Durable) {
+        let lease = Lease::created(&run.id);
+        let (record, fingerprint) = (run.clone(), fingerprint.clone());
+        let created = self.queue(&run.id, Kind::Awaited, Box::new(move |conn| insert_run(conn, &record, &fingerprint)));
+        let durable = Box::pin(async move {
+            created.await?;
+            failpoint!("run.created");
+            Ok(())
+        });
+        (lease, durable)
     }
 
     fn reopen_run(&self, run_id: &str) -> Result<(), StoreError> {
@@ -486,14 +492,17 @@ fn touch(conn: &Connection, run_id: &str) -> rusqlite::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::wait;
     use super::*;
+    use crate::store::this_owner;
 
     fn open() -> (tempfile::TempDir, Database) {
         let dir = tempfile::tempdir().unwrap();
         let db = Database::open(dir.path()).unwrap();
         for id in ["a", "b"] {
             let run = Run::new(id.into(), "w", "w.yaml", "t", Default::default());
-            let lease = db.create_run(&run, &Value::Null).unwrap();
+            let (lease, created) = db.create_run(&run, &Value::Null);
+            wait(created).unwrap();
             // As a process that created its run and let go of it.
             release(&db, &lease);
         }
@@ -502,11 +511,7 @@ mod tests {
 
     /// Releases `lease` and waits for it, from sync and async tests alike.
     fn release(db: &Database, lease: &Lease) {
-        let released = db.release_lease(lease);
-        std::thread::scope(|scope| {
-            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            scope.spawn(move || runtime.block_on(released)).join().unwrap().unwrap();
-        });
+        wait(db.release_lease(lease)).unwrap();
     }
 
     /// Queues the start of attempt `attempt` of the execution `key`.
@@ -590,7 +595,9 @@ mod tests {
     fn a_new_run_is_leased_to_its_creator_in_the_same_commit() {
         use crate::store::History;
         let (_dir, db) = open();
-        let lease = db.create_run(&Run::new("c".into(), "w", "w.yaml", "t", Default::default()), &Value::Null).unwrap();
+        let (lease, created) =
+            db.create_run(&Run::new("c".into(), "w", "w.yaml", "t", Default::default()), &Value::Null);
+        wait(created).unwrap();
         assert_eq!((lease.owner.as_str(), lease.epoch), (this_owner(), 1));
         assert_eq!(db.load_run("c").unwrap().owner.as_deref(), Some(this_owner()));
         let err = db.acquire_lease("c", "elsewhere:1:aaaaaaaa", Duration::from_secs(60)).unwrap_err();

@@ -205,6 +205,9 @@ pub struct Database {
     /// Journal records go through the group-committing writer; other writes
     /// (runs, leases) commit on their own.
     writer: Writer,
+    /// Reads have a connection of their own, so they never wait for a
+    /// commit's fsync (WAL lets them read beside the writer).
+    reader: Mutex<Connection>,
     kv: Arc<KeyValueDatabase>,
 }
 
@@ -224,9 +227,14 @@ impl Database {
             kv.import(&path)?;
         }
         configure(&path, &mut conn, &SCHEMA)?;
+        let reader = Connection::open(&path).map_err(|err| StoreError::from_sqlite(&path, err))?;
+        reader
+            .busy_timeout(BUSY_TIMEOUT)
+            .and_then(|()| reader.pragma_update(None, "query_only", true))
+            .map_err(|err| StoreError::from_sqlite(&path, err))?;
         let conn = Arc::new(Mutex::new(conn));
         let writer = Writer::start(conn.clone(), path.clone()).map_err(data_dir_error)?;
-        Ok(Database { path, conn, writer, kv })
+        Ok(Database { path, conn, writer, reader: Mutex::new(reader), kv })
     }
 
     /// The steps' key-value state, in its own file beside this one.
@@ -273,7 +281,7 @@ impl Database {
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        let conn = self.lock();
+        let conn = self.reader.lock();
         f(&conn).map_err(|e| self.err(e))
     }
 }
@@ -374,6 +382,16 @@ macro_rules! stored_as_text {
 }
 
 stored_as_text!(RunStatus, StepStatus, FailureKind, StepPath);
+
+/// Waits for a queued write from a sync test (or an async one: on a thread
+/// of its own).
+#[cfg(test)]
+pub(super) fn wait<T: Send>(pending: crate::store::Pending<T>) -> Result<T, StoreError> {
+    std::thread::scope(|scope| {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        scope.spawn(move || runtime.block_on(pending)).join().unwrap()
+    })
+}
 
 #[cfg(test)]
 mod tests {

@@ -1,13 +1,17 @@
 //! The service's records in the SQLite store: tokens, workflow versions and
 //! idempotency keys, in the same file as the runs they point at.
 
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use rusqlite::{OptionalExtension, Row, params};
 use serde_json::Value;
 
 use super::Database;
 use super::journal::insert_run;
+use super::writer::Kind;
 use crate::run::{Run, now_ms};
-use crate::store::{Registry, Started, StoreError, TokenRecord, WorkflowVersion};
+use crate::store::{Lease, Pending, Registry, Started, StoreError, TokenRecord, WorkflowVersion};
 
 /// A wait (`w`) whose step has no result yet.
 const PENDING: &str = "NOT EXISTS (SELECT 1 FROM executions AS x WHERE x.run_id = w.run_id AND x.key = w.key)";
@@ -209,24 +213,43 @@ impl Registry for Database {
         self.read(|conn| earlier_request(conn, tenant, key))
     }
 
-    fn create_run_once(&self, run: &Run, fingerprint: &Value, key: &str, request: &str) -> Result<Started, StoreError> {
-        self.write(|tx| match earlier_request(tx, &run.tenant, key)? {
-            Some((run_id, earlier)) if earlier == request => Ok(Started::Existing(run_id)),
-            Some((run_id, _)) => Ok(Started::Conflict(run_id)),
-            None => {
-                let lease = insert_run(tx, run, fingerprint)?;
-                tx.execute(
-                    "INSERT INTO idempotency_keys (tenant, key, request, run_id) VALUES (?1, ?2, ?3, ?4)",
-                    params![run.tenant, key, request, run.id],
-                )?;
-                Ok(Started::Created(lease))
-            }
+    fn create_run_once(&self, run: &Run, fingerprint: &Value, key: &str, request: &str) -> Pending<Started> {
+        // The record may run again (a batch is retried without a record
+        // that failed), so it leaves its latest outcome here.
+        let outcome = Arc::new(Mutex::new(None));
+        let slot = outcome.clone();
+        let (record, fingerprint, key, request) =
+            (run.clone(), fingerprint.clone(), key.to_owned(), request.to_owned());
+        let created = self.queue(
+            &run.id,
+            Kind::Awaited,
+            Box::new(move |conn| {
+                let started = match earlier_request(conn, &record.tenant, &key)? {
+                    Some((run_id, earlier)) if earlier == request => Started::Existing(run_id),
+                    Some((run_id, _)) => Started::Conflict(run_id),
+                    None => {
+                        insert_run(conn, &record, &fingerprint)?;
+                        conn.execute(
+                            "INSERT INTO idempotency_keys (tenant, key, request, run_id) VALUES (?1, ?2, ?3, ?4)",
+                            params![record.tenant, key, request, record.id],
+                        )?;
+                        Started::Created(Lease::created(&record.id))
+                    }
+                };
+                *slot.lock() = Some(started);
+                Ok(())
+            }),
+        );
+        Box::pin(async move {
+            created.await?;
+            outcome.lock().take().ok_or(StoreError::WriterStopped)
         })
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::wait;
     use super::*;
 
     fn open() -> (tempfile::TempDir, Database) {
@@ -259,15 +282,43 @@ mod tests {
     fn an_idempotency_key_starts_one_run_and_refuses_a_different_request() {
         let (_dir, db) = open();
         let run = |id: &str| Run::new(id.into(), "w", "w.yaml", "acme", Default::default());
-        assert!(matches!(db.create_run_once(&run("r1"), &Value::Null, "k", "req-a").unwrap(), Started::Created(_)));
-        assert_eq!(db.create_run_once(&run("r2"), &Value::Null, "k", "req-a").unwrap(), Started::Existing("r1".into()));
-        assert_eq!(db.create_run_once(&run("r3"), &Value::Null, "k", "req-b").unwrap(), Started::Conflict("r1".into()));
+        assert!(matches!(
+            wait(db.create_run_once(&run("r1"), &Value::Null, "k", "req-a")).unwrap(),
+            Started::Created(_)
+        ));
+        assert_eq!(
+            wait(db.create_run_once(&run("r2"), &Value::Null, "k", "req-a")).unwrap(),
+            Started::Existing("r1".into())
+        );
+        assert_eq!(
+            wait(db.create_run_once(&run("r3"), &Value::Null, "k", "req-b")).unwrap(),
+            Started::Conflict("r1".into())
+        );
         // The key is the tenant's own.
         let mut other = run("r4");
         other.tenant = "globex".into();
-        assert!(matches!(db.create_run_once(&other, &Value::Null, "k", "req-a").unwrap(), Started::Created(_)));
+        assert!(matches!(wait(db.create_run_once(&other, &Value::Null, "k", "req-a")).unwrap(), Started::Created(_)));
         use crate::store::History;
         assert!(matches!(db.load_run("r2"), Err(StoreError::NoSuchRun(_))));
+    }
+
+    #[test]
+    fn requests_racing_with_one_key_in_one_commit_start_one_run() {
+        let (_dir, db) = open();
+        // Queued together, so most share a group commit.
+        let pending: Vec<_> = (0..20)
+            .map(|i| {
+                let run = Run::new(format!("r{i}"), "w", "w.yaml", "acme", Default::default());
+                db.create_run_once(&run, &Value::Null, "k", "req")
+            })
+            .collect();
+        let started: Vec<Started> = pending.into_iter().map(|pending| wait(pending).unwrap()).collect();
+        let created: Vec<_> = started.iter().filter(|s| matches!(s, Started::Created(_))).collect();
+        assert_eq!(created.len(), 1, "{started:?}");
+        let Started::Created(lease) = created[0] else { unreachable!() };
+        assert!(
+            started.iter().all(|s| matches!(s, Started::Created(_)) || *s == Started::Existing(lease.run_id.clone()))
+        );
     }
 
     #[test]
