@@ -1,5 +1,6 @@
-//! The paths of the guest examples, built by build.rs, for stepbox's
-//! integration tests (here and in `runtime/tests`).
+//! For stepbox's tests (here, in `runtime/tests` and in the runtime's own):
+//! the paths of the guest examples, built by build.rs, the tools it
+//! fetched, and a PostgreSQL database per test.
 
 /// Paths of the compiled guest examples, one constant per example.
 pub mod guests {
@@ -10,3 +11,5 @@ pub mod guests {
 pub mod tools {
     include!(concat!(env!("OUT_DIR"), "/tools.rs"));
 }
+
+pub mod postgres;

@@ -10,11 +10,18 @@ fn roomy() -> KvQuota {
     KvQuota::default()
 }
 
-/// Each backend, fresh; the directory keeps the SQLite one alive.
-fn backends() -> Vec<(Box<dyn KeyValueStore>, Option<tempfile::TempDir>)> {
+/// Each backend, fresh, with what keeps it alive (a directory, a
+/// database, the store that owns the connections).
+fn backends() -> Vec<(std::sync::Arc<dyn KeyValueStore>, Box<dyn std::any::Any>)> {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = super::sqlite::KeyValueDatabase::open(dir.path()).unwrap();
-    vec![(Box::new(MemoryKeyValueStore::new()), None), (Box::new(sqlite), Some(dir))]
+    let database = stepbox_tests::postgres::TestDatabase::create();
+    let postgres = super::PgStore::open(&database.url).unwrap();
+    vec![
+        (std::sync::Arc::new(MemoryKeyValueStore::new()), Box::new(())),
+        (std::sync::Arc::new(sqlite), Box::new(dir)),
+        (postgres.key_values(), Box::new((postgres, database))),
+    ]
 }
 
 #[test]

@@ -2,18 +2,25 @@
 //! scheduler), the run history (read by `stepbox show`, `runs`, `logs`),
 //! and the key-value data behind `wasi:keyvalue`.
 //!
-//! Each is a trait, [`Journal`], [`History`] and [`KeyValueStore`], so
-//! the scheduler, the CLI and the sandbox do not know which database holds
-//! them. [`Database`] implements the first two on one SQLite file, and
-//! [`KeyValueDatabase`] the third on another beside it, so key-value
-//! writes never wait for the journal's lock nor hold it; a server database
-//! implements the same traits beside them.
+//! Each is a trait, [`Journal`], [`History`], [`Registry`] and
+//! [`KeyValueStore`], so the scheduler, the CLI, the service and the
+//! sandbox do not know which database holds them; [`Store`] is all of them
+//! in one. Two backends implement them: [`Database`], SQLite files in the
+//! data directory (the embedded default; key-value state in a file of its
+//! own, [`KeyValueDatabase`], so its writes never wait for the journal's
+//! lock), and [`PgStore`], one PostgreSQL database that many processes on
+//! many machines share. [`open`] picks one.
 
+#[cfg(test)]
+mod conformance;
+mod group;
 #[cfg(test)]
 mod kv_conformance;
 mod lease;
 mod memory;
+mod postgres;
 mod registry;
+mod rows;
 mod sqlite;
 
 use std::collections::HashMap;
@@ -27,8 +34,66 @@ use crate::run::{Attempt, Run, RunReport, RunStatus, StepPath, StepReport};
 
 pub use lease::{Heartbeat, LEASE_TTL, Lease, is_gone, this_owner};
 pub use memory::MemoryKeyValueStore;
+pub use postgres::{PG_SCHEMA_VERSION, PgKeyValues, PgStore};
 pub use registry::{Registry, Started, TokenRecord, WorkflowVersion};
 pub use sqlite::{DATABASE_FILE, Database, KV_FILE, KeyValueDatabase, SCHEMA_VERSION};
+
+/// Everything stepbox keeps, in one database.
+pub trait Store: Journal + History + Registry + std::fmt::Debug {
+    /// The steps' key-value state, beside the rest.
+    fn key_values(&self) -> std::sync::Arc<dyn KeyValueStore>;
+    /// Journal transactions committed so far: with group commit, fewer than
+    /// the records written.
+    fn journal_commits(&self) -> u64;
+    /// Where the database is, for messages: a file, or a `postgres://` URL
+    /// without its password.
+    fn place(&self) -> String;
+}
+
+impl Store for Database {
+    fn key_values(&self) -> std::sync::Arc<dyn KeyValueStore> {
+        Database::key_values(self)
+    }
+
+    fn journal_commits(&self) -> u64 {
+        Database::journal_commits(self)
+    }
+
+    fn place(&self) -> String {
+        self.path().display().to_string()
+    }
+}
+
+impl Store for PgStore {
+    fn key_values(&self) -> std::sync::Arc<dyn KeyValueStore> {
+        PgStore::key_values(self)
+    }
+
+    fn journal_commits(&self) -> u64 {
+        PgStore::journal_commits(self)
+    }
+
+    fn place(&self) -> String {
+        PgStore::place(self).to_owned()
+    }
+}
+
+/// Opens the store: the PostgreSQL database at `db` (a `postgres://` URL)
+/// when one is given, else the SQLite files in `data_dir`.
+pub fn open(db: Option<&str>, data_dir: &std::path::Path) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    match db {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(std::sync::Arc::new(PgStore::open(url)?))
+        }
+        Some(other) => Err(StoreError::BadUrl {
+            url: other.to_owned(),
+            detail: "only PostgreSQL is supported here: use postgres://USER@HOST:PORT/DATABASE, \
+                     or leave --db out for the SQLite files in the data directory"
+                .into(),
+        }),
+        None => Ok(std::sync::Arc::new(Database::open(data_dir)?)),
+    }
+}
 
 /// Creates `dir` and its missing parents so that only this user can enter
 /// them: a data directory holds every tenant's records and compiled native
@@ -207,11 +272,11 @@ pub enum StoreError {
     },
     /// A newer stepbox wrote the database.
     #[error(
-        "{path} was written by a newer stepbox (schema version {found}; this one knows up to {supported}); upgrade stepbox"
+        "{place} was written by a newer stepbox (schema version {found}; this one knows up to {supported}); upgrade stepbox"
     )]
     NewerSchema {
-        /// The database file.
-        path: PathBuf,
+        /// The database: its file, or its URL without the password.
+        place: String,
         /// Its schema version.
         found: u32,
         /// The newest this build knows.
@@ -240,11 +305,32 @@ pub enum StoreError {
         detail: String,
     },
     /// Any other database error.
-    #[error("{path}: {detail}")]
+    #[error("{place}: {detail}")]
     Database {
-        /// The database file.
-        path: PathBuf,
+        /// The database: its file, or its URL without the password.
+        place: String,
         /// The database's own message.
+        detail: String,
+    },
+    /// The `--db` URL cannot be used.
+    #[error("cannot use the database URL {url}: {detail}")]
+    BadUrl {
+        /// The URL, its password hidden.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// The PostgreSQL server cannot be reached.
+    #[error(
+        "cannot reach PostgreSQL at {place} ({detail}); start it (a packaged PostgreSQL: \
+         `sudo service postgresql start`; or a container: \
+         `docker run -d -p 5432:5432 -e POSTGRES_HOST_AUTH_METHOD=trust postgres:16`), \
+         or point --db / STEPBOX_DB at one that runs"
+    )]
+    Unreachable {
+        /// The database's URL without the password.
+        place: String,
+        /// What the client said.
         detail: String,
     },
     /// The group-commit writer is gone (it panicked, or the process is
@@ -272,6 +358,17 @@ pub enum StoreError {
     /// The lease was taken over by another process.
     #[error("run {0} was taken over by another process; this one stops")]
     LeaseLost(String),
+}
+
+impl StoreError {
+    /// The database's own message, where there is one; else the whole
+    /// error.
+    pub(crate) fn detail(&self) -> String {
+        match self {
+            StoreError::Database { detail, .. } | StoreError::Unreachable { detail, .. } => detail.clone(),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// Whose state a key belongs to: steps of one tenant and workflow share it,

@@ -11,43 +11,9 @@ use super::Database;
 use super::writer::Kind;
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
-use crate::store::lease::{LEASE_TTL, is_gone, leased};
+use crate::store::lease::{LEASE_TTL, leased};
+use crate::store::rows::{AttemptRow, ExecutionRow, expiry, held, json, text};
 use crate::store::{Durable, Journal, Lease, ResumeState, StoreError};
-
-/// Bytes of stdout, stderr and logs kept per attempt in the journal.
-const MAX_CAPTURE: usize = 64 * 1024;
-
-fn capped(text: &str) -> String {
-    if text.len() <= MAX_CAPTURE {
-        return text.to_owned();
-    }
-    let mut end = MAX_CAPTURE;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}\n[... {} more bytes not kept in the journal]", &text[..end], text.len() - end)
-}
-
-fn capped_logs(attempt: &Attempt) -> String {
-    let logs = serde_json::to_value(&attempt.logs).unwrap_or(Value::Null);
-    let text = Database::text(&logs);
-    if text.len() <= MAX_CAPTURE {
-        return text;
-    }
-    // Keep whole records, as many as fit.
-    let mut kept = Vec::new();
-    let mut size = 0;
-    for record in logs.as_array().into_iter().flatten() {
-        size += Database::text(record).len();
-        if size > MAX_CAPTURE {
-            break;
-        }
-        kept.push(record.clone());
-    }
-    let dropped = attempt.logs.len() - kept.len();
-    kept.push(serde_json::json!({ "level": "warn", "context": "stepbox", "message": format!("{dropped} more log records not kept in the journal") }));
-    Database::text(&Value::Array(kept))
-}
 
 /// Inserts a new run's row and its labels, its lease held by this process
 /// from the start ([`Lease::created`]).
@@ -61,9 +27,9 @@ pub(super) fn insert_run(conn: &Connection, run: &Run, fingerprint: &Value) -> r
             run.id,
             run.workflow,
             run.workflow_path,
-            Database::text(fingerprint),
+            text(fingerprint),
             run.tenant,
-            Database::text(&Value::Object(run.inputs.clone())),
+            text(&Value::Object(run.inputs.clone())),
             run.status,
             run.created_ms as i64,
             run.version,
@@ -76,17 +42,6 @@ pub(super) fn insert_run(conn: &Connection, run: &Run, fingerprint: &Value) -> r
         conn.execute("INSERT INTO run_labels (run_id, key, value) VALUES (?1, ?2, ?3)", params![run.id, key, value])?;
     }
     Ok(())
-}
-
-/// Whether a lease held by `owner` until `expires_ms` is live: not
-/// expired, and its process not known to be gone.
-pub(super) fn held(owner: Option<&str>, expires_ms: Option<i64>) -> bool {
-    owner.is_some_and(|owner| expires_ms.is_some_and(|expires| expires as f64 > now_ms()) && !is_gone(owner))
-}
-
-/// A lease's expiry `ttl` from now, in unix ms.
-fn expiry(ttl: Duration) -> i64 {
-    (now_ms() + ttl.as_secs_f64() * 1000.0) as i64
 }
 
 impl Journal for Database {
@@ -219,7 +174,7 @@ impl Journal for Database {
                 conn.prepare("SELECT key, output FROM executions WHERE run_id = ?1 AND status = 'succeeded'")?;
             for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
                 let (key, output) = row?;
-                state.completed.insert(key, Database::json(output).unwrap_or(Value::Null));
+                state.completed.insert(key, json(output).unwrap_or(Value::Null));
             }
             let mut statement =
                 conn.prepare("SELECT key, MAX(attempt) FROM attempts WHERE run_id = ?1 GROUP BY key")?;
@@ -230,7 +185,7 @@ impl Journal for Database {
             let mut statement = conn.prepare("SELECT step_id, fingerprint FROM includes WHERE run_id = ?1")?;
             for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
                 let (path, fingerprint) = row?;
-                state.includes.insert(path, Database::json(Some(fingerprint)).unwrap_or(Value::Null));
+                state.includes.insert(path, json(Some(fingerprint)).unwrap_or(Value::Null));
             }
             let mut statement = conn.prepare("SELECT key, started_ms FROM waits WHERE run_id = ?1")?;
             for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
@@ -240,7 +195,7 @@ impl Journal for Database {
             let mut statement = conn.prepare("SELECT name, payload FROM run_events WHERE run_id = ?1")?;
             for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
                 let (name, payload) = row?;
-                state.events.insert(name, Database::json(Some(payload)).unwrap_or(Value::Null));
+                state.events.insert(name, json(Some(payload)).unwrap_or(Value::Null));
             }
             Ok(state)
         })
@@ -273,9 +228,9 @@ impl Journal for Database {
             run_id,
             Kind::Lazy,
             Box::new(move |conn| {
-                row.insert(conn, &id, &key, &path)?;
+                insert_attempt(conn, &row, &id, &key, &path)?;
                 match &execution {
-                    Some(execution) => execution.insert(conn, &id, &key),
+                    Some(execution) => insert_execution(conn, execution, &id, &key),
                     None => Ok(()),
                 }
             }),
@@ -283,7 +238,7 @@ impl Journal for Database {
     }
 
     fn include_loaded(&self, run_id: &str, path: &StepPath, fingerprint: &Value) -> Durable {
-        let (id, path, fingerprint) = (run_id.to_owned(), path.clone(), Database::text(fingerprint));
+        let (id, path, fingerprint) = (run_id.to_owned(), path.clone(), text(fingerprint));
         self.queue(
             run_id,
             Kind::Awaited,
@@ -340,7 +295,7 @@ impl Journal for Database {
         self.write(|tx| {
             let added = tx.execute(
                 "INSERT INTO run_events (run_id, name, payload, received_ms) VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING",
-                params![run_id, name, Database::text(payload), now_ms()],
+                params![run_id, name, text(payload), now_ms()],
             )?;
             Ok(added > 0)
         })
@@ -349,7 +304,7 @@ impl Journal for Database {
     fn step_finished(&self, run_id: &str, position: usize, step: &StepReport) -> Durable {
         let id = run_id.to_owned();
         let (path, position, status, required) = (step.id.clone(), position as i64, step.status, step.required);
-        let (reason, output) = (step.reason.clone(), step.output.as_ref().map(Database::text));
+        let (reason, output) = (step.reason.clone(), step.output.as_ref().map(text));
         let (started, finished) = (step.started_ms, step.finished_ms);
         self.queue(
             run_id,
@@ -374,8 +329,7 @@ impl Journal for Database {
         outputs: &serde_json::Map<String, Value>,
         error: Option<&str>,
     ) -> Durable {
-        let (id, outputs, error) =
-            (run_id.to_owned(), Database::text(&Value::Object(outputs.clone())), error.map(str::to_owned));
+        let (id, outputs, error) = (run_id.to_owned(), text(&Value::Object(outputs.clone())), error.map(str::to_owned));
         self.queue(
             run_id,
             Kind::Last,
@@ -390,97 +344,51 @@ impl Journal for Database {
     }
 }
 
-/// An attempt's columns, owned, so the record can be written (again, if
-/// its batch is retried) on the writer thread.
-struct AttemptRow {
-    number: u32,
-    status: &'static str,
-    kind: Option<crate::run::FailureKind>,
-    message: Option<String>,
-    started: f64,
-    finished: Option<f64>,
-    delay: f64,
-    fuel: i64,
-    peak_memory: i64,
-    logs: String,
-    stdout: String,
-    stderr: String,
+/// Writes an attempt's columns.
+fn insert_attempt(
+    conn: &Connection,
+    row: &AttemptRow,
+    run_id: &str,
+    key: &str,
+    path: &StepPath,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
+                               fuel, peak_memory, logs, stdout, stderr, delay_before_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+         ON CONFLICT DO UPDATE SET status = excluded.status, kind = excluded.kind, message = excluded.message,
+             started_ms = excluded.started_ms, finished_ms = excluded.finished_ms, fuel = excluded.fuel,
+             peak_memory = excluded.peak_memory, logs = excluded.logs, stdout = excluded.stdout,
+             stderr = excluded.stderr, delay_before_ms = excluded.delay_before_ms",
+    )?
+    .execute(params![
+        run_id,
+        key,
+        row.number,
+        path,
+        row.status,
+        row.kind,
+        row.message,
+        row.started,
+        row.finished,
+        row.fuel,
+        row.peak_memory,
+        row.logs,
+        row.stdout,
+        row.stderr,
+        row.delay
+    ])
+    .map(drop)
 }
 
-impl AttemptRow {
-    fn of(attempt: &Attempt) -> Self {
-        let failure = attempt.failure();
-        AttemptRow {
-            number: attempt.attempt,
-            status: attempt.outcome.as_str(),
-            kind: failure.map(|f| f.kind),
-            message: failure.map(|f| f.message.clone()),
-            started: attempt.started_ms,
-            finished: attempt.finished_ms,
-            delay: attempt.delay_before_ms,
-            fuel: i64::try_from(attempt.fuel_consumed).unwrap_or(i64::MAX),
-            peak_memory: i64::try_from(attempt.peak_memory).unwrap_or(i64::MAX),
-            logs: capped_logs(attempt),
-            stdout: capped(&attempt.stdout.text),
-            stderr: capped(&attempt.stderr.text),
-        }
-    }
-
-    fn insert(&self, conn: &Connection, run_id: &str, key: &str, path: &StepPath) -> rusqlite::Result<()> {
-        conn.prepare_cached(
-            "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
-                                   fuel, peak_memory, logs, stdout, stderr, delay_before_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-             ON CONFLICT DO UPDATE SET status = excluded.status, kind = excluded.kind, message = excluded.message,
-                 started_ms = excluded.started_ms, finished_ms = excluded.finished_ms, fuel = excluded.fuel,
-                 peak_memory = excluded.peak_memory, logs = excluded.logs, stdout = excluded.stdout,
-                 stderr = excluded.stderr, delay_before_ms = excluded.delay_before_ms",
-        )?
-        .execute(params![
-            run_id,
-            key,
-            self.number,
-            path,
-            self.status,
-            self.kind,
-            self.message,
-            self.started,
-            self.finished,
-            self.fuel,
-            self.peak_memory,
-            self.logs,
-            self.stdout,
-            self.stderr,
-            self.delay
-        ])
-        .map(drop)
-    }
-}
-
-/// An execution's result, taken from its last attempt.
-struct ExecutionRow {
-    path: StepPath,
-    status: &'static str,
-    output: Option<String>,
-}
-
-impl ExecutionRow {
-    fn of(path: &StepPath, attempt: &Attempt) -> Self {
-        ExecutionRow {
-            path: path.clone(),
-            status: attempt.outcome.as_str(),
-            output: attempt.output().map(Database::text),
-        }
-    }
-
-    fn insert(&self, conn: &Connection, run_id: &str, key: &str) -> rusqlite::Result<()> {
-        conn.prepare_cached(
-            "INSERT INTO executions (run_id, key, step_id, status, output) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT DO UPDATE SET status = excluded.status, output = excluded.output",
-        )?
-        .execute(params![run_id, key, self.path, self.status, self.output])
-        .map(drop)
-    }
+/// Writes an execution's result.
+fn insert_execution(conn: &Connection, row: &ExecutionRow, run_id: &str, key: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO executions (run_id, key, step_id, status, output) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT DO UPDATE SET status = excluded.status, output = excluded.output",
+    )?
+    .execute(params![run_id, key, row.path, row.status, row.output])
+    .map(drop)
 }
 
 /// Marks the run as recently active, for `stepbox runs`.
@@ -494,7 +402,6 @@ fn touch(conn: &Connection, run_id: &str) -> rusqlite::Result<()> {
 mod tests {
     use super::super::wait;
     use super::*;
-    use crate::store::this_owner;
 
     fn open() -> (tempfile::TempDir, Database) {
         let dir = tempfile::tempdir().unwrap();
@@ -541,101 +448,5 @@ mod tests {
         assert_eq!(db.resume_state("a").unwrap().attempts["a/s"], 2);
         assert_eq!(db.resume_state("a").unwrap().attempts["a/first"], 1);
         assert_eq!(db.resume_state("b").unwrap().attempts["b/s"], 1);
-    }
-
-    #[tokio::test]
-    async fn forgetting_a_step_forgets_only_that_step_and_what_is_inside_it() {
-        let (_dir, db) = open();
-        // `_` is a wildcard in SQL's LIKE: no look-alike may go too (`%`
-        // cannot be in a step path at all).
-        let paths = ["fetch_a", "fetch-a", "fetchXa", "fetch_ab", "fetch_a.inner", "fetch_a[2]", "fetchzz"];
-        for path in paths {
-            let key = format!("a/{path}");
-            let attempt = Attempt {
-                outcome: crate::run::Outcome::Succeeded { output: Value::from(path) },
-                ..Attempt::started(1, 0.0)
-            };
-            start(&db, "a", &key, 1).await.unwrap();
-            db.attempt_finished("a", &path.parse().unwrap(), &key, &attempt, true).await.unwrap();
-        }
-        assert!("fetch%".parse::<StepPath>().is_err());
-        db.forget_steps("a", &["fetch_a".parse().unwrap()]).unwrap();
-        let mut kept: Vec<String> = db.resume_state("a").unwrap().completed.into_keys().collect();
-        kept.sort();
-        assert_eq!(kept, ["a/fetch-a", "a/fetchXa", "a/fetch_ab", "a/fetchzz"]);
-    }
-
-    #[tokio::test]
-    async fn awaiting_a_record_makes_every_earlier_one_durable_and_records_share_commits() {
-        let (_dir, db) = open();
-        let keys: Vec<String> = (0..500).map(|n| format!("a/s[{n}]")).collect();
-        for key in &keys {
-            // Dropped without waiting.
-            drop(start(&db, "a", key, 1));
-        }
-        db.run_finished("a", RunStatus::Succeeded, &Default::default(), None).await.unwrap();
-        assert_eq!(db.resume_state("a").unwrap().attempts.len(), 500);
-        // Group commit: queued while a commit syncs, they share commits
-        // (one per batch of up to 1,024) rather than taking 501.
-        assert!(db.journal_commits() <= 10, "{} commits for 501 records", db.journal_commits());
-    }
-
-    #[test]
-    fn closing_the_database_commits_what_is_queued() {
-        let (dir, db) = open();
-        for n in 0..50 {
-            drop(start(&db, "b", &format!("b/s[{n}]"), 1));
-        }
-        drop(db);
-        let db = Database::open(dir.path()).unwrap();
-        assert_eq!(db.resume_state("b").unwrap().attempts.len(), 50);
-    }
-
-    #[test]
-    fn a_new_run_is_leased_to_its_creator_in_the_same_commit() {
-        use crate::store::History;
-        let (_dir, db) = open();
-        let (lease, created) =
-            db.create_run(&Run::new("c".into(), "w", "w.yaml", "t", Default::default()), &Value::Null);
-        wait(created).unwrap();
-        assert_eq!((lease.owner.as_str(), lease.epoch), (this_owner(), 1));
-        assert_eq!(db.load_run("c").unwrap().owner.as_deref(), Some(this_owner()));
-        let err = db.acquire_lease("c", "elsewhere:1:aaaaaaaa", Duration::from_secs(60)).unwrap_err();
-        assert!(matches!(err, StoreError::Leased { .. }), "{err}");
-        release(&db, &lease);
-        assert_eq!(db.load_run("c").unwrap().owner, None);
-    }
-
-    #[test]
-    fn a_run_has_one_live_owner_and_a_lost_lease_cannot_be_renewed() {
-        use crate::store::History;
-        let (_dir, db) = open();
-        let (me, other) = ("elsewhere:1:aaaaaaaa", "elsewhere:2:bbbbbbbb");
-        let ttl = Duration::from_secs(60);
-        let lease = db.acquire_lease("a", me, ttl).unwrap();
-        assert_eq!(db.load_run("a").unwrap().owner.as_deref(), Some(me));
-        let err = db.acquire_lease("a", other, ttl).unwrap_err();
-        assert!(matches!(&err, StoreError::Leased { owner, .. } if owner == me), "{err}");
-        assert!(err.to_string().contains(&format!("run a is being run by {me}")), "{err}");
-        db.renew_lease(&lease, ttl).unwrap();
-        // Not finished and held: gc keeps it, even when asked for
-        // interrupted runs.
-        assert_eq!(db.gc(now_ms() + 1000.0, true).unwrap(), 1, "only the unleased run b goes");
-        assert!(db.load_run("a").is_ok());
-
-        // An expired lease: the run is interrupted, and another owner takes
-        // it over, with a new epoch; the old holder cannot renew.
-        db.renew_lease(&lease, Duration::ZERO).unwrap();
-        std::thread::sleep(Duration::from_millis(5));
-        assert_eq!(db.load_run("a").unwrap().status, RunStatus::Interrupted);
-        let taken = db.acquire_lease("a", other, ttl).unwrap();
-        assert!(taken.epoch > lease.epoch);
-        assert!(matches!(db.renew_lease(&lease, ttl), Err(StoreError::LeaseLost(_))));
-        // Releasing a lost lease leaves the new holder's alone.
-        release(&db, &lease);
-        assert_eq!(db.load_run("a").unwrap().owner.as_deref(), Some(other));
-        release(&db, &taken);
-        assert_eq!(db.load_run("a").unwrap().status, RunStatus::Interrupted);
-        assert!(matches!(db.acquire_lease("nope", me, ttl), Err(StoreError::NoSuchRun(_))));
     }
 }

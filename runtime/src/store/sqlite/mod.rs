@@ -17,7 +17,6 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard};
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
-use serde_json::Value;
 
 use super::{Durable, StoreError};
 use crate::run::{FailureKind, RunStatus, StepPath, StepStatus};
@@ -314,7 +313,11 @@ fn configure(path: &Path, conn: &mut Connection, schema: &Schema) -> Result<(), 
     }
     let version: u32 = conn.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
     if version > schema.version() {
-        return Err(StoreError::NewerSchema { path: path.to_owned(), found: version, supported: schema.version() });
+        return Err(StoreError::NewerSchema {
+            place: path.display().to_string(),
+            found: version,
+            supported: schema.version(),
+        });
     }
     if version < schema.version() {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
@@ -328,18 +331,6 @@ fn configure(path: &Path, conn: &mut Connection, schema: &Schema) -> Result<(), 
         tx.commit().map_err(err)?;
     }
     Ok(())
-}
-
-impl Database {
-    /// JSON as stored: text.
-    fn text(value: &Value) -> String {
-        value.to_string()
-    }
-
-    /// Stored text back to JSON.
-    fn json(text: Option<String>) -> Option<Value> {
-        text.and_then(|text| serde_json::from_str(&text).ok())
-    }
 }
 
 /// Maps SQLite's error codes to what a user can do about them.
@@ -357,7 +348,7 @@ impl StoreError {
             Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => {
                 StoreError::NotWritable { path, detail }
             }
-            _ => StoreError::Database { path, detail },
+            _ => StoreError::Database { place: path.display().to_string(), detail },
         }
     }
 }

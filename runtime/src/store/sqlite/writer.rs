@@ -16,39 +16,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use crate::failpoint::failpoint;
+pub(crate) use crate::store::group::Kind;
+use crate::store::group::{LAZY_WINDOW, MAX_BATCH};
 use crate::store::{Durable, StoreError};
 
 /// One record's statements, run inside the batch's transaction (again, if
 /// another record of the batch failed and the batch is retried without it).
 pub(crate) type Job = Box<dyn Fn(&Connection) -> rusqlite::Result<()> + Send>;
-
-/// Records committed together at most; bounds how long one commit holds the
-/// database.
-const MAX_BATCH: usize = 1024;
-
-/// The longest a lazy record waits for an awaited one. A crash in this
-/// window loses finish records, never start records: the attempts they
-/// finished count as interrupted and run again on resume.
-pub(crate) const LAZY_WINDOW: Duration = Duration::from_millis(2);
-
-/// How a record is waited for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Kind {
-    /// Nobody waits for it; a later awaited record of its run vouches for it.
-    Lazy,
-    /// Someone waits for it, so it commits as soon as the disk allows.
-    Awaited,
-    /// The run's last record (awaited): after it, the run's failure is
-    /// forgotten, so the same process can resume the run.
-    Last,
-}
 
 struct Queued {
     ticket: Ticket,

@@ -1,0 +1,387 @@
+//! What every store backend must do, run against each of them: SQLite in a
+//! temporary directory and PostgreSQL in a database of the test's own. The
+//! durability promises the scheduler builds on (a run's start committed
+//! before its attempt runs, a finished execution seen as finished on
+//! resume, records of a run committed in order, one live lease holder,
+//! one run per idempotency key) are checked here, not per backend.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use stepbox_tests::postgres::TestDatabase;
+
+use super::{Database, PgStore, RunFilter, Started, Store, StoreError, TokenRecord};
+use crate::run::{Attempt, Failure, FailureKind, Outcome, Run, RunStatus, StepPath, StepReport, StepStatus};
+
+/// A backend, and what keeps it alive (its directory, its database).
+struct Backend {
+    name: &'static str,
+    store: Arc<dyn Store>,
+    /// Opens the same database again, as a new process would.
+    reopen: Box<dyn Fn() -> Arc<dyn Store>>,
+    _keep: Box<dyn std::any::Any>,
+}
+
+fn backends() -> Vec<Backend> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let database = TestDatabase::create();
+    let url = database.url.clone();
+    vec![
+        Backend {
+            name: "sqlite",
+            store: Arc::new(Database::open(&path).unwrap()),
+            reopen: Box::new(move || Arc::new(Database::open(&path).unwrap())),
+            _keep: Box::new(dir),
+        },
+        // The store goes before its database is dropped: fields drop in order.
+        Backend {
+            name: "postgres",
+            store: Arc::new(PgStore::open(&url).unwrap()),
+            reopen: Box::new(move || Arc::new(PgStore::open(&url).unwrap())),
+            _keep: Box::new(database),
+        },
+    ]
+}
+
+/// Waits for a queued write from a sync test.
+fn wait<T: Send>(pending: super::Pending<T>) -> Result<T, StoreError> {
+    std::thread::scope(|scope| {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        scope.spawn(move || runtime.block_on(pending)).join().unwrap()
+    })
+}
+
+fn run(id: &str, tenant: &str, labels: &[(&str, &str)]) -> Run {
+    let mut run = Run::new(id.into(), "wf", "/w.yaml", tenant, json!({"n": 1}).as_object().unwrap().clone());
+    run.labels = labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    run
+}
+
+/// Creates `run`, waits for it, and lets its lease go.
+fn created(store: &dyn Store, run: &Run) {
+    let (lease, durable) = store.create_run(run, &json!({"w.yaml": "abc"}));
+    wait(durable).unwrap();
+    wait(store.release_lease(&lease)).unwrap();
+}
+
+fn finished(n: u32, output: Value) -> Attempt {
+    Attempt {
+        outcome: Outcome::Succeeded { output },
+        finished_ms: Some(2.0),
+        fuel_consumed: 1234,
+        peak_memory: 65536,
+        ..Attempt::started(n, 1.0)
+    }
+}
+
+#[test]
+fn a_run_reads_back_as_it_was_created_and_lists_by_every_filter() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        created(store, &run("r1", "acme", &[("env", "prod")]));
+        std::thread::sleep(Duration::from_millis(2));
+        created(store, &run("r2", "acme", &[("env", "dev")]));
+        std::thread::sleep(Duration::from_millis(2));
+        created(store, &run("r3", "globex", &[]));
+        let loaded = store.load_run("r1").unwrap();
+        assert_eq!(loaded.inputs, *json!({"n": 1}).as_object().unwrap(), "{name}");
+        assert_eq!(loaded.labels.get("env").map(String::as_str), Some("prod"), "{name}");
+        assert_eq!(loaded.status, RunStatus::Interrupted, "{name}: running, and nobody holds it");
+        assert_eq!(store.fingerprint("r1").unwrap(), json!({"w.yaml": "abc"}), "{name}");
+        assert!(matches!(store.load_run("nope"), Err(StoreError::NoSuchRun(_))), "{name}");
+
+        let ids = |filter: RunFilter| -> Vec<String> {
+            store.list_runs(&filter).unwrap().into_iter().map(|run| run.id).collect()
+        };
+        assert_eq!(ids(RunFilter::default()), ["r3", "r2", "r1"], "{name}: newest first");
+        assert_eq!(ids(RunFilter { tenant: Some("acme".into()), ..Default::default() }), ["r2", "r1"], "{name}");
+        let labelled = RunFilter { labels: vec![("env".into(), "prod".into())], ..Default::default() };
+        assert_eq!(ids(labelled), ["r1"], "{name}");
+        let page = RunFilter { limit: 2, ..Default::default() };
+        assert_eq!(ids(page), ["r3", "r2"], "{name}");
+        let next = RunFilter { limit: 2, before: Some("r2".into()), ..Default::default() };
+        assert_eq!(ids(next), ["r1"], "{name}: the page after r2");
+        let interrupted = RunFilter { status: Some(RunStatus::Interrupted), ..Default::default() };
+        assert_eq!(ids(interrupted).len(), 3, "{name}");
+        let running = RunFilter { status: Some(RunStatus::Running), ..Default::default() };
+        assert!(ids(running).is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn what_a_run_recorded_comes_back_as_its_report_and_its_resume_state() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        let (lease, durable) = store.create_run(&run("r", "t", &[]), &Value::Null);
+        let (a, b): (StepPath, StepPath) = ("a".parse().unwrap(), "b[1]".parse().unwrap());
+        let _ = store.attempt_started("r", &a, "r/a", &Attempt::started(1, 1.0));
+        let failed = Attempt {
+            outcome: Outcome::Failed { failure: Failure::new(FailureKind::Timeout, "too slow") },
+            finished_ms: Some(2.0),
+            ..Attempt::started(1, 1.0)
+        };
+        let _ = store.attempt_finished("r", &a, "r/a", &failed, false);
+        let _ = store.attempt_started("r", &a, "r/a", &Attempt::started(2, 3.0));
+        let _ = store.attempt_finished("r", &a, "r/a", &finished(2, json!({"x": [1, 2]})), true);
+        let step = StepReport {
+            status: StepStatus::Succeeded,
+            output: Some(json!({"x": [1, 2]})),
+            started_ms: Some(1.0),
+            finished_ms: Some(4.0),
+            ..StepReport::pending(a.clone(), true)
+        };
+        let _ = store.step_finished("r", 0, &step);
+        let _ = store.attempt_started("r", &b, "r/b[1]", &Attempt::started(1, 5.0));
+        let outputs = json!({"out": 7}).as_object().unwrap().clone();
+        // Awaiting the last record vouches for every one before it.
+        wait(store.run_finished("r", RunStatus::Succeeded, &outputs, None)).unwrap();
+        wait(durable).unwrap();
+        wait(store.release_lease(&lease)).unwrap();
+
+        let state = store.resume_state("r").unwrap();
+        assert_eq!(state.completed.get("r/a"), Some(&json!({"x": [1, 2]})), "{name}: a finished execution");
+        assert!(!state.completed.contains_key("r/b[1]"), "{name}");
+        assert_eq!(state.attempts.get("r/a"), Some(&2), "{name}");
+        assert_eq!(state.attempts.get("r/b[1]"), Some(&1), "{name}");
+
+        let report = store.run_report("r").unwrap();
+        assert_eq!(report.run.status, RunStatus::Succeeded, "{name}");
+        assert_eq!(report.run.outputs, Some(outputs.clone()), "{name}");
+        assert_eq!(report.steps.len(), 2, "{name}: {:?}", report.steps);
+        let a_report = &report.steps[0];
+        assert_eq!(a_report.output, Some(json!({"x": [1, 2]})), "{name}");
+        let attempts = &a_report.executions[0].attempts;
+        assert_eq!(attempts.len(), 2, "{name}");
+        assert_eq!(
+            attempts[0].failure().map(|f| (f.kind, f.message.as_str())),
+            Some((FailureKind::Timeout, "too slow"))
+        );
+        assert_eq!(attempts[1].output(), Some(&json!({"x": [1, 2]})), "{name}");
+        assert_eq!((attempts[1].fuel_consumed, attempts[1].peak_memory), (1234, 65536), "{name}");
+        assert_eq!(report.steps[1].status, StepStatus::Running, "{name}: only an attempt was recorded");
+
+        // Forgetting a step makes it run again; the run can reopen.
+        store.forget_steps("r", &[a]).unwrap();
+        assert!(store.resume_state("r").unwrap().completed.is_empty(), "{name}");
+        store.reopen_run("r").unwrap();
+        assert_eq!(store.load_run("r").unwrap().status, RunStatus::Interrupted, "{name}");
+    }
+}
+
+#[test]
+fn a_run_has_one_live_lease_holder_and_a_lost_lease_cannot_be_renewed_or_released() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        let (mine, durable) = store.create_run(&run("r", "t", &[]), &Value::Null);
+        wait(durable).unwrap();
+        assert_eq!(store.load_run("r").unwrap().status, RunStatus::Running, "{name}: its creator holds it");
+        assert_eq!((mine.owner.as_str(), mine.epoch), (super::this_owner(), 1), "{name}");
+        assert_eq!(store.load_run("r").unwrap().owner.as_deref(), Some(super::this_owner()), "{name}");
+        let err = store.acquire_lease("r", "elsewhere:1:aaaaaaaa", Duration::from_secs(60)).unwrap_err();
+        assert!(matches!(&err, StoreError::Leased { owner, .. } if owner == super::this_owner()), "{name}: {err}");
+        assert!(err.to_string().contains("run r is being run by"), "{name}: {err}");
+        store.renew_lease(&mine, Duration::from_millis(1)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        // Expired: another process takes it, with a higher epoch.
+        let theirs = store.acquire_lease("r", "elsewhere:1:aaaaaaaa", Duration::from_secs(60)).unwrap();
+        assert!(theirs.epoch > mine.epoch, "{name}");
+        assert!(matches!(store.renew_lease(&mine, Duration::from_secs(60)), Err(StoreError::LeaseLost(_))), "{name}");
+        // A stale release changes nothing.
+        wait(store.release_lease(&mine)).unwrap();
+        assert_eq!(store.load_run("r").unwrap().owner.as_deref(), Some("elsewhere:1:aaaaaaaa"), "{name}");
+        // gc never takes a run that is held.
+        assert_eq!(store.gc(f64::MAX, true).unwrap(), 0, "{name}");
+        assert_eq!(store.load_run("r").unwrap().status, RunStatus::Running, "{name}");
+        wait(store.release_lease(&theirs)).unwrap();
+        assert_eq!(store.gc(f64::MAX, true).unwrap(), 1, "{name}");
+        assert!(matches!(store.acquire_lease("r", "x:1:b", Duration::from_secs(1)), Err(StoreError::NoSuchRun(_))));
+    }
+}
+
+#[test]
+fn requests_racing_with_one_idempotency_key_start_one_run() {
+    for backend in backends() {
+        let store = backend.store.clone();
+        let name = backend.name;
+        let racing: Vec<_> = (0..16)
+            .map(|i| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    wait(store.create_run_once(&run(&format!("r{i}"), "acme", &[]), &Value::Null, "k", "req"))
+                })
+            })
+            .collect();
+        let started: Vec<Started> = racing.into_iter().map(|thread| thread.join().unwrap().unwrap()).collect();
+        let created: Vec<&Started> = started.iter().filter(|s| matches!(s, Started::Created(_))).collect();
+        assert_eq!(created.len(), 1, "{name}: {started:?}");
+        let Started::Created(lease) = created[0] else { unreachable!() };
+        let existing = Started::Existing(lease.run_id.clone());
+        assert!(started.iter().all(|s| s == created[0] || *s == existing), "{name}: {started:?}");
+        let conflict = wait(store.create_run_once(&run("other", "acme", &[]), &Value::Null, "k", "different")).unwrap();
+        assert_eq!(conflict, Started::Conflict(lease.run_id.clone()), "{name}");
+        assert_eq!(store.idempotency_key("acme", "k").unwrap(), Some((lease.run_id.clone(), "req".into())), "{name}");
+        assert_eq!(store.list_runs(&RunFilter::default()).unwrap().len(), 1, "{name}: the others left no run");
+        let elsewhere = wait(store.create_run_once(&run("g", "globex", &[]), &Value::Null, "k", "req")).unwrap();
+        assert!(matches!(elsewhere, Started::Created(_)), "{name}: the key is the tenant's own");
+    }
+}
+
+#[test]
+fn tokens_versions_ticks_waits_and_events_behave_the_same() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        let token = TokenRecord {
+            id: "t1".into(),
+            tenant: Some("acme".into()),
+            name: "ci".into(),
+            created_ms: 1,
+            revoked_ms: None,
+        };
+        store.create_token(&token, "hash").unwrap();
+        assert_eq!(store.find_token("hash").unwrap(), Some(token.clone()), "{name}");
+        assert!(store.revoke_token("t1").unwrap(), "{name}");
+        assert!(!store.revoke_token("t1").unwrap(), "{name}: revoked once");
+        assert_eq!(store.find_token("hash").unwrap(), None, "{name}");
+        assert!(store.list_tokens().unwrap()[0].revoked_ms.is_some(), "{name}");
+
+        let (first, new) = store.deploy("acme", "orders", "aaa", "w.yaml").unwrap();
+        assert_eq!((first.version, new), (1, true), "{name}");
+        assert_eq!(store.deploy("acme", "orders", "aaa", "w.yaml").unwrap().1, false, "{name}");
+        assert_eq!(store.deploy("acme", "orders", "bbb", "w.yaml").unwrap().0.version, 2, "{name}");
+        assert_eq!(store.workflow_version("acme", "orders", Some(1)).unwrap().unwrap().digest, "aaa", "{name}");
+        assert_eq!(store.workflow_version("acme", "orders", None).unwrap().unwrap().digest, "bbb", "{name}");
+        assert_eq!(store.list_workflows("acme").unwrap().len(), 1, "{name}");
+        let (other, _) = store.deploy("globex", "orders", "bbb", "w.yaml").unwrap();
+        assert_eq!(other.version, 1, "{name}: another tenant's workflow of the name has versions of its own");
+        assert_eq!(store.workflow_version("acme", "orders", Some(3)).unwrap(), None, "{name}");
+        assert_eq!(store.all_workflows().unwrap()[0].version, 2, "{name}");
+
+        assert_eq!(store.schedule_tick("acme", "orders", "s0").unwrap(), None, "{name}");
+        store.set_schedule_tick("acme", "orders", "s0", 2000.0).unwrap();
+        store.set_schedule_tick("acme", "orders", "s0", 1000.0).unwrap();
+        assert_eq!(store.schedule_tick("acme", "orders", "s0").unwrap(), Some(2000.0), "{name}: ticks only advance");
+
+        let (lease, durable) = store.create_run(&run("w", "acme", &[]), &Value::Null);
+        let gate: StepPath = "gate".parse().unwrap();
+        let _ = store.wait_started("w", &gate, "w/gate", "approve", 10.0, Some(5000.0));
+        wait(store.run_parked("w")).unwrap();
+        wait(durable).unwrap();
+        wait(store.release_lease(&lease)).unwrap();
+        assert_eq!(store.load_run("w").unwrap().status, RunStatus::Waiting, "{name}");
+        assert_eq!(store.next_wait_deadline().unwrap(), Some(5000.0), "{name}");
+        assert!(store.runs_to_wake(100.0).unwrap().is_empty(), "{name}");
+        assert_eq!(store.runs_to_wake(6000.0).unwrap(), ["w"], "{name}: past its deadline");
+        assert!(store.event_received("w", "approve", &json!({"by": "ann"})).unwrap(), "{name}");
+        assert!(!store.event_received("w", "approve", &json!({"by": "bob"})).unwrap(), "{name}: the first is kept");
+        assert_eq!(store.runs_to_wake(100.0).unwrap(), ["w"], "{name}: its event came");
+        let state = store.resume_state("w").unwrap();
+        assert_eq!(state.events.get("approve"), Some(&json!({"by": "ann"})), "{name}");
+        assert_eq!(state.waits.get("w/gate"), Some(&10.0), "{name}");
+    }
+}
+
+#[test]
+fn a_records_failure_fails_the_later_records_of_its_run_only() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        created(store, &run("ok", "t", &[]));
+        let path: StepPath = "a".parse().unwrap();
+        // No such run: its records break a foreign key.
+        let doomed = store.attempt_started("ghost", &path, "ghost/a", &Attempt::started(1, 1.0));
+        let later = store.attempt_started("ghost", &path, "ghost/a", &Attempt::started(2, 1.0));
+        let fine = store.attempt_started("ok", &path, "ok/a", &Attempt::started(1, 1.0));
+        assert!(wait(doomed).is_err(), "{name}");
+        assert!(wait(later).is_err(), "{name}: after a lost record");
+        wait(fine).unwrap();
+        assert_eq!(store.resume_state("ok").unwrap().attempts.get("ok/a"), Some(&1), "{name}");
+        // The run's last record ends that: the run can be recorded again.
+        assert!(wait(store.run_finished("ghost", RunStatus::Failed, &Default::default(), None)).is_err(), "{name}");
+        created(store, &run("ghost", "t", &[]));
+        wait(store.attempt_started("ghost", &path, "ghost/a", &Attempt::started(3, 1.0))).unwrap();
+    }
+}
+
+#[test]
+fn forgetting_a_step_forgets_only_that_step_and_what_is_inside_it() {
+    for backend in backends() {
+        let store = &*backend.store;
+        created(store, &run("a", "t", &[]));
+        // `_` is a wildcard in SQL's LIKE: no look-alike may go too (`%`
+        // cannot be in a step path at all).
+        let paths = ["fetch_a", "fetch-a", "fetchXa", "fetch_ab", "fetch_a.inner", "fetch_a[2]", "fetchzz"];
+        for path in paths {
+            let key = format!("a/{path}");
+            let step: StepPath = path.parse().unwrap();
+            let _ = store.attempt_started("a", &step, &key, &Attempt::started(1, 0.0));
+            wait(store.attempt_finished("a", &step, &key, &finished(1, Value::from(path)), true)).unwrap();
+        }
+        assert!("fetch%".parse::<StepPath>().is_err());
+        store.forget_steps("a", &["fetch_a".parse().unwrap()]).unwrap();
+        let mut kept: Vec<String> = store.resume_state("a").unwrap().completed.into_keys().collect();
+        kept.sort();
+        assert_eq!(kept, ["a/fetch-a", "a/fetchXa", "a/fetch_ab", "a/fetchzz"], "{}", backend.name);
+    }
+}
+
+#[test]
+fn awaiting_a_record_makes_every_earlier_one_durable_and_records_share_commits() {
+    for backend in backends() {
+        let store = &*backend.store;
+        created(store, &run("a", "t", &[]));
+        let before = store.journal_commits();
+        for n in 0..500 {
+            let path: StepPath = format!("s[{n}]").parse().unwrap();
+            // Dropped without waiting.
+            drop(store.attempt_started("a", &path, &format!("a/s[{n}]"), &Attempt::started(1, 0.0)));
+        }
+        wait(store.run_finished("a", RunStatus::Succeeded, &Default::default(), None)).unwrap();
+        assert_eq!(store.resume_state("a").unwrap().attempts.len(), 500, "{}", backend.name);
+        // Queued while a commit runs, they share commits (one per batch of
+        // up to 1,024) rather than taking 501.
+        let commits = store.journal_commits() - before;
+        assert!(commits <= 10, "{}: {commits} commits for 501 records", backend.name);
+    }
+}
+
+#[test]
+fn closing_the_store_commits_what_is_queued() {
+    for backend in backends() {
+        let Backend { name, store, reopen, _keep } = backend;
+        created(&*store, &run("b", "t", &[]));
+        for n in 0..50 {
+            let path: StepPath = format!("s[{n}]").parse().unwrap();
+            drop(store.attempt_started("b", &path, &format!("b/s[{n}]"), &Attempt::started(1, 0.0)));
+        }
+        drop(store);
+        assert_eq!(reopen().resume_state("b").unwrap().attempts.len(), 50, "{name}");
+    }
+}
+
+#[test]
+fn the_key_value_state_keeps_every_concurrent_increment() {
+    for backend in backends() {
+        let kv = backend.store.key_values();
+        let scope = super::KvScope { tenant: "t".into(), workflow: "wf".into() };
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (kv, scope) = (kv.clone(), scope.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..25 {
+                        kv.increment(&scope, "b", "n", 1, &super::KvQuota::default()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        assert_eq!(kv.get(&scope, "b", "n").unwrap(), Some(b"200".to_vec()), "{}", backend.name);
+    }
+}

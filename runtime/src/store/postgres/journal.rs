@@ -1,0 +1,472 @@
+//! The run journal on PostgreSQL. Each record is a [`Record`], data rather
+//! than a closure, written by the group-committing writer; creating,
+//! reopening and trimming runs and taking leases commit on their own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::Value;
+use tokio_postgres::Transaction;
+
+use super::PgStore;
+use crate::failpoint::failpoint;
+use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
+use crate::store::group::Kind;
+use crate::store::lease::{LEASE_TTL, leased};
+use crate::store::rows::{AttemptRow, ExecutionRow, expiry, held, text};
+use crate::store::{Durable, Journal, Lease, ResumeState, Started, StoreError};
+
+/// One journal record, as the writer commits it.
+pub(super) enum Record {
+    CreateRun { run: Run, fingerprint: String },
+    CreateRunOnce { run: Run, fingerprint: String, key: String, request: String, outcome: Arc<Mutex<Option<Started>>> },
+    ReleaseLease(Lease),
+    AttemptStarted { run_id: String, key: String, path: String, number: i64, started: f64, delay: f64 },
+    AttemptFinished { run_id: String, key: String, path: StepPath, row: AttemptRow, execution: Option<ExecutionRow> },
+    IncludeLoaded { run_id: String, path: String, fingerprint: String },
+    WaitStarted { run_id: String, key: String, path: String, event: String, started: f64, deadline: Option<f64> },
+    RunParked { run_id: String },
+    StepFinished { run_id: String, step: StepRow },
+    RunFinished { run_id: String, status: RunStatus, outputs: String, error: Option<String> },
+}
+
+/// A step's columns.
+pub(super) struct StepRow {
+    path: String,
+    position: i64,
+    status: &'static str,
+    required: bool,
+    reason: Option<String>,
+    output: Option<String>,
+    started: Option<f64>,
+    finished: Option<f64>,
+}
+
+impl Record {
+    pub(super) async fn write(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+        match self {
+            Record::CreateRun { run, fingerprint } => insert_run(tx, run, fingerprint).await,
+            Record::CreateRunOnce { run, fingerprint, key, request, outcome } => {
+                // Requests with one key from any process take turns here, so
+                // the later one reads the earlier one's committed row.
+                tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))", &[&run.tenant, key])
+                    .await?;
+                let earlier = tx
+                    .query_opt(
+                        "SELECT run_id, request FROM idempotency_keys WHERE tenant = $1 AND key = $2",
+                        &[&run.tenant, key],
+                    )
+                    .await?;
+                let started = match earlier {
+                    Some(row) if row.get::<_, &str>(1) == request => Started::Existing(row.get(0)),
+                    Some(row) => Started::Conflict(row.get(0)),
+                    None => {
+                        insert_run(tx, run, fingerprint).await?;
+                        tx.execute(
+                            "INSERT INTO idempotency_keys (tenant, key, request, run_id) VALUES ($1, $2, $3, $4)",
+                            &[&run.tenant, key, request, &run.id],
+                        )
+                        .await?;
+                        Started::Created(Lease::created(&run.id))
+                    }
+                };
+                *outcome.lock() = Some(started);
+                Ok(())
+            }
+            Record::ReleaseLease(lease) => {
+                failpoint!("lease.before-release");
+                tx.execute(
+                    "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL
+                     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
+                    &[&lease.run_id, &lease.owner, &lease.epoch.cast_signed()],
+                )
+                .await
+                .map(drop)
+            }
+            Record::AttemptStarted { run_id, key, path, number, started, delay } => tx
+                .execute(
+                    "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms)
+                     VALUES ($1, $2, $3, $4, 'running', $5, $6)
+                     ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = 'running', started_ms = excluded.started_ms",
+                    &[run_id, key, number, path, started, delay],
+                )
+                .await
+                .map(drop),
+            Record::AttemptFinished { run_id, key, path, row, execution } => {
+                tx.execute(
+                    "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
+                                           fuel, peak_memory, logs, stdout, stderr, delay_before_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                     ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = excluded.status, kind = excluded.kind,
+                         message = excluded.message, started_ms = excluded.started_ms, finished_ms = excluded.finished_ms,
+                         fuel = excluded.fuel, peak_memory = excluded.peak_memory, logs = excluded.logs,
+                         stdout = excluded.stdout, stderr = excluded.stderr, delay_before_ms = excluded.delay_before_ms",
+                    &[
+                        run_id,
+                        key,
+                        &i64::from(row.number),
+                        &path.to_string(),
+                        &row.status,
+                        &row.kind.map(|kind| kind.as_str()),
+                        &row.message,
+                        &row.started,
+                        &row.finished,
+                        &row.fuel,
+                        &row.peak_memory,
+                        &row.logs,
+                        &row.stdout,
+                        &row.stderr,
+                        &row.delay,
+                    ],
+                )
+                .await?;
+                if let Some(execution) = execution {
+                    tx.execute(
+                        "INSERT INTO executions (run_id, key, step_id, status, output) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (run_id, key) DO UPDATE SET status = excluded.status, output = excluded.output",
+                        &[run_id, key, &execution.path.to_string(), &execution.status, &execution.output],
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+            Record::IncludeLoaded { run_id, path, fingerprint } => tx
+                .execute(
+                    "INSERT INTO includes (run_id, step_id, fingerprint) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[run_id, path, fingerprint],
+                )
+                .await
+                .map(drop),
+            Record::WaitStarted { run_id, key, path, event, started, deadline } => tx
+                .execute(
+                    "INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                    &[run_id, key, path, event, started, deadline],
+                )
+                .await
+                .map(drop),
+            Record::RunParked { run_id } => tx
+                .execute(
+                    "UPDATE runs SET status = $2, updated_ms = $3 WHERE id = $1",
+                    &[run_id, &RunStatus::Waiting.as_str(), &(now_ms() as i64)],
+                )
+                .await
+                .map(drop),
+            Record::StepFinished { run_id, step } => {
+                tx.execute(
+                    "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms, required)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     ON CONFLICT (run_id, step_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
+                         output = excluded.output, started_ms = excluded.started_ms,
+                         finished_ms = excluded.finished_ms, required = excluded.required",
+                    &[
+                        run_id,
+                        &step.path,
+                        &step.position,
+                        &step.status,
+                        &step.reason,
+                        &step.output,
+                        &step.started,
+                        &step.finished,
+                        &step.required,
+                    ],
+                )
+                .await?;
+                tx.execute("UPDATE runs SET updated_ms = $2 WHERE id = $1", &[run_id, &(now_ms() as i64)]).await.map(drop)
+            }
+            Record::RunFinished { run_id, status, outputs, error } => tx
+                .execute(
+                    "UPDATE runs SET status = $2, outputs = $3, error = $4, updated_ms = $5, finished_ms = $5 WHERE id = $1",
+                    &[run_id, &status.as_str(), outputs, error, &(now_ms() as i64)],
+                )
+                .await
+                .map(drop),
+        }
+    }
+}
+
+/// Inserts a new run's row and its labels, its lease held by this process
+/// from the start ([`Lease::created`]).
+async fn insert_run(tx: &Transaction<'_>, run: &Run, fingerprint: &str) -> Result<(), tokio_postgres::Error> {
+    let lease = Lease::created(&run.id);
+    tx.execute(
+        "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms,
+                           version, lease_owner, lease_expires_ms, lease_epoch)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)",
+        &[
+            &run.id,
+            &run.workflow,
+            &run.workflow_path,
+            &fingerprint,
+            &run.tenant,
+            &text(&Value::Object(run.inputs.clone())),
+            &run.status.as_str(),
+            &(run.created_ms as i64),
+            &run.version.map(i64::from),
+            &lease.owner,
+            &expiry(LEASE_TTL),
+            &lease.epoch.cast_signed(),
+        ],
+    )
+    .await?;
+    for (key, value) in &run.labels {
+        tx.execute("INSERT INTO run_labels (run_id, key, value) VALUES ($1, $2, $3)", &[&run.id, key, value]).await?;
+    }
+    Ok(())
+}
+
+impl Journal for PgStore {
+    fn create_run(&self, run: &Run, fingerprint: &Value) -> (Lease, Durable) {
+        let record = Record::CreateRun { run: run.clone(), fingerprint: text(fingerprint) };
+        let created = self.writer.queue(&run.id, Kind::Awaited, record);
+        let durable: Durable = Box::pin(async move {
+            created.await?;
+            failpoint!("run.created");
+            Ok(())
+        });
+        (Lease::created(&run.id), durable)
+    }
+
+    fn reopen_run(&self, run_id: &str) -> Result<(), StoreError> {
+        let run_id = run_id.to_owned();
+        self.call(move |client| async move {
+            client
+                .execute(
+                    "UPDATE runs SET status = $2, error = NULL, finished_ms = NULL, updated_ms = $3 WHERE id = $1",
+                    &[&run_id, &RunStatus::Running.as_str(), &(now_ms() as i64)],
+                )
+                .await
+                .map(drop)
+        })
+    }
+
+    fn forget_steps(&self, run_id: &str, steps: &[StepPath]) -> Result<(), StoreError> {
+        let (run_id, steps) = (run_id.to_owned(), steps.to_vec());
+        self.call(move |mut client| async move {
+            let tx = client.transaction().await?;
+            for table in ["steps", "executions", "includes", "waits"] {
+                let recorded = tx.query(&format!("SELECT step_id FROM {table} WHERE run_id = $1"), &[&run_id]).await?;
+                for path in recorded.iter().map(|row| row.get::<_, &str>(0)) {
+                    let within =
+                        path.parse::<StepPath>().is_ok_and(|path| steps.iter().any(|step| path.is_within(step)));
+                    if within {
+                        tx.execute(
+                            &format!("DELETE FROM {table} WHERE run_id = $1 AND step_id = $2"),
+                            &[&run_id, &path],
+                        )
+                        .await?;
+                    }
+                }
+            }
+            tx.commit().await
+        })
+    }
+
+    fn gc(&self, before_ms: f64, interrupted: bool) -> Result<usize, StoreError> {
+        self.call(move |mut client| async move {
+            let tx = client.transaction().await?;
+            let finished = tx
+                .execute(
+                    "DELETE FROM runs WHERE created_ms < $1 AND status NOT IN ($2, $3)",
+                    &[&(before_ms as i64), &RunStatus::Running.as_str(), &RunStatus::Waiting.as_str()],
+                )
+                .await?;
+            let mut removed = finished;
+            if interrupted {
+                let running = tx
+                    .query(
+                        "SELECT id, lease_owner, lease_expires_ms FROM runs WHERE created_ms < $1 AND status = $2
+                         FOR UPDATE",
+                        &[&(before_ms as i64), &RunStatus::Running.as_str()],
+                    )
+                    .await?;
+                for row in running {
+                    if !held(row.get(1), row.get(2)) {
+                        removed += tx.execute("DELETE FROM runs WHERE id = $1", &[&row.get::<_, &str>(0)]).await?;
+                    }
+                }
+            }
+            tx.commit().await?;
+            Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn acquire_lease(&self, run_id: &str, owner: &str, ttl: Duration) -> Result<Lease, StoreError> {
+        let (id, holder_wanted) = (run_id.to_owned(), owner.to_owned());
+        let taken = self.call(move |mut client| async move {
+            let tx = client.transaction().await?;
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT lease_owner, lease_expires_ms, lease_epoch FROM runs WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let (holder, expires, epoch): (Option<String>, Option<i64>, i64) = (row.get(0), row.get(1), row.get(2));
+            if let Some(holder) = holder.filter(|holder| *holder != holder_wanted && held(Some(holder), expires)) {
+                return Ok(Some(Err((holder, expires.unwrap_or_default()))));
+            }
+            let epoch = epoch + 1;
+            tx.execute(
+                "UPDATE runs SET lease_owner = $2, lease_expires_ms = $3, lease_epoch = $4 WHERE id = $1",
+                &[&id, &holder_wanted, &expiry(ttl), &epoch],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Some(Ok(epoch)))
+        })?;
+        match taken {
+            None => Err(StoreError::NoSuchRun(run_id.to_owned())),
+            Some(Err((holder, until))) => Err(leased(run_id, &holder, until as f64)),
+            Some(Ok(epoch)) => {
+                Ok(Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() })
+            }
+        }
+    }
+
+    fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
+        let held = lease.clone();
+        let renewed = self.call(move |client| async move {
+            client
+                .execute(
+                    "UPDATE runs SET lease_expires_ms = $4 WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
+                    &[&held.run_id, &held.owner, &held.epoch.cast_signed(), &expiry(ttl)],
+                )
+                .await
+        })?;
+        if renewed == 0 { Err(StoreError::LeaseLost(lease.run_id.clone())) } else { Ok(()) }
+    }
+
+    fn release_lease(&self, lease: &Lease) -> Durable {
+        self.writer.queue(&lease.run_id, Kind::Last, Record::ReleaseLease(lease.clone()))
+    }
+
+    fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError> {
+        let run_id = run_id.to_owned();
+        self.call(move |client| async move {
+            let mut state = ResumeState::default();
+            let id = &run_id;
+            for row in client
+                .query("SELECT key, output FROM executions WHERE run_id = $1 AND status = 'succeeded'", &[id])
+                .await?
+            {
+                state.completed.insert(row.get(0), crate::store::rows::json(row.get(1)).unwrap_or(Value::Null));
+            }
+            for row in
+                client.query("SELECT key, MAX(attempt) FROM attempts WHERE run_id = $1 GROUP BY key", &[id]).await?
+            {
+                state.attempts.insert(row.get(0), u32::try_from(row.get::<_, i64>(1)).unwrap_or(u32::MAX));
+            }
+            for row in client.query("SELECT step_id, fingerprint FROM includes WHERE run_id = $1", &[id]).await? {
+                state.includes.insert(row.get(0), crate::store::rows::json(row.get(1)).unwrap_or(Value::Null));
+            }
+            for row in client.query("SELECT key, started_ms FROM waits WHERE run_id = $1", &[id]).await? {
+                state.waits.insert(row.get(0), row.get(1));
+            }
+            for row in client.query("SELECT name, payload FROM run_events WHERE run_id = $1", &[id]).await? {
+                state.events.insert(row.get(0), crate::store::rows::json(row.get(1)).unwrap_or(Value::Null));
+            }
+            Ok(state)
+        })
+    }
+
+    fn attempt_started(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt) -> Durable {
+        let record = Record::AttemptStarted {
+            run_id: run_id.to_owned(),
+            key: key.to_owned(),
+            path: path.to_string(),
+            number: i64::from(attempt.attempt),
+            started: attempt.started_ms,
+            delay: attempt.delay_before_ms,
+        };
+        self.writer.queue(run_id, Kind::Awaited, record)
+    }
+
+    fn attempt_finished(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt, last: bool) -> Durable {
+        let record = Record::AttemptFinished {
+            run_id: run_id.to_owned(),
+            key: key.to_owned(),
+            path: path.clone(),
+            row: AttemptRow::of(attempt),
+            execution: last.then(|| ExecutionRow::of(path, attempt)),
+        };
+        self.writer.queue(run_id, Kind::Lazy, record)
+    }
+
+    fn include_loaded(&self, run_id: &str, path: &StepPath, fingerprint: &Value) -> Durable {
+        let record =
+            Record::IncludeLoaded { run_id: run_id.to_owned(), path: path.to_string(), fingerprint: text(fingerprint) };
+        self.writer.queue(run_id, Kind::Awaited, record)
+    }
+
+    fn wait_started(
+        &self,
+        run_id: &str,
+        path: &StepPath,
+        key: &str,
+        event: &str,
+        started_ms: f64,
+        deadline_ms: Option<f64>,
+    ) -> Durable {
+        let record = Record::WaitStarted {
+            run_id: run_id.to_owned(),
+            key: key.to_owned(),
+            path: path.to_string(),
+            event: event.to_owned(),
+            started: started_ms,
+            deadline: deadline_ms,
+        };
+        self.writer.queue(run_id, Kind::Awaited, record)
+    }
+
+    fn run_parked(&self, run_id: &str) -> Durable {
+        self.writer.queue(run_id, Kind::Last, Record::RunParked { run_id: run_id.to_owned() })
+    }
+
+    fn event_received(&self, run_id: &str, name: &str, payload: &Value) -> Result<bool, StoreError> {
+        let (run_id, name, payload) = (run_id.to_owned(), name.to_owned(), text(payload));
+        self.call(move |client| async move {
+            let added = client
+                .execute(
+                    "INSERT INTO run_events (run_id, name, payload, received_ms) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT DO NOTHING",
+                    &[&run_id, &name, &payload, &now_ms()],
+                )
+                .await?;
+            Ok(added > 0)
+        })
+    }
+
+    fn step_finished(&self, run_id: &str, position: usize, step: &StepReport) -> Durable {
+        let step = StepRow {
+            path: step.id.to_string(),
+            position: i64::try_from(position).unwrap_or(i64::MAX),
+            status: step.status.as_str(),
+            required: step.required,
+            reason: step.reason.clone(),
+            output: step.output.as_ref().map(text),
+            started: step.started_ms,
+            finished: step.finished_ms,
+        };
+        self.writer.queue(run_id, Kind::Lazy, Record::StepFinished { run_id: run_id.to_owned(), step })
+    }
+
+    fn run_finished(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        outputs: &serde_json::Map<String, Value>,
+        error: Option<&str>,
+    ) -> Durable {
+        let record = Record::RunFinished {
+            run_id: run_id.to_owned(),
+            status,
+            outputs: text(&Value::Object(outputs.clone())),
+            error: error.map(str::to_owned),
+        };
+        self.writer.queue(run_id, Kind::Last, record)
+    }
+}

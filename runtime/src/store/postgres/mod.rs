@@ -1,0 +1,378 @@
+//! The shared store: one PostgreSQL database that stepbox processes on any
+//! number of machines use at once, holding what the SQLite store holds
+//! (runs and their journal, the service's records, key-value state).
+//!
+//! Its connections (a deadpool-postgres pool) are driven by a small runtime
+//! of its own, so a caller on any thread, inside async code or not, can
+//! block on a call the way it blocks on SQLite, and never starves the
+//! runtime that drives the connections. Journal records go through a
+//! group-committing writer, as on SQLite: one transaction for what was
+//! queued while the last one committed.
+
+mod history;
+mod journal;
+mod kv;
+mod registry;
+mod writer;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::StoreError;
+pub use kv::PgKeyValues;
+use writer::Writer;
+
+/// A query parameter, owned, so the query can run on the store's runtime.
+type Param = Box<dyn tokio_postgres::types::ToSql + Send + Sync>;
+
+/// How long a call waits for a connection (or to make one) before it
+/// reports the database unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections per process: enough for the writer, the readers and the
+/// key-value calls of a node's running attempts.
+const POOL_SIZE: usize = 16;
+
+/// Taken (as a transaction-scoped advisory lock) while migrating, so
+/// processes starting at once migrate one after the other.
+const MIGRATION_LOCK: i64 = 0x5354_4550_424f_5801;
+
+/// Each migration moves the schema one version up; the version is the
+/// number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: everything the SQLite store holds at its version 8.
+    "CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        workflow TEXT NOT NULL,
+        workflow_path TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        inputs TEXT NOT NULL,
+        status TEXT NOT NULL,
+        outputs TEXT,
+        error TEXT,
+        created_ms BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL,
+        finished_ms BIGINT,
+        lease_owner TEXT,
+        lease_expires_ms BIGINT,
+        lease_epoch BIGINT NOT NULL DEFAULT 0,
+        version BIGINT
+    );
+    CREATE INDEX runs_by_time ON runs (created_ms, id);
+    CREATE INDEX runs_by_tenant ON runs (tenant, created_ms, id);
+    CREATE INDEX runs_by_status ON runs (status);
+    CREATE TABLE run_labels (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (run_id, key)
+    );
+    CREATE INDEX labels_by_value ON run_labels (key, value);
+    CREATE TABLE steps (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        position BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        output TEXT,
+        started_ms DOUBLE PRECISION,
+        finished_ms DOUBLE PRECISION,
+        required BOOLEAN NOT NULL DEFAULT TRUE,
+        PRIMARY KEY (run_id, step_id)
+    );
+    CREATE TABLE executions (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        step_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        output TEXT,
+        error TEXT,
+        PRIMARY KEY (run_id, key)
+    );
+    CREATE TABLE attempts (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        attempt BIGINT NOT NULL,
+        step_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        kind TEXT,
+        message TEXT,
+        started_ms DOUBLE PRECISION,
+        finished_ms DOUBLE PRECISION,
+        delay_before_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
+        fuel BIGINT,
+        peak_memory BIGINT,
+        logs TEXT,
+        stdout TEXT,
+        stderr TEXT,
+        PRIMARY KEY (run_id, key, attempt)
+    );
+    CREATE TABLE includes (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        PRIMARY KEY (run_id, step_id)
+    );
+    CREATE TABLE waits (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        step_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        started_ms DOUBLE PRECISION NOT NULL,
+        deadline_ms DOUBLE PRECISION,
+        PRIMARY KEY (run_id, key)
+    );
+    CREATE TABLE run_events (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        received_ms DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (run_id, name)
+    );
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        tenant TEXT,
+        name TEXT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        revoked_ms BIGINT
+    );
+    CREATE TABLE workflow_versions (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        digest TEXT NOT NULL,
+        entry TEXT NOT NULL,
+        created_ms BIGINT NOT NULL,
+        PRIMARY KEY (tenant, name, version)
+    );
+    CREATE TABLE idempotency_keys (
+        tenant TEXT NOT NULL,
+        key TEXT NOT NULL,
+        request TEXT NOT NULL,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        PRIMARY KEY (tenant, key)
+    );
+    CREATE TABLE schedule_ticks (
+        tenant TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        schedule TEXT NOT NULL,
+        tick_ms DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant, workflow, schedule)
+    );
+    CREATE TABLE kv (
+        tenant TEXT NOT NULL,
+        workflow TEXT NOT NULL,
+        bucket TEXT NOT NULL,
+        key TEXT NOT NULL,
+        value BYTEA NOT NULL,
+        PRIMARY KEY (tenant, workflow, bucket, key)
+    );
+    CREATE TABLE kv_usage (
+        tenant TEXT PRIMARY KEY,
+        bytes BIGINT NOT NULL,
+        keys BIGINT NOT NULL
+    );",
+];
+
+/// The schema version this build writes.
+pub const PG_SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// A PostgreSQL database as stepbox's store.
+pub struct PgStore {
+    place: Arc<str>,
+    pool: Pool,
+    /// Drives the pool's connections; `None` once shut down.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    writer: Writer,
+    kv: Arc<PgKeyValues>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore").field("place", &self.place).finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects to the database at `url` (`postgres://user@host:port/db`,
+    /// or libpq's `key=value` form) and brings its schema up to date,
+    /// refusing one a newer stepbox wrote.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|err| StoreError::BadUrl { url: redact(url), detail: format!("{err}") })?;
+        let place: Arc<str> = describe(&config).into();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("stepbox-postgres")
+            .enable_all()
+            .build()
+            .map_err(|err| StoreError::Database { place: place.to_string(), detail: err.to_string() })?;
+        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|err| StoreError::Database { place: place.to_string(), detail: err.to_string() })?;
+        let handle = runtime.handle().clone();
+        let migrated = {
+            let (pool, place) = (pool.clone(), place.clone());
+            block(&handle, async move { migrate(&pool, &place).await })
+        };
+        migrated?;
+        let writer = {
+            let _entered = handle.enter();
+            Writer::start(pool.clone(), place.clone())
+        };
+        let kv = Arc::new(PgKeyValues { pool: pool.clone(), place: place.clone(), handle: handle.clone() });
+        Ok(PgStore { place, pool, runtime: Some(runtime), handle, writer, kv })
+    }
+
+    /// The steps' key-value state, in the same database.
+    pub fn key_values(&self) -> Arc<PgKeyValues> {
+        self.kv.clone()
+    }
+
+    /// Where the database is, without a password: for messages.
+    pub fn place(&self) -> &str {
+        &self.place
+    }
+
+    /// Journal transactions committed by this handle.
+    pub fn journal_commits(&self) -> u64 {
+        self.writer.commits()
+    }
+
+    /// Runs `call` with a pooled connection on the store's runtime and
+    /// waits for it, from any thread.
+    fn call<T, F>(&self, call: impl FnOnce(deadpool_postgres::Object) -> F + Send + 'static) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, tokio_postgres::Error>> + Send,
+    {
+        let (pool, place) = (self.pool.clone(), self.place.clone());
+        block(&self.handle, async move {
+            let client = pool.get().await.map_err(|err| pool_error(&place, err))?;
+            call(client).await.map_err(|err| pg_error(&place, &err))
+        })
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        // Commits what is queued first, then lets the runtime go without
+        // blocking: the store may be dropped inside async code.
+        self.writer.stop(&self.handle);
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Runs `future` on the runtime behind `handle` and waits for its result
+/// on this thread, which need not belong to any runtime.
+fn block<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    future: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = sender.send(future.await);
+    });
+    receiver.recv().unwrap_or(Err(StoreError::WriterStopped))
+}
+
+async fn migrate(pool: &Pool, place: &str) -> Result<(), StoreError> {
+    let mut client = pool.get().await.map_err(|err| pool_error(place, err))?;
+    let err = |err: tokio_postgres::Error| pg_error(place, &err);
+    let tx = client.transaction().await.map_err(err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(err)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS stepbox_schema (version BIGINT NOT NULL)").await.map_err(err)?;
+    let found: Option<i64> =
+        tx.query_opt("SELECT version FROM stepbox_schema", &[]).await.map_err(err)?.map(|row| row.get(0));
+    let found = found.unwrap_or(0);
+    if found > i64::from(PG_SCHEMA_VERSION) {
+        return Err(StoreError::NewerSchema {
+            place: place.to_owned(),
+            found: u32::try_from(found).unwrap_or(u32::MAX),
+            supported: PG_SCHEMA_VERSION,
+        });
+    }
+    for migration in MIGRATIONS.get(usize::try_from(found).unwrap_or(0)..).unwrap_or_default() {
+        tx.batch_execute(migration).await.map_err(err)?;
+    }
+    tx.execute("DELETE FROM stepbox_schema", &[]).await.map_err(err)?;
+    tx.execute("INSERT INTO stepbox_schema (version) VALUES ($1)", &[&i64::from(PG_SCHEMA_VERSION)])
+        .await
+        .map_err(err)?;
+    tx.commit().await.map_err(err)
+}
+
+/// `postgres://user@host:port/db`, never the password.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
+        None => "localhost".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or_default();
+    let db = config.get_dbname().unwrap_or(user);
+    format!("postgres://{user}@{host}:{port}/{db}")
+}
+
+/// A URL as given, its password (if any) hidden.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// A database error, as what a user can do about it.
+fn pg_error(place: &str, err: &tokio_postgres::Error) -> StoreError {
+    match err.code() {
+        Some(code) if *code == SqlState::DISK_FULL => StoreError::Database {
+            place: place.to_owned(),
+            detail: format!("{err}; the database server's disk is full: free space there"),
+        },
+        Some(_) => StoreError::Database { place: place.to_owned(), detail: db_detail(err) },
+        None => StoreError::Unreachable { place: place.to_owned(), detail: db_detail(err) },
+    }
+}
+
+/// A database error's own message, which `Display` leaves out.
+fn db_detail(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => err.to_string(),
+    }
+}
+
+fn pool_error(place: &str, err: PoolError) -> StoreError {
+    match err {
+        PoolError::Backend(err) => match err.code() {
+            Some(code) if *code == SqlState::INVALID_CATALOG_NAME => StoreError::Database {
+                place: place.to_owned(),
+                detail: format!("{}; create it first (`createdb`, or `CREATE DATABASE` in psql)", db_detail(&err)),
+            },
+            _ => pg_error(place, &err),
+        },
+        err => StoreError::Unreachable { place: place.to_owned(), detail: err.to_string() },
+    }
+}

@@ -1,0 +1,189 @@
+//! Group commit on PostgreSQL: records queue to one task, which writes what
+//! was queued while its last commit ran in one transaction, so many runs
+//! share a round trip and a WAL flush. The same promises as the SQLite
+//! writer: a run's records commit in the order they were queued, and once
+//! one fails every later one of the run fails (until its last record), so
+//! awaiting one record vouches for all before it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use deadpool_postgres::Pool;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use super::journal::Record;
+use super::{pg_error, pool_error};
+use crate::store::group::{Kind, LAZY_WINDOW, MAX_BATCH};
+use crate::store::{Durable, StoreError};
+
+struct Queued {
+    run_id: String,
+    kind: Kind,
+    record: Record,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The queue in front of the writer task.
+pub(super) struct Writer {
+    queue: Mutex<Option<mpsc::UnboundedSender<Queued>>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    commits: Arc<AtomicU64>,
+}
+
+/// Why a run's record failed, kept so its later records fail the same way.
+#[derive(Clone)]
+struct Lost {
+    place: Arc<str>,
+    unreachable: bool,
+    detail: String,
+}
+
+impl Lost {
+    fn of(err: &StoreError, place: &Arc<str>) -> Self {
+        Lost { place: place.clone(), unreachable: matches!(err, StoreError::Unreachable { .. }), detail: err.detail() }
+    }
+
+    fn error(&self) -> StoreError {
+        let (place, detail) = (self.place.to_string(), self.detail.clone());
+        if self.unreachable {
+            StoreError::Unreachable { place, detail }
+        } else {
+            StoreError::Database { place, detail }
+        }
+    }
+}
+
+impl Writer {
+    /// Starts the writer task on the current runtime.
+    pub(super) fn start(pool: Pool, place: Arc<str>) -> Self {
+        let (queue, receiver) = mpsc::unbounded_channel();
+        let commits = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(write_batches(pool, place, receiver, commits.clone()));
+        Writer { queue: Mutex::new(Some(queue)), task: Mutex::new(Some(task)), commits }
+    }
+
+    pub(super) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
+    /// Queues `record` of `run_id`.
+    pub(super) fn queue(&self, run_id: &str, kind: Kind, record: Record) -> Durable {
+        let (done, receiver) = oneshot::channel();
+        let queued = Queued { run_id: run_id.to_owned(), kind, record, done };
+        let sent = self.queue.lock().as_ref().is_some_and(|queue| queue.send(queued).is_ok());
+        Box::pin(async move {
+            match (sent, receiver.await) {
+                (true, Ok(result)) => result,
+                _ => Err(StoreError::WriterStopped),
+            }
+        })
+    }
+
+    /// Commits what is queued, then stops the task; waits for it.
+    pub(super) fn stop(&self, handle: &tokio::runtime::Handle) {
+        drop(self.queue.lock().take());
+        if let Some(task) = self.task.lock().take() {
+            let _ = super::block(handle, async move {
+                let _ = task.await;
+                Ok(())
+            });
+        }
+    }
+}
+
+async fn write_batches(
+    pool: Pool,
+    place: Arc<str>,
+    mut receiver: mpsc::UnboundedReceiver<Queued>,
+    commits: Arc<AtomicU64>,
+) {
+    let mut lost: HashMap<String, Lost> = HashMap::new();
+    while let Some(first) = receiver.recv().await {
+        let lazy_until = tokio::time::Instant::now() + LAZY_WINDOW;
+        let mut awaited = first.kind != Kind::Lazy;
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            let next = if awaited {
+                receiver.try_recv().ok()
+            } else {
+                tokio::time::timeout_at(lazy_until, receiver.recv()).await.ok().flatten()
+            };
+            let Some(queued) = next else { break };
+            awaited |= queued.kind != Kind::Lazy;
+            batch.push(queued);
+        }
+        let outcomes = commit(&pool, &place, batch, &mut lost).await;
+        commits.fetch_add(1, Ordering::Relaxed);
+        for (queued, outcome) in outcomes {
+            if queued.kind == Kind::Last {
+                lost.remove(&queued.run_id);
+            }
+            let _ = queued.done.send(outcome);
+        }
+    }
+}
+
+/// Commits the batch in one transaction. If that fails for a record's
+/// sake, each run's records are committed in a transaction of their own,
+/// so one run's failure fails only that run.
+async fn commit(
+    pool: &Pool,
+    place: &Arc<str>,
+    batch: Vec<Queued>,
+    lost: &mut HashMap<String, Lost>,
+) -> Vec<(Queued, Result<(), StoreError>)> {
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut pending = Vec::with_capacity(batch.len());
+    for queued in batch {
+        match lost.get(&queued.run_id) {
+            Some(earlier) => {
+                let err = earlier.error();
+                outcomes.push((queued, Err(err)));
+            }
+            None => pending.push(queued),
+        }
+    }
+    match write(pool, place, pending.iter()).await {
+        Ok(()) => outcomes.extend(pending.into_iter().map(|queued| (queued, Ok(())))),
+        Err(err @ StoreError::Unreachable { .. }) => {
+            let failure = Lost::of(&err, place);
+            for queued in pending {
+                let failure = lost.entry(queued.run_id.clone()).or_insert_with(|| failure.clone()).error();
+                outcomes.push((queued, Err(failure)));
+            }
+        }
+        Err(_) => {
+            let mut runs: Vec<(String, Vec<Queued>)> = Vec::new();
+            for queued in pending {
+                match runs.iter_mut().find(|(run_id, _)| *run_id == queued.run_id) {
+                    Some((_, records)) => records.push(queued),
+                    None => runs.push((queued.run_id.clone(), vec![queued])),
+                }
+            }
+            for (run_id, records) in runs {
+                match write(pool, place, records.iter()).await {
+                    Ok(()) => outcomes.extend(records.into_iter().map(|queued| (queued, Ok(())))),
+                    Err(err) => {
+                        let failure = Lost::of(&err, place);
+                        lost.insert(run_id, failure.clone());
+                        outcomes.extend(records.into_iter().map(|queued| (queued, Err(failure.error()))));
+                    }
+                }
+            }
+        }
+    }
+    outcomes
+}
+
+/// Writes `records` in one transaction.
+async fn write(pool: &Pool, place: &str, records: impl Iterator<Item = &Queued>) -> Result<(), StoreError> {
+    let mut client = pool.get().await.map_err(|err| pool_error(place, err))?;
+    let err = |err: tokio_postgres::Error| pg_error(place, &err);
+    let tx = client.transaction().await.map_err(err)?;
+    for queued in records {
+        queued.record.write(&tx).await.map_err(err)?;
+    }
+    tx.commit().await.map_err(err)
+}
