@@ -376,3 +376,58 @@ fn pool_error(place: &str, err: PoolError) -> StoreError {
         err => StoreError::Unreachable { place: place.to_owned(), detail: err.to_string() },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use stepbox_tests::postgres::TestDatabase;
+
+    use super::*;
+
+    #[test]
+    fn processes_opening_a_new_database_at_once_migrate_it_once() {
+        let database = TestDatabase::create();
+        let opened: Vec<_> = (0..4)
+            .map(|_| {
+                let url = database.url.clone();
+                std::thread::spawn(move || PgStore::open(&url).map(drop).map_err(|err| err.to_string()))
+            })
+            .collect();
+        for open in opened {
+            assert_eq!(open.join().unwrap(), Ok(()));
+        }
+    }
+
+    #[test]
+    fn a_database_a_newer_stepbox_wrote_is_refused_with_what_to_do() {
+        let database = TestDatabase::create();
+        let store = PgStore::open(&database.url).unwrap();
+        store
+            .call(|client| async move { client.execute("UPDATE stepbox_schema SET version = 999", &[]).await })
+            .unwrap();
+        drop(store);
+        let err = PgStore::open(&database.url).unwrap_err();
+        assert!(matches!(err, StoreError::NewerSchema { found: 999, .. }), "{err}");
+        assert!(err.to_string().contains("upgrade stepbox"), "{err}");
+    }
+
+    #[test]
+    fn an_unreachable_server_and_a_bad_url_say_what_to_do() {
+        // Nothing listens on port 1.
+        let err = PgStore::open("postgres://postgres:secret@127.0.0.1:1/stepbox").unwrap_err();
+        assert!(matches!(err, StoreError::Unreachable { .. }), "{err}");
+        let message = err.to_string();
+        assert!(message.contains("start it") && message.contains("STEPBOX_DB"), "{message}");
+        assert!(!message.contains("secret"), "the password stays out of messages: {message}");
+        let err = PgStore::open("postgres://u:secret@host:notaport/db").unwrap_err();
+        assert!(matches!(err, StoreError::BadUrl { .. }), "{err}");
+        assert!(!err.to_string().contains("secret"), "{err}");
+        let err = crate::store::open(Some("mysql://x"), std::path::Path::new("/nonexistent")).unwrap_err();
+        assert!(err.to_string().contains("postgres://"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_database_says_to_create_it() {
+        let err = PgStore::open("postgres://postgres@127.0.0.1:5432/stepbox_no_such_database").unwrap_err();
+        assert!(err.to_string().contains("createdb"), "{err}");
+    }
+}
