@@ -9,7 +9,9 @@
 //! the name of each failpoint to FILE each time it is reached, so a test
 //! can show that it visited them all, and how often.
 
-/// Marks a failpoint named `$name` (a string literal, unique in the code).
+/// Marks a failpoint named `$name` (a string literal). A name marks one
+/// place in the flow of a run; the two stores mark the same places with the
+/// same names.
 macro_rules! failpoint {
     ($name:literal) => {
         #[cfg(feature = "failpoints")]

@@ -14,9 +14,32 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 
-use common::{journal_state, json, key_counts, output, stderr, stepbox, temp_dir};
+use common::{journal_state, json, key_counts, output, stderr, stepbox, temp_dir, use_database};
 use serde_json::{Value, json};
 use stepbox_tests::guests;
+use stepbox_tests::postgres::TestDatabase;
+
+/// Where the runs' records go.
+#[derive(Clone, Copy)]
+enum Store {
+    /// The data directory's SQLite files.
+    Sqlite,
+    /// A PostgreSQL database, a new one for each crash.
+    Postgres,
+}
+
+impl Store {
+    /// A fresh store for the `stepbox` commands this thread runs next; it
+    /// lasts as long as what this returns.
+    fn fresh(self) -> Option<TestDatabase> {
+        let database = match self {
+            Store::Sqlite => None,
+            Store::Postgres => Some(TestDatabase::create()),
+        };
+        use_database(database.as_ref().map(|database| database.url.as_str()));
+        database
+    }
+}
 
 /// Every failpoint in stepbox's source, by name.
 fn failpoints_in_source() -> HashSet<String> {
@@ -148,8 +171,20 @@ fn count(shown: &Value) -> i64 {
 
 #[test]
 fn a_run_aborted_at_any_failpoint_resumes_to_a_clean_runs_outputs_without_repeating_finished_work() {
-    let dir = temp_dir("failpoints");
+    crash_everywhere(Store::Sqlite, "failpoints-sqlite");
+}
+
+#[test]
+fn on_postgresql_a_run_aborted_at_any_failpoint_resumes_to_a_clean_runs_outputs_without_repeating_finished_work() {
+    crash_everywhere(Store::Postgres, "failpoints-postgres");
+}
+
+/// Aborts a run at each failpoint in turn, each time with `store` fresh,
+/// and checks that it resumes to the clean run's outputs.
+fn crash_everywhere(store: Store, dir_name: &str) {
+    let dir = temp_dir(dir_name);
     let clean_workflow = workflow(&dir);
+    let _clean_database = store.fresh();
 
     // A clean run, which notes every failpoint it passes.
     let clean_data = dir.join("clean");
@@ -183,6 +218,7 @@ fn a_run_aborted_at_any_failpoint_resumes_to_a_clean_runs_outputs_without_repeat
         for nth in nths.into_iter().collect::<std::collections::BTreeSet<_>>() {
             let case = dir.join(format!("{name}@{nth}"));
             let data = case.join("data");
+            let _database = store.fresh();
             std::fs::create_dir_all(&case).unwrap();
             let workflow = workflow(&case);
             if !name.starts_with("cache.") {

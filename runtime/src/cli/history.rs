@@ -1,6 +1,5 @@
 //! `stepbox runs`, `show`, `logs` and `gc`: reading the run history.
 
-use std::path::Path;
 use std::time::Duration;
 
 use bytesize::ByteSize;
@@ -8,10 +7,10 @@ use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 
 use super::client::Client;
 use super::report::{millis, print_attempt, steps_table, when};
-use super::{CliError, engine_config, open_database, parse_key_value, sandbox_with};
+use super::{CliError, Place, engine_config, open_database, parse_key_value, sandbox_with};
 use crate::run::{Run, RunReport, RunStatus, now_ms};
 use crate::service::RunPage;
-use crate::store::{History, Journal, RunFilter};
+use crate::store::RunFilter;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -87,8 +86,8 @@ fn print_json(value: &impl serde::Serialize) -> Result<u8, CliError> {
 /// Where the history commands read runs: the data directory, or a
 /// `stepbox serve` (`--server`), with the same output either way.
 pub(crate) enum Source<'a> {
-    /// The data directory.
-    Local(&'a Path),
+    /// This machine's store: the data directory's, or `--db`.
+    Local(&'a Place<'a>),
     /// A server, through its API.
     Remote(&'a Client),
 }
@@ -96,14 +95,14 @@ pub(crate) enum Source<'a> {
 impl Source<'_> {
     async fn report(&self, id: &str) -> Result<RunReport, CliError> {
         match self {
-            Source::Local(data_dir) => Ok(open_database(data_dir)?.run_report(id)?),
+            Source::Local(place) => Ok(open_database(place)?.run_report(id)?),
             Source::Remote(client) => client.get(&["runs", id], &[]).await,
         }
     }
 
     async fn runs(&self, filter: RunFilter) -> Result<Vec<Run>, CliError> {
         let client = match self {
-            Source::Local(data_dir) => return Ok(open_database(data_dir)?.list_runs(&filter)?),
+            Source::Local(place) => return Ok(open_database(place)?.list_runs(&filter)?),
             Source::Remote(client) => client,
         };
         /// The most runs a page of the API holds.
@@ -202,7 +201,8 @@ pub(crate) async fn logs(args: LogsArgs, source: Source<'_>) -> Result<u8, CliEr
     Ok(0)
 }
 
-pub(crate) fn gc(args: GcArgs, data_dir: &Path) -> Result<u8, CliError> {
+pub(crate) fn gc(args: GcArgs, place: &Place<'_>) -> Result<u8, CliError> {
+    let data_dir = place.data_dir;
     if args.cache {
         let sandbox = sandbox_with(engine_config(data_dir))?;
         let compiled = data_dir.join("compiled");
@@ -218,7 +218,7 @@ pub(crate) fn gc(args: GcArgs, data_dir: &Path) -> Result<u8, CliError> {
         return Ok(0);
     }
     let older_than = args.older_than.ok_or_else(|| CliError::Usage("gc needs --older-than or --cache".into()))?;
-    let db = open_database(data_dir)?;
+    let db = open_database(place)?;
     let age: Duration = older_than.into();
     let before = now_ms() - age.as_secs_f64() * 1000.0;
     if before < 0.0 {

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use crate::sandbox::{EngineConfig, Sandbox};
-use crate::store::{Database, KeyValueStore, MemoryKeyValueStore};
+use crate::store::{self, KeyValueStore, MemoryKeyValueStore, Store};
 use crate::tenant::{Tenant, Tenants};
 use crate::workflow::{Workflow, WorkflowError};
 pub(crate) use error::{CliError, exit};
@@ -46,6 +46,9 @@ struct Cli {
     /// Where runs and key-value state are kept [default: $XDG_DATA_HOME/stepbox, else ~/.local/share/stepbox].
     #[arg(long, global = true, env = "STEPBOX_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Keep runs and key-value state in this PostgreSQL database (postgres://USER@HOST:PORT/DB), shared by every process that names it, instead of the data directory's SQLite files; compiled components stay in the data directory.
+    #[arg(long, global = true, env = "STEPBOX_DB", value_name = "URL", hide_env_values = true)]
+    db: Option<String>,
     /// The tenants file with each tenant's ceilings [default: tenants.yaml in the data directory, if there is one].
     #[arg(long, global = true, env = "STEPBOX_TENANTS", value_name = "FILE")]
     tenants: Option<PathBuf>,
@@ -66,6 +69,8 @@ struct Cli {
 /// secrets are.
 pub(crate) struct Place<'a> {
     pub(crate) data_dir: &'a Path,
+    /// The PostgreSQL database, when the records go there.
+    pub(crate) db: Option<&'a str>,
     pub(crate) tenants: Option<&'a Path>,
     pub(crate) secrets_dir: Option<&'a Path>,
 }
@@ -91,9 +96,9 @@ fn default_data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".stepbox"))
 }
 
-/// The database of the data directory.
-pub(crate) fn open_database(data_dir: &Path) -> Result<Arc<Database>, CliError> {
-    Ok(Arc::new(Database::open(data_dir)?))
+/// The store: the `--db` database, else the data directory's.
+pub(crate) fn open_database(place: &Place<'_>) -> Result<Arc<dyn Store>, CliError> {
+    Ok(store::open(place.db, place.data_dir)?)
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,7 +195,12 @@ where
     };
     let data_dir = cli.data_dir.clone().unwrap_or_else(default_data_dir);
     let tenants = cli.tenants.clone().or_else(|| Some(data_dir.join("tenants.yaml")).filter(|path| path.is_file()));
-    let place = Place { data_dir: &data_dir, tenants: tenants.as_deref(), secrets_dir: cli.secrets_dir.as_deref() };
+    let place = Place {
+        data_dir: &data_dir,
+        db: cli.db.as_deref(),
+        tenants: tenants.as_deref(),
+        secrets_dir: cli.secrets_dir.as_deref(),
+    };
     let result = runtime.block_on(async {
         // With --server, these commands work on a `stepbox serve`.
         let remote = match cli.server.as_deref() {
@@ -202,7 +212,7 @@ where
         };
         let source = match &remote {
             Some(client) => history::Source::Remote(client),
-            None => history::Source::Local(&data_dir),
+            None => history::Source::Local(&place),
         };
         match cli.command {
             Command::Run(args) => run::run(args, &place, remote.as_ref()).await,
@@ -213,7 +223,7 @@ where
             Command::Runs(args) => history::runs(args, source).await,
             Command::Show(args) => history::show(args, source).await,
             Command::Logs(args) => history::logs(args, source).await,
-            Command::Gc(args) => history::gc(args, &data_dir),
+            Command::Gc(args) => history::gc(args, &place),
             Command::Validate(args) => validate::validate(args, &data_dir).await,
             Command::Graph(args) => validate::graph(args),
             Command::Schema => validate::schema(),

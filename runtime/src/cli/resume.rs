@@ -5,7 +5,7 @@ use super::run::{HowToRun, execute, follow};
 use super::{CliError, Place, admit, open_database};
 use crate::run::{Run, RunStatus};
 use crate::service::{self, ContinueError};
-use crate::store::{History, Journal, LEASE_TTL, this_owner};
+use crate::store::{LEASE_TTL, this_owner};
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -88,7 +88,7 @@ pub(crate) async fn cancel(args: CancelArgs, place: &Place<'_>, remote: Option<&
         eprintln!("cancelling run {}: its running attempts stop", run.id);
         return Ok(0);
     }
-    let db = open_database(place.data_dir)?;
+    let db = open_database(place)?;
     let run = db.load_run(id)?;
     match run.status {
         RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled => {
@@ -116,15 +116,15 @@ async fn continue_run(
     place: &Place<'_>,
     retry: bool,
 ) -> Result<u8, CliError> {
-    let db = open_database(place.data_dir)?;
-    let owned = service::continue_run(&db, run_id, from, retry, |run, workflow| admit(place, &run.tenant, workflow))
+    let db = open_database(place)?;
+    let owned = service::continue_run(&*db, run_id, from, retry, |run, workflow| admit(place, &run.tenant, workflow))
         .map_err(|err| match err {
-            ContinueError::Changed(message) => CliError::Invalid(message),
-            ContinueError::Invalid(err) => CliError::from(err),
-            ContinueError::Store(err) => CliError::from(err),
-            err @ (ContinueError::NotRetryable { .. }
-            | ContinueError::Succeeded(_)
-            | ContinueError::NoSuchStep { .. }) => CliError::Usage(err.to_string()),
-        })?;
-    execute(db, owned, how, place.secrets_dir).await
+        ContinueError::Changed(message) => CliError::Invalid(message),
+        ContinueError::Invalid(err) => CliError::from(err),
+        ContinueError::Store(err) => CliError::from(err),
+        err @ (ContinueError::NotRetryable { .. } | ContinueError::Succeeded(_) | ContinueError::NoSuchStep { .. }) => {
+            CliError::Usage(err.to_string())
+        }
+    })?;
+    execute(db, owned, how, place).await
 }

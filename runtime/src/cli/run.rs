@@ -17,7 +17,7 @@ use crate::run::{Run, RunReport, RunStatus, StepPath, StepStatus};
 use crate::sandbox::EngineConfig;
 use crate::scheduler::{self, RunEvent};
 use crate::service::{Bundle, Owned, StartRun};
-use crate::store::{Database, Heartbeat, History, Journal, WorkflowVersion, new_run_id};
+use crate::store::{Heartbeat, Store, WorkflowVersion, new_run_id};
 use crate::workflow::Workflow;
 
 #[derive(Debug, clap::Args)]
@@ -112,14 +112,14 @@ pub(crate) async fn run(args: Args, place: &Place<'_>, remote: Option<&Client>) 
         .fingerprint()
         .map_err(|err| CliError::Invalid(format!("error: cannot read the workflow's files: {err}")))?;
     let tenant = admit(place, &args.tenant, &workflow)?;
-    let db = open_database(place.data_dir)?;
+    let db = open_database(place)?;
     let path = workflow.file.display().to_string();
     let mut run = Run::new(new_run_id(), &workflow.name, &path, &args.tenant, bound.as_map().clone());
     run.labels = args.labels.into_iter().collect();
     let (lease, created) = db.create_run(&run, &fingerprint);
     created.await?;
     let owned = Owned { workflow, run, inputs: bound, tenant, lease };
-    execute(db, owned, &args.how, place.secrets_dir).await
+    execute(db, owned, &args.how, place).await
 }
 
 /// `stepbox run FILE --server URL`: deploys the file with what it
@@ -169,22 +169,22 @@ pub(crate) async fn follow(client: &Client, id: &str, json: bool) -> Result<u8, 
 /// Runs a recorded run (new, resumed or retried) with progress and a
 /// summary.
 pub(crate) async fn execute(
-    db: Arc<Database>,
+    db: Arc<dyn Store>,
     owned: Owned,
     how: &HowToRun,
-    secrets_dir: Option<&std::path::Path>,
+    place: &Place<'_>,
 ) -> Result<u8, CliError> {
     let max_parallel = how.max_parallel.map_or_else(scheduler::default_max_parallel, |n| n as usize);
     let config = EngineConfig {
         max_concurrent_attempts: u32::try_from(max_parallel).unwrap_or(u32::MAX),
-        ..engine_config(db.data_dir())
+        ..engine_config(place.data_dir)
     };
     let sandbox = sandbox_with_kv(config, db.key_values())?;
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     let (events, receiver) = mpsc::unbounded_channel();
     let mut options = owned.options(db.clone(), scheduler::Dispatcher::new(max_parallel));
-    options.secrets_dir = secrets_dir.map(ToOwned::to_owned);
+    options.secrets_dir = place.secrets_dir.map(ToOwned::to_owned);
     options.fail_fast = how.fail_fast;
     options.events = Some(events);
     options.cancel = cancel.clone();

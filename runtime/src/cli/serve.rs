@@ -12,7 +12,7 @@ use super::client::Client;
 use super::report::when;
 use super::{CliError, Place, open_database};
 use crate::service::{Bundle, Service, ServiceConfig, create_token};
-use crate::store::{Registry, WorkflowVersion};
+use crate::store::WorkflowVersion;
 use crate::tenant::Tenants;
 use crate::workflow::Workflow;
 
@@ -45,6 +45,7 @@ pub(crate) struct ServeArgs {
 
 pub(crate) async fn serve(args: ServeArgs, place: &Place<'_>) -> Result<u8, CliError> {
     let mut config = ServiceConfig::new(place.data_dir.to_owned());
+    config.db = place.db.map(str::to_owned);
     config.tenants = place.tenants.map(Path::to_owned);
     config.secrets_dir = place.secrets_dir.map(Path::to_owned);
     if let Some(slots) = args.max_parallel {
@@ -136,7 +137,7 @@ pub(crate) struct CreateTokenArgs {
 const MAX_TENANT: usize = 64;
 
 pub(crate) fn token(command: TokenCommand, place: &Place<'_>) -> Result<u8, CliError> {
-    let db = open_database(place.data_dir)?;
+    let db = open_database(place)?;
     match command {
         TokenCommand::Create(args) => {
             if let Some(tenant) = &args.tenant {

@@ -40,15 +40,19 @@ pub use workflows::Deployed;
 use crate::run::RunStatus;
 use crate::sandbox::{EngineConfig, Sandbox};
 use crate::scheduler::Dispatcher;
-use crate::store::{Database, StoreError};
+use crate::store::{Store, StoreError};
 use crate::tenant::{Tenant, Tenants};
 use crate::workflow::WorkflowError;
 
 /// How a service is set up.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    /// Where runs, bundles and compiled code are kept.
+    /// Where bundles and compiled code are kept, and runs too unless `db`
+    /// names a database.
     pub data_dir: PathBuf,
+    /// The PostgreSQL database (`postgres://…`) holding runs, tokens,
+    /// versions and key-value state, shared with other processes.
+    pub db: Option<String>,
     /// The tenants file; without one, every tenant has an empty entry's
     /// ceilings: no directories, network, HTTP hosts or secrets.
     pub tenants: Option<PathBuf>,
@@ -77,6 +81,7 @@ impl ServiceConfig {
     pub fn new(data_dir: PathBuf) -> Self {
         ServiceConfig {
             data_dir,
+            db: None,
             tenants: None,
             secrets_dir: None,
             slots: crate::scheduler::default_max_parallel(),
@@ -231,7 +236,7 @@ fn no_run(id: &str) -> String {
 /// A running service. Cheap to share; drop the last handle after
 /// [`Service::shutdown`].
 pub struct Service {
-    db: Arc<Database>,
+    db: Arc<dyn Store>,
     sandbox: Sandbox,
     dispatcher: Arc<Dispatcher>,
     tenants: Option<Tenants>,
@@ -278,7 +283,7 @@ impl Service {
     /// Opens the data directory's store, builds the sandbox and resumes
     /// the runs a crash left interrupted. Call from a tokio runtime.
     pub async fn start(config: ServiceConfig) -> Result<Arc<Service>, ServiceError> {
-        let db = Arc::new(Database::open(&config.data_dir)?);
+        let db = crate::store::open(config.db.as_deref(), &config.data_dir)?;
         let tenants = match &config.tenants {
             Some(file) => Some(Tenants::load(file).map_err(ServiceError::invalid_workflow)?),
             None => None,
@@ -319,7 +324,7 @@ impl Service {
     }
 
     /// The store, for the server's own reads (tokens).
-    pub fn database(&self) -> &Arc<Database> {
+    pub fn database(&self) -> &Arc<dyn Store> {
         &self.db
     }
 
@@ -340,10 +345,10 @@ impl Service {
     /// Runs a blocking store call off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
-        call: impl FnOnce(&Database) -> Result<T, ServiceError> + Send + 'static,
+        call: impl FnOnce(&dyn Store) -> Result<T, ServiceError> + Send + 'static,
     ) -> Result<T, ServiceError> {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || call(&db))
+        tokio::task::spawn_blocking(move || call(&*db))
             .await
             .unwrap_or_else(|err| Err(ServiceError::Internal(format!("a store call failed: {err}"))))
     }

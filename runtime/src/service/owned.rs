@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::run::{Run, RunStatus, StepPath};
 use crate::scheduler::{Dispatcher, RunOptions};
-use crate::store::{Database, History, Journal, LEASE_TTL, Lease, StoreError, this_owner};
+use crate::store::{Journal, LEASE_TTL, Lease, Store, StoreError, this_owner};
 use crate::tenant::Tenant;
 use crate::workflow::{Inputs, Workflow, WorkflowError, fingerprint_changes};
 
@@ -83,7 +83,7 @@ pub enum ContinueError {
 /// ceilings. The lease is taken before anything is changed, so no other
 /// process continues the run at the same time.
 pub fn continue_run(
-    db: &Database,
+    db: &dyn Store,
     run_id: &str,
     from: Option<&str>,
     retry: bool,

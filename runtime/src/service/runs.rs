@@ -14,9 +14,7 @@ use super::{
 };
 use crate::run::{Outcome, Run, RunReport, RunStatus};
 use crate::scheduler::{self, RunEvent};
-use crate::store::{
-    Heartbeat, History, Journal, LEASE_TTL, Registry, RunFilter, Started, WorkflowVersion, new_run_id, this_owner,
-};
+use crate::store::{Heartbeat, LEASE_TTL, RunFilter, Started, WorkflowVersion, new_run_id, this_owner};
 
 /// Labels a run may carry.
 const MAX_LABELS: usize = 32;

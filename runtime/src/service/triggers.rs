@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::runs::Once;
 use super::{Scope, Service, ServiceError};
 use crate::run::Run;
-use crate::store::{Registry, WorkflowVersion};
+use crate::store::WorkflowVersion;
 use crate::workflow::spec::CatchUp;
 use crate::workflow::{Schedule, template};
 

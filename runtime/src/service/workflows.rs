@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::{Bundle, BundleUpload, Scope, Service, ServiceError};
-use crate::store::{Registry, WorkflowVersion};
+use crate::store::WorkflowVersion;
 use crate::workflow::Workflow;
 
 /// A deployed bundle, loaded: what a run of it needs.

@@ -15,10 +15,27 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// The `stepbox` binary, with `data` as its data directory.
+thread_local! {
+    /// The PostgreSQL database this thread's `stepbox` commands use.
+    static DATABASE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Makes the `stepbox` commands this thread runs keep their records in the
+/// PostgreSQL database at `url` (`None`: in their data directory).
+pub fn use_database(url: Option<&str>) {
+    DATABASE.with(|database| *database.borrow_mut() = url.map(str::to_owned));
+}
+
+/// The `stepbox` binary, with `data` as its data directory (and the
+/// database [`use_database`] named, if any).
 pub fn stepbox(data: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_stepbox"));
-    command.env("STEPBOX_DATA_DIR", data);
+    command.env("STEPBOX_DATA_DIR", data).env_remove("STEPBOX_DB");
+    DATABASE.with(|database| {
+        if let Some(url) = &*database.borrow() {
+            command.env("STEPBOX_DB", url);
+        }
+    });
     command
 }
 

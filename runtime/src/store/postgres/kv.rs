@@ -10,6 +10,7 @@ use deadpool_postgres::{Object, Pool};
 use tokio_postgres::Transaction;
 
 use super::{block, pg_error, pool_error};
+use crate::failpoint::failpoint;
 use crate::store::{KeyValueStore, KvError, KvQuota, KvScope, KvUsage, StoreError, add_to_stored};
 
 /// The key-value state in a PostgreSQL store.
@@ -57,6 +58,14 @@ impl PgKeyValues {
         });
         result.unwrap_or_else(|err: StoreError| Err(KvError::Storage(err.to_string())))
     }
+}
+
+/// Commits a key-value write.
+async fn commit(tx: deadpool_postgres::Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    failpoint!("kv.before-commit");
+    tx.commit().await?;
+    failpoint!("kv.after-commit");
+    Ok(())
 }
 
 /// The tenant's usage, its row locked until the transaction ends.
@@ -132,7 +141,7 @@ impl KeyValueStore for PgKeyValues {
             let tx = client.transaction().await?;
             let usage = usage(&tx, &scope.tenant).await?;
             put(&tx, &scope, &bucket, &key, &new, &quota, usage).await?;
-            Ok(tx.commit().await?)
+            Ok(commit(tx).await?)
         })
     }
 
@@ -152,7 +161,7 @@ impl KeyValueStore for PgKeyValues {
                 let old = row.get::<_, i32>(0).max(0) as usize;
                 set_usage(&tx, &scope.tenant, usage.removed(&scope, &bucket, &key, old)).await?;
             }
-            Ok(tx.commit().await?)
+            Ok(commit(tx).await?)
         })
     }
 
@@ -186,7 +195,7 @@ impl KeyValueStore for PgKeyValues {
             let stored = value(&tx, &scope, &bucket, &key).await?;
             let next = add_to_stored(&key, stored.as_deref(), delta)?;
             put(&tx, &scope, &bucket, &key, next.to_string().as_bytes(), &quota, usage).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(next)
         })
     }
@@ -209,7 +218,7 @@ impl KeyValueStore for PgKeyValues {
                 return Ok(false);
             }
             put(&tx, &scope, &bucket, &key, &new, &quota, usage).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(true)
         })
     }

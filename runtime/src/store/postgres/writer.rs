@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::journal::Record;
 use super::{pg_error, pool_error};
+use crate::failpoint::failpoint;
 use crate::store::group::{Kind, LAZY_WINDOW, MAX_BATCH};
 use crate::store::{Durable, StoreError};
 
@@ -184,6 +185,10 @@ async fn write(pool: &Pool, place: &str, records: impl Iterator<Item = &Queued>)
     let tx = client.transaction().await.map_err(err)?;
     for queued in records {
         queued.record.write(&tx).await.map_err(err)?;
+        failpoint!("journal.batch.record-written");
     }
-    tx.commit().await.map_err(err)
+    failpoint!("journal.batch.before-commit");
+    tx.commit().await.map_err(err)?;
+    failpoint!("journal.batch.after-commit");
+    Ok(())
 }
