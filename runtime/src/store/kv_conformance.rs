@@ -43,6 +43,12 @@ fn list_keys_pages_in_order() {
         kv.set(&scope("t"), "other", "aa", b"x", &roomy()).unwrap();
         assert_eq!(kv.list_keys(&scope("t"), "default", None, 2).unwrap(), ["a", "b"]);
         assert_eq!(kv.list_keys(&scope("t"), "default", Some("b"), 10).unwrap(), ["c", "d"]);
+        // By bytes, whatever the database's locale: a cursor pages the same.
+        for k in ["é", "B", "_x", "Z", "a-b", "ab"] {
+            kv.set(&scope("t"), "bytes", k, b"x", &roomy()).unwrap();
+        }
+        assert_eq!(kv.list_keys(&scope("t"), "bytes", None, 10).unwrap(), ["B", "Z", "_x", "a-b", "ab", "é"]);
+        assert_eq!(kv.list_keys(&scope("t"), "bytes", Some("_x"), 2).unwrap(), ["a-b", "ab"]);
     }
 }
 

@@ -45,9 +45,11 @@ const MIGRATION_LOCK: i64 = 0x5354_4550_424f_5801;
 /// Each migration moves the schema one version up; the version is the
 /// number applied.
 const MIGRATIONS: &[&str] = &[
-    // 1: everything the SQLite store holds at its version 8.
+    // 1: everything the SQLite store holds at its version 8. Text that is
+    // ordered or compared by range sorts by bytes (COLLATE "C"), as
+    // on SQLite: cursors and key listings must not depend on a locale.
     "CREATE TABLE runs (
-        id TEXT PRIMARY KEY,
+        id TEXT COLLATE \"C\" PRIMARY KEY,
         workflow TEXT NOT NULL,
         workflow_path TEXT NOT NULL,
         fingerprint TEXT NOT NULL,
@@ -136,7 +138,7 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run_id, name)
     );
     CREATE TABLE tokens (
-        id TEXT PRIMARY KEY,
+        id TEXT COLLATE \"C\" PRIMARY KEY,
         hash TEXT NOT NULL UNIQUE,
         tenant TEXT,
         name TEXT NOT NULL,
@@ -144,8 +146,8 @@ const MIGRATIONS: &[&str] = &[
         revoked_ms BIGINT
     );
     CREATE TABLE workflow_versions (
-        tenant TEXT NOT NULL,
-        name TEXT NOT NULL,
+        tenant TEXT COLLATE \"C\" NOT NULL,
+        name TEXT COLLATE \"C\" NOT NULL,
         version BIGINT NOT NULL,
         digest TEXT NOT NULL,
         entry TEXT NOT NULL,
@@ -170,7 +172,7 @@ const MIGRATIONS: &[&str] = &[
         tenant TEXT NOT NULL,
         workflow TEXT NOT NULL,
         bucket TEXT NOT NULL,
-        key TEXT NOT NULL,
+        key TEXT COLLATE \"C\" NOT NULL,
         value BYTEA NOT NULL,
         PRIMARY KEY (tenant, workflow, bucket, key)
     );
