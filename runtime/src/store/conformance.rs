@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use stepbox_tests::postgres::TestDatabase;
 
-use super::{Database, PgStore, RunFilter, Started, Store, StoreError, TokenRecord};
+use super::{Database, PgStore, RunFilter, Shares, Started, Store, StoreError, Task, TaskState, TokenRecord};
 use crate::run::{Attempt, Failure, FailureKind, Outcome, Run, RunStatus, StepPath, StepReport, StepStatus};
 
 /// A backend, and what keeps it alive (its directory, its database).
@@ -383,5 +383,124 @@ fn the_key_value_state_keeps_every_concurrent_increment() {
             thread.join().unwrap();
         }
         assert_eq!(kv.get(&scope, "b", "n").unwrap(), Some(b"200".to_vec()), "{}", backend.name);
+    }
+}
+
+fn task(run_id: &str, key: &str, tenant: &str) -> Task {
+    Task { run_id: run_id.into(), key: key.into(), attempt: 1, tenant: tenant.into(), request: json!({"key": key}) }
+}
+
+#[test]
+fn a_task_is_enqueued_once_claimed_once_and_completed_by_its_holder() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        created(store, &run("r", "t", &[]));
+        let id = store.enqueue(&task("r", "r/a", "t")).unwrap();
+        assert_eq!(store.enqueue(&task("r", "r/a", "t")).unwrap(), id, "{name}: the same attempt is one task");
+        assert_eq!(store.task_state(id).unwrap(), TaskState::Ready, "{name}");
+        let ttl = Duration::from_secs(30);
+        let claims = store.claim("w1", 10, ttl, &Shares::default()).unwrap();
+        assert_eq!(claims.len(), 1, "{name}");
+        let claim = &claims[0];
+        assert_eq!(
+            (claim.id, claim.token, claim.claims, claim.task.request.clone()),
+            (id, 1, 1, json!({"key": "r/a"}))
+        );
+        assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().is_empty(), "{name}: held");
+        assert!(matches!(store.task_state(id).unwrap(), TaskState::Claimed { owner, .. } if owner == "w1"), "{name}");
+        store.renew(claim, ttl).unwrap();
+        store.complete(claim, &json!({"ok": true})).unwrap();
+        assert_eq!(store.task_state(id).unwrap(), TaskState::Done(json!({"ok": true})), "{name}");
+        assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().is_empty(), "{name}: done");
+        assert!(matches!(store.complete(claim, &json!(1)), Err(StoreError::Fenced { .. })), "{name}: once");
+        assert!(matches!(store.task_state(id + 1000), Err(StoreError::NoSuchTask(_))), "{name}");
+    }
+}
+
+#[test]
+fn a_worker_that_lost_its_claim_cannot_renew_or_complete_and_the_task_is_claimed_again() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        created(store, &run("r", "t", &[]));
+        let id = store.enqueue(&task("r", "r/a", "t")).unwrap();
+        let paused = store.claim("paused", 1, Duration::from_millis(1), &Shares::default()).unwrap().remove(0);
+        std::thread::sleep(Duration::from_millis(5));
+        let taken = store.claim("alive", 1, Duration::from_secs(30), &Shares::default()).unwrap().remove(0);
+        assert_eq!((taken.id, taken.token, taken.claims), (id, 2, 2), "{name}: claimed again, counted");
+        assert!(matches!(store.renew(&paused, Duration::from_secs(30)), Err(StoreError::Fenced { .. })), "{name}");
+        assert!(matches!(store.complete(&paused, &json!("late")), Err(StoreError::Fenced { .. })), "{name}");
+        store.complete(&taken, &json!("on time")).unwrap();
+        assert_eq!(store.task_state(id).unwrap(), TaskState::Done(json!("on time")), "{name}");
+    }
+}
+
+#[test]
+fn workers_claiming_at_once_never_share_a_task_and_tenants_take_turns() {
+    for backend in backends() {
+        let store = backend.store.clone();
+        let name = backend.name;
+        created(&*store, &run("big", "big", &[]));
+        created(&*store, &run("small", "small", &[]));
+        for n in 0..60 {
+            store.enqueue(&task("big", &format!("big/s[{n}]"), "big")).unwrap();
+        }
+        for n in 0..3 {
+            store.enqueue(&task("small", &format!("small/s[{n}]"), "small")).unwrap();
+        }
+        // The first claim already serves the small tenant: turns, not age.
+        let first = store.claim("w0", 4, Duration::from_secs(30), &Shares::default()).unwrap();
+        let small = first.iter().filter(|claim| claim.task.tenant == "small").count();
+        assert_eq!(small, 2, "{name}: {first:?}");
+        let workers: Vec<_> = (1..=4)
+            .map(|worker| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let mut ids = Vec::new();
+                    loop {
+                        let claims =
+                            store.claim(&format!("w{worker}"), 5, Duration::from_secs(30), &Shares::default()).unwrap();
+                        if claims.is_empty() {
+                            return ids;
+                        }
+                        ids.extend(claims.iter().map(|claim| claim.id));
+                    }
+                })
+            })
+            .collect();
+        let mut ids: Vec<i64> = first.iter().map(|claim| claim.id).collect();
+        for worker in workers {
+            ids.extend(worker.join().unwrap());
+        }
+        let total = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!((total, ids.len()), (63, 63), "{name}: every task claimed, none twice");
+    }
+}
+
+#[test]
+fn a_tenants_ceiling_holds_across_every_worker() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        created(store, &run("r", "capped", &[]));
+        for n in 0..10 {
+            store.enqueue(&task("r", &format!("r/s[{n}]"), "capped")).unwrap();
+        }
+        let shares = Shares {
+            tenants: std::collections::HashMap::from([(
+                "capped".to_owned(),
+                crate::tenant::Share { weight: 1, max_concurrent: 3 },
+            )]),
+            ..Shares::default()
+        };
+        let ttl = Duration::from_secs(30);
+        let one = store.claim("w1", 2, ttl, &shares).unwrap();
+        let two = store.claim("w2", 5, ttl, &shares).unwrap();
+        assert_eq!((one.len(), two.len()), (2, 1), "{name}: three at once, whoever asks");
+        store.complete(&one[0], &json!(null)).unwrap();
+        assert_eq!(store.claim("w3", 5, ttl, &shares).unwrap().len(), 1, "{name}: one finished, one more");
     }
 }

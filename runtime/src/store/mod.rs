@@ -19,6 +19,7 @@ mod kv_conformance;
 mod lease;
 mod memory;
 mod postgres;
+mod queue;
 mod registry;
 mod rows;
 mod sqlite;
@@ -35,11 +36,12 @@ use crate::run::{Attempt, Run, RunReport, RunStatus, StepPath, StepReport};
 pub use lease::{Heartbeat, LEASE_TTL, Lease, is_gone, this_owner};
 pub use memory::MemoryKeyValueStore;
 pub use postgres::{PG_SCHEMA_VERSION, PgKeyValues, PgStore};
+pub use queue::{Claim, Queue, Shares, Task, TaskState};
 pub use registry::{Registry, Started, TokenRecord, WorkflowVersion};
 pub use sqlite::{DATABASE_FILE, Database, KV_FILE, KeyValueDatabase, SCHEMA_VERSION};
 
 /// Everything stepbox keeps, in one database.
-pub trait Store: Journal + History + Registry + std::fmt::Debug {
+pub trait Store: Journal + History + Registry + Queue + std::fmt::Debug {
     /// The steps' key-value state, beside the rest.
     fn key_values(&self) -> std::sync::Arc<dyn KeyValueStore>;
     /// Journal transactions committed so far: with group commit, fewer than
@@ -358,6 +360,17 @@ pub enum StoreError {
     /// The lease was taken over by another process.
     #[error("run {0} was taken over by another process; this one stops")]
     LeaseLost(String),
+    /// A worker's claim on a task was taken over after it expired.
+    #[error(
+        "task {task} was claimed by another worker after this one's claim expired; this worker's result is dropped"
+    )]
+    Fenced {
+        /// The task.
+        task: i64,
+    },
+    /// No task has this id.
+    #[error("no task {0} in the queue")]
+    NoSuchTask(i64),
 }
 
 impl StoreError {

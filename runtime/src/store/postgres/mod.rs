@@ -12,6 +12,7 @@
 mod history;
 mod journal;
 mod kv;
+mod queue;
 mod registry;
 mod writer;
 
@@ -181,6 +182,23 @@ const MIGRATIONS: &[&str] = &[
         bytes BIGINT NOT NULL,
         keys BIGINT NOT NULL
     );",
+    // 2: the queue of attempts waiting for workers.
+    "CREATE TABLE tasks (
+        id BIGSERIAL PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        key TEXT NOT NULL,
+        attempt BIGINT NOT NULL,
+        tenant TEXT NOT NULL,
+        request TEXT NOT NULL,
+        state TEXT NOT NULL,
+        owner TEXT,
+        token BIGINT NOT NULL DEFAULT 0,
+        claims BIGINT NOT NULL DEFAULT 0,
+        expires_ms BIGINT,
+        result TEXT,
+        UNIQUE (run_id, key, attempt)
+    );
+    CREATE INDEX tasks_open ON tasks (tenant, id) WHERE state <> 'done';",
 ];
 
 /// The schema version this build writes.

@@ -7,6 +7,7 @@
 mod history;
 mod journal;
 mod kv;
+mod queue;
 mod registry;
 mod writer;
 
@@ -187,6 +188,23 @@ const SCHEMA: Schema = Schema {
             tick_ms REAL NOT NULL,
             PRIMARY KEY (tenant, workflow, schedule)
         );",
+        // 9: the queue of attempts waiting for workers.
+        "CREATE TABLE tasks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            tenant TEXT NOT NULL,
+            request TEXT NOT NULL,
+            state TEXT NOT NULL,
+            owner TEXT,
+            token INTEGER NOT NULL DEFAULT 0,
+            claims INTEGER NOT NULL DEFAULT 0,
+            expires_ms INTEGER,
+            result TEXT,
+            UNIQUE (run_id, key, attempt)
+        );
+        CREATE INDEX tasks_open ON tasks (tenant, id) WHERE state <> 'done';",
     ],
 };
 

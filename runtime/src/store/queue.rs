@@ -1,0 +1,181 @@
+//! The queue of attempts waiting for a worker: what a run's coordinator
+//! hands to the processes that run attempts, on one machine or many.
+//!
+//! A task is one attempt of one execution. Workers claim tasks in batches;
+//! a claim is a lease with an owner, an expiry the holder renews, and a
+//! fencing token that rises with every claim. A worker that stops renewing
+//! (killed, paused, cut off) loses its tasks when their claims expire:
+//! another worker claims them again, with a new token, and the old holder's
+//! result is refused. Claims are handed out fairly: tenants take turns by
+//! weight from how many tasks they already hold across every worker, and
+//! none gets more than its `max_concurrent` at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::StoreError;
+use crate::tenant::Share;
+
+/// One attempt to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// The run it belongs to.
+    pub run_id: String,
+    /// The execution's idempotency key.
+    pub key: String,
+    /// Which attempt of the execution.
+    pub attempt: u32,
+    /// Whose it is: fair share and ceilings go by it.
+    pub tenant: String,
+    /// What a worker needs to run it; the store keeps it as it is.
+    pub request: Value,
+}
+
+/// A task a worker holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    /// The task's id in the queue.
+    pub id: i64,
+    /// The task.
+    pub task: Task,
+    /// Who holds it.
+    pub owner: String,
+    /// Which claim of the task this is: only the latest may renew or
+    /// complete it.
+    pub token: u64,
+    /// How many times the task was claimed, this one included: more than
+    /// one when an earlier holder's claim expired.
+    pub claims: u32,
+}
+
+/// How tenants share the workers: each tenant's [`Share`], and the share of
+/// a tenant not listed.
+#[derive(Debug, Clone, Default)]
+pub struct Shares {
+    /// By tenant.
+    pub tenants: HashMap<String, Share>,
+    /// For any other tenant.
+    pub default: Share,
+}
+
+impl Shares {
+    fn of(&self, tenant: &str) -> Share {
+        self.tenants.get(tenant).copied().unwrap_or(self.default)
+    }
+}
+
+/// Where a task stands.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskState {
+    /// Waiting for a worker (or for one to claim it again).
+    Ready,
+    /// Held by a worker.
+    Claimed {
+        /// Who.
+        owner: String,
+        /// Until when, unless renewed (unix ms).
+        expires_ms: i64,
+    },
+    /// Done, with the result its holder recorded.
+    Done(Value),
+}
+
+/// The queue's operations; both stores implement them.
+pub trait Queue: Send + Sync {
+    /// Adds `task`, unless the queue already has the same attempt of the
+    /// same execution (a coordinator that took a run over enqueues again):
+    /// its id either way.
+    fn enqueue(&self, task: &Task) -> Result<i64, StoreError>;
+    /// Claims up to `max` tasks for `owner` for `ttl`: ready ones, and ones
+    /// whose claim expired. Claims are handed out one transaction at a time
+    /// across every process, so `shares` hold for the whole queue.
+    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Vec<Claim>, StoreError>;
+    /// Extends `claim` by `ttl` from now; [`StoreError::Fenced`] if the
+    /// task was claimed again since.
+    fn renew(&self, claim: &Claim, ttl: Duration) -> Result<(), StoreError>;
+    /// Records the task's result, if `claim` is still the latest;
+    /// [`StoreError::Fenced`] if not, and nothing is recorded.
+    fn complete(&self, claim: &Claim, result: &Value) -> Result<(), StoreError>;
+    /// Where task `id` stands.
+    fn task_state(&self, id: i64) -> Result<TaskState, StoreError>;
+}
+
+/// A claimable task, as the stores read it: its tenant and id, in queue
+/// order within its tenant.
+pub(crate) struct Candidate {
+    pub(crate) id: i64,
+    pub(crate) tenant: String,
+}
+
+/// Picks up to `max` of `candidates` (each tenant's in queue order): every
+/// pick goes to the tenant with the least held per unit of weight (what it
+/// `holds` already, plus what it was picked here), never one at its
+/// `max_concurrent`; ties go to the older task.
+pub(crate) fn fair_pick(
+    candidates: Vec<Candidate>,
+    holds: &HashMap<String, usize>,
+    shares: &Shares,
+    max: usize,
+) -> Vec<i64> {
+    let mut queues: HashMap<String, VecDeque<i64>> = HashMap::new();
+    for candidate in candidates {
+        queues.entry(candidate.tenant).or_default().push_back(candidate.id);
+    }
+    let mut load: HashMap<String, usize> =
+        queues.keys().map(|tenant| (tenant.clone(), holds.get(tenant).copied().unwrap_or(0))).collect();
+    let mut picked = Vec::new();
+    while picked.len() < max {
+        let next = queues
+            .iter()
+            .filter(|(tenant, queue)| !queue.is_empty() && load[*tenant] < shares.of(tenant).max_concurrent)
+            .min_by(|(a, qa), (b, qb)| {
+                let per_weight = |tenant: &str| load[tenant] as f64 / f64::from(shares.of(tenant).weight.max(1));
+                per_weight(a).total_cmp(&per_weight(b)).then(qa[0].cmp(&qb[0]))
+            })
+            .map(|(tenant, _)| tenant.clone());
+        let Some(tenant) = next else { break };
+        if let Some(id) = queues.get_mut(&tenant).and_then(VecDeque::pop_front) {
+            picked.push(id);
+            *load.entry(tenant).or_default() += 1;
+        }
+    }
+    picked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidates(list: &[(&str, i64)]) -> Vec<Candidate> {
+        list.iter().map(|(tenant, id)| Candidate { id: *id, tenant: (*tenant).to_owned() }).collect()
+    }
+
+    #[test]
+    fn tenants_take_turns_by_weight_from_what_they_hold() {
+        let big: Vec<(&str, i64)> = (1..=10).map(|id| ("big", id)).collect();
+        let mut all = big.clone();
+        all.extend([("small", 100), ("small", 101)]);
+        let shares = Shares::default();
+        // The small tenant's older-by-id rivals do not go first: turns.
+        assert_eq!(fair_pick(candidates(&all), &HashMap::new(), &shares, 4), [1, 100, 2, 101]);
+        // The big tenant already holds 3: the small one catches up first.
+        let holds = HashMap::from([("big".to_owned(), 3)]);
+        assert_eq!(fair_pick(candidates(&all), &holds, &shares, 3), [100, 101, 1]);
+        // Weight 2 gets two turns to one.
+        let weighted =
+            Shares { tenants: HashMap::from([("big".into(), Share { weight: 2, max_concurrent: 9 })]), ..shares };
+        assert_eq!(fair_pick(candidates(&all), &HashMap::new(), &weighted, 6), [1, 100, 2, 3, 101, 4]);
+    }
+
+    #[test]
+    fn a_tenant_at_its_ceiling_gets_nothing_more() {
+        let shares = Shares {
+            tenants: HashMap::from([("capped".into(), Share { weight: 1, max_concurrent: 2 })]),
+            ..Shares::default()
+        };
+        let list = candidates(&[("capped", 1), ("capped", 2), ("capped", 3)]);
+        assert_eq!(fair_pick(list, &HashMap::from([("capped".to_owned(), 1)]), &shares, 10), [1]);
+    }
+}

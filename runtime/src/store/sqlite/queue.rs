@@ -1,0 +1,132 @@
+//! The queue in the SQLite store, for workers on one machine sharing a
+//! data directory. A claim is one immediate transaction, which SQLite runs
+//! one at a time across processes, so shares hold for every worker.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, Row, params};
+use serde_json::Value;
+
+use super::Database;
+use crate::run::now_ms;
+use crate::store::StoreError;
+use crate::store::queue::{Candidate, Claim, Queue, Shares, Task, TaskState, fair_pick};
+use crate::store::rows::{expiry, json, text};
+
+const CLAIM_COLUMNS: &str = "id, run_id, key, attempt, tenant, request, owner, token, claims";
+
+fn claim_from(row: &Row<'_>) -> rusqlite::Result<Claim> {
+    Ok(Claim {
+        id: row.get(0)?,
+        task: Task {
+            run_id: row.get(1)?,
+            key: row.get(2)?,
+            attempt: row.get(3)?,
+            tenant: row.get(4)?,
+            request: json(Some(row.get(5)?)).unwrap_or(Value::Null),
+        },
+        owner: row.get(6)?,
+        token: row.get::<_, i64>(7)?.cast_unsigned(),
+        claims: row.get(8)?,
+    })
+}
+
+impl Queue for Database {
+    fn enqueue(&self, task: &Task) -> Result<i64, StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO tasks (run_id, key, attempt, tenant, request, state) VALUES (?1, ?2, ?3, ?4, ?5, 'ready')
+                 ON CONFLICT (run_id, key, attempt) DO NOTHING",
+                params![task.run_id, task.key, task.attempt, task.tenant, text(&task.request)],
+            )?;
+            tx.query_row(
+                "SELECT id FROM tasks WHERE run_id = ?1 AND key = ?2 AND attempt = ?3",
+                params![task.run_id, task.key, task.attempt],
+                |row| row.get(0),
+            )
+        })
+    }
+
+    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Vec<Claim>, StoreError> {
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        self.write(|tx| {
+            let now = now_ms() as i64;
+            let holds: HashMap<String, usize> = {
+                let mut statement = tx.prepare_cached(
+                    "SELECT tenant, COUNT(*) FROM tasks WHERE state = 'claimed' AND expires_ms > ?1 GROUP BY tenant",
+                )?;
+                let rows = statement.query_map(params![now], |row| {
+                    Ok((row.get(0)?, usize::try_from(row.get::<_, i64>(1)?).unwrap_or(usize::MAX)))
+                })?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let candidates: Vec<Candidate> = {
+                let mut statement = tx.prepare_cached(
+                    "SELECT id, tenant FROM (
+                         SELECT id, tenant, ROW_NUMBER() OVER (PARTITION BY tenant ORDER BY id) AS rank FROM tasks
+                         WHERE state = 'ready' OR (state = 'claimed' AND expires_ms <= ?1)
+                     ) WHERE rank <= ?2",
+                )?;
+                let rows = statement
+                    .query_map(params![now, limit], |row| Ok(Candidate { id: row.get(0)?, tenant: row.get(1)? }))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let until = expiry(ttl);
+            let mut claimed = Vec::new();
+            for id in fair_pick(candidates, &holds, shares, max) {
+                let claim = tx
+                    .query_row(
+                        &format!(
+                            "UPDATE tasks SET state = 'claimed', owner = ?2, token = token + 1, claims = claims + 1,
+                                 expires_ms = ?3
+                             WHERE id = ?1 RETURNING {CLAIM_COLUMNS}"
+                        ),
+                        params![id, owner, until],
+                        claim_from,
+                    )
+                    .optional()?;
+                claimed.extend(claim);
+            }
+            Ok(claimed)
+        })
+    }
+
+    fn renew(&self, claim: &Claim, ttl: Duration) -> Result<(), StoreError> {
+        let renewed = self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET expires_ms = ?4 WHERE id = ?1 AND owner = ?2 AND token = ?3 AND state = 'claimed'",
+                params![claim.id, claim.owner, claim.token.cast_signed(), expiry(ttl)],
+            )
+        })?;
+        if renewed == 0 { Err(StoreError::Fenced { task: claim.id }) } else { Ok(()) }
+    }
+
+    fn complete(&self, claim: &Claim, result: &Value) -> Result<(), StoreError> {
+        let completed = self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET state = 'done', result = ?4, owner = NULL, expires_ms = NULL
+                 WHERE id = ?1 AND owner = ?2 AND token = ?3 AND state = 'claimed'",
+                params![claim.id, claim.owner, claim.token.cast_signed(), text(result)],
+            )
+        })?;
+        if completed == 0 { Err(StoreError::Fenced { task: claim.id }) } else { Ok(()) }
+    }
+
+    fn task_state(&self, id: i64) -> Result<TaskState, StoreError> {
+        let found = self.read(|conn| {
+            conn.query_row("SELECT state, owner, expires_ms, result FROM tasks WHERE id = ?1", params![id], |row| {
+                Ok(match row.get::<_, String>(0)?.as_str() {
+                    "done" => TaskState::Done(json(row.get(3)?).unwrap_or(Value::Null)),
+                    "claimed" => TaskState::Claimed {
+                        owner: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                        expires_ms: row.get::<_, Option<i64>>(2)?.unwrap_or_default(),
+                    },
+                    _ => TaskState::Ready,
+                })
+            })
+            .optional()
+        })?;
+        found.ok_or(StoreError::NoSuchTask(id))
+    }
+}
