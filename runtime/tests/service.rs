@@ -463,6 +463,13 @@ async fn bad_requests_get_json_errors_that_say_what_to_fix() {
         "invalid_labels",
         api.post("/v1/workflows/greet/runs", json!({ "inputs": { "who": "x" }, "labels": labels })).await,
     );
+    // A NUL no store can hold, in a label or an event's name.
+    expect(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_labels",
+        api.post("/v1/workflows/greet/runs", json!({ "inputs": { "who": "x" }, "labels": { "k": "a\0b" } })).await,
+    );
+    expect(StatusCode::NOT_FOUND, "not_found", api.get("/v1/runs/a%00b").await);
     expect(StatusCode::BAD_REQUEST, "invalid_query", api.get("/v1/runs?limit=0").await);
     expect(StatusCode::BAD_REQUEST, "invalid_query", api.get("/v1/runs?status=done").await);
     let events = api.request(reqwest::Method::GET, "/v1/runs/x/events").header("Last-Event-ID", "soon");
@@ -800,6 +807,11 @@ async fn a_waiting_step_parks_its_run_across_a_restart_until_its_event_comes() {
     // An event for no step, or to another tenant's run, is refused.
     let (status, body) = api.post(&format!("/v1/runs/{id}/events/reject"), json!({})).await;
     assert_eq!((status, body["error"]["code"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("no_such_event")));
+    let (status, body) = api.post(&format!("/v1/runs/{id}/events/a%00b"), json!({})).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("invalid_event_name"))
+    );
     let other = server.api(&token(&data, Some("globex")));
     assert_eq!(other.post(&format!("/v1/runs/{id}/events/approve"), json!({})).await.0, StatusCode::NOT_FOUND);
 

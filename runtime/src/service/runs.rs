@@ -22,6 +22,8 @@ const MAX_LABELS: usize = 32;
 const MAX_LABEL_KEY: usize = 64;
 /// The longest label value, in bytes.
 const MAX_LABEL_VALUE: usize = 256;
+/// The longest event name, in bytes.
+const MAX_EVENT_NAME: usize = 128;
 /// The longest idempotency key, in bytes.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
@@ -81,6 +83,12 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ServiceError> {
         return Err(bad(format!("a run may have at most {MAX_LABELS} labels; this one has {}", labels.len())));
     }
     for (key, value) in labels {
+        if key.chars().any(char::is_control) || value.contains('\0') {
+            return Err(bad(format!(
+                "label `{}` holds a control character; keys take none, values no NUL",
+                key.escape_debug()
+            )));
+        }
         if key.is_empty() || key.len() > MAX_LABEL_KEY || value.len() > MAX_LABEL_VALUE {
             return Err(bad(format!(
                 "label `{}` is too long or empty: keys take 1 to {MAX_LABEL_KEY} bytes, values up to {MAX_LABEL_VALUE}",
@@ -272,6 +280,12 @@ impl Service {
         payload: serde_json::Value,
     ) -> Result<Run, ServiceError> {
         let run = self.run(scope, id).await?;
+        if name.is_empty() || name.len() > MAX_EVENT_NAME || name.chars().any(char::is_control) {
+            return Err(ServiceError::Invalid {
+                code: "invalid_event_name",
+                message: format!("an event name takes 1 to {MAX_EVENT_NAME} bytes without control characters"),
+            });
+        }
         if finished(run.status) {
             return Err(ServiceError::Conflict {
                 code: "run_finished",

@@ -118,15 +118,15 @@ fn what_a_run_recorded_comes_back_as_its_report_and_its_resume_state() {
         let name = backend.name;
         let (lease, durable) = store.create_run(&run("r", "t", &[]), &Value::Null);
         let (a, b): (StepPath, StepPath) = ("a".parse().unwrap(), "b[1]".parse().unwrap());
-        let _ = store.attempt_started("r", &a, "r/a", &Attempt::started(1, 1.0));
+        drop(store.attempt_started("r", &a, "r/a", &Attempt::started(1, 1.0)));
         let failed = Attempt {
             outcome: Outcome::Failed { failure: Failure::new(FailureKind::Timeout, "too slow") },
             finished_ms: Some(2.0),
             ..Attempt::started(1, 1.0)
         };
-        let _ = store.attempt_finished("r", &a, "r/a", &failed, false);
-        let _ = store.attempt_started("r", &a, "r/a", &Attempt::started(2, 3.0));
-        let _ = store.attempt_finished("r", &a, "r/a", &finished(2, json!({"x": [1, 2]})), true);
+        drop(store.attempt_finished("r", &a, "r/a", &failed, false));
+        drop(store.attempt_started("r", &a, "r/a", &Attempt::started(2, 3.0)));
+        drop(store.attempt_finished("r", &a, "r/a", &finished(2, json!({"x": [1, 2]})), true));
         let step = StepReport {
             status: StepStatus::Succeeded,
             output: Some(json!({"x": [1, 2]})),
@@ -134,8 +134,8 @@ fn what_a_run_recorded_comes_back_as_its_report_and_its_resume_state() {
             finished_ms: Some(4.0),
             ..StepReport::pending(a.clone(), true)
         };
-        let _ = store.step_finished("r", 0, &step);
-        let _ = store.attempt_started("r", &b, "r/b[1]", &Attempt::started(1, 5.0));
+        drop(store.step_finished("r", 0, &step));
+        drop(store.attempt_started("r", &b, "r/b[1]", &Attempt::started(1, 5.0)));
         let outputs = json!({"out": 7}).as_object().unwrap().clone();
         // Awaiting the last record vouches for every one before it.
         wait(store.run_finished("r", RunStatus::Succeeded, &outputs, None)).unwrap();
@@ -252,7 +252,7 @@ fn tokens_versions_ticks_waits_and_events_behave_the_same() {
 
         let (first, new) = store.deploy("acme", "orders", "aaa", "w.yaml").unwrap();
         assert_eq!((first.version, new), (1, true), "{name}");
-        assert_eq!(store.deploy("acme", "orders", "aaa", "w.yaml").unwrap().1, false, "{name}");
+        assert!(!store.deploy("acme", "orders", "aaa", "w.yaml").unwrap().1, "{name}");
         assert_eq!(store.deploy("acme", "orders", "bbb", "w.yaml").unwrap().0.version, 2, "{name}");
         assert_eq!(store.workflow_version("acme", "orders", Some(1)).unwrap().unwrap().digest, "aaa", "{name}");
         assert_eq!(store.workflow_version("acme", "orders", None).unwrap().unwrap().digest, "bbb", "{name}");
@@ -269,7 +269,7 @@ fn tokens_versions_ticks_waits_and_events_behave_the_same() {
 
         let (lease, durable) = store.create_run(&run("w", "acme", &[]), &Value::Null);
         let gate: StepPath = "gate".parse().unwrap();
-        let _ = store.wait_started("w", &gate, "w/gate", "approve", 10.0, Some(5000.0));
+        drop(store.wait_started("w", &gate, "w/gate", "approve", 10.0, Some(5000.0)));
         wait(store.run_parked("w")).unwrap();
         wait(durable).unwrap();
         wait(store.release_lease(&lease)).unwrap();
@@ -319,7 +319,7 @@ fn forgetting_a_step_forgets_only_that_step_and_what_is_inside_it() {
         for path in paths {
             let key = format!("a/{path}");
             let step: StepPath = path.parse().unwrap();
-            let _ = store.attempt_started("a", &step, &key, &Attempt::started(1, 0.0));
+            drop(store.attempt_started("a", &step, &key, &Attempt::started(1, 0.0)));
             wait(store.attempt_finished("a", &step, &key, &finished(1, Value::from(path)), true)).unwrap();
         }
         assert!("fetch%".parse::<StepPath>().is_err());
@@ -502,5 +502,40 @@ fn a_tenants_ceiling_holds_across_every_worker() {
         assert_eq!((one.len(), two.len()), (2, 1), "{name}: three at once, whoever asks");
         store.complete(&one[0], &json!(null)).unwrap();
         assert_eq!(store.claim("w3", 5, ttl, &shares).unwrap().len(), 1, "{name}: one finished, one more");
+    }
+}
+
+#[test]
+fn text_a_guest_controls_is_stored_alike_and_ids_no_store_holds_are_not_found() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        let (lease, durable) = store.create_run(&run("r", "t", &[]), &Value::Null);
+        let path: StepPath = "a".parse().unwrap();
+        let mut attempt = Attempt {
+            outcome: Outcome::Failed { failure: Failure::new(FailureKind::Trap, "bad\0byte") },
+            finished_ms: Some(2.0),
+            ..Attempt::started(1, 1.0)
+        };
+        attempt.stdout.text = "out\0put".into();
+        drop(store.attempt_started("r", &path, "r/a", &Attempt::started(1, 1.0)));
+        drop(store.attempt_finished("r", &path, "r/a", &attempt, true));
+        let step = StepReport {
+            status: StepStatus::Failed,
+            reason: Some("because\0".into()),
+            ..StepReport::pending(path.clone(), true)
+        };
+        drop(store.step_finished("r", 0, &step));
+        wait(store.run_finished("r", RunStatus::Failed, &Default::default(), Some("run\0error"))).unwrap();
+        wait(durable).unwrap();
+        wait(store.release_lease(&lease)).unwrap();
+        let report = store.run_report("r").unwrap();
+        assert_eq!(report.run.error.as_deref(), Some("run\u{FFFD}error"), "{name}");
+        assert_eq!(report.steps[0].reason.as_deref(), Some("because\u{FFFD}"), "{name}");
+        let stored = &report.steps[0].executions[0].attempts[0];
+        assert_eq!(stored.failure().map(|f| f.message.as_str()), Some("bad\u{FFFD}byte"), "{name}");
+        assert_eq!(stored.stdout.text, "out\u{FFFD}put", "{name}");
+        assert!(matches!(store.load_run("r\0"), Err(StoreError::NoSuchRun(_))), "{name}");
+        assert_eq!(store.find_token("h\0").unwrap(), None, "{name}");
     }
 }

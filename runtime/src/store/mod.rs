@@ -87,9 +87,9 @@ pub fn open(db: Option<&str>, data_dir: &std::path::Path) -> Result<std::sync::A
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             Ok(std::sync::Arc::new(PgStore::open(url)?))
         }
-        Some(other) => Err(StoreError::BadUrl {
-            url: other.to_owned(),
-            detail: "only PostgreSQL is supported here: use postgres://USER@HOST:PORT/DATABASE, \
+        // Not echoed: it may hold a password.
+        Some(_) => Err(StoreError::BadUrl {
+            detail: "it is not a postgres:// URL; use postgres://USER:PASSWORD@HOST:PORT/DATABASE, \
                      or leave --db out for the SQLite files in the data directory"
                 .into(),
         }),
@@ -314,11 +314,10 @@ pub enum StoreError {
         /// The database's own message.
         detail: String,
     },
-    /// The `--db` URL cannot be used.
-    #[error("cannot use the database URL {url}: {detail}")]
+    /// The `--db` URL cannot be used (it is not shown: it may hold a
+    /// password).
+    #[error("cannot use the --db URL (STEPBOX_DB): {detail}")]
     BadUrl {
-        /// The URL, its password hidden.
-        url: String,
         /// Why.
         detail: String,
     },

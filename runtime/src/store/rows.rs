@@ -36,7 +36,14 @@ pub(crate) fn object(text: Option<String>) -> Option<serde_json::Map<String, Val
     }
 }
 
+/// Free text as stored: a NUL (which PostgreSQL's text cannot hold, and a
+/// guest can print) becomes U+FFFD, on both stores alike.
+pub(crate) fn clean(text: &str) -> String {
+    text.replace('\0', "\u{FFFD}")
+}
+
 fn capped(text: &str) -> String {
+    let text = &clean(text);
     if text.len() <= MAX_CAPTURE {
         return text.to_owned();
     }
@@ -91,7 +98,7 @@ impl AttemptRow {
             number: attempt.attempt,
             status: attempt.outcome.as_str(),
             kind: failure.map(|f| f.kind),
-            message: failure.map(|f| f.message.clone()),
+            message: failure.map(|f| clean(&f.message)),
             started: attempt.started_ms,
             finished: attempt.finished_ms,
             delay: attempt.delay_before_ms,

@@ -41,6 +41,9 @@ fn other(err: KvError) -> Error {
 }
 
 fn check_key(key: &str) -> Result<(), Error> {
+    if key.contains('\0') {
+        return Err(Error::Other("a key cannot hold a NUL character".into()));
+    }
     if key.len() > MAX_KEY {
         return Err(Error::Other(format!("the key is {} bytes; keys may be at most {MAX_KEY} bytes", key.len())));
     }
@@ -144,7 +147,7 @@ impl KvCall {
 
 impl store::Host for StepState {
     async fn open(&mut self, identifier: String) -> KvResult<Resource<BucketHandle>> {
-        if identifier.is_empty() || identifier.len() > MAX_BUCKET_NAME {
+        if identifier.is_empty() || identifier.len() > MAX_BUCKET_NAME || identifier.contains('\0') {
             return Ok(Err(Error::NoSuchStore));
         }
         Ok(Ok(self.table.push(BucketHandle { name: identifier })?))
@@ -186,6 +189,9 @@ impl store::HostBucket for StepState {
 
     async fn list_keys(&mut self, bucket: Resource<BucketHandle>, cursor: Option<String>) -> KvResult<KeyResponse> {
         let name = self.bucket_name(&bucket)?;
+        if let Some(Err(err)) = cursor.as_deref().map(check_key) {
+            return Ok(Err(err));
+        }
         let keys =
             match self.store().call(move |kv, scope, _| kv.list_keys(scope, &name, cursor.as_deref(), PAGE)).await {
                 Ok(keys) => keys,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::{Param, PgStore};
@@ -56,7 +57,12 @@ impl PgStore {
         let place = self.place.clone();
         let rows = self.call(move |client| async move {
             let params: Vec<&(dyn ToSql + Sync)> = params.iter().map(|param| &**param as _).collect();
-            client.query(&query, &params).await
+            match client.query(&query, &params).await {
+                // Text PostgreSQL cannot hold (a NUL, from an id in a
+                // request) matches nothing stored, as on SQLite.
+                Err(err) if err.code() == Some(&SqlState::CHARACTER_NOT_IN_REPERTOIRE) => Ok(Vec::new()),
+                rows => rows,
+            }
         })?;
         each(rows, read).map_err(|detail| StoreError::Database { place: place.to_string(), detail })
     }

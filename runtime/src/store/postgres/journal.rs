@@ -2,10 +2,8 @@
 //! than a closure, written by the group-committing writer; creating,
 //! reopening and trimming runs and taking leases commit on their own.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use serde_json::Value;
 use tokio_postgres::Transaction;
 
@@ -14,13 +12,12 @@ use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
 use crate::store::group::Kind;
 use crate::store::lease::{LEASE_TTL, leased};
-use crate::store::rows::{AttemptRow, ExecutionRow, expiry, held, text};
-use crate::store::{Durable, Journal, Lease, ResumeState, Started, StoreError};
+use crate::store::rows::{AttemptRow, ExecutionRow, clean, expiry, held, text};
+use crate::store::{Durable, Journal, Lease, ResumeState, StoreError};
 
 /// One journal record, as the writer commits it.
 pub(super) enum Record {
     CreateRun { run: Run, fingerprint: String },
-    CreateRunOnce { run: Run, fingerprint: String, key: String, request: String, outcome: Arc<Mutex<Option<Started>>> },
     ReleaseLease(Lease),
     AttemptStarted { run_id: String, key: String, path: String, number: i64, started: f64, delay: f64 },
     AttemptFinished { run_id: String, key: String, path: StepPath, row: AttemptRow, execution: Option<ExecutionRow> },
@@ -47,33 +44,6 @@ impl Record {
     pub(super) async fn write(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         match self {
             Record::CreateRun { run, fingerprint } => insert_run(tx, run, fingerprint).await,
-            Record::CreateRunOnce { run, fingerprint, key, request, outcome } => {
-                // Requests with one key from any process take turns here, so
-                // the later one reads the earlier one's committed row.
-                tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))", &[&run.tenant, key])
-                    .await?;
-                let earlier = tx
-                    .query_opt(
-                        "SELECT run_id, request FROM idempotency_keys WHERE tenant = $1 AND key = $2",
-                        &[&run.tenant, key],
-                    )
-                    .await?;
-                let started = match earlier {
-                    Some(row) if row.get::<_, &str>(1) == request => Started::Existing(row.get(0)),
-                    Some(row) => Started::Conflict(row.get(0)),
-                    None => {
-                        insert_run(tx, run, fingerprint).await?;
-                        tx.execute(
-                            "INSERT INTO idempotency_keys (tenant, key, request, run_id) VALUES ($1, $2, $3, $4)",
-                            &[&run.tenant, key, request, &run.id],
-                        )
-                        .await?;
-                        Started::Created(Lease::created(&run.id))
-                    }
-                };
-                *outcome.lock() = Some(started);
-                Ok(())
-            }
             Record::ReleaseLease(lease) => {
                 failpoint!("lease.before-release");
                 tx.execute(
@@ -188,7 +158,11 @@ impl Record {
 
 /// Inserts a new run's row and its labels, its lease held by this process
 /// from the start ([`Lease::created`]).
-async fn insert_run(tx: &Transaction<'_>, run: &Run, fingerprint: &str) -> Result<(), tokio_postgres::Error> {
+pub(super) async fn insert_run(
+    tx: &Transaction<'_>,
+    run: &Run,
+    fingerprint: &str,
+) -> Result<(), tokio_postgres::Error> {
     let lease = Lease::created(&run.id);
     tx.execute(
         "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms,
@@ -446,7 +420,7 @@ impl Journal for PgStore {
             position: i64::try_from(position).unwrap_or(i64::MAX),
             status: step.status.as_str(),
             required: step.required,
-            reason: step.reason.clone(),
+            reason: step.reason.as_deref().map(clean),
             output: step.output.as_ref().map(text),
             started: step.started_ms,
             finished: step.finished_ms,
@@ -465,7 +439,7 @@ impl Journal for PgStore {
             run_id: run_id.to_owned(),
             status,
             outputs: text(&Value::Object(outputs.clone())),
-            error: error.map(str::to_owned),
+            error: error.map(clean),
         };
         self.writer.queue(run_id, Kind::Last, record)
     }

@@ -226,8 +226,17 @@ impl PgStore {
     /// or libpq's `key=value` form) and brings its schema up to date,
     /// refusing one a newer stepbox wrote.
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config =
-            url.parse().map_err(|err| StoreError::BadUrl { url: redact(url), detail: format!("{err}") })?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|err| StoreError::BadUrl { detail: format!("{err}") })?;
+        // A session that stops in the middle of a transaction (its process
+        // paused or cut off) lets go of its locks within a minute, and no
+        // statement waits for a lock forever: one stuck process must not
+        // stall the others.
+        let options = format!(
+            "{} -c idle_in_transaction_session_timeout=60s -c lock_timeout=30s",
+            config.get_options().unwrap_or_default()
+        );
+        config.options(options.trim());
         let place: Arc<str> = describe(&config).into();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -350,20 +359,6 @@ fn describe(config: &tokio_postgres::Config) -> String {
     format!("postgres://{user}@{host}:{port}/{db}")
 }
 
-/// A URL as given, its password (if any) hidden.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// A database error, as what a user can do about it.
 fn pg_error(place: &str, err: &tokio_postgres::Error) -> StoreError {
     match err.code() {
@@ -438,11 +433,16 @@ mod tests {
         let message = err.to_string();
         assert!(message.contains("start it") && message.contains("STEPBOX_DB"), "{message}");
         assert!(!message.contains("secret"), "the password stays out of messages: {message}");
-        let err = PgStore::open("postgres://u:secret@host:notaport/db").unwrap_err();
-        assert!(matches!(err, StoreError::BadUrl { .. }), "{err}");
-        assert!(!err.to_string().contains("secret"), "{err}");
-        let err = crate::store::open(Some("mysql://x"), std::path::Path::new("/nonexistent")).unwrap_err();
-        assert!(err.to_string().contains("postgres://"), "{err}");
+        for url in ["postgres://u:secret@host:notaport/db", "postgres://u@h:notaport/db?password=secret"] {
+            let err = PgStore::open(url).unwrap_err();
+            assert!(matches!(err, StoreError::BadUrl { .. }), "{err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+        for url in ["mysql://u:secret@x/db", "host=h password=secret", "postgress://u:secret@h/db"] {
+            let err = crate::store::open(Some(url), std::path::Path::new("/nonexistent")).unwrap_err();
+            assert!(err.to_string().contains("postgres://"), "{err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
     }
 
     #[test]

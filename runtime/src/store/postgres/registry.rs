@@ -1,18 +1,15 @@
 //! The service's records on PostgreSQL: tokens, workflow versions, schedule
 //! ticks, waits to settle and idempotency keys.
 
-use std::sync::Arc;
-
-use parking_lot::Mutex;
 use serde_json::Value;
 use tokio_postgres::Row;
 
-use super::journal::Record;
-use super::{Param, PgStore};
+use super::journal::insert_run;
+use super::{Param, PgStore, pg_error, pool_error};
+use crate::failpoint::failpoint;
 use crate::run::{Run, now_ms};
-use crate::store::group::Kind;
 use crate::store::rows::text;
-use crate::store::{Pending, Registry, Started, StoreError, TokenRecord, WorkflowVersion};
+use crate::store::{Lease, Pending, Registry, Started, StoreError, TokenRecord, WorkflowVersion};
 
 const TOKEN_COLUMNS: &str = "id, tenant, name, created_ms, revoked_ms";
 const VERSION_COLUMNS: &str = "tenant, name, version, digest, entry, created_ms";
@@ -238,18 +235,51 @@ impl Registry for PgStore {
     }
 
     fn create_run_once(&self, run: &Run, fingerprint: &Value, key: &str, request: &str) -> Pending<Started> {
-        let outcome = Arc::new(Mutex::new(None));
-        let record = Record::CreateRunOnce {
-            run: run.clone(),
-            fingerprint: text(fingerprint),
-            key: key.to_owned(),
-            request: request.to_owned(),
-            outcome: outcome.clone(),
-        };
-        let created = self.writer.queue(&run.id, Kind::Awaited, record);
+        // A transaction of its own, not a record of the shared commit: it
+        // may wait for another process's request with the same key, and
+        // nobody else's records should wait with it.
+        let (run, fingerprint, key, request) = (run.clone(), text(fingerprint), key.to_owned(), request.to_owned());
+        let (pool, place, handle) = (self.pool.clone(), self.place.clone(), self.handle.clone());
+        let created = handle.spawn(async move {
+            let client = pool.get().await.map_err(|err| pool_error(&place, err))?;
+            once(client, &run, &fingerprint, &key, &request).await.map_err(|err| pg_error(&place, &err))
+        });
         Box::pin(async move {
-            created.await?;
-            outcome.lock().take().ok_or(StoreError::WriterStopped)
+            let started = created.await.unwrap_or(Err(StoreError::WriterStopped))?;
+            failpoint!("run.created");
+            Ok(started)
         })
     }
+}
+
+/// Creates `run` unless its tenant started one with `key`, in one
+/// transaction. Requests with one key from any process take turns on the
+/// key's advisory lock, so the later one reads the earlier one's row.
+async fn once(
+    mut client: deadpool_postgres::Object,
+    run: &Run,
+    fingerprint: &str,
+    key: &str,
+    request: &str,
+) -> Result<Started, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))", &[&run.tenant, &key]).await?;
+    let earlier = tx
+        .query_opt("SELECT run_id, request FROM idempotency_keys WHERE tenant = $1 AND key = $2", &[&run.tenant, &key])
+        .await?;
+    let started = match earlier {
+        Some(row) if row.get::<_, &str>(1) == request => Started::Existing(row.get(0)),
+        Some(row) => Started::Conflict(row.get(0)),
+        None => {
+            insert_run(&tx, run, fingerprint).await?;
+            tx.execute(
+                "INSERT INTO idempotency_keys (tenant, key, request, run_id) VALUES ($1, $2, $3, $4)",
+                &[&run.tenant, &key, &request, &run.id],
+            )
+            .await?;
+            Started::Created(Lease::created(&run.id))
+        }
+    };
+    tx.commit().await?;
+    Ok(started)
 }

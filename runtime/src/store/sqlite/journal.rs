@@ -12,7 +12,7 @@ use super::writer::Kind;
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
 use crate::store::lease::{LEASE_TTL, leased};
-use crate::store::rows::{AttemptRow, ExecutionRow, expiry, held, json, text};
+use crate::store::rows::{AttemptRow, ExecutionRow, clean, expiry, held, json, text};
 use crate::store::{Durable, Journal, Lease, ResumeState, StoreError};
 
 /// Inserts a new run's row and its labels, its lease held by this process
@@ -304,7 +304,7 @@ impl Journal for Database {
     fn step_finished(&self, run_id: &str, position: usize, step: &StepReport) -> Durable {
         let id = run_id.to_owned();
         let (path, position, status, required) = (step.id.clone(), position as i64, step.status, step.required);
-        let (reason, output) = (step.reason.clone(), step.output.as_ref().map(text));
+        let (reason, output) = (step.reason.as_deref().map(clean), step.output.as_ref().map(text));
         let (started, finished) = (step.started_ms, step.finished_ms);
         self.queue(
             run_id,
@@ -329,7 +329,7 @@ impl Journal for Database {
         outputs: &serde_json::Map<String, Value>,
         error: Option<&str>,
     ) -> Durable {
-        let (id, outputs, error) = (run_id.to_owned(), text(&Value::Object(outputs.clone())), error.map(str::to_owned));
+        let (id, outputs, error) = (run_id.to_owned(), text(&Value::Object(outputs.clone())), error.map(clean));
         self.queue(
             run_id,
             Kind::Last,
