@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use stepbox_tests::postgres::TestDatabase;
 
-use super::{Database, PgStore, RunFilter, Shares, Started, Store, StoreError, Task, TaskState, TokenRecord};
+use super::{Database, PgStore, RunFilter, Shares, Started, Store, StoreError, Task, TaskState, TokenRecord, wait};
 use crate::run::{Attempt, Failure, FailureKind, Outcome, Run, RunStatus, StepPath, StepReport, StepStatus};
 
 /// A backend, and what keeps it alive (its directory, its database).
@@ -43,14 +43,6 @@ fn backends() -> Vec<Backend> {
             _keep: Box::new(database),
         },
     ]
-}
-
-/// Waits for a queued write from a sync test.
-fn wait<T: Send>(pending: super::Pending<T>) -> Result<T, StoreError> {
-    std::thread::scope(|scope| {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        scope.spawn(move || runtime.block_on(pending)).join().unwrap()
-    })
 }
 
 fn run(id: &str, tenant: &str, labels: &[(&str, &str)]) -> Run {

@@ -97,6 +97,16 @@ pub fn open(db: Option<&str>, data_dir: &std::path::Path) -> Result<std::sync::A
     }
 }
 
+/// Waits for a queued write from a sync test (or an async one: on a thread
+/// of its own).
+#[cfg(test)]
+pub(crate) fn wait<T: Send>(pending: Pending<T>) -> Result<T, StoreError> {
+    std::thread::scope(|scope| {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        scope.spawn(move || runtime.block_on(pending)).join().unwrap()
+    })
+}
+
 /// Creates `dir` and its missing parents so that only this user can enter
 /// them: a data directory holds every tenant's records and compiled native
 /// code.

@@ -167,7 +167,8 @@ pub(super) async fn insert_run(
     tx.execute(
         "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms,
                            version, lease_owner, lease_expires_ms, lease_epoch)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)
+         ON CONFLICT (id) DO NOTHING",
         &[
             &run.id,
             &run.workflow,
@@ -185,7 +186,11 @@ pub(super) async fn insert_run(
     )
     .await?;
     for (key, value) in &run.labels {
-        tx.execute("INSERT INTO run_labels (run_id, key, value) VALUES ($1, $2, $3)", &[&run.id, key, value]).await?;
+        tx.execute(
+            "INSERT INTO run_labels (run_id, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            &[&run.id, key, value],
+        )
+        .await?;
     }
     Ok(())
 }

@@ -445,6 +445,67 @@ mod tests {
         }
     }
 
+    /// A TCP proxy to the test server whose connections can be cut, as a
+    /// server restart or a network drop would cut them.
+    struct Proxy {
+        url: String,
+        /// While set, connections are refused; setting it ends the open ones.
+        down: tokio::sync::watch::Sender<bool>,
+        _runtime: tokio::runtime::Runtime,
+    }
+
+    impl Proxy {
+        fn start(target_url: &str) -> Self {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+            let address = listener.local_addr().unwrap();
+            let (down, watch) = tokio::sync::watch::channel(false);
+            runtime.spawn(async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else { return };
+                    let mut watch = watch.clone();
+                    if *watch.borrow() {
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else { return };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = watch.wait_for(|down| *down) => {}
+                        }
+                    });
+                }
+            });
+            let url = target_url.replace("127.0.0.1:5432", &address.to_string());
+            Proxy { url, down, _runtime: runtime }
+        }
+
+        fn set_down(&self, down: bool) {
+            self.down.send_replace(down);
+        }
+    }
+
+    #[test]
+    fn records_queued_while_the_database_is_away_commit_when_it_is_back() {
+        use crate::run::{Attempt, Run, StepPath};
+        use crate::store::{History, Journal, wait};
+        let database = TestDatabase::create();
+        let proxy = Proxy::start(&database.url);
+        let store = PgStore::open(&proxy.url).unwrap();
+        let run = Run::new("r".into(), "w", "w.yaml", "t", Default::default());
+        let (_lease, created) = store.create_run(&run, &serde_json::Value::Null);
+        wait(created).unwrap();
+        proxy.set_down(true);
+        let path: StepPath = "a".parse().unwrap();
+        let started = store.attempt_started("r", &path, "r/a", &Attempt::started(1, 1.0));
+        // Reads fail at once, saying so; the record waits for the database.
+        assert!(matches!(store.load_run("r"), Err(StoreError::Unreachable { .. })));
+        std::thread::sleep(Duration::from_millis(300));
+        proxy.set_down(false);
+        wait(started).unwrap();
+        assert_eq!(store.resume_state("r").unwrap().attempts.get("r/a"), Some(&1));
+    }
+
     #[test]
     fn a_missing_database_says_to_create_it() {
         let err = PgStore::open("postgres://postgres@127.0.0.1:5432/stepbox_no_such_database").unwrap_err();

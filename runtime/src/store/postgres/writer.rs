@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use parking_lot::Mutex;
@@ -18,6 +19,10 @@ use super::{pg_error, pool_error};
 use crate::failpoint::failpoint;
 use crate::store::group::{Kind, LAZY_WINDOW, MAX_BATCH};
 use crate::store::{Durable, StoreError};
+
+/// How long the writer keeps trying to reach the database before it fails
+/// what it was writing.
+const RECONNECT_FOR: Duration = Duration::from_secs(30);
 
 struct Queued {
     run_id: String,
@@ -146,7 +151,7 @@ async fn commit(
             None => pending.push(queued),
         }
     }
-    match write(pool, place, pending.iter()).await {
+    match write(pool, place, &pending.iter().collect::<Vec<_>>()).await {
         Ok(()) => outcomes.extend(pending.into_iter().map(|queued| (queued, Ok(())))),
         Err(err @ StoreError::Unreachable { .. }) => {
             let failure = Lost::of(&err, place);
@@ -164,7 +169,7 @@ async fn commit(
                 }
             }
             for (run_id, records) in runs {
-                match write(pool, place, records.iter()).await {
+                match write(pool, place, &records.iter().collect::<Vec<_>>()).await {
                     Ok(()) => outcomes.extend(records.into_iter().map(|queued| (queued, Ok(())))),
                     Err(err) => {
                         let failure = Lost::of(&err, place);
@@ -178,10 +183,48 @@ async fn commit(
     outcomes
 }
 
-/// Writes `records` in one transaction.
-async fn write(pool: &Pool, place: &str, records: impl Iterator<Item = &Queued>) -> Result<(), StoreError> {
-    let mut client = pool.get().await.map_err(|err| pool_error(place, err))?;
-    let err = |err: tokio_postgres::Error| pg_error(place, &err);
+/// Writes `records` in one transaction, again and again while the
+/// database cannot be reached (it restarts, the network drops), for up to
+/// [`RECONNECT_FOR`]. Every record may be written twice: a commit whose
+/// answer was lost may have happened.
+async fn write(pool: &Pool, place: &str, records: &[&Queued]) -> Result<(), StoreError> {
+    let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match write_once(pool, place, records).await {
+            Err(Failed { transient: true, .. }) if tokio::time::Instant::now() + pause < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            result => return result.map_err(|failed| failed.error),
+        }
+    }
+}
+
+/// Why a write failed, and whether trying again may help.
+struct Failed {
+    transient: bool,
+    error: StoreError,
+}
+
+impl Failed {
+    fn pg(place: &str, err: &tokio_postgres::Error) -> Self {
+        let transient = err.code().is_none_or(|code| {
+            let code = code.code();
+            code.starts_with("08") || code.starts_with("57P") || code == "40001" || code == "40P01"
+        });
+        Failed { transient, error: pg_error(place, err) }
+    }
+
+    fn pool(place: &str, err: deadpool_postgres::PoolError) -> Self {
+        let error = pool_error(place, err);
+        Failed { transient: matches!(error, StoreError::Unreachable { .. }), error }
+    }
+}
+
+async fn write_once(pool: &Pool, place: &str, records: &[&Queued]) -> Result<(), Failed> {
+    let mut client = pool.get().await.map_err(|err| Failed::pool(place, err))?;
+    let err = |err: tokio_postgres::Error| Failed::pg(place, &err);
     let tx = client.transaction().await.map_err(err)?;
     for queued in records {
         queued.record.write(&tx).await.map_err(err)?;

@@ -400,8 +400,8 @@ fn touch(conn: &Connection, run_id: &str) -> rusqlite::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::wait;
     use super::*;
+    use crate::store::wait;
 
     fn open() -> (tempfile::TempDir, Database) {
         let dir = tempfile::tempdir().unwrap();

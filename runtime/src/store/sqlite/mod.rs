@@ -392,16 +392,6 @@ macro_rules! stored_as_text {
 
 stored_as_text!(RunStatus, StepStatus, FailureKind, StepPath);
 
-/// Waits for a queued write from a sync test (or an async one: on a thread
-/// of its own).
-#[cfg(test)]
-pub(super) fn wait<T: Send>(pending: crate::store::Pending<T>) -> Result<T, StoreError> {
-    std::thread::scope(|scope| {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        scope.spawn(move || runtime.block_on(pending)).join().unwrap()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
