@@ -14,7 +14,7 @@ use serde_json::json;
 use stepbox::run::{Run, RunStatus};
 use stepbox::sandbox::{EngineConfig, Sandbox};
 use stepbox::scheduler::{self, RunOptions};
-use stepbox::store::{Database, Journal, MemoryKeyValueStore};
+use stepbox::store::{Database, MemoryKeyValueStore, PgStore, Store};
 use stepbox::workflow::{StepBuilder, Workflow, WorkflowBuilder};
 use stepbox_tests::guests;
 
@@ -85,8 +85,8 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
     for (journal, target) in [(false, 1.5), (true, 2.0)] {
         let what = if journal { "journal" } else { "no journal" };
         progress(&format!("wide graph, {what}"));
-        let journal_dir = journal.then(|| dir.path().join(format!("wide-{what}")));
-        let (time, commits) = timed_run(&sandbox, workflow("wide", n, false)?, journal_dir.as_deref()).await?;
+        let store = if journal { sqlite(&dir.path().join("wide"))? } else { None };
+        let (time, commits) = timed_run(&sandbox, workflow("wide", n, false)?, store).await?;
         let time = per_step(time, n);
         report.step(&format!("stepbox: {n} independent no-op steps, {what}"), time, floor_wide, Target::AtMost(target));
         if journal {
@@ -94,17 +94,39 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
             report.count("journal commits per step, independent steps", commits as f64 / n as f64);
         }
     }
+    let mut chain_journal = Duration::ZERO;
     for journal in [false, true] {
         let what = if journal { "journal" } else { "no journal" };
         progress(&format!("chain, {what}"));
-        let journal_dir = journal.then(|| dir.path().join(format!("chain-{what}")));
-        let (time, commits) = timed_run(&sandbox, workflow("chain", n, true)?, journal_dir.as_deref()).await?;
+        let store = if journal { sqlite(&dir.path().join("chain"))? } else { None };
+        let (time, commits) = timed_run(&sandbox, workflow("chain", n, true)?, store).await?;
         let time = per_step(time, n);
         report.step(&format!("stepbox: a chain of {n} no-op steps, {what}"), time, floor_chain, Target::None);
         if journal {
+            chain_journal = time;
             report.count("journal commits per link, chain", commits as f64 / n as f64);
         }
     }
+
+    // The same runs recorded in PostgreSQL (a database of the suite's own
+    // on the local server), against SQLite.
+    progress("PostgreSQL");
+    let database = stepbox_tests::postgres::TestDatabase::create();
+    for (chain, shape, on_sqlite) in
+        [(false, "independent no-op steps", wide_journal), (true, "chained no-op steps", chain_journal)]
+    {
+        let store: Arc<dyn Store> = Arc::new(PgStore::open(&database.url)?);
+        let name = if chain { "chain" } else { "wide" };
+        let (time, commits) = timed_run(&sandbox, workflow(name, n, chain)?, Some(store)).await?;
+        report.step(
+            &format!("stepbox on PostgreSQL: {n} {shape}"),
+            per_step(time, n),
+            Some(("the same on SQLite", on_sqlite)),
+            Target::None,
+        );
+        report.count(&format!("journal commits per step on PostgreSQL, {shape}"), commits as f64 / n as f64);
+    }
+    drop(database);
 
     progress("memory");
     let (early, late) = sizes.memory_runs;
@@ -127,7 +149,7 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
     );
     let before = measure::resident_bytes();
     measure::reset_peak_resident();
-    timed_run(&sandbox, workflow("pending", n, false)?, Some(&dir.path().join("pending"))).await?;
+    timed_run(&sandbox, workflow("pending", n, false)?, sqlite(&dir.path().join("pending"))?).await?;
     report.bytes(
         &format!("peak resident memory while {n} steps are pending (journal on)"),
         measure::peak_resident_bytes(),
@@ -239,31 +261,32 @@ async fn run(sandbox: &Sandbox, workflow: Arc<Workflow>, options: RunOptions) ->
     Ok(())
 }
 
-/// Runs `workflow` (with a journal in `journal_dir` when given, recording
-/// the run as the CLI does) and returns its wall time and how many journal
-/// transactions it committed.
+/// Runs `workflow` (recording it in `store` when given, as the CLI does)
+/// and returns its wall time and how many journal transactions it
+/// committed.
 async fn timed_run(
     sandbox: &Sandbox,
     workflow: Workflow,
-    journal_dir: Option<&Path>,
+    store: Option<Arc<dyn Store>>,
 ) -> anyhow::Result<(Duration, u64)> {
     let mut options = RunOptions::new(workflow.name.clone());
-    let mut database = None;
-    if let Some(dir) = journal_dir {
-        let db = Database::open(dir)?;
-        let (_, created) = db.create_run(
+    if let Some(store) = &store {
+        let (_, created) = store.create_run(
             &Run::new(options.run_id.clone(), &workflow.name, "", "default", Default::default()),
             &json!({}),
         );
         created.await?;
-        let db = Arc::new(db);
-        options.journal = Some(db.clone());
-        database = Some(db);
+        options.journal = Some(store.clone());
     }
     let started = Instant::now();
     run(sandbox, Arc::new(workflow), options).await?;
     let elapsed = started.elapsed();
-    Ok((elapsed, database.map_or(0, |db| db.journal_commits())))
+    Ok((elapsed, store.map_or(0, |store| store.journal_commits())))
+}
+
+/// The SQLite store of a fresh data directory `dir`.
+fn sqlite(dir: &Path) -> anyhow::Result<Option<Arc<dyn Store>>> {
+    Ok(Some(Arc::new(Database::open(dir)?)))
 }
 
 /// A run of a one-step workflow using `component`, by a new sandbox (as a
