@@ -240,7 +240,10 @@ impl Database {
         let version: u32 = conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(|e| StoreError::from_sqlite(&path, e))?;
-        if version < KV_MOVED {
+        // Only a database from before version 4 has key-value rows to move;
+        // a new one (version 0) has none, and attaching it while other
+        // processes create it at the same moment could find it locked.
+        if (1..KV_MOVED).contains(&version) {
             kv.import(&path)?;
         }
         configure(&path, &mut conn, &SCHEMA)?;
