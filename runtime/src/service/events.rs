@@ -92,8 +92,17 @@ impl EventLog {
     }
 
     /// Opens the log again for the run's next drive, its numbers going on.
+    /// The drive before ended its stream with the run's end; the run goes
+    /// on, so that end, kept under its number, becomes `run_continued`: a
+    /// reader from the start reads on to the new drive's end instead of
+    /// stopping at the old one (and a client skips an event it does not
+    /// know).
     pub fn reopen(&self) {
-        self.state.lock().finished = false;
+        let mut state = self.state.lock();
+        state.finished = false;
+        if let Some(last) = state.events.back_mut().filter(|last| last.starts_with(r#"{"type":"run_finished""#)) {
+            *last = r#"{"type":"run_continued"}"#.into();
+        }
     }
 
     /// The events after number `after`; waits for one when there is none
@@ -175,14 +184,19 @@ mod tests {
     async fn a_reopened_log_numbers_on_and_a_number_it_never_gave_restarts_the_stream() {
         let log = EventLog::default();
         log.push(&event(1));
+        log.push(&RunEvent::RunFinished { status: crate::run::RunStatus::Failed });
         log.finish();
         log.reopen();
         log.push(&event(2));
-        let batch = log.after(1).await;
-        assert_eq!(batch.events.iter().map(|e| e.id).collect::<Vec<_>>(), [2]);
+        // The old end no longer ends the stream: the run went on.
+        let all = log.after(0).await;
+        let kinds: Vec<&str> = all.events.iter().map(|e| &*e.json).collect();
+        assert_eq!(kinds[1], r#"{"type":"run_continued"}"#, "{kinds:?}");
+        let batch = log.after(2).await;
+        assert_eq!(batch.events.iter().map(|e| e.id).collect::<Vec<_>>(), [3]);
         assert!(!batch.finished);
         let batch = log.after(9).await;
-        assert_eq!((batch.events.len(), batch.missed), (2, 0));
+        assert_eq!((batch.events.len(), batch.missed), (3, 0));
     }
 
     #[tokio::test]
