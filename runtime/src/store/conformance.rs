@@ -429,6 +429,47 @@ fn a_worker_that_lost_its_claim_cannot_renew_or_complete_and_the_task_is_claimed
 }
 
 #[test]
+fn a_cancelled_task_fences_its_holder_and_a_result_is_taken_once() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        created(store, &run("r", "t", &[]));
+        let ttl = Duration::from_secs(30);
+        let (a, b, c) = (
+            store.enqueue(&task("r", "r/a", "t")).unwrap(),
+            store.enqueue(&task("r", "r/b", "t")).unwrap(),
+            store.enqueue(&task("r", "r/c", "t")).unwrap(),
+        );
+        let claims = store.claim("w", 2, ttl, &Shares::default()).unwrap();
+        assert_eq!(claims.iter().map(|c| c.id).collect::<Vec<_>>(), [a, b], "{name}");
+        store.cancel(b).unwrap();
+        store.cancel(c).unwrap();
+        assert_eq!(store.task_state(b).unwrap(), TaskState::Cancelled, "{name}");
+        assert!(matches!(store.renew(&claims[1], ttl), Err(StoreError::Fenced { .. })), "{name}: cancelled");
+        assert!(matches!(store.complete(&claims[1], &json!(1)), Err(StoreError::Fenced { .. })), "{name}");
+        assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().is_empty(), "{name}: never claimed again");
+        store.complete(&claims[0], &json!({"out": "a"})).unwrap();
+        store.cancel(a).unwrap();
+        assert_eq!(store.task_state(a).unwrap(), TaskState::Done(json!({"out": "a"})), "{name}: done stays done");
+        assert_eq!(store.take_finished(&[a, b, c, a + 1000]).unwrap(), [(a, json!({"out": "a"}))], "{name}");
+        assert!(store.take_finished(&[a]).unwrap().is_empty(), "{name}: taken once");
+        assert!(store.take_finished(&[]).unwrap().is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn components_are_kept_by_digest_once() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        assert_eq!(store.component("abc").unwrap(), None, "{name}");
+        store.put_component("abc", b"\0asm first").unwrap();
+        store.put_component("abc", b"other").unwrap();
+        assert_eq!(store.component("abc").unwrap().as_deref(), Some(&b"\0asm first"[..]), "{name}");
+    }
+}
+
+#[test]
 fn workers_claiming_at_once_never_share_a_task_and_tenants_take_turns() {
     for backend in backends() {
         let store = backend.store.clone();

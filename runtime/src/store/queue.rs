@@ -80,6 +80,9 @@ pub enum TaskState {
     },
     /// Done, with the result its holder recorded.
     Done(Value),
+    /// Withdrawn by its coordinator (the run was cancelled): never
+    /// claimed again, and its holder can no longer renew or complete it.
+    Cancelled,
 }
 
 /// The queue's operations; both stores implement them.
@@ -100,6 +103,16 @@ pub trait Queue: Send + Sync {
     fn complete(&self, claim: &Claim, result: &Value) -> Result<(), StoreError>;
     /// Where task `id` stands.
     fn task_state(&self, id: i64) -> Result<TaskState, StoreError>;
+    /// Withdraws task `id` unless it is done: its holder is fenced off.
+    fn cancel(&self, id: i64) -> Result<(), StoreError>;
+    /// The results of those of `ids` that are done, removed from the queue:
+    /// a coordinator takes each result once, into its journal.
+    fn take_finished(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError>;
+    /// Keeps a component's bytes under their SHA-256 `digest` (hex), for
+    /// workers to load; a digest already kept is left as it is.
+    fn put_component(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The bytes kept under `digest`, if any.
+    fn component(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 /// A claimable task, as the stores read it: its tenant and id, in queue

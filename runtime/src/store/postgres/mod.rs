@@ -199,6 +199,8 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (run_id, key, attempt)
     );
     CREATE INDEX tasks_open ON tasks (tenant, id) WHERE state <> 'done';",
+    // 3: components the queue's tasks name by digest.
+    "CREATE TABLE components (digest TEXT PRIMARY KEY, bytes BYTEA NOT NULL);",
 ];
 
 /// The schema version this build writes.

@@ -205,6 +205,8 @@ const SCHEMA: Schema = Schema {
             UNIQUE (run_id, key, attempt)
         );
         CREATE INDEX tasks_open ON tasks (tenant, id) WHERE state <> 'done';",
+        // 10: components the queue's tasks name by digest.
+        "CREATE TABLE components (digest TEXT PRIMARY KEY, bytes BLOB NOT NULL);",
     ],
 };
 
