@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod cluster;
 mod failpoint;
 pub mod run;
 pub mod sandbox;

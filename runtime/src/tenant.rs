@@ -18,7 +18,7 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use crate::sandbox::{DirGrant, HttpGrant, Limits};
 use crate::store::KvQuota;
 use crate::workflow::spec::{LimitsSpec, SecretSource};
-use crate::workflow::{Action, Diagnostic, Workflow, WorkflowError, read_file};
+use crate::workflow::{Action, Diagnostic, StepSecret, Workflow, WorkflowError, read_file};
 
 /// How one tenant is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,6 +266,12 @@ impl Tenants {
         })?;
         Ok(Tenant { name: name.to_owned(), spec: spec.clone(), file: Some(self.file.clone()) })
     }
+
+    /// Every tenant's share of the workers, as the queue hands out claims.
+    pub fn shares(&self) -> crate::store::Shares {
+        let tenants = self.tenants.keys().filter_map(|name| Some((name.clone(), self.get(name).ok()?.share())));
+        crate::store::Shares { tenants: tenants.collect(), default: Share::default() }
+    }
 }
 
 /// One tenant as its runs see it: its name and its ceilings.
@@ -393,6 +399,48 @@ impl Tenant {
         })
     }
 
+    /// What in one attempt's limits and grants goes over the tenant's
+    /// ceilings: part of a workflow's check, and made again by a worker,
+    /// with its own tenants file, before it runs an attempt that another
+    /// process prepared.
+    pub(crate) fn attempt_problems(
+        &self,
+        limits: &Limits,
+        dirs: &[DirGrant],
+        http: &[HttpGrant],
+        network: &[SocketAddr],
+        secrets: &BTreeMap<String, StepSecret>,
+    ) -> Vec<String> {
+        let spec = &self.spec;
+        let tenant = &self.name;
+        let source = self.source();
+        let mut problems: Vec<String> = limits_over(&spec.limits, limits)
+            .into_iter()
+            .map(|(what, asked, limit)| {
+                format!("{what} {asked} is over tenant `{tenant}`'s ceiling of {limit} ({what} in {source})")
+            })
+            .collect();
+        for dir in dirs.iter().filter(|dir| !spec.dirs.permits(|allowed| under(&dir.host, allowed))) {
+            problems.push(format!(
+                "directory {} is not under tenant `{tenant}`'s allowed dirs ({source})",
+                dir.host.display()
+            ));
+        }
+        for rule in http.iter().filter(|rule| !spec.http.permits(|wider| rule.within(wider))) {
+            problems.push(format!("HTTP grant `{rule}` is not within tenant `{tenant}`'s allowed http ({source})"));
+        }
+        for address in network.iter().filter(|address| !spec.network.permits(|a| a == *address)) {
+            problems.push(format!("address {address} is not in tenant `{tenant}`'s allowed network ({source})"));
+        }
+        for (key, secret) in secrets.iter().filter(|(_, s)| !spec.secrets.permits(|g| g.allows(&s.source))) {
+            problems.push(format!(
+                "secret `{key}` ({}) is not among tenant `{tenant}`'s allowed secrets ({source})",
+                secret.source
+            ));
+        }
+        problems
+    }
+
     fn problems(&self, workflow: &Workflow, depth: usize) -> Vec<String> {
         let spec = &self.spec;
         let tenant = &self.name;
@@ -428,41 +476,14 @@ impl Tenant {
                 }
                 continue;
             }
-            let limits = step.limits.over(&defaults);
-            for (what, asked, limit) in limits_over(&spec.limits, &limits) {
-                problems.push(format!("step `{id}`: {}", over(what, asked, limit, what)));
-            }
             if step.retry.attempts > spec.run.max_attempts {
                 let (asked, limit) = (step.retry.attempts.to_string(), spec.run.max_attempts.to_string());
                 problems.push(format!("step `{id}`: {}", over("retry.attempts", asked, limit, "max_attempts")));
             }
-            for dir in step.grants.dirs.iter().filter(|dir| !spec.dirs.permits(|allowed| under(&dir.host, allowed))) {
-                problems.push(format!(
-                    "step `{id}`: directory {} is not under tenant `{tenant}`'s allowed dirs ({source})",
-                    dir.host.display(),
-                ));
-            }
-            for rule in step.grants.http.iter().filter(|rule| !spec.http.permits(|wider| rule.within(wider))) {
-                problems.push(format!(
-                    "step `{id}`: HTTP grant `{rule}` is not within tenant `{tenant}`'s allowed http ({source})"
-                ));
-            }
-            for address in step.grants.network.iter().filter(|address| !spec.network.permits(|a| a == *address)) {
-                problems.push(format!(
-                    "step `{id}`: address {address} is not in tenant `{tenant}`'s allowed network ({source})"
-                ));
-            }
-            for (key, secret) in step
-                .grants
-                .secrets
-                .iter()
-                .map(|(key, s)| (key, &s.source))
-                .filter(|(_, s)| !spec.secrets.permits(|g| g.allows(s)))
-            {
-                problems.push(format!(
-                    "step `{id}`: secret `{key}` ({secret}) is not among tenant `{tenant}`'s allowed secrets ({source})"
-                ));
-            }
+            let grants = &step.grants;
+            let limits = step.limits.over(&defaults);
+            let attempt = self.attempt_problems(&limits, &grants.dirs, &grants.http, &grants.network, &grants.secrets);
+            problems.extend(attempt.into_iter().map(|problem| format!("step `{id}`: {problem}")));
         }
         for component in workflow.components.values().filter(|c| !spec.components.permits(|dir| under(&c.path, dir))) {
             problems.push(format!(

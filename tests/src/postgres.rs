@@ -38,6 +38,32 @@ impl TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// The rows `query` gives, each column as text (`None` for NULL).
+    ///
+    /// # Panics
+    ///
+    /// When the query fails.
+    pub fn query(&self, query: &str) -> Vec<Vec<Option<String>>> {
+        let (url, query) = (self.url.clone(), query.to_owned());
+        std::thread::spawn(move || {
+            let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            let messages = client.simple_query(&query).unwrap_or_else(|err| panic!("{query}: {err}"));
+            messages
+                .into_iter()
+                .filter_map(|message| match message {
+                    postgres::SimpleQueryMessage::Row(row) => {
+                        Some((0..row.len()).map(|i| row.get(i).map(str::to_owned)).collect())
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         admin(&self.server, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));

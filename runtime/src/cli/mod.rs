@@ -15,6 +15,7 @@ mod run;
 mod serve;
 mod step_run;
 mod validate;
+mod worker;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -135,6 +136,8 @@ enum Command {
     Token(serve::TokenCommand),
     /// Upload a workflow with everything it references to a `stepbox serve`.
     Deploy(serve::DeployArgs),
+    /// Run attempts that `stepbox run --queue` and `stepbox serve --queue` hand to workers through a shared database.
+    Worker(worker::WorkerArgs),
     /// Create a step project in Rust, Python, JavaScript or C.
     New(new::Args),
     /// Work with single steps.
@@ -230,6 +233,7 @@ where
             Command::New(args) => new::new(args),
             Command::Serve(args) => serve::serve(args, &place).await,
             Command::Token(command) => serve::token(command, &place),
+            Command::Worker(args) => worker::worker(args, &place).await,
             Command::Deploy(args) => match &remote {
                 Some(client) => serve::deploy(args, client).await,
                 None => Err(CliError::Usage("give the service's address with --server URL (or STEPBOX_SERVER)".into())),
@@ -238,6 +242,26 @@ where
         }
     });
     ExitCode::from(result.unwrap_or_else(|err| err.print()))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub(crate) async fn interrupted() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        () = terminate => {}
+    }
 }
 
 /// A sandbox with an in-memory key-value store and the given engine

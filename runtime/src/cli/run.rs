@@ -13,12 +13,18 @@ use tokio_util::sync::CancellationToken;
 use super::client::Client;
 use super::report::{millis, steps_table};
 use super::{CliError, Place, admit, engine_config, exit, open_database, parse_key_value, sandbox_with_kv};
+use crate::cluster::QueueExecutor;
 use crate::run::{Run, RunReport, RunStatus, StepPath, StepStatus};
 use crate::sandbox::EngineConfig;
 use crate::scheduler::{self, RunEvent};
 use crate::service::{Bundle, Owned, StartRun};
 use crate::store::{Heartbeat, Store, WorkflowVersion, new_run_id};
 use crate::workflow::Workflow;
+
+/// Attempts a run hands to workers at once, unless --max-parallel says:
+/// enough to keep many workers busy, few enough that one run does not fill
+/// the queue (tenants take turns in it anyway).
+const QUEUED: usize = 256;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -61,14 +67,18 @@ pub(crate) struct HowToRun {
     /// Print the whole run report as JSON on stdout.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Hand the attempts to `stepbox worker` processes through the database's queue (--db, or the data directory's) instead of running them here; --max-parallel then counts attempts handed over at once [default: 256].
+    #[arg(long)]
+    queue: bool,
 }
 
 impl HowToRun {
     /// Refuses what only a local run can do, for a run on a server.
     pub(crate) fn local_only(&self) -> Result<(), CliError> {
-        if self.max_parallel.is_some() || self.fail_fast {
+        if self.max_parallel.is_some() || self.fail_fast || self.queue {
             return Err(CliError::Usage(
-                "--max-parallel and --fail-fast set how this process runs steps; with --server, the service decides"
+                "--max-parallel, --fail-fast and --queue set how this process runs steps; with --server, the service \
+                 decides"
                     .into(),
             ));
         }
@@ -174,7 +184,8 @@ pub(crate) async fn execute(
     how: &HowToRun,
     place: &Place<'_>,
 ) -> Result<u8, CliError> {
-    let max_parallel = how.max_parallel.map_or_else(scheduler::default_max_parallel, |n| n as usize);
+    let default = if how.queue { QUEUED } else { scheduler::default_max_parallel() };
+    let max_parallel = how.max_parallel.map_or(default, |n| n as usize);
     let config = EngineConfig {
         max_concurrent_attempts: u32::try_from(max_parallel).unwrap_or(u32::MAX),
         ..engine_config(place.data_dir)
@@ -188,6 +199,9 @@ pub(crate) async fn execute(
     options.fail_fast = how.fail_fast;
     options.events = Some(events);
     options.cancel = cancel.clone();
+    if how.queue {
+        options.executor = Some(QueueExecutor::new(db.clone()));
+    }
     let Owned { workflow, inputs, lease, .. } = owned;
     // Renewed while the run goes on, released when it ends; a lease taken
     // over by another process stops this one.
@@ -246,22 +260,7 @@ pub(crate) fn summarize(report: &RunReport, json: bool) -> Result<u8, CliError> 
 
 /// Ctrl-C or SIGTERM cancels the run; running attempts end as cancelled.
 async fn cancel_on_signal(cancel: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        () = terminate => {}
-    }
+    super::interrupted().await;
     eprintln!("cancelling the run: stopping running steps");
     cancel.cancel();
 }

@@ -143,11 +143,16 @@ pub enum FailureKind {
     Cancelled,
     /// The component's circuit breaker was open, so the attempt did not run.
     CircuitOpen,
+    /// The worker running the attempt stopped (killed, paused, cut off)
+    /// before it reported, and another worker ran the execution again: the
+    /// attempt counts, like one a crash interrupted, but no policy decides
+    /// about it.
+    Lost,
 }
 
 impl FailureKind {
     /// Every class, in the order of the documentation.
-    pub const ALL: [FailureKind; 11] = [
+    pub const ALL: [FailureKind; 12] = [
         FailureKind::Timeout,
         FailureKind::OutOfFuel,
         FailureKind::MemoryLimit,
@@ -159,6 +164,7 @@ impl FailureKind {
         FailureKind::InvalidComponent,
         FailureKind::Cancelled,
         FailureKind::CircuitOpen,
+        FailureKind::Lost,
     ];
 
     /// Whether another attempt might succeed when nothing else is said: the
@@ -182,6 +188,7 @@ impl FailureKind {
             FailureKind::InvalidComponent => "invalid-component",
             FailureKind::Cancelled => "cancelled",
             FailureKind::CircuitOpen => "circuit-open",
+            FailureKind::Lost => "lost",
         }
     }
 }

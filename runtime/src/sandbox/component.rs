@@ -128,6 +128,8 @@ pub enum LoadError {
 #[derive(Clone)]
 pub struct StepComponent {
     path: PathBuf,
+    /// The sha256 of its bytes: what it travels by to other machines.
+    digest: Digest,
     pub(crate) entry: Entry,
 }
 
@@ -152,12 +154,17 @@ impl std::fmt::Debug for StepComponent {
 impl StepComponent {
     /// The same compiled component, as loaded from `path`.
     pub(crate) fn at(&self, path: &Path) -> StepComponent {
-        StepComponent { path: path.to_owned(), entry: self.entry.clone() }
+        StepComponent { path: path.to_owned(), digest: self.digest, entry: self.entry.clone() }
     }
 
     /// Where the component was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The sha256 of its bytes, in hex.
+    pub fn digest(&self) -> String {
+        super::cache::hex(&self.digest)
     }
 
     /// Whether it is a WASI command (or preview1 module) rather than a step
@@ -210,7 +217,7 @@ pub(crate) fn load_bytes(
             return Err(LoadError::CoreModule { path });
         }
         let pre = linkers.module.instantiate_pre(&module).map_err(link_error)?;
-        return Ok(StepComponent { path, entry: Entry::Module(pre) });
+        return Ok(StepComponent { path, digest: *digest, entry: Entry::Module(pre) });
     }
     let component: Component = CompileCache::compile(cache, engine, bytes, digest).map_err(compile_error)?;
     let instance_pre = linkers.component.instantiate_pre(&component).map_err(link_error)?;
@@ -227,7 +234,7 @@ pub(crate) fn load_bytes(
         let exports = if exports.is_empty() { "none".to_owned() } else { exports.join(", ") };
         return Err(LoadError::MissingRun { path, exports });
     };
-    Ok(StepComponent { path, entry })
+    Ok(StepComponent { path, digest: *digest, entry })
 }
 
 /// The first name in backquotes: how wasmtime names the import it could not

@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::policy::Admission;
-use super::{Base, GraphReport, RunEvent, Shared, run_graph};
+use super::{Base, GraphReport, Prepared, RunEvent, Shared, run_graph};
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, ExecutionReport, Failure, FailureKind, RunStatus, StepPath, StepReport, StepStatus, now_ms};
 use crate::sandbox::{AttemptRequest, StepContext};
@@ -224,7 +224,7 @@ async fn execution(
     let context = shared.context.with_item(item.as_ref());
     let prepared =
         template::render_value(&step.with, &context).map_err(|err| format!("`with`: {err}")).and_then(|input| {
-            let mut grants = step.grants.render(&context, &input, shared.base.secrets_dir.as_deref())?;
+            let mut grants = step.grants.render(&context, &input)?;
             grants.dirs = shared.base.tenant.confine(grants.dirs)?;
             Ok((grants, input))
         });
@@ -284,7 +284,22 @@ async fn execution(
                     grants: grants.clone(),
                     exit_codes: step.exit_codes.clone(),
                 };
-                let attempt = attempt_once(shared, name, component, request, &path, cancel).await;
+                let prepared = Prepared { request, secrets: step.grants.secrets.clone() };
+                let attempt = attempt_once(shared, name, component, prepared, &path, cancel).await;
+                // Tries an executor lost (their worker stopped) before this
+                // one ran: each counts, as a crashed attempt does on resume.
+                for lost in number..attempt.attempt {
+                    let failure = Failure::new(
+                        FailureKind::Lost,
+                        "the worker running this attempt stopped renewing its claim; it ran again on another",
+                    );
+                    let lost = Attempt { started_ms: attempt.started_ms, ..Attempt::refused(lost, now_ms(), failure) };
+                    drop(shared.record(|journal, run_id| {
+                        journal.attempt_finished(run_id, &path, &idempotency_key, &lost, false)
+                    }));
+                    report.attempts.push(lost);
+                }
+                number = number.max(attempt.attempt);
                 if let Some((budget, granted)) = reserved {
                     budget.give_back(granted, attempt.fuel_consumed);
                 }
@@ -363,11 +378,11 @@ async fn attempt_once(
     shared: &Shared,
     component_name: &str,
     component: &crate::sandbox::StepComponent,
-    request: AttemptRequest,
+    attempt: Prepared,
     path: &StepPath,
     cancel: &CancellationToken,
 ) -> Attempt {
-    let number = request.context.attempt;
+    let number = attempt.request.context.attempt;
     let run = async {
         if let Some(limiter) = shared.limiters.get(component_name) {
             limiter.acquire().await;
@@ -376,7 +391,7 @@ async fn attempt_once(
         // every attempt that could have had effects. Recorded before
         // waiting for a slot, so the commit does not hold one: the records
         // of attempts queued together commit together.
-        let key = &request.context.idempotency_key;
+        let key = &attempt.request.context.idempotency_key;
         let started = shared
             .record(|journal, run_id| journal.attempt_started(run_id, path, key, &Attempt::started(number, now_ms())));
         if !shared.durable(started).await {
@@ -385,7 +400,7 @@ async fn attempt_once(
         let _slot = shared.base.dispatcher.acquire(&shared.base.tenant.name).await;
         shared.emit(RunEvent::AttemptStarted { path: path.clone(), attempt: number });
         failpoint!("attempt.before-run");
-        let attempt = shared.sandbox.run(component, request).await;
+        let attempt = shared.base.executor.run(component, attempt).await;
         // Its effects are done; its end is not recorded yet.
         failpoint!("attempt.after-run");
         Some(attempt)

@@ -6,6 +6,7 @@ mod budget;
 mod context;
 mod dispatch;
 mod execute;
+mod executor;
 mod policy;
 mod wait;
 
@@ -19,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use dispatch::{Dispatcher, Slot};
+pub use executor::{Executor, Local, Prepared, Running};
 pub use wait::Waits;
 
 use crate::run::{Failure, Run, RunReport, RunStatus, StepPath, StepReport, StepStatus, now_ms};
@@ -98,8 +100,11 @@ pub struct RunOptions {
     /// templated path is checked against when it is reached.
     pub tenant: Arc<Tenant>,
     /// Where `{ file: NAME }` secrets are read from; without it, such a
-    /// secret fails its step.
+    /// secret fails its step. Read by the [`Local`] executor only: another
+    /// reads them where it runs the attempt.
     pub secrets_dir: Option<PathBuf>,
+    /// Where the run's attempts run; without one, in `sandbox` ([`Local`]).
+    pub executor: Option<Arc<dyn Executor>>,
     /// Labels to find the run by, echoed in its report.
     pub labels: BTreeMap<String, String>,
     /// When the run was created (unix ms): now for a new run, the recorded
@@ -143,6 +148,7 @@ impl RunOptions {
             run_id: run_id.into(),
             tenant: Arc::new(Tenant::unconstrained("default")),
             secrets_dir: None,
+            executor: None,
             labels: BTreeMap::new(),
             created_ms: now_ms(),
             version: None,
@@ -241,7 +247,10 @@ pub async fn run(
         executions: Arc::default(),
         limits: Arc::new(options.tenant.default_limits()),
         tenant: options.tenant.clone(),
-        secrets_dir: options.secrets_dir.clone().map(Arc::from),
+        executor: options
+            .executor
+            .clone()
+            .unwrap_or_else(|| Arc::new(Local { sandbox: sandbox.clone(), secrets_dir: options.secrets_dir.clone() })),
         waits: options.waits.clone(),
     };
     let shared = Shared::new(sandbox.clone(), workflow.clone(), components, &inputs, &options, base, None);
@@ -318,7 +327,7 @@ pub(crate) struct Base {
     /// The limits of a step that sets none (its tenant's defaults).
     limits: Arc<crate::sandbox::Limits>,
     tenant: Arc<Tenant>,
-    secrets_dir: Option<Arc<std::path::Path>>,
+    executor: Arc<dyn Executor>,
     /// Events for the run's waiting steps, and whether it parked.
     waits: Arc<Waits>,
 }

@@ -129,15 +129,12 @@ impl StepGrants {
     }
 
     /// The grants of one execution, whose templates see `context` and whose
-    /// rendered input is `input`: secrets read from the host's environment
-    /// or from `secrets_dir`, a deterministic step's seed taken from the
-    /// input. The error names the field that could not be rendered.
-    pub fn render(
-        &self,
-        context: &minijinja::Value,
-        input: &Value,
-        secrets_dir: Option<&Path>,
-    ) -> Result<Grants, String> {
+    /// rendered input is `input`, without its secrets: those are read where
+    /// each attempt runs ([`resolve_secrets`]), so a coordinator handing an
+    /// attempt to a worker never holds their values. A deterministic step's
+    /// seed is taken from the input. The error names the field that could
+    /// not be rendered.
+    pub fn render(&self, context: &minijinja::Value, input: &Value) -> Result<Grants, String> {
         let text =
             |text: &str, what: &str| template::render_text(text, context).map_err(|err| format!("`{what}`: {err}"));
         let map = |map: &BTreeMap<String, String>, what: &str| {
@@ -145,18 +142,6 @@ impl StepGrants {
                 .map(|(key, value)| Ok((key.clone(), text(value, &format!("{what}.{key}"))?)))
                 .collect::<Result<_, String>>()
         };
-        let mut config: BTreeMap<String, String> = map(&self.config, "config")?;
-        let (mut secrets, mut http_secrets) = (BTreeMap::new(), Vec::new());
-        for (key, secret) in &self.secrets {
-            let value = read_secret(&secret.source, secrets_dir).map_err(|why| format!("secret `{key}`: {why}"))?;
-            if secret.send_to.is_empty() {
-                secrets.insert(key.clone(), value);
-            } else {
-                let sendable = HttpSecret::new(key, value, secret.send_to.clone());
-                config.insert(key.clone(), sendable.placeholder.clone());
-                http_secrets.push(sendable);
-            }
-        }
         // Seeded from the input, so the same input gives the same output.
         let deterministic = self.deterministic.then(|| {
             use sha2::Digest;
@@ -166,7 +151,7 @@ impl StepGrants {
         Ok(Grants {
             dirs: self.dirs.clone(),
             env: map(&self.env, "env")?,
-            config,
+            config: map(&self.config, "config")?,
             stdin: self
                 .stdin
                 .as_deref()
@@ -174,15 +159,36 @@ impl StepGrants {
                 .transpose()?
                 .unwrap_or_default()
                 .into_bytes(),
-            secrets,
+            secrets: BTreeMap::new(),
             args: self.args.iter().map(|arg| text(arg, "args")).collect::<Result<_, String>>()?,
             scratch: self.scratch,
             deterministic,
             network: self.network.clone(),
             http: self.http.clone(),
-            http_secrets,
+            http_secrets: Vec::new(),
         })
     }
+}
+
+/// Puts the values of `secrets` into `grants`: read from the host's
+/// environment or from `secrets_dir`; a secret that may only be sent gets
+/// a fresh placeholder in `config`. The error names the secret.
+pub fn resolve_secrets(
+    secrets: &BTreeMap<String, StepSecret>,
+    secrets_dir: Option<&Path>,
+    grants: &mut Grants,
+) -> Result<(), String> {
+    for (key, secret) in secrets {
+        let value = read_secret(&secret.source, secrets_dir).map_err(|why| format!("secret `{key}`: {why}"))?;
+        if secret.send_to.is_empty() {
+            grants.secrets.insert(key.clone(), value);
+        } else {
+            let sendable = HttpSecret::new(key, value, secret.send_to.clone());
+            grants.config.insert(key.clone(), sendable.placeholder.clone());
+            grants.http_secrets.push(sendable);
+        }
+    }
+    Ok(())
 }
 
 /// The value of one secret: an environment variable of the host, or a file

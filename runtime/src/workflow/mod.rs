@@ -21,7 +21,7 @@ use serde_saphyr::Location;
 
 pub use builder::{StepBuilder, WorkflowBuilder};
 pub use diagnostic::{Diagnostic, WorkflowError};
-pub use grants::StepGrants;
+pub use grants::{StepGrants, StepSecret, resolve_secrets};
 pub use inputs::Inputs;
 pub(crate) use parse::read as read_file;
 pub use spec::WorkflowSpec;

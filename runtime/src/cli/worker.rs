@@ -1,0 +1,61 @@
+//! `stepbox worker`: runs the attempts coordinators hand over through the
+//! shared database's queue.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{CliError, Place, engine_config, open_database, sandbox_with_kv};
+use crate::cluster::{WorkerConfig, work};
+use crate::sandbox::EngineConfig;
+use crate::scheduler::default_max_parallel;
+use crate::store::this_owner;
+use crate::tenant::Tenants;
+
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  stepbox worker --db postgres://postgres@127.0.0.1:5432/stepbox --slots 8
+  stepbox worker --db postgres://stepbox@db.internal/stepbox --tenants tenants.yaml --secrets-dir /run/secrets
+
+Give every worker the service's tenants file: a worker holds each attempt to its tenant's ceilings and shares
+the workers by its weights. Without one it runs tenant `default` only. Secrets and directories are read on the
+worker's machine. Ctrl-C or SIGTERM stops claiming and finishes the attempts held.")]
+pub(crate) struct WorkerArgs {
+    /// Attempts run at once, 1 to 4096 [default: twice the CPU cores, at least 4].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    slots: Option<u32>,
+    /// How long a claim holds without renewal (renewed every third of it): a worker that stops (killed, paused, cut off) loses its attempts to another after it. At least 300ms.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    lease: humantime::Duration,
+}
+
+pub(crate) async fn worker(args: WorkerArgs, place: &Place<'_>) -> Result<u8, CliError> {
+    let lease: Duration = args.lease.into();
+    if lease < Duration::from_millis(300) {
+        return Err(CliError::Usage(format!(
+            "--lease {} is too short for a claim to be renewed in time; give at least 300ms",
+            args.lease
+        )));
+    }
+    let tenants = place.tenants.map(Tenants::load).transpose()?.map(Arc::new);
+    let slots = args.slots.map_or_else(default_max_parallel, |n| n as usize);
+    let db = open_database(place)?;
+    let config = EngineConfig {
+        max_concurrent_attempts: u32::try_from(slots).unwrap_or(u32::MAX),
+        ..engine_config(place.data_dir)
+    };
+    let sandbox = sandbox_with_kv(config, db.key_values())?;
+    let owner = this_owner().to_owned();
+    eprintln!("stepbox worker {owner}: running up to {slots} attempts at once from {}", db.place());
+    let stop = CancellationToken::new();
+    let stopping = stop.clone();
+    tokio::spawn(async move {
+        super::interrupted().await;
+        eprintln!("stepbox worker: stopping; finishing the attempts held");
+        stopping.cancel();
+    });
+    let config = WorkerConfig { slots, lease, owner, tenants, secrets_dir: place.secrets_dir.map(ToOwned::to_owned) };
+    work(db, sandbox, config, stop).await;
+    Ok(0)
+}

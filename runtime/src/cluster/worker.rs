@@ -1,0 +1,256 @@
+//! `stepbox worker`: claims attempts from the queue, runs them in its own
+//! sandbox and reports their results, while its claims stay its own.
+//!
+//! A claim is renewed every third of its lease. When a renewal finds the
+//! claim gone (another worker took the task after this one stopped
+//! renewing, or the coordinator withdrew it), the attempt is stopped and
+//! its result dropped: the store would refuse it anyway.
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lru::LruCache;
+use parking_lot::Mutex;
+use serde_json::Value;
+use sha2::Digest as _;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::wire::{TaskRequest, TaskResult};
+use crate::run::{Attempt, Failure, FailureKind, now_ms};
+use crate::sandbox::{Sandbox, StepComponent};
+use crate::store::{Claim, Shares, Store, StoreError};
+use crate::tenant::{Tenant, Tenants};
+
+/// How often an idle worker looks for work: at first often, then less
+/// while there is none.
+const IDLE: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(100));
+
+/// Components kept compiled, by digest.
+const COMPONENTS: NonZeroUsize = NonZeroUsize::new(64).unwrap();
+
+/// How a worker runs.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    /// Attempts run at once.
+    pub slots: usize,
+    /// How long a claim holds without renewal: after it, another worker
+    /// may take the task.
+    pub lease: Duration,
+    /// Who this worker is in its claims.
+    pub owner: String,
+    /// Tenants' ceilings and shares, as the service's own tenants file
+    /// sets them. Without one, the worker runs tenant `default` only,
+    /// unconstrained, as `stepbox run` does without one.
+    pub tenants: Option<Arc<Tenants>>,
+    /// Where `{ file: NAME }` secrets are read from.
+    pub secrets_dir: Option<PathBuf>,
+}
+
+/// What every attempt of a worker shares.
+struct Worker {
+    store: Arc<dyn Store>,
+    sandbox: Sandbox,
+    config: WorkerConfig,
+    components: Mutex<LruCache<String, StepComponent>>,
+}
+
+/// Claims and runs attempts until `stop` is cancelled, then finishes the
+/// ones it holds. Store failures are reported and tried again; they never
+/// end the worker.
+pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig, stop: CancellationToken) {
+    let shares = config.tenants.as_deref().map(Tenants::shares).unwrap_or_default();
+    let worker = Arc::new(Worker { store, sandbox, config, components: Mutex::new(LruCache::new(COMPONENTS)) });
+    let mut running = JoinSet::new();
+    let mut idle = IDLE.0;
+    loop {
+        let free = worker.config.slots.saturating_sub(running.len());
+        let mut claimed = 0;
+        if free > 0 && !stop.is_cancelled() {
+            match worker.claim(free, &shares).await {
+                Ok(claims) => {
+                    claimed = claims.len();
+                    for claim in claims {
+                        running.spawn(worker.clone().handle(claim));
+                    }
+                }
+                Err(err) => eprintln!("stepbox worker: cannot claim attempts: {err}; trying again"),
+            }
+        }
+        if stop.is_cancelled() && running.is_empty() {
+            return;
+        }
+        if claimed > 0 {
+            idle = IDLE.0;
+            continue;
+        }
+        let full = running.len() >= worker.config.slots || stop.is_cancelled();
+        tokio::select! {
+            Some(_) = running.join_next(), if !running.is_empty() => idle = IDLE.0,
+            () = tokio::time::sleep(idle), if !full => idle = (idle * 2).min(IDLE.1),
+            () = stop.cancelled(), if !stop.is_cancelled() => {}
+        }
+    }
+}
+
+impl Worker {
+    async fn claim(&self, max: usize, shares: &Shares) -> Result<Vec<Claim>, StoreError> {
+        let (store, owner, lease, shares) =
+            (self.store.clone(), self.config.owner.clone(), self.config.lease, shares.clone());
+        blocking(move || store.claim(&owner, max, lease, &shares)).await?
+    }
+
+    /// Runs one claimed attempt while renewing its claim, and reports it.
+    async fn handle(self: Arc<Self>, claim: Claim) {
+        let fenced = CancellationToken::new();
+        let renewing = tokio::spawn(renew(self.store.clone(), claim.clone(), self.config.lease, fenced.clone()));
+        let attempt = tokio::select! {
+            attempt = self.attempt(&claim) => Some(attempt),
+            () = fenced.cancelled() => None,
+        };
+        if let Some(attempt) = attempt {
+            self.report(&claim, &attempt, &fenced).await;
+        }
+        renewing.abort();
+        if fenced.is_cancelled() {
+            eprintln!(
+                "stepbox worker: task {} (attempt of {}) was claimed again or withdrawn; its work here is dropped",
+                claim.id, claim.task.key
+            );
+        }
+    }
+
+    /// The attempt, run; or, when it cannot run, why.
+    async fn attempt(&self, claim: &Claim) -> Attempt {
+        // Claims lost before this one were attempts too.
+        let number = claim.task.attempt.saturating_add(claim.claims.saturating_sub(1));
+        match self.prepare(claim, number).await {
+            Ok((component, request)) => self.sandbox.run(&component, request).await,
+            Err(failure) => Attempt::refused(number, now_ms(), failure),
+        }
+    }
+
+    async fn prepare(
+        &self,
+        claim: &Claim,
+        number: u32,
+    ) -> Result<(StepComponent, crate::sandbox::AttemptRequest), Failure> {
+        let fatal = |why: String| Failure::new(FailureKind::Fatal, why);
+        let request: TaskRequest = serde_json::from_value(claim.task.request.clone())
+            .map_err(|err| fatal(format!("the task's request could not be read: {err}")))?;
+        let tenant = self.tenant(&request.tenant).map_err(fatal)?;
+        let component = self.component(&request.component).await?;
+        let secrets_dir = self.config.secrets_dir.clone();
+        let request = blocking(move || request.into_request(number, &tenant, secrets_dir.as_deref()))
+            .await
+            .map_err(|err| fatal(err.to_string()))?
+            .map_err(fatal)?;
+        Ok((component, request))
+    }
+
+    /// The tenant as this worker's tenants file has it.
+    fn tenant(&self, name: &str) -> Result<Tenant, String> {
+        match &self.config.tenants {
+            Some(tenants) => tenants.get(name).map_err(|err| err.to_string()),
+            None if name == "default" => Ok(Tenant::unconstrained("default")),
+            None => Err(format!(
+                "this worker has no tenants file, so it runs tenant `default` only, not `{name}`; \
+                 start it with --tenants FILE"
+            )),
+        }
+    }
+
+    /// The component with `digest`: compiled already, or loaded from the
+    /// store and compiled (through this machine's compile cache).
+    async fn component(&self, digest: &str) -> Result<StepComponent, Failure> {
+        if let Some(component) = self.components.lock().get(digest) {
+            return Ok(component.clone());
+        }
+        let invalid = |why: String| Failure::new(FailureKind::InvalidComponent, why);
+        let (store, sandbox, wanted) = (self.store.clone(), self.sandbox.clone(), digest.to_owned());
+        let loaded = blocking(move || {
+            let bytes = store
+                .component(&wanted)
+                .map_err(|err| Failure::new(FailureKind::Retryable, format!("cannot load component {wanted}: {err}")))?
+                .ok_or_else(|| invalid(format!("component {wanted} is not in the store")))?;
+            let found: String = sha2::Sha256::digest(&bytes).iter().map(|byte| format!("{byte:02x}")).collect();
+            if found != wanted {
+                return Err(invalid(format!("the store's bytes for component {wanted} have digest {found}")));
+            }
+            sandbox.load_bytes(Path::new(&format!("sha256:{wanted}")), &bytes).map_err(|err| invalid(err.to_string()))
+        })
+        .await
+        .map_err(|err| Failure::new(FailureKind::Retryable, err.to_string()))??;
+        self.components.lock().put(digest.to_owned(), loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Records the result while the claim is this worker's; a store that
+    /// is away is tried again until the claim would have expired.
+    async fn report(&self, claim: &Claim, attempt: &Attempt, fenced: &CancellationToken) {
+        let result = match serde_json::to_value(TaskResult { attempt: attempt.clone() }) {
+            Ok(result) => result,
+            Err(err) => {
+                eprintln!("stepbox worker: task {}'s result cannot be written: {err}", claim.id);
+                return;
+            }
+        };
+        let deadline = Instant::now() + self.config.lease;
+        loop {
+            let (store, held, value): (_, _, Value) = (self.store.clone(), claim.clone(), result.clone());
+            match blocking(move || store.complete(&held, &value)).await {
+                Ok(Ok(())) => return,
+                Ok(Err(StoreError::Fenced { .. })) => {
+                    fenced.cancel();
+                    return;
+                }
+                Ok(Err(err)) if Instant::now() < deadline && !fenced.is_cancelled() => {
+                    eprintln!("stepbox worker: cannot record task {}'s result: {err}; trying again", claim.id);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(Err(err)) => {
+                    eprintln!("stepbox worker: task {}'s result is lost: {err}", claim.id);
+                    return;
+                }
+                Err(err) => {
+                    eprintln!("stepbox worker: task {}'s result is lost: {err}", claim.id);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Renews `claim` every third of `lease` until aborted; cancels `fenced`
+/// when the claim is no longer this worker's, or when the store was away
+/// for longer than the lease (another worker may have the task by then).
+async fn renew(store: Arc<dyn Store>, claim: Claim, lease: Duration, fenced: CancellationToken) {
+    let mut renewed = Instant::now();
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        // Paused (SIGSTOP) or starved past the lease: the claim may be
+        // another worker's already, so stop without asking the store.
+        if renewed.elapsed() >= lease {
+            break;
+        }
+        let (store, held) = (store.clone(), claim.clone());
+        match blocking(move || store.renew(&held, lease)).await {
+            Ok(Ok(())) => renewed = Instant::now(),
+            Ok(Err(StoreError::Fenced { .. })) => break,
+            Ok(Err(err)) if renewed.elapsed() < lease => {
+                eprintln!("stepbox worker: cannot renew the claim on task {}: {err}; trying again", claim.id);
+            }
+            _ => break,
+        }
+    }
+    fenced.cancel();
+}
+
+/// Runs a store call off the async threads: every store call may block.
+async fn blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .map_err(|err| StoreError::Database { place: "the worker".into(), detail: err.to_string() })
+}

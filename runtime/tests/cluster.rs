@@ -1,0 +1,209 @@
+//! Attempts run by `stepbox worker` processes through a shared PostgreSQL
+//! database: secrets read on the worker, a killed worker's attempt taken
+//! over after its lease, a paused worker's late result refused.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{key_counts, stderr, stepbox, temp_dir, use_database};
+use serde_json::Value;
+use stepbox_tests::guests;
+use stepbox_tests::postgres::TestDatabase;
+
+/// A worker process, killed when dropped.
+struct Worker {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    /// Starts `stepbox worker` with its own data directory under `dir`
+    /// and waits until it is ready to claim.
+    fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Worker {
+        let log = dir.join(format!("{name}.log"));
+        let mut command = stepbox(&dir.join(name));
+        command.arg("worker").args(args).envs(env.iter().copied()).stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("running up to") {
+            line.clear();
+            assert!(lines.read_line(&mut line).unwrap() > 0, "the worker exited at start");
+        }
+        let mut file = std::fs::File::create(&log).unwrap();
+        std::thread::spawn(move || std::io::copy(&mut lines, &mut file));
+        Worker { child, log }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill").args([signal, &self.child.id().to_string()]).status();
+        assert!(status.unwrap().success());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The owner of the task of execution `key` while one holds it.
+fn holder(db: &TestDatabase) -> Option<String> {
+    db.query("SELECT owner FROM tasks WHERE state = 'claimed'").into_iter().next().and_then(|row| row[0].clone())
+}
+
+/// Waits up to `within` for `check` to give something.
+fn wait_for<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(found) = check() {
+            return found;
+        }
+        assert!(start.elapsed() < within, "nothing came within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    std::fs::create_dir_all(dir.join("out")).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Starts `stepbox run FILE --queue --json`.
+fn start_run(data: &Path, workflow: &Path) -> Child {
+    stepbox(data)
+        .args(["run", workflow.to_str().unwrap(), "--queue", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child) -> Value {
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn attempts_run_on_workers_which_read_secrets_themselves_and_none_reaches_the_database() {
+    const SECRET: &str = "sk_live_cluster_0123456789";
+    let db = TestDatabase::create();
+    use_database(Some(&db.url));
+    let dir = temp_dir("cluster-run");
+    let workflow = write(
+        &dir,
+        "fan.yaml",
+        &format!(
+            "name: fan\ncomponents:\n  probe: {}\n  effect: {}\nsteps:\n  - id: leak\n    uses: probe\n    secrets: {{ api_key: {{ env: STEPBOX_TEST_SECRET }} }}\n    with: {{ probe: leak-secret }}\n  - id: fan\n    uses: effect\n    for_each: [1, 2, 3, 4, 5, 6]\n    dirs: ['out:/out']\n    with: {{ file: /out/keys.log, millis: 50 }}\n  - id: last\n    uses: effect\n    depends_on: [leak, fan]\n    dirs: ['out:/out']\n    with: {{ file: /out/keys.log }}\noutputs:\n  keys: '{{{{ steps.fan.output | length }}}}'\n",
+            guests::PROBE,
+            guests::SIDE_EFFECT
+        ),
+    );
+    let env = [("STEPBOX_TEST_SECRET", SECRET)];
+    let _workers: Vec<Worker> =
+        (0..2).map(|n| Worker::start(&dir, &format!("w{n}"), &["--slots", "2", "--lease", "1s"], &env)).collect();
+    // The coordinator has no secret: only a worker can run `leak`.
+    let report = finish(start_run(&dir.join("coordinator"), &workflow));
+    assert_eq!(report["status"], "succeeded", "{report}");
+    assert_eq!(report["outputs"]["keys"], 6, "{report}");
+    assert_eq!(report["steps"][0]["output"]["key"], "[redacted]", "{report}");
+    let counts = key_counts(&dir);
+    assert_eq!(counts.len(), 7, "{counts:?}");
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    // Every execution's key, as the step saw it, is its execution's.
+    for execution in report["steps"][1]["executions"].as_array().unwrap() {
+        assert_eq!(execution["output"]["key"], execution["idempotency_key"], "{execution}");
+    }
+    // No table holds the secret; the queue is empty once results are in.
+    for table in db.query("SELECT tablename FROM pg_tables WHERE schemaname = 'public'") {
+        let table = table[0].clone().unwrap();
+        let found = db.query(&format!("SELECT count(*) FROM {table} t WHERE t::text LIKE '%{SECRET}%'"));
+        assert_eq!(found[0][0].as_deref(), Some("0"), "the secret is in table {table}");
+    }
+    assert_eq!(db.query("SELECT count(*) FROM tasks")[0][0].as_deref(), Some("0"));
+    use_database(None);
+}
+
+/// One step that works for `millis`, then appends its key to out/keys.log.
+fn one_slow_step(dir: &Path, millis: u64) -> PathBuf {
+    write(
+        dir,
+        "slow.yaml",
+        &format!(
+            "name: slow\ncomponents:\n  effect: {}\nsteps:\n  - id: slow\n    uses: effect\n    dirs: ['out:/out']\n    limits: {{ timeout: 60s }}\n    with: {{ file: /out/keys.log, millis: {millis} }}\n",
+            guests::SIDE_EFFECT
+        ),
+    )
+}
+
+#[test]
+fn a_killed_workers_attempt_is_claimed_again_within_two_leases_and_counted() {
+    let db = TestDatabase::create();
+    use_database(Some(&db.url));
+    let dir = temp_dir("cluster-kill");
+    let workflow = one_slow_step(&dir, 3_000);
+    let lease = Duration::from_secs(1);
+    let first = Worker::start(&dir, "first", &["--slots", "1", "--lease", "1s"], &[]);
+    let run = start_run(&dir.join("coordinator"), &workflow);
+    let owner = wait_for(Duration::from_secs(60), || holder(&db));
+    assert!(owner.contains(&format!(":{}:", first.child.id())), "{owner}");
+    let second = Worker::start(&dir, "second", &["--slots", "1", "--lease", "1s"], &[]);
+    first.signal("-KILL");
+    let killed = Instant::now();
+    let taken = wait_for(Duration::from_secs(30), || holder(&db).filter(|holder| *holder != owner));
+    let failover = killed.elapsed();
+    assert!(taken.contains(&format!(":{}:", second.child.id())), "{taken}");
+    assert!(failover <= 2 * lease, "failover took {failover:?}, over two leases");
+    let report = finish(run);
+    assert_eq!(report["status"], "succeeded", "{report}");
+    let execution = &report["steps"][0]["executions"][0];
+    let attempts = execution["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 2, "{execution}");
+    assert_eq!(attempts[0]["status"], "failed", "{execution}");
+    assert_eq!(attempts[0]["failure"]["kind"], "lost", "{execution}");
+    assert_eq!((attempts[1]["attempt"].as_u64(), attempts[1]["status"].as_str()), (Some(2), Some("succeeded")));
+    // The same key for both; the killed one never got to its effect.
+    assert_eq!(execution["output"]["key"], execution["idempotency_key"], "{execution}");
+    assert_eq!(key_counts(&dir).values().copied().collect::<Vec<_>>(), [1]);
+    use_database(None);
+}
+
+#[test]
+fn a_paused_workers_late_result_is_refused_and_it_drops_the_attempt() {
+    let db = TestDatabase::create();
+    use_database(Some(&db.url));
+    let dir = temp_dir("cluster-pause");
+    let workflow = one_slow_step(&dir, 1_500);
+    let paused = Worker::start(&dir, "paused", &["--slots", "1", "--lease", "1s"], &[]);
+    let run = start_run(&dir.join("coordinator"), &workflow);
+    let owner = wait_for(Duration::from_secs(60), || holder(&db));
+    assert!(owner.contains(&format!(":{}:", paused.child.id())), "{owner}");
+    paused.signal("-STOP");
+    let _other = Worker::start(&dir, "other", &["--slots", "1", "--lease", "1s"], &[]);
+    let report = finish(run);
+    // Past its lease, then woken: the run has long finished without it.
+    paused.signal("-CONT");
+    let dropped = wait_for(Duration::from_secs(30), || {
+        Some(paused.log()).filter(|log| log.contains("was claimed again or withdrawn; its work here is dropped"))
+    });
+    assert_eq!(report["status"], "succeeded", "{report}");
+    let attempts = report["steps"][0]["executions"][0]["attempts"].as_array().unwrap().clone();
+    assert_eq!(attempts.iter().map(|a| a["status"].as_str().unwrap()).collect::<Vec<_>>(), ["failed", "succeeded"]);
+    // Nothing the paused worker did after waking reached the record.
+    std::thread::sleep(Duration::from_secs(2));
+    let shown = common::json(&dir.join("coordinator"), &["show", report["id"].as_str().unwrap(), "--json"]);
+    assert_eq!(shown["steps"][0]["executions"][0]["attempts"].as_array().unwrap().len(), 2, "{shown}\n{dropped}");
+    use_database(None);
+}
