@@ -186,8 +186,11 @@ pub(crate) async fn execute(
 ) -> Result<u8, CliError> {
     let default = if how.queue { QUEUED } else { scheduler::default_max_parallel() };
     let max_parallel = how.max_parallel.map_or(default, |n| n as usize);
+    // Attempts handed to workers do not run in this sandbox: it only
+    // compiles, to check the components before they are handed over.
+    let slots = if how.queue { scheduler::default_max_parallel() } else { max_parallel };
     let config = EngineConfig {
-        max_concurrent_attempts: u32::try_from(max_parallel).unwrap_or(u32::MAX),
+        max_concurrent_attempts: u32::try_from(slots).unwrap_or(u32::MAX),
         ..engine_config(place.data_dir)
     };
     let sandbox = sandbox_with_kv(config, db.key_values())?;

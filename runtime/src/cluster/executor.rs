@@ -17,8 +17,10 @@ use crate::scheduler::{Executor, Prepared, Running};
 use crate::store::{Store, Task};
 
 /// How often results are looked for while some are awaited: at first
-/// often, then less while none come.
+/// often, then less while none come; least often when the store wakes the
+/// poller for every result (polling is then only the fallback).
 const POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(50));
+const POLL_WOKEN: Duration = Duration::from_secs(1);
 
 /// Hands attempts to `stepbox worker` processes through the queue of a
 /// store they share. One per process: it polls for the results of every
@@ -142,7 +144,11 @@ impl Drop for Withdraw<'_> {
 /// executor is gone.
 async fn poll(store: Arc<dyn Store>, awaited: Weak<Awaited>) {
     let mut wait = POLL.0;
+    let mut woken = store.signals().results.subscribe();
+    let longest = if store.signals().shared { POLL_WOKEN } else { POLL.1 };
     loop {
+        // Seen before looking, so a result that comes meanwhile wakes us.
+        woken.borrow_and_update();
         let Some(strong) = awaited.upgrade() else { return };
         let ids: Vec<i64> = strong.tasks.lock().keys().copied().collect();
         if ids.is_empty() {
@@ -166,8 +172,10 @@ async fn poll(store: Arc<dyn Store>, awaited: Weak<Awaited>) {
             Err(_) => Vec::new(),
         };
         if finished.is_empty() {
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(POLL.1);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => wait = (wait * 2).min(longest),
+                _ = woken.changed() => wait = POLL.0,
+            }
             continue;
         }
         wait = POLL.0;

@@ -25,8 +25,10 @@ use crate::store::{Claim, Shares, Store, StoreError};
 use crate::tenant::{Tenant, Tenants};
 
 /// How often an idle worker looks for work: at first often, then less
-/// while there is none.
+/// while there is none; least often when the store wakes it for every new
+/// task (polling is then only the fallback).
 const IDLE: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(100));
+const IDLE_WOKEN: Duration = Duration::from_secs(1);
 
 /// Components kept compiled, by digest.
 const COMPONENTS: NonZeroUsize = NonZeroUsize::new(64).unwrap();
@@ -65,7 +67,14 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
     let worker = Arc::new(Worker { store, sandbox, config, components: Mutex::new(LruCache::new(COMPONENTS)) });
     let mut running = JoinSet::new();
     let mut idle = IDLE.0;
+    let mut woken = worker.store.signals().tasks.subscribe();
+    // A completion anywhere may let a tenant at its max_concurrent go on.
+    let mut freed = worker.store.signals().results.subscribe();
+    let most_idle = if worker.store.signals().shared { IDLE_WOKEN } else { IDLE.1 };
     loop {
+        // Seen before claiming, so a task enqueued meanwhile wakes us.
+        woken.borrow_and_update();
+        freed.borrow_and_update();
         let free = worker.config.slots.saturating_sub(running.len());
         let mut claimed = 0;
         if free > 0 && !stop.is_cancelled() {
@@ -89,7 +98,9 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
         let full = running.len() >= worker.config.slots || stop.is_cancelled();
         tokio::select! {
             Some(_) = running.join_next(), if !running.is_empty() => idle = IDLE.0,
-            () = tokio::time::sleep(idle), if !full => idle = (idle * 2).min(IDLE.1),
+            () = tokio::time::sleep(idle), if !full => idle = (idle * 2).min(most_idle),
+            Ok(()) = woken.changed(), if !full => idle = IDLE.0,
+            Ok(()) = freed.changed(), if !full => idle = IDLE.0,
             () = stop.cancelled(), if !stop.is_cancelled() => {}
         }
     }

@@ -66,6 +66,35 @@ impl Shares {
     }
 }
 
+/// Wake-ups for who waits on the queue: workers for new tasks, coordinators
+/// for results. Each is a counter that rises on every event, so a waiter
+/// that looked at the queue after reading it misses nothing. Events of this
+/// process always count; `shared` says whether other processes' do too
+/// (PostgreSQL's LISTEN/NOTIFY), or whether waiters must poll for them.
+#[derive(Debug)]
+pub struct Signals {
+    /// Rises when a task is enqueued.
+    pub tasks: tokio::sync::watch::Sender<u64>,
+    /// Rises when a task is completed.
+    pub results: tokio::sync::watch::Sender<u64>,
+    /// Whether other processes' events count too.
+    pub shared: bool,
+}
+
+impl Signals {
+    pub(crate) fn new(shared: bool) -> Self {
+        Signals { tasks: tokio::sync::watch::Sender::new(0), results: tokio::sync::watch::Sender::new(0), shared }
+    }
+
+    pub(crate) fn task(&self) {
+        self.tasks.send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    pub(crate) fn result(&self) {
+        self.results.send_modify(|count| *count = count.wrapping_add(1));
+    }
+}
+
 /// Where a task stands.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskState {
@@ -113,6 +142,8 @@ pub trait Queue: Send + Sync {
     fn put_component(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError>;
     /// The bytes kept under `digest`, if any.
     fn component(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Wake-ups on new tasks and results.
+    fn signals(&self) -> &Signals;
 }
 
 /// A claimable task, as the stores read it: its tenant and id, in queue

@@ -12,6 +12,7 @@
 mod history;
 mod journal;
 mod kv;
+mod listen;
 mod queue;
 mod registry;
 mod writer;
@@ -215,6 +216,8 @@ pub struct PgStore {
     handle: tokio::runtime::Handle,
     writer: Writer,
     kv: Arc<PgKeyValues>,
+    /// The queue's wake-ups, other processes' included.
+    signals: Arc<crate::store::Signals>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -246,6 +249,7 @@ impl PgStore {
             .enable_all()
             .build()
             .map_err(|err| StoreError::Database { place: place.to_string(), detail: err.to_string() })?;
+        let listening = config.clone();
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
@@ -265,7 +269,9 @@ impl PgStore {
             Writer::start(pool.clone(), place.clone())
         };
         let kv = Arc::new(PgKeyValues { pool: pool.clone(), place: place.clone(), handle: handle.clone() });
-        Ok(PgStore { place, pool, runtime: Some(runtime), handle, writer, kv })
+        let signals = Arc::new(crate::store::Signals::new(true));
+        handle.spawn(listen::listen(listening, signals.clone()));
+        Ok(PgStore { place, pool, runtime: Some(runtime), handle, writer, kv, signals })
     }
 
     /// The steps' key-value state, in the same database.

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio_postgres::Row;
 
 use super::PgStore;
+use super::listen::{RESULTS, TASKS};
 use crate::run::now_ms;
 use crate::store::StoreError;
 use crate::store::queue::{Candidate, Claim, Queue, Shares, Task, TaskState, fair_pick};
@@ -44,8 +45,11 @@ impl Queue for PgStore {
             let attempt = i64::from(task.attempt);
             let inserted = client
                 .query_opt(
-                    "INSERT INTO tasks (run_id, key, attempt, tenant, request, state) VALUES ($1, $2, $3, $4, $5, 'ready')
-                     ON CONFLICT (run_id, key, attempt) DO NOTHING RETURNING id",
+                    &format!(
+                        "INSERT INTO tasks (run_id, key, attempt, tenant, request, state)
+                         VALUES ($1, $2, $3, $4, $5, 'ready') ON CONFLICT (run_id, key, attempt) DO NOTHING
+                         RETURNING id, pg_notify('{TASKS}', '')::text"
+                    ),
                     &[&task.run_id, &task.key, &attempt, &task.tenant, &text(&task.request)],
                 )
                 .await?;
@@ -129,14 +133,17 @@ impl Queue for PgStore {
         let (held, result) = (claim.clone(), text(result));
         let completed = self.call(move |client| async move {
             client
-                .execute(
-                    "UPDATE tasks SET state = 'done', result = $4, owner = NULL, expires_ms = NULL
-                     WHERE id = $1 AND owner = $2 AND token = $3 AND state = 'claimed'",
+                .query(
+                    &format!(
+                        "UPDATE tasks SET state = 'done', result = $4, owner = NULL, expires_ms = NULL
+                         WHERE id = $1 AND owner = $2 AND token = $3 AND state = 'claimed'
+                         RETURNING pg_notify('{RESULTS}', '')::text"
+                    ),
                     &[&held.id, &held.owner, &held.token.cast_signed(), &result],
                 )
                 .await
         })?;
-        if completed == 0 { Err(StoreError::Fenced { task: claim.id }) } else { Ok(()) }
+        if completed.is_empty() { Err(StoreError::Fenced { task: claim.id }) } else { Ok(()) }
     }
 
     fn task_state(&self, id: i64) -> Result<TaskState, StoreError> {
@@ -202,5 +209,9 @@ impl Queue for PgStore {
             let row = client.query_opt("SELECT bytes FROM components WHERE digest = $1", &[&digest]).await?;
             Ok(row.map(|row| row.get(0)))
         })
+    }
+
+    fn signals(&self) -> &crate::store::Signals {
+        &self.signals
     }
 }

@@ -228,6 +228,8 @@ pub struct Database {
     /// commit's fsync (WAL lets them read beside the writer).
     reader: Mutex<Connection>,
     kv: Arc<KeyValueDatabase>,
+    /// The queue's wake-ups: this process's only.
+    signals: crate::store::Signals,
 }
 
 impl Database {
@@ -256,7 +258,7 @@ impl Database {
             .map_err(|err| StoreError::from_sqlite(&path, err))?;
         let conn = Arc::new(Mutex::new(conn));
         let writer = Writer::start(conn.clone(), path.clone()).map_err(data_dir_error)?;
-        Ok(Database { path, conn, writer, reader: Mutex::new(reader), kv })
+        Ok(Database { path, conn, writer, reader: Mutex::new(reader), kv, signals: crate::store::Signals::new(false) })
     }
 
     /// The steps' key-value state, in its own file beside this one.

@@ -34,7 +34,7 @@ fn claim_from(row: &Row<'_>) -> rusqlite::Result<Claim> {
 
 impl Queue for Database {
     fn enqueue(&self, task: &Task) -> Result<i64, StoreError> {
-        self.write(|tx| {
+        let id = self.write(|tx| {
             tx.execute(
                 "INSERT INTO tasks (run_id, key, attempt, tenant, request, state) VALUES (?1, ?2, ?3, ?4, ?5, 'ready')
                  ON CONFLICT (run_id, key, attempt) DO NOTHING",
@@ -45,7 +45,9 @@ impl Queue for Database {
                 params![task.run_id, task.key, task.attempt],
                 |row| row.get(0),
             )
-        })
+        })?;
+        self.signals.task();
+        Ok(id)
     }
 
     fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Vec<Claim>, StoreError> {
@@ -110,7 +112,11 @@ impl Queue for Database {
                 params![claim.id, claim.owner, claim.token.cast_signed(), text(result)],
             )
         })?;
-        if completed == 0 { Err(StoreError::Fenced { task: claim.id }) } else { Ok(()) }
+        if completed == 0 {
+            return Err(StoreError::Fenced { task: claim.id });
+        }
+        self.signals.result();
+        Ok(())
     }
 
     fn task_state(&self, id: i64) -> Result<TaskState, StoreError> {
@@ -171,5 +177,9 @@ impl Queue for Database {
             conn.query_row("SELECT bytes FROM components WHERE digest = ?1", params![digest], |row| row.get(0))
                 .optional()
         })
+    }
+
+    fn signals(&self) -> &crate::store::Signals {
+        &self.signals
     }
 }

@@ -1,0 +1,50 @@
+//! Other processes' queue events, through LISTEN/NOTIFY: enqueuing a task
+//! notifies `stepbox_tasks`, completing one `stepbox_results`. One
+//! connection per process listens and raises the matching [`Signals`];
+//! when it drops, it is made again with backoff, and both signals rise
+//! (events may have been missed meanwhile, and waiters poll as well).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::store::Signals;
+
+/// The channel enqueues notify.
+pub(super) const TASKS: &str = "stepbox_tasks";
+/// The channel completions notify.
+pub(super) const RESULTS: &str = "stepbox_results";
+
+/// Listens until the store's runtime shuts down.
+pub(super) async fn listen(config: tokio_postgres::Config, signals: Arc<Signals>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if let Ok((client, mut connection)) = config.connect(NoTls).await {
+            let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+            let pump = tokio::spawn(async move {
+                let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                while let Some(Ok(message)) = messages.next().await {
+                    if let AsyncMessage::Notification(notification) = message {
+                        let _ = events.send(notification.channel().to_owned());
+                    }
+                }
+            });
+            if client.batch_execute(&format!("LISTEN {TASKS}; LISTEN {RESULTS}")).await.is_ok() {
+                backoff = Duration::from_millis(100);
+                signals.task();
+                signals.result();
+                while let Some(channel) = received.recv().await {
+                    match channel.as_str() {
+                        TASKS => signals.task(),
+                        _ => signals.result(),
+                    }
+                }
+            }
+            pump.abort();
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
