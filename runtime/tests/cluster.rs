@@ -298,3 +298,50 @@ fn a_small_tenant_starts_within_twice_its_solo_latency_beside_ten_thousand_steps
     );
     use_database(None);
 }
+
+#[test]
+fn a_worker_holds_each_attempt_to_its_own_tenants_file() {
+    let db = TestDatabase::create();
+    use_database(Some(&db.url));
+    let dir = temp_dir("cluster-ceilings");
+    let workflow = write(
+        &dir,
+        "secret.yaml",
+        &format!(
+            "name: secret\ncomponents:\n  probe: {}\nsteps:\n  - id: leak\n    uses: probe\n    secrets: {{ api_key: {{ env: STEPBOX_TEST_SECRET }} }}\n    with: {{ probe: leak-secret }}\n",
+            guests::PROBE
+        ),
+    );
+    // The coordinator's file grants the secret; the worker's does not, and
+    // it knows no tenant `globex` at all.
+    let coordinator_tenants = write(
+        &dir,
+        "coordinator.yaml",
+        "tenants:\n  acme: { components: any, secrets: any }\n  globex: { components: any, secrets: any }\n",
+    );
+    let worker_tenants = write(&dir, "worker.yaml", "tenants:\n  acme: { components: any }\n");
+    let _worker = Worker::start(
+        &dir,
+        "worker",
+        &["--tenants", worker_tenants.to_str().unwrap()],
+        &[("STEPBOX_TEST_SECRET", "sk_live_worker")],
+    );
+    let run = |tenant: &str| {
+        let out = stepbox(&dir.join("coordinator"))
+            .args(["run", workflow.to_str().unwrap(), "--queue", "--json", "--tenant", tenant])
+            .args(["--tenants", coordinator_tenants.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["steps"][0]["reason"].as_str().unwrap().to_owned()
+    };
+    let refused = run("acme");
+    assert!(
+        refused.contains("this worker's tenants file refuses the attempt: secret `api_key` (env:STEPBOX_TEST_SECRET) is not among tenant `acme`'s allowed secrets"),
+        "{refused}"
+    );
+    let unknown = run("globex");
+    assert!(unknown.contains("tenant `globex` is not in the tenants file"), "{unknown}");
+    use_database(None);
+}
