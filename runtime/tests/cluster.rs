@@ -14,6 +14,14 @@ use serde_json::Value;
 use stepbox_tests::guests;
 use stepbox_tests::postgres::TestDatabase;
 
+/// One test of this file at a time: each starts several processes, and the
+/// fairness test compares latencies, which other tests' processes would
+/// make noise in.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A worker process, killed when dropped.
 struct Worker {
     child: Child,
@@ -99,6 +107,7 @@ fn finish(child: Child) -> Value {
 #[test]
 fn attempts_run_on_workers_which_read_secrets_themselves_and_none_reaches_the_database() {
     const SECRET: &str = "sk_live_cluster_0123456789";
+    let _serial = serial();
     let db = TestDatabase::create();
     use_database(Some(&db.url));
     let dir = temp_dir("cluster-run");
@@ -150,6 +159,7 @@ fn one_slow_step(dir: &Path, millis: u64) -> PathBuf {
 
 #[test]
 fn a_killed_workers_attempt_is_claimed_again_within_two_leases_and_counted() {
+    let _serial = serial();
     let db = TestDatabase::create();
     use_database(Some(&db.url));
     let dir = temp_dir("cluster-kill");
@@ -182,6 +192,7 @@ fn a_killed_workers_attempt_is_claimed_again_within_two_leases_and_counted() {
 
 #[test]
 fn a_paused_workers_late_result_is_refused_and_it_drops_the_attempt() {
+    let _serial = serial();
     let db = TestDatabase::create();
     use_database(Some(&db.url));
     let dir = temp_dir("cluster-pause");
@@ -229,6 +240,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 #[test]
 fn a_small_tenant_starts_within_twice_its_solo_latency_beside_ten_thousand_steps_of_a_big_one_at_its_ceiling() {
+    let _serial = serial();
     let db = TestDatabase::create();
     use_database(Some(&db.url));
     let dir = temp_dir("cluster-fair");
@@ -271,7 +283,7 @@ fn a_small_tenant_starts_within_twice_its_solo_latency_beside_ten_thousand_steps
     // Compiled on every node first: what is measured is waiting, not
     // compiling.
     run_small();
-    let solo = median((0..3).map(|_| run_small()).collect());
+    let solo = median((0..5).map(|_| run_small()).collect());
     let mut flood = stepbox(&dir.join("big-coordinator"))
         .args(["run", big.to_str().unwrap(), "--queue", "--tenant", "big", "--tenants", tenants_arg])
         .args(["--max-parallel", "4096"])
@@ -286,7 +298,7 @@ fn a_small_tenant_starts_within_twice_its_solo_latency_beside_ten_thousand_steps
         let claimed = db.query("SELECT count(*) FROM tasks WHERE tenant = 'big' AND state = 'claimed'");
         (claimed[0][0].as_deref() == Some("16")).then_some(())
     });
-    let loaded = median((0..3).map(|_| run_small()).collect());
+    let loaded = median((0..5).map(|_| run_small()).collect());
     let flooding = flood.try_wait().unwrap().is_none();
     let _ = flood.kill();
     let _ = flood.wait();
@@ -301,6 +313,7 @@ fn a_small_tenant_starts_within_twice_its_solo_latency_beside_ten_thousand_steps
 
 #[test]
 fn a_worker_holds_each_attempt_to_its_own_tenants_file() {
+    let _serial = serial();
     let db = TestDatabase::create();
     use_database(Some(&db.url));
     let dir = temp_dir("cluster-ceilings");
