@@ -358,3 +358,42 @@ fn a_worker_holds_each_attempt_to_its_own_tenants_file() {
     assert!(unknown.contains("tenant `globex` is not in the tenants file"), "{unknown}");
     use_database(None);
 }
+
+#[test]
+fn a_killed_coordinators_run_resumes_on_workers_and_its_old_tasks_are_withdrawn() {
+    let _serial = serial();
+    let db = TestDatabase::create();
+    use_database(Some(&db.url));
+    let dir = temp_dir("cluster-coordinator");
+    let workflow = one_slow_step(&dir, 5_000);
+    let worker = Worker::start(&dir, "worker", &["--slots", "2", "--lease", "1s"], &[]);
+    let coordinator = dir.join("coordinator");
+    let mut first = start_run(&coordinator, &workflow);
+    wait_for(Duration::from_secs(60), || holder(&db));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let id = common::json(&coordinator, &["runs", "--json"])[0]["id"].as_str().unwrap().to_owned();
+    // Another coordinator takes the run over: the dead one's task is
+    // withdrawn, and the worker drops it.
+    let resumed = stepbox(&coordinator)
+        .args(["resume", &id, "--queue", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(Duration::from_secs(30), || {
+        Some(worker.log()).filter(|log| log.contains("was claimed again or withdrawn; its work here is dropped"))
+    });
+    let report = finish(resumed);
+    assert_eq!(report["status"], "succeeded", "{report}");
+    let shown = common::json(&coordinator, &["show", &id, "--json"]);
+    let attempts: Vec<(u64, String)> = shown["steps"][0]["executions"][0]["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["attempt"].as_u64().unwrap(), a["status"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(attempts, [(1, "running".to_owned()), (2, "succeeded".to_owned())], "{shown}");
+    assert_eq!(key_counts(&dir).values().copied().collect::<Vec<_>>(), [1], "the dropped attempt had no effect");
+    use_database(None);
+}

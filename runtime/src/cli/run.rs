@@ -203,6 +203,13 @@ pub(crate) async fn execute(
     options.events = Some(events);
     options.cancel = cancel.clone();
     if how.queue {
+        // A run taken over (resumed, retried) goes on from its journal:
+        // the tasks an earlier coordinator left are withdrawn, and their
+        // workers fenced off.
+        let (store, run_id) = (db.clone(), owned.run.id.clone());
+        tokio::task::spawn_blocking(move || store.withdraw_run(&run_id))
+            .await
+            .map_err(|err| CliError::Failed(err.to_string()))??;
         options.executor = Some(QueueExecutor::new(db.clone()));
     }
     let Owned { workflow, inputs, lease, .. } = owned;

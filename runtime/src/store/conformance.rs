@@ -458,6 +458,26 @@ fn a_cancelled_task_fences_its_holder_and_a_result_is_taken_once() {
 }
 
 #[test]
+fn a_run_taken_over_withdraws_its_old_tasks_and_fences_their_holders() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        created(store, &run("r", "t", &[]));
+        created(store, &run("s", "t", &[]));
+        let ttl = Duration::from_secs(30);
+        store.enqueue(&task("r", "r/a", "t")).unwrap();
+        let held = store.claim("old", 1, ttl, &Shares::default()).unwrap().remove(0);
+        store.enqueue(&task("r", "r/b", "t")).unwrap();
+        let other = store.enqueue(&task("s", "s/a", "t")).unwrap();
+        store.withdraw_run("r").unwrap();
+        assert!(matches!(store.renew(&held, ttl), Err(StoreError::Fenced { .. })), "{name}");
+        assert!(matches!(store.complete(&held, &json!(1)), Err(StoreError::Fenced { .. })), "{name}");
+        let left: Vec<i64> = store.claim("new", 10, ttl, &Shares::default()).unwrap().iter().map(|c| c.id).collect();
+        assert_eq!(left, [other], "{name}: only the other run's task is left");
+    }
+}
+
+#[test]
 fn components_are_kept_by_digest_once() {
     for backend in backends() {
         let store = &*backend.store;

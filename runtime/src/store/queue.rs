@@ -117,8 +117,7 @@ pub enum TaskState {
 /// The queue's operations; both stores implement them.
 pub trait Queue: Send + Sync {
     /// Adds `task`, unless the queue already has the same attempt of the
-    /// same execution (a coordinator that took a run over enqueues again):
-    /// its id either way.
+    /// same execution: its id either way.
     fn enqueue(&self, task: &Task) -> Result<i64, StoreError>;
     /// Claims up to `max` tasks for `owner` for `ttl`: ready ones, and ones
     /// whose claim expired. Claims are handed out one transaction at a time
@@ -134,6 +133,10 @@ pub trait Queue: Send + Sync {
     fn task_state(&self, id: i64) -> Result<TaskState, StoreError>;
     /// Withdraws task `id` unless it is done: its holder is fenced off.
     fn cancel(&self, id: i64) -> Result<(), StoreError>;
+    /// Removes every task of `run_id`, held or not, with their results: a
+    /// coordinator that took the run over goes on from the journal, and the
+    /// holders of the old tasks are fenced off.
+    fn withdraw_run(&self, run_id: &str) -> Result<(), StoreError>;
     /// The results of those of `ids` that are done, removed from the queue:
     /// a coordinator takes each result once, into its journal.
     fn take_finished(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError>;

@@ -177,6 +177,14 @@ impl Queue for PgStore {
         Ok(())
     }
 
+    fn withdraw_run(&self, run_id: &str) -> Result<(), StoreError> {
+        let run_id = run_id.to_owned();
+        self.call(
+            move |client| async move { client.execute("DELETE FROM tasks WHERE run_id = $1", &[&run_id]).await },
+        )?;
+        Ok(())
+    }
+
     fn take_finished(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());

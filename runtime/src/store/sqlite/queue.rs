@@ -147,6 +147,11 @@ impl Queue for Database {
         Ok(())
     }
 
+    fn withdraw_run(&self, run_id: &str) -> Result<(), StoreError> {
+        self.write(|tx| tx.execute("DELETE FROM tasks WHERE run_id = ?1", params![run_id]))?;
+        Ok(())
+    }
+
     fn take_finished(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
