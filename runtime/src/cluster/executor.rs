@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde_json::Value;
-use sha2::Digest as _;
 use tokio::sync::{Notify, oneshot};
 
 use super::wire::{TaskRequest, TaskResult};
@@ -59,7 +58,7 @@ impl QueueExecutor {
         let (store, path, expected) = (self.store.clone(), component.path().to_owned(), digest.clone());
         let kept = tokio::task::spawn_blocking(move || {
             let bytes = std::fs::read(&path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
-            let found: String = sha2::Sha256::digest(&bytes).iter().map(|byte| format!("{byte:02x}")).collect();
+            let found = crate::sandbox::component_digest(&bytes);
             if found != expected {
                 return Err(format!("{} changed since it was compiled; start the run again", path.display()));
             }

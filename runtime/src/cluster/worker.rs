@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use parking_lot::Mutex;
 use serde_json::Value;
-use sha2::Digest as _;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -186,7 +185,7 @@ impl Worker {
                 .component(&wanted)
                 .map_err(|err| Failure::new(FailureKind::Retryable, format!("cannot load component {wanted}: {err}")))?
                 .ok_or_else(|| invalid(format!("component {wanted} is not in the store")))?;
-            let found: String = sha2::Sha256::digest(&bytes).iter().map(|byte| format!("{byte:02x}")).collect();
+            let found = crate::sandbox::component_digest(&bytes);
             if found != wanted {
                 return Err(invalid(format!("the store's bytes for component {wanted} have digest {found}")));
             }

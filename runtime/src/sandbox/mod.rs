@@ -140,6 +140,12 @@ impl Sandbox {
     }
 }
 
+/// The SHA-256 of a component's bytes in hex, as [`StepComponent::digest`]
+/// gives it: what components travel by between machines.
+pub fn component_digest(bytes: &[u8]) -> String {
+    cache::hex(&cache::digest(bytes))
+}
+
 /// Host resources one attempt may hold so that `slots` attempts at once
 /// cannot use up the process's open files: every open file or socket of a
 /// guest is a resource, so the shares together stay within the open-files
