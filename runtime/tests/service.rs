@@ -4,59 +4,18 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{journal_state, key_counts, output, stderr, stepbox, temp_dir};
+use common::{Server, journal_state, key_counts, output, stderr, stepbox, temp_dir};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stepbox_tests::guests;
 
-/// A `stepbox serve` process; killed when dropped.
-struct Server {
-    child: Child,
-    url: String,
-}
-
 impl Server {
-    /// Starts `stepbox serve` on a free port with `data` and `args`.
-    fn start(data: &Path, args: &[&str]) -> Server {
-        let mut child = stepbox(data)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let url = line
-            .trim()
-            .strip_prefix("stepbox is serving ")
-            .and_then(|url| url.strip_suffix("/v1"))
-            .unwrap_or_else(|| panic!("stepbox serve printed {line:?}"))
-            .to_owned();
-        Server { child, url }
-    }
-
     fn api(&self, token: &str) -> Api {
         Api { http: reqwest::Client::new(), url: self.url.clone(), token: token.to_owned(), tenant: None }
-    }
-
-    /// SIGTERM, then waits for the process to exit; returns its exit code.
-    fn terminate(mut self) -> Option<i32> {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap().code()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

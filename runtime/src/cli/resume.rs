@@ -117,14 +117,15 @@ async fn continue_run(
     retry: bool,
 ) -> Result<u8, CliError> {
     let db = open_database(place)?;
-    let owned = service::continue_run(&*db, run_id, from, retry, |run, workflow| admit(place, &run.tenant, workflow))
-        .map_err(|err| match err {
-        ContinueError::Changed(message) => CliError::Invalid(message),
-        ContinueError::Invalid(err) => CliError::from(err),
-        ContinueError::Store(err) => CliError::from(err),
-        err @ (ContinueError::NotRetryable { .. } | ContinueError::Succeeded(_) | ContinueError::NoSuchStep { .. }) => {
-            CliError::Usage(err.to_string())
-        }
-    })?;
+    let owned =
+        service::continue_run(&*db, run_id, from, retry, None, |run, workflow| admit(place, &run.tenant, workflow))
+            .map_err(|err| match err {
+                ContinueError::Changed(message) => CliError::Invalid(message),
+                ContinueError::Invalid(err) => CliError::from(err),
+                ContinueError::Store(err) => CliError::from(err),
+                err @ (ContinueError::NotRetryable { .. }
+                | ContinueError::Succeeded(_)
+                | ContinueError::NoSuchStep { .. }) => CliError::Usage(err.to_string()),
+            })?;
     execute(db, owned, how, place).await
 }

@@ -13,18 +13,13 @@ use tokio_util::sync::CancellationToken;
 use super::client::Client;
 use super::report::{millis, steps_table};
 use super::{CliError, Place, admit, engine_config, exit, open_database, parse_key_value, sandbox_with_kv};
-use crate::cluster::QueueExecutor;
+use crate::cluster::{HANDED_OVER, QueueExecutor};
 use crate::run::{Run, RunReport, RunStatus, StepPath, StepStatus};
 use crate::sandbox::EngineConfig;
 use crate::scheduler::{self, RunEvent};
 use crate::service::{Bundle, Owned, StartRun};
 use crate::store::{Heartbeat, Store, WorkflowVersion, new_run_id};
 use crate::workflow::Workflow;
-
-/// Attempts a run hands to workers at once, unless --max-parallel says:
-/// enough to keep many workers busy, few enough that one run does not fill
-/// the queue (tenants take turns in it anyway).
-const QUEUED: usize = 256;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -184,7 +179,7 @@ pub(crate) async fn execute(
     how: &HowToRun,
     place: &Place<'_>,
 ) -> Result<u8, CliError> {
-    let default = if how.queue { QUEUED } else { scheduler::default_max_parallel() };
+    let default = if how.queue { HANDED_OVER } else { scheduler::default_max_parallel() };
     let max_parallel = how.max_parallel.map_or(default, |n| n as usize);
     // Attempts handed to workers do not run in this sandbox: it only
     // compiles, to check the components before they are handed over.
@@ -203,13 +198,8 @@ pub(crate) async fn execute(
     options.events = Some(events);
     options.cancel = cancel.clone();
     if how.queue {
-        // A run taken over (resumed, retried) goes on from its journal:
-        // the tasks an earlier coordinator left are withdrawn, and their
-        // workers fenced off.
-        let (store, run_id) = (db.clone(), owned.run.id.clone());
-        tokio::task::spawn_blocking(move || store.withdraw_run(&run_id))
-            .await
-            .map_err(|err| CliError::Failed(err.to_string()))??;
+        // A run taken over (resumed) waits for the attempts an earlier
+        // coordinator handed out rather than run them again.
         options.executor = Some(QueueExecutor::new(db.clone()));
     }
     let Owned { workflow, inputs, lease, .. } = owned;

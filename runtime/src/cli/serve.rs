@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::client::Client;
 use super::report::when;
 use super::{CliError, Place, open_database};
+use crate::cluster::HANDED_OVER;
 use crate::service::{Bundle, Service, ServiceConfig, create_token};
 use crate::store::WorkflowVersion;
 use crate::tenant::Tenants;
@@ -21,10 +22,15 @@ use crate::workflow::Workflow;
   stepbox token create --tenant acme
   stepbox serve
   stepbox serve --listen 0.0.0.0:7433 --tenants tenants.yaml --grace 60s
+  stepbox serve --db postgres://stepbox@db.internal/stepbox --queue
 
 Without a tenants file, tenants' steps get no directories, network, HTTP hosts or secrets; write one
 (docs/tenants.md) to grant them. On SIGTERM or Ctrl-C, running attempts get --grace to finish; the
-rest are interrupted and their runs resume when the service starts again.")]
+rest are interrupted and their runs resume when the service starts again.
+
+Several `stepbox serve` processes may share one PostgreSQL --db: any of them takes a deploy, starts
+runs and answers for every run; a run whose node died is taken over by another within a lease
+(30s). With --queue, their attempts run on `stepbox worker` processes.")]
 pub(crate) struct ServeArgs {
     /// The address to listen on (port 0 picks a free one; the address is printed).
     #[arg(long, default_value = "127.0.0.1:7433", value_name = "ADDR")]
@@ -41,6 +47,9 @@ pub(crate) struct ServeArgs {
     /// The largest bundle (all its files together) a deploy may upload.
     #[arg(long, default_value = "64MiB", value_name = "SIZE")]
     max_bundle: ByteSize,
+    /// Hand the attempts to `stepbox worker` processes through the database's queue (--db, or the data directory's) instead of running them here; --max-parallel then counts attempts handed over at once [default: 256].
+    #[arg(long)]
+    queue: bool,
 }
 
 pub(crate) async fn serve(args: ServeArgs, place: &Place<'_>) -> Result<u8, CliError> {
@@ -48,6 +57,10 @@ pub(crate) async fn serve(args: ServeArgs, place: &Place<'_>) -> Result<u8, CliE
     config.db = place.db.map(str::to_owned);
     config.tenants = place.tenants.map(Path::to_owned);
     config.secrets_dir = place.secrets_dir.map(Path::to_owned);
+    config.queue = args.queue;
+    if args.queue {
+        config.slots = HANDED_OVER;
+    }
     if let Some(slots) = args.max_parallel {
         config.slots = slots as usize;
     }
@@ -61,8 +74,13 @@ pub(crate) async fn serve(args: ServeArgs, place: &Place<'_>) -> Result<u8, CliE
     let address = listener.local_addr().map_err(|err| CliError::Failed(err.to_string()))?;
     println!("stepbox is serving http://{address}/v1");
     let _ = std::io::stdout().flush();
+    let slots = if args.queue {
+        format!("{slots} attempts handed to workers at once")
+    } else {
+        format!("{slots} attempt slots")
+    };
     eprintln!(
-        "data directory {}, {slots} attempt slots; {} runs resumed; Ctrl-C or SIGTERM stops it",
+        "data directory {}, {slots}; {} runs resumed; Ctrl-C or SIGTERM stops it",
         place.data_dir.display(),
         service.active_runs()
     );

@@ -12,14 +12,22 @@ use tokio::sync::{Notify, oneshot};
 use super::wire::{TaskRequest, TaskResult};
 use crate::run::{Attempt, Failure, FailureKind, now_ms};
 use crate::sandbox::StepComponent;
-use crate::scheduler::{Executor, Prepared, Running};
-use crate::store::{Store, Task};
+use crate::scheduler::{Executor, Prepared, Reattached, Running};
+use crate::store::{Store, StoreError, Task};
 
 /// How often results are looked for while some are awaited: at first
 /// often, then less while none come; least often when the store wakes the
 /// poller for every result (polling is then only the fallback).
 const POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(50));
 const POLL_WOKEN: Duration = Duration::from_secs(1);
+
+/// How long a call is tried again while the database is away.
+const AWAY_FOR: Duration = Duration::from_secs(30);
+
+/// Attempts one coordinator hands to workers at once, unless told
+/// otherwise: enough to keep many workers busy, few enough that one run
+/// does not fill the queue (tenants take turns in it anyway).
+pub const HANDED_OVER: usize = 256;
 
 /// Hands attempts to `stepbox worker` processes through the queue of a
 /// store they share. One per process: it polls for the results of every
@@ -55,18 +63,19 @@ impl QueueExecutor {
         if self.kept.lock().contains(&digest) {
             return Ok(digest);
         }
-        let (store, path, expected) = (self.store.clone(), component.path().to_owned(), digest.clone());
-        let kept = tokio::task::spawn_blocking(move || {
+        let (path, expected) = (component.path().to_owned(), digest.clone());
+        let bytes = tokio::task::spawn_blocking(move || {
             let bytes = std::fs::read(&path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
             let found = crate::sandbox::component_digest(&bytes);
             if found != expected {
                 return Err(format!("{} changed since it was compiled; start the run again", path.display()));
             }
-            store.put_component(&expected, &bytes).map_err(|err| err.to_string())
+            Ok(bytes)
         })
         .await
-        .map_err(|err| err.to_string())?;
-        kept?;
+        .map_err(|err| err.to_string())??;
+        let wanted = digest.clone();
+        persist(&self.store, move |store| store.put_blob(&wanted, &bytes)).await?;
         self.kept.lock().insert(digest.clone());
         Ok(digest)
     }
@@ -82,19 +91,19 @@ impl QueueExecutor {
             tenant: context.tenant.clone(),
             request,
         };
-        let store = self.store.clone();
-        let id = tokio::task::spawn_blocking(move || store.enqueue(&task))
+        let id = persist(&self.store, move |store| store.enqueue(&task))
             .await
-            .map_err(|err| err.to_string())?
             .map_err(|err| format!("the queue did not take the attempt: {err}"))?;
+        self.outcome(id).await
+    }
+
+    /// The attempt of task `id`, once a worker reports it.
+    async fn outcome(&self, id: i64) -> Result<Attempt, String> {
         let (sender, receiver) = oneshot::channel();
         self.awaited.tasks.lock().insert(id, sender);
         self.awaited.more.notify_one();
-        // Dropped unfinished (the run was cancelled, or stopped): the task
-        // is withdrawn, and its worker fenced off.
-        let mut withdraw = Withdraw { id, store: Some(self.store.clone()), awaited: &self.awaited };
+        let _forget = Forget { id, awaited: &self.awaited };
         let result = receiver.await.map_err(|_| "the result poller stopped".to_owned())?;
-        withdraw.store = None;
         let result: TaskResult =
             serde_json::from_value(result).map_err(|err| format!("the worker's result could not be read: {err}"))?;
         Ok(result.attempt)
@@ -115,32 +124,65 @@ impl Executor for QueueExecutor {
             }
         })
     }
-}
 
-/// Withdraws a task whose result is no longer awaited.
-struct Withdraw<'a> {
-    id: i64,
-    store: Option<Arc<dyn Store>>,
-    awaited: &'a Awaited,
-}
-
-impl Drop for Withdraw<'_> {
-    fn drop(&mut self) {
-        let Some(store) = self.store.take() else { return };
-        self.awaited.tasks.lock().remove(&self.id);
-        let id = self.id;
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn_blocking(move || {
-                if let Err(err) = store.cancel(id) {
-                    eprintln!("stepbox: cannot withdraw task {id} from the queue: {err}");
+    /// The task the run's earlier coordinator left for this attempt, ready,
+    /// held or done, is waited for as if this one had handed it over: a
+    /// coordinator's death costs no attempt its work.
+    fn reattach<'a>(&'a self, run_id: &'a str, key: &'a str, number: u32) -> Reattached<'a> {
+        Box::pin(async move {
+            let (run, wanted) = (run_id.to_owned(), key.to_owned());
+            let found = persist(&self.store, move |store| store.find_task(&run, &wanted, number)).await;
+            let Ok(Some(id)) = found else { return None };
+            Some(match self.outcome(id).await {
+                Ok(mut attempt) => {
+                    attempt.attempt = attempt.attempt.max(number);
+                    attempt
                 }
-            });
+                Err(why) => Attempt::refused(number, now_ms(), Failure::new(FailureKind::Retryable, why)),
+            })
+        })
+    }
+}
+
+/// Runs an idempotent store call off the async threads, again while the
+/// database is away (it restarts), for up to [`AWAY_FOR`].
+async fn persist<T: Send + 'static>(
+    store: &Arc<dyn Store>,
+    call: impl Fn(&dyn Store) -> Result<T, StoreError> + Send + Sync + 'static,
+) -> Result<T, String> {
+    let call = Arc::new(call);
+    let deadline = tokio::time::Instant::now() + AWAY_FOR;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let (store, call) = (store.clone(), call.clone());
+        match tokio::task::spawn_blocking(move || call(&*store)).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(err)) if err.is_away() && tokio::time::Instant::now() + pause < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Ok(Err(err)) => return Err(err.to_string()),
+            Err(err) => return Err(err.to_string()),
         }
     }
 }
 
-/// Takes the results of awaited tasks as workers finish them, until the
-/// executor is gone.
+/// Stops waiting for a task whose result is no longer awaited. The task
+/// itself is left: the run's next coordinator waits for it in turn, and the
+/// run's end removes it.
+struct Forget<'a> {
+    id: i64,
+    awaited: &'a Awaited,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.awaited.tasks.lock().remove(&self.id);
+    }
+}
+
+/// Delivers the results of awaited tasks as workers finish them, until
+/// the executor is gone.
 async fn poll(store: Arc<dyn Store>, awaited: Weak<Awaited>) {
     let mut wait = POLL.0;
     let mut woken = store.signals().results.subscribe();
@@ -160,7 +202,7 @@ async fn poll(store: Arc<dyn Store>, awaited: Weak<Awaited>) {
         drop(strong);
         let taken = {
             let store = store.clone();
-            tokio::task::spawn_blocking(move || store.take_finished(&ids)).await
+            tokio::task::spawn_blocking(move || store.results(&ids)).await
         };
         let finished = match taken {
             Ok(Ok(finished)) => finished,

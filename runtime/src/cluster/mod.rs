@@ -8,5 +8,5 @@ mod executor;
 mod wire;
 mod worker;
 
-pub use executor::QueueExecutor;
+pub use executor::{HANDED_OVER, QueueExecutor};
 pub use worker::{WorkerConfig, work};

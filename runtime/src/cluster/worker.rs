@@ -126,7 +126,7 @@ impl Worker {
         renewing.abort();
         if fenced.is_cancelled() {
             eprintln!(
-                "stepbox worker: task {} (attempt of {}) was claimed again or withdrawn; its work here is dropped",
+                "stepbox worker: task {} (attempt of {}) was claimed again or its run ended; its work here is dropped",
                 claim.id, claim.task.key
             );
         }
@@ -182,7 +182,7 @@ impl Worker {
         let (store, sandbox, wanted) = (self.store.clone(), self.sandbox.clone(), digest.to_owned());
         let loaded = blocking(move || {
             let bytes = store
-                .component(&wanted)
+                .blob(&wanted)
                 .map_err(|err| Failure::new(FailureKind::Retryable, format!("cannot load component {wanted}: {err}")))?
                 .ok_or_else(|| invalid(format!("component {wanted} is not in the store")))?;
             let found = crate::sandbox::component_digest(&bytes);

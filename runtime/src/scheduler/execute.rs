@@ -246,9 +246,27 @@ async fn execution(
     // Attempts of an interrupted run count on from where it stopped.
     let earlier = shared.base.resume.attempts.get(&idempotency_key).copied().unwrap_or(0);
     let mut number = earlier + 1;
+    // The last attempt the run's earlier driver started may still run (on
+    // a worker): its outcome is then this execution's next, not a new try,
+    // and the retry policy counts it as this process's first.
+    let mut reattached = None;
+    let mut counted_from = earlier;
+    if earlier > 0 {
+        tokio::select! {
+            found = shared.base.executor.reattach(&shared.run_id, &idempotency_key, earlier) => reattached = found,
+            () = cancel.cancelled() => {}
+        }
+        if reattached.is_some() {
+            number = earlier;
+            counted_from = earlier - 1;
+        }
+    }
     loop {
         let breaker = shared.breakers.get(name);
-        let admitted = breaker.map_or(Admission::Run, |breaker| breaker.admit(Instant::now()));
+        let admitted = match reattached {
+            Some(_) => Admission::Run,
+            None => breaker.map_or(Admission::Run, |breaker| breaker.admit(Instant::now())),
+        };
         let mut attempt = match admitted {
             Admission::Refuse(message) => {
                 Attempt::refused(number, now_ms(), Failure::new(FailureKind::CircuitOpen, message))
@@ -284,8 +302,13 @@ async fn execution(
                     grants: grants.clone(),
                     exit_codes: step.exit_codes.clone(),
                 };
-                let prepared = Prepared { request, secrets: step.grants.secrets.clone() };
-                let attempt = attempt_once(shared, name, component, prepared, &path, cancel).await;
+                let attempt = match reattached.take() {
+                    Some(attempt) => attempt,
+                    None => {
+                        let prepared = Prepared { request, secrets: step.grants.secrets.clone() };
+                        attempt_once(shared, name, component, prepared, &path, cancel).await
+                    }
+                };
                 // Tries an executor lost (their worker stopped) before this
                 // one ran: each counts, as a crashed attempt does on resume.
                 for lost in number..attempt.attempt {
@@ -315,7 +338,7 @@ async fn execution(
         attempt.delay_before_ms = delay_before.as_secs_f64() * 1000.0;
         // Decided once, so the journal marks the execution's last attempt
         // exactly when the loop stops.
-        let retry = attempt.failure().and_then(|f| retry_delay(step, f, number - earlier, first_start));
+        let retry = attempt.failure().and_then(|f| retry_delay(step, f, number - counted_from, first_start));
         let ran = !matches!(attempt.failure(), Some(f) if f.kind == FailureKind::CircuitOpen);
         if ran {
             let recorded = shared.record(|journal, run_id| {

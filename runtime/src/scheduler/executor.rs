@@ -50,7 +50,20 @@ pub type Running<'a> = Pin<Box<dyn Future<Output = Attempt> + Send + 'a>>;
 pub trait Executor: Send + Sync {
     /// Runs `attempt` of `component`; dropping the future stops it.
     fn run<'a>(&'a self, component: &'a StepComponent, attempt: Prepared) -> Running<'a>;
+
+    /// Waits for attempt `attempt` of execution `key` of run `run_id`, which
+    /// an earlier driver of the run started and did not see end, if it
+    /// still runs somewhere: its outcome, as [`Executor::run`] gives it.
+    /// `None` when it does not (an attempt in a process that died dies with
+    /// it), and the scheduler counts it as interrupted.
+    fn reattach<'a>(&'a self, run_id: &'a str, key: &'a str, attempt: u32) -> Reattached<'a> {
+        let _ = (run_id, key, attempt);
+        Box::pin(std::future::ready(None))
+    }
 }
+
+/// The future of an attempt taken up again, if it still runs.
+pub type Reattached<'a> = Pin<Box<dyn Future<Output = Option<Attempt>> + Send + 'a>>;
 
 /// Runs attempts in this process's sandbox, reading secrets from this
 /// host.

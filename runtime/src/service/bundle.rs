@@ -100,6 +100,24 @@ impl Bundle {
         format!("{:x}", hasher.finalize())
     }
 
+    /// The bundle as the store keeps it, for the service's other nodes.
+    pub fn to_stored(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.encode()).unwrap_or_default()
+    }
+
+    /// The bundle the store kept under `digest`, checked as an upload is
+    /// and against the digest.
+    pub fn from_stored(digest: &str, bytes: &[u8]) -> Result<Bundle, String> {
+        let upload: BundleUpload = serde_json::from_slice(bytes)
+            .map_err(|err| format!("the store's bundle {digest} cannot be read: {err}"))?;
+        let bundle = Bundle::decode(upload)?;
+        let found = bundle.digest();
+        if found != digest {
+            return Err(format!("the store's bundle {digest} has digest {found}"));
+        }
+        Ok(bundle)
+    }
+
     /// Bytes of all files together.
     pub fn size(&self) -> usize {
         self.files.values().map(Vec::len).sum()
@@ -204,6 +222,22 @@ impl Bundles {
     /// The directory of the bundle with `digest`.
     pub fn dir(&self, digest: &str) -> PathBuf {
         self.root.join(digest)
+    }
+
+    /// The directory of the bundle with `digest`: stored here already, or
+    /// brought from `store`, where the node that deployed it put it.
+    pub fn fetch(&self, store: &dyn crate::store::Store, digest: &str) -> Result<PathBuf, String> {
+        let dir = self.dir(digest);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let bytes = store
+            .blob(digest)
+            .map_err(|err| format!("cannot load bundle {digest}: {err}"))?
+            .ok_or_else(|| format!("bundle {digest} is neither here nor in the store"))?;
+        let bundle = Bundle::from_stored(digest, &bytes)?;
+        let stored = self.stage(&bundle).and_then(|staged| self.commit(staged, digest));
+        stored.map_err(|err| format!("cannot store bundle {digest} in {}: {err}", self.root.display()))
     }
 
     /// Writes `bundle` into a new staging directory beside the stored

@@ -37,6 +37,7 @@ pub use tokens::{NewToken, Principal, TOKEN_PREFIX, authenticate, create as crea
 pub use triggers::Delivery;
 pub use workflows::Deployed;
 
+use crate::cluster::QueueExecutor;
 use crate::run::RunStatus;
 use crate::sandbox::{EngineConfig, Sandbox};
 use crate::scheduler::Dispatcher;
@@ -58,8 +59,12 @@ pub struct ServiceConfig {
     pub tenants: Option<PathBuf>,
     /// Where `{ file: NAME }` secrets are read from.
     pub secrets_dir: Option<PathBuf>,
-    /// Attempts running at once, over all tenants.
+    /// Attempts running at once, over all tenants (with `queue`: handed
+    /// to workers at once).
     pub slots: usize,
+    /// Hand attempts to `stepbox worker` processes through the store's
+    /// queue instead of running them in this process.
+    pub queue: bool,
     /// Runs one tenant may have started and not finished; past it, new
     /// runs are refused until some finish.
     pub max_active_runs: usize,
@@ -85,6 +90,7 @@ impl ServiceConfig {
             tenants: None,
             secrets_dir: None,
             slots: crate::scheduler::default_max_parallel(),
+            queue: false,
             max_active_runs: 1_000,
             max_bundle_bytes: 64 * 1024 * 1024,
             clock: Arc::new(SystemClock),
@@ -238,6 +244,8 @@ fn no_run(id: &str) -> String {
 pub struct Service {
     db: Arc<dyn Store>,
     sandbox: Sandbox,
+    /// Where attempts run when not in this process's sandbox.
+    queue: Option<Arc<QueueExecutor>>,
     dispatcher: Arc<Dispatcher>,
     tenants: Option<Tenants>,
     bundles: Bundles,
@@ -288,9 +296,12 @@ impl Service {
             Some(file) => Some(Tenants::load(file).map_err(ServiceError::invalid_workflow)?),
             None => None,
         };
+        // Attempts handed to workers do not run in this sandbox: it only
+        // compiles, to check components before they are handed over.
+        let runs_here = if config.queue { crate::scheduler::default_max_parallel() } else { config.slots };
         let engine = EngineConfig {
             data_dir: Some(config.data_dir.clone()),
-            max_concurrent_attempts: u32::try_from(config.slots).unwrap_or(u32::MAX),
+            max_concurrent_attempts: u32::try_from(runs_here).unwrap_or(u32::MAX),
             ..Default::default()
         };
         let sandbox =
@@ -307,12 +318,15 @@ impl Service {
             interrupt: CancellationToken::new(),
             wake: tokio::sync::Notify::new(),
             deployed_now: tokio::sync::Notify::new(),
+            queue: config.queue.then(|| QueueExecutor::new(db.clone())),
             db,
             sandbox,
             tenants,
             config,
         });
-        service.resume_interrupted().await;
+        let mut given_up = std::collections::HashSet::new();
+        service.resume_interrupted(&mut given_up).await;
+        service.tasks.spawn(service.clone().take_over_interrupted(given_up));
         service.tasks.spawn(service.clone().wake_parked_runs());
         service.tasks.spawn(service.clone().run_schedules());
         Ok(service)

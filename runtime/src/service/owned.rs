@@ -79,14 +79,17 @@ pub enum ContinueError {
 
 /// Takes over run `run_id` to continue it: `resume` (what did not succeed
 /// runs), or `retry` (a failed or cancelled run; with `from`, that step and
-/// everything after it run again). `admit` gives the run's tenant with its
-/// ceilings. The lease is taken before anything is changed, so no other
+/// everything after it run again). The workflow is loaded from `file`, this
+/// process's copy of it (a service node's copy of the deployed bundle), or
+/// else from where the run recorded it. `admit` gives the run's tenant with
+/// its ceilings. The lease is taken before anything is changed, so no other
 /// process continues the run at the same time.
 pub fn continue_run(
     db: &dyn Store,
     run_id: &str,
     from: Option<&str>,
     retry: bool,
+    file: Option<&Path>,
     admit: impl FnOnce(&Run, &Workflow) -> Result<Arc<Tenant>, WorkflowError>,
 ) -> Result<Owned, ContinueError> {
     let run = db.load_run(run_id)?;
@@ -97,7 +100,8 @@ pub fn continue_run(
         return Err(ContinueError::Succeeded(run_id.to_owned()));
     }
     let lease = db.acquire_lease(run_id, this_owner(), LEASE_TTL)?;
-    let workflow = Arc::new(load_unchanged(&run, &db.fingerprint(run_id)?)?);
+    let file = file.unwrap_or(Path::new(&run.workflow_path));
+    let workflow = Arc::new(load_unchanged(&run, file, &db.fingerprint(run_id)?)?);
     let tenant = admit(&run, &workflow)?;
     // Bound when the run was created; bound again here because a stored
     // record is data from disk, not a checked value.
@@ -127,10 +131,9 @@ pub fn continue_run(
     Ok(Owned { workflow, run, inputs, tenant, lease })
 }
 
-/// The run's workflow, if neither it nor its components changed since the
-/// run was created with `fingerprint`.
-fn load_unchanged(run: &Run, fingerprint: &serde_json::Value) -> Result<Workflow, ContinueError> {
-    let path = Path::new(&run.workflow_path);
+/// The run's workflow from `path`, if neither it nor its components
+/// changed since the run was created with `fingerprint`.
+fn load_unchanged(run: &Run, path: &Path, fingerprint: &serde_json::Value) -> Result<Workflow, ContinueError> {
     let workflow = Workflow::load(path)
         .map_err(|err| ContinueError::Changed(format!("error: the run's workflow no longer loads:\n{err}")))?;
     let now = workflow

@@ -2,7 +2,7 @@
 //! background, listed, read, cancelled, resumed and retried, each call
 //! within the caller's scope.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -222,6 +222,9 @@ impl Service {
         options.interrupt = live.interrupt.clone();
         options.waits = live.waits.clone();
         options.events = Some(sender);
+        if let Some(queue) = &self.queue {
+            options.executor = Some(queue.clone());
+        }
         let Owned { workflow, inputs, lease, run, .. } = owned;
         // A lease lost to another process interrupts the run here: that
         // process goes on with it.
@@ -388,8 +391,9 @@ impl Service {
     }
 
     /// Resumes the runs of deployed workflows that a crash left
-    /// interrupted (their owner died, or its lease expired).
-    pub(super) async fn resume_interrupted(self: &Arc<Self>) {
+    /// interrupted (their owner died, or its lease expired), except those
+    /// in `given_up`, to which it adds the runs that cannot be resumed.
+    pub(super) async fn resume_interrupted(self: &Arc<Self>, given_up: &mut HashSet<String>) {
         let filter = RunFilter { status: Some(RunStatus::Interrupted), ..RunFilter::default() };
         let runs = match self.blocking(move |db| Ok(db.list_runs(&filter)?)).await {
             Ok(runs) => runs,
@@ -398,11 +402,32 @@ impl Service {
                 return;
             }
         };
-        for run in runs.into_iter().filter(|run| run.version.is_some()) {
+        for run in runs {
+            if run.version.is_none() || given_up.contains(&run.id) {
+                continue;
+            }
             match self.continue_owned(&run, None, false, None).await {
                 Ok(()) => tracing::info!(run = run.id, "resumed a run a crash interrupted"),
-                Err(err) => tracing::warn!(run = run.id, "cannot resume an interrupted run: {err}"),
+                // Another node, or a call of this one, took it first.
+                Err(ServiceError::Conflict { .. }) => {}
+                Err(err) => {
+                    tracing::warn!(run = run.id, "cannot resume an interrupted run: {err}");
+                    given_up.insert(run.id);
+                }
             }
+        }
+    }
+
+    /// Takes over, every third of a lease, the runs whose owner died while
+    /// this service runs: another node of the service sharing the database,
+    /// or this one's own run whose lease lapsed while the database was away.
+    pub(super) async fn take_over_interrupted(self: Arc<Self>, mut given_up: HashSet<String>) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(LEASE_TTL / 3) => {}
+                () = self.closing.cancelled() => return,
+            }
+            self.resume_interrupted(&mut given_up).await;
         }
     }
 
@@ -517,7 +542,7 @@ impl Service {
         let scope = Scope::Tenant(run.tenant.clone());
         let deployed = self.deployed(&self.workflow(&scope, &run.workflow, Some(version)).await?).await?;
         let tenant = Arc::new(self.tenant(&run.tenant)?.for_bundle(&deployed.dir));
-        let id = run.id.clone();
+        let (id, file) = (run.id.clone(), deployed.workflow.file.clone());
         // Kept where readers find it until the new drive is live.
         let earlier = self.finished.lock().get(&run.id).cloned();
         let (owned, events) = self
@@ -528,7 +553,8 @@ impl Service {
                     Some(events) => events,
                     None => Arc::new(recorded_events(&db.run_report(&id)?)),
                 };
-                let owned = continue_run(db, &id, from.as_deref(), retry, |_, workflow| {
+                // This node's copy of the bundle, wherever the run began.
+                let owned = continue_run(db, &id, from.as_deref(), retry, Some(&file), |_, workflow| {
                     tenant.check(workflow)?;
                     Ok(tenant)
                 })?;

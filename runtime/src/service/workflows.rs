@@ -80,11 +80,12 @@ impl Service {
                 });
             }
             tenant.check(&workflow).map_err(ServiceError::invalid_workflow)?;
-            Ok((staged, bundle.entry, workflow))
+            let stored = bundle.to_stored();
+            Ok((staged, bundle.entry, workflow, stored))
         })
         .await
         .unwrap_or_else(|err| Err(ServiceError::Internal(format!("checking the bundle failed: {err}"))))?;
-        let (staged, entry, workflow) = checked;
+        let (staged, entry, workflow, stored) = checked;
         crate::scheduler::compile(&workflow, &self.sandbox)
             .await
             .map_err(|err| ServiceError::Invalid { code: "invalid_component", message: err.to_string() })?;
@@ -95,7 +96,14 @@ impl Service {
             .map_err(|err| ServiceError::Internal(err.to_string()))?
             .map_err(|err| ServiceError::Internal(format!("cannot store the bundle: {err}")))?;
         let name = name.to_owned();
-        let deployed = self.blocking(move |db| Ok(db.deploy(&tenant_name, &name, &digest, &entry)?)).await?;
+        // The bundle is in the store before its version is: every node
+        // sharing the store can load whatever version it sees.
+        let deployed = self
+            .blocking(move |db| {
+                db.put_blob(&digest, &stored)?;
+                Ok(db.deploy(&tenant_name, &name, &digest, &entry)?)
+            })
+            .await?;
         self.deployed_now.notify_one();
         Ok(deployed)
     }
@@ -129,10 +137,13 @@ impl Service {
         if let Some(deployed) = self.deployed.lock().get(&version.digest) {
             return Ok(deployed.clone());
         }
-        let dir = self.bundles.dir(&version.digest);
-        let tenant = self.tenant(&version.tenant)?.for_bundle(&dir);
-        let entry = dir.join(&version.entry);
+        let tenant = self.tenant(&version.tenant)?;
+        let (bundles, db, digest, entry) =
+            (self.bundles.clone(), self.db.clone(), version.digest.clone(), version.entry.clone());
         let loaded = tokio::task::spawn_blocking(move || {
+            let dir = bundles.fetch(&*db, &digest).map_err(ServiceError::Internal)?;
+            let tenant = tenant.for_bundle(&dir);
+            let entry = dir.join(entry);
             let workflow = Workflow::load_for(&entry, &tenant).map_err(ServiceError::invalid_workflow)?;
             let fingerprint = workflow.fingerprint().map_err(|err| {
                 ServiceError::Internal(format!("cannot read the deployed bundle {}: {err}", dir.display()))

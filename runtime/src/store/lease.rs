@@ -18,6 +18,9 @@ use super::{Journal, StoreError};
 /// How long a lease lasts without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
 
+/// How soon a renewal is tried again while the database is away.
+const RETRY: Duration = Duration::from_secs(1);
+
 /// A lease on one run, as its holder knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -70,8 +73,9 @@ fn host_name() -> &'static str {
 
 /// Keeps a lease alive while its run goes on: renews it every third of
 /// [`LEASE_TTL`], and cancels `lost` when it cannot (another process took
-/// the run over). [`Heartbeat::release`] gives the lease up; dropped
-/// without it, the release is queued and not waited for.
+/// the run over, or the database stayed away until the lease ran out).
+/// [`Heartbeat::release`] gives the lease up; dropped without it, the
+/// release is queued and not waited for.
 pub struct Heartbeat {
     journal: Arc<dyn Journal>,
     lease: Lease,
@@ -85,17 +89,30 @@ impl Heartbeat {
         let stop = CancellationToken::new();
         let (renewing, held, stopped) = (journal.clone(), lease.clone(), stop.clone());
         tokio::spawn(async move {
+            let mut renewed = tokio::time::Instant::now();
+            let mut pause = LEASE_TTL / 3;
             loop {
                 tokio::select! {
                     () = stopped.cancelled() => return,
-                    () = tokio::time::sleep(LEASE_TTL / 3) => {}
+                    () = tokio::time::sleep(pause) => {}
                 }
                 let (journal, lease) = (renewing.clone(), held.clone());
-                let renewed = tokio::task::spawn_blocking(move || journal.renew_lease(&lease, LEASE_TTL)).await;
-                if !matches!(renewed, Ok(Ok(()))) {
-                    tracing::error!(run = held.run_id, "the run's lease could not be renewed; stopping");
-                    lost.cancel();
-                    return;
+                match tokio::task::spawn_blocking(move || journal.renew_lease(&lease, LEASE_TTL)).await {
+                    Ok(Ok(())) => {
+                        renewed = tokio::time::Instant::now();
+                        pause = LEASE_TTL / 3;
+                    }
+                    // The database is away (it restarts): tried again, often,
+                    // while the lease it last granted lasts.
+                    Ok(Err(err)) if err.is_away() && renewed.elapsed() + RETRY < LEASE_TTL => {
+                        tracing::warn!(run = held.run_id, "cannot renew the run's lease: {err}; trying again");
+                        pause = RETRY;
+                    }
+                    _ => {
+                        tracing::error!(run = held.run_id, "the run's lease could not be renewed; stopping");
+                        lost.cancel();
+                        return;
+                    }
                 }
             }
         });

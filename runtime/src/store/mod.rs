@@ -383,6 +383,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the database is away (it restarts, the network dropped)
+    /// rather than refusing: the same call may work a moment later.
+    pub fn is_away(&self) -> bool {
+        matches!(self, StoreError::Unreachable { .. })
+    }
+
     /// The database's own message, where there is one; else the whole
     /// error.
     pub(crate) fn detail(&self) -> String {

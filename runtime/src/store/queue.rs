@@ -109,9 +109,6 @@ pub enum TaskState {
     },
     /// Done, with the result its holder recorded.
     Done(Value),
-    /// Withdrawn by its coordinator (the run was cancelled): never
-    /// claimed again, and its holder can no longer renew or complete it.
-    Cancelled,
 }
 
 /// The queue's operations; both stores implement them.
@@ -127,24 +124,19 @@ pub trait Queue: Send + Sync {
     /// task was claimed again since.
     fn renew(&self, claim: &Claim, ttl: Duration) -> Result<(), StoreError>;
     /// Records the task's result, if `claim` is still the latest;
-    /// [`StoreError::Fenced`] if not, and nothing is recorded.
+    /// [`StoreError::Fenced`] if not, and nothing is recorded. Completing
+    /// again with the same claim (its answer was lost) is accepted, and
+    /// the first result stands.
     fn complete(&self, claim: &Claim, result: &Value) -> Result<(), StoreError>;
     /// Where task `id` stands.
     fn task_state(&self, id: i64) -> Result<TaskState, StoreError>;
-    /// Withdraws task `id` unless it is done: its holder is fenced off.
-    fn cancel(&self, id: i64) -> Result<(), StoreError>;
-    /// Removes every task of `run_id`, held or not, with their results: a
-    /// coordinator that took the run over goes on from the journal, and the
-    /// holders of the old tasks are fenced off.
-    fn withdraw_run(&self, run_id: &str) -> Result<(), StoreError>;
-    /// The results of those of `ids` that are done, removed from the queue:
-    /// a coordinator takes each result once, into its journal.
-    fn take_finished(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError>;
-    /// Keeps a component's bytes under their SHA-256 `digest` (hex), for
-    /// workers to load; a digest already kept is left as it is.
-    fn put_component(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError>;
-    /// The bytes kept under `digest`, if any.
-    fn component(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The task of attempt `attempt` of execution `key` of `run_id`, if the
+    /// queue has it (ready, held or done): a coordinator that took the run
+    /// over waits for it rather than run the attempt again.
+    fn find_task(&self, run_id: &str, key: &str, attempt: u32) -> Result<Option<i64>, StoreError>;
+    /// The results of those of `ids` that are done. A result stays until
+    /// its run finishes: a coordinator that takes the run over finds it.
+    fn results(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError>;
     /// Wake-ups on new tasks and results.
     fn signals(&self) -> &Signals;
 }

@@ -83,6 +83,14 @@ pub trait Registry: Send + Sync {
     /// The newest version of each of a tenant's workflows, by name.
     fn list_workflows(&self, tenant: &str) -> Result<Vec<WorkflowVersion>, StoreError>;
 
+    /// Keeps `bytes` under `digest`, for every process of the store to
+    /// load: a component's SHA-256 (hex) for workers, a bundle's digest for
+    /// the service's other nodes. Whoever loads them checks them against
+    /// the digest. A digest already kept is left as it is.
+    fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The bytes kept under `digest`, if any.
+    fn blob(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
     /// The newest version of every tenant's every workflow.
     fn all_workflows(&self) -> Result<Vec<WorkflowVersion>, StoreError>;
     /// The last tick (unix ms) schedule `schedule` of a tenant's workflow

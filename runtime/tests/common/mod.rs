@@ -2,8 +2,9 @@
 #![allow(dead_code)] // Each test file uses its own part.
 
 use std::collections::{HashMap, HashSet};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 use serde_json::Value;
 
@@ -60,10 +61,22 @@ pub fn stderr(out: &Output) -> String {
 /// under `dir` by the side-effect step.
 pub fn key_counts(dir: &Path) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
-    for line in std::fs::read_to_string(dir.join("out/keys.log")).unwrap_or_default().lines() {
-        *counts.entry(line.to_owned()).or_default() += 1;
+    for (key, _) in effects(dir) {
+        *counts.entry(key).or_default() += 1;
     }
     counts
+}
+
+/// Each effect the side-effect step had under `dir`, in order: the
+/// execution's idempotency key and the attempt that had it.
+pub fn effects(dir: &Path) -> Vec<(String, u32)> {
+    let log = std::fs::read_to_string(dir.join("out/keys.log")).unwrap_or_default();
+    log.lines()
+        .map(|line| {
+            let (key, attempt) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not `KEY ATTEMPT`: {line:?}"));
+            (key.to_owned(), attempt.parse().unwrap_or_else(|_| panic!("not `KEY ATTEMPT`: {line:?}")))
+        })
+        .collect()
 }
 
 /// Executions the journal holds as succeeded, and attempts (key and
@@ -87,4 +100,47 @@ pub fn journal_state(data: &Path, run_id: &str) -> (HashSet<String>, Vec<(String
         }
     }
     (completed, interrupted)
+}
+
+/// A `stepbox serve` process; killed when dropped.
+pub struct Server {
+    /// The process.
+    pub child: Child,
+    /// Where it serves, `http://ADDR`.
+    pub url: String,
+}
+
+impl Server {
+    /// Starts `stepbox serve` on a free port with `data` and `args`.
+    pub fn start(data: &Path, args: &[&str]) -> Server {
+        let mut child = stepbox(data)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .strip_prefix("stepbox is serving ")
+            .and_then(|url| url.strip_suffix("/v1"))
+            .unwrap_or_else(|| panic!("stepbox serve printed {line:?}"))
+            .to_owned();
+        Server { child, url }
+    }
+
+    /// SIGTERM, then waits for the process to exit; returns its exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap().code()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

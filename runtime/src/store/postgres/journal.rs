@@ -145,13 +145,16 @@ impl Record {
                 .await?;
                 tx.execute("UPDATE runs SET updated_ms = $2 WHERE id = $1", &[run_id, &(now_ms() as i64)]).await.map(drop)
             }
-            Record::RunFinished { run_id, status, outputs, error } => tx
-                .execute(
+            Record::RunFinished { run_id, status, outputs, error } => {
+                tx.execute(
                     "UPDATE runs SET status = $2, outputs = $3, error = $4, updated_ms = $5, finished_ms = $5 WHERE id = $1",
                     &[run_id, &status.as_str(), outputs, error, &(now_ms() as i64)],
                 )
-                .await
-                .map(drop),
+                .await?;
+                // A finished run has no work out: what an earlier driver
+                // left in the queue goes, its holders fenced off.
+                tx.execute("DELETE FROM tasks WHERE run_id = $1", &[run_id]).await.map(drop)
+            }
         }
     }
 }
@@ -266,6 +269,8 @@ impl Journal for PgStore {
                     }
                 }
             }
+            // Tasks of runs no longer kept go with them.
+            tx.execute("DELETE FROM tasks WHERE run_id NOT IN (SELECT id FROM runs)", &[]).await?;
             tx.commit().await?;
             Ok(usize::try_from(removed).unwrap_or(usize::MAX))
         })

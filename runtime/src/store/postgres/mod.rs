@@ -202,6 +202,9 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX tasks_open ON tasks (tenant, id) WHERE state <> 'done';",
     // 3: components the queue's tasks name by digest.
     "CREATE TABLE components (digest TEXT PRIMARY KEY, bytes BYTEA NOT NULL);",
+    // 4: the same table holds deployed bundles, for every node of a service
+    // sharing the database.
+    "ALTER TABLE components RENAME TO blobs;",
 ];
 
 /// The schema version this build writes.
@@ -374,6 +377,11 @@ fn pg_error(place: &str, err: &tokio_postgres::Error) -> StoreError {
             place: place.to_owned(),
             detail: format!("{err}; the database server's disk is full: free space there"),
         },
+        // The connection is gone, or the server is shutting down or
+        // starting: it is away, not refusing.
+        Some(code) if code.code().starts_with("08") || code.code().starts_with("57P") => {
+            StoreError::Unreachable { place: place.to_owned(), detail: db_detail(err) }
+        }
         Some(_) => StoreError::Database { place: place.to_owned(), detail: db_detail(err) },
         None => StoreError::Unreachable { place: place.to_owned(), detail: db_detail(err) },
     }

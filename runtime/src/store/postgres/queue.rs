@@ -143,7 +143,34 @@ impl Queue for PgStore {
                 )
                 .await
         })?;
-        if completed.is_empty() { Err(StoreError::Fenced { task: claim.id }) } else { Ok(()) }
+        if !completed.is_empty() {
+            return Ok(());
+        }
+        // Done already with this claim's token: an earlier try committed,
+        // and its answer was lost.
+        let held = claim.clone();
+        let mine = self.call(move |client| async move {
+            client
+                .query_opt(
+                    "SELECT 1 FROM tasks WHERE id = $1 AND token = $2 AND state = 'done'",
+                    &[&held.id, &held.token.cast_signed()],
+                )
+                .await
+        })?;
+        if mine.is_some() { Ok(()) } else { Err(StoreError::Fenced { task: claim.id }) }
+    }
+
+    fn find_task(&self, run_id: &str, key: &str, attempt: u32) -> Result<Option<i64>, StoreError> {
+        let (run_id, key, attempt) = (run_id.to_owned(), key.to_owned(), i64::from(attempt));
+        self.call(move |client| async move {
+            let row = client
+                .query_opt(
+                    "SELECT id FROM tasks WHERE run_id = $1 AND key = $2 AND attempt = $3",
+                    &[&run_id, &key, &attempt],
+                )
+                .await?;
+            Ok(row.map(|row| row.get(0)))
+        })
     }
 
     fn task_state(&self, id: i64) -> Result<TaskState, StoreError> {
@@ -153,7 +180,6 @@ impl Queue for PgStore {
             |row| {
                 Ok(match row.get::<_, &str>(0) {
                     "done" => TaskState::Done(json(row.get(3)).unwrap_or(Value::Null)),
-                    "cancelled" => TaskState::Cancelled,
                     "claimed" => TaskState::Claimed {
                         owner: row.get::<_, Option<String>>(1).unwrap_or_default(),
                         expires_ms: row.get::<_, Option<i64>>(2).unwrap_or_default(),
@@ -165,57 +191,15 @@ impl Queue for PgStore {
         found.into_iter().next().ok_or(StoreError::NoSuchTask(id))
     }
 
-    fn cancel(&self, id: i64) -> Result<(), StoreError> {
-        self.call(move |client| async move {
-            client
-                .execute(
-                    "UPDATE tasks SET state = 'cancelled', owner = NULL, expires_ms = NULL WHERE id = $1 AND state <> 'done'",
-                    &[&id],
-                )
-                .await
-        })?;
-        Ok(())
-    }
-
-    fn withdraw_run(&self, run_id: &str) -> Result<(), StoreError> {
-        let run_id = run_id.to_owned();
-        self.call(
-            move |client| async move { client.execute("DELETE FROM tasks WHERE run_id = $1", &[&run_id]).await },
-        )?;
-        Ok(())
-    }
-
-    fn take_finished(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError> {
+    fn results(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let ids = ids.to_vec();
         self.call(move |client| async move {
-            let rows = client
-                .query("DELETE FROM tasks WHERE state = 'done' AND id = ANY($1) RETURNING id, result", &[&ids])
-                .await?;
+            let rows =
+                client.query("SELECT id, result FROM tasks WHERE state = 'done' AND id = ANY($1)", &[&ids]).await?;
             Ok(rows.iter().map(|row| (row.get(0), json(row.get(1)).unwrap_or(Value::Null))).collect())
-        })
-    }
-
-    fn put_component(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        let (digest, bytes) = (digest.to_owned(), bytes.to_vec());
-        self.call(move |client| async move {
-            client
-                .execute(
-                    "INSERT INTO components (digest, bytes) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                    &[&digest, &bytes],
-                )
-                .await
-        })?;
-        Ok(())
-    }
-
-    fn component(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let digest = digest.to_owned();
-        self.call(move |client| async move {
-            let row = client.query_opt("SELECT bytes FROM components WHERE digest = $1", &[&digest]).await?;
-            Ok(row.map(|row| row.get(0)))
         })
     }
 

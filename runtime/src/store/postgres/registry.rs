@@ -164,6 +164,24 @@ impl Registry for PgStore {
         )
     }
 
+    fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let (digest, bytes) = (digest.to_owned(), bytes.to_vec());
+        self.call(move |client| async move {
+            client
+                .execute("INSERT INTO blobs (digest, bytes) VALUES ($1, $2) ON CONFLICT DO NOTHING", &[&digest, &bytes])
+                .await
+        })?;
+        Ok(())
+    }
+
+    fn blob(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let digest = digest.to_owned();
+        self.call(move |client| async move {
+            let row = client.query_opt("SELECT bytes FROM blobs WHERE digest = $1", &[&digest]).await?;
+            Ok(row.map(|row| row.get(0)))
+        })
+    }
+
     fn all_workflows(&self) -> Result<Vec<WorkflowVersion>, StoreError> {
         self.rows(
             format!(

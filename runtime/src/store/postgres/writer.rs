@@ -209,16 +209,14 @@ struct Failed {
 
 impl Failed {
     fn pg(place: &str, err: &tokio_postgres::Error) -> Self {
-        let transient = err.code().is_none_or(|code| {
-            let code = code.code();
-            code.starts_with("08") || code.starts_with("57P") || code == "40001" || code == "40P01"
-        });
-        Failed { transient, error: pg_error(place, err) }
+        let error = pg_error(place, err);
+        let conflict = err.code().is_some_and(|code| code.code() == "40001" || code.code() == "40P01");
+        Failed { transient: error.is_away() || conflict, error }
     }
 
     fn pool(place: &str, err: deadpool_postgres::PoolError) -> Self {
         let error = pool_error(place, err);
-        Failed { transient: matches!(error, StoreError::Unreachable { .. }), error }
+        Failed { transient: error.is_away(), error }
     }
 }
 

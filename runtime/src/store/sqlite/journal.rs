@@ -89,7 +89,10 @@ impl Journal for Database {
                 "DELETE FROM runs WHERE created_ms < ?1 AND status NOT IN (?2, ?3)",
                 params![before_ms as i64, RunStatus::Running, RunStatus::Waiting],
             )?;
+            // Tasks of runs no longer kept go with them.
+            let orphans = "DELETE FROM tasks WHERE run_id NOT IN (SELECT id FROM runs)";
             if !interrupted {
+                tx.execute(orphans, [])?;
                 return Ok(finished);
             }
             let running: Vec<(String, Option<String>, Option<i64>)> = {
@@ -107,6 +110,7 @@ impl Journal for Database {
                     removed += tx.execute("DELETE FROM runs WHERE id = ?1", params![id])?;
                 }
             }
+            tx.execute(orphans, [])?;
             Ok(removed)
         })
     }
@@ -337,8 +341,10 @@ impl Journal for Database {
                 conn.execute(
                     "UPDATE runs SET status = ?2, outputs = ?3, error = ?4, updated_ms = ?5, finished_ms = ?5 WHERE id = ?1",
                     params![id, status, outputs, error, now_ms() as i64],
-                )
-                .map(drop)
+                )?;
+                // A finished run has no work out: what an earlier driver
+                // left in the queue goes, its holders fenced off.
+                conn.execute("DELETE FROM tasks WHERE run_id = ?1", params![id]).map(drop)
             }),
         )
     }

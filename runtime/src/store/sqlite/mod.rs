@@ -207,6 +207,9 @@ const SCHEMA: Schema = Schema {
         CREATE INDEX tasks_open ON tasks (tenant, id) WHERE state <> 'done';",
         // 10: components the queue's tasks name by digest.
         "CREATE TABLE components (digest TEXT PRIMARY KEY, bytes BLOB NOT NULL);",
+        // 11: the same table holds deployed bundles, for every node of a
+        // service sharing the store.
+        "ALTER TABLE components RENAME TO blobs;",
     ],
 };
 

@@ -113,10 +113,30 @@ impl Queue for Database {
             )
         })?;
         if completed == 0 {
-            return Err(StoreError::Fenced { task: claim.id });
+            // Done already with this claim's token: it was completed before.
+            let mine = self.read(|conn| {
+                conn.query_row(
+                    "SELECT 1 FROM tasks WHERE id = ?1 AND token = ?2 AND state = 'done'",
+                    params![claim.id, claim.token.cast_signed()],
+                    |_| Ok(()),
+                )
+                .optional()
+            })?;
+            return mine.ok_or(StoreError::Fenced { task: claim.id });
         }
         self.signals.result();
         Ok(())
+    }
+
+    fn find_task(&self, run_id: &str, key: &str, attempt: u32) -> Result<Option<i64>, StoreError> {
+        self.read(|conn| {
+            conn.query_row(
+                "SELECT id FROM tasks WHERE run_id = ?1 AND key = ?2 AND attempt = ?3",
+                params![run_id, key, attempt],
+                |row| row.get(0),
+            )
+            .optional()
+        })
     }
 
     fn task_state(&self, id: i64) -> Result<TaskState, StoreError> {
@@ -124,7 +144,6 @@ impl Queue for Database {
             conn.query_row("SELECT state, owner, expires_ms, result FROM tasks WHERE id = ?1", params![id], |row| {
                 Ok(match row.get::<_, String>(0)?.as_str() {
                     "done" => TaskState::Done(json(row.get(3)?).unwrap_or(Value::Null)),
-                    "cancelled" => TaskState::Cancelled,
                     "claimed" => TaskState::Claimed {
                         owner: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
                         expires_ms: row.get::<_, Option<i64>>(2)?.unwrap_or_default(),
@@ -137,50 +156,18 @@ impl Queue for Database {
         found.ok_or(StoreError::NoSuchTask(id))
     }
 
-    fn cancel(&self, id: i64) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE tasks SET state = 'cancelled', owner = NULL, expires_ms = NULL WHERE id = ?1 AND state <> 'done'",
-                params![id],
-            )
-        })?;
-        Ok(())
-    }
-
-    fn withdraw_run(&self, run_id: &str) -> Result<(), StoreError> {
-        self.write(|tx| tx.execute("DELETE FROM tasks WHERE run_id = ?1", params![run_id]))?;
-        Ok(())
-    }
-
-    fn take_finished(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError> {
+    fn results(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let ids = serde_json::to_string(ids).unwrap_or_default();
-        self.write(|tx| {
-            let mut statement = tx.prepare_cached(
-                "DELETE FROM tasks WHERE state = 'done' AND id IN (SELECT value FROM json_each(?1)) RETURNING id, result",
-            )?;
-            let rows = statement
-                .query_map(params![ids], |row| Ok((row.get(0)?, json(row.get(1)?).unwrap_or(Value::Null))))?;
-            rows.collect()
-        })
-    }
-
-    fn put_component(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO components (digest, bytes) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                params![digest, bytes],
-            )
-        })?;
-        Ok(())
-    }
-
-    fn component(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
         self.read(|conn| {
-            conn.query_row("SELECT bytes FROM components WHERE digest = ?1", params![digest], |row| row.get(0))
-                .optional()
+            let mut statement = conn.prepare_cached(
+                "SELECT id, result FROM tasks WHERE state = 'done' AND id IN (SELECT value FROM json_each(?1))",
+            )?;
+            let rows =
+                statement.query_map(params![ids], |row| Ok((row.get(0)?, json(row.get(1)?).unwrap_or(Value::Null))))?;
+            rows.collect()
         })
     }
 

@@ -155,6 +155,22 @@ impl Registry for Database {
         })
     }
 
+    fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO blobs (digest, bytes) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                params![digest, bytes],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn blob(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|conn| {
+            conn.query_row("SELECT bytes FROM blobs WHERE digest = ?1", params![digest], |row| row.get(0)).optional()
+        })
+    }
+
     fn all_workflows(&self) -> Result<Vec<WorkflowVersion>, StoreError> {
         self.read(|conn| {
             let mut statement = conn.prepare(&format!(
