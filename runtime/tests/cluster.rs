@@ -489,19 +489,17 @@ fn service_nodes_share_deploys_hand_attempts_to_workers_and_take_over_a_dead_nod
 /// attempt.
 fn succeeded_once(shown: &Value, effects: &[(String, u32)], context: &str) -> usize {
     let mut retried = 0;
-    for step in shown["steps"].as_array().unwrap() {
-        for execution in step["executions"].as_array().unwrap() {
-            let key = execution["idempotency_key"].as_str().unwrap();
-            let attempts = execution["attempts"].as_array().unwrap();
-            let statuses: Vec<&str> = attempts.iter().map(|a| a["status"].as_str().unwrap()).collect();
-            assert_eq!(statuses.iter().filter(|s| **s == "succeeded").count(), 1, "{context} {key}: {statuses:?}");
-            assert_eq!(statuses.last(), Some(&"succeeded"), "{context} {key}: {statuses:?}");
-            let succeeded = attempts.last().unwrap()["attempt"].as_u64().unwrap() as u32;
-            let mine: Vec<u32> = effects.iter().filter(|(k, _)| k == key).map(|(_, attempt)| *attempt).collect();
-            assert!(mine.iter().all(|attempt| *attempt <= succeeded), "{context} {key}: {mine:?} after {succeeded}");
-            assert_eq!(mine.iter().filter(|a| **a == succeeded).count(), 1, "{context} {key}: {mine:?}");
-            retried += usize::from(attempts.len() > 1);
-        }
+    for execution in common::executions(shown) {
+        let key = execution["idempotency_key"].as_str().unwrap();
+        let attempts = execution["attempts"].as_array().unwrap();
+        let statuses: Vec<&str> = attempts.iter().map(|a| a["status"].as_str().unwrap()).collect();
+        assert_eq!(statuses.iter().filter(|s| **s == "succeeded").count(), 1, "{context} {key}: {statuses:?}");
+        assert_eq!(statuses.last(), Some(&"succeeded"), "{context} {key}: {statuses:?}");
+        let succeeded = attempts.last().unwrap()["attempt"].as_u64().unwrap() as u32;
+        let mine: Vec<u32> = effects.iter().filter(|(k, _)| k == key).map(|(_, attempt)| *attempt).collect();
+        assert!(mine.iter().all(|attempt| *attempt <= succeeded), "{context} {key}: {mine:?} after {succeeded}");
+        assert_eq!(mine.iter().filter(|a| **a == succeeded).count(), 1, "{context} {key}: {mine:?}");
+        retried += usize::from(attempts.len() > 1);
     }
     retried
 }

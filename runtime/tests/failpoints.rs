@@ -154,11 +154,9 @@ fn outputs(shown: &Value) -> BTreeMap<String, String> {
 /// Every execution's attempt numbers, by idempotency key.
 fn attempts(shown: &Value) -> HashMap<String, Vec<u64>> {
     let mut attempts = HashMap::new();
-    for step in shown["steps"].as_array().unwrap() {
-        for execution in step["executions"].as_array().unwrap() {
-            let numbers = execution["attempts"].as_array().unwrap().iter().map(|a| a["attempt"].as_u64().unwrap());
-            attempts.insert(execution["idempotency_key"].as_str().unwrap().to_owned(), numbers.collect());
-        }
+    for execution in common::executions(shown) {
+        let numbers = execution["attempts"].as_array().unwrap().iter().map(|a| a["attempt"].as_u64().unwrap());
+        attempts.insert(execution["idempotency_key"].as_str().unwrap().to_owned(), numbers.collect());
     }
     attempts
 }

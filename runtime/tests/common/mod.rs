@@ -85,21 +85,31 @@ pub fn journal_state(data: &Path, run_id: &str) -> (HashSet<String>, Vec<(String
     let shown = json(data, &["show", run_id, "--json"]);
     let mut completed = HashSet::new();
     let mut interrupted = Vec::new();
-    for step in shown["steps"].as_array().unwrap() {
-        for execution in step["executions"].as_array().unwrap() {
-            let key = execution["idempotency_key"].as_str().unwrap().to_owned();
-            for attempt in execution["attempts"].as_array().unwrap() {
-                match attempt["status"].as_str().unwrap() {
-                    "succeeded" => {
-                        completed.insert(key.clone());
-                    }
-                    "running" => interrupted.push((key.clone(), attempt["attempt"].as_u64().unwrap())),
-                    _ => {}
+    for execution in executions(&shown) {
+        let key = execution["idempotency_key"].as_str().unwrap().to_owned();
+        for attempt in execution["attempts"].as_array().unwrap() {
+            match attempt["status"].as_str().unwrap() {
+                "succeeded" => {
+                    completed.insert(key.clone());
                 }
+                "running" => interrupted.push((key.clone(), attempt["attempt"].as_u64().unwrap())),
+                _ => {}
             }
         }
     }
     (completed, interrupted)
+}
+
+/// Every execution of a run's report (`stepbox show --json`), those of
+/// the steps of included workflows too.
+pub fn executions(shown: &Value) -> Vec<&Value> {
+    let mut found = Vec::new();
+    let mut steps: Vec<&Value> = shown["steps"].as_array().unwrap().iter().collect();
+    while let Some(step) = steps.pop() {
+        found.extend(step["executions"].as_array().unwrap());
+        steps.extend(step["steps"].as_array().into_iter().flatten());
+    }
+    found
 }
 
 /// A `stepbox serve` process; killed when dropped.
