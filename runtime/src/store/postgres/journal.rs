@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use deadpool_postgres::Transaction;
 use serde_json::Value;
-use tokio_postgres::Transaction;
+use tokio_postgres::types::ToSql;
 
 use super::PgStore;
 use crate::failpoint::failpoint;
@@ -46,7 +47,8 @@ impl Record {
             Record::CreateRun { run, fingerprint } => insert_run(tx, run, fingerprint).await,
             Record::ReleaseLease(lease) => {
                 failpoint!("lease.before-release");
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL
                      WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
                     &[&lease.run_id, &lease.owner, &lease.epoch.cast_signed()],
@@ -54,8 +56,8 @@ impl Record {
                 .await
                 .map(drop)
             }
-            Record::AttemptStarted { run_id, key, path, number, started, delay } => tx
-                .execute(
+            Record::AttemptStarted { run_id, key, path, number, started, delay } => exec(
+                    tx,
                     "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms)
                      VALUES ($1, $2, $3, $4, 'running', $5, $6)
                      ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = 'running', started_ms = excluded.started_ms",
@@ -64,7 +66,8 @@ impl Record {
                 .await
                 .map(drop),
             Record::AttemptFinished { run_id, key, path, row, execution } => {
-                tx.execute(
+                exec(
+                    tx,
                     "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
                                            fuel, peak_memory, logs, stdout, stderr, delay_before_ms)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
@@ -92,7 +95,8 @@ impl Record {
                 )
                 .await?;
                 if let Some(execution) = execution {
-                    tx.execute(
+                    exec(
+                    tx,
                         "INSERT INTO executions (run_id, key, step_id, status, output) VALUES ($1, $2, $3, $4, $5)
                          ON CONFLICT (run_id, key) DO UPDATE SET status = excluded.status, output = excluded.output",
                         &[run_id, key, &execution.path.to_string(), &execution.status, &execution.output],
@@ -101,30 +105,31 @@ impl Record {
                 }
                 Ok(())
             }
-            Record::IncludeLoaded { run_id, path, fingerprint } => tx
-                .execute(
+            Record::IncludeLoaded { run_id, path, fingerprint } => exec(
+                    tx,
                     "INSERT INTO includes (run_id, step_id, fingerprint) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                     &[run_id, path, fingerprint],
                 )
                 .await
                 .map(drop),
-            Record::WaitStarted { run_id, key, path, event, started, deadline } => tx
-                .execute(
+            Record::WaitStarted { run_id, key, path, event, started, deadline } => exec(
+                    tx,
                     "INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms)
                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
                     &[run_id, key, path, event, started, deadline],
                 )
                 .await
                 .map(drop),
-            Record::RunParked { run_id } => tx
-                .execute(
+            Record::RunParked { run_id } => exec(
+                    tx,
                     "UPDATE runs SET status = $2, updated_ms = $3 WHERE id = $1",
                     &[run_id, &RunStatus::Waiting.as_str(), &(now_ms() as i64)],
                 )
                 .await
                 .map(drop),
             Record::StepFinished { run_id, step } => {
-                tx.execute(
+                exec(
+                    tx,
                     "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms, required)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                      ON CONFLICT (run_id, step_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
@@ -143,17 +148,18 @@ impl Record {
                     ],
                 )
                 .await?;
-                tx.execute("UPDATE runs SET updated_ms = $2 WHERE id = $1", &[run_id, &(now_ms() as i64)]).await.map(drop)
+                exec(tx, "UPDATE runs SET updated_ms = $2 WHERE id = $1", &[run_id, &(now_ms() as i64)]).await.map(drop)
             }
             Record::RunFinished { run_id, status, outputs, error } => {
-                tx.execute(
+                exec(
+                    tx,
                     "UPDATE runs SET status = $2, outputs = $3, error = $4, updated_ms = $5, finished_ms = $5 WHERE id = $1",
                     &[run_id, &status.as_str(), outputs, error, &(now_ms() as i64)],
                 )
                 .await?;
                 // A finished run has no work out: what an earlier driver
                 // left in the queue goes, its holders fenced off.
-                tx.execute("DELETE FROM tasks WHERE run_id = $1", &[run_id]).await.map(drop)
+                exec(tx, "DELETE FROM tasks WHERE run_id = $1", &[run_id]).await.map(drop)
             }
         }
     }
@@ -167,7 +173,8 @@ pub(super) async fn insert_run(
     fingerprint: &str,
 ) -> Result<(), tokio_postgres::Error> {
     let lease = Lease::created(&run.id);
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms,
                            version, lease_owner, lease_expires_ms, lease_epoch)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)
@@ -189,13 +196,22 @@ pub(super) async fn insert_run(
     )
     .await?;
     for (key, value) in &run.labels {
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO run_labels (run_id, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
             &[&run.id, key, value],
         )
         .await?;
     }
     Ok(())
+}
+
+/// Runs `sql` in `tx` as a statement prepared once per connection (the
+/// pool's statement cache keeps it), so the records of a batch, sent
+/// together, cost one round trip between them rather than two each.
+async fn exec(tx: &Transaction<'_>, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.execute(&statement, params).await
 }
 
 impl Journal for PgStore {
