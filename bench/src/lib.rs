@@ -2,6 +2,7 @@
 //! with its baseline, and is reported as a ratio, so a noisy shared machine
 //! moves both sides alike.
 
+mod cluster;
 mod floor;
 mod measure;
 mod service;
@@ -38,6 +39,9 @@ pub struct Sizes {
     /// Runs started one at a time for the service's latencies, and runs
     /// started by 50 clients for its rate.
     pub service: (usize, usize),
+    /// I/O-bound steps per run through the cluster's queue, and one-step
+    /// runs for its latencies.
+    pub cluster: (usize, usize),
 }
 
 /// What the issue asks for: 10,000 steps, 100,000 sequential ones.
@@ -49,6 +53,7 @@ pub const FULL: Sizes = Sizes {
     memory_run: 1_000,
     memory_runs: (1, 100),
     service: (200, 5_000),
+    cluster: (2_000, 200),
 };
 /// Every comparison, small enough for CI.
 pub const SMOKE: Sizes = Sizes {
@@ -59,6 +64,7 @@ pub const SMOKE: Sizes = Sizes {
     memory_run: 20,
     memory_runs: (1, 5),
     service: (5, 100),
+    cluster: (40, 5),
 };
 
 /// Runs every comparison; `progress` hears what is about to run.
@@ -211,6 +217,27 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
         Some(("started in process by 50 tasks", times.local_per_run)),
         Target::None,
     );
+
+    progress("cluster");
+    let (steps, samples) = sizes.cluster;
+    let times = cluster::measure(steps, samples).await?;
+    let one = times.per_step[0].1;
+    for &(workers, time) in &times.per_step {
+        let what = format!(
+            "cluster: {steps} I/O-bound steps ({} ms each in a host call) on {workers} worker(s) of {} slots",
+            cluster::WAIT_MS,
+            cluster::SLOTS
+        );
+        if workers == 1 {
+            report.step(&what, time, None, Target::None);
+        } else {
+            report.speedup(&what, time, ("one worker (throughput ×)", one), Target::AtLeast(0.8 * workers as f64));
+        }
+    }
+    for (p, queued, local) in [("p50", times.queued.0, times.local.0), ("p99", times.queued.1, times.local.1)] {
+        let what = format!("cluster: a step's start to its attempt's start on an idle worker, {p}");
+        report.time(&what, queued, Some((&format!("in process, {p}"), local)));
+    }
 
     progress("fuel and epochs");
     let json = format!(r#"{{"work": "json", "rounds": {}, "size": 10000}}"#, sizes.cpu_rounds);

@@ -83,7 +83,8 @@ pub enum Value {
 pub struct Row {
     pub what: String,
     pub value: Value,
-    /// What this row is compared with, and this value / that one.
+    /// What this row is compared with, and this value / that one (for a
+    /// speedup, that one / this value).
     pub ratio: Option<(String, f64)>,
     pub target: Target,
 }
@@ -116,6 +117,14 @@ impl Report {
     /// A time per step; `baseline` is one too.
     pub fn step(&mut self, what: &str, value: Duration, baseline: Option<(&str, Duration)>, target: Target) {
         self.push_time(what, Value::PerStep(value), value, baseline, target);
+    }
+
+    /// A time per step, faster than `baseline` by the ratio shown: that
+    /// one's time over this one's (a throughput multiple).
+    pub fn speedup(&mut self, what: &str, value: Duration, baseline: (&str, Duration), target: Target) {
+        let (name, base) = baseline;
+        let ratio = Some((name.to_owned(), base.as_secs_f64() / value.as_secs_f64().max(1e-12)));
+        self.rows.push(Row { what: what.to_owned(), value: Value::PerStep(value), ratio, target });
     }
 
     fn push_time(
@@ -177,6 +186,13 @@ impl Report {
         }
         out
     }
+}
+
+/// The `p`th fraction of `samples` (sorted here).
+pub fn percentile(samples: &mut [f64], p: f64) -> Duration {
+    samples.sort_by(f64::total_cmp);
+    let index = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len().max(1)) - 1;
+    Duration::from_secs_f64(samples.get(index).copied().unwrap_or_default().max(0.0) / 1000.0)
 }
 
 /// µs below 10 ms, ms above.

@@ -12,6 +12,8 @@ use stepbox::service::{Bundle, Scope, Service, ServiceConfig, StartRun, create_t
 use stepbox::workflow::Workflow;
 use stepbox_tests::guests;
 
+use crate::measure::percentile;
+
 /// The webhook secret of the benchmark's workflow.
 const SECRET: &str = "bench-secret-0123456789";
 
@@ -83,13 +85,6 @@ impl Bench {
         let run: serde_json::Value = response.json().await?;
         Ok(run["id"].as_str().unwrap_or_default().to_owned())
     }
-}
-
-/// The `p`th fraction of `samples` (sorted here).
-fn percentile(samples: &mut [f64], p: f64) -> Duration {
-    samples.sort_by(f64::total_cmp);
-    let index = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len().max(1)) - 1;
-    Duration::from_secs_f64(samples.get(index).copied().unwrap_or_default().max(0.0) / 1000.0)
 }
 
 /// Measures with `samples` runs one at a time for the latencies and `runs`

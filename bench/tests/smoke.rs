@@ -35,6 +35,11 @@ async fn every_comparison_runs_and_gives_a_reading() {
         "POST …/runs to the first attempt's start, p99",
         "signed webhook to the first attempt's start",
         "one-step runs through the API from 50 clients",
+        "on 1 worker(s)",
+        "on 2 worker(s)",
+        "on 4 worker(s)",
+        "start on an idle worker, p50",
+        "start on an idle worker, p99",
     ] {
         let row = find(what);
         match row.value {
@@ -50,6 +55,6 @@ async fn every_comparison_runs_and_gives_a_reading() {
     }
     // Every target of the issue is attached to its comparison.
     let targets = report.rows.iter().filter(|row| row.target != Target::None).count();
-    assert_eq!(targets, 6, "{}", report.markdown());
+    assert_eq!(targets, 8, "{}", report.markdown());
     assert!(report.markdown().contains("| measurement | value | ratio | to | target |"));
 }
