@@ -4,7 +4,7 @@ use super::client::Client;
 use super::run::{HowToRun, execute, follow};
 use super::{CliError, Place, admit, open_database};
 use crate::run::{Run, RunStatus};
-use crate::service::{self, ContinueError};
+use crate::service::{self, Continue, ContinueError};
 use crate::store::{LEASE_TTL, this_owner};
 
 #[derive(Debug, clap::Args)]
@@ -118,14 +118,17 @@ async fn continue_run(
 ) -> Result<u8, CliError> {
     let db = open_database(place)?;
     let owned =
-        service::continue_run(&*db, run_id, from, retry, None, |run, workflow| admit(place, &run.tenant, workflow))
-            .map_err(|err| match err {
-                ContinueError::Changed(message) => CliError::Invalid(message),
-                ContinueError::Invalid(err) => CliError::from(err),
-                ContinueError::Store(err) => CliError::from(err),
-                err @ (ContinueError::NotRetryable { .. }
-                | ContinueError::Succeeded(_)
-                | ContinueError::NoSuchStep { .. }) => CliError::Usage(err.to_string()),
-            })?;
+        service::continue_run(&*db, run_id, Continue { retry, from, ..Continue::default() }, |run, workflow| {
+            admit(place, &run.tenant, workflow)
+        })
+        .map_err(|err| match err {
+            ContinueError::Changed(message) => CliError::Invalid(message),
+            ContinueError::Invalid(err) => CliError::from(err),
+            ContinueError::Store(err) => CliError::from(err),
+            err @ (ContinueError::NotRetryable { .. }
+            | ContinueError::Succeeded(_)
+            | ContinueError::NoSuchStep { .. }
+            | ContinueError::Moved { .. }) => CliError::Usage(err.to_string()),
+        })?;
     execute(db, owned, how, place).await
 }

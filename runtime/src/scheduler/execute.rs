@@ -254,7 +254,12 @@ async fn execution(
     if earlier > 0 {
         tokio::select! {
             found = shared.base.executor.reattach(&shared.run_id, &idempotency_key, earlier) => reattached = found,
-            () = cancel.cancelled() => {}
+            // Stopped while waiting: no new attempt is started or recorded;
+            // the one out is left for whoever takes the run over next.
+            () = cancel.cancelled() => {
+                report.status = StepStatus::Cancelled;
+                return report;
+            }
         }
         if reattached.is_some() {
             number = earlier;

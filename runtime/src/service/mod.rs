@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 pub use bundle::{Bundle, BundleUpload, Bundles, MAX_FILES};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use events::{Batch, EventLog, KEEP as EVENTS_KEPT, Numbered};
-pub use owned::{ContinueError, Owned, continue_run};
+pub use owned::{Continue, ContinueError, Owned, continue_run};
 pub use runs::{RunPage, StartRun};
 pub use tokens::{NewToken, Principal, TOKEN_PREFIX, authenticate, create as create_token};
 pub use triggers::Delivery;
@@ -223,6 +223,7 @@ impl From<ContinueError> for ServiceError {
             ContinueError::Store(err) => err.into(),
             ContinueError::Invalid(err) => ServiceError::invalid_workflow(err),
             ContinueError::Changed(message) => ServiceError::Conflict { code: "workflow_changed", message },
+            err @ ContinueError::Moved { .. } => ServiceError::Conflict { code: "run_moved", message: err.to_string() },
             err @ ContinueError::NoSuchStep { .. } => {
                 ServiceError::Invalid { code: "no_such_step", message: err.to_string() }
             }

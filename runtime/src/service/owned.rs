@@ -68,6 +68,14 @@ pub enum ContinueError {
     /// The run's workflow or components changed, or no longer load.
     #[error("{0}")]
     Changed(String),
+    /// Another process changed the run while this one took it over.
+    #[error("run {run_id} became {status} while it was being taken over; look at it again")]
+    Moved {
+        /// The run.
+        run_id: String,
+        /// Where it stands now.
+        status: RunStatus,
+    },
     /// The workflow is over its tenant's ceilings, or the inputs no longer
     /// bind.
     #[error("{0}")]
@@ -77,21 +85,33 @@ pub enum ContinueError {
     Store(#[from] StoreError),
 }
 
-/// Takes over run `run_id` to continue it: `resume` (what did not succeed
-/// runs), or `retry` (a failed or cancelled run; with `from`, that step and
-/// everything after it run again). The workflow is loaded from `file`, this
-/// process's copy of it (a service node's copy of the deployed bundle), or
-/// else from where the run recorded it. `admit` gives the run's tenant with
-/// its ceilings. The lease is taken before anything is changed, so no other
-/// process continues the run at the same time.
+/// How a recorded run is continued.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Continue<'a> {
+    /// `retry` (a failed or cancelled run) rather than `resume` (what did
+    /// not succeed runs).
+    pub retry: bool,
+    /// With `retry`, the step to run again, with everything after it.
+    pub from: Option<&'a str>,
+    /// This process's copy of the workflow file (a service node's copy of
+    /// the deployed bundle); else where the run recorded it.
+    pub file: Option<&'a Path>,
+    /// The status the caller saw when it chose to continue the run: the run
+    /// is let go if it is not so once its lease is held (another process
+    /// finished, resumed or cancelled it meanwhile). `None`: as read here.
+    pub seen: Option<RunStatus>,
+}
+
+/// Takes over run `run_id` to continue it as `how` says. `admit` gives the
+/// run's tenant with its ceilings. The lease is taken before anything is
+/// changed, so no other process continues the run at the same time.
 pub fn continue_run(
     db: &dyn Store,
     run_id: &str,
-    from: Option<&str>,
-    retry: bool,
-    file: Option<&Path>,
+    how: Continue<'_>,
     admit: impl FnOnce(&Run, &Workflow) -> Result<Arc<Tenant>, WorkflowError>,
 ) -> Result<Owned, ContinueError> {
+    let Continue { retry, from, file, seen } = how;
     let run = db.load_run(run_id)?;
     if retry && !matches!(run.status, RunStatus::Failed | RunStatus::Cancelled) {
         return Err(ContinueError::NotRetryable { run_id: run_id.to_owned(), status: run.status });
@@ -100,6 +120,14 @@ pub fn continue_run(
         return Err(ContinueError::Succeeded(run_id.to_owned()));
     }
     let lease = db.acquire_lease(run_id, this_owner(), LEASE_TTL)?;
+    // Go on only from what the caller looked at.
+    let now = db.load_run(run_id)?.status;
+    let settled = |status| if status == RunStatus::Interrupted { RunStatus::Running } else { status };
+    if settled(now) != settled(seen.unwrap_or(run.status)) {
+        // Queued at once; it commits with the next batch.
+        drop(db.release_lease(&lease));
+        return Err(ContinueError::Moved { run_id: run_id.to_owned(), status: now });
+    }
     let file = file.unwrap_or(Path::new(&run.workflow_path));
     let workflow = Arc::new(load_unchanged(&run, file, &db.fingerprint(run_id)?)?);
     let tenant = admit(&run, &workflow)?;
@@ -165,4 +193,30 @@ fn wait_paths(workflow: &Workflow, parent: Option<&StepPath>) -> Vec<StepPath> {
         }
     }
     paths
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Database, History, wait};
+
+    #[test]
+    fn a_run_another_process_finished_after_it_was_seen_interrupted_is_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        let run = Run::new("r".into(), "w", "/nowhere/w.yaml", "t", Default::default());
+        let (lease, created) = db.create_run(&run, &serde_json::Value::Null);
+        wait(created).unwrap();
+        wait(db.release_lease(&lease)).unwrap();
+        assert_eq!(db.load_run("r").unwrap().status, RunStatus::Interrupted);
+        // Seen interrupted; finished by another process before the lease.
+        wait(db.run_finished("r", RunStatus::Failed, &serde_json::Map::new(), None)).unwrap();
+        let seen = Continue { seen: Some(RunStatus::Interrupted), ..Continue::default() };
+        let err = continue_run(&db, "r", seen, |_, _| unreachable!("never admitted")).err().unwrap();
+        assert!(matches!(err, ContinueError::Moved { status: RunStatus::Failed, .. }), "{err}");
+        assert_eq!(db.load_run("r").unwrap().status, RunStatus::Failed, "left as it was");
+        // The lease was let go: another process may take the run.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        db.acquire_lease("r", "another:1:abcdef12", LEASE_TTL).unwrap();
+    }
 }

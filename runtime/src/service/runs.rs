@@ -10,7 +10,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::{
-    Claim, EventLog, LiveRun, Owned, Reservation, Scope, Service, ServiceError, continue_run, finished, no_run,
+    Claim, Continue, EventLog, LiveRun, Owned, Reservation, Scope, Service, ServiceError, continue_run, finished,
+    no_run,
 };
 use crate::run::{Outcome, Run, RunReport, RunStatus};
 use crate::scheduler::{self, RunEvent};
@@ -410,6 +411,11 @@ impl Service {
                 Ok(()) => tracing::info!(run = run.id, "resumed a run a crash interrupted"),
                 // Another node, or a call of this one, took it first.
                 Err(ServiceError::Conflict { .. }) => {}
+                // The database is away, or this node is stopping: the next
+                // sweep tries again.
+                Err(err @ (ServiceError::Store(_) | ServiceError::Internal(_) | ServiceError::ShuttingDown)) => {
+                    tracing::warn!(run = run.id, "cannot resume an interrupted run yet: {err}");
+                }
                 Err(err) => {
                     tracing::warn!(run = run.id, "cannot resume an interrupted run: {err}");
                     given_up.insert(run.id);
@@ -542,7 +548,7 @@ impl Service {
         let scope = Scope::Tenant(run.tenant.clone());
         let deployed = self.deployed(&self.workflow(&scope, &run.workflow, Some(version)).await?).await?;
         let tenant = Arc::new(self.tenant(&run.tenant)?.for_bundle(&deployed.dir));
-        let (id, file) = (run.id.clone(), deployed.workflow.file.clone());
+        let (id, file, seen) = (run.id.clone(), deployed.workflow.file.clone(), run.status);
         // Kept where readers find it until the new drive is live.
         let earlier = self.finished.lock().get(&run.id).cloned();
         let (owned, events) = self
@@ -553,8 +559,10 @@ impl Service {
                     Some(events) => events,
                     None => Arc::new(recorded_events(&db.run_report(&id)?)),
                 };
-                // This node's copy of the bundle, wherever the run began.
-                let owned = continue_run(db, &id, from.as_deref(), retry, Some(&file), |_, workflow| {
+                // This node's copy of the bundle, wherever the run began;
+                // the run as this call saw it, whatever happened since.
+                let how = Continue { retry, from: from.as_deref(), file: Some(&file), seen: Some(seen) };
+                let owned = continue_run(db, &id, how, |_, workflow| {
                     tenant.check(workflow)?;
                     Ok(tenant)
                 })?;

@@ -103,8 +103,9 @@ impl Heartbeat {
                         pause = LEASE_TTL / 3;
                     }
                     // The database is away (it restarts): tried again, often,
-                    // while the lease it last granted lasts.
-                    Ok(Err(err)) if err.is_away() && renewed.elapsed() + RETRY < LEASE_TTL => {
+                    // for two thirds of the lease it last granted; the last
+                    // third is the margin for another process's clock.
+                    Ok(Err(err)) if err.is_away() && renewed.elapsed() + RETRY < LEASE_TTL * 2 / 3 => {
                         tracing::warn!(run = held.run_id, "cannot renew the run's lease: {err}; trying again");
                         pause = RETRY;
                     }

@@ -41,40 +41,77 @@ pub(super) struct StepRow {
     finished: Option<f64>,
 }
 
+/// The journal's statements, each prepared once per connection.
+const RELEASE_LEASE: &str = "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL
+                     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3";
+const ATTEMPT_STARTED: &str = "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms)
+                     VALUES ($1, $2, $3, $4, 'running', $5, $6)
+                     ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = 'running', started_ms = excluded.started_ms";
+const ATTEMPT_FINISHED: &str = "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
+                                           fuel, peak_memory, logs, stdout, stderr, delay_before_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                     ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = excluded.status, kind = excluded.kind,
+                         message = excluded.message, started_ms = excluded.started_ms, finished_ms = excluded.finished_ms,
+                         fuel = excluded.fuel, peak_memory = excluded.peak_memory, logs = excluded.logs,
+                         stdout = excluded.stdout, stderr = excluded.stderr, delay_before_ms = excluded.delay_before_ms";
+const EXECUTION: &str = "INSERT INTO executions (run_id, key, step_id, status, output) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (run_id, key) DO UPDATE SET status = excluded.status, output = excluded.output";
+const INCLUDE_LOADED: &str =
+    "INSERT INTO includes (run_id, step_id, fingerprint) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+const WAIT_STARTED: &str = "INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
+const RUN_PARKED: &str = "UPDATE runs SET status = $2, updated_ms = $3 WHERE id = $1";
+const STEP_FINISHED: &str =
+    "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms, required)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     ON CONFLICT (run_id, step_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
+                         output = excluded.output, started_ms = excluded.started_ms,
+                         finished_ms = excluded.finished_ms, required = excluded.required";
+const RUN_TOUCHED: &str = "UPDATE runs SET updated_ms = $2 WHERE id = $1";
+const RUN_FINISHED: &str =
+    "UPDATE runs SET status = $2, outputs = $3, error = $4, updated_ms = $5, finished_ms = $5 WHERE id = $1";
+const RUN_TASKS_DELETED: &str = "DELETE FROM tasks WHERE run_id = $1";
+const RUN_CREATED: &str =
+    "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms,
+                           version, lease_owner, lease_expires_ms, lease_epoch)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)
+         ON CONFLICT (id) DO NOTHING";
+const RUN_LABEL: &str = "INSERT INTO run_labels (run_id, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+
+/// Every statement a batch may run, prepared in this order before a batch
+/// is sent, so a record never overtakes one queued before it while its
+/// statement is being prepared.
+pub(super) const STATEMENTS: &[&str] = &[
+    RELEASE_LEASE,
+    ATTEMPT_STARTED,
+    ATTEMPT_FINISHED,
+    EXECUTION,
+    INCLUDE_LOADED,
+    WAIT_STARTED,
+    RUN_PARKED,
+    STEP_FINISHED,
+    RUN_TOUCHED,
+    RUN_FINISHED,
+    RUN_TASKS_DELETED,
+    RUN_CREATED,
+    RUN_LABEL,
+];
+
 impl Record {
     pub(super) async fn write(&self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
         match self {
             Record::CreateRun { run, fingerprint } => insert_run(tx, run, fingerprint).await,
             Record::ReleaseLease(lease) => {
                 failpoint!("lease.before-release");
-                exec(
-                    tx,
-                    "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL
-                     WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
-                    &[&lease.run_id, &lease.owner, &lease.epoch.cast_signed()],
-                )
-                .await
-                .map(drop)
+                exec(tx, RELEASE_LEASE, &[&lease.run_id, &lease.owner, &lease.epoch.cast_signed()]).await.map(drop)
             }
-            Record::AttemptStarted { run_id, key, path, number, started, delay } => exec(
-                    tx,
-                    "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms)
-                     VALUES ($1, $2, $3, $4, 'running', $5, $6)
-                     ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = 'running', started_ms = excluded.started_ms",
-                    &[run_id, key, number, path, started, delay],
-                )
-                .await
-                .map(drop),
+            Record::AttemptStarted { run_id, key, path, number, started, delay } => {
+                exec(tx, ATTEMPT_STARTED, &[run_id, key, number, path, started, delay]).await.map(drop)
+            }
             Record::AttemptFinished { run_id, key, path, row, execution } => {
                 exec(
                     tx,
-                    "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
-                                           fuel, peak_memory, logs, stdout, stderr, delay_before_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-                     ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = excluded.status, kind = excluded.kind,
-                         message = excluded.message, started_ms = excluded.started_ms, finished_ms = excluded.finished_ms,
-                         fuel = excluded.fuel, peak_memory = excluded.peak_memory, logs = excluded.logs,
-                         stdout = excluded.stdout, stderr = excluded.stderr, delay_before_ms = excluded.delay_before_ms",
+                    ATTEMPT_FINISHED,
                     &[
                         run_id,
                         key,
@@ -96,45 +133,27 @@ impl Record {
                 .await?;
                 if let Some(execution) = execution {
                     exec(
-                    tx,
-                        "INSERT INTO executions (run_id, key, step_id, status, output) VALUES ($1, $2, $3, $4, $5)
-                         ON CONFLICT (run_id, key) DO UPDATE SET status = excluded.status, output = excluded.output",
+                        tx,
+                        EXECUTION,
                         &[run_id, key, &execution.path.to_string(), &execution.status, &execution.output],
                     )
                     .await?;
                 }
                 Ok(())
             }
-            Record::IncludeLoaded { run_id, path, fingerprint } => exec(
-                    tx,
-                    "INSERT INTO includes (run_id, step_id, fingerprint) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[run_id, path, fingerprint],
-                )
-                .await
-                .map(drop),
-            Record::WaitStarted { run_id, key, path, event, started, deadline } => exec(
-                    tx,
-                    "INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                    &[run_id, key, path, event, started, deadline],
-                )
-                .await
-                .map(drop),
-            Record::RunParked { run_id } => exec(
-                    tx,
-                    "UPDATE runs SET status = $2, updated_ms = $3 WHERE id = $1",
-                    &[run_id, &RunStatus::Waiting.as_str(), &(now_ms() as i64)],
-                )
-                .await
-                .map(drop),
+            Record::IncludeLoaded { run_id, path, fingerprint } => {
+                exec(tx, INCLUDE_LOADED, &[run_id, path, fingerprint]).await.map(drop)
+            }
+            Record::WaitStarted { run_id, key, path, event, started, deadline } => {
+                exec(tx, WAIT_STARTED, &[run_id, key, path, event, started, deadline]).await.map(drop)
+            }
+            Record::RunParked { run_id } => {
+                exec(tx, RUN_PARKED, &[run_id, &RunStatus::Waiting.as_str(), &(now_ms() as i64)]).await.map(drop)
+            }
             Record::StepFinished { run_id, step } => {
                 exec(
                     tx,
-                    "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms, required)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                     ON CONFLICT (run_id, step_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
-                         output = excluded.output, started_ms = excluded.started_ms,
-                         finished_ms = excluded.finished_ms, required = excluded.required",
+                    STEP_FINISHED,
                     &[
                         run_id,
                         &step.path,
@@ -148,18 +167,13 @@ impl Record {
                     ],
                 )
                 .await?;
-                exec(tx, "UPDATE runs SET updated_ms = $2 WHERE id = $1", &[run_id, &(now_ms() as i64)]).await.map(drop)
+                exec(tx, RUN_TOUCHED, &[run_id, &(now_ms() as i64)]).await.map(drop)
             }
             Record::RunFinished { run_id, status, outputs, error } => {
-                exec(
-                    tx,
-                    "UPDATE runs SET status = $2, outputs = $3, error = $4, updated_ms = $5, finished_ms = $5 WHERE id = $1",
-                    &[run_id, &status.as_str(), outputs, error, &(now_ms() as i64)],
-                )
-                .await?;
+                exec(tx, RUN_FINISHED, &[run_id, &status.as_str(), outputs, error, &(now_ms() as i64)]).await?;
                 // A finished run has no work out: what an earlier driver
                 // left in the queue goes, its holders fenced off.
-                exec(tx, "DELETE FROM tasks WHERE run_id = $1", &[run_id]).await.map(drop)
+                exec(tx, RUN_TASKS_DELETED, &[run_id]).await.map(drop)
             }
         }
     }
@@ -175,10 +189,7 @@ pub(super) async fn insert_run(
     let lease = Lease::created(&run.id);
     exec(
         tx,
-        "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms,
-                           version, lease_owner, lease_expires_ms, lease_epoch)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)
-         ON CONFLICT (id) DO NOTHING",
+        RUN_CREATED,
         &[
             &run.id,
             &run.workflow,
@@ -196,12 +207,7 @@ pub(super) async fn insert_run(
     )
     .await?;
     for (key, value) in &run.labels {
-        exec(
-            tx,
-            "INSERT INTO run_labels (run_id, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            &[&run.id, key, value],
-        )
-        .await?;
+        exec(tx, RUN_LABEL, &[&run.id, key, value]).await?;
     }
     Ok(())
 }

@@ -205,6 +205,9 @@ const MIGRATIONS: &[&str] = &[
     // 4: the same table holds deployed bundles, for every node of a service
     // sharing the database.
     "ALTER TABLE components RENAME TO blobs;",
+    // 5: tasks are no longer withdrawn one by one (a run's end removes them
+    // all); withdrawn ones an earlier build left would never end.
+    "DELETE FROM tasks WHERE state = 'cancelled';",
 ];
 
 /// The schema version this build writes.

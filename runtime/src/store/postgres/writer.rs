@@ -224,8 +224,13 @@ async fn write_once(pool: &Pool, place: &str, records: &[&Queued]) -> Result<(),
     let mut client = pool.get().await.map_err(|err| Failed::pool(place, err))?;
     let err = |err: tokio_postgres::Error| Failed::pg(place, &err);
     let tx = client.transaction().await.map_err(err)?;
-    // Sent together: the connection pipelines them, in the order queued,
-    // so a batch waits for about one round trip rather than one a record.
+    // Prepared first (once per connection, later batches find them
+    // cached), so that sent together the records reach the server in the
+    // order queued: the connection pipelines them, and a batch waits for
+    // about one round trip rather than one a record.
+    for sql in super::journal::STATEMENTS {
+        tx.prepare_cached(sql).await.map_err(err)?;
+    }
     futures_util::future::try_join_all(records.iter().map(|queued| queued.record.write(&tx))).await.map_err(err)?;
     failpoint!("journal.batch.record-written");
     failpoint!("journal.batch.before-commit");

@@ -210,6 +210,9 @@ const SCHEMA: Schema = Schema {
         // 11: the same table holds deployed bundles, for every node of a
         // service sharing the store.
         "ALTER TABLE components RENAME TO blobs;",
+        // 12: tasks are no longer withdrawn one by one (a run's end removes
+        // them all); withdrawn ones an earlier build left would never end.
+        "DELETE FROM tasks WHERE state = 'cancelled';",
     ],
 };
 
