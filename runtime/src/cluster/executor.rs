@@ -114,14 +114,7 @@ impl Executor for QueueExecutor {
     fn run<'a>(&'a self, component: &'a StepComponent, attempt: Prepared) -> Running<'a> {
         Box::pin(async move {
             let number = attempt.request.context.attempt;
-            match self.hand_over(component, &attempt).await {
-                Ok(mut attempt) => {
-                    attempt.attempt = attempt.attempt.max(number);
-                    attempt
-                }
-                // The attempt did not run: worth another.
-                Err(why) => Attempt::refused(number, now_ms(), Failure::new(FailureKind::Retryable, why)),
-            }
+            settle(self.hand_over(component, &attempt).await, number)
         })
     }
 
@@ -133,14 +126,21 @@ impl Executor for QueueExecutor {
             let (run, wanted) = (run_id.to_owned(), key.to_owned());
             let found = persist(&self.store, move |store| store.find_task(&run, &wanted, number)).await;
             let Ok(Some(id)) = found else { return None };
-            Some(match self.outcome(id).await {
-                Ok(mut attempt) => {
-                    attempt.attempt = attempt.attempt.max(number);
-                    attempt
-                }
-                Err(why) => Attempt::refused(number, now_ms(), Failure::new(FailureKind::Retryable, why)),
-            })
+            Some(settle(self.outcome(id).await, number))
         })
+    }
+}
+
+/// The attempt numbered `number` as a worker reported it (numbered on if
+/// tries before it were lost), or, when it did not run, a failure worth
+/// another attempt.
+fn settle(outcome: Result<Attempt, String>, number: u32) -> Attempt {
+    match outcome {
+        Ok(mut attempt) => {
+            attempt.attempt = attempt.attempt.max(number);
+            attempt
+        }
+        Err(why) => Attempt::refused(number, now_ms(), Failure::new(FailureKind::Retryable, why)),
     }
 }
 
