@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Mutex;
+use parking_lot::Mutex;
 
 use crate::workflow::spec::{BreakerSpec, RateLimitSpec};
 
@@ -77,8 +77,11 @@ fn round_ms(duration: Duration) -> Duration {
     Duration::from_millis(duration.as_millis() as u64)
 }
 
-/// At most `starts` attempt starts in any window of `per`. Uses tokio's
-/// clock so tests can run it on paused time.
+/// At most `starts` attempt starts in any window of `per`. A start is
+/// taken at the moment the attempt runs (see [`RateLimiter::try_take`]), so
+/// a commit or a parallelism slot that held some attempts back cannot
+/// bunch their starts together. Uses tokio's clock so tests can run it on
+/// paused time.
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
     spec: RateLimitSpec,
@@ -90,21 +93,34 @@ impl RateLimiter {
         RateLimiter { spec, starts: Mutex::new(VecDeque::new()) }
     }
 
-    /// Waits until a start is allowed and takes it.
-    pub(crate) async fn acquire(&self) {
-        let mut starts = self.starts.lock().await;
+    /// Takes a start now if the window has room; else says when it may.
+    pub(crate) fn try_take(&self) -> Result<(), tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        let mut starts = self.starts.lock();
+        while starts.front().is_some_and(|&start| now.duration_since(start) >= self.spec.per) {
+            starts.pop_front();
+        }
+        if starts.len() < self.spec.starts as usize {
+            starts.push_back(now);
+            return Ok(());
+        }
+        Err(starts[0] + self.spec.per)
+    }
+
+    /// Waits until the window has room, without taking a start: an attempt
+    /// is recorded as started only once it could run.
+    pub(crate) async fn ready(&self) {
         loop {
-            let now = tokio::time::Instant::now();
-            while starts.front().is_some_and(|&start| now.duration_since(start) >= self.spec.per) {
-                starts.pop_front();
-            }
-            if starts.len() < self.spec.starts as usize {
-                starts.push_back(now);
-                return;
-            }
-            // Holding the lock while waiting keeps starts in arrival order.
-            let oldest = starts[0];
-            tokio::time::sleep_until(oldest + self.spec.per).await;
+            let next = {
+                let now = tokio::time::Instant::now();
+                let starts = self.starts.lock();
+                let live = starts.iter().filter(|&&start| now.duration_since(start) < self.spec.per).count();
+                if live < self.spec.starts as usize {
+                    return;
+                }
+                starts[starts.len() - live] + self.spec.per
+            };
+            tokio::time::sleep_until(next).await;
         }
     }
 }
@@ -132,9 +148,19 @@ mod tests {
     async fn the_rate_limit_spreads_starts_over_windows() {
         let limiter = RateLimiter::new(RateLimitSpec { starts: 2, per: Duration::from_secs(1) });
         let t0 = tokio::time::Instant::now();
-        for _ in 0..5 {
-            limiter.acquire().await;
+        let mut starts = Vec::new();
+        while starts.len() < 5 {
+            limiter.ready().await;
+            match limiter.try_take() {
+                Ok(()) => starts.push(tokio::time::Instant::now() - t0),
+                Err(next) => panic!("ready, then refused until {:?}", next - t0),
+            }
         }
-        assert_eq!(tokio::time::Instant::now() - t0, Duration::from_secs(2));
+        let secs = |s: u64| Duration::from_secs(s);
+        assert_eq!(starts, [secs(0), secs(0), secs(1), secs(1), secs(2)]);
+        // The fifth start's window has room for one more, then none until
+        // both leave it.
+        assert_eq!(limiter.try_take(), Ok(()));
+        assert_eq!(limiter.try_take(), Err(t0 + secs(3)));
     }
 }
