@@ -898,3 +898,69 @@ steps:
     assert_eq!(output("connect"), json!({ "outcome": "done: connected" }));
     assert!(output("closed")["outcome"].as_str().unwrap().starts_with("refused: "), "no grant, no connection");
 }
+
+/// An executor that runs nothing: an attempt handed to it, or one an
+/// earlier driver of the run left out, goes on until the run stops it.
+#[derive(Default)]
+struct Stalled {
+    runs: AtomicUsize,
+    reattached: tokio::sync::Notify,
+}
+
+impl scheduler::Executor for Stalled {
+    fn run<'a>(&'a self, _: &'a stepbox::sandbox::StepComponent, _: scheduler::Prepared) -> scheduler::Running<'a> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        Box::pin(std::future::pending())
+    }
+
+    fn reattach<'a>(&'a self, _: &'a str, _: &'a str, _: u32) -> scheduler::Reattached<'a> {
+        self.reattached.notify_one();
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test]
+async fn a_run_stopped_while_it_waits_for_an_attempt_an_earlier_driver_left_out_records_no_new_attempt() {
+    use stepbox::store::{History, Journal};
+    use tokio_util::sync::CancellationToken;
+    let dir = temp_dir();
+    let db = Arc::new(stepbox::store::Database::open(&dir.join("data")).unwrap());
+    let workflow = Arc::new(load("name: left\nsteps:\n  - id: s\n    uses: hello\n    with: { name: x }\n"));
+    let record = stepbox::run::Run::new("left".into(), "left", "", "default", Default::default());
+    db.create_run(&record, &json!({})).1.await.unwrap();
+    let executor = Arc::new(Stalled::default());
+    let drive = |cancel: CancellationToken, interrupt: CancellationToken| {
+        let journal: Arc<dyn Journal> = db.clone();
+        let options = RunOptions {
+            journal: Some(journal),
+            executor: Some(executor.clone()),
+            cancel,
+            interrupt,
+            ..RunOptions::new("left")
+        };
+        let inputs = workflow.bind_inputs(&Default::default()).unwrap();
+        tokio::spawn(scheduler::run(sandbox(), workflow.clone(), inputs, options))
+    };
+    // The first driver hands attempt 1 out, then stops without ending the
+    // run (its process shuts down).
+    let interrupt = CancellationToken::new();
+    let first = drive(CancellationToken::new(), interrupt.clone());
+    while executor.runs.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    interrupt.cancel();
+    first.await.unwrap().unwrap();
+    // The next driver waits for that attempt, and is cancelled meanwhile.
+    let cancel = CancellationToken::new();
+    let second = drive(cancel.clone(), CancellationToken::new());
+    executor.reattached.notified().await;
+    cancel.cancel();
+    let report = second.await.unwrap().unwrap();
+    assert_eq!(report.run.status, RunStatus::Cancelled);
+    assert_eq!(step(&report, "s").status, StepStatus::Cancelled);
+    assert!(attempts(&report, "s").is_empty(), "{:?}", attempts(&report, "s"));
+    assert_eq!(executor.runs.load(Ordering::SeqCst), 1, "no attempt was handed out again");
+    let recorded = db.run_report("left").unwrap();
+    let numbers: Vec<u32> = attempts(&recorded, "s").iter().map(|attempt| attempt.attempt).collect();
+    assert_eq!(numbers, [1], "only the first driver's attempt is recorded");
+}
