@@ -204,8 +204,9 @@ pub(crate) async fn execute(
     }
     let Owned { workflow, inputs, lease, .. } = owned;
     // Renewed while the run goes on, released when it ends; a lease taken
-    // over by another process stops this one.
-    let heartbeat = Heartbeat::start(db.clone(), lease, cancel.clone());
+    // over by another process stops this one, as does a cancel asked of it
+    // (through a service sharing the database).
+    let heartbeat = Heartbeat::start(db.clone(), lease, cancel.clone(), cancel.clone());
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
     let result = scheduler::run(&sandbox, workflow, inputs, options).await;
     heartbeat.release().await;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::wire::{TaskRequest, TaskResult};
 use crate::run::{Attempt, Failure, FailureKind, now_ms};
 use crate::sandbox::{Sandbox, StepComponent};
-use crate::store::{Claim, Shares, Store, StoreError};
+use crate::store::{Claim, Claimed, Shares, Store, StoreError};
 use crate::tenant::{Tenant, Tenants};
 
 /// How often an idle worker looks for work: at first often, then less
@@ -67,8 +67,12 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
     let mut running = JoinSet::new();
     let mut idle = IDLE.0;
     let mut woken = worker.store.signals().tasks.subscribe();
-    // A completion anywhere may let a tenant at its max_concurrent go on.
+    // A completion anywhere may let a tenant at its max_concurrent go on;
+    // looked for only when the last claim left such a tenant's tasks (on
+    // every completion, each idle worker would claim in vain: a storm of
+    // claims, one at a time, that slowed every worker).
     let mut freed = worker.store.signals().results.subscribe();
+    let mut held_back = false;
     let most_idle = if worker.store.signals().shared { IDLE_WOKEN } else { IDLE.1 };
     loop {
         // Seen before claiming, so a task enqueued meanwhile wakes us.
@@ -79,8 +83,9 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
         if free > 0 && !stop.is_cancelled() {
             match worker.claim(free, &shares).await {
                 Ok(claims) => {
-                    claimed = claims.len();
-                    for claim in claims {
+                    claimed = claims.claims.len();
+                    held_back = claims.held_back;
+                    for claim in claims.claims {
                         running.spawn(worker.clone().handle(claim));
                     }
                 }
@@ -99,14 +104,14 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
             Some(_) = running.join_next(), if !running.is_empty() => idle = IDLE.0,
             () = tokio::time::sleep(idle), if !full => idle = (idle * 2).min(most_idle),
             Ok(()) = woken.changed(), if !full => idle = IDLE.0,
-            Ok(()) = freed.changed(), if !full => idle = IDLE.0,
+            Ok(()) = freed.changed(), if !full && held_back => idle = IDLE.0,
             () = stop.cancelled(), if !stop.is_cancelled() => {}
         }
     }
 }
 
 impl Worker {
-    async fn claim(&self, max: usize, shares: &Shares) -> Result<Vec<Claim>, StoreError> {
+    async fn claim(&self, max: usize, shares: &Shares) -> Result<Claimed, StoreError> {
         let (store, owner, lease, shares) =
             (self.store.clone(), self.config.owner.clone(), self.config.lease, shares.clone());
         blocking(move || store.claim(&owner, max, lease, &shares)).await?

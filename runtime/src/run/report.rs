@@ -44,6 +44,10 @@ pub struct Run {
     /// through `stepbox serve`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u32>,
+    /// A cancel was asked for while another process ran it: that process
+    /// stops it soon (or the next one to take it up records it cancelled).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
 }
 
 impl Run {
@@ -69,6 +73,7 @@ impl Run {
             finished_ms: None,
             owner: None,
             version: None,
+            cancel_requested: false,
         }
     }
 

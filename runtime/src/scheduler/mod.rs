@@ -296,6 +296,7 @@ pub async fn run(
         finished_ms: Some(now_ms()),
         owner: None,
         version: options.version,
+        cancel_requested: false,
     };
     Ok(RunReport { run, output_errors: graph.output_errors, steps: graph.steps })
 }

@@ -257,6 +257,8 @@ pub struct Service {
     /// The event logs of runs that finished lately, for streams that
     /// reconnect after the end.
     finished: Mutex<lru::LruCache<String, Arc<EventLog>>>,
+    /// The event logs of runs other nodes drive, followed while read.
+    followed: Mutex<HashMap<String, std::sync::Weak<EventLog>>>,
     tasks: TaskTracker,
     /// Cancelled when the service stops taking new work.
     closing: CancellationToken,
@@ -313,6 +315,7 @@ impl Service {
             bundles: Bundles::new(&config.data_dir),
             deployed: Mutex::new(lru::LruCache::new(NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN))),
             finished: Mutex::new(lru::LruCache::new(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN))),
+            followed: Mutex::default(),
             live: Arc::default(),
             tasks: TaskTracker::new(),
             closing: CancellationToken::new(),

@@ -228,8 +228,9 @@ impl Service {
         }
         let Owned { workflow, inputs, lease, run, .. } = owned;
         // A lease lost to another process interrupts the run here: that
-        // process goes on with it.
-        let heartbeat = Heartbeat::start(self.db.clone(), lease, live.interrupt.clone());
+        // process goes on with it. A cancel asked through another node
+        // cancels it here.
+        let heartbeat = Heartbeat::start(self.db.clone(), lease, live.interrupt.clone(), live.cancel.clone());
         let events = live.events.clone();
         let forward = tokio::spawn(async move {
             while let Some(event) = receiver.recv().await {
@@ -365,7 +366,7 @@ impl Service {
                         };
                         // Woken runs count against their tenant's active runs;
                         // past it they wait for the next round.
-                        match self.continue_owned(&run, None, false, Some(self.config.max_active_runs)).await {
+                        match self.take_up(&run, Some(self.config.max_active_runs)).await {
                             Ok(()) | Err(ServiceError::TooManyRuns { .. } | ServiceError::Conflict { .. }) => {}
                             Err(err) => {
                                 tracing::warn!(run = id, "cannot resume a parked run: {err}");
@@ -407,8 +408,8 @@ impl Service {
             if run.version.is_none() || given_up.contains(&run.id) {
                 continue;
             }
-            match self.continue_owned(&run, None, false, None).await {
-                Ok(()) => tracing::info!(run = run.id, "resumed a run a crash interrupted"),
+            match self.take_up(&run, None).await {
+                Ok(()) => tracing::info!(run = run.id, "took up a run a crash interrupted"),
                 // Another node, or a call of this one, took it first.
                 Err(ServiceError::Conflict { .. }) => {}
                 // The database is away, or this node is stopping: the next
@@ -474,32 +475,55 @@ impl Service {
     }
 
     /// Cancels a run: a running one stops its attempts and ends as
-    /// `cancelled`; an interrupted one is recorded as cancelled at once.
+    /// `cancelled` (one another process runs, once it hears of it: the run
+    /// shows `cancel_requested` until then); an interrupted or waiting one
+    /// is recorded as cancelled at once.
     pub async fn cancel(&self, scope: &Scope, id: &str) -> Result<Run, ServiceError> {
-        let run = self.run(scope, id).await?;
-        // Under the lock a drive leaves the map by: either it sees this
-        // cancel as it ends, or this finds it gone.
-        let driven = self.live.lock().runs.get(id).map(|live| live.cancel.cancel()).is_some();
-        if driven {
-            return Ok(run);
-        }
-        match run.status {
-            status if finished(status) => Err(ServiceError::Conflict {
-                code: "run_finished",
-                message: format!("run {id} already {status}; there is nothing to cancel"),
-            }),
-            RunStatus::Interrupted | RunStatus::Waiting => {
-                self.cancel_stopped(id).await?;
-                self.run(scope, id).await
+        let mut run = self.run(scope, id).await?;
+        // A run can change hands while this looks: each turn looks again.
+        for _ in 0..3 {
+            // Under the lock a drive leaves the map by: either it sees this
+            // cancel as it ends, or this finds it gone.
+            let driven = self.live.lock().runs.get(id).map(|live| live.cancel.cancel()).is_some();
+            if driven {
+                return Ok(run);
             }
-            _ => Err(ServiceError::Conflict {
-                code: "run_held",
-                message: format!(
-                    "run {id} is run by another process ({}); cancel it there",
-                    run.owner.unwrap_or_default()
-                ),
-            }),
+            match run.status {
+                status if finished(status) => {
+                    return Err(ServiceError::Conflict {
+                        code: "run_finished",
+                        message: format!("run {id} already {status}; there is nothing to cancel"),
+                    });
+                }
+                RunStatus::Interrupted | RunStatus::Waiting => match self.cancel_stopped(id).await {
+                    // Taken up meanwhile, here or elsewhere.
+                    Err(ServiceError::Conflict { code: "run_held" | "run_running", .. }) => {}
+                    Err(err) => return Err(err),
+                    Ok(()) => return self.run(scope, id).await,
+                },
+                _ => {
+                    let wanted = id.to_owned();
+                    if self.blocking(move |db| Ok(db.request_cancel(&wanted)?)).await? {
+                        return self.run(scope, id).await;
+                    }
+                }
+            }
+            run = self.run(scope, id).await?;
         }
+        Err(ServiceError::Conflict {
+            code: "run_busy",
+            message: format!("run {id} kept changing hands while it was being cancelled; try again"),
+        })
+    }
+
+    /// Takes a run no process drives up again (it was interrupted, or its
+    /// wait is over), unless a cancel was asked of it meanwhile: then it is
+    /// recorded as cancelled.
+    async fn take_up(self: &Arc<Self>, run: &Run, limit: Option<usize>) -> Result<(), ServiceError> {
+        if run.cancel_requested {
+            return self.cancel_stopped(&run.id).await;
+        }
+        self.continue_owned(run, None, false, limit).await
     }
 
     /// Records run `id`, which no process drives, as cancelled.
@@ -575,29 +599,93 @@ impl Service {
         Ok(())
     }
 
-    /// A run's events: live while this service drives it, else what its
-    /// report records.
-    pub async fn events(&self, scope: &Scope, id: &str) -> Result<Arc<EventLog>, ServiceError> {
+    /// A run's events: live while this service drives it; followed through
+    /// the journal while another node does; else what its report records.
+    pub async fn events(self: &Arc<Self>, scope: &Scope, id: &str) -> Result<Arc<EventLog>, ServiceError> {
         self.run(scope, id).await?;
         let live = self.live.lock().runs.get(id).map(|live| live.events.clone());
         if let Some(events) = live.or_else(|| self.finished.lock().get(id).cloned()) {
             return Ok(events);
         }
         let report = self.report(scope, id).await?;
+        if report.run.status == RunStatus::Running {
+            return Ok(self.follow(&report));
+        }
         Ok(Arc::new(recorded_events(&report)))
     }
+
+    /// The events of a run another node drives, read from the journal as
+    /// its records commit (every [`FOLLOW_EVERY`]) until it stops running
+    /// there; readers of one run on this node share one log.
+    fn follow(self: &Arc<Self>, report: &RunReport) -> Arc<EventLog> {
+        let id = report.run.id.clone();
+        let mut followed = self.followed.lock();
+        followed.retain(|_, log| log.strong_count() > 0);
+        if let Some(log) = followed.get(&id).and_then(std::sync::Weak::upgrade) {
+            return log;
+        }
+        let log = Arc::new(EventLog::rebuilt());
+        followed.insert(id.clone(), Arc::downgrade(&log));
+        drop(followed);
+        let mut seen = HashSet::new();
+        push_unseen(&log, &mut seen, report);
+        let (service, weak) = (self.clone(), Arc::downgrade(&log));
+        self.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(FOLLOW_EVERY) => {}
+                    () = service.closing.cancelled() => return,
+                }
+                // Followed while someone reads it.
+                let Some(log) = weak.upgrade() else { return };
+                let wanted = id.clone();
+                let Ok(report) = service.blocking(move |db| Ok(db.run_report(&wanted)?)).await else { continue };
+                push_unseen(&log, &mut seen, &report);
+                if report.run.status != RunStatus::Running || service.live.lock().runs.contains_key(&id) {
+                    // Over, parked, or taken up (by this node too): a
+                    // reader that comes back finds where it went on.
+                    log.finish();
+                    return;
+                }
+            }
+        });
+        log
+    }
+}
+
+/// How often the events of a run another node drives are read.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Adds to `log` the events of `report` it does not have yet (`seen`).
+fn push_unseen(log: &EventLog, seen: &mut HashSet<String>, report: &RunReport) {
+    for event in recorded(report) {
+        if seen.insert(serde_json::to_string(&event).unwrap_or_default()) {
+            log.push(&event);
+        }
+    }
+}
+
+/// The events a recorded run emitted, rebuilt from its report, as a log
+/// that is complete.
+fn recorded_events(report: &RunReport) -> EventLog {
+    let log = EventLog::rebuilt();
+    for event in recorded(report) {
+        log.push(&event);
+    }
+    log.finish();
+    log
 }
 
 /// The events a recorded run emitted, rebuilt from its report: each
 /// attempt's start (and retry), each step's end, and the run's end.
-fn recorded_events(report: &RunReport) -> EventLog {
-    let log = EventLog::rebuilt();
+fn recorded(report: &RunReport) -> Vec<RunEvent> {
+    let mut log = Vec::new();
     for step in report.all_steps() {
         for execution in &step.executions {
             for (i, attempt) in execution.attempts.iter().enumerate() {
-                log.push(&RunEvent::AttemptStarted { path: execution.path.clone(), attempt: attempt.attempt });
+                log.push(RunEvent::AttemptStarted { path: execution.path.clone(), attempt: attempt.attempt });
                 if let (Outcome::Failed { failure }, Some(next)) = (&attempt.outcome, execution.attempts.get(i + 1)) {
-                    log.push(&RunEvent::Retrying {
+                    log.push(RunEvent::Retrying {
                         path: execution.path.clone(),
                         attempt: attempt.attempt,
                         delay: std::time::Duration::from_secs_f64(next.delay_before_ms.max(0.0) / 1000.0),
@@ -607,7 +695,7 @@ fn recorded_events(report: &RunReport) -> EventLog {
             }
         }
         if finished_step(step.status) {
-            log.push(&RunEvent::StepFinished {
+            log.push(RunEvent::StepFinished {
                 path: step.id.clone(),
                 status: step.status,
                 reason: step.reason.clone(),
@@ -617,9 +705,8 @@ fn recorded_events(report: &RunReport) -> EventLog {
     // A run being taken up again has not finished: its stream ends
     // without an end, and a reader that comes back finds the new drive.
     if report.run.status != RunStatus::Running {
-        log.push(&RunEvent::RunFinished { status: report.run.status });
+        log.push(RunEvent::RunFinished { status: report.run.status });
     }
-    log.finish();
     log
 }
 

@@ -196,6 +196,44 @@ fn a_run_has_one_live_lease_holder_and_a_lost_lease_cannot_be_renewed_or_release
 }
 
 #[test]
+fn a_cancel_asked_of_a_running_run_reaches_its_holder_and_ends_with_the_run() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        let mut heard = store.signals().cancels.subscribe();
+        let (mine, durable) = store.create_run(&run("r", "t", &[]), &Value::Null);
+        wait(durable).unwrap();
+        assert!(!store.renew_lease(&mine, Duration::from_secs(60)).unwrap().cancel_requested, "{name}");
+        assert!(store.request_cancel("r").unwrap(), "{name}: a running run takes it");
+        assert!(store.load_run("r").unwrap().cancel_requested, "{name}");
+        assert!(
+            store.renew_lease(&mine, Duration::from_secs(60)).unwrap().cancel_requested,
+            "{name}: its holder sees it"
+        );
+        // Where the store notifies (PostgreSQL), through the listener.
+        let started = std::time::Instant::now();
+        let id = loop {
+            match heard.try_recv() {
+                Ok(id) => break id,
+                Err(_) if started.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(10)),
+                Err(err) => panic!("{name}: no cancel signal: {err}"),
+            }
+        };
+        assert_eq!(id, "r", "{name}");
+        // Taken up again (resume, retry): the request is forgotten.
+        store.reopen_run("r").unwrap();
+        assert!(!store.load_run("r").unwrap().cancel_requested, "{name}");
+        assert!(store.request_cancel("r").unwrap(), "{name}");
+        // A run that ends forgets it, and a finished run takes none.
+        wait(store.run_finished("r", RunStatus::Cancelled, &serde_json::Map::new(), None)).unwrap();
+        assert!(!store.load_run("r").unwrap().cancel_requested, "{name}");
+        assert!(!store.request_cancel("r").unwrap(), "{name}: nothing to cancel");
+        assert!(!store.request_cancel("nosuch").unwrap(), "{name}");
+        assert!(!store.load_run("r").unwrap().cancel_requested, "{name}");
+    }
+}
+
+#[test]
 fn requests_racing_with_one_idempotency_key_start_one_run() {
     for backend in backends() {
         let store = backend.store.clone();
@@ -392,19 +430,19 @@ fn a_task_is_enqueued_once_claimed_once_and_completed_by_its_holder() {
         assert_eq!(store.enqueue(&task("r", "r/a", "t")).unwrap(), id, "{name}: the same attempt is one task");
         assert_eq!(store.task_state(id).unwrap(), TaskState::Ready, "{name}");
         let ttl = Duration::from_secs(30);
-        let claims = store.claim("w1", 10, ttl, &Shares::default()).unwrap();
+        let claims = store.claim("w1", 10, ttl, &Shares::default()).unwrap().claims;
         assert_eq!(claims.len(), 1, "{name}");
         let claim = &claims[0];
         assert_eq!(
             (claim.id, claim.token, claim.claims, claim.task.request.clone()),
             (id, 1, 1, json!({"key": "r/a"}))
         );
-        assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().is_empty(), "{name}: held");
+        assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().claims.is_empty(), "{name}: held");
         assert!(matches!(store.task_state(id).unwrap(), TaskState::Claimed { owner, .. } if owner == "w1"), "{name}");
         store.renew(claim, ttl).unwrap();
         store.complete(claim, &json!({"ok": true})).unwrap();
         assert_eq!(store.task_state(id).unwrap(), TaskState::Done(json!({"ok": true})), "{name}");
-        assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().is_empty(), "{name}: done");
+        assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().claims.is_empty(), "{name}: done");
         // Again by its holder (an answer was lost): accepted, the first
         // result stands.
         store.complete(claim, &json!(1)).unwrap();
@@ -420,9 +458,9 @@ fn a_worker_that_lost_its_claim_cannot_renew_or_complete_and_the_task_is_claimed
         let name = backend.name;
         created(store, &run("r", "t", &[]));
         let id = store.enqueue(&task("r", "r/a", "t")).unwrap();
-        let paused = store.claim("paused", 1, Duration::from_millis(1), &Shares::default()).unwrap().remove(0);
+        let paused = store.claim("paused", 1, Duration::from_millis(1), &Shares::default()).unwrap().claims.remove(0);
         std::thread::sleep(Duration::from_millis(5));
-        let taken = store.claim("alive", 1, Duration::from_secs(30), &Shares::default()).unwrap().remove(0);
+        let taken = store.claim("alive", 1, Duration::from_secs(30), &Shares::default()).unwrap().claims.remove(0);
         assert_eq!((taken.id, taken.token, taken.claims), (id, 2, 2), "{name}: claimed again, counted");
         assert!(matches!(store.renew(&paused, Duration::from_secs(30)), Err(StoreError::Fenced { .. })), "{name}");
         assert!(matches!(store.complete(&paused, &json!("late")), Err(StoreError::Fenced { .. })), "{name}");
@@ -439,13 +477,16 @@ fn results_are_read_until_their_run_finishes() {
         created(store, &run("r", "t", &[]));
         let ttl = Duration::from_secs(30);
         let (a, b) = (store.enqueue(&task("r", "r/a", "t")).unwrap(), store.enqueue(&task("r", "r/b", "t")).unwrap());
-        let claims = store.claim("w", 2, ttl, &Shares::default()).unwrap();
+        let claims = store.claim("w", 2, ttl, &Shares::default()).unwrap().claims;
         assert_eq!(claims.iter().map(|c| c.id).collect::<Vec<_>>(), [a, b], "{name}");
         store.complete(&claims[0], &json!({"out": "a"})).unwrap();
         assert_eq!(store.results(&[a, b, a + 1000]).unwrap(), [(a, json!({"out": "a"}))], "{name}: only the done one");
         assert_eq!(store.results(&[a]).unwrap(), [(a, json!({"out": "a"}))], "{name}: it stays");
         assert!(store.results(&[]).unwrap().is_empty(), "{name}");
-        assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().is_empty(), "{name}: done is never claimed");
+        assert!(
+            store.claim("w2", 10, ttl, &Shares::default()).unwrap().claims.is_empty(),
+            "{name}: done is never claimed"
+        );
     }
 }
 
@@ -458,7 +499,7 @@ fn a_run_taken_over_finds_its_tasks_and_a_finished_one_leaves_none_and_fences_th
         created(store, &run("s", "t", &[]));
         let ttl = Duration::from_secs(30);
         let first = store.enqueue(&task("r", "r/a", "t")).unwrap();
-        let held = store.claim("old", 1, ttl, &Shares::default()).unwrap().remove(0);
+        let held = store.claim("old", 1, ttl, &Shares::default()).unwrap().claims.remove(0);
         let second = store.enqueue(&task("r", "r/b", "t")).unwrap();
         let other = store.enqueue(&task("s", "s/a", "t")).unwrap();
         assert_eq!(store.find_task("r", "r/a", 1).unwrap(), Some(first), "{name}: held, it is found");
@@ -466,13 +507,14 @@ fn a_run_taken_over_finds_its_tasks_and_a_finished_one_leaves_none_and_fences_th
         assert_eq!(store.find_task("r", "r/a", 2).unwrap(), None, "{name}: another attempt's");
         store.complete(&held, &json!("done")).unwrap();
         assert_eq!(store.find_task("r", "r/a", 1).unwrap(), Some(first), "{name}: done, it is found");
-        let held = store.claim("old", 1, ttl, &Shares::default()).unwrap().remove(0);
+        let held = store.claim("old", 1, ttl, &Shares::default()).unwrap().claims.remove(0);
         assert_eq!(held.id, second, "{name}");
         wait(store.run_finished("r", RunStatus::Failed, &serde_json::Map::new(), None)).unwrap();
         assert_eq!(store.find_task("r", "r/a", 1).unwrap(), None, "{name}");
         assert!(matches!(store.renew(&held, ttl), Err(StoreError::Fenced { .. })), "{name}");
         assert!(matches!(store.complete(&held, &json!(1)), Err(StoreError::Fenced { .. })), "{name}");
-        let left: Vec<i64> = store.claim("new", 10, ttl, &Shares::default()).unwrap().iter().map(|c| c.id).collect();
+        let left: Vec<i64> =
+            store.claim("new", 10, ttl, &Shares::default()).unwrap().claims.iter().map(|c| c.id).collect();
         assert_eq!(left, [other], "{name}: only the other run's task is left");
     }
 }
@@ -503,7 +545,7 @@ fn workers_claiming_at_once_never_share_a_task_and_tenants_take_turns() {
             store.enqueue(&task("small", &format!("small/s[{n}]"), "small")).unwrap();
         }
         // The first claim already serves the small tenant: turns, not age.
-        let first = store.claim("w0", 4, Duration::from_secs(30), &Shares::default()).unwrap();
+        let first = store.claim("w0", 4, Duration::from_secs(30), &Shares::default()).unwrap().claims;
         let small = first.iter().filter(|claim| claim.task.tenant == "small").count();
         assert_eq!(small, 2, "{name}: {first:?}");
         let workers: Vec<_> = (1..=4)
@@ -512,8 +554,10 @@ fn workers_claiming_at_once_never_share_a_task_and_tenants_take_turns() {
                 std::thread::spawn(move || {
                     let mut ids = Vec::new();
                     loop {
-                        let claims =
-                            store.claim(&format!("w{worker}"), 5, Duration::from_secs(30), &Shares::default()).unwrap();
+                        let claims = store
+                            .claim(&format!("w{worker}"), 5, Duration::from_secs(30), &Shares::default())
+                            .unwrap()
+                            .claims;
                         if claims.is_empty() {
                             return ids;
                         }
@@ -552,9 +596,12 @@ fn a_tenants_ceiling_holds_across_every_worker() {
         let ttl = Duration::from_secs(30);
         let one = store.claim("w1", 2, ttl, &shares).unwrap();
         let two = store.claim("w2", 5, ttl, &shares).unwrap();
-        assert_eq!((one.len(), two.len()), (2, 1), "{name}: three at once, whoever asks");
-        store.complete(&one[0], &json!(null)).unwrap();
-        assert_eq!(store.claim("w3", 5, ttl, &shares).unwrap().len(), 1, "{name}: one finished, one more");
+        assert_eq!((one.claims.len(), two.claims.len()), (2, 1), "{name}: three at once, whoever asks");
+        // The first was full; the second had room the ceiling kept empty,
+        // so it looks again when a task completes.
+        assert_eq!((one.held_back, two.held_back), (false, true), "{name}");
+        store.complete(&one.claims[0], &json!(null)).unwrap();
+        assert_eq!(store.claim("w3", 5, ttl, &shares).unwrap().claims.len(), 1, "{name}: one finished, one more");
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Journal, StoreError};
+use super::{Store, StoreError};
 
 /// How long a lease lasts without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -30,6 +30,13 @@ pub struct Lease {
     pub owner: String,
     /// Which taking of the lease this is.
     pub epoch: u64,
+}
+
+/// What renewing a lease found besides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewed {
+    /// A cancel of the run was asked for ([`super::Journal::request_cancel`]).
+    pub cancel_requested: bool,
 }
 
 impl Lease {
@@ -74,40 +81,60 @@ fn host_name() -> &'static str {
 /// Keeps a lease alive while its run goes on: renews it every third of
 /// [`LEASE_TTL`], and cancels `lost` when it cannot (another process took
 /// the run over, or the database stayed away until the lease ran out).
+/// Cancels `cancel` when another process asks for the run to be cancelled
+/// (seen at once where the store says so, else at the next renewal).
 /// [`Heartbeat::release`] gives the lease up; dropped without it, the
 /// release is queued and not waited for.
 pub struct Heartbeat {
-    journal: Arc<dyn Journal>,
+    store: Arc<dyn Store>,
     lease: Lease,
     stop: CancellationToken,
     released: bool,
 }
 
 impl Heartbeat {
-    /// Starts renewing `lease`; `lost` is cancelled if it is lost.
-    pub fn start(journal: Arc<dyn Journal>, lease: Lease, lost: CancellationToken) -> Self {
+    /// Starts renewing `lease`.
+    pub fn start(store: Arc<dyn Store>, lease: Lease, lost: CancellationToken, cancel: CancellationToken) -> Self {
         let stop = CancellationToken::new();
-        let (renewing, held, stopped) = (journal.clone(), lease.clone(), stop.clone());
+        let (renewing, held, stopped) = (store.clone(), lease.clone(), stop.clone());
+        let mut requests = Some(store.signals().cancels.subscribe());
         tokio::spawn(async move {
             let mut renewed = tokio::time::Instant::now();
-            let mut pause = LEASE_TTL / 3;
+            let mut next = renewed + LEASE_TTL / 3;
             loop {
                 tokio::select! {
                     () = stopped.cancelled() => return,
-                    () = tokio::time::sleep(pause) => {}
+                    () = tokio::time::sleep_until(next) => {}
+                    request = async { requests.as_mut()?.recv().await.ok() }, if requests.is_some() => {
+                        match request {
+                            Some(run_id) if run_id == held.run_id => cancel.cancel(),
+                            Some(_) => {}
+                            // Missed some: the renewal looks.
+                            None => next = tokio::time::Instant::now(),
+                        }
+                        if cancel.is_cancelled() {
+                            requests = None;
+                        } else if requests.as_ref().is_some_and(|requests| requests.is_closed()) {
+                            requests = None;
+                        }
+                        continue;
+                    }
                 }
-                let (journal, lease) = (renewing.clone(), held.clone());
-                match tokio::task::spawn_blocking(move || journal.renew_lease(&lease, LEASE_TTL)).await {
-                    Ok(Ok(())) => {
+                let (store, lease) = (renewing.clone(), held.clone());
+                match tokio::task::spawn_blocking(move || store.renew_lease(&lease, LEASE_TTL)).await {
+                    Ok(Ok(found)) => {
+                        if found.cancel_requested {
+                            cancel.cancel();
+                        }
                         renewed = tokio::time::Instant::now();
-                        pause = LEASE_TTL / 3;
+                        next = renewed + LEASE_TTL / 3;
                     }
                     // The database is away (it restarts): tried again, often,
                     // for two thirds of the lease it last granted; the last
                     // third is the margin for another process's clock.
                     Ok(Err(err)) if err.is_away() && renewed.elapsed() + RETRY < LEASE_TTL * 2 / 3 => {
                         tracing::warn!(run = held.run_id, "cannot renew the run's lease: {err}; trying again");
-                        pause = RETRY;
+                        next = tokio::time::Instant::now() + RETRY;
                     }
                     _ => {
                         tracing::error!(run = held.run_id, "the run's lease could not be renewed; stopping");
@@ -117,14 +144,14 @@ impl Heartbeat {
                 }
             }
         });
-        Heartbeat { journal, lease, stop, released: false }
+        Heartbeat { store, lease, stop, released: false }
     }
 
     /// Stops renewing and gives the lease up, durably.
     pub async fn release(mut self) {
         self.stop.cancel();
         self.released = true;
-        if let Err(err) = self.journal.release_lease(&self.lease).await {
+        if let Err(err) = self.store.release_lease(&self.lease).await {
             tracing::warn!(run = self.lease.run_id, "could not release the run's lease: {err}");
         }
     }
@@ -135,7 +162,7 @@ impl Drop for Heartbeat {
         self.stop.cancel();
         if !self.released {
             // Queued at once; it commits with the next batch.
-            drop(self.journal.release_lease(&self.lease));
+            drop(self.store.release_lease(&self.lease));
         }
     }
 }

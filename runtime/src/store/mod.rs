@@ -33,10 +33,10 @@ use serde_json::Value;
 
 use crate::run::{Attempt, Run, RunReport, RunStatus, StepPath, StepReport};
 
-pub use lease::{Heartbeat, LEASE_TTL, Lease, is_gone, this_owner};
+pub use lease::{Heartbeat, LEASE_TTL, Lease, Renewed, is_gone, this_owner};
 pub use memory::MemoryKeyValueStore;
 pub use postgres::{PG_SCHEMA_VERSION, PgKeyValues, PgStore};
-pub use queue::{Claim, Queue, Shares, Signals, Task, TaskState};
+pub use queue::{Claim, Claimed, Queue, Shares, Signals, Task, TaskState};
 pub use registry::{Registry, Started, TokenRecord, WorkflowVersion};
 pub use sqlite::{DATABASE_FILE, Database, KV_FILE, KeyValueDatabase, SCHEMA_VERSION};
 
@@ -158,8 +158,16 @@ pub trait Journal: Send + Sync {
     /// owner holds it (the error names it). Each taking raises the lease's
     /// epoch, so a holder that lost it cannot renew it.
     fn acquire_lease(&self, run_id: &str, owner: &str, ttl: std::time::Duration) -> Result<Lease, StoreError>;
-    /// Extends a held lease by `ttl` from now; fails if it was taken over.
-    fn renew_lease(&self, lease: &Lease, ttl: std::time::Duration) -> Result<(), StoreError>;
+    /// Extends a held lease by `ttl` from now, and says whether a cancel
+    /// of the run was asked for; fails if the lease was taken over.
+    fn renew_lease(&self, lease: &Lease, ttl: std::time::Duration) -> Result<Renewed, StoreError>;
+    /// Asks whichever process runs `run_id` to cancel it: recorded on the
+    /// run if it is still running (its holder finds it when it renews its
+    /// lease, at once where [`Signals::cancels`] reach it; a process that
+    /// takes the run over later cancels it instead). A run that finishes or
+    /// is taken up again by resume or retry forgets it. Returns whether it
+    /// was recorded.
+    fn request_cancel(&self, run_id: &str) -> Result<bool, StoreError>;
     /// Gives a held lease up, with the next group commit.
     fn release_lease(&self, lease: &Lease) -> Durable;
     /// What an interrupted run already did.

@@ -50,6 +50,17 @@ pub struct Claim {
     pub claims: u32,
 }
 
+/// What a claim took.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Claimed {
+    /// The tasks now held.
+    pub claims: Vec<Claim>,
+    /// The claim had room for more, but tasks were left because their
+    /// tenant is at its `max_concurrent`: a completion anywhere may let
+    /// them go. Else only a new task (or an expired claim) can.
+    pub held_back: bool,
+}
+
 /// How tenants share the workers: each tenant's [`Share`], and the share of
 /// a tenant not listed.
 #[derive(Debug, Clone, Default)]
@@ -66,24 +77,39 @@ impl Shares {
     }
 }
 
-/// Wake-ups for who waits on the queue: workers for new tasks, coordinators
-/// for results. Each is a counter that rises on every event, so a waiter
-/// that looked at the queue after reading it misses nothing. Events of this
-/// process always count; `shared` says whether other processes' do too
-/// (PostgreSQL's LISTEN/NOTIFY), or whether waiters must poll for them.
+/// Wake-ups for who waits on the store: workers for new tasks, coordinators
+/// for results, runs' holders for cancels asked of them. The first two are
+/// counters that rise on every event, so a waiter that looked at the queue
+/// after reading one misses nothing. Events of this process always count;
+/// `shared` says whether other processes' do too (PostgreSQL's
+/// LISTEN/NOTIFY), or whether waiters must poll for them.
 #[derive(Debug)]
 pub struct Signals {
     /// Rises when a task is enqueued.
     pub tasks: tokio::sync::watch::Sender<u64>,
     /// Rises when a task is completed.
     pub results: tokio::sync::watch::Sender<u64>,
+    /// The ids of runs whose cancel was asked for
+    /// ([`super::Journal::request_cancel`]).
+    pub cancels: tokio::sync::broadcast::Sender<String>,
     /// Whether other processes' events count too.
     pub shared: bool,
 }
 
 impl Signals {
     pub(crate) fn new(shared: bool) -> Self {
-        Signals { tasks: tokio::sync::watch::Sender::new(0), results: tokio::sync::watch::Sender::new(0), shared }
+        Signals {
+            tasks: tokio::sync::watch::Sender::new(0),
+            results: tokio::sync::watch::Sender::new(0),
+            // A holder that falls this far behind renews its lease to look.
+            cancels: tokio::sync::broadcast::Sender::new(64),
+            shared,
+        }
+    }
+
+    pub(crate) fn cancel(&self, run_id: &str) {
+        // No holder listening is fine: none runs it here.
+        let _ = self.cancels.send(run_id.to_owned());
     }
 
     pub(crate) fn task(&self) {
@@ -119,7 +145,7 @@ pub trait Queue: Send + Sync {
     /// Claims up to `max` tasks for `owner` for `ttl`: ready ones, and ones
     /// whose claim expired. Claims are handed out one transaction at a time
     /// across every process, so `shares` hold for the whole queue.
-    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Vec<Claim>, StoreError>;
+    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Claimed, StoreError>;
     /// Extends `claim` by `ttl` from now; [`StoreError::Fenced`] if the
     /// task was claimed again since.
     fn renew(&self, claim: &Claim, ttl: Duration) -> Result<(), StoreError>;
@@ -143,6 +169,7 @@ pub trait Queue: Send + Sync {
 
 /// A claimable task, as the stores read it: its tenant and id, in queue
 /// order within its tenant.
+#[derive(Clone)]
 pub(crate) struct Candidate {
     pub(crate) id: i64,
     pub(crate) tenant: String,
@@ -151,13 +178,15 @@ pub(crate) struct Candidate {
 /// Picks up to `max` of `candidates` (each tenant's in queue order): every
 /// pick goes to the tenant with the least held per unit of weight (what it
 /// `holds` already, plus what it was picked here), never one at its
-/// `max_concurrent`; ties go to the older task.
+/// `max_concurrent`; ties go to the older task. Also says whether fewer
+/// than `max` were picked while a tenant at its ceiling had more
+/// ([`Claimed::held_back`]).
 pub(crate) fn fair_pick(
     candidates: Vec<Candidate>,
     holds: &HashMap<String, usize>,
     shares: &Shares,
     max: usize,
-) -> Vec<i64> {
+) -> (Vec<i64>, bool) {
     let mut queues: HashMap<String, VecDeque<i64>> = HashMap::new();
     for candidate in candidates {
         queues.entry(candidate.tenant).or_default().push_back(candidate.id);
@@ -180,7 +209,9 @@ pub(crate) fn fair_pick(
             *load.entry(tenant).or_default() += 1;
         }
     }
-    picked
+    // Fewer than `max`: every tenant with tasks left is at its ceiling.
+    let held_back = picked.len() < max && queues.values().any(|queue| !queue.is_empty());
+    (picked, held_back)
 }
 
 #[cfg(test)]
@@ -198,14 +229,16 @@ mod tests {
         all.extend([("small", 100), ("small", 101)]);
         let shares = Shares::default();
         // The small tenant's older-by-id rivals do not go first: turns.
-        assert_eq!(fair_pick(candidates(&all), &HashMap::new(), &shares, 4), [1, 100, 2, 101]);
+        assert_eq!(fair_pick(candidates(&all), &HashMap::new(), &shares, 4), (vec![1, 100, 2, 101], false));
         // The big tenant already holds 3: the small one catches up first.
         let holds = HashMap::from([("big".to_owned(), 3)]);
-        assert_eq!(fair_pick(candidates(&all), &holds, &shares, 3), [100, 101, 1]);
+        assert_eq!(fair_pick(candidates(&all), &holds, &shares, 3), (vec![100, 101, 1], false));
         // Weight 2 gets two turns to one.
         let weighted =
             Shares { tenants: HashMap::from([("big".into(), Share { weight: 2, max_concurrent: 9 })]), ..shares };
-        assert_eq!(fair_pick(candidates(&all), &HashMap::new(), &weighted, 6), [1, 100, 2, 3, 101, 4]);
+        assert_eq!(fair_pick(candidates(&all), &HashMap::new(), &weighted, 6), (vec![1, 100, 2, 3, 101, 4], false));
+        // Room for all, and all taken: nothing held back.
+        assert_eq!(fair_pick(candidates(&all), &HashMap::new(), &shares, 20).1, false);
     }
 
     #[test]
@@ -215,6 +248,10 @@ mod tests {
             ..Shares::default()
         };
         let list = candidates(&[("capped", 1), ("capped", 2), ("capped", 3)]);
-        assert_eq!(fair_pick(list, &HashMap::from([("capped".to_owned(), 1)]), &shares, 10), [1]);
+        let held = HashMap::from([("capped".to_owned(), 1)]);
+        // One more, and the rest held back for a completion to let go.
+        assert_eq!(fair_pick(list.clone(), &held, &shares, 10), (vec![1], true));
+        // Full before the ceiling mattered: not held back.
+        assert_eq!(fair_pick(list, &held, &shares, 1), (vec![1], false));
     }
 }

@@ -5,7 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
+use reqwest::StatusCode;
 use serde_json::Value;
 
 /// A fresh directory for one test.
@@ -152,5 +154,122 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    pub fn api(&self, token: &str) -> Api {
+        Api { http: reqwest::Client::new(), url: self.url.clone(), token: token.to_owned(), tenant: None }
+    }
+}
+
+/// An API client acting as one token.
+#[derive(Clone)]
+pub struct Api {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub token: String,
+    /// The `Stepbox-Tenant` header, for an admin acting for a tenant.
+    pub tenant: Option<String>,
+}
+
+impl Api {
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token);
+        if let Some(tenant) = &self.tenant {
+            request = request.header("Stepbox-Tenant", tenant);
+        }
+        request
+    }
+
+    pub async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or_else(|err| panic!("{status}: not JSON ({err}): {text}"));
+        (status, body)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        Self::send(self.request(reqwest::Method::GET, path)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        Self::send(self.request(reqwest::Method::POST, path).json(&body)).await
+    }
+
+    /// Starts a run of `workflow`; returns its id.
+    pub async fn start(&self, workflow: &str, body: Value) -> String {
+        let (status, run) = self.post(&format!("/v1/workflows/{workflow}/runs"), body).await;
+        assert_eq!(status, StatusCode::CREATED, "{run}");
+        run["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until run `id` is in a final state; returns its report.
+    pub async fn finished(&self, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (status, report) = self.get(&format!("/v1/runs/{id}")).await;
+            assert_eq!(status, StatusCode::OK, "{report}");
+            if ["succeeded", "failed", "cancelled"].contains(&report["status"].as_str().unwrap()) {
+                return report;
+            }
+            assert!(Instant::now() < deadline, "run {id} did not finish: {report}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Follows run `id`'s events from after `last` to its end, reconnecting
+    /// with the last number seen (as a browser's `EventSource` does) while
+    /// a stream ends with the run parked.
+    pub async fn follow(&self, id: &str, mut last: u64) -> Vec<(u64, Value)> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            let events = self.events(id, Some(last), |event| event["type"] == "run_finished").await;
+            last = events.last().map_or(last, |(number, _)| *number);
+            seen.extend(events);
+            if seen.last().is_some_and(|(_, event)| event["type"] == "run_finished" && event["status"] != "waiting") {
+                return seen;
+            }
+            assert!(Instant::now() < deadline, "run {id} never went on: {seen:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Reads run `id`'s event stream from after `last` until it ends or
+    /// `stop` says so: the events with their numbers.
+    pub async fn events(&self, id: &str, last: Option<u64>, stop: impl Fn(&Value) -> bool) -> Vec<(u64, Value)> {
+        let mut request = self.request(reqwest::Method::GET, &format!("/v1/runs/{id}/events"));
+        if let Some(last) = last {
+            request = request.header("Last-Event-ID", last.to_string());
+        }
+        let mut response = request.send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let (mut buffer, mut events) = (String::new(), Vec::new());
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), response.chunk()).await.unwrap().unwrap()
+        {
+            buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                let (mut number, mut data) = (None, None);
+                for line in frame.lines() {
+                    if let Some(value) = line.strip_prefix("id: ") {
+                        number = Some(value.parse().unwrap());
+                    } else if let Some(value) = line.strip_prefix("data: ") {
+                        data = Some(serde_json::from_str::<Value>(value).unwrap());
+                    }
+                }
+                if let (Some(number), Some(data)) = (number, data) {
+                    let done = stop(&data);
+                    events.push((number, data));
+                    if done {
+                        return events;
+                    }
+                }
+            }
+        }
+        events
     }
 }

@@ -14,7 +14,7 @@ use crate::store::rows::{self, AttemptRow};
 use crate::store::{History, RunFilter, StoreError};
 
 const RUN_COLUMNS: &str = "id, workflow, workflow_path, tenant, inputs, status, outputs, error, created_ms, finished_ms, \
-     lease_owner, lease_expires_ms, version";
+     lease_owner, lease_expires_ms, version, cancel_requested";
 
 /// A stored name back to its type; a name no stepbox writes is an error.
 fn parsed<T: std::str::FromStr<Err = String>>(row: &Row, index: usize) -> Result<T, String> {
@@ -38,6 +38,7 @@ fn run_from(row: &Row) -> Result<Run, String> {
         finished_ms: row.get::<_, Option<i64>>(9).map(|ms| ms as f64),
         owner,
         version: row.get::<_, Option<i64>>(12).and_then(|version| u32::try_from(version).ok()),
+        cancel_requested: row.get(13),
     })
 }
 

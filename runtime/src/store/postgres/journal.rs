@@ -9,12 +9,13 @@ use serde_json::Value;
 use tokio_postgres::types::ToSql;
 
 use super::PgStore;
+use super::listen::CANCELS;
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
 use crate::store::group::Kind;
 use crate::store::lease::{LEASE_TTL, leased};
 use crate::store::rows::{AttemptRow, ExecutionRow, clean, expiry, held, text};
-use crate::store::{Durable, Journal, Lease, ResumeState, StoreError};
+use crate::store::{Durable, Journal, Lease, Renewed, ResumeState, StoreError};
 
 /// One journal record, as the writer commits it.
 pub(super) enum Record {
@@ -68,8 +69,8 @@ const STEP_FINISHED: &str =
                          output = excluded.output, started_ms = excluded.started_ms,
                          finished_ms = excluded.finished_ms, required = excluded.required";
 const RUN_TOUCHED: &str = "UPDATE runs SET updated_ms = $2 WHERE id = $1";
-const RUN_FINISHED: &str =
-    "UPDATE runs SET status = $2, outputs = $3, error = $4, updated_ms = $5, finished_ms = $5 WHERE id = $1";
+const RUN_FINISHED: &str = "UPDATE runs SET status = $2, outputs = $3, error = $4, updated_ms = $5, finished_ms = $5,
+     cancel_requested = FALSE WHERE id = $1";
 const RUN_TASKS_DELETED: &str = "DELETE FROM tasks WHERE run_id = $1";
 const RUN_CREATED: &str =
     "INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms,
@@ -237,7 +238,8 @@ impl Journal for PgStore {
         self.call(move |client| async move {
             client
                 .execute(
-                    "UPDATE runs SET status = $2, error = NULL, finished_ms = NULL, updated_ms = $3 WHERE id = $1",
+                    "UPDATE runs SET status = $2, error = NULL, finished_ms = NULL, updated_ms = $3, cancel_requested = FALSE
+                     WHERE id = $1",
                     &[&run_id, &RunStatus::Running.as_str(), &(now_ms() as i64)],
                 )
                 .await
@@ -333,17 +335,37 @@ impl Journal for PgStore {
         }
     }
 
-    fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
+    fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Renewed, StoreError> {
         let held = lease.clone();
         let renewed = self.call(move |client| async move {
             client
-                .execute(
-                    "UPDATE runs SET lease_expires_ms = $4 WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3",
+                .query_opt(
+                    "UPDATE runs SET lease_expires_ms = $4 WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3
+                     RETURNING cancel_requested",
                     &[&held.run_id, &held.owner, &held.epoch.cast_signed(), &expiry(ttl)],
                 )
                 .await
         })?;
-        if renewed == 0 { Err(StoreError::LeaseLost(lease.run_id.clone())) } else { Ok(()) }
+        match renewed {
+            Some(row) => Ok(Renewed { cancel_requested: row.get(0) }),
+            None => Err(StoreError::LeaseLost(lease.run_id.clone())),
+        }
+    }
+
+    fn request_cancel(&self, run_id: &str) -> Result<bool, StoreError> {
+        let id = run_id.to_owned();
+        let asked = self.call(move |client| async move {
+            client
+                .execute(
+                    &format!(
+                        "UPDATE runs SET cancel_requested = TRUE WHERE id = $1 AND status = 'running'
+                         RETURNING pg_notify('{CANCELS}', id)::text"
+                    ),
+                    &[&id],
+                )
+                .await
+        })?;
+        Ok(asked > 0)
     }
 
     fn release_lease(&self, lease: &Lease) -> Durable {

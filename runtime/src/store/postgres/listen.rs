@@ -1,8 +1,10 @@
-//! Other processes' queue events, through LISTEN/NOTIFY: enqueuing a task
-//! notifies `stepbox_tasks`, completing one `stepbox_results`. One
-//! connection per process listens and raises the matching [`Signals`];
-//! when it drops, it is made again with backoff, and both signals rise
-//! (events may have been missed meanwhile, and waiters poll as well).
+//! Other processes' events, through LISTEN/NOTIFY: enqueuing a task
+//! notifies `stepbox_tasks`, completing one `stepbox_results`, asking for a
+//! run's cancel `stepbox_cancels` (with the run's id). One connection per
+//! process listens and raises the matching [`Signals`]; when it drops, it
+//! is made again with backoff, and the queue's signals rise (events may
+//! have been missed meanwhile, and waiters poll as well; a cancel missed is
+//! found when its run's lease is renewed).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,8 @@ use crate::store::Signals;
 pub(super) const TASKS: &str = "stepbox_tasks";
 /// The channel completions notify.
 pub(super) const RESULTS: &str = "stepbox_results";
+/// The channel cancel requests notify, with the run's id.
+pub(super) const CANCELS: &str = "stepbox_cancels";
 
 /// Listens until the store's runtime shuts down.
 pub(super) async fn listen(config: tokio_postgres::Config, signals: Arc<Signals>) {
@@ -27,17 +31,18 @@ pub(super) async fn listen(config: tokio_postgres::Config, signals: Arc<Signals>
                 let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
                 while let Some(Ok(message)) = messages.next().await {
                     if let AsyncMessage::Notification(notification) = message {
-                        let _ = events.send(notification.channel().to_owned());
+                        let _ = events.send((notification.channel().to_owned(), notification.payload().to_owned()));
                     }
                 }
             });
-            if client.batch_execute(&format!("LISTEN {TASKS}; LISTEN {RESULTS}")).await.is_ok() {
+            if client.batch_execute(&format!("LISTEN {TASKS}; LISTEN {RESULTS}; LISTEN {CANCELS}")).await.is_ok() {
                 backoff = Duration::from_millis(100);
                 signals.task();
                 signals.result();
-                while let Some(channel) = received.recv().await {
+                while let Some((channel, payload)) = received.recv().await {
                     match channel.as_str() {
                         TASKS => signals.task(),
+                        CANCELS => signals.cancel(&payload),
                         _ => signals.result(),
                     }
                 }

@@ -208,6 +208,8 @@ const MIGRATIONS: &[&str] = &[
     // 5: tasks are no longer withdrawn one by one (a run's end removes them
     // all); withdrawn ones an earlier build left would never end.
     "DELETE FROM tasks WHERE state = 'cancelled';",
+    // 6: a cancel asked of the process that runs a run.
+    "ALTER TABLE runs ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT FALSE;",
 ];
 
 /// The schema version this build writes.

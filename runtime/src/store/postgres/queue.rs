@@ -14,7 +14,7 @@ use super::PgStore;
 use super::listen::{RESULTS, TASKS};
 use crate::run::now_ms;
 use crate::store::StoreError;
-use crate::store::queue::{Candidate, Claim, Queue, Shares, Task, TaskState, fair_pick};
+use crate::store::queue::{Candidate, Claim, Claimed, Queue, Shares, Task, TaskState, fair_pick};
 use crate::store::rows::{expiry, json, text};
 
 /// The advisory lock claims take in turn.
@@ -68,7 +68,7 @@ impl Queue for PgStore {
         })
     }
 
-    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Vec<Claim>, StoreError> {
+    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Claimed, StoreError> {
         let (owner, shares, place) = (owner.to_owned(), shares.clone(), self.place.clone());
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         let claimed = self.call(move |mut client| async move {
@@ -98,7 +98,7 @@ impl Queue for PgStore {
                 .iter()
                 .map(|row| Candidate { id: row.get(0), tenant: row.get(1) })
                 .collect();
-            let picked = fair_pick(candidates, &holds, &shares, max);
+            let (picked, held_back) = fair_pick(candidates, &holds, &shares, max);
             let rows = tx
                 .query(
                     &format!(
@@ -111,7 +111,8 @@ impl Queue for PgStore {
                 )
                 .await?;
             tx.commit().await?;
-            Ok(rows.iter().map(claim_from).collect::<Result<Vec<_>, String>>())
+            let claims = rows.iter().map(claim_from).collect::<Result<Vec<_>, String>>();
+            Ok(claims.map(|claims| Claimed { claims, held_back }))
         })?;
         claimed.map_err(|detail| StoreError::Database { place: place.to_string(), detail })
     }

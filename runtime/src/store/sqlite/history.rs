@@ -12,7 +12,7 @@ use crate::store::rows::{self, AttemptRow};
 use crate::store::{History, RunFilter, StoreError};
 
 const RUN_COLUMNS: &str = "id, workflow, workflow_path, tenant, inputs, status, outputs, error, created_ms, finished_ms, \
-     lease_owner, lease_expires_ms, version";
+     lease_owner, lease_expires_ms, version, cancel_requested";
 
 /// A run from a row of [`RUN_COLUMNS`], without its labels.
 fn run_from(row: &Row<'_>) -> rusqlite::Result<Run> {
@@ -31,6 +31,7 @@ fn run_from(row: &Row<'_>) -> rusqlite::Result<Run> {
         finished_ms: row.get(9)?,
         owner,
         version: row.get(12)?,
+        cancel_requested: row.get(13)?,
     })
 }
 

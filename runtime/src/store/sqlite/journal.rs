@@ -13,7 +13,7 @@ use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
 use crate::store::lease::{LEASE_TTL, leased};
 use crate::store::rows::{AttemptRow, ExecutionRow, clean, expiry, held, json, text};
-use crate::store::{Durable, Journal, Lease, ResumeState, StoreError};
+use crate::store::{Durable, Journal, Lease, Renewed, ResumeState, StoreError};
 
 /// Inserts a new run's row and its labels, its lease held by this process
 /// from the start ([`Lease::created`]).
@@ -60,7 +60,8 @@ impl Journal for Database {
     fn reopen_run(&self, run_id: &str) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute(
-                "UPDATE runs SET status = ?2, error = NULL, finished_ms = NULL, updated_ms = ?3 WHERE id = ?1",
+                "UPDATE runs SET status = ?2, error = NULL, finished_ms = NULL, updated_ms = ?3, cancel_requested = 0
+                 WHERE id = ?1",
                 params![run_id, RunStatus::Running, now_ms() as i64],
             )
             .map(drop)
@@ -144,14 +145,31 @@ impl Journal for Database {
         }
     }
 
-    fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<(), StoreError> {
+    fn renew_lease(&self, lease: &Lease, ttl: Duration) -> Result<Renewed, StoreError> {
         let renewed = self.write(|tx| {
-            tx.execute(
-                "UPDATE runs SET lease_expires_ms = ?4 WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3",
+            tx.query_row(
+                "UPDATE runs SET lease_expires_ms = ?4 WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3
+                 RETURNING cancel_requested",
                 params![lease.run_id, lease.owner, lease.epoch.cast_signed(), expiry(ttl)],
+                |row| row.get(0),
             )
+            .optional()
         })?;
-        if renewed == 0 { Err(StoreError::LeaseLost(lease.run_id.clone())) } else { Ok(()) }
+        match renewed {
+            Some(cancel_requested) => Ok(Renewed { cancel_requested }),
+            None => Err(StoreError::LeaseLost(lease.run_id.clone())),
+        }
+    }
+
+    fn request_cancel(&self, run_id: &str) -> Result<bool, StoreError> {
+        let asked = self.write(|tx| {
+            tx.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?1 AND status = 'running'", params![run_id])
+        })?;
+        if asked > 0 {
+            // Another process holding it finds it when it renews its lease.
+            self.signals.cancel(run_id);
+        }
+        Ok(asked > 0)
     }
 
     fn release_lease(&self, lease: &Lease) -> Durable {
@@ -339,7 +357,8 @@ impl Journal for Database {
             Kind::Last,
             Box::new(move |conn| {
                 conn.execute(
-                    "UPDATE runs SET status = ?2, outputs = ?3, error = ?4, updated_ms = ?5, finished_ms = ?5 WHERE id = ?1",
+                    "UPDATE runs SET status = ?2, outputs = ?3, error = ?4, updated_ms = ?5, finished_ms = ?5,
+                     cancel_requested = 0 WHERE id = ?1",
                     params![id, status, outputs, error, now_ms() as i64],
                 )?;
                 // A finished run has no work out: what an earlier driver

@@ -213,6 +213,8 @@ const SCHEMA: Schema = Schema {
         // 12: tasks are no longer withdrawn one by one (a run's end removes
         // them all); withdrawn ones an earlier build left would never end.
         "DELETE FROM tasks WHERE state = 'cancelled';",
+        // 13: a cancel asked of the process that runs a run.
+        "ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;",
     ],
 };
 

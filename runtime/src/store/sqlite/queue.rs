@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::Database;
 use crate::run::now_ms;
 use crate::store::StoreError;
-use crate::store::queue::{Candidate, Claim, Queue, Shares, Task, TaskState, fair_pick};
+use crate::store::queue::{Candidate, Claim, Claimed, Queue, Shares, Task, TaskState, fair_pick};
 use crate::store::rows::{expiry, json, text};
 
 const CLAIM_COLUMNS: &str = "id, run_id, key, attempt, tenant, request, owner, token, claims";
@@ -50,7 +50,7 @@ impl Queue for Database {
         Ok(id)
     }
 
-    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Vec<Claim>, StoreError> {
+    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Claimed, StoreError> {
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         self.write(|tx| {
             let now = now_ms() as i64;
@@ -75,8 +75,9 @@ impl Queue for Database {
                 rows.collect::<rusqlite::Result<_>>()?
             };
             let until = expiry(ttl);
-            let mut claimed = Vec::new();
-            for id in fair_pick(candidates, &holds, shares, max) {
+            let (picked, held_back) = fair_pick(candidates, &holds, shares, max);
+            let mut claims = Vec::new();
+            for id in picked {
                 let claim = tx
                     .query_row(
                         &format!(
@@ -88,9 +89,9 @@ impl Queue for Database {
                         claim_from,
                     )
                     .optional()?;
-                claimed.extend(claim);
+                claims.extend(claim);
             }
-            Ok(claimed)
+            Ok(Claimed { claims, held_back })
         })
     }
 
