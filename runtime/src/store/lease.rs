@@ -112,9 +112,8 @@ impl Heartbeat {
                             // Missed some: the renewal looks.
                             None => next = tokio::time::Instant::now(),
                         }
-                        if cancel.is_cancelled() {
-                            requests = None;
-                        } else if requests.as_ref().is_some_and(|requests| requests.is_closed()) {
+                        // Nothing more to hear: cancelled, or no sender left.
+                        if cancel.is_cancelled() || requests.as_ref().is_some_and(|requests| requests.is_closed()) {
                             requests = None;
                         }
                         continue;
