@@ -945,15 +945,20 @@ async fn a_run_stopped_while_it_waits_for_an_attempt_an_earlier_driver_left_out_
     // run (its process shuts down).
     let interrupt = CancellationToken::new();
     let first = drive(CancellationToken::new(), interrupt.clone());
-    while executor.runs.load(Ordering::SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let handed_out = async {
+        while executor.runs.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), handed_out).await.expect("the first attempt was never handed out");
     interrupt.cancel();
     first.await.unwrap().unwrap();
     // The next driver waits for that attempt, and is cancelled meanwhile.
     let cancel = CancellationToken::new();
     let second = drive(cancel.clone(), CancellationToken::new());
-    executor.reattached.notified().await;
+    tokio::time::timeout(Duration::from_secs(30), executor.reattached.notified())
+        .await
+        .expect("the second driver never waited for the attempt left out");
     cancel.cancel();
     let report = second.await.unwrap().unwrap();
     assert_eq!(report.run.status, RunStatus::Cancelled);

@@ -89,7 +89,10 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
                         running.spawn(worker.clone().handle(claim));
                     }
                 }
-                Err(err) => eprintln!("stepbox worker: cannot claim attempts: {err}; trying again"),
+                Err(err) => {
+                    eprintln!("stepbox worker: cannot claim attempts: {err}; trying again");
+                    held_back = true;
+                }
             }
         }
         if stop.is_cancelled() && running.is_empty() {

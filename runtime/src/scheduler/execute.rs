@@ -9,7 +9,7 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::policy::{Admission, RateLimiter};
+use super::policy::Admission;
 use super::{Base, GraphReport, Prepared, RunEvent, Shared, run_graph};
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, ExecutionReport, Failure, FailureKind, RunStatus, StepPath, StepReport, StepStatus, now_ms};
@@ -411,11 +411,11 @@ async fn attempt_once(
     cancel: &CancellationToken,
 ) -> Attempt {
     let number = attempt.request.context.attempt;
-    let limiter = shared.limiters.get(component_name);
     let run = async {
-        if let Some(limiter) = limiter {
-            limiter.ready().await;
-        }
+        let turn = match shared.limiters.get(component_name) {
+            Some(limiter) => Some(limiter.admit().await),
+            None => None,
+        };
         // Durable before the attempt can run, so a crash leaves a trace of
         // every attempt that could have had effects. Recorded before
         // waiting for a slot, so the commit does not hold one: the records
@@ -426,18 +426,11 @@ async fn attempt_once(
         if !shared.durable(started).await {
             return None;
         }
-        // The rate limit counts the start itself, once the slot is held; an
-        // attempt the limit holds back gives its slot to others meanwhile.
-        let _slot = loop {
-            let slot = shared.base.dispatcher.acquire(&shared.base.tenant.name).await;
-            match limiter.map_or(Ok(()), RateLimiter::try_take) {
-                Ok(()) => break slot,
-                Err(next) => {
-                    drop(slot);
-                    tokio::time::sleep_until(next).await;
-                }
-            }
-        };
+        let _slot = shared.base.dispatcher.acquire(&shared.base.tenant.name).await;
+        // The rate limit counts the start as it happens.
+        if let Some(turn) = turn {
+            turn.start();
+        }
         shared.emit(RunEvent::AttemptStarted { path: path.clone(), attempt: number });
         failpoint!("attempt.before-run");
         let attempt = shared.base.executor.run(component, attempt).await;

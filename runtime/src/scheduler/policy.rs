@@ -77,48 +77,53 @@ fn round_ms(duration: Duration) -> Duration {
     Duration::from_millis(duration.as_millis() as u64)
 }
 
-/// At most `starts` attempt starts in any window of `per`. A start is
-/// taken at the moment the attempt runs (see [`RateLimiter::try_take`]), so
-/// a commit or a parallelism slot that held some attempts back cannot
-/// bunch their starts together. Uses tokio's clock so tests can run it on
-/// paused time.
+/// At most `starts` attempt starts in any window of `per`. A start counts
+/// at the moment the attempt runs, so a commit or a parallelism slot that
+/// held some attempts back cannot bunch their starts together; attempts are
+/// admitted one at a time ([`RateLimiter::admit`]), so only one is between
+/// its start record and its start while the others wait. Uses tokio's clock
+/// so tests can run it on paused time.
 #[derive(Debug)]
 pub(crate) struct RateLimiter {
     spec: RateLimitSpec,
     starts: Mutex<VecDeque<tokio::time::Instant>>,
+    admitting: tokio::sync::Mutex<()>,
+}
+
+/// An attempt's turn to start: others wait until it starts or gives up.
+pub(crate) struct Turn<'a> {
+    limiter: &'a RateLimiter,
+    _admitting: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl Turn<'_> {
+    /// The attempt starts now.
+    pub(crate) fn start(self) {
+        self.limiter.starts.lock().push_back(tokio::time::Instant::now());
+    }
 }
 
 impl RateLimiter {
     pub(crate) fn new(spec: RateLimitSpec) -> Self {
-        RateLimiter { spec, starts: Mutex::new(VecDeque::new()) }
+        RateLimiter { spec, starts: Mutex::new(VecDeque::new()), admitting: tokio::sync::Mutex::new(()) }
     }
 
-    /// Takes a start now if the window has room; else says when it may.
-    pub(crate) fn try_take(&self) -> Result<(), tokio::time::Instant> {
-        let now = tokio::time::Instant::now();
-        let mut starts = self.starts.lock();
-        while starts.front().is_some_and(|&start| now.duration_since(start) >= self.spec.per) {
-            starts.pop_front();
-        }
-        if starts.len() < self.spec.starts as usize {
-            starts.push_back(now);
-            return Ok(());
-        }
-        Err(starts[0] + self.spec.per)
-    }
-
-    /// Waits until the window has room, without taking a start: an attempt
-    /// is recorded as started only once it could run.
-    pub(crate) async fn ready(&self) {
+    /// Waits for this attempt's turn (in arrival order) and for room in
+    /// the window: the attempt may start once [`Turn::start`] says so. Room
+    /// only grows while the turn is held.
+    pub(crate) async fn admit(&self) -> Turn<'_> {
+        let admitting = self.admitting.lock().await;
         loop {
             let next = {
                 let now = tokio::time::Instant::now();
-                let starts = self.starts.lock();
-                let live = starts.iter().filter(|&&start| now.duration_since(start) < self.spec.per).count();
-                if live < self.spec.starts as usize {
-                    return;
+                let mut starts = self.starts.lock();
+                while starts.front().is_some_and(|&start| now.duration_since(start) >= self.spec.per) {
+                    starts.pop_front();
                 }
-                starts[starts.len() - live] + self.spec.per
+                if starts.len() < self.spec.starts as usize {
+                    return Turn { limiter: self, _admitting: admitting };
+                }
+                starts[0] + self.spec.per
             };
             tokio::time::sleep_until(next).await;
         }
@@ -149,18 +154,15 @@ mod tests {
         let limiter = RateLimiter::new(RateLimitSpec { starts: 2, per: Duration::from_secs(1) });
         let t0 = tokio::time::Instant::now();
         let mut starts = Vec::new();
-        while starts.len() < 5 {
-            limiter.ready().await;
-            match limiter.try_take() {
-                Ok(()) => starts.push(tokio::time::Instant::now() - t0),
-                Err(next) => panic!("ready, then refused until {:?}", next - t0),
-            }
+        for _ in 0..5 {
+            let turn = limiter.admit().await;
+            // Time passes between the turn and the start (a commit, a slot):
+            // the window counts the start.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            turn.start();
+            starts.push((tokio::time::Instant::now() - t0).as_millis());
         }
-        let secs = |s: u64| Duration::from_secs(s);
-        assert_eq!(starts, [secs(0), secs(0), secs(1), secs(1), secs(2)]);
-        // The fifth start's window has room for one more, then none until
-        // both leave it.
-        assert_eq!(limiter.try_take(), Ok(()));
-        assert_eq!(limiter.try_take(), Err(t0 + secs(3)));
+        // Each start at least a window after the one two before it.
+        assert_eq!(starts, [100, 200, 1200, 1300, 2300]);
     }
 }

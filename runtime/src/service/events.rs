@@ -84,6 +84,11 @@ impl EventLog {
         self.changed.notify_waiters();
     }
 
+    /// Whether this drive of the run is over ([`EventLog::finish`]).
+    pub fn is_finished(&self) -> bool {
+        self.state.lock().finished
+    }
+
     /// Marks this drive of the run over: readers end once they have every
     /// event.
     pub fn finish(&self) {

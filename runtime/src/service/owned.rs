@@ -121,12 +121,22 @@ pub fn continue_run(
     }
     let lease = db.acquire_lease(run_id, this_owner(), LEASE_TTL)?;
     // Go on only from what the caller looked at.
-    let now = db.load_run(run_id)?.status;
+    let now = db.load_run(run_id)?;
     let settled = |status| if status == RunStatus::Interrupted { RunStatus::Running } else { status };
-    if settled(now) != settled(seen.unwrap_or(run.status)) {
+    if settled(now.status) != settled(seen.unwrap_or(run.status)) {
         // Queued at once; it commits with the next batch.
         drop(db.release_lease(&lease));
-        return Err(ContinueError::Moved { run_id: run_id.to_owned(), status: now });
+        return Err(ContinueError::Moved { run_id: run_id.to_owned(), status: now.status });
+    }
+    // A cancel asked of the run's last holder, which stopped before it
+    // heard it: the run ends as asked, rather than going on.
+    // Queued at once, in order; if they do not commit, the run stays asked
+    // and interrupted, for the next to take it up.
+    if now.cancel_requested {
+        let reason = Some("cancelled while it did not run");
+        drop(db.run_finished(run_id, RunStatus::Cancelled, &serde_json::Map::new(), reason));
+        drop(db.release_lease(&lease));
+        return Err(ContinueError::Moved { run_id: run_id.to_owned(), status: RunStatus::Cancelled });
     }
     let file = file.unwrap_or(Path::new(&run.workflow_path));
     let workflow = Arc::new(load_unchanged(&run, file, &db.fingerprint(run_id)?)?);
@@ -218,5 +228,30 @@ mod tests {
         // The lease was let go: another process may take the run.
         std::thread::sleep(std::time::Duration::from_millis(50));
         db.acquire_lease("r", "another:1:abcdef12", LEASE_TTL).unwrap();
+    }
+
+    #[test]
+    fn a_run_whose_holder_died_before_it_heard_a_cancel_is_recorded_cancelled_by_whoever_takes_it_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path()).unwrap();
+        let run = Run::new("r".into(), "w", "/nowhere/w.yaml", "t", Default::default());
+        let (lease, created) = db.create_run(&run, &serde_json::Value::Null);
+        wait(created).unwrap();
+        assert!(db.request_cancel("r").unwrap());
+        // Its holder dies without renewing: the run is interrupted, asked.
+        wait(db.release_lease(&lease)).unwrap();
+        assert_eq!(db.load_run("r").unwrap().status, RunStatus::Interrupted);
+        let err = continue_run(&db, "r", Continue::default(), |_, _| unreachable!("never admitted")).err().unwrap();
+        assert!(matches!(err, ContinueError::Moved { status: RunStatus::Cancelled, .. }), "{err}");
+        // Queued records: a later one commits after them.
+        wait(db.run_parked("elsewhere")).unwrap();
+        let now = db.load_run("r").unwrap();
+        assert_eq!((now.status, now.cancel_requested), (RunStatus::Cancelled, false));
+        assert_eq!(now.error.as_deref(), Some("cancelled while it did not run"));
+        // Retried, it runs again: the ask ended with the run.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let retry = Continue { retry: true, ..Continue::default() };
+        let err = continue_run(&db, "r", retry, |_, _| unreachable!("the file is gone")).err().unwrap();
+        assert!(matches!(err, ContinueError::Changed(_)), "it went on to load the workflow: {err}");
     }
 }

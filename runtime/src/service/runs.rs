@@ -262,9 +262,16 @@ impl Service {
             }
         }
         drop(reservation);
-        if parked && live.cancel.is_cancelled() {
-            // Cancelled as it parked, too late for the scheduler to see.
-            if let Err(err) = self.cancel_stopped(&run.id).await {
+        // Cancelled as it parked, too late for the scheduler to see: here,
+        // or through another node (whose notice may come after the lease
+        // went, so the run's record says).
+        let asked = parked && {
+            let wanted = run.id.clone();
+            live.cancel.is_cancelled()
+                || self.blocking(move |db| Ok(db.load_run(&wanted)?.cancel_requested)).await.unwrap_or(false)
+        };
+        if asked {
+            if let Err(err) = self.cancel_stopped(&run.id, RunStatus::Waiting).await {
                 tracing::error!(run = run.id, "cannot record the run's cancel: {err}");
             }
         } else if parked {
@@ -366,7 +373,7 @@ impl Service {
                         };
                         // Woken runs count against their tenant's active runs;
                         // past it they wait for the next round.
-                        match self.take_up(&run, Some(self.config.max_active_runs)).await {
+                        match self.continue_owned(&run, None, false, Some(self.config.max_active_runs)).await {
                             Ok(()) | Err(ServiceError::TooManyRuns { .. } | ServiceError::Conflict { .. }) => {}
                             Err(err) => {
                                 tracing::warn!(run = id, "cannot resume a parked run: {err}");
@@ -408,8 +415,8 @@ impl Service {
             if run.version.is_none() || given_up.contains(&run.id) {
                 continue;
             }
-            match self.take_up(&run, None).await {
-                Ok(()) => tracing::info!(run = run.id, "took up a run a crash interrupted"),
+            match self.continue_owned(&run, None, false, None).await {
+                Ok(()) => tracing::info!(run = run.id, "resumed a run a crash interrupted"),
                 // Another node, or a call of this one, took it first.
                 Err(ServiceError::Conflict { .. }) => {}
                 // The database is away, or this node is stopping: the next
@@ -495,9 +502,9 @@ impl Service {
                         message: format!("run {id} already {status}; there is nothing to cancel"),
                     });
                 }
-                RunStatus::Interrupted | RunStatus::Waiting => match self.cancel_stopped(id).await {
+                status @ (RunStatus::Interrupted | RunStatus::Waiting) => match self.cancel_stopped(id, status).await {
                     // Taken up meanwhile, here or elsewhere.
-                    Err(ServiceError::Conflict { code: "run_held" | "run_running", .. }) => {}
+                    Err(ServiceError::Conflict { code: "run_held" | "run_running" | "run_moved", .. }) => {}
                     Err(err) => return Err(err),
                     Ok(()) => return self.run(scope, id).await,
                 },
@@ -516,21 +523,27 @@ impl Service {
         })
     }
 
-    /// Takes a run no process drives up again (it was interrupted, or its
-    /// wait is over), unless a cancel was asked of it meanwhile: then it is
-    /// recorded as cancelled.
-    async fn take_up(self: &Arc<Self>, run: &Run, limit: Option<usize>) -> Result<(), ServiceError> {
-        if run.cancel_requested {
-            return self.cancel_stopped(&run.id).await;
-        }
-        self.continue_owned(run, None, false, limit).await
-    }
-
-    /// Records run `id`, which no process drives, as cancelled.
-    async fn cancel_stopped(&self, id: &str) -> Result<(), ServiceError> {
+    /// Records run `id`, which no process drives and which was `seen`
+    /// interrupted or waiting, as cancelled; `run_moved` if it is not so
+    /// once its lease is held (another process finished or took it up
+    /// meanwhile).
+    async fn cancel_stopped(&self, id: &str, seen: RunStatus) -> Result<(), ServiceError> {
         let _claim = Claim::take(&self.live, id)?;
         let wanted = id.to_owned();
-        let lease = self.blocking(move |db| Ok(db.acquire_lease(&wanted, this_owner(), LEASE_TTL)?)).await?;
+        let (lease, now) = self
+            .blocking(move |db| {
+                let lease = db.acquire_lease(&wanted, this_owner(), LEASE_TTL)?;
+                Ok((lease, db.load_run(&wanted)?.status))
+            })
+            .await?;
+        let settled = |status| if status == RunStatus::Interrupted { RunStatus::Running } else { status };
+        if settled(now) != settled(seen) {
+            self.db.release_lease(&lease).await?;
+            return Err(ServiceError::Conflict {
+                code: "run_moved",
+                message: format!("run {id} became {now} while it was being cancelled; look at it again"),
+            });
+        }
         let reason = Some("cancelled while it did not run");
         self.db.run_finished(id, RunStatus::Cancelled, &serde_json::Map::new(), reason).await?;
         Ok(self.db.release_lease(&lease).await?)
@@ -621,7 +634,9 @@ impl Service {
         let id = report.run.id.clone();
         let mut followed = self.followed.lock();
         followed.retain(|_, log| log.strong_count() > 0);
-        if let Some(log) = followed.get(&id).and_then(std::sync::Weak::upgrade) {
+        // A log that stopped following (the run stopped there) is not
+        // handed out again: the run may go on.
+        if let Some(log) = followed.get(&id).and_then(std::sync::Weak::upgrade).filter(|log| !log.is_finished()) {
             return log;
         }
         let log = Arc::new(EventLog::rebuilt());
@@ -631,15 +646,20 @@ impl Service {
         push_unseen(&log, &mut seen, report);
         let (service, weak) = (self.clone(), Arc::downgrade(&log));
         self.tasks.spawn(async move {
+            let mut pause = FOLLOW_EVERY;
             loop {
                 tokio::select! {
-                    () = tokio::time::sleep(FOLLOW_EVERY) => {}
+                    () = tokio::time::sleep(pause) => {}
                     () = service.closing.cancelled() => return,
                 }
                 // Followed while someone reads it.
                 let Some(log) = weak.upgrade() else { return };
                 let wanted = id.clone();
+                let read = std::time::Instant::now();
                 let Ok(report) = service.blocking(move |db| Ok(db.run_report(&wanted)?)).await else { continue };
+                // A big run's report takes long to read: read it less often,
+                // so following costs the node a tenth of its time at most.
+                pause = FOLLOW_EVERY.max(read.elapsed() * 10);
                 push_unseen(&log, &mut seen, &report);
                 if report.run.status != RunStatus::Running || service.live.lock().runs.contains_key(&id) {
                     // Over, parked, or taken up (by this node too): a
@@ -653,7 +673,7 @@ impl Service {
     }
 }
 
-/// How often the events of a run another node drives are read.
+/// How often the events of a run another node drives are read, at most.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Adds to `log` the events of `report` it does not have yet (`seen`).

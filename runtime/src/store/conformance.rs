@@ -200,6 +200,15 @@ fn a_cancel_asked_of_a_running_run_reaches_its_holder_and_ends_with_the_run() {
     for backend in backends() {
         let store = &*backend.store;
         let name = backend.name;
+        if store.signals().shared {
+            // The listener raises the queue's signals once it listens.
+            let listening = store.signals().tasks.subscribe();
+            let started = std::time::Instant::now();
+            while *listening.borrow() == 0 {
+                assert!(started.elapsed() < Duration::from_secs(10), "{name}: the listener never listened");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let mut heard = store.signals().cancels.subscribe();
         let (mine, durable) = store.create_run(&run("r", "t", &[]), &Value::Null);
         wait(durable).unwrap();
@@ -220,16 +229,27 @@ fn a_cancel_asked_of_a_running_run_reaches_its_holder_and_ends_with_the_run() {
             }
         };
         assert_eq!(id, "r", "{name}");
-        // Taken up again (resume, retry): the request is forgotten.
-        store.reopen_run("r").unwrap();
-        assert!(!store.load_run("r").unwrap().cancel_requested, "{name}");
+        // Asked again, it stands, and is not notified again.
         assert!(store.request_cancel("r").unwrap(), "{name}");
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(heard.try_recv().is_err(), "{name}: notified once");
+        // Taken up again by another process, it still stands: that one
+        // ends the run as asked.
+        store.reopen_run("r").unwrap();
+        assert!(store.load_run("r").unwrap().cancel_requested, "{name}");
         // A run that ends forgets it, and a finished run takes none.
         wait(store.run_finished("r", RunStatus::Cancelled, &serde_json::Map::new(), None)).unwrap();
         assert!(!store.load_run("r").unwrap().cancel_requested, "{name}");
         assert!(!store.request_cancel("r").unwrap(), "{name}: nothing to cancel");
         assert!(!store.request_cancel("nosuch").unwrap(), "{name}");
         assert!(!store.load_run("r").unwrap().cancel_requested, "{name}");
+        // A parked run takes none either: it is cancelled where it waits.
+        let (lease, durable) = store.create_run(&run("w", "t", &[]), &Value::Null);
+        wait(durable).unwrap();
+        wait(store.run_parked("w")).unwrap();
+        wait(store.release_lease(&lease)).unwrap();
+        assert_eq!(store.load_run("w").unwrap().status, RunStatus::Waiting, "{name}");
+        assert!(!store.request_cancel("w").unwrap(), "{name}");
     }
 }
 

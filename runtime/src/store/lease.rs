@@ -82,7 +82,8 @@ fn host_name() -> &'static str {
 /// [`LEASE_TTL`], and cancels `lost` when it cannot (another process took
 /// the run over, or the database stayed away until the lease ran out).
 /// Cancels `cancel` when another process asks for the run to be cancelled
-/// (seen at once where the store says so, else at the next renewal).
+/// (renewed at once where the store says someone asked, else found at the
+/// next renewal).
 /// [`Heartbeat::release`] gives the lease up; dropped without it, the
 /// release is queued and not waited for.
 pub struct Heartbeat {
@@ -107,13 +108,15 @@ impl Heartbeat {
                     () = tokio::time::sleep_until(next) => {}
                     request = async { requests.as_mut()?.recv().await.ok() }, if requests.is_some() => {
                         match request {
-                            Some(run_id) if run_id == held.run_id => cancel.cancel(),
-                            Some(_) => {}
-                            // Missed some: the renewal looks.
-                            None => next = tokio::time::Instant::now(),
+                            Some(run_id) if run_id != held.run_id => {}
+                            // Asked of this run, or some notices were
+                            // missed: renewed at once, and the record says
+                            // whether the ask stands (a late notice may be
+                            // meant for an earlier taking of the run).
+                            _ => next = tokio::time::Instant::now(),
                         }
-                        // Nothing more to hear: cancelled, or no sender left.
-                        if cancel.is_cancelled() || requests.as_ref().is_some_and(|requests| requests.is_closed()) {
+                        // No sender left: renewals alone look.
+                        if requests.as_ref().is_some_and(|requests| requests.is_closed()) {
                             requests = None;
                         }
                         continue;

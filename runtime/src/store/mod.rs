@@ -164,9 +164,9 @@ pub trait Journal: Send + Sync {
     /// Asks whichever process runs `run_id` to cancel it: recorded on the
     /// run if it is still running (its holder finds it when it renews its
     /// lease, at once where [`Signals::cancels`] reach it; a process that
-    /// takes the run over later cancels it instead). A run that finishes or
-    /// is taken up again by resume or retry forgets it. Returns whether it
-    /// was recorded.
+    /// takes the run up later records it cancelled instead). A run that
+    /// finishes forgets it. Returns whether the ask stands (the run is
+    /// running); only the first ask is signalled.
     fn request_cancel(&self, run_id: &str) -> Result<bool, StoreError>;
     /// Gives a held lease up, with the next group commit.
     fn release_lease(&self, lease: &Lease) -> Durable;

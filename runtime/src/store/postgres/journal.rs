@@ -238,8 +238,7 @@ impl Journal for PgStore {
         self.call(move |client| async move {
             client
                 .execute(
-                    "UPDATE runs SET status = $2, error = NULL, finished_ms = NULL, updated_ms = $3, cancel_requested = FALSE
-                     WHERE id = $1",
+                    "UPDATE runs SET status = $2, error = NULL, finished_ms = NULL, updated_ms = $3 WHERE id = $1",
                     &[&run_id, &RunStatus::Running.as_str(), &(now_ms() as i64)],
                 )
                 .await
@@ -354,18 +353,24 @@ impl Journal for PgStore {
 
     fn request_cancel(&self, run_id: &str) -> Result<bool, StoreError> {
         let id = run_id.to_owned();
+        // Notified once, when first asked; asked again, it still stands.
         let asked = self.call(move |client| async move {
             client
-                .execute(
+                .query_one(
                     &format!(
-                        "UPDATE runs SET cancel_requested = TRUE WHERE id = $1 AND status = 'running'
-                         RETURNING pg_notify('{CANCELS}', id)::text"
+                        "WITH asked AS (
+                             UPDATE runs SET cancel_requested = TRUE
+                             WHERE id = $1 AND status = 'running' AND NOT cancel_requested
+                             RETURNING pg_notify('{CANCELS}', id)::text
+                         )
+                         SELECT EXISTS (SELECT 1 FROM asked)
+                             OR EXISTS (SELECT 1 FROM runs WHERE id = $1 AND status = 'running' AND cancel_requested)"
                     ),
                     &[&id],
                 )
                 .await
         })?;
-        Ok(asked > 0)
+        Ok(asked.get(0))
     }
 
     fn release_lease(&self, lease: &Lease) -> Durable {

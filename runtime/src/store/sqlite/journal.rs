@@ -60,8 +60,7 @@ impl Journal for Database {
     fn reopen_run(&self, run_id: &str) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute(
-                "UPDATE runs SET status = ?2, error = NULL, finished_ms = NULL, updated_ms = ?3, cancel_requested = 0
-                 WHERE id = ?1",
+                "UPDATE runs SET status = ?2, error = NULL, finished_ms = NULL, updated_ms = ?3 WHERE id = ?1",
                 params![run_id, RunStatus::Running, now_ms() as i64],
             )
             .map(drop)
@@ -162,14 +161,26 @@ impl Journal for Database {
     }
 
     fn request_cancel(&self, run_id: &str) -> Result<bool, StoreError> {
-        let asked = self.write(|tx| {
-            tx.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?1 AND status = 'running'", params![run_id])
+        let (first, asked) = self.write(|tx| {
+            let first = tx.execute(
+                "UPDATE runs SET cancel_requested = 1 WHERE id = ?1 AND status = 'running' AND NOT cancel_requested",
+                params![run_id],
+            )? > 0;
+            let asked = tx
+                .query_row(
+                    "SELECT cancel_requested FROM runs WHERE id = ?1 AND status = 'running'",
+                    params![run_id],
+                    |row| row.get::<_, bool>(0),
+                )
+                .optional()?;
+            Ok((first, asked.unwrap_or(false)))
         })?;
-        if asked > 0 {
-            // Another process holding it finds it when it renews its lease.
+        if first {
+            // This process's holder hears it at once; another process's
+            // finds it when it renews its lease.
             self.signals.cancel(run_id);
         }
-        Ok(asked > 0)
+        Ok(asked)
     }
 
     fn release_lease(&self, lease: &Lease) -> Durable {
