@@ -424,6 +424,25 @@ fn default_token(dir: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// Deploys workflow `name` through `server` with `stepbox deploy`: a nap
+/// of `millis`, then a step after it. A project as a user has it: the
+/// component beside the workflow.
+fn deploy_naps(dir: &Path, name: &str, millis: u64, server: &common::Server, token: &str) {
+    std::fs::copy(guests::SLEEPY, dir.join("sleepy.wasm")).unwrap();
+    let workflow = write(
+        dir,
+        &format!("{name}.yaml"),
+        &format!(
+            "name: {name}\ncomponents:\n  sleepy: sleepy.wasm\nsteps:\n  - id: nap\n    uses: sleepy\n    with: {{ millis: {millis} }}\n  - id: after\n    uses: sleepy\n    depends_on: [nap]\n    with: {{ millis: 1 }}\n"
+        ),
+    );
+    let deployed = stepbox(Path::new("/nonexistent"))
+        .args(["deploy", workflow.to_str().unwrap(), "--server", &server.url, "--token", token])
+        .output()
+        .unwrap();
+    assert!(deployed.status.success(), "{}", stderr(&deployed));
+}
+
 /// The owner of run `id`'s lease, while one holds it.
 fn run_owner(db: &TestDatabase, id: &str) -> Option<String> {
     db.query(&format!("SELECT lease_owner FROM runs WHERE id = '{id}'"))
@@ -442,18 +461,7 @@ fn service_nodes_share_deploys_hand_attempts_to_workers_and_take_over_a_dead_nod
     let a = common::Server::start(&dir.join("a"), &["--queue"]);
     let b = common::Server::start(&dir.join("b"), &["--queue"]);
     let worker = Worker::start(&dir, "worker", &["--slots", "2", "--lease", "1s"], &[]);
-    // A project as a user has it: the component beside the workflow.
-    std::fs::copy(guests::SLEEPY, dir.join("sleepy.wasm")).unwrap();
-    let workflow = write(
-        &dir,
-        "nap.yaml",
-        "name: nap\ncomponents:\n  sleepy: sleepy.wasm\nsteps:\n  - id: nap\n    uses: sleepy\n    with: { millis: 3000 }\n  - id: after\n    uses: sleepy\n    depends_on: [nap]\n    with: { millis: 1 }\n",
-    );
-    let deployed = stepbox(Path::new("/nonexistent"))
-        .args(["deploy", workflow.to_str().unwrap(), "--server", &a.url, "--token", &token])
-        .output()
-        .unwrap();
-    assert!(deployed.status.success(), "{}", stderr(&deployed));
+    deploy_naps(&dir, "nap", 3000, &a, &token);
 
     // Node b never saw the upload: it loads the bundle from the database.
     let (http, runtime) = (reqwest::Client::new(), tokio::runtime::Runtime::new().unwrap());
@@ -514,17 +522,7 @@ fn a_run_driven_by_one_node_is_followed_and_cancelled_through_another() {
     let token = default_token(&dir.join("a"));
     let a = common::Server::start(&dir.join("a"), &[]);
     let b = common::Server::start(&dir.join("b"), &[]);
-    std::fs::copy(guests::SLEEPY, dir.join("sleepy.wasm")).unwrap();
-    let workflow = write(
-        &dir,
-        "long.yaml",
-        "name: long\ncomponents:\n  sleepy: sleepy.wasm\nsteps:\n  - id: nap\n    uses: sleepy\n    with: { millis: 120000 }\n  - id: after\n    uses: sleepy\n    depends_on: [nap]\n    with: { millis: 1 }\n",
-    );
-    let deployed = stepbox(Path::new("/nonexistent"))
-        .args(["deploy", workflow.to_str().unwrap(), "--server", &a.url, "--token", &token])
-        .output()
-        .unwrap();
-    assert!(deployed.status.success(), "{}", stderr(&deployed));
+    deploy_naps(&dir, "long", 120_000, &a, &token);
     let (on_a, on_b) = (a.api(&token), b.api(&token));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {

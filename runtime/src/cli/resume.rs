@@ -100,8 +100,7 @@ pub(crate) async fn cancel(args: CancelArgs, place: &Place<'_>, remote: Option<&
         ))),
         RunStatus::Interrupted | RunStatus::Waiting => {
             let lease = db.acquire_lease(id, this_owner(), LEASE_TTL)?;
-            db.run_finished(id, RunStatus::Cancelled, &serde_json::Map::new(), Some("cancelled while it did not run"))
-                .await?;
+            service::record_cancelled(&*db, id).await?;
             db.release_lease(&lease).await?;
             eprintln!("run {id} was cancelled");
             Ok(0)

@@ -122,8 +122,7 @@ pub fn continue_run(
     let lease = db.acquire_lease(run_id, this_owner(), LEASE_TTL)?;
     // Go on only from what the caller looked at.
     let now = db.load_run(run_id)?;
-    let settled = |status| if status == RunStatus::Interrupted { RunStatus::Running } else { status };
-    if settled(now.status) != settled(seen.unwrap_or(run.status)) {
+    if !same_standing(now.status, seen.unwrap_or(run.status)) {
         // Queued at once; it commits with the next batch.
         drop(db.release_lease(&lease));
         return Err(ContinueError::Moved { run_id: run_id.to_owned(), status: now.status });
@@ -133,8 +132,7 @@ pub fn continue_run(
     // Queued at once, in order; if they do not commit, the run stays asked
     // and interrupted, for the next to take it up.
     if now.cancel_requested {
-        let reason = Some("cancelled while it did not run");
-        drop(db.run_finished(run_id, RunStatus::Cancelled, &serde_json::Map::new(), reason));
+        drop(record_cancelled(db, run_id));
         drop(db.release_lease(&lease));
         return Err(ContinueError::Moved { run_id: run_id.to_owned(), status: RunStatus::Cancelled });
     }
@@ -167,6 +165,19 @@ pub fn continue_run(
     }
     db.reopen_run(run_id)?;
     Ok(Owned { workflow, run, inputs, tenant, lease })
+}
+
+/// Whether a run that was `seen` so still stands as it did: an interrupted
+/// run is a running one whose holder is gone.
+pub(crate) fn same_standing(now: RunStatus, seen: RunStatus) -> bool {
+    let settled = |status| if status == RunStatus::Interrupted { RunStatus::Running } else { status };
+    settled(now) == settled(seen)
+}
+
+/// Records run `run_id`, whose lease the caller holds and which no process
+/// runs, as cancelled.
+pub(crate) fn record_cancelled(db: &dyn Journal, run_id: &str) -> crate::store::Durable {
+    db.run_finished(run_id, RunStatus::Cancelled, &serde_json::Map::new(), Some("cancelled while it did not run"))
 }
 
 /// The run's workflow from `path`, if neither it nor its components
@@ -210,13 +221,20 @@ mod tests {
     use super::*;
     use crate::store::{Database, History, wait};
 
-    #[test]
-    fn a_run_another_process_finished_after_it_was_seen_interrupted_is_let_go() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(dir.path()).unwrap();
+    /// A store holding run `r` (of a workflow file that is gone), created
+    /// and held by this process.
+    fn created(dir: &Path) -> (Database, Lease) {
+        let db = Database::open(dir).unwrap();
         let run = Run::new("r".into(), "w", "/nowhere/w.yaml", "t", Default::default());
         let (lease, created) = db.create_run(&run, &serde_json::Value::Null);
         wait(created).unwrap();
+        (db, lease)
+    }
+
+    #[test]
+    fn a_run_another_process_finished_after_it_was_seen_interrupted_is_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, lease) = created(dir.path());
         wait(db.release_lease(&lease)).unwrap();
         assert_eq!(db.load_run("r").unwrap().status, RunStatus::Interrupted);
         // Seen interrupted; finished by another process before the lease.
@@ -233,10 +251,7 @@ mod tests {
     #[test]
     fn a_run_whose_holder_died_before_it_heard_a_cancel_is_recorded_cancelled_by_whoever_takes_it_up() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::open(dir.path()).unwrap();
-        let run = Run::new("r".into(), "w", "/nowhere/w.yaml", "t", Default::default());
-        let (lease, created) = db.create_run(&run, &serde_json::Value::Null);
-        wait(created).unwrap();
+        let (db, lease) = created(dir.path());
         assert!(db.request_cancel("r").unwrap());
         // Its holder dies without renewing: the run is interrupted, asked.
         wait(db.release_lease(&lease)).unwrap();

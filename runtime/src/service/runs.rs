@@ -9,6 +9,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use super::owned::{record_cancelled, same_standing};
 use super::{
     Claim, Continue, EventLog, LiveRun, Owned, Reservation, Scope, Service, ServiceError, continue_run, finished,
     no_run,
@@ -536,16 +537,14 @@ impl Service {
                 Ok((lease, db.load_run(&wanted)?.status))
             })
             .await?;
-        let settled = |status| if status == RunStatus::Interrupted { RunStatus::Running } else { status };
-        if settled(now) != settled(seen) {
+        if !same_standing(now, seen) {
             self.db.release_lease(&lease).await?;
             return Err(ServiceError::Conflict {
                 code: "run_moved",
                 message: format!("run {id} became {now} while it was being cancelled; look at it again"),
             });
         }
-        let reason = Some("cancelled while it did not run");
-        self.db.run_finished(id, RunStatus::Cancelled, &serde_json::Map::new(), reason).await?;
+        record_cancelled(&*self.db, id).await?;
         Ok(self.db.release_lease(&lease).await?)
     }
 
