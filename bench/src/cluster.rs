@@ -19,7 +19,7 @@ use stepbox::workflow::{StepBuilder, Workflow, WorkflowBuilder};
 use stepbox_tests::guests;
 use tokio_util::sync::CancellationToken;
 
-use crate::measure::percentile;
+use crate::measure::{MachineCpu, percentile};
 
 /// Slots of each worker.
 pub const SLOTS: usize = 4;
@@ -28,13 +28,25 @@ pub const WAIT_MS: u64 = 20;
 
 /// What the cluster's paths measured.
 pub struct ClusterTimes {
-    /// Wall time per step of the I/O-bound run, by number of workers.
-    pub per_step: Vec<(usize, Duration)>,
+    /// Each I/O-bound run, by number of workers.
+    pub runs: Vec<Scaled>,
     /// A step's start to its attempt's start on an idle worker, p50 and
     /// p99.
     pub queued: (Duration, Duration),
     /// The same in process, p50 and p99.
     pub local: (Duration, Duration),
+}
+
+/// The I/O-bound run on some workers.
+pub struct Scaled {
+    pub workers: usize,
+    /// Wall time per step.
+    pub per_step: Duration,
+    /// The share of the machine's cores busy meanwhile (PostgreSQL's work
+    /// included): near 1, the machine, not stepbox's design, set the pace.
+    pub busy: f64,
+    /// PostgreSQL transactions committed per step, every process's.
+    pub commits: f64,
 }
 
 /// A worker on its own thread; stopped and joined when dropped.
@@ -110,6 +122,12 @@ async fn run(
     Ok((report, elapsed))
 }
 
+/// Transactions committed in `database` so far.
+fn committed(database: &stepbox_tests::postgres::TestDatabase) -> u64 {
+    let rows = database.query("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()");
+    rows.first().and_then(|row| row.first().cloned().flatten()).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
 /// How long the run's one step waited from its start to its attempt's (ms).
 fn waited(report: &RunReport) -> f64 {
     let step = &report.steps[0];
@@ -131,7 +149,7 @@ pub async fn measure(steps: usize, samples: usize) -> anyhow::Result<ClusterTime
     sandbox.load(std::path::Path::new(guests::SLEEPY))?;
     let executor: Arc<dyn Executor> = QueueExecutor::new(store.clone());
     let workflow = Arc::new(waiting(steps)?);
-    let mut per_step = Vec::new();
+    let mut runs = Vec::new();
     let mut workers = Vec::new();
     for count in [1, 2, 4] {
         while workers.len() < count {
@@ -139,8 +157,14 @@ pub async fn measure(steps: usize, samples: usize) -> anyhow::Result<ClusterTime
         }
         // A first run warms each worker's component cache.
         run(&sandbox, &store, Some(executor.clone()), Arc::new(waiting(4 * count * SLOTS)?)).await?;
+        let (cpu, commits) = (MachineCpu::now(), committed(&database));
         let (_, time) = run(&sandbox, &store, Some(executor.clone()), workflow.clone()).await?;
-        per_step.push((count, time / steps as u32));
+        let busy = MachineCpu::now().busy_since(cpu);
+        // PostgreSQL counts a backend's commits when it next idles (within
+        // a second).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let commits = committed(&database).saturating_sub(commits) as f64 / steps as f64;
+        runs.push(Scaled { workers: count, per_step: time / steps as u32, busy, commits });
     }
     workers.truncate(1);
     let one = Arc::new(waiting(1)?);
@@ -155,7 +179,7 @@ pub async fn measure(steps: usize, samples: usize) -> anyhow::Result<ClusterTime
     drop(executor);
     drop(store);
     Ok(ClusterTimes {
-        per_step,
+        runs,
         queued: (percentile(&mut queued, 0.5), percentile(&mut queued, 0.99)),
         local: (percentile(&mut local, 0.5), percentile(&mut local, 0.99)),
     })

@@ -67,9 +67,28 @@ pub const SMOKE: Sizes = Sizes {
     cluster: (40, 5),
 };
 
-/// Runs every comparison; `progress` hears what is about to run.
-pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Report> {
+/// Parts of the suite that can run alone: each measures its own
+/// baselines, so its ratios mean what they mean in the whole suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    /// Runs started through `stepbox serve`'s API.
+    Service,
+    /// Attempts handed to workers through the PostgreSQL queue.
+    Cluster,
+}
+
+/// Runs every comparison, or only the `only` part; `progress` hears what
+/// is about to run.
+pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) -> anyhow::Result<Report> {
     let mut report = Report::new();
+    match only {
+        Some(Part::Service) => service_rows(&mut report, sizes, &progress).await?,
+        Some(Part::Cluster) => cluster_rows(&mut report, sizes, &progress).await?,
+        None => {}
+    }
+    if only.is_some() {
+        return Ok(report);
+    }
     let dir = tempfile::tempdir()?;
     let sandbox = sandbox(dir.path())?;
     let n = sizes.graph;
@@ -198,46 +217,8 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
         Target::AtLeast(20.0),
     );
 
-    progress("service");
-    let (samples, runs) = sizes.service;
-    let times = service::measure(samples, runs, 50).await?;
-    for (p, api, local) in [("p50", times.api.0, times.local.0), ("p99", times.api.1, times.local.1)] {
-        let baseline = format!("started in process, {p}");
-        let what = format!("service: POST …/runs to the first attempt's start, {p} (journal on)");
-        report.time(&what, api, Some((&baseline, local)));
-    }
-    report.time(
-        "service: signed webhook to the first attempt's start, p50",
-        times.webhook,
-        Some(("POST …/runs, p50", times.api.0)),
-    );
-    report.step(
-        &format!("service: {runs} one-step runs through the API from 50 clients"),
-        times.api_per_run,
-        Some(("started in process by 50 tasks", times.local_per_run)),
-        Target::None,
-    );
-
-    progress("cluster");
-    let (steps, samples) = sizes.cluster;
-    let times = cluster::measure(steps, samples).await?;
-    let one = times.per_step[0].1;
-    for &(workers, time) in &times.per_step {
-        let what = format!(
-            "cluster: {steps} I/O-bound steps ({} ms each in a host call) on {workers} worker(s) of {} slots",
-            cluster::WAIT_MS,
-            cluster::SLOTS
-        );
-        if workers == 1 {
-            report.step(&what, time, None, Target::None);
-        } else {
-            report.speedup(&what, time, ("one worker (throughput ×)", one), Target::AtLeast(0.8 * workers as f64));
-        }
-    }
-    for (p, queued, local) in [("p50", times.queued.0, times.local.0), ("p99", times.queued.1, times.local.1)] {
-        let what = format!("cluster: a step's start to its attempt's start on an idle worker, {p}");
-        report.time(&what, queued, Some((&format!("in process, {p}"), local)));
-    }
+    service_rows(&mut report, sizes, &progress).await?;
+    cluster_rows(&mut report, sizes, &progress).await?;
 
     progress("fuel and epochs");
     let json = format!(r#"{{"work": "json", "rounds": {}, "size": 10000}}"#, sizes.cpu_rounds);
@@ -260,6 +241,63 @@ pub async fn suite(sizes: Sizes, progress: impl Fn(&str)) -> anyhow::Result<Repo
     report.compare("empty loop: epoch interruption on", tight.epoch, bare, Target::None);
 
     Ok(report)
+}
+
+/// The service's rows: runs started through its API, against in process.
+async fn service_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)) -> anyhow::Result<()> {
+    progress("service");
+    let (samples, runs) = sizes.service;
+    let times = service::measure(samples, runs, 50).await?;
+    for (p, api, local) in [("p50", times.api.0, times.local.0), ("p99", times.api.1, times.local.1)] {
+        let baseline = format!("started in process, {p}");
+        let what = format!("service: POST …/runs to the first attempt's start, {p} (journal on)");
+        report.time(&what, api, Some((&baseline, local)));
+    }
+    report.time(
+        "service: signed webhook to the first attempt's start, p50",
+        times.webhook,
+        Some(("POST …/runs, p50", times.api.0)),
+    );
+    report.step(
+        &format!("service: {runs} one-step runs through the API from 50 clients"),
+        times.api_per_run,
+        Some(("started in process by 50 tasks", times.local_per_run)),
+        Target::None,
+    );
+    Ok(())
+}
+
+/// The cluster's rows: attempts through the PostgreSQL queue to workers.
+async fn cluster_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)) -> anyhow::Result<()> {
+    progress("cluster");
+    let (steps, samples) = sizes.cluster;
+    let times = cluster::measure(steps, samples).await?;
+    let one = times.runs[0].per_step;
+    for scaled in &times.runs {
+        let workers = scaled.workers;
+        let what = format!(
+            "cluster: {steps} I/O-bound steps ({} ms each in a host call) on {workers} worker(s) of {} slots",
+            cluster::WAIT_MS,
+            cluster::SLOTS
+        );
+        if workers == 1 {
+            report.step(&what, scaled.per_step, None, Target::None);
+        } else {
+            report.speedup(
+                &what,
+                scaled.per_step,
+                ("one worker (throughput ×)", one),
+                Target::AtLeast(0.8 * workers as f64),
+            );
+        }
+        report.count(&format!("cluster, {workers} worker(s): share of the machine's CPU busy"), scaled.busy);
+        report.count(&format!("cluster, {workers} worker(s): PostgreSQL transactions per step"), scaled.commits);
+    }
+    for (p, queued, local) in [("p50", times.queued.0, times.local.0), ("p99", times.queued.1, times.local.1)] {
+        let what = format!("cluster: a step's start to its attempt's start on an idle worker, {p}");
+        report.time(&what, queued, Some((&format!("in process, {p}"), local)));
+    }
+    Ok(())
 }
 
 /// A sandbox whose data directory (and so compile cache) is `data_dir`.

@@ -15,6 +15,9 @@ struct Args {
     /// more gives a profiler more to look at.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     steps: Option<u32>,
+    /// Run only this part of the suite.
+    #[arg(long, value_enum, value_name = "PART")]
+    only: Option<stepbox_bench::Part>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let report = runtime.block_on(stepbox_bench::suite(sizes, |what| eprintln!("running: {what}")))?;
+    let report = runtime.block_on(stepbox_bench::suite(sizes, args.only, |what| eprintln!("running: {what}")))?;
     print!("{}", report.markdown());
     Ok(())
 }

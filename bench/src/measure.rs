@@ -37,6 +37,38 @@ fn kib_field(file: &str, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The machine's CPU time so far, busy and in all, summed over its cores
+/// (from /proc/stat; zeros where there is none): what every process used,
+/// PostgreSQL's included.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    pub fn now() -> Self {
+        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<u64> = text
+            .lines()
+            .next()
+            .and_then(|line| line.strip_prefix("cpu "))
+            .map(|rest| rest.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            .unwrap_or_default();
+        // user nice system idle iowait irq softirq steal …: idle and
+        // iowait are the idle ones.
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        let total = ticks.iter().take(8).sum::<u64>();
+        MachineCpu { busy: total.saturating_sub(idle), total }
+    }
+
+    /// The share of the machine's cores busy since `earlier` (0 to 1).
+    pub fn busy_since(self, earlier: MachineCpu) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 { 0.0 } else { self.busy.saturating_sub(earlier.busy) as f64 / total as f64 }
+    }
+}
+
 /// The time of one durable commit with the journal's settings: what a
 /// chain must pay per link.
 pub fn durable_commit(dir: &Path) -> anyhow::Result<Duration> {

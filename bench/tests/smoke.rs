@@ -6,7 +6,7 @@ use stepbox_bench::{SMOKE, Target, suite};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_comparison_runs_and_gives_a_reading() {
-    let report = suite(SMOKE, |_| {}).await.unwrap();
+    let report = suite(SMOKE, None, |_| {}).await.unwrap();
     let find = |what: &str| {
         report.rows.iter().find(|row| row.what.contains(what)).unwrap_or_else(|| panic!("no row for {what}"))
     };
