@@ -702,6 +702,45 @@ fn a_run_has_one_owner_and_a_dead_owners_run_is_interrupted() {
 }
 
 #[test]
+fn stepbox_cancel_asks_the_process_running_a_run_and_records_a_run_nobody_runs() {
+    let dir = temp_dir("cancel");
+    let workflow = slow_workflow(&dir, 30_000);
+
+    // Another process runs it: asked, it stops the attempt and records the
+    // run cancelled when it next renews its lease.
+    let data = dir.join("running");
+    let (mut child, id) = start_run(&data, &workflow);
+    let out = output(&data, &["cancel", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("cancelling run {id}: the process running it stops")), "{}", stderr(&out));
+    let asked = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(asked.elapsed() < Duration::from_secs(25), "the run's process did not hear the cancel");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(130), "the run ends cancelled");
+    let run = &json(&data, &["runs", "--json"])[0];
+    assert_eq!(run["status"], "cancelled");
+    assert!(run.get("cancel_requested").is_none(), "the ask ends with the run: {run}");
+    let out = output(&data, &["cancel", &id]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("run {id} already cancelled")), "{}", stderr(&out));
+
+    // Its process died: nobody runs it, so it is recorded cancelled at once.
+    let data = dir.join("interrupted");
+    let (mut child, id) = start_run(&data, &workflow);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = output(&data, &["cancel", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&format!("run {id} was cancelled")), "{}", stderr(&out));
+    assert_eq!(json(&data, &["runs", "--json"])[0]["status"], "cancelled");
+}
+
+#[test]
 fn stepbox_raises_its_open_files_limit_to_the_hard_limit_at_start() {
     let dir = temp_dir("nofile");
     let data = dir.join("data");

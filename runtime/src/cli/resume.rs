@@ -3,9 +3,9 @@
 use super::client::Client;
 use super::run::{HowToRun, execute, follow};
 use super::{CliError, Place, admit, open_database};
-use crate::run::{Run, RunStatus};
-use crate::service::{self, Continue, ContinueError};
-use crate::store::{LEASE_TTL, this_owner};
+use crate::run::Run;
+use crate::service::{self, CancelLook, Continue, ContinueError};
+use crate::store::LEASE_TTL;
 
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:
@@ -74,8 +74,9 @@ async fn continue_remote(
   stepbox cancel 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47
   stepbox cancel 019ad3c5-7a4e-7c1b-9a0e-5f2d8c3b1e47 --server http://127.0.0.1:7433
 
-An interrupted or waiting run is recorded as cancelled at once. A run another stepbox process runs is
-cancelled by stopping that process (Ctrl-C or SIGTERM); on a server, its running attempts stop.")]
+An interrupted or waiting run is recorded as cancelled at once. A run another stepbox process runs (a
+`stepbox run`, a server, a node of a cluster) is asked to stop: that process stops its attempts and
+records the run cancelled when it next renews its lease on the run (at once on PostgreSQL).")]
 pub(crate) struct CancelArgs {
     /// The run to cancel.
     run_id: String,
@@ -89,23 +90,28 @@ pub(crate) async fn cancel(args: CancelArgs, place: &Place<'_>, remote: Option<&
         return Ok(0);
     }
     let db = open_database(place)?;
-    let run = db.load_run(id)?;
-    match run.status {
-        RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled => {
-            Err(CliError::Usage(format!("run {id} already {}; there is nothing to cancel", run.status)))
-        }
-        RunStatus::Running => Err(CliError::Usage(format!(
-            "run {id} is being run by {}; stop that process (Ctrl-C or SIGTERM) to cancel it",
-            run.owner.unwrap_or_default()
-        ))),
-        RunStatus::Interrupted | RunStatus::Waiting => {
-            let lease = db.acquire_lease(id, this_owner(), LEASE_TTL)?;
-            service::record_cancelled(&*db, id).await?;
-            db.release_lease(&lease).await?;
-            eprintln!("run {id} was cancelled");
-            Ok(0)
+    // A run can change hands while this looks: each turn looks again.
+    for _ in 0..3 {
+        match service::cancel_elsewhere(db.clone(), id).await? {
+            CancelLook::Recorded => {
+                eprintln!("run {id} was cancelled");
+                return Ok(0);
+            }
+            CancelLook::Asked => {
+                eprintln!(
+                    "cancelling run {id}: the process running it stops its attempts and records it cancelled \
+                     (within {} at the latest)",
+                    humantime::format_duration(LEASE_TTL / 3)
+                );
+                return Ok(0);
+            }
+            CancelLook::Finished(status) => {
+                return Err(CliError::Usage(format!("run {id} already {status}; there is nothing to cancel")));
+            }
+            CancelLook::Moved => {}
         }
     }
+    Err(CliError::Usage(format!("run {id} kept changing hands while it was being cancelled; try again")))
 }
 
 async fn continue_run(

@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 pub use bundle::{Bundle, BundleUpload, Bundles, MAX_FILES};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use events::{Batch, EventLog, KEEP as EVENTS_KEPT, Numbered};
-pub(crate) use owned::record_cancelled;
+pub(crate) use owned::{CancelLook, cancel_elsewhere};
 pub use owned::{Continue, ContinueError, Owned, continue_run};
 pub use runs::{RunPage, StartRun};
 pub use tokens::{NewToken, Principal, TOKEN_PREFIX, authenticate, create as create_token};

@@ -174,9 +174,62 @@ pub(crate) fn same_standing(now: RunStatus, seen: RunStatus) -> bool {
     settled(now) == settled(seen)
 }
 
+/// What one look at cancelling a run that this process does not drive
+/// came to.
+pub(crate) enum CancelLook {
+    /// It was interrupted or waiting, and is now recorded cancelled.
+    Recorded,
+    /// Another process runs it and was asked to cancel it: it does when it
+    /// hears, at its next lease renewal at the latest.
+    Asked,
+    /// It had finished, as this.
+    Finished(RunStatus),
+    /// It changed hands while this looked (taken up, resumed or finished
+    /// meanwhile): look again.
+    Moved,
+}
+
+/// Looks at run `id` once and cancels it as it stands: an interrupted or
+/// waiting run is recorded cancelled under its lease, if it still stands
+/// so once the lease is held (a resume or a finished retry meanwhile is
+/// not overwritten); a running one's holder is asked to cancel it. Shared
+/// by `stepbox cancel` and the service, whose own drives it stops itself.
+pub(crate) async fn cancel_elsewhere(db: Arc<dyn Store>, id: &str) -> Result<CancelLook, StoreError> {
+    let wanted = id.to_owned();
+    let store = db.clone();
+    let looked = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+        let seen = store.load_run(&wanted)?.status;
+        match seen {
+            RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled => Ok((CancelLook::Finished(seen), None)),
+            RunStatus::Running => {
+                let asked = store.request_cancel(&wanted)?;
+                Ok((if asked { CancelLook::Asked } else { CancelLook::Moved }, None))
+            }
+            RunStatus::Interrupted | RunStatus::Waiting => {
+                let lease = match store.acquire_lease(&wanted, this_owner(), LEASE_TTL) {
+                    Err(StoreError::Leased { .. }) => return Ok((CancelLook::Moved, None)),
+                    lease => lease?,
+                };
+                let standing = same_standing(store.load_run(&wanted)?.status, seen);
+                Ok((if standing { CancelLook::Recorded } else { CancelLook::Moved }, Some(lease)))
+            }
+        }
+    })
+    .await
+    .map_err(|err| StoreError::Database { place: "the cancel".into(), detail: err.to_string() })??;
+    let (look, lease) = looked;
+    if let Some(lease) = lease {
+        if matches!(look, CancelLook::Recorded) {
+            record_cancelled(&*db, id).await?;
+        }
+        db.release_lease(&lease).await?;
+    }
+    Ok(look)
+}
+
 /// Records run `run_id`, whose lease the caller holds and which no process
 /// runs, as cancelled.
-pub(crate) fn record_cancelled(db: &dyn Journal, run_id: &str) -> crate::store::Durable {
+fn record_cancelled(db: &dyn Journal, run_id: &str) -> crate::store::Durable {
     db.run_finished(run_id, RunStatus::Cancelled, &serde_json::Map::new(), Some("cancelled while it did not run"))
 }
 

@@ -9,14 +9,14 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::owned::{record_cancelled, same_standing};
+use super::owned::{CancelLook, cancel_elsewhere};
 use super::{
     Claim, Continue, EventLog, LiveRun, Owned, Reservation, Scope, Service, ServiceError, continue_run, finished,
     no_run,
 };
 use crate::run::{Outcome, Run, RunReport, RunStatus};
 use crate::scheduler::{self, RunEvent};
-use crate::store::{Heartbeat, LEASE_TTL, RunFilter, Started, WorkflowVersion, new_run_id, this_owner};
+use crate::store::{Heartbeat, LEASE_TTL, RunFilter, Started, WorkflowVersion, new_run_id};
 
 /// Labels a run may carry.
 const MAX_LABELS: usize = 32;
@@ -272,7 +272,7 @@ impl Service {
                 || self.blocking(move |db| Ok(db.load_run(&wanted)?.cancel_requested)).await.unwrap_or(false)
         };
         if asked {
-            if let Err(err) = self.cancel_stopped(&run.id, RunStatus::Waiting).await {
+            if let Err(err) = cancel_elsewhere(self.db.clone(), &run.id).await {
                 tracing::error!(run = run.id, "cannot record the run's cancel: {err}");
             }
         } else if parked {
@@ -496,24 +496,18 @@ impl Service {
             if driven {
                 return Ok(run);
             }
-            match run.status {
-                status if finished(status) => {
-                    return Err(ServiceError::Conflict {
-                        code: "run_finished",
-                        message: format!("run {id} already {status}; there is nothing to cancel"),
-                    });
-                }
-                status @ (RunStatus::Interrupted | RunStatus::Waiting) => match self.cancel_stopped(id, status).await {
-                    // Taken up meanwhile, here or elsewhere.
-                    Err(ServiceError::Conflict { code: "run_held" | "run_running" | "run_moved", .. }) => {}
-                    Err(err) => return Err(err),
-                    Ok(()) => return self.run(scope, id).await,
-                },
-                _ => {
-                    let wanted = id.to_owned();
-                    if self.blocking(move |db| Ok(db.request_cancel(&wanted)?)).await? {
-                        return self.run(scope, id).await;
+            // No drive of this service starts it meanwhile (one that is
+            // starting is looked at again next turn).
+            if let Ok(_claim) = Claim::take(&self.live, id) {
+                match cancel_elsewhere(self.db.clone(), id).await? {
+                    CancelLook::Recorded | CancelLook::Asked => return self.run(scope, id).await,
+                    CancelLook::Finished(status) => {
+                        return Err(ServiceError::Conflict {
+                            code: "run_finished",
+                            message: format!("run {id} already {status}; there is nothing to cancel"),
+                        });
                     }
+                    CancelLook::Moved => {}
                 }
             }
             run = self.run(scope, id).await?;
@@ -522,30 +516,6 @@ impl Service {
             code: "run_busy",
             message: format!("run {id} kept changing hands while it was being cancelled; try again"),
         })
-    }
-
-    /// Records run `id`, which no process drives and which was `seen`
-    /// interrupted or waiting, as cancelled; `run_moved` if it is not so
-    /// once its lease is held (another process finished or took it up
-    /// meanwhile).
-    async fn cancel_stopped(&self, id: &str, seen: RunStatus) -> Result<(), ServiceError> {
-        let _claim = Claim::take(&self.live, id)?;
-        let wanted = id.to_owned();
-        let (lease, now) = self
-            .blocking(move |db| {
-                let lease = db.acquire_lease(&wanted, this_owner(), LEASE_TTL)?;
-                Ok((lease, db.load_run(&wanted)?.status))
-            })
-            .await?;
-        if !same_standing(now, seen) {
-            self.db.release_lease(&lease).await?;
-            return Err(ServiceError::Conflict {
-                code: "run_moved",
-                message: format!("run {id} became {now} while it was being cancelled; look at it again"),
-            });
-        }
-        record_cancelled(&*self.db, id).await?;
-        Ok(self.db.release_lease(&lease).await?)
     }
 
     /// Continues a run: `resume` runs what did not succeed; `retry` runs a
