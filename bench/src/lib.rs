@@ -81,12 +81,11 @@ pub enum Part {
 /// is about to run.
 pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) -> anyhow::Result<Report> {
     let mut report = Report::new();
-    match only {
-        Some(Part::Service) => service_rows(&mut report, sizes, &progress).await?,
-        Some(Part::Cluster) => cluster_rows(&mut report, sizes, &progress).await?,
-        None => {}
-    }
-    if only.is_some() {
+    if let Some(part) = only {
+        match part {
+            Part::Service => service_rows(&mut report, sizes, &progress).await?,
+            Part::Cluster => cluster_rows(&mut report, sizes, &progress).await?,
+        }
         return Ok(report);
     }
     let dir = tempfile::tempdir()?;

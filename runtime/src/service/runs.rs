@@ -272,8 +272,12 @@ impl Service {
                 || self.blocking(move |db| Ok(db.load_run(&wanted)?.cancel_requested)).await.unwrap_or(false)
         };
         if asked {
-            if let Err(err) = cancel_elsewhere(self.db.clone(), &run.id).await {
-                tracing::error!(run = run.id, "cannot record the run's cancel: {err}");
+            match cancel_elsewhere(self.db.clone(), &run.id).await {
+                Err(err) => tracing::error!(run = run.id, "cannot record the run's cancel: {err}"),
+                Ok(CancelLook::Moved) => {
+                    tracing::error!(run = run.id, "the run was taken up as it was cancelled; cancel it again");
+                }
+                Ok(_) => {}
             }
         } else if parked {
             // An event may have come as it parked.
