@@ -196,6 +196,55 @@ fn a_run_has_one_live_lease_holder_and_a_lost_lease_cannot_be_renewed_or_release
 }
 
 #[test]
+fn a_holder_that_lost_its_lease_records_nothing_more_of_the_run() {
+    for backend in backends() {
+        let Backend { name, store: paused, reopen, _keep } = backend;
+        // This process (paused past its lease) runs two runs; another takes
+        // one of them over.
+        let (mine, durable) = paused.create_run(&run("r", "t", &[]), &Value::Null);
+        wait(durable).unwrap();
+        let (_other, durable) = paused.create_run(&run("o", "t", &[]), &Value::Null);
+        wait(durable).unwrap();
+        let a: StepPath = "a".parse().unwrap();
+        wait(paused.attempt_started("r", &a, "r/a", &Attempt::started(1, 1.0))).unwrap();
+        paused.renew_lease(&mine, Duration::from_millis(1)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let taker = reopen();
+        let theirs = taker.acquire_lease("r", "elsewhere:1:aaaaaaaa", Duration::from_secs(60)).unwrap();
+        assert!(theirs.epoch > mine.epoch, "{name}");
+
+        // Before its next renewal would tell it, the paused process wakes
+        // and records: every record of the run taken over is refused, in
+        // the same batch as another run's, which commits.
+        let late = paused.attempt_finished("r", &a, "r/a", &finished(1, json!("late")), true);
+        let other = paused.attempt_started("o", &a, "o/a", &Attempt::started(1, 1.0));
+        let later = paused.attempt_started("r", &"b".parse().unwrap(), "r/b", &Attempt::started(1, 1.0));
+        let outcome = wait(late);
+        assert!(matches!(&outcome, Err(StoreError::LeaseLost(run)) if run == "r"), "{name}: {outcome:?}");
+        assert!(outcome.unwrap_err().to_string().contains("taken over by another process"), "{name}");
+        wait(other).unwrap();
+        assert!(matches!(wait(later), Err(StoreError::LeaseLost(_))), "{name}: later records fail too");
+        let ended = paused.run_finished("r", RunStatus::Succeeded, &serde_json::Map::new(), None);
+        assert!(matches!(wait(ended), Err(StoreError::LeaseLost(_))), "{name}: nor can it end the run");
+
+        // The new holder sees none of it, and records as it goes.
+        let state = taker.resume_state("r").unwrap();
+        assert!(state.completed.is_empty(), "{name}: {state:?}");
+        assert_eq!(state.attempts.get("r/a"), Some(&1), "{name}: only what came before the taking over");
+        assert!(!state.attempts.contains_key("r/b"), "{name}");
+        assert_eq!(paused.resume_state("o").unwrap().attempts.get("o/a"), Some(&1), "{name}");
+        assert_eq!(taker.load_run("r").unwrap().status, RunStatus::Running, "{name}");
+        wait(taker.attempt_finished("r", &a, "r/a", &finished(1, json!("theirs")), true)).unwrap();
+        wait(taker.run_finished("r", RunStatus::Succeeded, &serde_json::Map::new(), None)).unwrap();
+        wait(taker.release_lease(&theirs)).unwrap();
+        assert_eq!(taker.resume_state("r").unwrap().completed.get("r/a"), Some(&json!("theirs")), "{name}");
+        assert_eq!(taker.load_run("r").unwrap().status, RunStatus::Succeeded, "{name}");
+        // Its stale release changes nothing.
+        wait(paused.release_lease(&mine)).unwrap();
+    }
+}
+
+#[test]
 fn a_cancel_asked_of_a_running_run_reaches_its_holder_and_ends_with_the_run() {
     for backend in backends() {
         let store = &*backend.store;

@@ -5,12 +5,15 @@
 //!
 //! The epoch is a fencing token: a holder that lost its lease (it was
 //! paused past the expiry, and another process took over) cannot renew it,
-//! and stops. Workers that run a run's attempts on other machines extend
-//! the same lease rather than take their own.
+//! and stops, and the journal refuses its records of the run meanwhile
+//! ([`Held`]). Workers that run a run's attempts on other machines hold
+//! claims on their tasks, not the run's lease.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::{Store, StoreError};
@@ -172,6 +175,41 @@ impl Drop for Heartbeat {
 impl std::fmt::Debug for Heartbeat {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Heartbeat").field("lease", &self.lease).finish()
+    }
+}
+
+/// The leases one store handle took, by run: the epoch of each. Its
+/// journal writer commits a run's record only while the run's lease still
+/// has the epoch it had when the record was queued, checked in the
+/// record's own transaction; so a holder that lost its lease (paused past
+/// the expiry, partitioned) cannot record anything after another process
+/// took the run over, even before its next renewal tells it so.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Held(Arc<Mutex<HashMap<String, u64>>>);
+
+impl Held {
+    /// From now on the run's records need this lease.
+    pub(crate) fn hold(&self, lease: &Lease) {
+        self.0.lock().insert(lease.run_id.clone(), lease.epoch);
+    }
+
+    /// The run is being created: its first record takes the lease.
+    pub(crate) fn forget(&self, run_id: &str) {
+        self.0.lock().remove(run_id);
+    }
+
+    /// The lease is being given up (the release itself touches only the
+    /// lease it names, so it needs no fence).
+    pub(crate) fn release(&self, lease: &Lease) {
+        let mut held = self.0.lock();
+        if held.get(&lease.run_id) == Some(&lease.epoch) {
+            held.remove(&lease.run_id);
+        }
+    }
+
+    /// The epoch a record of the run queued now needs, if any.
+    pub(crate) fn fence(&self, run_id: &str) -> Option<u64> {
+        self.0.lock().get(run_id).copied()
     }
 }
 

@@ -77,6 +77,9 @@ const RUN_CREATED: &str =
                            version, lease_owner, lease_expires_ms, lease_epoch)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12)
          ON CONFLICT (id) DO NOTHING";
+/// The lease epochs of the batch's runs, locked against a taking-over
+/// until the batch commits (see [`crate::store::lease::Held`]).
+pub(super) const LEASE_EPOCHS: &str = "SELECT id, lease_epoch FROM runs WHERE id = ANY($1) FOR KEY SHARE";
 const RUN_LABEL: &str = "INSERT INTO run_labels (run_id, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
 
 /// Every statement a batch may run, prepared in this order before a batch
@@ -96,6 +99,7 @@ pub(super) const STATEMENTS: &[&str] = &[
     RUN_TASKS_DELETED,
     RUN_CREATED,
     RUN_LABEL,
+    LEASE_EPOCHS,
 ];
 
 impl Record {
@@ -224,13 +228,16 @@ async fn exec(tx: &Transaction<'_>, sql: &str, params: &[&(dyn ToSql + Sync)]) -
 impl Journal for PgStore {
     fn create_run(&self, run: &Run, fingerprint: &Value) -> (Lease, Durable) {
         let record = Record::CreateRun { run: run.clone(), fingerprint: text(fingerprint) };
+        let lease = Lease::created(&run.id);
+        self.writer.held.forget(&run.id);
         let created = self.writer.queue(&run.id, Kind::Awaited, record);
+        self.writer.held.hold(&lease);
         let durable: Durable = Box::pin(async move {
             created.await?;
             failpoint!("run.created");
             Ok(())
         });
-        (Lease::created(&run.id), durable)
+        (lease, durable)
     }
 
     fn reopen_run(&self, run_id: &str) -> Result<(), StoreError> {
@@ -329,7 +336,9 @@ impl Journal for PgStore {
             None => Err(StoreError::NoSuchRun(run_id.to_owned())),
             Some(Err((holder, until))) => Err(leased(run_id, &holder, until as f64)),
             Some(Ok(epoch)) => {
-                Ok(Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() })
+                let lease = Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() };
+                self.writer.held.hold(&lease);
+                Ok(lease)
             }
         }
     }
@@ -374,6 +383,7 @@ impl Journal for PgStore {
     }
 
     fn release_lease(&self, lease: &Lease) -> Durable {
+        self.writer.held.release(lease);
         self.writer.queue(&lease.run_id, Kind::Last, Record::ReleaseLease(lease.clone()))
     }
 

@@ -257,13 +257,17 @@ impl Registry for PgStore {
         // may wait for another process's request with the same key, and
         // nobody else's records should wait with it.
         let (run, fingerprint, key, request) = (run.clone(), text(fingerprint), key.to_owned(), request.to_owned());
-        let (pool, place, handle) = (self.pool.clone(), self.place.clone(), self.handle.clone());
+        let (pool, place, handle, held) =
+            (self.pool.clone(), self.place.clone(), self.handle.clone(), self.writer.held.clone());
         let created = handle.spawn(async move {
             let client = pool.get().await.map_err(|err| pool_error(&place, err))?;
             once(client, &run, &fingerprint, &key, &request).await.map_err(|err| pg_error(&place, &err))
         });
         Box::pin(async move {
             let started = created.await.unwrap_or(Err(StoreError::WriterStopped))?;
+            if let Started::Created(lease) = &started {
+                held.hold(lease);
+            }
             failpoint!("run.created");
             Ok(started)
         })

@@ -18,6 +18,7 @@ use super::journal::Record;
 use super::{pg_error, pool_error};
 use crate::failpoint::failpoint;
 use crate::store::group::{Kind, LAZY_WINDOW, MAX_BATCH};
+use crate::store::lease::Held;
 use crate::store::{Durable, StoreError};
 
 /// How long the writer keeps trying to reach the database before it fails
@@ -27,6 +28,8 @@ const RECONNECT_FOR: Duration = Duration::from_secs(30);
 struct Queued {
     run_id: String,
     kind: Kind,
+    /// The lease epoch the run must still have ([`Held::fence`]).
+    fence: Option<u64>,
     record: Record,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
@@ -36,27 +39,34 @@ pub(super) struct Writer {
     queue: Mutex<Option<mpsc::UnboundedSender<Queued>>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     commits: Arc<AtomicU64>,
+    /// The leases this handle took, which its records need.
+    pub(super) held: Held,
 }
 
 /// Why a run's record failed, kept so its later records fail the same way.
 #[derive(Clone)]
-struct Lost {
-    place: Arc<str>,
-    unreachable: bool,
-    detail: String,
+enum Lost {
+    /// The database failed it.
+    Database { place: Arc<str>, unreachable: bool, detail: String },
+    /// Another process took the run over (see [`Held`]).
+    Lease,
 }
 
 impl Lost {
     fn of(err: &StoreError, place: &Arc<str>) -> Self {
-        Lost { place: place.clone(), unreachable: matches!(err, StoreError::Unreachable { .. }), detail: err.detail() }
+        let unreachable = matches!(err, StoreError::Unreachable { .. });
+        Lost::Database { place: place.clone(), unreachable, detail: err.detail() }
     }
 
-    fn error(&self) -> StoreError {
-        let (place, detail) = (self.place.to_string(), self.detail.clone());
-        if self.unreachable {
-            StoreError::Unreachable { place, detail }
-        } else {
-            StoreError::Database { place, detail }
+    fn error(&self, run_id: &str) -> StoreError {
+        match self {
+            Lost::Database { place, unreachable: true, detail } => {
+                StoreError::Unreachable { place: place.to_string(), detail: detail.clone() }
+            }
+            Lost::Database { place, unreachable: false, detail } => {
+                StoreError::Database { place: place.to_string(), detail: detail.clone() }
+            }
+            Lost::Lease => StoreError::LeaseLost(run_id.to_owned()),
         }
     }
 }
@@ -67,17 +77,18 @@ impl Writer {
         let (queue, receiver) = mpsc::unbounded_channel();
         let commits = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(write_batches(pool, place, receiver, commits.clone()));
-        Writer { queue: Mutex::new(Some(queue)), task: Mutex::new(Some(task)), commits }
+        Writer { queue: Mutex::new(Some(queue)), task: Mutex::new(Some(task)), commits, held: Held::default() }
     }
 
     pub(super) fn commits(&self) -> u64 {
         self.commits.load(Ordering::Relaxed)
     }
 
-    /// Queues `record` of `run_id`.
+    /// Queues `record` of `run_id`, to commit only while the run's lease is
+    /// still the one this handle holds, if it holds one.
     pub(super) fn queue(&self, run_id: &str, kind: Kind, record: Record) -> Durable {
         let (done, receiver) = oneshot::channel();
-        let queued = Queued { run_id: run_id.to_owned(), kind, record, done };
+        let queued = Queued { run_id: run_id.to_owned(), kind, fence: self.held.fence(run_id), record, done };
         let sent = self.queue.lock().as_ref().is_some_and(|queue| queue.send(queued).is_ok());
         Box::pin(async move {
             match (sent, receiver.await) {
@@ -131,9 +142,10 @@ async fn write_batches(
     }
 }
 
-/// Commits the batch in one transaction. If that fails for a record's
-/// sake, each run's records are committed in a transaction of their own,
-/// so one run's failure fails only that run.
+/// Commits the batch in one transaction. Records of runs another process
+/// took over fail, and the rest is tried again without them. If the batch
+/// fails for a record's sake, each run's records are committed in a
+/// transaction of their own, so one run's failure fails only that run.
 async fn commit(
     pool: &Pool,
     place: &Arc<str>,
@@ -145,49 +157,74 @@ async fn commit(
     for queued in batch {
         match lost.get(&queued.run_id) {
             Some(earlier) => {
-                let err = earlier.error();
+                let err = earlier.error(&queued.run_id);
                 outcomes.push((queued, Err(err)));
             }
             None => pending.push(queued),
         }
     }
-    match write(pool, place, &pending.iter().collect::<Vec<_>>()).await {
-        Ok(()) => outcomes.extend(pending.into_iter().map(|queued| (queued, Ok(())))),
-        Err(err @ StoreError::Unreachable { .. }) => {
-            let failure = Lost::of(&err, place);
-            for queued in pending {
-                let failure = lost.entry(queued.run_id.clone()).or_insert_with(|| failure.clone()).error();
-                outcomes.push((queued, Err(failure)));
+    loop {
+        match write(pool, place, &pending.iter().collect::<Vec<_>>()).await {
+            Ok(fenced) if fenced.is_empty() => {
+                outcomes.extend(pending.into_iter().map(|queued| (queued, Ok(()))));
+                return outcomes;
             }
-        }
-        Err(_) => {
-            let mut runs: Vec<(String, Vec<Queued>)> = Vec::new();
-            for queued in pending {
-                match runs.iter_mut().find(|(run_id, _)| *run_id == queued.run_id) {
-                    Some((_, records)) => records.push(queued),
-                    None => runs.push((queued.run_id.clone(), vec![queued])),
-                }
+            Ok(fenced) => {
+                let (failed, kept) = pending.into_iter().partition(|queued| fenced.contains(&queued.run_id));
+                outcomes.extend(fail(failed, &Lost::Lease, lost));
+                pending = kept;
             }
-            for (run_id, records) in runs {
-                match write(pool, place, &records.iter().collect::<Vec<_>>()).await {
-                    Ok(()) => outcomes.extend(records.into_iter().map(|queued| (queued, Ok(())))),
-                    Err(err) => {
-                        let failure = Lost::of(&err, place);
-                        lost.insert(run_id, failure.clone());
-                        outcomes.extend(records.into_iter().map(|queued| (queued, Err(failure.error()))));
-                    }
-                }
+            Err(err @ StoreError::Unreachable { .. }) => {
+                outcomes.extend(fail(pending, &Lost::of(&err, place), lost));
+                return outcomes;
             }
+            Err(_) => break,
         }
     }
+    let mut runs: Vec<(String, Vec<Queued>)> = Vec::new();
+    for queued in pending {
+        match runs.iter_mut().find(|(run_id, _)| *run_id == queued.run_id) {
+            Some((_, records)) => records.push(queued),
+            None => runs.push((queued.run_id.clone(), vec![queued])),
+        }
+    }
+    for (_, records) in runs {
+        let failure = match write(pool, place, &records.iter().collect::<Vec<_>>()).await {
+            Ok(fenced) if fenced.is_empty() => {
+                outcomes.extend(records.into_iter().map(|queued| (queued, Ok(()))));
+                continue;
+            }
+            Ok(_) => Lost::Lease,
+            Err(err) => Lost::of(&err, place),
+        };
+        outcomes.extend(fail(records, &failure, lost));
+    }
     outcomes
+}
+
+/// Fails `records`, each run's with its first failure, which its later
+/// records keep.
+fn fail(
+    records: Vec<Queued>,
+    failure: &Lost,
+    lost: &mut HashMap<String, Lost>,
+) -> Vec<(Queued, Result<(), StoreError>)> {
+    records
+        .into_iter()
+        .map(|queued| {
+            let err = lost.entry(queued.run_id.clone()).or_insert_with(|| failure.clone()).error(&queued.run_id);
+            (queued, Err(err))
+        })
+        .collect()
 }
 
 /// Writes `records` in one transaction, again and again while the
 /// database cannot be reached (it restarts, the network drops), for up to
 /// [`RECONNECT_FOR`]. Every record may be written twice: a commit whose
 /// answer was lost may have happened.
-async fn write(pool: &Pool, place: &str, records: &[&Queued]) -> Result<(), StoreError> {
+/// Returns the runs whose records were not written because another
+/// process took them over (then nothing was).
+async fn write(pool: &Pool, place: &str, records: &[&Queued]) -> Result<Vec<String>, StoreError> {
     let deadline = tokio::time::Instant::now() + RECONNECT_FOR;
     let mut pause = Duration::from_millis(20);
     loop {
@@ -220,7 +257,7 @@ impl Failed {
     }
 }
 
-async fn write_once(pool: &Pool, place: &str, records: &[&Queued]) -> Result<(), Failed> {
+async fn write_once(pool: &Pool, place: &str, records: &[&Queued]) -> Result<Vec<String>, Failed> {
     let mut client = pool.get().await.map_err(|err| Failed::pool(place, err))?;
     let err = |err: tokio_postgres::Error| Failed::pg(place, &err);
     let tx = client.transaction().await.map_err(err)?;
@@ -231,10 +268,42 @@ async fn write_once(pool: &Pool, place: &str, records: &[&Queued]) -> Result<(),
     for sql in super::journal::STATEMENTS {
         tx.prepare_cached(sql).await.map_err(err)?;
     }
-    futures_util::future::try_join_all(records.iter().map(|queued| queued.record.write(&tx))).await.map_err(err)?;
+    let fenced: Vec<&str> = {
+        let mut runs: Vec<&str> =
+            records.iter().filter(|queued| queued.fence.is_some()).map(|queued| queued.run_id.as_str()).collect();
+        runs.sort_unstable();
+        runs.dedup();
+        runs
+    };
+    // Sent behind the records, in the same round trip. The lock it takes
+    // keeps the epochs it read until the commit: a process taking a run
+    // over waits for it (`acquire_lease` locks the row for update).
+    let epochs = async {
+        if fenced.is_empty() {
+            return Ok(Vec::new());
+        }
+        let statement = tx.prepare_cached(super::journal::LEASE_EPOCHS).await?;
+        tx.query(&statement, &[&fenced]).await
+    };
+    let writes = futures_util::future::try_join_all(records.iter().map(|queued| queued.record.write(&tx)));
+    let (_, epochs) = futures_util::future::try_join(writes, epochs).await.map_err(err)?;
+    let epochs: HashMap<&str, i64> = epochs.iter().map(|row| (row.get(0), row.get(1))).collect();
+    let mut taken_over: Vec<String> = records
+        .iter()
+        .filter(|queued| {
+            queued.fence.is_some_and(|fence| epochs.get(queued.run_id.as_str()) != Some(&fence.cast_signed()))
+        })
+        .map(|queued| queued.run_id.clone())
+        .collect();
+    if !taken_over.is_empty() {
+        taken_over.sort_unstable();
+        taken_over.dedup();
+        // Rolled back as it drops.
+        return Ok(taken_over);
+    }
     failpoint!("journal.batch.record-written");
     failpoint!("journal.batch.before-commit");
     tx.commit().await.map_err(err)?;
     failpoint!("journal.batch.after-commit");
-    Ok(())
+    Ok(Vec::new())
 }

@@ -48,7 +48,9 @@ impl Journal for Database {
     fn create_run(&self, run: &Run, fingerprint: &Value) -> (Lease, Durable) {
         let lease = Lease::created(&run.id);
         let (record, fingerprint) = (run.clone(), fingerprint.clone());
+        self.writer.held.forget(&run.id);
         let created = self.queue(&run.id, Kind::Awaited, Box::new(move |conn| insert_run(conn, &record, &fingerprint)));
+        self.writer.held.hold(&lease);
         let durable = Box::pin(async move {
             created.await?;
             failpoint!("run.created");
@@ -139,7 +141,9 @@ impl Journal for Database {
             None => Err(StoreError::NoSuchRun(run_id.to_owned())),
             Some(Err((holder, until))) => Err(leased(run_id, &holder, until as f64)),
             Some(Ok(epoch)) => {
-                Ok(Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() })
+                let lease = Lease { run_id: run_id.to_owned(), owner: owner.to_owned(), epoch: epoch.cast_unsigned() };
+                self.writer.held.hold(&lease);
+                Ok(lease)
             }
         }
     }
@@ -184,6 +188,7 @@ impl Journal for Database {
     }
 
     fn release_lease(&self, lease: &Lease) -> Durable {
+        self.writer.held.release(lease);
         let (run_id, lease) = (lease.run_id.clone(), lease.clone());
         self.queue(
             &run_id,

@@ -256,9 +256,14 @@ impl Registry for Database {
                 Ok(())
             }),
         );
+        let held = self.writer.held.clone();
         Box::pin(async move {
             created.await?;
-            outcome.lock().take().ok_or(StoreError::WriterStopped)
+            let started = outcome.lock().take().ok_or(StoreError::WriterStopped)?;
+            if let Started::Created(lease) = &started {
+                held.hold(lease);
+            }
+            Ok(started)
         })
     }
 }

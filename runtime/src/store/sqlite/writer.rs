@@ -19,12 +19,13 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use rusqlite::{Connection, ErrorCode, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
 use crate::failpoint::failpoint;
 pub(crate) use crate::store::group::Kind;
 use crate::store::group::{LAZY_WINDOW, MAX_BATCH};
+use crate::store::lease::Held;
 use crate::store::{Durable, StoreError};
 
 /// One record's statements, run inside the batch's transaction (again, if
@@ -40,23 +41,30 @@ struct Queued {
 struct Ticket {
     run_id: String,
     kind: Kind,
+    /// The lease epoch the run must still have ([`Held::fence`]).
+    fence: Option<u64>,
     done: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// Why a record failed, kept so later records of the run fail the same way.
 #[derive(Clone)]
-struct Lost {
-    code: Option<ErrorCode>,
-    detail: String,
+enum Lost {
+    /// The database failed it.
+    Database { code: Option<ErrorCode>, detail: String },
+    /// Another process took the run over (see [`Held`]).
+    Lease,
 }
 
 impl Lost {
     fn of(err: &rusqlite::Error) -> Self {
-        Lost { code: err.sqlite_error_code(), detail: err.to_string() }
+        Lost::Database { code: err.sqlite_error_code(), detail: err.to_string() }
     }
 
-    fn error(&self, path: &std::path::Path) -> StoreError {
-        StoreError::from_code(path, self.code, self.detail.clone())
+    fn error(&self, path: &std::path::Path, run_id: &str) -> StoreError {
+        match self {
+            Lost::Database { code, detail } => StoreError::from_code(path, *code, detail.clone()),
+            Lost::Lease => StoreError::LeaseLost(run_id.to_owned()),
+        }
     }
 }
 
@@ -68,6 +76,8 @@ pub(crate) struct Writer {
     thread: Option<std::thread::JoinHandle<()>>,
     /// Transactions committed so far.
     commits: Arc<AtomicU64>,
+    /// The leases this handle took, which its records need.
+    pub(crate) held: Held,
 }
 
 impl Writer {
@@ -78,7 +88,7 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("stepbox-journal".into())
             .spawn(move || write_batches(&conn, &path, &receiver, &counter))?;
-        Ok(Writer { queue: Some(queue), thread: Some(thread), commits })
+        Ok(Writer { queue: Some(queue), thread: Some(thread), commits, held: Held::default() })
     }
 
     /// Transactions committed so far: how well records were grouped.
@@ -86,10 +96,12 @@ impl Writer {
         self.commits.load(Ordering::Relaxed)
     }
 
-    /// Queues `job` as a record of `run_id`.
+    /// Queues `job` as a record of `run_id`, to commit only while the
+    /// run's lease is still the one this handle holds, if it holds one.
     pub(crate) fn queue(&self, run_id: &str, kind: Kind, job: Job) -> Durable {
         let (done, receiver) = oneshot::channel();
-        let queued = Queued { ticket: Ticket { run_id: run_id.to_owned(), kind, done }, job };
+        let ticket = Ticket { run_id: run_id.to_owned(), kind, fence: self.held.fence(run_id), done };
+        let queued = Queued { ticket, job };
         let sent = self.queue.as_ref().is_some_and(|queue| queue.send(queued).is_ok());
         Box::pin(async move {
             match (sent, receiver.await) {
@@ -130,11 +142,11 @@ fn write_batches(conn: &Mutex<Connection>, path: &std::path::Path, receiver: &Re
         let outcomes = commit(&mut conn, batch, &mut lost);
         drop(conn);
         commits.fetch_add(1, Ordering::Relaxed);
-        for (ticket, outcome) in outcomes {
-            if ticket.kind == Kind::Last {
-                lost.remove(&ticket.run_id);
+        for (Ticket { run_id, kind, done, .. }, outcome) in outcomes {
+            if kind == Kind::Last {
+                lost.remove(&run_id);
             }
-            let _ = ticket.done.send(outcome.map_err(|lost| lost.error(path)));
+            let _ = done.send(outcome.map_err(|lost| lost.error(path, &run_id)));
         }
     }
 }
@@ -161,8 +173,7 @@ fn commit(
                 outcomes.extend(pending.into_iter().map(|queued| (queued.ticket, Ok(()))));
                 return outcomes;
             }
-            Err((Some(index), err)) => {
-                let failure = Lost::of(&err);
+            Err((Some(index), failure)) => {
                 let run_id = pending[index].ticket.run_id.clone();
                 lost.insert(run_id.clone(), failure.clone());
                 let mut position = 0;
@@ -173,8 +184,8 @@ fn commit(
                 outcomes.extend(failed.into_iter().map(|queued| (queued.ticket, Err(failure.clone()))));
                 pending = kept;
             }
-            Err((None, err)) => {
-                outcomes.extend(fail_all(pending.into_iter().map(|queued| queued.ticket), &Lost::of(&err), lost));
+            Err((None, failure)) => {
+                outcomes.extend(fail_all(pending.into_iter().map(|queued| queued.ticket), &failure, lost));
                 return outcomes;
             }
         }
@@ -182,15 +193,38 @@ fn commit(
 }
 
 /// One transaction over `pending`; on failure, which record failed (`None`:
-/// the transaction itself).
-fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<usize>, rusqlite::Error)> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(|err| (None, err))?;
+/// the transaction itself). A record of a run another process took over
+/// fails: the transaction holds the database's write lock, so the epochs
+/// it reads last stand until it commits.
+fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<usize>, Lost)> {
+    let whole = |err: rusqlite::Error| (None, Lost::of(&err));
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(whole)?;
     for (index, queued) in pending.iter().enumerate() {
-        (queued.job)(&tx).map_err(|err| (Some(index), err))?;
+        (queued.job)(&tx).map_err(|err| (Some(index), Lost::of(&err)))?;
         failpoint!("journal.batch.record-written");
     }
+    let mut epochs: HashMap<&str, Option<u64>> = HashMap::new();
+    for (index, queued) in pending.iter().enumerate() {
+        let Some(fence) = queued.ticket.fence else { continue };
+        let run_id = queued.ticket.run_id.as_str();
+        let epoch = match epochs.get(run_id) {
+            Some(epoch) => *epoch,
+            None => {
+                let epoch = tx
+                    .query_row("SELECT lease_epoch FROM runs WHERE id = ?1", [run_id], |row| row.get::<_, i64>(0))
+                    .optional()
+                    .map_err(|err| (Some(index), Lost::of(&err)))?
+                    .map(i64::cast_unsigned);
+                epochs.insert(run_id, epoch);
+                epoch
+            }
+        };
+        if epoch != Some(fence) {
+            return Err((Some(index), Lost::Lease));
+        }
+    }
     failpoint!("journal.batch.before-commit");
-    tx.commit().map_err(|err| (None, err))?;
+    tx.commit().map_err(whole)?;
     failpoint!("journal.batch.after-commit");
     Ok(())
 }
