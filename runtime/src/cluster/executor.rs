@@ -16,8 +16,8 @@ use crate::scheduler::{Executor, Prepared, Reattached, Running};
 use crate::store::{Store, StoreError, Task};
 
 /// How often results are looked for while some are awaited: at first
-/// often, then less while none come; least often when the store wakes the
-/// poller for every result (polling is then only the fallback).
+/// often, then less while none come. Where the store wakes the poller for
+/// every result, only now and then (polling is then only the fallback).
 const POLL: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(50));
 const POLL_WOKEN: Duration = Duration::from_secs(1);
 
@@ -184,9 +184,9 @@ impl Drop for Forget<'_> {
 /// Delivers the results of awaited tasks as workers finish them, until
 /// the executor is gone.
 async fn poll(store: Arc<dyn Store>, awaited: Weak<Awaited>) {
-    let mut wait = POLL.0;
+    let (soon, longest) = if store.signals().shared { (POLL_WOKEN, POLL_WOKEN) } else { POLL };
+    let mut wait = soon;
     let mut woken = store.signals().results.subscribe();
-    let longest = if store.signals().shared { POLL_WOKEN } else { POLL.1 };
     loop {
         // Seen before looking, so a result that comes meanwhile wakes us.
         woken.borrow_and_update();
@@ -196,7 +196,7 @@ async fn poll(store: Arc<dyn Store>, awaited: Weak<Awaited>) {
             // Woken for a new task, or now and then to see whether the
             // executor is gone.
             let _ = tokio::time::timeout(Duration::from_secs(1), strong.more.notified()).await;
-            wait = POLL.0;
+            wait = soon;
             continue;
         }
         drop(strong);
@@ -212,21 +212,24 @@ async fn poll(store: Arc<dyn Store>, awaited: Weak<Awaited>) {
             }
             Err(_) => Vec::new(),
         };
+        // Looked for again when woken or after a while, not at once: a
+        // look at once would mostly find nothing, and cost a query.
         if finished.is_empty() {
-            tokio::select! {
-                () = tokio::time::sleep(wait) => wait = (wait * 2).min(longest),
-                _ = woken.changed() => wait = POLL.0,
-            }
-            continue;
-        }
-        wait = POLL.0;
-        if let Some(strong) = awaited.upgrade() {
-            let mut tasks = strong.tasks.lock();
-            for (id, result) in finished {
-                if let Some(sender) = tasks.remove(&id) {
-                    let _ = sender.send(result);
+            wait = (wait * 2).min(longest);
+        } else {
+            wait = soon;
+            if let Some(strong) = awaited.upgrade() {
+                let mut tasks = strong.tasks.lock();
+                for (id, result) in finished {
+                    if let Some(sender) = tasks.remove(&id) {
+                        let _ = sender.send(result);
+                    }
                 }
             }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = woken.changed() => wait = soon,
         }
     }
 }

@@ -24,8 +24,9 @@ use crate::store::{Claim, Claimed, Shares, Store, StoreError};
 use crate::tenant::{Tenant, Tenants};
 
 /// How often an idle worker looks for work: at first often, then less
-/// while there is none; least often when the store wakes it for every new
-/// task (polling is then only the fallback).
+/// while there is none. Where the store wakes it for every new task, only
+/// now and then (for claims that expired, which nobody announces): each
+/// look in vain takes the claims' turn from every other worker.
 const IDLE: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(100));
 const IDLE_WOKEN: Duration = Duration::from_secs(1);
 
@@ -65,7 +66,8 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
     let shares = config.tenants.as_deref().map(Tenants::shares).unwrap_or_default();
     let worker = Arc::new(Worker { store, sandbox, config, components: Mutex::new(LruCache::new(COMPONENTS)) });
     let mut running = JoinSet::new();
-    let mut idle = IDLE.0;
+    let (soon, most_idle) = if worker.store.signals().shared { (IDLE_WOKEN, IDLE_WOKEN) } else { IDLE };
+    let mut idle = soon;
     let mut woken = worker.store.signals().tasks.subscribe();
     // A completion anywhere may let a tenant at its max_concurrent go on;
     // looked for only when the last claim left such a tenant's tasks (on
@@ -73,7 +75,6 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
     // claims, one at a time, that slowed every worker).
     let mut freed = worker.store.signals().results.subscribe();
     let mut held_back = false;
-    let most_idle = if worker.store.signals().shared { IDLE_WOKEN } else { IDLE.1 };
     loop {
         // Seen before claiming, so a task enqueued meanwhile wakes us.
         woken.borrow_and_update();
@@ -99,15 +100,15 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
             return;
         }
         if claimed > 0 {
-            idle = IDLE.0;
+            idle = soon;
             continue;
         }
         let full = running.len() >= worker.config.slots || stop.is_cancelled();
         tokio::select! {
-            Some(_) = running.join_next(), if !running.is_empty() => idle = IDLE.0,
+            Some(_) = running.join_next(), if !running.is_empty() => idle = soon,
             () = tokio::time::sleep(idle), if !full => idle = (idle * 2).min(most_idle),
-            Ok(()) = woken.changed(), if !full => idle = IDLE.0,
-            Ok(()) = freed.changed(), if !full && held_back => idle = IDLE.0,
+            Ok(()) = woken.changed(), if !full => idle = soon,
+            Ok(()) = freed.changed(), if !full && held_back => idle = soon,
             () = stop.cancelled(), if !stop.is_cancelled() => {}
         }
     }

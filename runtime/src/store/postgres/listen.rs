@@ -21,6 +21,22 @@ pub(super) const RESULTS: &str = "stepbox_results";
 /// The channel cancel requests notify, with the run's id.
 pub(super) const CANCELS: &str = "stepbox_cancels";
 
+/// Wakes who listens on `channel`, once the change it announces has
+/// committed, in a transaction of its own that does not wait for the disk.
+/// NOTIFY takes a database-wide lock from its transaction's commit until the
+/// commit is flushed, so sent inside the transactions that enqueue tasks
+/// and record results it would make all of them, across every process,
+/// flush one after another; sent apart, their commits flush together and
+/// the notice's commit holds the lock for no flush at all. A notice lost
+/// to a crash costs a poll: listeners poll as well.
+pub(super) async fn notify(client: &tokio_postgres::Client, channel: &str) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify('{channel}', ''); COMMIT"
+        ))
+        .await
+}
+
 /// Listens until the store's runtime shuts down.
 pub(super) async fn listen(config: tokio_postgres::Config, signals: Arc<Signals>) {
     let mut backoff = Duration::from_millis(100);

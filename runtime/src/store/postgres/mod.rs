@@ -210,6 +210,12 @@ const MIGRATIONS: &[&str] = &[
     "DELETE FROM tasks WHERE state = 'cancelled';",
     // 6: a cancel asked of the process that runs a run.
     "ALTER TABLE runs ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT FALSE;",
+    // 7: a claim reads the ready tasks and the claimed ones through indexes
+    // of their own: through the open tasks' index, each claim read every
+    // waiting task while it held the claims' turn.
+    "DROP INDEX tasks_open;
+    CREATE INDEX tasks_ready ON tasks (tenant, id) WHERE state = 'ready';
+    CREATE INDEX tasks_claimed ON tasks (tenant, expires_ms) WHERE state = 'claimed';",
 ];
 
 /// The schema version this build writes.
