@@ -491,9 +491,17 @@ impl Service {
     /// shows `cancel_requested` until then); an interrupted or waiting one
     /// is recorded as cancelled at once.
     pub async fn cancel(&self, scope: &Scope, id: &str) -> Result<Run, ServiceError> {
+        let finished = |status: RunStatus| ServiceError::Conflict {
+            code: "run_finished",
+            message: format!("run {id} already {status}; there is nothing to cancel"),
+        };
         let mut run = self.run(scope, id).await?;
         // A run can change hands while this looks: each turn looks again.
         for _ in 0..3 {
+            // Its drive may still be leaving the map after its last record.
+            if matches!(run.status, RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled) {
+                return Err(finished(run.status));
+            }
             // Under the lock a drive leaves the map by: either it sees this
             // cancel as it ends, or this finds it gone.
             let driven = self.live.lock().runs.get(id).map(|live| live.cancel.cancel()).is_some();
@@ -505,12 +513,7 @@ impl Service {
             if let Ok(_claim) = Claim::take(&self.live, id) {
                 match cancel_elsewhere(self.db.clone(), id).await? {
                     CancelLook::Recorded | CancelLook::Asked => return self.run(scope, id).await,
-                    CancelLook::Finished(status) => {
-                        return Err(ServiceError::Conflict {
-                            code: "run_finished",
-                            message: format!("run {id} already {status}; there is nothing to cancel"),
-                        });
-                    }
+                    CancelLook::Finished(status) => return Err(finished(status)),
                     CancelLook::Moved => {}
                 }
             }
