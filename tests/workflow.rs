@@ -908,7 +908,12 @@ struct Stalled {
 }
 
 impl scheduler::Executor for Stalled {
-    fn run<'a>(&'a self, _: &'a stepbox::sandbox::StepComponent, _: scheduler::Prepared) -> scheduler::Running<'a> {
+    fn run<'a>(
+        &'a self,
+        _: &'a stepbox::sandbox::StepComponent,
+        _: scheduler::Prepared,
+        _: Option<scheduler::Started<'a>>,
+    ) -> scheduler::Running<'a> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         Box::pin(std::future::pending())
     }

@@ -219,6 +219,44 @@ fn a_paused_workers_late_result_is_refused_and_it_drops_the_attempt() {
     use_database(None);
 }
 
+#[test]
+fn a_rate_limit_counts_starts_on_the_workers_so_a_backlog_cannot_bunch_them() {
+    let _serial = serial();
+    let db = TestDatabase::create();
+    use_database(Some(&db.url));
+    let dir = temp_dir("cluster-rate");
+    let workflow = write(
+        &dir,
+        "limited.yaml",
+        &format!(
+            "name: limited\ncomponents:\n  effect: {{ path: {}, rate_limit: {{ starts: 1, per: 400ms }} }}\nsteps:\n  - id: fan\n    uses: effect\n    for_each: [1, 2, 3, 4, 5]\n    dirs: ['out:/out']\n    with: {{ file: /out/keys.log }}\n",
+            guests::SIDE_EFFECT
+        ),
+    );
+    let run = start_run(&dir.join("coordinator"), &workflow);
+    // No worker yet: counted as they were handed over, all five would be
+    // waiting in the queue by now, and would start at once.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let _worker = Worker::start(&dir, "w", &["--slots", "4"], &[]);
+    // Each effect's time, as its line appears.
+    let mut seen: Vec<Instant> = Vec::new();
+    let start = Instant::now();
+    while seen.len() < 5 {
+        assert!(start.elapsed() < Duration::from_secs(60), "only {} effects came", seen.len());
+        let lines = common::effects(&dir).len();
+        seen.extend(std::iter::repeat_n(Instant::now(), lines.saturating_sub(seen.len())));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let report = finish(run);
+    assert_eq!(report["status"], "succeeded", "{report}");
+    let gaps: Vec<Duration> = seen.windows(2).map(|pair| pair[1] - pair[0]).collect();
+    assert!(
+        gaps.iter().all(|gap| *gap >= Duration::from_millis(350)),
+        "starts closer than the limit allows (one per 400 ms): {gaps:?}"
+    );
+    use_database(None);
+}
+
 /// How long each execution of a run waited from its step's start to its
 /// first attempt's start, at most (ms).
 fn slowest_start(report: &Value) -> f64 {

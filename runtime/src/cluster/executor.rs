@@ -12,8 +12,8 @@ use tokio::sync::{Notify, oneshot};
 use super::wire::{TaskRequest, TaskResult};
 use crate::run::{Attempt, Failure, FailureKind, now_ms};
 use crate::sandbox::StepComponent;
-use crate::scheduler::{Executor, Prepared, Reattached, Running};
-use crate::store::{Store, StoreError, Task};
+use crate::scheduler::{Executor, Prepared, Reattached, Running, Started};
+use crate::store::{Store, StoreError, Task, TaskState};
 
 /// How often results are looked for while some are awaited: at first
 /// often, then less while none come. Where the store wakes the poller for
@@ -80,10 +80,16 @@ impl QueueExecutor {
         Ok(digest)
     }
 
-    async fn hand_over(&self, component: &StepComponent, attempt: &Prepared) -> Result<Attempt, String> {
+    async fn hand_over(
+        &self,
+        component: &StepComponent,
+        attempt: &Prepared,
+        started: Option<Started<'_>>,
+    ) -> Result<Attempt, String> {
         let digest = self.keep(component).await?;
         let context = &attempt.request.context;
-        let request = serde_json::to_value(TaskRequest::new(digest, attempt)).map_err(|err| err.to_string())?;
+        let request = serde_json::to_value(TaskRequest::new(digest, attempt, started.is_some()))
+            .map_err(|err| err.to_string())?;
         let task = Task {
             run_id: context.run_id.clone(),
             key: context.idempotency_key.clone(),
@@ -94,7 +100,35 @@ impl QueueExecutor {
         let id = persist(&self.store, move |store| store.enqueue(&task))
             .await
             .map_err(|err| format!("the queue did not take the attempt: {err}"))?;
-        self.outcome(id).await
+        let outcome = self.outcome(id);
+        let Some(started) = started else { return outcome.await };
+        tokio::pin!(outcome);
+        tokio::select! {
+            result = &mut outcome => {
+                started();
+                return result;
+            }
+            () = self.claimed(id) => started(),
+        }
+        outcome.await
+    }
+
+    /// Returns once the worker holding task `id` says its attempt started
+    /// (or it finished). Starts are not announced, so it looks often at
+    /// first, then less; only an attempt whose component has a rate limit is
+    /// watched.
+    async fn claimed(&self, id: i64) {
+        let mut wait = POLL.0;
+        loop {
+            let store = self.store.clone();
+            if let Ok(Ok(TaskState::Claimed { started: true, .. } | TaskState::Done(_))) =
+                tokio::task::spawn_blocking(move || store.task_state(id)).await
+            {
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(POLL.1);
+        }
     }
 
     /// The attempt of task `id`, once a worker reports it.
@@ -111,10 +145,10 @@ impl QueueExecutor {
 }
 
 impl Executor for QueueExecutor {
-    fn run<'a>(&'a self, component: &'a StepComponent, attempt: Prepared) -> Running<'a> {
+    fn run<'a>(&'a self, component: &'a StepComponent, attempt: Prepared, started: Option<Started<'a>>) -> Running<'a> {
         Box::pin(async move {
             let number = attempt.request.context.attempt;
-            settle(self.hand_over(component, &attempt).await, number)
+            settle(self.hand_over(component, &attempt, started).await, number)
         })
     }
 

@@ -46,6 +46,10 @@ pub(crate) struct TaskRequest {
     pub(crate) network: Vec<SocketAddr>,
     pub(crate) http: Vec<String>,
     pub(crate) secrets: BTreeMap<String, Secret>,
+    /// The coordinator counts the attempt's start against a rate limit:
+    /// the worker says when it starts to run ([`crate::store::Queue::start`]).
+    #[serde(default)]
+    pub(crate) announce_start: bool,
 }
 
 /// [`Limits`] in exact numbers: their own serde form writes sizes rounded,
@@ -120,8 +124,9 @@ pub(crate) struct TaskResult {
 }
 
 impl TaskRequest {
-    /// `attempt` of the component with `digest`, as a task.
-    pub(crate) fn new(digest: String, attempt: &Prepared) -> Self {
+    /// `attempt` of the component with `digest`, as a task; `announce_start`
+    /// when its coordinator waits to hear it start.
+    pub(crate) fn new(digest: String, attempt: &Prepared, announce_start: bool) -> Self {
         let (request, grants) = (&attempt.request, &attempt.request.grants);
         let context = &request.context;
         TaskRequest {
@@ -158,6 +163,7 @@ impl TaskRequest {
                     (key.clone(), Secret { source: secret.source.clone(), send_to })
                 })
                 .collect(),
+            announce_start,
         }
     }
 

@@ -162,10 +162,18 @@ impl Worker {
         let tenant = self.tenant(&request.tenant).map_err(fatal)?;
         let component = self.component(&request.component).await?;
         let secrets_dir = self.config.secrets_dir.clone();
+        let announce = request.announce_start;
         let request = blocking(move || request.into_request(number, &tenant, secrets_dir.as_deref()))
             .await
             .map_err(|err| fatal(err.to_string()))?
             .map_err(fatal)?;
+        if announce {
+            // Unsaid, the coordinator counts the start when the attempt ends.
+            let (store, held) = (self.store.clone(), claim.clone());
+            if let Err(err) = blocking(move || store.start(&held)).await.and_then(|started| started) {
+                eprintln!("stepbox worker: cannot say that task {} started: {err}", claim.id);
+            }
+        }
         Ok((component, request))
     }
 

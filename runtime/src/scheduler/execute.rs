@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::policy::Admission;
-use super::{Base, GraphReport, Prepared, RunEvent, Shared, run_graph};
+use super::{Base, GraphReport, Prepared, RunEvent, Shared, Started, run_graph};
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, ExecutionReport, Failure, FailureKind, RunStatus, StepPath, StepReport, StepStatus, now_ms};
 use crate::sandbox::{AttemptRequest, StepContext};
@@ -427,13 +427,12 @@ async fn attempt_once(
             return None;
         }
         let _slot = shared.base.dispatcher.acquire(&shared.base.tenant.name).await;
-        // The rate limit counts the start as it happens.
-        if let Some(turn) = turn {
-            turn.start();
-        }
         shared.emit(RunEvent::AttemptStarted { path: path.clone(), attempt: number });
         failpoint!("attempt.before-run");
-        let attempt = shared.base.executor.run(component, attempt).await;
+        // The rate limit counts the start as it happens where the attempt
+        // runs: on a worker, when one claims it, however long it queued.
+        let started = turn.map(|turn| Box::new(move || turn.start()) as Started<'_>);
+        let attempt = shared.base.executor.run(component, attempt, started).await;
         // Its effects are done; its end is not recorded yet.
         failpoint!("attempt.after-run");
         Some(attempt)

@@ -42,14 +42,20 @@ impl Prepared {
 /// The future of one attempt.
 pub type Running<'a> = Pin<Box<dyn Future<Output = Attempt> + Send + 'a>>;
 
+/// Told when an attempt starts to run where it runs: a component's rate
+/// limit counts its starts by it.
+pub type Started<'a> = Box<dyn FnOnce() + Send + 'a>;
+
 /// Runs attempts. Never fails: every way an attempt can end, here or on a
 /// worker, is an outcome of the [`Attempt`]. An executor may report an
 /// attempt with a higher number than it was given when the tries before it
 /// were lost (the worker running them stopped); the scheduler records
 /// those as [`FailureKind::Lost`].
 pub trait Executor: Send + Sync {
-    /// Runs `attempt` of `component`; dropping the future stops it.
-    fn run<'a>(&'a self, component: &'a StepComponent, attempt: Prepared) -> Running<'a>;
+    /// Runs `attempt` of `component`; dropping the future stops it. Calls
+    /// `started`, when given, as the attempt starts to run (on a worker,
+    /// once one claims it), or if it ends without being seen to start.
+    fn run<'a>(&'a self, component: &'a StepComponent, attempt: Prepared, started: Option<Started<'a>>) -> Running<'a>;
 
     /// Waits for attempt `attempt` of execution `key` of run `run_id`, which
     /// an earlier driver of the run started and did not see end, if it
@@ -75,8 +81,11 @@ pub struct Local {
 }
 
 impl Executor for Local {
-    fn run<'a>(&'a self, component: &'a StepComponent, attempt: Prepared) -> Running<'a> {
+    fn run<'a>(&'a self, component: &'a StepComponent, attempt: Prepared, started: Option<Started<'a>>) -> Running<'a> {
         Box::pin(async move {
+            if let Some(started) = started {
+                started();
+            }
             match attempt.resolve(self.secrets_dir.as_deref()) {
                 Ok(request) => self.sandbox.run(component, request).await,
                 Err(refused) => *refused,

@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use dispatch::{Dispatcher, Slot};
-pub use executor::{Executor, Local, Prepared, Reattached, Running};
+pub use executor::{Executor, Local, Prepared, Reattached, Running, Started};
 pub use wait::Waits;
 
 use crate::run::{Failure, Run, RunReport, RunStatus, StepPath, StepReport, StepStatus, now_ms};

@@ -507,7 +507,12 @@ fn a_task_is_enqueued_once_claimed_once_and_completed_by_its_holder() {
             (id, 1, 1, json!({"key": "r/a"}))
         );
         assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().claims.is_empty(), "{name}: held");
-        assert!(matches!(store.task_state(id).unwrap(), TaskState::Claimed { owner, .. } if owner == "w1"), "{name}");
+        assert!(
+            matches!(store.task_state(id).unwrap(), TaskState::Claimed { owner, started: false, .. } if owner == "w1"),
+            "{name}"
+        );
+        store.start(claim).unwrap();
+        assert!(matches!(store.task_state(id).unwrap(), TaskState::Claimed { started: true, .. }), "{name}");
         store.renew(claim, ttl).unwrap();
         store.complete(claim, &json!({"ok": true})).unwrap();
         assert_eq!(store.task_state(id).unwrap(), TaskState::Done(json!({"ok": true})), "{name}");
@@ -528,9 +533,15 @@ fn a_worker_that_lost_its_claim_cannot_renew_or_complete_and_the_task_is_claimed
         created(store, &run("r", "t", &[]));
         let id = store.enqueue(&task("r", "r/a", "t")).unwrap();
         let paused = store.claim("paused", 1, Duration::from_millis(1), &Shares::default()).unwrap().claims.remove(0);
+        store.start(&paused).unwrap();
         std::thread::sleep(Duration::from_millis(5));
         let taken = store.claim("alive", 1, Duration::from_secs(30), &Shares::default()).unwrap().claims.remove(0);
         assert_eq!((taken.id, taken.token, taken.claims), (id, 2, 2), "{name}: claimed again, counted");
+        assert!(matches!(store.start(&paused), Err(StoreError::Fenced { .. })), "{name}");
+        assert!(
+            matches!(store.task_state(id).unwrap(), TaskState::Claimed { started: false, .. }),
+            "{name}: a new claim has not started"
+        );
         assert!(matches!(store.renew(&paused, Duration::from_secs(30)), Err(StoreError::Fenced { .. })), "{name}");
         assert!(matches!(store.complete(&paused, &json!("late")), Err(StoreError::Fenced { .. })), "{name}");
         store.complete(&taken, &json!("on time")).unwrap();

@@ -132,6 +132,8 @@ pub enum TaskState {
         owner: String,
         /// Until when, unless renewed (unix ms).
         expires_ms: i64,
+        /// Its holder said it started to run ([`Queue::start`]).
+        started: bool,
     },
     /// Done, with the result its holder recorded.
     Done(Value),
@@ -149,6 +151,11 @@ pub trait Queue: Send + Sync {
     /// Extends `claim` by `ttl` from now; [`StoreError::Fenced`] if the
     /// task was claimed again since.
     fn renew(&self, claim: &Claim, ttl: Duration) -> Result<(), StoreError>;
+    /// The holder of `claim` starts running its attempt now: said of an
+    /// attempt whose coordinator counts its start against a rate limit
+    /// (a worker may claim, then compile for a while). Fails with `Fenced`
+    /// if the claim was taken over.
+    fn start(&self, claim: &Claim) -> Result<(), StoreError>;
     /// Records the task's result, if `claim` is still the latest;
     /// [`StoreError::Fenced`] if not, and nothing is recorded. Completing
     /// again with the same claim (its answer was lost) is accepted, and

@@ -31,9 +31,7 @@ pub(super) const CANCELS: &str = "stepbox_cancels";
 /// to a crash costs a poll: listeners poll as well.
 pub(super) async fn notify(client: &tokio_postgres::Client, channel: &str) -> Result<(), tokio_postgres::Error> {
     client
-        .batch_execute(&format!(
-            "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify('{channel}', ''); COMMIT"
-        ))
+        .batch_execute(&format!("BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify('{channel}', ''); COMMIT"))
         .await
 }
 

@@ -216,6 +216,9 @@ const MIGRATIONS: &[&str] = &[
     "DROP INDEX tasks_open;
     CREATE INDEX tasks_ready ON tasks (tenant, id) WHERE state = 'ready';
     CREATE INDEX tasks_claimed ON tasks (tenant, expires_ms) WHERE state = 'claimed';",
+    // 8: a worker says when a claimed attempt starts to run, where its
+    // coordinator counts starts against a rate limit.
+    "ALTER TABLE tasks ADD COLUMN started BOOLEAN NOT NULL DEFAULT FALSE;",
 ];
 
 /// The schema version this build writes.

@@ -28,6 +28,7 @@ const ENQUEUE: &str = "INSERT INTO tasks (run_id, key, attempt, tenant, request,
 const FIND: &str = "SELECT id FROM tasks WHERE run_id = $1 AND key = $2 AND attempt = $3";
 const RENEW: &str =
     "UPDATE tasks SET expires_ms = $4 WHERE id = $1 AND owner = $2 AND token = $3 AND state = 'claimed'";
+const START: &str = "UPDATE tasks SET started = TRUE WHERE id = $1 AND owner = $2 AND token = $3 AND state = 'claimed'";
 const COMPLETE: &str = "UPDATE tasks SET state = 'done', result = $4, owner = NULL, expires_ms = NULL
      WHERE id = $1 AND owner = $2 AND token = $3 AND state = 'claimed'";
 const RESULTS_OF: &str = "SELECT id, result FROM tasks WHERE state = 'done' AND id = ANY($1)";
@@ -40,8 +41,7 @@ const QUICK_COMMIT: &str = "SELECT set_config('synchronous_commit', 'off', true)
 /// Claims take turns on [`CLAIM_LOCK`].
 const CLAIM_TURN: &str = "SELECT pg_advisory_xact_lock($1)";
 /// Live claims by tenant.
-const HOLDS: &str =
-    "SELECT tenant, COUNT(*) FROM tasks WHERE state = 'claimed' AND expires_ms > $1 GROUP BY tenant";
+const HOLDS: &str = "SELECT tenant, COUNT(*) FROM tasks WHERE state = 'claimed' AND expires_ms > $1 GROUP BY tenant";
 /// Each tenant's oldest ready tasks, as many as one claim could take of
 /// them, and the tasks whose claims expired; in queue order within each
 /// tenant. The tenants are found by skipping through the ready tasks'
@@ -63,7 +63,7 @@ const CANDIDATES: &str = "WITH RECURSIVE tenants (tenant) AS (
      ) AS open ORDER BY tenant, id";
 /// Claims the picked tasks that are still claimable.
 const TAKE: &str = "UPDATE tasks SET state = 'claimed', owner = $2, token = token + 1, claims = claims + 1,
-         expires_ms = $3
+         expires_ms = $3, started = FALSE
      WHERE id IN (SELECT id FROM tasks WHERE id = ANY($1)
                   AND (state = 'ready' OR (state = 'claimed' AND expires_ms <= $4)) FOR UPDATE SKIP LOCKED)
      RETURNING id, run_id, key, attempt, tenant, request, owner, token, claims";
@@ -132,8 +132,7 @@ impl Queue for PgStore {
                 .iter()
                 .map(|row| (row.get(0), usize::try_from(row.get::<_, i64>(1)).unwrap_or(usize::MAX)))
                 .collect();
-            let candidates =
-                candidates.iter().map(|row| Candidate { id: row.get(0), tenant: row.get(1) }).collect();
+            let candidates = candidates.iter().map(|row| Candidate { id: row.get(0), tenant: row.get(1) }).collect();
             let (picked, held_back) = fair_pick(candidates, &holds, &shares, max);
             let rows = tx.query(&take, &[&picked, &owner, &expiry(ttl), &now]).await?;
             tx.commit().await?;
@@ -150,6 +149,15 @@ impl Queue for PgStore {
             client.execute(&renew, &[&held.id, &held.owner, &held.token.cast_signed(), &expiry(ttl)]).await
         })?;
         if renewed == 0 { Err(StoreError::Fenced { task: claim.id }) } else { Ok(()) }
+    }
+
+    fn start(&self, claim: &Claim) -> Result<(), StoreError> {
+        let held = claim.clone();
+        let started = self.call(move |client| async move {
+            let start = client.prepare_cached(START).await?;
+            client.execute(&start, &[&held.id, &held.owner, &held.token.cast_signed()]).await
+        })?;
+        if started == 0 { Err(StoreError::Fenced { task: claim.id }) } else { Ok(()) }
     }
 
     fn complete(&self, claim: &Claim, result: &Value) -> Result<(), StoreError> {
@@ -190,7 +198,7 @@ impl Queue for PgStore {
 
     fn task_state(&self, id: i64) -> Result<TaskState, StoreError> {
         let found = self.rows(
-            "SELECT state, owner, expires_ms, result FROM tasks WHERE id = $1".into(),
+            "SELECT state, owner, expires_ms, result, started FROM tasks WHERE id = $1".into(),
             vec![Box::new(id)],
             |row| {
                 Ok(match row.get::<_, &str>(0) {
@@ -198,6 +206,7 @@ impl Queue for PgStore {
                     "claimed" => TaskState::Claimed {
                         owner: row.get::<_, Option<String>>(1).unwrap_or_default(),
                         expires_ms: row.get::<_, Option<i64>>(2).unwrap_or_default(),
+                        started: row.get(4),
                     },
                     _ => TaskState::Ready,
                 })

@@ -215,6 +215,9 @@ const SCHEMA: Schema = Schema {
         "DELETE FROM tasks WHERE state = 'cancelled';",
         // 13: a cancel asked of the process that runs a run.
         "ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;",
+        // 14: a worker says when a claimed attempt starts to run, where
+        // its coordinator counts starts against a rate limit.
+        "ALTER TABLE tasks ADD COLUMN started INTEGER NOT NULL DEFAULT 0;",
     ],
 };
 

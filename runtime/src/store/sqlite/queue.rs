@@ -82,7 +82,7 @@ impl Queue for Database {
                     .query_row(
                         &format!(
                             "UPDATE tasks SET state = 'claimed', owner = ?2, token = token + 1, claims = claims + 1,
-                                 expires_ms = ?3
+                                 expires_ms = ?3, started = 0
                              WHERE id = ?1 RETURNING {CLAIM_COLUMNS}"
                         ),
                         params![id, owner, until],
@@ -103,6 +103,16 @@ impl Queue for Database {
             )
         })?;
         if renewed == 0 { Err(StoreError::Fenced { task: claim.id }) } else { Ok(()) }
+    }
+
+    fn start(&self, claim: &Claim) -> Result<(), StoreError> {
+        let started = self.write(|tx| {
+            tx.execute(
+                "UPDATE tasks SET started = 1 WHERE id = ?1 AND owner = ?2 AND token = ?3 AND state = 'claimed'",
+                params![claim.id, claim.owner, claim.token.cast_signed()],
+            )
+        })?;
+        if started == 0 { Err(StoreError::Fenced { task: claim.id }) } else { Ok(()) }
     }
 
     fn complete(&self, claim: &Claim, result: &Value) -> Result<(), StoreError> {
@@ -142,12 +152,14 @@ impl Queue for Database {
 
     fn task_state(&self, id: i64) -> Result<TaskState, StoreError> {
         let found = self.read(|conn| {
-            conn.query_row("SELECT state, owner, expires_ms, result FROM tasks WHERE id = ?1", params![id], |row| {
+            let sql = "SELECT state, owner, expires_ms, result, started FROM tasks WHERE id = ?1";
+            conn.query_row(sql, params![id], |row| {
                 Ok(match row.get::<_, String>(0)?.as_str() {
                     "done" => TaskState::Done(json(row.get(3)?).unwrap_or(Value::Null)),
                     "claimed" => TaskState::Claimed {
                         owner: row.get::<_, Option<String>>(1)?.unwrap_or_default(),
                         expires_ms: row.get::<_, Option<i64>>(2)?.unwrap_or_default(),
+                        started: row.get(4)?,
                     },
                     _ => TaskState::Ready,
                 })
