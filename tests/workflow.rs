@@ -974,3 +974,38 @@ async fn a_run_stopped_while_it_waits_for_an_attempt_an_earlier_driver_left_out_
     let numbers: Vec<u32> = attempts(&recorded, "s").iter().map(|attempt| attempt.attempt).collect();
     assert_eq!(numbers, [1], "only the first driver's attempt is recorded");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_records_are_refused_because_another_process_took_it_over_stops_as_interrupted() {
+    use stepbox::store::{History, Journal};
+    let dir = temp_dir();
+    let paused = Arc::new(stepbox::store::Database::open(&dir.join("data")).unwrap());
+    let workflow = Arc::new(load(
+        "name: taken\nsteps:\n  - id: nap\n    uses: sleepy\n    with: { millis: 600 }\n  - id: after\n    uses: hello\n    depends_on: [nap]\n    with: { name: x }\n",
+    ));
+    let record = stepbox::run::Run::new("taken".into(), "taken", "", "default", Default::default());
+    let (lease, created) = paused.create_run(&record, &json!({}));
+    created.await.unwrap();
+    let journal: Arc<dyn Journal> = paused.clone();
+    let options = RunOptions { journal: Some(journal), ..RunOptions::new("taken") };
+    let inputs = workflow.bind_inputs(&Default::default()).unwrap();
+    let drive = tokio::spawn(scheduler::run(sandbox(), workflow.clone(), inputs, options));
+    // While `nap` runs, its lease runs out (the process was paused) and
+    // another process takes the run.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    paused.renew_lease(&lease, Duration::from_millis(1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let taker = stepbox::store::Database::open(&dir.join("data")).unwrap();
+    taker.acquire_lease("taken", "elsewhere:1:aaaaaaaa", Duration::from_secs(60)).unwrap();
+    let report = drive.await.unwrap().unwrap();
+    // Its end is the new holder's to record: not failed, and nothing of
+    // `after` ran here.
+    assert_eq!(report.run.status, RunStatus::Interrupted, "{:?}", report.run.error);
+    let after = attempts(&report, "after");
+    let ran_not = |attempt: &Attempt| attempt.failure().is_some_and(|failure| failure.kind == FailureKind::Cancelled);
+    assert!(after.iter().all(ran_not), "{after:?}");
+    let recorded = taker.load_run("taken").unwrap();
+    assert_eq!(recorded.status, RunStatus::Running);
+    assert_eq!(recorded.owner.as_deref(), Some("elsewhere:1:aaaaaaaa"));
+    assert!(taker.resume_state("taken").unwrap().completed.is_empty(), "nap's end was refused");
+}

@@ -261,9 +261,13 @@ async fn poll(store: Arc<dyn Store>, awaited: Weak<Awaited>) {
                 }
             }
         }
+        let Some(strong) = awaited.upgrade() else { return };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             _ = woken.changed() => wait = soon,
+            // A task awaited since the look: its result may have come
+            // before it was awaited, its notice already spent.
+            () = strong.more.notified() => wait = soon,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! renewing, or the coordinator withdrew it), the attempt is stopped and
 //! its result dropped: the store would refuse it anyway.
 
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -66,6 +67,8 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
     let shares = config.tenants.as_deref().map(Tenants::shares).unwrap_or_default();
     let worker = Arc::new(Worker { store, sandbox, config, components: Mutex::new(LruCache::new(COMPONENTS)) });
     let mut running = JoinSet::new();
+    // The queue's task each of them runs.
+    let mut holding: HashMap<tokio::task::Id, i64> = HashMap::new();
     let (soon, most_idle) = if worker.store.signals().shared { (IDLE_WOKEN, IDLE_WOKEN) } else { IDLE };
     let mut idle = soon;
     let mut woken = worker.store.signals().tasks.subscribe();
@@ -87,7 +90,16 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
                     claimed = claims.claims.len();
                     held_back = claims.held_back;
                     for claim in claims.claims {
-                        running.spawn(worker.clone().handle(claim));
+                        // Held here already: the database lost the claim
+                        // it runs under in a crash (claims commit without
+                        // waiting for the disk) and handed the task out
+                        // again, to this worker, under the same token; the
+                        // run going on renews and reports it.
+                        if holding.values().any(|id| *id == claim.id) {
+                            continue;
+                        }
+                        let id = claim.id;
+                        holding.insert(running.spawn(worker.clone().handle(claim)).id(), id);
                     }
                 }
                 Err(err) => {
@@ -105,7 +117,10 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
         }
         let full = running.len() >= worker.config.slots || stop.is_cancelled();
         tokio::select! {
-            Some(_) = running.join_next(), if !running.is_empty() => idle = soon,
+            Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                holding.remove(&done.map_or_else(|err| err.id(), |(id, ())| id));
+                idle = soon;
+            }
             () = tokio::time::sleep(idle), if !full => idle = (idle * 2).min(most_idle),
             Ok(()) = woken.changed(), if !full => idle = soon,
             Ok(()) = freed.changed(), if !full && held_back => idle = soon,
@@ -168,10 +183,16 @@ impl Worker {
             .map_err(|err| fatal(err.to_string()))?
             .map_err(fatal)?;
         if announce {
-            // Unsaid, the coordinator counts the start when the attempt ends.
             let (store, held) = (self.store.clone(), claim.clone());
-            if let Err(err) = blocking(move || store.start(&held)).await.and_then(|started| started) {
-                eprintln!("stepbox worker: cannot say that task {} started: {err}", claim.id);
+            match blocking(move || store.start(&held)).await.and_then(|started| started) {
+                Ok(()) => {}
+                // Another worker holds it now: not run here.
+                Err(err @ StoreError::Fenced { .. }) => {
+                    return Err(Failure::new(FailureKind::Retryable, err.to_string()));
+                }
+                // Unsaid, the coordinator counts the start when the
+                // attempt ends (its rate limit waits that long).
+                Err(err) => eprintln!("stepbox worker: cannot say that task {} started: {err}", claim.id),
             }
         }
         Ok((component, request))

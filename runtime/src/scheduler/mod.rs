@@ -25,7 +25,7 @@ pub use wait::Waits;
 
 use crate::run::{Failure, Run, RunReport, RunStatus, StepPath, StepReport, StepStatus, now_ms};
 use crate::sandbox::{Sandbox, StepComponent};
-use crate::store::{Durable, Journal, ResumeState};
+use crate::store::{Durable, Journal, ResumeState, StoreError};
 use crate::tenant::Tenant;
 use crate::workflow::{Diagnostic, Inputs, Workflow, WorkflowError, template};
 use budget::FuelBudget;
@@ -243,6 +243,7 @@ pub async fn run(
         resume: Arc::new(resume),
         stop,
         stop_error: Arc::new(parking_lot::Mutex::new(None)),
+        interrupt: options.interrupt.clone(),
         fuel: options.tenant.spec.max_run_fuel.map(|fuel| Arc::new(FuelBudget::new(fuel))),
         executions: Arc::default(),
         limits: Arc::new(options.tenant.default_limits()),
@@ -275,7 +276,10 @@ pub async fn run(
             shared.record(|journal, run_id| journal.run_finished(run_id, status, &graph.outputs, error.as_deref()));
         shared.durable(record).await
     };
-    if !recorded {
+    if options.interrupt.is_cancelled() {
+        // Taken over as it ended: its end is the new holder's to record.
+        status = RunStatus::Interrupted;
+    } else if !recorded {
         // The end could not be recorded: the run is not done as far as
         // anyone reading the journal can tell, and a resume finishes it.
         status = RunStatus::Failed;
@@ -320,6 +324,10 @@ pub(crate) struct Base {
     stop: CancellationToken,
     /// Why the run stopped, when it was not a step's doing.
     stop_error: Arc<parking_lot::Mutex<Option<String>>>,
+    /// The caller's [`RunOptions::interrupt`]: cancelled here too when the
+    /// journal refuses the run's records because another process took it
+    /// over, as the lease's heartbeat would at its next renewal.
+    interrupt: CancellationToken,
     /// The run's fuel budget, if its tenant has one.
     fuel: Option<Arc<FuelBudget>>,
     /// Executions the run has created, held to its tenant's
@@ -423,6 +431,14 @@ impl Shared {
         let Some(record) = record else { return true };
         match record.await {
             Ok(()) => true,
+            // Not a failure of the run: it goes on in the process that
+            // took it over, and stops here as interrupted.
+            Err(err @ StoreError::LeaseLost(_)) => {
+                tracing::warn!("the run stopped here because {err}");
+                self.base.interrupt.cancel();
+                self.base.stop.cancel();
+                false
+            }
             Err(err) => {
                 self.stop_run(format!("its journal could not be written: {err}"));
                 false

@@ -27,12 +27,18 @@ pub(super) const CANCELS: &str = "stepbox_cancels";
 /// commit is flushed, so sent inside the transactions that enqueue tasks
 /// and record results it would make all of them, across every process,
 /// flush one after another; sent apart, their commits flush together and
-/// the notice's commit holds the lock for no flush at all. A notice lost
-/// to a crash costs a poll: listeners poll as well.
-pub(super) async fn notify(client: &tokio_postgres::Client, channel: &str) -> Result<(), tokio_postgres::Error> {
-    client
+/// the notice's commit holds the lock for no flush at all. A notice is a
+/// hint: one that fails is reported, not an error of the change it
+/// announces (listeners poll as well, now and then).
+pub(super) async fn notify(client: &tokio_postgres::Client, channel: &str) {
+    let sent = client
         .batch_execute(&format!("BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify('{channel}', ''); COMMIT"))
-        .await
+        .await;
+    if let Err(err) = sent {
+        // Not left inside a failed transaction for the pool's next user.
+        let _ = client.batch_execute("ROLLBACK").await;
+        tracing::warn!("cannot notify {channel}: {err}; its listeners find the change when they next poll");
+    }
 }
 
 /// Listens until the store's runtime shuts down.

@@ -93,13 +93,14 @@ impl Queue for PgStore {
             let inserted = client
                 .query_opt(&insert, &[&task.run_id, &task.key, &attempt, &task.tenant, &text(&task.request)])
                 .await?;
-            match inserted {
-                Some(row) => {
-                    notify(&client, TASKS).await?;
-                    Ok(row.get(0))
-                }
-                None => Ok(client.query_one(&find, &[&task.run_id, &task.key, &attempt]).await?.get(0)),
-            }
+            let id = match inserted {
+                Some(row) => row.get(0),
+                None => client.query_one(&find, &[&task.run_id, &task.key, &attempt]).await?.get(0),
+            };
+            // Also when it was there already: an earlier try's notice may
+            // have been lost with its answer.
+            notify(&client, TASKS).await;
+            Ok(id)
         })
     }
 
@@ -167,7 +168,7 @@ impl Queue for PgStore {
             let completed =
                 client.execute(&complete, &[&held.id, &held.owner, &held.token.cast_signed(), &result]).await?;
             if completed > 0 {
-                notify(&client, RESULTS).await?;
+                notify(&client, RESULTS).await;
             }
             Ok(completed)
         })?;
@@ -178,12 +179,17 @@ impl Queue for PgStore {
         // and its answer was lost.
         let held = claim.clone();
         let mine = self.call(move |client| async move {
-            client
+            let mine = client
                 .query_opt(
                     "SELECT 1 FROM tasks WHERE id = $1 AND token = $2 AND state = 'done'",
                     &[&held.id, &held.token.cast_signed()],
                 )
-                .await
+                .await?;
+            // Its notice may have been lost with the answer.
+            if mine.is_some() {
+                notify(&client, RESULTS).await;
+            }
+            Ok(mine)
         })?;
         if mine.is_some() { Ok(()) } else { Err(StoreError::Fenced { task: claim.id }) }
     }

@@ -48,8 +48,9 @@ pub(super) struct Writer {
 enum Lost {
     /// The database failed it.
     Database { place: Arc<str>, unreachable: bool, detail: String },
-    /// Another process took the run over (see [`Held`]).
-    Lease,
+    /// Another process took over the run from the taking of it with this
+    /// epoch (see [`Held`]); a later taking's records are its own.
+    Lease(Option<u64>),
 }
 
 impl Lost {
@@ -66,7 +67,7 @@ impl Lost {
             Lost::Database { place, unreachable: false, detail } => {
                 StoreError::Database { place: place.to_string(), detail: detail.clone() }
             }
-            Lost::Lease => StoreError::LeaseLost(run_id.to_owned()),
+            Lost::Lease(_) => StoreError::LeaseLost(run_id.to_owned()),
         }
     }
 }
@@ -156,6 +157,13 @@ async fn commit(
     let mut pending = Vec::with_capacity(batch.len());
     for queued in batch {
         match lost.get(&queued.run_id) {
+            Some(Lost::Lease(epoch)) if queued.fence != *epoch => {
+                // Not of the taking that was refused: of a later one (this
+                // process took the run again), or a release, which needs
+                // no lease. Still checked at commit if fenced.
+                lost.remove(&queued.run_id);
+                pending.push(queued);
+            }
             Some(earlier) => {
                 let err = earlier.error(&queued.run_id);
                 outcomes.push((queued, Err(err)));
@@ -171,7 +179,7 @@ async fn commit(
             }
             Ok(fenced) => {
                 let (failed, kept) = pending.into_iter().partition(|queued| fenced.contains(&queued.run_id));
-                outcomes.extend(fail(failed, &Lost::Lease, lost));
+                outcomes.extend(fail(failed, &Lost::Lease(None), lost));
                 pending = kept;
             }
             Err(err @ StoreError::Unreachable { .. }) => {
@@ -194,7 +202,7 @@ async fn commit(
                 outcomes.extend(records.into_iter().map(|queued| (queued, Ok(()))));
                 continue;
             }
-            Ok(_) => Lost::Lease,
+            Ok(_) => Lost::Lease(None),
             Err(err) => Lost::of(&err, place),
         };
         outcomes.extend(fail(records, &failure, lost));
@@ -203,7 +211,8 @@ async fn commit(
 }
 
 /// Fails `records`, each run's with its first failure, which its later
-/// records keep.
+/// records keep (a run taken over, with the epoch of the record's own
+/// taking).
 fn fail(
     records: Vec<Queued>,
     failure: &Lost,
@@ -212,7 +221,11 @@ fn fail(
     records
         .into_iter()
         .map(|queued| {
-            let err = lost.entry(queued.run_id.clone()).or_insert_with(|| failure.clone()).error(&queued.run_id);
+            let failure = match failure {
+                Lost::Lease(_) => Lost::Lease(queued.fence),
+                other => other.clone(),
+            };
+            let err = lost.entry(queued.run_id.clone()).or_insert(failure).error(&queued.run_id);
             (queued, Err(err))
         })
         .collect()

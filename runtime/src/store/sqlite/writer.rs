@@ -51,8 +51,9 @@ struct Ticket {
 enum Lost {
     /// The database failed it.
     Database { code: Option<ErrorCode>, detail: String },
-    /// Another process took the run over (see [`Held`]).
-    Lease,
+    /// Another process took over the run from the taking of it with this
+    /// epoch (see [`Held`]); a later taking's records are its own.
+    Lease(u64),
 }
 
 impl Lost {
@@ -63,7 +64,7 @@ impl Lost {
     fn error(&self, path: &std::path::Path, run_id: &str) -> StoreError {
         match self {
             Lost::Database { code, detail } => StoreError::from_code(path, *code, detail.clone()),
-            Lost::Lease => StoreError::LeaseLost(run_id.to_owned()),
+            Lost::Lease(_) => StoreError::LeaseLost(run_id.to_owned()),
         }
     }
 }
@@ -163,6 +164,13 @@ fn commit(
     let mut pending = Vec::with_capacity(batch.len());
     for queued in batch {
         match lost.get(&queued.ticket.run_id) {
+            Some(Lost::Lease(epoch)) if queued.ticket.fence != Some(*epoch) => {
+                // Not of the taking that was refused: of a later one (this
+                // process took the run again), or a release, which needs
+                // no lease. Still checked at commit if fenced.
+                lost.remove(&queued.ticket.run_id);
+                pending.push(queued);
+            }
             Some(earlier) => outcomes.push((queued.ticket, Err(earlier.clone()))),
             None => pending.push(queued),
         }
@@ -220,7 +228,7 @@ fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<u
             }
         };
         if epoch != Some(fence) {
-            return Err((Some(index), Lost::Lease));
+            return Err((Some(index), Lost::Lease(fence)));
         }
     }
     failpoint!("journal.batch.before-commit");
