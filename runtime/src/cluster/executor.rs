@@ -262,12 +262,20 @@ async fn poll(store: Arc<dyn Store>, awaited: Weak<Awaited>) {
             }
         }
         let Some(strong) = awaited.upgrade() else { return };
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            _ = woken.changed() => wait = soon,
-            // A task awaited since the look: its result may have come
-            // before it was awaited, its notice already spent.
-            () = strong.more.notified() => wait = soon,
+        let mut until = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => break,
+                _ = woken.changed() => {
+                    wait = soon;
+                    break;
+                }
+                // A task awaited since the look: its result may have come
+                // before it was awaited, its notice already spent. Looked
+                // for soon, not at once: under load the next notice comes
+                // first, and a look per task would cost a query per step.
+                () = strong.more.notified() => until = until.min(tokio::time::Instant::now() + POLL.1),
+            }
         }
     }
 }
