@@ -108,7 +108,7 @@ impl QueueExecutor {
                 started();
                 return result;
             }
-            () = self.claimed(id) => started(),
+            () = self.started_on_worker(id) => started(),
         }
         outcome.await
     }
@@ -117,7 +117,7 @@ impl QueueExecutor {
     /// (or it finished). Starts are not announced, so it looks often at
     /// first, then less; only an attempt whose component has a rate limit is
     /// watched.
-    async fn claimed(&self, id: i64) {
+    async fn started_on_worker(&self, id: i64) {
         let mut wait = POLL.0;
         loop {
             let store = self.store.clone();

@@ -430,7 +430,8 @@ async fn attempt_once(
         shared.emit(RunEvent::AttemptStarted { path: path.clone(), attempt: number });
         failpoint!("attempt.before-run");
         // The rate limit counts the start as it happens where the attempt
-        // runs: on a worker, when one claims it, however long it queued.
+        // runs: on a worker, when the worker says so, however long it
+        // queued.
         let started = turn.map(|turn| Box::new(move || turn.start()) as Started<'_>);
         let attempt = shared.base.executor.run(component, attempt, started).await;
         // Its effects are done; its end is not recorded yet.

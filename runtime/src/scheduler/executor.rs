@@ -54,7 +54,8 @@ pub type Started<'a> = Box<dyn FnOnce() + Send + 'a>;
 pub trait Executor: Send + Sync {
     /// Runs `attempt` of `component`; dropping the future stops it. Calls
     /// `started`, when given, as the attempt starts to run (on a worker,
-    /// once one claims it), or if it ends without being seen to start.
+    /// once the worker says so), or if it ends without being seen to
+    /// start.
     fn run<'a>(&'a self, component: &'a StepComponent, attempt: Prepared, started: Option<Started<'a>>) -> Running<'a>;
 
     /// Waits for attempt `attempt` of execution `key` of run `run_id`, which

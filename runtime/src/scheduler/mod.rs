@@ -264,9 +264,8 @@ pub async fn run(
     if error.is_some() {
         status = RunStatus::Failed;
     }
+    // Not finished: what it did is recorded, and a resume goes on.
     let recorded = if options.interrupt.is_cancelled() {
-        // Not finished: what it did is recorded, and a resume goes on.
-        status = RunStatus::Interrupted;
         true
     } else if status == RunStatus::Waiting {
         let record = shared.record(|journal, run_id| journal.run_parked(run_id));
@@ -277,7 +276,8 @@ pub async fn run(
         shared.durable(record).await
     };
     if options.interrupt.is_cancelled() {
-        // Taken over as it ended: its end is the new holder's to record.
+        // Interrupted, or taken over as it ended: its end is for whoever
+        // takes it up to record.
         status = RunStatus::Interrupted;
     } else if !recorded {
         // The end could not be recorded: the run is not done as far as

@@ -5,7 +5,7 @@
 //! one fails every later one of the run fails (until its last record), so
 //! awaiting one record vouches for all before it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -281,13 +281,13 @@ async fn write_once(pool: &Pool, place: &str, records: &[&Queued]) -> Result<Vec
     for sql in super::journal::STATEMENTS {
         tx.prepare_cached(sql).await.map_err(err)?;
     }
-    let fenced: Vec<&str> = {
-        let mut runs: Vec<&str> =
-            records.iter().filter(|queued| queued.fence.is_some()).map(|queued| queued.run_id.as_str()).collect();
-        runs.sort_unstable();
-        runs.dedup();
-        runs
-    };
+    let fenced: Vec<&str> = records
+        .iter()
+        .filter(|queued| queued.fence.is_some())
+        .map(|queued| queued.run_id.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     // Sent behind the records, in the same round trip. The lock it takes
     // keeps the epochs it read until the commit: a process taking a run
     // over waits for it (`acquire_lease` locks the row for update).
@@ -301,18 +301,16 @@ async fn write_once(pool: &Pool, place: &str, records: &[&Queued]) -> Result<Vec
     let writes = futures_util::future::try_join_all(records.iter().map(|queued| queued.record.write(&tx)));
     let (_, epochs) = futures_util::future::try_join(writes, epochs).await.map_err(err)?;
     let epochs: HashMap<&str, i64> = epochs.iter().map(|row| (row.get(0), row.get(1))).collect();
-    let mut taken_over: Vec<String> = records
+    let taken_over: BTreeSet<&str> = records
         .iter()
         .filter(|queued| {
             queued.fence.is_some_and(|fence| epochs.get(queued.run_id.as_str()) != Some(&fence.cast_signed()))
         })
-        .map(|queued| queued.run_id.clone())
+        .map(|queued| queued.run_id.as_str())
         .collect();
     if !taken_over.is_empty() {
-        taken_over.sort_unstable();
-        taken_over.dedup();
         // Rolled back as it drops.
-        return Ok(taken_over);
+        return Ok(taken_over.into_iter().map(str::to_owned).collect());
     }
     failpoint!("journal.batch.record-written");
     failpoint!("journal.batch.before-commit");

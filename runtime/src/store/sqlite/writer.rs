@@ -219,8 +219,8 @@ fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<u
             Some(epoch) => *epoch,
             None => {
                 let epoch = tx
-                    .query_row("SELECT lease_epoch FROM runs WHERE id = ?1", [run_id], |row| row.get::<_, i64>(0))
-                    .optional()
+                    .prepare_cached("SELECT lease_epoch FROM runs WHERE id = ?1")
+                    .and_then(|mut statement| statement.query_row([run_id], |row| row.get::<_, i64>(0)).optional())
                     .map_err(|err| (Some(index), Lost::of(&err)))?
                     .map(i64::cast_unsigned);
                 epochs.insert(run_id, epoch);
