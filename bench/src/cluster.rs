@@ -23,6 +23,9 @@ use crate::measure::{MachineCpu, percentile};
 
 /// Slots of each worker.
 pub const SLOTS: usize = 4;
+/// Reserve slots of each worker, as `stepbox worker` has by default (one
+/// tenant here, so they stay free).
+const RESERVE: usize = SLOTS.div_ceil(4);
 /// How long each I/O-bound step waits in a host call.
 pub const WAIT_MS: u64 = 20;
 
@@ -60,12 +63,13 @@ impl Worker {
         let store: Arc<dyn Store> = Arc::new(PgStore::open(url)?);
         let engine = EngineConfig {
             data_dir: Some(data_dir.to_owned()),
-            max_concurrent_attempts: SLOTS as u32,
+            max_concurrent_attempts: (SLOTS + RESERVE) as u32,
             ..EngineConfig::default()
         };
         let sandbox = Sandbox::new(engine, store.key_values())?;
         let config = WorkerConfig {
             slots: SLOTS,
+            reserve: RESERVE,
             lease: Duration::from_secs(5),
             owner: format!("bench-worker-{n}"),
             tenants: None,

@@ -25,6 +25,9 @@ pub(crate) struct WorkerArgs {
     /// Attempts run at once, 1 to 4096 [default: twice the CPU cores, at least 4].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     slots: Option<u32>,
+    /// Attempts run at once beyond --slots, only for tenants holding fewer (per weight) across the cluster than the busiest tenant: a tenant arriving while another keeps every slot busy starts at once instead of waiting for those attempts to end. 0 to 4096 [default: a quarter of the slots, at least 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=4096))]
+    reserve: Option<u32>,
     /// How long a claim holds without renewal (renewed every third of it): a worker that stops (killed, paused, cut off) loses its attempts to another after it. At least 300ms.
     #[arg(long, default_value = "5s", value_name = "DURATION")]
     lease: humantime::Duration,
@@ -40,14 +43,19 @@ pub(crate) async fn worker(args: WorkerArgs, place: &Place<'_>) -> Result<u8, Cl
     }
     let tenants = place.tenants.map(Tenants::load).transpose()?.map(Arc::new);
     let slots = args.slots.map_or_else(default_max_parallel, |n| n as usize);
+    let reserve = args.reserve.map_or_else(|| slots.div_ceil(4), |n| n as usize);
     let db = open_database(place)?;
     let config = EngineConfig {
-        max_concurrent_attempts: u32::try_from(slots).unwrap_or(u32::MAX),
+        // Host memory and instances are shared out among all it may run.
+        max_concurrent_attempts: u32::try_from(slots + reserve).unwrap_or(u32::MAX),
         ..engine_config(place.data_dir)
     };
     let sandbox = sandbox_with_kv(config, db.key_values())?;
     let owner = this_owner().to_owned();
-    eprintln!("stepbox worker {owner}: running up to {slots} attempts at once from {}", db.place());
+    eprintln!(
+        "stepbox worker {owner}: running up to {slots} attempts at once, {reserve} more for tenants below the busiest, from {}",
+        db.place()
+    );
     let stop = CancellationToken::new();
     let stopping = stop.clone();
     tokio::spawn(async move {
@@ -55,7 +63,8 @@ pub(crate) async fn worker(args: WorkerArgs, place: &Place<'_>) -> Result<u8, Cl
         eprintln!("stepbox worker: stopping; finishing the attempts held");
         stopping.cancel();
     });
-    let config = WorkerConfig { slots, lease, owner, tenants, secrets_dir: place.secrets_dir.map(ToOwned::to_owned) };
+    let config =
+        WorkerConfig { slots, reserve, lease, owner, tenants, secrets_dir: place.secrets_dir.map(ToOwned::to_owned) };
     work(db, sandbox, config, stop).await;
     Ok(0)
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::wire::{TaskRequest, TaskResult};
 use crate::run::{Attempt, Failure, FailureKind, now_ms};
 use crate::sandbox::{Sandbox, StepComponent};
-use crate::store::{Claim, Claimed, Shares, Store, StoreError};
+use crate::store::{Claim, Claimed, Room, Shares, Store, StoreError};
 use crate::tenant::{Tenant, Tenants};
 
 /// How often an idle worker looks for work: at first often, then less
@@ -39,6 +39,10 @@ const COMPONENTS: NonZeroUsize = NonZeroUsize::new(64).unwrap();
 pub struct WorkerConfig {
     /// Attempts run at once.
     pub slots: usize,
+    /// Attempts run at once beyond `slots`, for tenants holding less than
+    /// the busiest one only ([`Room`]): a newcomer starts at once beside a
+    /// tenant that keeps every slot busy.
+    pub reserve: usize,
     /// How long a claim holds without renewal: after it, another worker
     /// may take the task.
     pub lease: Duration,
@@ -67,8 +71,8 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
     let shares = config.tenants.as_deref().map(Tenants::shares).unwrap_or_default();
     let worker = Arc::new(Worker { store, sandbox, config, components: Mutex::new(LruCache::new(COMPONENTS)) });
     let mut running = JoinSet::new();
-    // The queue's task each of them runs.
-    let mut holding: HashMap<tokio::task::Id, i64> = HashMap::new();
+    // The queue's task each of them runs, and its tenant.
+    let mut holding: HashMap<tokio::task::Id, (i64, String)> = HashMap::new();
     let (soon, most_idle) = if worker.store.signals().shared { (IDLE_WOKEN, IDLE_WOKEN) } else { IDLE };
     let mut idle = soon;
     let mut woken = worker.store.signals().tasks.subscribe();
@@ -78,28 +82,43 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
     // claims, one at a time, that slowed every worker).
     let mut freed = worker.store.signals().results.subscribe();
     let mut held_back = false;
+    // With its own slots full, the worker claims for its reserve only when
+    // a tenant other than the one keeping it busy may have tasks waiting:
+    // on every enqueue of that one, it would claim in vain.
+    let mut announced = worker.store.signals().tenants.subscribe();
+    let mut newcomer = false;
     loop {
         // Seen before claiming, so a task enqueued meanwhile wakes us.
         woken.borrow_and_update();
         freed.borrow_and_update();
-        let free = worker.config.slots.saturating_sub(running.len());
+        loop {
+            match announced.try_recv() {
+                Ok(tenant) => newcomer |= new_to(&holding, tenant.as_deref()),
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => newcomer = true,
+                Err(_) => break,
+            }
+        }
+        let room = worker.room(running.len());
         let mut claimed = 0;
-        if free > 0 && !stop.is_cancelled() {
-            match worker.claim(free, &shares).await {
+        if (room.general > 0 || (room.reserve > 0 && newcomer)) && !stop.is_cancelled() {
+            newcomer = false;
+            match worker.claim(room, &shares).await {
                 Ok(claims) => {
                     claimed = claims.claims.len();
                     held_back = claims.held_back;
+                    // The reserve filled up: the newcomer may have more.
+                    newcomer = claimed > room.general && claimed == room.total();
                     for claim in claims.claims {
                         // Held here already: the database lost the claim
                         // it runs under in a crash (claims commit without
                         // waiting for the disk) and handed the task out
                         // again, to this worker, under the same token; the
                         // run going on renews and reports it.
-                        if holding.values().any(|id| *id == claim.id) {
+                        if holding.values().any(|(id, _)| *id == claim.id) {
                             continue;
                         }
-                        let id = claim.id;
-                        holding.insert(running.spawn(worker.clone().handle(claim)).id(), id);
+                        let held = (claim.id, claim.task.tenant.clone());
+                        holding.insert(running.spawn(worker.clone().handle(claim)).id(), held);
                     }
                 }
                 Err(err) => {
@@ -115,25 +134,56 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
             idle = soon;
             continue;
         }
-        let full = running.len() >= worker.config.slots || stop.is_cancelled();
+        let stopping = stop.is_cancelled();
+        let room = worker.room(running.len());
+        let (full, reserve_only) = (room.general == 0 || stopping, room.general == 0 && room.reserve > 0 && !stopping);
         tokio::select! {
             Some(done) = running.join_next_with_id(), if !running.is_empty() => {
                 holding.remove(&done.map_or_else(|err| err.id(), |(id, ())| id));
                 idle = soon;
             }
-            () = tokio::time::sleep(idle), if !full => idle = (idle * 2).min(most_idle),
+            // Also with only the reserve free: now and then, a look for
+            // tenants whose notices were missed.
+            () = tokio::time::sleep(idle), if !full || reserve_only => {
+                idle = (idle * 2).min(most_idle);
+                newcomer |= reserve_only;
+            }
             Ok(()) = woken.changed(), if !full => idle = soon,
             Ok(()) = freed.changed(), if !full && held_back => idle = soon,
-            () = stop.cancelled(), if !stop.is_cancelled() => {}
+            heard = announced.recv(), if reserve_only => {
+                newcomer |= heard.map_or(true, |tenant| new_to(&holding, tenant.as_deref()));
+            }
+            () = stop.cancelled(), if !stopping => {}
         }
     }
 }
 
+/// Whether new tasks of `tenant` (`None`: of any tenant) may be for this
+/// worker's reserve: it is not the tenant this worker runs most of (the
+/// reserve's rule for the whole cluster, as this worker sees it).
+fn new_to(holding: &HashMap<tokio::task::Id, (i64, String)>, tenant: Option<&str>) -> bool {
+    let Some(tenant) = tenant else { return true };
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for (_, held) in holding.values() {
+        *counts.entry(held).or_default() += 1;
+    }
+    counts.get(tenant).copied().unwrap_or(0) < counts.values().copied().max().unwrap_or(0)
+}
+
 impl Worker {
-    async fn claim(&self, max: usize, shares: &Shares) -> Result<Claimed, StoreError> {
+    /// The room for claims while `running` attempts run.
+    fn room(&self, running: usize) -> Room {
+        let slots = self.config.slots;
+        Room {
+            general: slots.saturating_sub(running),
+            reserve: slots.saturating_add(self.config.reserve).saturating_sub(running.max(slots)),
+        }
+    }
+
+    async fn claim(&self, room: Room, shares: &Shares) -> Result<Claimed, StoreError> {
         let (store, owner, lease, shares) =
             (self.store.clone(), self.config.owner.clone(), self.config.lease, shares.clone());
-        blocking(move || store.claim(&owner, max, lease, &shares)).await?
+        blocking(move || store.claim(&owner, room, lease, &shares)).await?
     }
 
     /// Runs one claimed attempt while renewing its claim, and reports it.

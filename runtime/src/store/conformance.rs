@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use stepbox_tests::postgres::TestDatabase;
 
-use super::{Database, PgStore, RunFilter, Shares, Started, Store, StoreError, Task, TaskState, TokenRecord, wait};
+use super::{
+    Database, PgStore, Room, RunFilter, Shares, Started, Store, StoreError, Task, TaskState, TokenRecord, wait,
+};
 use crate::run::{Attempt, Failure, FailureKind, Outcome, Run, RunStatus, StepPath, StepReport, StepStatus};
 
 /// A backend, and what keeps it alive (its directory, its database).
@@ -251,20 +253,25 @@ fn a_holder_that_lost_its_lease_records_nothing_more_of_the_run() {
     }
 }
 
+/// Returns once a store that hears other processes' events (PostgreSQL)
+/// listens: its listener raises the queue's signals then.
+fn listening(store: &dyn Store, name: &str) {
+    if store.signals().shared {
+        let listening = store.signals().tasks.subscribe();
+        let started = std::time::Instant::now();
+        while *listening.borrow() == 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "{name}: the listener never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 #[test]
 fn a_cancel_asked_of_a_running_run_reaches_its_holder_and_ends_with_the_run() {
     for backend in backends() {
         let store = &*backend.store;
         let name = backend.name;
-        if store.signals().shared {
-            // The listener raises the queue's signals once it listens.
-            let listening = store.signals().tasks.subscribe();
-            let started = std::time::Instant::now();
-            while *listening.borrow() == 0 {
-                assert!(started.elapsed() < Duration::from_secs(10), "{name}: the listener never listened");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
+        listening(store, name);
         let mut heard = store.signals().cancels.subscribe();
         let (mine, durable) = store.create_run(&run("r", "t", &[]), &Value::Null);
         wait(durable).unwrap();
@@ -506,14 +513,17 @@ fn a_task_is_enqueued_once_claimed_once_and_completed_by_its_holder() {
         assert_eq!(store.enqueue(&task("r", "r/a", "t")).unwrap(), id, "{name}: the same attempt is one task");
         assert_eq!(store.task_state(id).unwrap(), TaskState::Ready, "{name}");
         let ttl = Duration::from_secs(30);
-        let claims = store.claim("w1", 10, ttl, &Shares::default()).unwrap().claims;
+        let claims = store.claim("w1", Room::general(10), ttl, &Shares::default()).unwrap().claims;
         assert_eq!(claims.len(), 1, "{name}");
         let claim = &claims[0];
         assert_eq!(
             (claim.id, claim.token, claim.claims, claim.task.request.clone()),
             (id, 1, 1, json!({"key": "r/a"}))
         );
-        assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().claims.is_empty(), "{name}: held");
+        assert!(
+            store.claim("w2", Room::general(10), ttl, &Shares::default()).unwrap().claims.is_empty(),
+            "{name}: held"
+        );
         assert!(
             matches!(store.task_state(id).unwrap(), TaskState::Claimed { owner, started: false, .. } if owner == "w1"),
             "{name}"
@@ -523,7 +533,10 @@ fn a_task_is_enqueued_once_claimed_once_and_completed_by_its_holder() {
         store.renew(claim, ttl).unwrap();
         store.complete(claim, &json!({"ok": true})).unwrap();
         assert_eq!(store.task_state(id).unwrap(), TaskState::Done(json!({"ok": true})), "{name}");
-        assert!(store.claim("w2", 10, ttl, &Shares::default()).unwrap().claims.is_empty(), "{name}: done");
+        assert!(
+            store.claim("w2", Room::general(10), ttl, &Shares::default()).unwrap().claims.is_empty(),
+            "{name}: done"
+        );
         // Again by its holder (an answer was lost): accepted, the first
         // result stands.
         store.complete(claim, &json!(1)).unwrap();
@@ -539,10 +552,18 @@ fn a_worker_that_lost_its_claim_cannot_renew_or_complete_and_the_task_is_claimed
         let name = backend.name;
         created(store, &run("r", "t", &[]));
         let id = store.enqueue(&task("r", "r/a", "t")).unwrap();
-        let paused = store.claim("paused", 1, Duration::from_millis(1), &Shares::default()).unwrap().claims.remove(0);
+        let paused = store
+            .claim("paused", Room::general(1), Duration::from_millis(1), &Shares::default())
+            .unwrap()
+            .claims
+            .remove(0);
         store.start(&paused).unwrap();
         std::thread::sleep(Duration::from_millis(5));
-        let taken = store.claim("alive", 1, Duration::from_secs(30), &Shares::default()).unwrap().claims.remove(0);
+        let taken = store
+            .claim("alive", Room::general(1), Duration::from_secs(30), &Shares::default())
+            .unwrap()
+            .claims
+            .remove(0);
         assert_eq!((taken.id, taken.token, taken.claims), (id, 2, 2), "{name}: claimed again, counted");
         assert!(matches!(store.start(&paused), Err(StoreError::Fenced { .. })), "{name}");
         assert!(
@@ -564,14 +585,14 @@ fn results_are_read_until_their_run_finishes() {
         created(store, &run("r", "t", &[]));
         let ttl = Duration::from_secs(30);
         let (a, b) = (store.enqueue(&task("r", "r/a", "t")).unwrap(), store.enqueue(&task("r", "r/b", "t")).unwrap());
-        let claims = store.claim("w", 2, ttl, &Shares::default()).unwrap().claims;
+        let claims = store.claim("w", Room::general(2), ttl, &Shares::default()).unwrap().claims;
         assert_eq!(claims.iter().map(|c| c.id).collect::<Vec<_>>(), [a, b], "{name}");
         store.complete(&claims[0], &json!({"out": "a"})).unwrap();
         assert_eq!(store.results(&[a, b, a + 1000]).unwrap(), [(a, json!({"out": "a"}))], "{name}: only the done one");
         assert_eq!(store.results(&[a]).unwrap(), [(a, json!({"out": "a"}))], "{name}: it stays");
         assert!(store.results(&[]).unwrap().is_empty(), "{name}");
         assert!(
-            store.claim("w2", 10, ttl, &Shares::default()).unwrap().claims.is_empty(),
+            store.claim("w2", Room::general(10), ttl, &Shares::default()).unwrap().claims.is_empty(),
             "{name}: done is never claimed"
         );
     }
@@ -586,7 +607,7 @@ fn a_run_taken_over_finds_its_tasks_and_a_finished_one_leaves_none_and_fences_th
         created(store, &run("s", "t", &[]));
         let ttl = Duration::from_secs(30);
         let first = store.enqueue(&task("r", "r/a", "t")).unwrap();
-        let held = store.claim("old", 1, ttl, &Shares::default()).unwrap().claims.remove(0);
+        let held = store.claim("old", Room::general(1), ttl, &Shares::default()).unwrap().claims.remove(0);
         let second = store.enqueue(&task("r", "r/b", "t")).unwrap();
         let other = store.enqueue(&task("s", "s/a", "t")).unwrap();
         assert_eq!(store.find_task("r", "r/a", 1).unwrap(), Some(first), "{name}: held, it is found");
@@ -594,14 +615,19 @@ fn a_run_taken_over_finds_its_tasks_and_a_finished_one_leaves_none_and_fences_th
         assert_eq!(store.find_task("r", "r/a", 2).unwrap(), None, "{name}: another attempt's");
         store.complete(&held, &json!("done")).unwrap();
         assert_eq!(store.find_task("r", "r/a", 1).unwrap(), Some(first), "{name}: done, it is found");
-        let held = store.claim("old", 1, ttl, &Shares::default()).unwrap().claims.remove(0);
+        let held = store.claim("old", Room::general(1), ttl, &Shares::default()).unwrap().claims.remove(0);
         assert_eq!(held.id, second, "{name}");
         wait(store.run_finished("r", RunStatus::Failed, &serde_json::Map::new(), None)).unwrap();
         assert_eq!(store.find_task("r", "r/a", 1).unwrap(), None, "{name}");
         assert!(matches!(store.renew(&held, ttl), Err(StoreError::Fenced { .. })), "{name}");
         assert!(matches!(store.complete(&held, &json!(1)), Err(StoreError::Fenced { .. })), "{name}");
-        let left: Vec<i64> =
-            store.claim("new", 10, ttl, &Shares::default()).unwrap().claims.iter().map(|c| c.id).collect();
+        let left: Vec<i64> = store
+            .claim("new", Room::general(10), ttl, &Shares::default())
+            .unwrap()
+            .claims
+            .iter()
+            .map(|c| c.id)
+            .collect();
         assert_eq!(left, [other], "{name}: only the other run's task is left");
     }
 }
@@ -632,7 +658,7 @@ fn workers_claiming_at_once_never_share_a_task_and_tenants_take_turns() {
             store.enqueue(&task("small", &format!("small/s[{n}]"), "small")).unwrap();
         }
         // The first claim already serves the small tenant: turns, not age.
-        let first = store.claim("w0", 4, Duration::from_secs(30), &Shares::default()).unwrap().claims;
+        let first = store.claim("w0", Room::general(4), Duration::from_secs(30), &Shares::default()).unwrap().claims;
         let small = first.iter().filter(|claim| claim.task.tenant == "small").count();
         assert_eq!(small, 2, "{name}: {first:?}");
         let workers: Vec<_> = (1..=4)
@@ -642,7 +668,7 @@ fn workers_claiming_at_once_never_share_a_task_and_tenants_take_turns() {
                     let mut ids = Vec::new();
                     loop {
                         let claims = store
-                            .claim(&format!("w{worker}"), 5, Duration::from_secs(30), &Shares::default())
+                            .claim(&format!("w{worker}"), Room::general(5), Duration::from_secs(30), &Shares::default())
                             .unwrap()
                             .claims;
                         if claims.is_empty() {
@@ -681,14 +707,67 @@ fn a_tenants_ceiling_holds_across_every_worker() {
             ..Shares::default()
         };
         let ttl = Duration::from_secs(30);
-        let one = store.claim("w1", 2, ttl, &shares).unwrap();
-        let two = store.claim("w2", 5, ttl, &shares).unwrap();
+        let one = store.claim("w1", Room::general(2), ttl, &shares).unwrap();
+        let two = store.claim("w2", Room::general(5), ttl, &shares).unwrap();
         assert_eq!((one.claims.len(), two.claims.len()), (2, 1), "{name}: three at once, whoever asks");
         // The first was full; the second had room the ceiling kept empty,
         // so it looks again when a task completes.
         assert_eq!((one.held_back, two.held_back), (false, true), "{name}");
         store.complete(&one.claims[0], &json!(null)).unwrap();
-        assert_eq!(store.claim("w3", 5, ttl, &shares).unwrap().claims.len(), 1, "{name}: one finished, one more");
+        assert_eq!(
+            store.claim("w3", Room::general(5), ttl, &shares).unwrap().claims.len(),
+            1,
+            "{name}: one finished, one more"
+        );
+    }
+}
+
+#[test]
+fn the_reserve_lets_a_newcomer_in_beside_a_busy_tenant_across_workers() {
+    for backend in backends() {
+        let store = &*backend.store;
+        let name = backend.name;
+        created(store, &run("big", "big", &[]));
+        created(store, &run("small", "small", &[]));
+        for n in 0..8 {
+            store.enqueue(&task("big", &format!("big/s[{n}]"), "big")).unwrap();
+        }
+        let (ttl, shares) = (Duration::from_secs(30), Shares::default());
+        let full = Room { general: 0, reserve: 2 };
+        // Two workers' slots full of the big tenant; their reserve stays
+        // free of it.
+        assert_eq!(store.claim("w1", Room::general(2), ttl, &shares).unwrap().claims.len(), 2, "{name}");
+        assert_eq!(store.claim("w2", Room::general(2), ttl, &shares).unwrap().claims.len(), 2, "{name}");
+        assert!(
+            store.claim("w1", full, ttl, &shares).unwrap().claims.is_empty(),
+            "{name}: the busiest gets no reserve"
+        );
+        listening(store, name);
+        let mut announced = store.signals().tenants.subscribe();
+        for n in 0..5 {
+            store.enqueue(&task("small", &format!("small/s[{n}]"), "small")).unwrap();
+        }
+        // Workers hear whose tasks came (PostgreSQL: through the listener).
+        let started = std::time::Instant::now();
+        loop {
+            match announced.try_recv() {
+                Ok(Some(tenant)) if &*tenant == "small" => break,
+                Ok(_) => {}
+                Err(_) if started.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(10)),
+                Err(err) => panic!("{name}: the newcomer was not announced: {err}"),
+            }
+        }
+        // The newcomer goes in at once, on either worker, until it holds
+        // as many as the big tenant.
+        let one = store.claim("w1", full, ttl, &shares).unwrap().claims;
+        let two = store.claim("w2", full, ttl, &shares).unwrap().claims;
+        let tenants: Vec<&str> = one.iter().chain(&two).map(|claim| claim.task.tenant.as_str()).collect();
+        assert_eq!(tenants, ["small"; 4], "{name}");
+        let mut more = store.claim("w3", Room { general: 0, reserve: 5 }, ttl, &shares).unwrap().claims;
+        assert!(more.is_empty(), "{name}: level with the busiest, no more reserve: {more:?}");
+        // A general slot takes whoever holds least (level: the older task).
+        more = store.claim("w3", Room::general(1), ttl, &shares).unwrap().claims;
+        assert_eq!(more.len(), 1, "{name}");
     }
 }
 

@@ -36,7 +36,7 @@ use crate::run::{Attempt, Run, RunReport, RunStatus, StepPath, StepReport};
 pub use lease::{Heartbeat, LEASE_TTL, Lease, Renewed, is_gone, this_owner};
 pub use memory::MemoryKeyValueStore;
 pub use postgres::{PG_SCHEMA_VERSION, PgKeyValues, PgStore};
-pub use queue::{Claim, Claimed, Queue, Shares, Signals, Task, TaskState};
+pub use queue::{Claim, Claimed, Queue, Room, Shares, Signals, Task, TaskState};
 pub use registry::{Registry, Started, TokenRecord, WorkflowVersion};
 pub use sqlite::{DATABASE_FILE, Database, KV_FILE, KeyValueDatabase, SCHEMA_VERSION};
 

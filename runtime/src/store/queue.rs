@@ -11,6 +11,7 @@
 //! none gets more than its `max_concurrent` at once.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -87,6 +88,11 @@ impl Shares {
 pub struct Signals {
     /// Rises when a task is enqueued.
     pub tasks: tokio::sync::watch::Sender<u64>,
+    /// The tenant of each task enqueued, or `None` when tasks of any tenant
+    /// may have been (notices were missed): a worker whose own slots are
+    /// full looks for a claim for its reserve ([`Room`]) only when a
+    /// tenant it does not run has new tasks.
+    pub tenants: tokio::sync::broadcast::Sender<Option<Arc<str>>>,
     /// Rises when a task is completed.
     pub results: tokio::sync::watch::Sender<u64>,
     /// The ids of runs whose cancel was asked for
@@ -101,6 +107,9 @@ impl Signals {
         Signals {
             tasks: tokio::sync::watch::Sender::new(0),
             results: tokio::sync::watch::Sender::new(0),
+            // A worker that falls this far behind looks as if any tenant
+            // had new tasks.
+            tenants: tokio::sync::broadcast::Sender::new(256),
             // A holder that falls this far behind renews its lease to look.
             cancels: tokio::sync::broadcast::Sender::new(64),
             shared,
@@ -112,8 +121,10 @@ impl Signals {
         let _ = self.cancels.send(run_id.to_owned());
     }
 
-    pub(crate) fn task(&self) {
+    pub(crate) fn task(&self, tenant: Option<&str>) {
         self.tasks.send_modify(|count| *count = count.wrapping_add(1));
+        // No worker listening is fine.
+        let _ = self.tenants.send(tenant.map(Arc::from));
     }
 
     pub(crate) fn result(&self) {
@@ -144,10 +155,11 @@ pub trait Queue: Send + Sync {
     /// Adds `task`, unless the queue already has the same attempt of the
     /// same execution: its id either way.
     fn enqueue(&self, task: &Task) -> Result<i64, StoreError>;
-    /// Claims up to `max` tasks for `owner` for `ttl`: ready ones, and ones
+    /// Claims up to `room` tasks for `owner` for `ttl`: ready ones, and ones
     /// whose claim expired. Claims are handed out one transaction at a time
-    /// across every process, so `shares` hold for the whole queue.
-    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Claimed, StoreError>;
+    /// across every process, so `shares` and the reserve hold for the whole
+    /// queue.
+    fn claim(&self, owner: &str, room: Room, ttl: Duration, shares: &Shares) -> Result<Claimed, StoreError>;
     /// Extends `claim` by `ttl` from now; [`StoreError::Fenced`] if the
     /// task was claimed again since.
     fn renew(&self, claim: &Claim, ttl: Duration) -> Result<(), StoreError>;
@@ -182,42 +194,81 @@ pub(crate) struct Candidate {
     pub(crate) tenant: String,
 }
 
-/// Picks up to `max` of `candidates` (each tenant's in queue order): every
-/// pick goes to the tenant with the least held per unit of weight (what it
-/// `holds` already, plus what it was picked here), never one at its
-/// `max_concurrent`; ties go to the older task. Also says whether fewer
-/// than `max` were picked while a tenant at its ceiling had more
-/// ([`Claimed::held_back`]).
+/// How many tasks a claim may take: `general` for any tenant, and
+/// `reserve` more only for tenants holding less per unit of weight than the
+/// busiest tenant. A worker keeps a few slots beyond its own for that
+/// reserve, so a tenant arriving at a cluster that another tenant keeps busy
+/// starts at once, instead of waiting for the busy tenant's attempts to end
+/// (they are never taken away: stopping an attempt wastes its work and may
+/// repeat its effects). The reserve fills only while tenants are out of
+/// balance: the freed slots go to whoever holds least, and a tenant alone
+/// never holds less than the busiest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Room {
+    /// Slots for any tenant.
+    pub general: usize,
+    /// Slots for a tenant below the busiest only.
+    pub reserve: usize,
+}
+
+impl Room {
+    /// Room for `general` tasks of any tenant, and no reserve.
+    pub fn general(general: usize) -> Self {
+        Room { general, reserve: 0 }
+    }
+
+    /// Every task it could take.
+    pub fn total(self) -> usize {
+        self.general.saturating_add(self.reserve)
+    }
+}
+
+/// Picks up to `room` of `candidates` (each tenant's in queue order):
+/// every pick goes to the tenant with the least held per unit of weight
+/// (what it `holds` already, plus what it was picked here), never one at
+/// its `max_concurrent`; ties go to the older task. Past `room.general`,
+/// picks go only to tenants below the busiest one (see [`Room`]). Also says
+/// whether fewer than `room.general` were picked while a tenant at its
+/// ceiling had more ([`Claimed::held_back`]).
 pub(crate) fn fair_pick(
     candidates: Vec<Candidate>,
     holds: &HashMap<String, usize>,
     shares: &Shares,
-    max: usize,
+    room: Room,
 ) -> (Vec<i64>, bool) {
     let mut queues: HashMap<String, VecDeque<i64>> = HashMap::new();
     for candidate in candidates {
         queues.entry(candidate.tenant).or_default().push_back(candidate.id);
     }
-    let mut load: HashMap<String, usize> =
-        queues.keys().map(|tenant| (tenant.clone(), holds.get(tenant).copied().unwrap_or(0))).collect();
+    // Every tenant holding tasks or with tasks to take, by what it holds.
+    let mut load: HashMap<String, usize> = holds.clone();
+    for tenant in queues.keys() {
+        load.entry(tenant.clone()).or_default();
+    }
+    let per_weight =
+        |load: &HashMap<String, usize>, tenant: &str| load[tenant] as f64 / f64::from(shares.of(tenant).weight.max(1));
     let mut picked = Vec::new();
-    while picked.len() < max {
+    while picked.len() < room.total() {
         let next = queues
             .iter()
             .filter(|(tenant, queue)| !queue.is_empty() && load[*tenant] < shares.of(tenant).max_concurrent)
-            .min_by(|(a, qa), (b, qb)| {
-                let per_weight = |tenant: &str| load[tenant] as f64 / f64::from(shares.of(tenant).weight.max(1));
-                per_weight(a).total_cmp(&per_weight(b)).then(qa[0].cmp(&qb[0]))
-            })
+            .min_by(|(a, qa), (b, qb)| per_weight(&load, a).total_cmp(&per_weight(&load, b)).then(qa[0].cmp(&qb[0])))
             .map(|(tenant, _)| tenant.clone());
         let Some(tenant) = next else { break };
+        if picked.len() >= room.general {
+            let busiest = load.keys().map(|other| per_weight(&load, other)).fold(0.0, f64::max);
+            if per_weight(&load, &tenant) >= busiest {
+                break;
+            }
+        }
         if let Some(id) = queues.get_mut(&tenant).and_then(VecDeque::pop_front) {
             picked.push(id);
             *load.entry(tenant).or_default() += 1;
         }
     }
-    // Fewer than `max`: every tenant with tasks left is at its ceiling.
-    let held_back = picked.len() < max && queues.values().any(|queue| !queue.is_empty());
+    // Fewer than the general room: every tenant with tasks left is at its
+    // ceiling.
+    let held_back = picked.len() < room.general && queues.values().any(|queue| !queue.is_empty());
     (picked, held_back)
 }
 
@@ -236,16 +287,22 @@ mod tests {
         all.extend([("small", 100), ("small", 101)]);
         let shares = Shares::default();
         // The small tenant's older-by-id rivals do not go first: turns.
-        assert_eq!(fair_pick(candidates(&all), &HashMap::new(), &shares, 4), (vec![1, 100, 2, 101], false));
+        assert_eq!(
+            fair_pick(candidates(&all), &HashMap::new(), &shares, Room::general(4)),
+            (vec![1, 100, 2, 101], false)
+        );
         // The big tenant already holds 3: the small one catches up first.
         let holds = HashMap::from([("big".to_owned(), 3)]);
-        assert_eq!(fair_pick(candidates(&all), &holds, &shares, 3), (vec![100, 101, 1], false));
+        assert_eq!(fair_pick(candidates(&all), &holds, &shares, Room::general(3)), (vec![100, 101, 1], false));
         // Weight 2 gets two turns to one.
         let weighted =
             Shares { tenants: HashMap::from([("big".into(), Share { weight: 2, max_concurrent: 9 })]), ..shares };
-        assert_eq!(fair_pick(candidates(&all), &HashMap::new(), &weighted, 6), (vec![1, 100, 2, 3, 101, 4], false));
+        assert_eq!(
+            fair_pick(candidates(&all), &HashMap::new(), &weighted, Room::general(6)),
+            (vec![1, 100, 2, 3, 101, 4], false)
+        );
         // Room for all, and all taken: nothing held back.
-        assert!(!fair_pick(candidates(&all), &HashMap::new(), &shares, 20).1);
+        assert!(!fair_pick(candidates(&all), &HashMap::new(), &shares, Room::general(20)).1);
     }
 
     #[test]
@@ -257,8 +314,31 @@ mod tests {
         let list = candidates(&[("capped", 1), ("capped", 2), ("capped", 3)]);
         let held = HashMap::from([("capped".to_owned(), 1)]);
         // One more, and the rest held back for a completion to let go.
-        assert_eq!(fair_pick(list.clone(), &held, &shares, 10), (vec![1], true));
+        assert_eq!(fair_pick(list.clone(), &held, &shares, Room::general(10)), (vec![1], true));
         // Full before the ceiling mattered: not held back.
-        assert_eq!(fair_pick(list, &held, &shares, 1), (vec![1], false));
+        assert_eq!(fair_pick(list, &held, &shares, Room::general(1)), (vec![1], false));
+    }
+
+    #[test]
+    fn the_reserve_goes_only_to_tenants_below_the_busiest() {
+        let shares = Shares::default();
+        let big: Vec<(&str, i64)> = (1..=10).map(|id| ("big", id)).collect();
+        let alone = candidates(&big);
+        let held = HashMap::from([("big".to_owned(), 30)]);
+        let reserve = Room { general: 0, reserve: 3 };
+        // Alone, the busiest is the tenant itself: the reserve stays free.
+        assert_eq!(fair_pick(alone.clone(), &held, &shares, reserve), (vec![], false));
+        assert_eq!(fair_pick(alone, &HashMap::new(), &shares, Room { general: 2, reserve: 3 }), (vec![1, 2], false));
+        // A newcomer takes the reserve, and only until it holds as much.
+        let mut both = big.clone();
+        both.extend([("small", 100), ("small", 101), ("small", 102), ("small", 103)]);
+        assert_eq!(fair_pick(candidates(&both), &held, &shares, reserve), (vec![100, 101, 102], false));
+        let level = HashMap::from([("big".to_owned(), 2), ("small".to_owned(), 1)]);
+        assert_eq!(fair_pick(candidates(&both), &level, &shares, reserve), (vec![100], false));
+        // By weight: a weight-3 tenant holding twice as many is still below.
+        let weighted =
+            Shares { tenants: HashMap::from([("small".into(), Share { weight: 3, max_concurrent: 9 })]), ..shares };
+        let holding = HashMap::from([("big".to_owned(), 2), ("small".to_owned(), 4)]);
+        assert_eq!(fair_pick(candidates(&both), &holding, &weighted, reserve), (vec![100, 101], false));
     }
 }

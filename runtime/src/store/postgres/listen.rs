@@ -1,5 +1,6 @@
 //! Other processes' events, through LISTEN/NOTIFY: enqueuing a task
-//! notifies `stepbox_tasks`, completing one `stepbox_results`, asking for a
+//! notifies `stepbox_tasks` (with its tenant), completing one
+//! `stepbox_results`, asking for a
 //! run's cancel `stepbox_cancels` (with the run's id). One connection per
 //! process listens and raises the matching [`Signals`]; when it drops, it
 //! is made again with backoff, and the queue's signals rise (events may
@@ -29,16 +30,30 @@ pub(super) const CANCELS: &str = "stepbox_cancels";
 /// flush one after another; sent apart, their commits flush together and
 /// the notice's commit holds the lock for no flush at all. A notice is a
 /// hint: one that fails is reported, not an error of the change it
-/// announces (listeners poll as well, now and then).
-pub(super) async fn notify(client: &tokio_postgres::Client, channel: &str) {
-    let sent = client
-        .batch_execute(&format!("BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify('{channel}', ''); COMMIT"))
-        .await;
+/// announces (listeners poll as well, now and then). The three statements
+/// go out together, in one round trip.
+pub(super) async fn notify(client: &deadpool_postgres::ClientWrapper, channel: &str, payload: &str) {
+    let sent = async {
+        let statement = client.prepare_cached("SELECT pg_notify($1, $2)").await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&channel, &payload];
+        futures_util::try_join!(
+            client.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+            client.execute(&statement, &params),
+            client.batch_execute("COMMIT"),
+        )
+    }
+    .await;
     if let Err(err) = sent {
         // Not left inside a failed transaction for the pool's next user.
         let _ = client.batch_execute("ROLLBACK").await;
         tracing::warn!("cannot notify {channel}: {err}; its listeners find the change when they next poll");
     }
+}
+
+/// What a task's notice says of its tenant: the name, or nothing (any
+/// tenant) for a name too long for a notice (PostgreSQL takes 8,000 bytes).
+pub(super) fn announced(tenant: &str) -> &str {
+    if tenant.len() <= 1_000 { tenant } else { "" }
 }
 
 /// Listens until the store's runtime shuts down.
@@ -57,11 +72,12 @@ pub(super) async fn listen(config: tokio_postgres::Config, signals: Arc<Signals>
             });
             if client.batch_execute(&format!("LISTEN {TASKS}; LISTEN {RESULTS}; LISTEN {CANCELS}")).await.is_ok() {
                 backoff = Duration::from_millis(100);
-                signals.task();
+                // Missed while away: tasks of any tenant.
+                signals.task(None);
                 signals.result();
                 while let Some((channel, payload)) = received.recv().await {
                     match channel.as_str() {
-                        TASKS => signals.task(),
+                        TASKS => signals.task(Some(payload.as_str()).filter(|tenant| !tenant.is_empty())),
                         CANCELS => signals.cancel(&payload),
                         _ => signals.result(),
                     }

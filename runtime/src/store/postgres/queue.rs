@@ -12,10 +12,10 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::PgStore;
-use super::listen::{RESULTS, TASKS, notify};
+use super::listen::{RESULTS, TASKS, announced, notify};
 use crate::run::now_ms;
 use crate::store::StoreError;
-use crate::store::queue::{Candidate, Claim, Claimed, Queue, Shares, Task, TaskState, fair_pick};
+use crate::store::queue::{Candidate, Claim, Claimed, Queue, Room, Shares, Task, TaskState, fair_pick};
 use crate::store::rows::{expiry, json, text};
 
 /// The advisory lock claims take in turn.
@@ -99,14 +99,14 @@ impl Queue for PgStore {
             };
             // Also when it was there already: an earlier try's notice may
             // have been lost with its answer.
-            notify(&client, TASKS).await;
+            notify(&client, TASKS, announced(&task.tenant)).await;
             Ok(id)
         })
     }
 
-    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Claimed, StoreError> {
+    fn claim(&self, owner: &str, room: Room, ttl: Duration, shares: &Shares) -> Result<Claimed, StoreError> {
         let (owner, shares, place) = (owner.to_owned(), shares.clone(), self.place.clone());
-        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let limit = i64::try_from(room.total()).unwrap_or(i64::MAX);
         let claimed = self.call(move |mut client| async move {
             let tx = client.transaction().await?;
             // Prepared before anything is sent (once per connection; the
@@ -134,7 +134,7 @@ impl Queue for PgStore {
                 .map(|row| (row.get(0), usize::try_from(row.get::<_, i64>(1)).unwrap_or(usize::MAX)))
                 .collect();
             let candidates = candidates.iter().map(|row| Candidate { id: row.get(0), tenant: row.get(1) }).collect();
-            let (picked, held_back) = fair_pick(candidates, &holds, &shares, max);
+            let (picked, held_back) = fair_pick(candidates, &holds, &shares, room);
             let rows = tx.query(&take, &[&picked, &owner, &expiry(ttl), &now]).await?;
             tx.commit().await?;
             let claims = rows.iter().map(claim_from).collect::<Result<Vec<_>, String>>();
@@ -168,7 +168,7 @@ impl Queue for PgStore {
             let completed =
                 client.execute(&complete, &[&held.id, &held.owner, &held.token.cast_signed(), &result]).await?;
             if completed > 0 {
-                notify(&client, RESULTS).await;
+                notify(&client, RESULTS, "").await;
             }
             Ok(completed)
         })?;
@@ -187,7 +187,7 @@ impl Queue for PgStore {
                 .await?;
             // Its notice may have been lost with the answer.
             if mine.is_some() {
-                notify(&client, RESULTS).await;
+                notify(&client, RESULTS, "").await;
             }
             Ok(mine)
         })?;

@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::Database;
 use crate::run::now_ms;
 use crate::store::StoreError;
-use crate::store::queue::{Candidate, Claim, Claimed, Queue, Shares, Task, TaskState, fair_pick};
+use crate::store::queue::{Candidate, Claim, Claimed, Queue, Room, Shares, Task, TaskState, fair_pick};
 use crate::store::rows::{expiry, json, text};
 
 const CLAIM_COLUMNS: &str = "id, run_id, key, attempt, tenant, request, owner, token, claims";
@@ -46,12 +46,12 @@ impl Queue for Database {
                 |row| row.get(0),
             )
         })?;
-        self.signals.task();
+        self.signals.task(Some(&task.tenant));
         Ok(id)
     }
 
-    fn claim(&self, owner: &str, max: usize, ttl: Duration, shares: &Shares) -> Result<Claimed, StoreError> {
-        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+    fn claim(&self, owner: &str, room: Room, ttl: Duration, shares: &Shares) -> Result<Claimed, StoreError> {
+        let limit = i64::try_from(room.total()).unwrap_or(i64::MAX);
         self.write(|tx| {
             let now = now_ms() as i64;
             let holds: HashMap<String, usize> = {
@@ -75,7 +75,7 @@ impl Queue for Database {
                 rows.collect::<rusqlite::Result<_>>()?
             };
             let until = expiry(ttl);
-            let (picked, held_back) = fair_pick(candidates, &holds, shares, max);
+            let (picked, held_back) = fair_pick(candidates, &holds, shares, room);
             let mut claims = Vec::new();
             for id in picked {
                 let claim = tx
