@@ -121,6 +121,14 @@ fn usage_errors_exit_2_and_say_what_is_wrong() {
     let out = stepbox(&["step", "run", guests::HELLO, "--input", "@/no/such/input.json"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("cannot read the input file /no/such/input.json"), "{}", stderr(&out));
+
+    let out = stepbox(&["worker", "--slots", "4000", "--reserve", "100"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("make 4100 attempts at once; give at most 4096 together"), "{}", stderr(&out));
+
+    let out = stepbox(&["worker", "--lease", "10ms"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--lease 10ms is too short"), "{}", stderr(&out));
 }
 
 #[test]

@@ -25,13 +25,17 @@ pub(crate) struct WorkerArgs {
     /// Attempts run at once, 1 to 4096 [default: twice the CPU cores, at least 4].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
     slots: Option<u32>,
-    /// Attempts run at once beyond --slots, only for tenants holding fewer (per weight) across the cluster than the busiest tenant: a tenant arriving while another keeps every slot busy starts at once instead of waiting for those attempts to end. 0 to 4096 [default: a quarter of the slots, at least 1].
+    /// Attempts run at once beyond --slots, only for tenants holding fewer than half as many (per weight) across the cluster as the busiest tenant: a tenant arriving while others keep every slot busy starts at once instead of waiting for their attempts to end. Slots and reserve together at most 4096 [default: a quarter of the slots, at least 1].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=4096))]
     reserve: Option<u32>,
     /// How long a claim holds without renewal (renewed every third of it): a worker that stops (killed, paused, cut off) loses its attempts to another after it. At least 300ms.
     #[arg(long, default_value = "5s", value_name = "DURATION")]
     lease: humantime::Duration,
 }
+
+/// Attempts a worker may run at once, its reserve included: each holds an
+/// instance slot of the sandbox's pool, with its address space reserved.
+const MOST_AT_ONCE: usize = 4096;
 
 pub(crate) async fn worker(args: WorkerArgs, place: &Place<'_>) -> Result<u8, CliError> {
     let lease: Duration = args.lease.into();
@@ -44,6 +48,12 @@ pub(crate) async fn worker(args: WorkerArgs, place: &Place<'_>) -> Result<u8, Cl
     let tenants = place.tenants.map(Tenants::load).transpose()?.map(Arc::new);
     let slots = args.slots.map_or_else(default_max_parallel, |n| n as usize);
     let reserve = args.reserve.map_or_else(|| slots.div_ceil(4), |n| n as usize);
+    if slots + reserve > MOST_AT_ONCE {
+        return Err(CliError::Usage(format!(
+            "--slots {slots} and --reserve {reserve} make {} attempts at once; give at most {MOST_AT_ONCE} together",
+            slots + reserve
+        )));
+    }
     let db = open_database(place)?;
     let config = EngineConfig {
         // Host memory and instances are shared out among all it may run.

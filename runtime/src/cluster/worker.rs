@@ -6,7 +6,7 @@
 //! renewing, or the coordinator withdrew it), the attempt is stopped and
 //! its result dropped: the store would refuse it anyway.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use parking_lot::Mutex;
 use serde_json::Value;
+use tokio::sync::broadcast::error::TryRecvError;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +31,10 @@ use crate::tenant::{Tenant, Tenants};
 /// look in vain takes the claims' turn from every other worker.
 const IDLE: (Duration, Duration) = (Duration::from_millis(2), Duration::from_millis(100));
 const IDLE_WOKEN: Duration = Duration::from_secs(1);
+/// How often a worker with only its reserve free looks for a tenant that
+/// may use it without being told (a notice missed, a tenant's claims
+/// expired, another's attempts ended).
+const RESERVE_LOOK: Duration = Duration::from_secs(1);
 
 /// Components kept compiled, by digest.
 const COMPONENTS: NonZeroUsize = NonZeroUsize::new(64).unwrap();
@@ -71,8 +76,8 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
     let shares = config.tenants.as_deref().map(Tenants::shares).unwrap_or_default();
     let worker = Arc::new(Worker { store, sandbox, config, components: Mutex::new(LruCache::new(COMPONENTS)) });
     let mut running = JoinSet::new();
-    // The queue's task each of them runs, and its tenant.
-    let mut holding: HashMap<tokio::task::Id, (i64, String)> = HashMap::new();
+    // The queue's task each of them runs.
+    let mut holding: HashMap<tokio::task::Id, i64> = HashMap::new();
     let (soon, most_idle) = if worker.store.signals().shared { (IDLE_WOKEN, IDLE_WOKEN) } else { IDLE };
     let mut idle = soon;
     let mut woken = worker.store.signals().tasks.subscribe();
@@ -83,18 +88,21 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
     let mut freed = worker.store.signals().results.subscribe();
     let mut held_back = false;
     // With its own slots full, the worker claims for its reserve only when
-    // a tenant other than the one keeping it busy may have tasks waiting:
-    // on every enqueue of that one, it would claim in vain.
+    // a tenant its last claim did not pass over has new tasks, or once a
+    // while (for notices missed): on every enqueue of the tenants keeping
+    // the cluster busy, it would claim in vain.
     let mut announced = worker.store.signals().tenants.subscribe();
+    let mut passed_over: HashSet<String> = HashSet::new();
     let mut newcomer = false;
+    let mut next_look = Instant::now() + RESERVE_LOOK;
     loop {
         // Seen before claiming, so a task enqueued meanwhile wakes us.
         woken.borrow_and_update();
         freed.borrow_and_update();
         loop {
             match announced.try_recv() {
-                Ok(tenant) => newcomer |= new_to(&holding, tenant.as_deref()),
-                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => newcomer = true,
+                Ok(tenant) => newcomer |= may_want_reserve(&passed_over, tenant.as_deref()),
+                Err(TryRecvError::Lagged(_)) => newcomer = true,
                 Err(_) => break,
             }
         }
@@ -102,10 +110,12 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
         let mut claimed = 0;
         if (room.general > 0 || (room.reserve > 0 && newcomer)) && !stop.is_cancelled() {
             newcomer = false;
+            next_look = Instant::now() + RESERVE_LOOK;
             match worker.claim(room, &shares).await {
                 Ok(claims) => {
                     claimed = claims.claims.len();
                     held_back = claims.held_back;
+                    passed_over = claims.passed_over;
                     // The reserve filled up: the newcomer may have more.
                     newcomer = claimed > room.general && claimed == room.total();
                     for claim in claims.claims {
@@ -114,11 +124,11 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
                         // waiting for the disk) and handed the task out
                         // again, to this worker, under the same token; the
                         // run going on renews and reports it.
-                        if holding.values().any(|(id, _)| *id == claim.id) {
+                        if holding.values().any(|id| *id == claim.id) {
                             continue;
                         }
-                        let held = (claim.id, claim.task.tenant.clone());
-                        holding.insert(running.spawn(worker.clone().handle(claim)).id(), held);
+                        let id = claim.id;
+                        holding.insert(running.spawn(worker.clone().handle(claim)).id(), id);
                     }
                 }
                 Err(err) => {
@@ -136,38 +146,29 @@ pub async fn work(store: Arc<dyn Store>, sandbox: Sandbox, config: WorkerConfig,
         }
         let stopping = stop.is_cancelled();
         let room = worker.room(running.len());
-        let (full, reserve_only) = (room.general == 0 || stopping, room.general == 0 && room.reserve > 0 && !stopping);
+        let full = room.general == 0 || stopping;
+        let reserve_only = room.general == 0 && room.reserve > 0 && !stopping;
         tokio::select! {
             Some(done) = running.join_next_with_id(), if !running.is_empty() => {
                 holding.remove(&done.map_or_else(|err| err.id(), |(id, ())| id));
                 idle = soon;
             }
-            // Also with only the reserve free: now and then, a look for
-            // tenants whose notices were missed.
-            () = tokio::time::sleep(idle), if !full || reserve_only => {
-                idle = (idle * 2).min(most_idle);
-                newcomer |= reserve_only;
-            }
+            () = tokio::time::sleep(idle), if !full => idle = (idle * 2).min(most_idle),
             Ok(()) = woken.changed(), if !full => idle = soon,
             Ok(()) = freed.changed(), if !full && held_back => idle = soon,
             heard = announced.recv(), if reserve_only => {
-                newcomer |= heard.map_or(true, |tenant| new_to(&holding, tenant.as_deref()));
+                newcomer |= heard.map_or(true, |tenant| may_want_reserve(&passed_over, tenant.as_deref()));
             }
+            () = tokio::time::sleep_until(next_look.into()), if reserve_only => newcomer = true,
             () = stop.cancelled(), if !stopping => {}
         }
     }
 }
 
 /// Whether new tasks of `tenant` (`None`: of any tenant) may be for this
-/// worker's reserve: it is not the tenant this worker runs most of (the
-/// reserve's rule for the whole cluster, as this worker sees it).
-fn new_to(holding: &HashMap<tokio::task::Id, (i64, String)>, tenant: Option<&str>) -> bool {
-    let Some(tenant) = tenant else { return true };
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for (_, held) in holding.values() {
-        *counts.entry(held).or_default() += 1;
-    }
-    counts.get(tenant).copied().unwrap_or(0) < counts.values().copied().max().unwrap_or(0)
+/// worker's reserve: the last claim did not leave that tenant's tasks.
+fn may_want_reserve(passed_over: &HashSet<String>, tenant: Option<&str>) -> bool {
+    tenant.is_none_or(|tenant| !passed_over.contains(tenant))
 }
 
 impl Worker {

@@ -10,7 +10,7 @@
 //! weight from how many tasks they already hold across every worker, and
 //! none gets more than its `max_concurrent` at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,6 +60,10 @@ pub struct Claimed {
     /// tenant is at its `max_concurrent`: a completion anywhere may let
     /// them go. Else only a new task (or an expired claim) can.
     pub held_back: bool,
+    /// The tenants whose tasks the claim left waiting (at their ceiling,
+    /// or not far enough behind for the reserve): a worker with only its
+    /// reserve free need not claim again for their new tasks.
+    pub passed_over: HashSet<String>,
 }
 
 /// How tenants share the workers: each tenant's [`Share`], and the share of
@@ -195,19 +199,20 @@ pub(crate) struct Candidate {
 }
 
 /// How many tasks a claim may take: `general` for any tenant, and
-/// `reserve` more only for tenants holding less per unit of weight than the
-/// busiest tenant. A worker keeps a few slots beyond its own for that
-/// reserve, so a tenant arriving at a cluster that another tenant keeps busy
-/// starts at once, instead of waiting for the busy tenant's attempts to end
-/// (they are never taken away: stopping an attempt wastes its work and may
-/// repeat its effects). The reserve fills only while tenants are out of
-/// balance: the freed slots go to whoever holds least, and a tenant alone
-/// never holds less than the busiest.
+/// `reserve` more only for tenants holding less than half as many per unit
+/// of weight as the busiest tenant. A worker keeps a few slots beyond its
+/// own for that reserve, so a tenant arriving at a cluster that other
+/// tenants keep busy starts at once, instead of waiting for their attempts
+/// to end (they are never taken away: stopping an attempt wastes its work
+/// and may repeat its effects). The reserve fills only while tenants are far
+/// out of balance: the slots that free go to whoever holds least, and
+/// tenants that hold about as much as each other (a tenant alone, or two
+/// busy ones) never take it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Room {
     /// Slots for any tenant.
     pub general: usize,
-    /// Slots for a tenant below the busiest only.
+    /// Slots for a tenant holding less than half the busiest one only.
     pub reserve: usize,
 }
 
@@ -223,19 +228,47 @@ impl Room {
     }
 }
 
+/// What [`fair_pick`] picked.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Picked {
+    /// The tasks, in the order picked.
+    pub(crate) ids: Vec<i64>,
+    /// See [`Claimed::held_back`].
+    pub(crate) held_back: bool,
+    /// See [`Claimed::passed_over`].
+    pub(crate) passed_over: HashSet<String>,
+}
+
+/// A tenant's tasks held per unit of weight, compared exactly.
+#[derive(Clone, Copy)]
+struct PerWeight {
+    held: u128,
+    weight: u128,
+}
+
+impl PerWeight {
+    fn cmp(self, other: PerWeight) -> std::cmp::Ordering {
+        (self.held * other.weight).cmp(&(other.held * self.weight))
+    }
+
+    /// Less than half of `other`.
+    fn under_half_of(self, other: PerWeight) -> bool {
+        2 * self.held * other.weight < other.held * self.weight
+    }
+}
+
 /// Picks up to `room` of `candidates` (each tenant's in queue order):
 /// every pick goes to the tenant with the least held per unit of weight
 /// (what it `holds` already, plus what it was picked here), never one at
 /// its `max_concurrent`; ties go to the older task. Past `room.general`,
-/// picks go only to tenants below the busiest one (see [`Room`]). Also says
-/// whether fewer than `room.general` were picked while a tenant at its
-/// ceiling had more ([`Claimed::held_back`]).
+/// picks go only to tenants holding less than half the busiest one (see
+/// [`Room`]).
 pub(crate) fn fair_pick(
     candidates: Vec<Candidate>,
     holds: &HashMap<String, usize>,
     shares: &Shares,
     room: Room,
-) -> (Vec<i64>, bool) {
+) -> Picked {
     let mut queues: HashMap<String, VecDeque<i64>> = HashMap::new();
     for candidate in candidates {
         queues.entry(candidate.tenant).or_default().push_back(candidate.id);
@@ -245,36 +278,50 @@ pub(crate) fn fair_pick(
     for tenant in queues.keys() {
         load.entry(tenant.clone()).or_default();
     }
-    let per_weight =
-        |load: &HashMap<String, usize>, tenant: &str| load[tenant] as f64 / f64::from(shares.of(tenant).weight.max(1));
-    let mut picked = Vec::new();
-    while picked.len() < room.total() {
+    let per_weight = |load: &HashMap<String, usize>, tenant: &str| PerWeight {
+        held: load[tenant] as u128,
+        weight: u128::from(shares.of(tenant).weight.max(1)),
+    };
+    let mut ids = Vec::new();
+    while ids.len() < room.total() {
         let next = queues
             .iter()
             .filter(|(tenant, queue)| !queue.is_empty() && load[*tenant] < shares.of(tenant).max_concurrent)
-            .min_by(|(a, qa), (b, qb)| per_weight(&load, a).total_cmp(&per_weight(&load, b)).then(qa[0].cmp(&qb[0])))
+            .min_by(|(a, qa), (b, qb)| per_weight(&load, a).cmp(per_weight(&load, b)).then(qa[0].cmp(&qb[0])))
             .map(|(tenant, _)| tenant.clone());
         let Some(tenant) = next else { break };
-        if picked.len() >= room.general {
-            let busiest = load.keys().map(|other| per_weight(&load, other)).fold(0.0, f64::max);
-            if per_weight(&load, &tenant) >= busiest {
+        if ids.len() >= room.general {
+            let mine = per_weight(&load, &tenant);
+            if !load.keys().any(|other| mine.under_half_of(per_weight(&load, other))) {
                 break;
             }
         }
         if let Some(id) = queues.get_mut(&tenant).and_then(VecDeque::pop_front) {
-            picked.push(id);
+            ids.push(id);
             *load.entry(tenant).or_default() += 1;
         }
     }
+    let passed_over: HashSet<String> =
+        queues.into_iter().filter(|(_, queue)| !queue.is_empty()).map(|(tenant, _)| tenant).collect();
     // Fewer than the general room: every tenant with tasks left is at its
     // ceiling.
-    let held_back = picked.len() < room.general && queues.values().any(|queue| !queue.is_empty());
-    (picked, held_back)
+    let held_back = ids.len() < room.general && !passed_over.is_empty();
+    Picked { ids, held_back, passed_over }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pick(
+        candidates: Vec<Candidate>,
+        holds: &HashMap<String, usize>,
+        shares: &Shares,
+        room: Room,
+    ) -> (Vec<i64>, bool) {
+        let picked = fair_pick(candidates, holds, shares, room);
+        (picked.ids, picked.held_back)
+    }
 
     fn candidates(list: &[(&str, i64)]) -> Vec<Candidate> {
         list.iter().map(|(tenant, id)| Candidate { id: *id, tenant: (*tenant).to_owned() }).collect()
@@ -287,22 +334,19 @@ mod tests {
         all.extend([("small", 100), ("small", 101)]);
         let shares = Shares::default();
         // The small tenant's older-by-id rivals do not go first: turns.
-        assert_eq!(
-            fair_pick(candidates(&all), &HashMap::new(), &shares, Room::general(4)),
-            (vec![1, 100, 2, 101], false)
-        );
+        assert_eq!(pick(candidates(&all), &HashMap::new(), &shares, Room::general(4)), (vec![1, 100, 2, 101], false));
         // The big tenant already holds 3: the small one catches up first.
         let holds = HashMap::from([("big".to_owned(), 3)]);
-        assert_eq!(fair_pick(candidates(&all), &holds, &shares, Room::general(3)), (vec![100, 101, 1], false));
+        assert_eq!(pick(candidates(&all), &holds, &shares, Room::general(3)), (vec![100, 101, 1], false));
         // Weight 2 gets two turns to one.
         let weighted =
             Shares { tenants: HashMap::from([("big".into(), Share { weight: 2, max_concurrent: 9 })]), ..shares };
         assert_eq!(
-            fair_pick(candidates(&all), &HashMap::new(), &weighted, Room::general(6)),
+            pick(candidates(&all), &HashMap::new(), &weighted, Room::general(6)),
             (vec![1, 100, 2, 3, 101, 4], false)
         );
         // Room for all, and all taken: nothing held back.
-        assert!(!fair_pick(candidates(&all), &HashMap::new(), &shares, Room::general(20)).1);
+        assert!(!pick(candidates(&all), &HashMap::new(), &shares, Room::general(20)).1);
     }
 
     #[test]
@@ -314,31 +358,54 @@ mod tests {
         let list = candidates(&[("capped", 1), ("capped", 2), ("capped", 3)]);
         let held = HashMap::from([("capped".to_owned(), 1)]);
         // One more, and the rest held back for a completion to let go.
-        assert_eq!(fair_pick(list.clone(), &held, &shares, Room::general(10)), (vec![1], true));
+        assert_eq!(pick(list.clone(), &held, &shares, Room::general(10)), (vec![1], true));
         // Full before the ceiling mattered: not held back.
-        assert_eq!(fair_pick(list, &held, &shares, Room::general(1)), (vec![1], false));
+        assert_eq!(pick(list, &held, &shares, Room::general(1)), (vec![1], false));
     }
 
     #[test]
-    fn the_reserve_goes_only_to_tenants_below_the_busiest() {
+    fn the_reserve_goes_only_to_tenants_far_behind_the_busiest() {
         let shares = Shares::default();
         let big: Vec<(&str, i64)> = (1..=10).map(|id| ("big", id)).collect();
-        let alone = candidates(&big);
         let held = HashMap::from([("big".to_owned(), 30)]);
         let reserve = Room { general: 0, reserve: 3 };
-        // Alone, the busiest is the tenant itself: the reserve stays free.
-        assert_eq!(fair_pick(alone.clone(), &held, &shares, reserve), (vec![], false));
-        assert_eq!(fair_pick(alone, &HashMap::new(), &shares, Room { general: 2, reserve: 3 }), (vec![1, 2], false));
-        // A newcomer takes the reserve, and only until it holds as much.
+        // Alone, a tenant is its own busiest: the reserve stays free, and
+        // the claim says whose tasks it left.
+        let alone = fair_pick(candidates(&big), &held, &shares, reserve);
+        assert_eq!((alone.ids, alone.passed_over), (vec![], HashSet::from(["big".to_owned()])));
+        assert_eq!(
+            pick(candidates(&big), &HashMap::new(), &shares, Room { general: 2, reserve: 3 }),
+            (vec![1, 2], false)
+        );
+        // A newcomer takes the reserve beside a tenant that holds all.
         let mut both = big.clone();
         both.extend([("small", 100), ("small", 101), ("small", 102), ("small", 103)]);
-        assert_eq!(fair_pick(candidates(&both), &held, &shares, reserve), (vec![100, 101, 102], false));
-        let level = HashMap::from([("big".to_owned(), 2), ("small".to_owned(), 1)]);
-        assert_eq!(fair_pick(candidates(&both), &level, &shares, reserve), (vec![100], false));
-        // By weight: a weight-3 tenant holding twice as many is still below.
+        assert_eq!(pick(candidates(&both), &held, &shares, reserve), (vec![100, 101, 102], false));
+        // The busiest may hold nothing more here: it counts all the same.
+        let newcomer = candidates(&[("small", 100), ("small", 101)]);
+        assert_eq!(pick(newcomer.clone(), &held, &shares, reserve), (vec![100, 101], false));
+        // Only while under half the busiest: two tenants about level, or
+        // one that caught up halfway, take none of it, so busy tenants
+        // cannot keep the reserve full between them.
+        let level = HashMap::from([("big".to_owned(), 4), ("small".to_owned(), 3)]);
+        let none = fair_pick(candidates(&both), &level, &shares, reserve);
+        assert_eq!((none.ids, none.passed_over.len()), (vec![], 2));
+        let halfway = HashMap::from([("big".to_owned(), 4), ("small".to_owned(), 1)]);
+        assert_eq!(pick(candidates(&both), &halfway, &shares, reserve), (vec![100], false));
+        // ... and a third tenant arriving beside the two takes it.
+        let mut three = both.clone();
+        three.push(("third", 200));
+        assert_eq!(pick(candidates(&three), &level, &shares, reserve), (vec![200], false));
+        // By weight: a weight-3 tenant holding as many is far behind.
         let weighted =
             Shares { tenants: HashMap::from([("small".into(), Share { weight: 3, max_concurrent: 9 })]), ..shares };
-        let holding = HashMap::from([("big".to_owned(), 2), ("small".to_owned(), 4)]);
-        assert_eq!(fair_pick(candidates(&both), &holding, &weighted, reserve), (vec![100, 101], false));
+        let holding = HashMap::from([("big".to_owned(), 4), ("small".to_owned(), 4)]);
+        assert_eq!(pick(candidates(&both), &holding, &weighted, reserve), (vec![100, 101], false));
+        // Never past a tenant's ceiling.
+        let capped = Shares {
+            tenants: HashMap::from([("small".into(), Share { weight: 1, max_concurrent: 1 })]),
+            ..Shares::default()
+        };
+        assert_eq!(pick(candidates(&both), &held, &capped, reserve), (vec![100], false));
     }
 }

@@ -134,11 +134,11 @@ impl Queue for PgStore {
                 .map(|row| (row.get(0), usize::try_from(row.get::<_, i64>(1)).unwrap_or(usize::MAX)))
                 .collect();
             let candidates = candidates.iter().map(|row| Candidate { id: row.get(0), tenant: row.get(1) }).collect();
-            let (picked, held_back) = fair_pick(candidates, &holds, &shares, room);
-            let rows = tx.query(&take, &[&picked, &owner, &expiry(ttl), &now]).await?;
+            let picked = fair_pick(candidates, &holds, &shares, room);
+            let rows = tx.query(&take, &[&picked.ids, &owner, &expiry(ttl), &now]).await?;
             tx.commit().await?;
             let claims = rows.iter().map(claim_from).collect::<Result<Vec<_>, String>>();
-            Ok(claims.map(|claims| Claimed { claims, held_back }))
+            Ok(claims.map(|claims| Claimed { claims, held_back: picked.held_back, passed_over: picked.passed_over }))
         })?;
         claimed.map_err(|detail| StoreError::Database { place: place.to_string(), detail })
     }

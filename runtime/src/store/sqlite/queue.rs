@@ -75,9 +75,9 @@ impl Queue for Database {
                 rows.collect::<rusqlite::Result<_>>()?
             };
             let until = expiry(ttl);
-            let (picked, held_back) = fair_pick(candidates, &holds, shares, room);
+            let picked = fair_pick(candidates, &holds, shares, room);
             let mut claims = Vec::new();
-            for id in picked {
+            for id in picked.ids {
                 let claim = tx
                     .query_row(
                         &format!(
@@ -91,7 +91,7 @@ impl Queue for Database {
                     .optional()?;
                 claims.extend(claim);
             }
-            Ok(Claimed { claims, held_back })
+            Ok(Claimed { claims, held_back: picked.held_back, passed_over: picked.passed_over })
         })
     }
 
