@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod cluster;
 mod failpoint;
+pub mod metrics;
 pub mod run;
 pub mod sandbox;
 pub mod scheduler;

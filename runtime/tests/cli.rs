@@ -126,6 +126,12 @@ fn usage_errors_exit_2_and_say_what_is_wrong() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("make 4100 attempts at once; give at most 4096 together"), "{}", stderr(&out));
 
+    let hello = format!("{}/../examples/diamond.yaml", env!("CARGO_MANIFEST_DIR"));
+    let out = stepbox(&["run", &hello, "--metrics-listen", "nowhere"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("cannot listen on nowhere"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("choose another --metrics-listen"), "{}", stderr(&out));
+
     let out = stepbox(&["worker", "--lease", "10ms"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--lease 10ms is too short"), "{}", stderr(&out));

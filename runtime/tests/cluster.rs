@@ -814,3 +814,54 @@ fn postgresql_restarted_under_load_loses_nothing_committed_and_every_process_car
     assert_eq!(again["status"], "succeeded", "{again}");
     use_database(None);
 }
+
+#[test]
+fn a_worker_and_a_coordinator_serve_their_metrics_while_the_attempt_runs() {
+    let _serial = serial();
+    let db = TestDatabase::create();
+    use_database(Some(&db.url));
+    let dir = temp_dir("cluster-metrics");
+    let workflow = one_slow_step(&dir, 3_000);
+    let worker = Worker::start(&dir, "w", &["--metrics-listen", "127.0.0.1:0"], &[]);
+    let worker_metrics = wait_for(Duration::from_secs(30), || {
+        let log = worker.log();
+        let line = log.lines().find_map(|line| line.strip_prefix("metrics at "))?;
+        Some(line.trim().to_owned())
+    });
+    let mut coordinator = stepbox(&dir.join("coordinator"))
+        .args(["run", workflow.to_str().unwrap(), "--queue", "--json", "--metrics-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(coordinator.stderr.take().unwrap()).lines();
+    let coordinator_metrics = loop {
+        let line = lines.next().expect("the run printed no metrics address").unwrap();
+        if let Some(url) = line.strip_prefix("metrics at ") {
+            break url.trim().to_owned();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    wait_for(Duration::from_secs(30), || holder(&db));
+    // Both see the attempt out, each from where it stands.
+    let scraped = common::scrape(&worker_metrics);
+    assert_eq!(common::sample(&scraped, r#"stepbox_queue_attempts_running{tenant="default"}"#), Some(1.0), "{scraped}");
+    let loaded: f64 = ["memory", "disk", "compiled"]
+        .iter()
+        .filter_map(|result| {
+            common::sample(&scraped, &format!(r#"stepbox_components_loaded_total{{result="{result}"}}"#))
+        })
+        .sum();
+    assert!(loaded >= 1.0, "the worker loaded the component:\n{scraped}");
+    let scraped = common::scrape(&coordinator_metrics);
+    for series in
+        [r#"stepbox_process_attempts_running{tenant="default"}"#, r#"stepbox_queue_attempts_running{tenant="default"}"#]
+    {
+        assert_eq!(common::sample(&scraped, series), Some(1.0), "{series}:\n{scraped}");
+    }
+    let out = coordinator.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "succeeded", "{report}");
+    use_database(None);
+}

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Api, Server, journal_state, key_counts, output, stderr, stepbox, temp_dir};
+use common::{Api, Server, journal_state, key_counts, output, sample, stderr, stepbox, temp_dir};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stepbox_tests::guests;
@@ -1028,4 +1028,78 @@ async fn the_cli_works_on_a_server_with_the_output_and_exit_codes_of_local_mode(
     assert!(stderr(&out).contains("is `stepbox serve` running there?"), "{}", stderr(&out));
     let out = remote(&["run", greet, "--input", "who=Ada", "--max-parallel", "2"]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_attempts_commits_compiles_and_requests_for_admins_only() {
+    let dir = temp_dir("serve-metrics");
+    let data = dir.join("data");
+    let (acme, admin) = (token(&data, Some("acme")), token(&data, None));
+    let server = Server::start(&data, &[]);
+    let api = server.api(&acme);
+    deploy(&server, &acme, &greeter(&dir.join("greet")));
+    let flaky = project(
+        &dir.join("flaky"),
+        "flaky",
+        "name: flaky\ncomponents:\n  flaky: flaky.wasm\nsteps:\n  - id: hello\n    uses: flaky\n    with: { succeed_on_attempt: 2 }\n",
+        &[("flaky.wasm", guests::FLAKY)],
+    );
+    deploy(&server, &acme, &flaky);
+    let greeted = api.start("greet", json!({ "inputs": { "who": "Ada" } })).await;
+    assert_eq!(api.finished(&greeted).await["status"], "succeeded");
+    let failed = api.start("flaky", json!({})).await;
+    assert_eq!(api.finished(&failed).await["status"], "failed");
+    assert_eq!(api.get("/v1/nope").await.0, StatusCode::NOT_FOUND);
+    // Any token can be a method: they share one series.
+    for method in ["BREW", "WHEN"] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let answer = reqwest::Client::new().request(method, format!("{}/v1/runs", server.url)).send().await.unwrap();
+        assert_eq!(answer.status(), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    // They name every tenant: a tenant's token, or none, gets nothing.
+    let scrape = |token: Option<&str>| {
+        let mut request = reqwest::Client::new().get(format!("{}/metrics", server.url));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(scrape(None).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    let refused = scrape(Some(&acme)).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert!(refused.text().await.unwrap().contains("scrape them with an admin token"));
+    let answer = scrape(Some(&admin)).await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(answer.headers()["content-type"], "text/plain; version=0.0.4; charset=utf-8");
+    let text = answer.text().await.unwrap();
+
+    let expect = |series: &str, wanted: f64| {
+        assert_eq!(sample(&text, series), Some(wanted), "{series} in:\n{text}");
+    };
+    expect(r#"stepbox_attempts_total{tenant="acme",component="hello",outcome="succeeded"}"#, 2.0);
+    expect(r#"stepbox_attempts_total{tenant="acme",component="flaky",outcome="retryable"}"#, 1.0);
+    for histogram in ["attempt_seconds", "attempt_fuel", "attempt_peak_memory_bytes"] {
+        expect(&format!(r#"stepbox_{histogram}_count{{tenant="acme"}}"#), 3.0);
+    }
+    let fuel = sample(&text, r#"stepbox_attempt_fuel_sum{tenant="acme"}"#).unwrap();
+    assert!(fuel > 1_000.0, "fuel is counted: {fuel}");
+    // Each run's start, attempts and end went through the journal.
+    let commits = sample(&text, r#"stepbox_journal_commit_seconds_count{store="sqlite"}"#).unwrap_or(0.0);
+    let records = sample(&text, r#"stepbox_journal_commit_records_sum{store="sqlite"}"#).unwrap_or(0.0);
+    assert!(commits >= 2.0 && records >= commits, "{commits} commits of {records} records:\n{text}");
+    let loaded: f64 = ["memory", "disk", "compiled"]
+        .iter()
+        .filter_map(|result| sample(&text, &format!(r#"stepbox_components_loaded_total{{result="{result}"}}"#)))
+        .sum();
+    assert!(loaded >= 2.0, "two components were loaded:\n{text}");
+    // Requests by route pattern, never by path.
+    expect(r#"stepbox_http_requests_total{route="/v1/workflows/{name}/runs",method="POST",status="201"}"#, 2.0);
+    expect(r#"stepbox_http_requests_total{route="unmatched",method="GET",status="404"}"#, 1.0);
+    expect(r#"stepbox_http_requests_total{route="/v1/runs",method="other",status="405"}"#, 2.0);
+    expect(r#"stepbox_http_requests_total{route="/metrics",method="GET",status="403"}"#, 1.0);
+    assert!(sample(&text, r#"stepbox_http_requests_total{route="/v1/runs/{id}",method="GET",status="200"}"#).is_some());
+    expect(r#"stepbox_process_attempts_running{tenant="acme"}"#, 0.0);
+    expect(r#"stepbox_process_attempts_waiting{tenant="acme"}"#, 0.0);
+    assert!(!text.contains(&greeted) && !text.contains(&failed), "no run ids in labels:\n{text}");
 }

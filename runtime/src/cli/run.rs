@@ -65,15 +65,18 @@ pub(crate) struct HowToRun {
     /// Hand the attempts to `stepbox worker` processes through the database's queue (--db, or the data directory's) instead of running them here; --max-parallel then counts attempts handed over at once [default: 256].
     #[arg(long)]
     queue: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics while the run goes on (port 0 picks a free one; the address is printed). No token is asked for: give an address only operators reach.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 impl HowToRun {
     /// Refuses what only a local run can do, for a run on a server.
     pub(crate) fn local_only(&self) -> Result<(), CliError> {
-        if self.max_parallel.is_some() || self.fail_fast || self.queue {
+        if self.max_parallel.is_some() || self.fail_fast || self.queue || self.metrics_listen.is_some() {
             return Err(CliError::Usage(
-                "--max-parallel, --fail-fast and --queue set how this process runs steps; with --server, the service \
-                 decides"
+                "--max-parallel, --fail-fast, --queue and --metrics-listen set how this process runs steps; with \
+                 --server, the service decides (and serves its metrics at /metrics)"
                     .into(),
             ));
         }
@@ -192,7 +195,12 @@ pub(crate) async fn execute(
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signal(cancel.clone()));
     let (events, receiver) = mpsc::unbounded_channel();
-    let mut options = owned.options(db.clone(), scheduler::Dispatcher::new(max_parallel));
+    let dispatcher = scheduler::Dispatcher::new(max_parallel);
+    let metrics = match &how.metrics_listen {
+        Some(address) => Some(serve_metrics(address, &dispatcher, how.queue.then(|| db.clone())).await?),
+        None => None,
+    };
+    let mut options = owned.options(db.clone(), dispatcher);
     options.secrets_dir = place.secrets_dir.map(ToOwned::to_owned);
     options.fail_fast = how.fail_fast;
     options.events = Some(events);
@@ -210,6 +218,9 @@ pub(crate) async fn execute(
     let progress = tokio::spawn(show_progress(receiver, workflow.steps.len() as u64));
     let result = scheduler::run(&sandbox, workflow, inputs, options).await;
     heartbeat.release().await;
+    if let Some(metrics) = metrics {
+        metrics.cancel();
+    }
     let _ = progress.await;
     let mut report = result?;
     if how.json {
@@ -217,6 +228,33 @@ pub(crate) async fn execute(
         report.restore_records(db.run_report(&report.run.id)?);
     }
     summarize(&report, how.json)
+}
+
+/// Serves the metrics at `address` until the returned token is cancelled:
+/// attempts waiting and running in `dispatcher`, and in the queue of
+/// `queue` when the run hands its attempts to workers.
+async fn serve_metrics(
+    address: &str,
+    dispatcher: &Arc<scheduler::Dispatcher>,
+    queue: Option<Arc<dyn Store>>,
+) -> Result<CancellationToken, CliError> {
+    let listener = crate::metrics::bind(address).await.map_err(CliError::Usage)?;
+    let bound = listener.local_addr().map_err(|err| CliError::Failed(err.to_string()))?;
+    eprintln!("metrics at http://{bound}/metrics");
+    let dispatcher = Arc::downgrade(dispatcher);
+    let snapshots: crate::metrics::Snapshots = Arc::new(move || {
+        let mut snapshots: Vec<_> = dispatcher.upgrade().map(|dispatcher| dispatcher.snapshot()).into_iter().collect();
+        if let Some(queue) = &queue {
+            match queue.snapshot() {
+                Ok(snapshot) => snapshots.push(snapshot),
+                Err(err) => tracing::warn!("the metrics leave out the queue: {err}"),
+            }
+        }
+        snapshots
+    });
+    let stop = CancellationToken::new();
+    tokio::spawn(crate::metrics::serve(listener, snapshots, stop.clone().cancelled_owned()));
+    Ok(stop)
 }
 
 /// Prints what a finished run gave (its report as JSON, or a table and its

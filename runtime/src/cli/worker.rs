@@ -31,6 +31,9 @@ pub(crate) struct WorkerArgs {
     /// How long a claim holds without renewal (renewed every third of it): a worker that stops (killed, paused, cut off) loses its attempts to another after it. At least 300ms.
     #[arg(long, default_value = "5s", value_name = "DURATION")]
     lease: humantime::Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0 picks a free one; the address is printed): the queue's attempts waiting and running by tenant, and this worker's compile cache. No token is asked for: give an address only operators reach.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
 }
 
 /// Attempts a worker may run at once, its reserve included: each holds an
@@ -67,6 +70,20 @@ pub(crate) async fn worker(args: WorkerArgs, place: &Place<'_>) -> Result<u8, Cl
         db.place()
     );
     let stop = CancellationToken::new();
+    if let Some(address) = &args.metrics_listen {
+        let listener = crate::metrics::bind(address).await.map_err(CliError::Usage)?;
+        let bound = listener.local_addr().map_err(|err| CliError::Failed(err.to_string()))?;
+        eprintln!("metrics at http://{bound}/metrics");
+        let queue = db.clone();
+        let snapshots: crate::metrics::Snapshots = Arc::new(move || match queue.snapshot() {
+            Ok(snapshot) => vec![snapshot],
+            Err(err) => {
+                tracing::warn!("the metrics leave out the queue: {err}");
+                Vec::new()
+            }
+        });
+        tokio::spawn(crate::metrics::serve(listener, snapshots, stop.clone().cancelled_owned()));
+    }
     let stopping = stop.clone();
     tokio::spawn(async move {
         super::interrupted().await;

@@ -19,6 +19,7 @@ use wasmtime::{Engine, Module};
 
 use super::component::StepComponent;
 use crate::failpoint::failpoint;
+use crate::metrics::CompileSource;
 
 /// The sha256 of a component's bytes: what both caches are keyed by.
 pub(crate) type Digest = [u8; 32];
@@ -134,6 +135,14 @@ pub struct CacheGc {
 /// mid-write.
 const ABANDONED_TEMP: Duration = Duration::from_secs(3600);
 
+/// Compiles `bytes`, counted as a compile-cache miss.
+fn compile<T: Compiled>(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<T> {
+    if let Some(metrics) = crate::metrics::recording() {
+        metrics.component_loaded(CompileSource::Compiled);
+    }
+    T::compile(engine, bytes)
+}
+
 impl CompileCache {
     pub(crate) fn new(dir: PathBuf, engine: &Engine) -> Self {
         let mut hasher = StableHasher(Sha256::new());
@@ -156,12 +165,15 @@ impl CompileCache {
                     // The modification time says when the entry was last
                     // used, for `stepbox gc --cache --older-than`.
                     let _ = std::fs::File::open(&path).and_then(|file| file.set_modified(SystemTime::now()));
+                    if let Some(metrics) = crate::metrics::recording() {
+                        metrics.component_loaded(CompileSource::Disk);
+                    }
                     return Ok(compiled);
                 }
                 Err(err) => tracing::warn!(path = %path.display(), "recompiling a damaged cache entry: {err:#}"),
             }
         }
-        let compiled = T::compile(engine, bytes)?;
+        let compiled = compile(engine, bytes)?;
         if let Err(err) = self.store(&path, &compiled) {
             tracing::warn!(dir = %self.dir.display(), "cannot write the compile cache: {err:#}");
         }
@@ -177,7 +189,7 @@ impl CompileCache {
     ) -> wasmtime::Result<T> {
         match cache {
             Some(cache) => cache.get(engine, bytes, digest),
-            None => T::compile(engine, bytes),
+            None => compile(engine, bytes),
         }
     }
 

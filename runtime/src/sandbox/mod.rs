@@ -103,6 +103,9 @@ impl Sandbox {
     pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<StepComponent, LoadError> {
         let digest = cache::digest(bytes);
         if let Some(loaded) = self.loaded.get(&digest) {
+            if let Some(metrics) = crate::metrics::recording() {
+                metrics.component_loaded(crate::metrics::CompileSource::Memory);
+            }
             return Ok(loaded.at(path));
         }
         let loaded = component::load_bytes(&self.engine, &self.linkers, self.cache.as_ref(), path, bytes, &digest)?;

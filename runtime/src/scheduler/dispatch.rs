@@ -101,6 +101,18 @@ impl Dispatcher {
         self.lock().draining = true;
     }
 
+    /// Attempts waiting for a slot and running now, by tenant, for the
+    /// metrics.
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        let state = self.lock();
+        let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        crate::metrics::Snapshot {
+            waiting: state.tenants.iter().map(|(tenant, queue)| (tenant.clone(), count(queue.waiting.len()))).collect(),
+            running: state.tenants.iter().map(|(tenant, queue)| (tenant.clone(), count(queue.running))).collect(),
+            source: "process",
+        }
+    }
+
     /// How many slots are held by running attempts now.
     pub fn busy(&self) -> usize {
         self.slots - self.lock().free

@@ -322,6 +322,9 @@ async fn execution(
                         "the worker running this attempt stopped renewing its claim; it ran again on another",
                     );
                     let lost = Attempt { started_ms: attempt.started_ms, ..Attempt::refused(lost, now_ms(), failure) };
+                    if let Some(metrics) = crate::metrics::recording() {
+                        metrics.attempt_ended(&shared.base.tenant.name, name, &lost);
+                    }
                     drop(shared.record(|journal, run_id| {
                         journal.attempt_finished(run_id, &path, &idempotency_key, &lost, false)
                     }));
@@ -341,6 +344,9 @@ async fn execution(
             }
         };
         attempt.delay_before_ms = delay_before.as_secs_f64() * 1000.0;
+        if let Some(metrics) = crate::metrics::recording() {
+            metrics.attempt_ended(&shared.base.tenant.name, name, &attempt);
+        }
         // Decided once, so the journal marks the execution's last attempt
         // exactly when the loop stops.
         let retry = attempt.failure().and_then(|f| retry_delay(step, f, number - counted_from, first_start));

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use utoipa::OpenApi;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -22,9 +22,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
+use extract::Caller;
 pub use extract::TENANT_HEADER;
 
-use crate::service::Service;
+use crate::service::{Scope, Service};
 
 /// The largest request body besides a deploy's.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -61,6 +62,8 @@ impl utoipa::Modify for BearerAuth {
 /// The API's router, with its OpenAPI document served at
 /// `/v1/openapi.json`.
 pub fn router(service: Arc<Service>) -> axum::Router {
+    // The API serves them, so they are counted from the start.
+    crate::metrics::enable();
     let max_deploy = usize::try_from(service.max_bundle_bytes()).unwrap_or(usize::MAX);
     // Base64 takes 4 bytes for 3, and the JSON around the files a little.
     let deploy_limit = max_deploy.saturating_mul(4) / 3 + MAX_BODY;
@@ -84,9 +87,11 @@ pub fn router(service: Arc<Service>) -> axum::Router {
     let document = Arc::new(api);
     router
         .route("/v1/openapi.json", axum::routing::get(move || async move { Json(document.as_ref().clone()) }))
+        .route("/metrics", axum::routing::get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(time_limit))
+        .layer(axum::middleware::from_fn(count_request))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(service)
@@ -102,6 +107,45 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this endpoint does not take that method; `GET /v1/openapi.json` lists what it takes",
     )
+}
+
+/// `GET /metrics`: the process's metrics, for an admin token (they name
+/// every tenant).
+async fn metrics(
+    axum::extract::State(service): axum::extract::State<Arc<Service>>,
+    Caller(scope): Caller,
+) -> Result<Response, ApiError> {
+    if scope != Scope::All {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the metrics cover every tenant: scrape them with an admin token (`stepbox token create --admin`), \
+             without a Stepbox-Tenant header",
+        ));
+    }
+    Ok(crate::metrics::scrape(Arc::new(move || service.metric_snapshots())).await)
+}
+
+/// Counts each request by its route's pattern (never its path: ids would
+/// make a series each), method and status.
+async fn count_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let Some(metrics) = crate::metrics::recording() else { return next.run(request).await };
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    // A client may send any token as a method; only the standard ones
+    // get series of their own.
+    let method = match *request.method() {
+        Method::GET | Method::POST | Method::PUT | Method::PATCH | Method::DELETE | Method::HEAD | Method::OPTIONS => {
+            request.method().as_str().to_owned()
+        }
+        _ => "other".to_owned(),
+    };
+    let began = std::time::Instant::now();
+    let response = next.run(request).await;
+    metrics.request_answered(&route, &method, response.status().as_u16(), began.elapsed());
+    response
 }
 
 /// A request not answered in [`REQUEST_TIMEOUT`] gets a 503 that says so.

@@ -342,6 +342,20 @@ impl Service {
         self.config.max_bundle_bytes
     }
 
+    /// Attempts waiting and running by tenant, for the metrics: in this
+    /// process, and in the queue when its attempts go to workers. Blocks on
+    /// the database.
+    pub fn metric_snapshots(&self) -> Vec<crate::metrics::Snapshot> {
+        let mut snapshots = vec![self.dispatcher.snapshot()];
+        if self.queue.is_some() {
+            match self.db.snapshot() {
+                Ok(queue) => snapshots.push(queue),
+                Err(err) => tracing::warn!("the metrics leave out the queue: {err}"),
+            }
+        }
+        snapshots
+    }
+
     /// The store, for the server's own reads (tokens).
     pub fn database(&self) -> &Arc<dyn Store> {
         &self.db

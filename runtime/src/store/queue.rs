@@ -186,8 +186,24 @@ pub trait Queue: Send + Sync {
     /// The results of those of `ids` that are done. A result stays until
     /// its run finishes: a coordinator that takes the run over finds it.
     fn results(&self, ids: &[i64]) -> Result<Vec<(i64, Value)>, StoreError>;
+    /// Tasks ready (waiting for a worker) and claimed, by tenant, for the
+    /// metrics.
+    fn snapshot(&self) -> Result<crate::metrics::Snapshot, StoreError>;
     /// Wake-ups on new tasks and results.
     fn signals(&self) -> &Signals;
+}
+
+/// The metrics' view of `(tenant, state, count)` rows.
+pub(crate) fn snapshot(rows: Vec<(String, String, i64)>) -> crate::metrics::Snapshot {
+    let mut snapshot = crate::metrics::Snapshot { source: "queue", ..Default::default() };
+    for (tenant, state, count) in rows {
+        let count = u64::try_from(count).unwrap_or(0);
+        match state.as_str() {
+            "ready" => snapshot.waiting.push((tenant, count)),
+            _ => snapshot.running.push((tenant, count)),
+        }
+    }
+    snapshot
 }
 
 /// A claimable task, as the stores read it: its tenant and id, in queue

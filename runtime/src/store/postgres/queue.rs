@@ -31,6 +31,8 @@ const RENEW: &str =
 const START: &str = "UPDATE tasks SET started = TRUE WHERE id = $1 AND owner = $2 AND token = $3 AND state = 'claimed'";
 const COMPLETE: &str = "UPDATE tasks SET state = 'done', result = $4, owner = NULL, expires_ms = NULL
      WHERE id = $1 AND owner = $2 AND token = $3 AND state = 'claimed'";
+const OPEN_BY_TENANT: &str =
+    "SELECT tenant, state, COUNT(*) FROM tasks WHERE state IN ('ready', 'claimed') GROUP BY tenant, state";
 const RESULTS_OF: &str = "SELECT id, result FROM tasks WHERE state = 'done' AND id = ANY($1)";
 /// A claim's commit does not wait for the disk, so the claims' turn is not
 /// held across a WAL flush. A claim the database loses in a crash is
@@ -231,6 +233,14 @@ impl Queue for PgStore {
             let rows = client.query(&results, &[&ids]).await?;
             Ok(rows.iter().map(|row| (row.get(0), json(row.get(1)).unwrap_or(Value::Null))).collect())
         })
+    }
+
+    fn snapshot(&self) -> Result<crate::metrics::Snapshot, StoreError> {
+        let rows = self.call(|client| async move {
+            let rows = client.query(OPEN_BY_TENANT, &[]).await?;
+            Ok(rows.iter().map(|row| (row.get(0), row.get(1), row.get(2))).collect())
+        })?;
+        Ok(crate::store::queue::snapshot(rows))
     }
 
     fn signals(&self) -> &crate::store::Signals {

@@ -132,7 +132,11 @@ async fn write_batches(
             awaited |= queued.kind != Kind::Lazy;
             batch.push(queued);
         }
+        let (records, began) = (batch.len(), std::time::Instant::now());
         let outcomes = commit(&pool, &place, batch, &mut lost).await;
+        if let Some(metrics) = crate::metrics::recording() {
+            metrics.journal_committed("postgres", records, began.elapsed());
+        }
         commits.fetch_add(1, Ordering::Relaxed);
         for (queued, outcome) in outcomes {
             if queued.kind == Kind::Last {

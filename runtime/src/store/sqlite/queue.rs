@@ -184,6 +184,17 @@ impl Queue for Database {
         })
     }
 
+    fn snapshot(&self) -> Result<crate::metrics::Snapshot, StoreError> {
+        let rows = self.read(|conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT tenant, state, COUNT(*) FROM tasks WHERE state IN ('ready', 'claimed') GROUP BY tenant, state",
+            )?;
+            let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+            rows.collect()
+        })?;
+        Ok(crate::store::queue::snapshot(rows))
+    }
+
     fn signals(&self) -> &crate::store::Signals {
         &self.signals
     }

@@ -140,8 +140,12 @@ fn write_batches(conn: &Mutex<Connection>, path: &std::path::Path, receiver: &Re
             batch.push(queued);
         }
         let mut conn = conn.lock();
+        let (records, began) = (batch.len(), Instant::now());
         let outcomes = commit(&mut conn, batch, &mut lost);
         drop(conn);
+        if let Some(metrics) = crate::metrics::recording() {
+            metrics.journal_committed("sqlite", records, began.elapsed());
+        }
         commits.fetch_add(1, Ordering::Relaxed);
         for (Ticket { run_id, kind, done, .. }, outcome) in outcomes {
             if kind == Kind::Last {
