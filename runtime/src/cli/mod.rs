@@ -21,6 +21,9 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use clap::{Parser, Subcommand};
 
@@ -176,14 +179,23 @@ where
             };
         }
     };
+    // Spans go out over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT says where;
+    // what is left is exported when `_exporting` goes, at exit (after the
+    // runtime, made later, has ended the spans still open).
+    let (traces, _exporting) = match crate::traces::layer() {
+        Ok(Some((layer, exporting))) => (Some(layer), Some(exporting)),
+        Ok(None) => (None, None),
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    );
     // An embedding program may have installed its own subscriber already.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(log).with(traces).try_init();
     // Attempts' open files count against this process's limit, and each
     // attempt's share of it is what the soft limit allows.
     if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {

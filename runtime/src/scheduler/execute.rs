@@ -8,6 +8,7 @@ use rand::RngExt;
 use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::policy::Admission;
 use super::{Base, GraphReport, Prepared, RunEvent, Shared, Started, run_graph};
@@ -142,7 +143,9 @@ async fn fan_out(
             while tasks.len() < window {
                 let Some((k, item)) = pending.next() else { break };
                 let (shared, cancel, component) = (shared.clone(), cancel.clone(), component.to_owned());
-                tasks.spawn(async move { (k, execution(&shared, i, &component, Some(k), item, &cancel).await) });
+                let execution = async move { (k, execution(&shared, i, &component, Some(k), item, &cancel).await) };
+                // Under the step's span, as a plain step's attempts are.
+                tasks.spawn(execution.in_current_span());
             }
             let Some(joined) = tasks.join_next().await else { break };
             match joined {
@@ -307,13 +310,31 @@ async fn execution(
                     grants: grants.clone(),
                     exit_codes: step.exit_codes.clone(),
                 };
+                let span = tracing::info_span!(
+                    "attempt",
+                    stepbox.step = %path,
+                    stepbox.attempt = number,
+                    stepbox.tenant = %shared.base.tenant.name,
+                    stepbox.component = %name,
+                    stepbox.component_digest = %component.digest(),
+                    stepbox.fuel = tracing::field::Empty,
+                    stepbox.peak_memory = tracing::field::Empty,
+                    stepbox.failure_class = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                );
                 let attempt = match reattached.take() {
                     Some(attempt) => attempt,
                     None => {
                         let prepared = Prepared { request, secrets: step.grants.secrets.clone() };
-                        attempt_once(shared, name, component, prepared, &path, cancel).await
+                        attempt_once(shared, name, component, prepared, &path, cancel).instrument(span.clone()).await
                     }
                 };
+                span.record("stepbox.fuel", attempt.fuel_consumed);
+                span.record("stepbox.peak_memory", attempt.peak_memory);
+                if let Some(failure) = attempt.failure() {
+                    span.record("stepbox.failure_class", failure.kind.as_str());
+                    span.record("otel.status_code", "ERROR");
+                }
                 // Tries an executor lost (their worker stopped) before this
                 // one ran: each counts, as a crashed attempt does on resume.
                 for lost in number..attempt.attempt {
@@ -350,6 +371,15 @@ async fn execution(
         // Decided once, so the journal marks the execution's last attempt
         // exactly when the loop stops.
         let retry = attempt.failure().and_then(|f| retry_delay(step, f, number - counted_from, first_start));
+        if let (Some(delay), Some(failure)) = (retry, attempt.failure()) {
+            tracing::info!(
+                stepbox.step = %path,
+                stepbox.attempt = number,
+                stepbox.failure_class = failure.kind.as_str(),
+                stepbox.delay_ms = delay.as_millis() as u64,
+                "retry"
+            );
+        }
         let ran = !matches!(attempt.failure(), Some(f) if f.kind == FailureKind::CircuitOpen);
         if ran {
             let recorded = shared.record(|journal, run_id| {

@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 pub use dispatch::{Dispatcher, Slot};
 pub use executor::{Executor, Local, Prepared, Reattached, Running, Started};
@@ -255,7 +256,14 @@ pub async fn run(
         waits: options.waits.clone(),
     };
     let shared = Shared::new(sandbox.clone(), workflow.clone(), components, &inputs, &options, base, None);
-    let graph = run_graph(shared.clone(), options.fail_fast).await;
+    let span = tracing::info_span!(
+        "run",
+        stepbox.run_id = %options.run_id,
+        stepbox.workflow = %workflow.name,
+        stepbox.tenant = %options.tenant.name,
+        stepbox.status = tracing::field::Empty,
+    );
+    let graph = run_graph(shared.clone(), options.fail_fast).instrument(span.clone()).await;
     interrupted.abort();
     let mut status = graph.status;
     let stopped =
@@ -286,6 +294,7 @@ pub async fn run(
         error = stopped(&shared);
     }
     shared.emit(RunEvent::RunFinished { status });
+    span.record("stepbox.status", status.as_str());
     let run = Run {
         id: options.run_id,
         workflow: workflow.name.clone(),
@@ -506,7 +515,8 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
                     shared.context.steps.set(&steps[i].id, StepStatus::Running, None);
                     // `always` steps outlive --fail-fast, not a cancelled run.
                     let token = if steps[i].always { cancel.clone() } else { fail_fast_token.clone() };
-                    let handle = running.spawn(execute::step(shared.clone(), i, token));
+                    let span = tracing::info_span!("step", stepbox.step = %shared.path(i));
+                    let handle = running.spawn(execute::step(shared.clone(), i, token).instrument(span));
                     task_step.insert(handle.id(), i);
                     if matches!(steps[i].action, crate::workflow::Action::Run { .. }) {
                         step_work.insert(handle.id(), waits.busy());

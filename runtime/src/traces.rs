@@ -1,0 +1,106 @@
+//! Traces in OpenTelemetry, exported over OTLP (HTTP, protobuf) when the
+//! standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set:
+//! one trace per run, with a span for the run, each step and each attempt
+//! (tenant, component digest, fuel, peak memory, failure class) and events
+//! for retries. `OTEL_SERVICE_NAME` names the process (`stepbox` unless
+//! set), and the other `OTEL_EXPORTER_OTLP_*` variables (headers, timeout)
+//! apply as the OTLP exporter reads them.
+//!
+//! The spans are `tracing` spans of target `stepbox`; this module only
+//! turns them into OpenTelemetry ones. Without the variables nothing is
+//! exported and the spans cost a disabled callsite each.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_http::{HttpClient, HttpError, Request, Response};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::Layer;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+
+/// How long one export may take.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Exports what is left when dropped.
+pub struct Exporting {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for Exporting {
+    fn drop(&mut self) {
+        if let Err(err) = self.provider.shutdown_with_timeout(EXPORT_TIMEOUT) {
+            eprintln!("warning: not every trace was exported: {err}");
+        }
+    }
+}
+
+/// The layer that exports stepbox's spans, and the guard that flushes them
+/// at exit; `None` when no OTLP endpoint is configured.
+pub fn layer<S>() -> Result<Option<(impl Layer<S>, Exporting)>, String>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()));
+    if !configured {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_http_client(Client::new()?)
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()
+        .map_err(|err| format!("cannot export traces to OTEL_EXPORTER_OTLP_ENDPOINT: {err}"))?;
+    let mut resource = Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name("stepbox");
+    }
+    let provider = SdkTracerProvider::builder().with_resource(resource.build()).with_batch_exporter(exporter).build();
+    let layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("stepbox"))
+        .with_filter(Targets::new().with_target("stepbox", LevelFilter::INFO));
+    Ok(Some((layer, Exporting { provider })))
+}
+
+/// The exporter's HTTP client: the project's reqwest, on a runtime of its
+/// own, since the batch exporter calls it from a thread of its own.
+#[derive(Debug)]
+struct Client {
+    http: reqwest::Client,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Client {
+    fn new() -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|err| format!("cannot make the trace exporter's HTTP client: {err}"))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|err| format!("cannot start the trace exporter's runtime: {err}"))?;
+        Ok(Client { http, runtime })
+    }
+}
+
+#[async_trait::async_trait]
+impl HttpClient for Client {
+    async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        let request = reqwest::Request::try_from(request)?;
+        let http = self.http.clone();
+        self.runtime.block_on(async move {
+            let response = http.execute(request).await?;
+            let mut answer = Response::builder().status(response.status());
+            for (name, value) in response.headers() {
+                answer = answer.header(name, value);
+            }
+            let body = response.bytes().await?;
+            Ok(answer.body(body)?)
+        })
+    }
+}
