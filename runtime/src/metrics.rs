@@ -10,8 +10,10 @@
 //! ([`enable`]), so a process nobody scrapes pays one atomic load per event.
 //!
 //! Labels stay bounded whatever tenants do: no run ids, and at most
-//! [`MAX_TENANTS`] tenants and [`MAX_COMPONENTS`] component names per tenant
-//! get series of their own; the rest count as `_other`.
+//! [`MAX_TENANTS`] tenants, [`MAX_COMPONENTS`] component names per tenant
+//! and [`MAX_PAIRS`] in all get series of their own, each name at most 64
+//! bytes of letters, digits, `_`, `-` and `.`; the rest count as
+//! [`OTHER`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
@@ -32,8 +34,11 @@ use crate::run::{Attempt, Outcome};
 pub const MAX_TENANTS: usize = 1_000;
 /// Component names with series of their own, per tenant.
 pub const MAX_COMPONENTS: usize = 100;
-/// The label value everything past those counts under.
-pub const OTHER: &str = "_other";
+/// Tenant and component pairs with series of their own, in all.
+pub const MAX_PAIRS: usize = 10_000;
+/// The label value everything past those counts under (not a name a
+/// workflow's component can have).
+pub const OTHER: &str = "(other)";
 
 /// The `Content-Type` of what [`render`] writes.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -134,7 +139,9 @@ impl Metrics {
         }
     }
 
-    /// An attempt of `tenant`'s `component` ended (or was refused).
+    /// An attempt of `tenant`'s `component` ended (or was refused, or
+    /// lost). Its duration, fuel and memory count only if it ran: a
+    /// refused or lost one measured nothing of its own.
     pub fn attempt_ended(&self, tenant: &str, component: &str, attempt: &Attempt) {
         let (tenant, component) = self.labels.lock().component(tenant, component);
         let outcome = match &attempt.outcome {
@@ -143,6 +150,10 @@ impl Metrics {
             Outcome::Running => "running",
         };
         self.attempts.get_or_create(&AttemptLabels { tenant: tenant.clone(), component, outcome }).inc();
+        // An instance that ran held some memory.
+        if attempt.peak_memory == 0 {
+            return;
+        }
         let labels = TenantLabels { tenant };
         if let Some(finished) = attempt.finished_ms {
             let seconds = (finished - attempt.started_ms).max(0.0) / 1000.0;
@@ -183,6 +194,14 @@ impl Metrics {
 #[derive(Default)]
 struct Bounded {
     tenants: HashMap<String, HashSet<String>>,
+    pairs: usize,
+}
+
+/// A name that may be a label value of its own.
+fn plain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'))
 }
 
 impl Bounded {
@@ -190,7 +209,7 @@ impl Bounded {
         if self.tenants.contains_key(tenant) {
             return tenant.to_owned();
         }
-        if self.tenants.len() < MAX_TENANTS {
+        if self.tenants.len() < MAX_TENANTS && plain(tenant) {
             self.tenants.insert(tenant.to_owned(), HashSet::new());
             return tenant.to_owned();
         }
@@ -201,18 +220,20 @@ impl Bounded {
     fn component(&mut self, tenant: &str, component: &str) -> (String, String) {
         let tenant = self.tenant(tenant);
         let components = self.tenants.entry(tenant.clone()).or_default();
-        let component = if components.contains(component) || components.len() < MAX_COMPONENTS {
+        if components.contains(component) {
+            return (tenant, component.to_owned());
+        }
+        if components.len() < MAX_COMPONENTS && self.pairs < MAX_PAIRS && plain(component) {
             components.insert(component.to_owned());
-            component.to_owned()
-        } else {
-            OTHER.to_owned()
-        };
-        (tenant, component)
+            self.pairs += 1;
+            return (tenant, component.to_owned());
+        }
+        (tenant, OTHER.to_owned())
     }
 }
 
 /// Gauges read when scraped: attempts of each tenant in some state.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// Attempts waiting for a slot (in this process) or a worker (in the
     /// queue), by tenant.
@@ -274,16 +295,37 @@ pub fn render(snapshots: &[Snapshot]) -> String {
 /// called off the async threads (it may ask the database).
 pub type Snapshots = std::sync::Arc<dyn Fn() -> Vec<Snapshot> + Send + Sync>;
 
-/// The answer to a scrape: the metrics with `snapshots` read now.
-pub async fn scrape(snapshots: Snapshots) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let read = tokio::task::spawn_blocking(move || render(&snapshots())).await;
-    match read {
-        Ok(text) => ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
-        Err(err) => {
-            (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("cannot read the metrics: {err}\n")).into_response()
+/// How long a reading of the snapshots serves later scrapes.
+const FRESH: Duration = Duration::from_secs(2);
+/// How long a scrape waits for the snapshots (the database may be away).
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The last snapshots read. Scrapes read them one at a time and reuse a
+/// fresh reading, so a flood of scrapes costs the database one query every
+/// [`FRESH`], not one each.
+static LAST: tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Vec<Snapshot>>)>> =
+    tokio::sync::Mutex::const_new(None);
+
+/// The metrics in the Prometheus text format, with `snapshots` read now
+/// (or a moment ago); why not, when they could not be read in time.
+pub async fn scrape(snapshots: Snapshots) -> Result<String, String> {
+    let mut last = LAST.lock().await;
+    let fresh = last.as_ref().filter(|(at, _)| at.elapsed() < FRESH).map(|(_, read)| read.clone());
+    let read = match fresh {
+        Some(read) => read,
+        None => {
+            let reading = tokio::task::spawn_blocking(move || snapshots());
+            let read = tokio::time::timeout(READ_TIMEOUT, reading)
+                .await
+                .map_err(|_| format!("the metrics could not be read within {}s", READ_TIMEOUT.as_secs()))?
+                .map_err(|err| format!("cannot read the metrics: {err}"))?;
+            let read = std::sync::Arc::new(read);
+            *last = Some((std::time::Instant::now(), read.clone()));
+            read
         }
-    }
+    };
+    drop(last);
+    Ok(render(&read))
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves: what
@@ -295,18 +337,32 @@ pub async fn serve(
     snapshots: Snapshots,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    enable();
+    use axum::response::IntoResponse;
+    let answer = move || {
+        let snapshots = snapshots.clone();
+        async move {
+            match scrape(snapshots).await {
+                Ok(text) => ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response(),
+                Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+            }
+        }
+    };
     let app = axum::Router::new()
-        .route("/metrics", axum::routing::get(move || scrape(snapshots.clone())))
+        .route("/metrics", axum::routing::get(answer))
         .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "only GET /metrics is served here\n") });
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
-/// Binds `address` for [`serve`], naming the flag in the error.
+/// Binds `address` for [`serve`] (naming the flag in the error), prints
+/// where the metrics are, and starts recording.
 pub async fn bind(address: &str) -> Result<tokio::net::TcpListener, String> {
-    tokio::net::TcpListener::bind(address)
+    let listener = tokio::net::TcpListener::bind(address)
         .await
-        .map_err(|err| format!("cannot listen on {address}: {err}; choose another --metrics-listen"))
+        .map_err(|err| format!("cannot listen on {address}: {err}; choose another --metrics-listen"))?;
+    let bound = listener.local_addr().map_err(|err| format!("cannot listen on {address}: {err}"))?;
+    eprintln!("metrics at http://{bound}/metrics");
+    enable();
+    Ok(listener)
 }
 
 #[cfg(test)]
@@ -327,7 +383,17 @@ mod tests {
         assert_eq!(bounded.tenant("acme"), "acme");
         assert_eq!(bounded.tenant("late"), OTHER);
         assert_eq!(bounded.component("late", "x").0, OTHER);
-        // `_other` is one more tenant, never more.
+        // The overflow is one more tenant, never more.
         assert!(bounded.tenants.len() <= MAX_TENANTS + 1, "{}", bounded.tenants.len());
+        // Names that are long or odd never get series of their own.
+        let mut fresh = Bounded::default();
+        assert_eq!(fresh.component("acme", &"x".repeat(65)).1, OTHER);
+        assert_eq!(fresh.component("acme", "a\"b").1, OTHER);
+        assert_eq!(fresh.tenant("(other)"), OTHER);
+        // Nor more pairs than the ceiling over all tenants.
+        for n in 0..MAX_PAIRS + 10 {
+            fresh.component(&format!("t{}", n % 200), &format!("c{n}"));
+        }
+        assert_eq!(fresh.pairs, MAX_PAIRS);
     }
 }

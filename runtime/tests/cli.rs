@@ -127,10 +127,15 @@ fn usage_errors_exit_2_and_say_what_is_wrong() {
     assert!(stderr(&out).contains("make 4100 attempts at once; give at most 4096 together"), "{}", stderr(&out));
 
     let hello = format!("{}/../examples/diamond.yaml", env!("CARGO_MANIFEST_DIR"));
-    let out = stepbox(&["run", &hello, "--metrics-listen", "nowhere"]);
+    // Refused before the run is recorded: nothing is left behind.
+    let own = std::env::temp_dir().join(format!("stepbox-cli-metrics-{}", std::process::id()));
+    let in_own = |args: &[&str]| command().env("STEPBOX_DATA_DIR", &own).args(args).output().unwrap();
+    let out = in_own(&["run", &hello, "--metrics-listen", "nowhere"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("cannot listen on nowhere"), "{}", stderr(&out));
     assert!(stderr(&out).contains("choose another --metrics-listen"), "{}", stderr(&out));
+    let runs = in_own(&["runs"]);
+    assert!(!stdout(&runs).contains("diamond"), "{}", stdout(&runs));
 
     let out = stepbox(&["worker", "--lease", "10ms"]);
     assert_eq!(out.status.code(), Some(2));

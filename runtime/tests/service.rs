@@ -1069,6 +1069,15 @@ async fn metrics_count_attempts_commits_compiles_and_requests_for_admins_only() 
     let refused = scrape(Some(&acme)).await.unwrap();
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
     assert!(refused.text().await.unwrap().contains("scrape them with an admin token"));
+    // An admin acting for one tenant sees that tenant's share only.
+    let acting = reqwest::Client::new()
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(&admin)
+        .header("Stepbox-Tenant", "acme")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(acting.status(), StatusCode::FORBIDDEN);
     let answer = scrape(Some(&admin)).await.unwrap();
     assert_eq!(answer.status(), StatusCode::OK);
     assert_eq!(answer.headers()["content-type"], "text/plain; version=0.0.4; charset=utf-8");
@@ -1097,7 +1106,7 @@ async fn metrics_count_attempts_commits_compiles_and_requests_for_admins_only() 
     expect(r#"stepbox_http_requests_total{route="/v1/workflows/{name}/runs",method="POST",status="201"}"#, 2.0);
     expect(r#"stepbox_http_requests_total{route="unmatched",method="GET",status="404"}"#, 1.0);
     expect(r#"stepbox_http_requests_total{route="/v1/runs",method="other",status="405"}"#, 2.0);
-    expect(r#"stepbox_http_requests_total{route="/metrics",method="GET",status="403"}"#, 1.0);
+    expect(r#"stepbox_http_requests_total{route="/metrics",method="GET",status="403"}"#, 2.0);
     assert!(sample(&text, r#"stepbox_http_requests_total{route="/v1/runs/{id}",method="GET",status="200"}"#).is_some());
     expect(r#"stepbox_process_attempts_running{tenant="acme"}"#, 0.0);
     expect(r#"stepbox_process_attempts_waiting{tenant="acme"}"#, 0.0);

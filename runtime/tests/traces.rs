@@ -130,7 +130,7 @@ async fn a_run_is_one_trace_of_run_step_and_attempt_spans_with_their_measures_an
     assert_eq!(warm.len(), 2);
     assert_eq!(warm[0]["stepbox.failure_class"], "retryable");
     assert!(!warm[1].contains_key("stepbox.failure_class"), "{:?}", warm[1]);
-    let failed = attempts.iter().find(|span| attributes(span).get("stepbox.failure_class").is_some()).unwrap();
+    let failed = attempts.iter().find(|span| attributes(span).contains_key("stepbox.failure_class")).unwrap();
     assert_eq!(failed.status.as_ref().map(|status| status.code), Some(2), "an error status");
     // The retry is an event of the step that retried.
     let retries: Vec<_> = step_of["warm"].events.iter().filter(|event| event.name == "retry").collect();

@@ -121,6 +121,8 @@ async fn continue_run(
     place: &Place<'_>,
     retry: bool,
 ) -> Result<u8, CliError> {
+    // Bound before the run is taken over: a bad address leaves it as it was.
+    let metrics = how.bind_metrics().await?;
     let db = open_database(place)?;
     let owned =
         service::continue_run(&*db, run_id, Continue { retry, from, ..Continue::default() }, |run, workflow| {
@@ -135,5 +137,5 @@ async fn continue_run(
             | ContinueError::NoSuchStep { .. }
             | ContinueError::Moved { .. }) => CliError::Usage(err.to_string()),
         })?;
-    execute(db, owned, how, place).await
+    execute(db, owned, how, metrics, place).await
 }

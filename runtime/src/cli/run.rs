@@ -71,6 +71,15 @@ pub(crate) struct HowToRun {
 }
 
 impl HowToRun {
+    /// The listener `--metrics-listen` asks for, bound (its address
+    /// printed) and recording started; a bad address is a usage error.
+    pub(crate) async fn bind_metrics(&self) -> Result<Option<tokio::net::TcpListener>, CliError> {
+        match &self.metrics_listen {
+            Some(address) => crate::metrics::bind(address).await.map(Some).map_err(CliError::Usage),
+            None => Ok(None),
+        }
+    }
+
     /// Refuses what only a local run can do, for a run on a server.
     pub(crate) fn local_only(&self) -> Result<(), CliError> {
         if self.max_parallel.is_some() || self.fail_fast || self.queue || self.metrics_listen.is_some() {
@@ -120,6 +129,8 @@ pub(crate) async fn run(args: Args, place: &Place<'_>, remote: Option<&Client>) 
         .fingerprint()
         .map_err(|err| CliError::Invalid(format!("error: cannot read the workflow's files: {err}")))?;
     let tenant = admit(place, &args.tenant, &workflow)?;
+    // Bound before the run is recorded: a bad address leaves no run behind.
+    let metrics = args.how.bind_metrics().await?;
     let db = open_database(place)?;
     let path = workflow.file.display().to_string();
     let mut run = Run::new(new_run_id(), &workflow.name, &path, &args.tenant, bound.as_map().clone());
@@ -127,7 +138,7 @@ pub(crate) async fn run(args: Args, place: &Place<'_>, remote: Option<&Client>) 
     let (lease, created) = db.create_run(&run, &fingerprint);
     created.await?;
     let owned = Owned { workflow, run, inputs: bound, tenant, lease };
-    execute(db, owned, &args.how, place).await
+    execute(db, owned, &args.how, metrics, place).await
 }
 
 /// `stepbox run FILE --server URL`: deploys the file with what it
@@ -180,6 +191,7 @@ pub(crate) async fn execute(
     db: Arc<dyn Store>,
     owned: Owned,
     how: &HowToRun,
+    metrics: Option<tokio::net::TcpListener>,
     place: &Place<'_>,
 ) -> Result<u8, CliError> {
     let default = if how.queue { HANDED_OVER } else { scheduler::default_max_parallel() };
@@ -196,10 +208,7 @@ pub(crate) async fn execute(
     tokio::spawn(cancel_on_signal(cancel.clone()));
     let (events, receiver) = mpsc::unbounded_channel();
     let dispatcher = scheduler::Dispatcher::new(max_parallel);
-    let metrics = match &how.metrics_listen {
-        Some(address) => Some(serve_metrics(address, &dispatcher, how.queue.then(|| db.clone())).await?),
-        None => None,
-    };
+    let metrics = metrics.map(|listener| serve_metrics(listener, &dispatcher, how.queue.then(|| db.clone())));
     let mut options = owned.options(db.clone(), dispatcher);
     options.secrets_dir = place.secrets_dir.map(ToOwned::to_owned);
     options.fail_fast = how.fail_fast;
@@ -230,17 +239,14 @@ pub(crate) async fn execute(
     summarize(&report, how.json)
 }
 
-/// Serves the metrics at `address` until the returned token is cancelled:
+/// Serves the metrics on `listener` until the returned token is cancelled:
 /// attempts waiting and running in `dispatcher`, and in the queue of
 /// `queue` when the run hands its attempts to workers.
-async fn serve_metrics(
-    address: &str,
+fn serve_metrics(
+    listener: tokio::net::TcpListener,
     dispatcher: &Arc<scheduler::Dispatcher>,
     queue: Option<Arc<dyn Store>>,
-) -> Result<CancellationToken, CliError> {
-    let listener = crate::metrics::bind(address).await.map_err(CliError::Usage)?;
-    let bound = listener.local_addr().map_err(|err| CliError::Failed(err.to_string()))?;
-    eprintln!("metrics at http://{bound}/metrics");
+) -> CancellationToken {
     let dispatcher = Arc::downgrade(dispatcher);
     let snapshots: crate::metrics::Snapshots = Arc::new(move || {
         let mut snapshots: Vec<_> = dispatcher.upgrade().map(|dispatcher| dispatcher.snapshot()).into_iter().collect();
@@ -254,7 +260,7 @@ async fn serve_metrics(
     });
     let stop = CancellationToken::new();
     tokio::spawn(crate::metrics::serve(listener, snapshots, stop.clone().cancelled_owned()));
-    Ok(stop)
+    stop
 }
 
 /// Prints what a finished run gave (its report as JSON, or a table and its

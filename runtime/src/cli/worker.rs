@@ -70,10 +70,10 @@ pub(crate) async fn worker(args: WorkerArgs, place: &Place<'_>) -> Result<u8, Cl
         db.place()
     );
     let stop = CancellationToken::new();
+    // Served until the attempts held are finished, after claiming stops.
+    let metrics_stop = CancellationToken::new();
     if let Some(address) = &args.metrics_listen {
         let listener = crate::metrics::bind(address).await.map_err(CliError::Usage)?;
-        let bound = listener.local_addr().map_err(|err| CliError::Failed(err.to_string()))?;
-        eprintln!("metrics at http://{bound}/metrics");
         let queue = db.clone();
         let snapshots: crate::metrics::Snapshots = Arc::new(move || match queue.snapshot() {
             Ok(snapshot) => vec![snapshot],
@@ -82,7 +82,7 @@ pub(crate) async fn worker(args: WorkerArgs, place: &Place<'_>) -> Result<u8, Cl
                 Vec::new()
             }
         });
-        tokio::spawn(crate::metrics::serve(listener, snapshots, stop.clone().cancelled_owned()));
+        tokio::spawn(crate::metrics::serve(listener, snapshots, metrics_stop.clone().cancelled_owned()));
     }
     let stopping = stop.clone();
     tokio::spawn(async move {
@@ -93,5 +93,6 @@ pub(crate) async fn worker(args: WorkerArgs, place: &Place<'_>) -> Result<u8, Cl
     let config =
         WorkerConfig { slots, reserve, lease, owner, tenants, secrets_dir: place.secrets_dir.map(ToOwned::to_owned) };
     work(db, sandbox, config, stop).await;
+    metrics_stop.cancel();
     Ok(0)
 }

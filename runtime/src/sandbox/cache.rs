@@ -137,10 +137,11 @@ const ABANDONED_TEMP: Duration = Duration::from_secs(3600);
 
 /// Compiles `bytes`, counted as a compile-cache miss.
 fn compile<T: Compiled>(engine: &Engine, bytes: &[u8]) -> wasmtime::Result<T> {
+    let compiled = T::compile(engine, bytes)?;
     if let Some(metrics) = crate::metrics::recording() {
         metrics.component_loaded(CompileSource::Compiled);
     }
-    T::compile(engine, bytes)
+    Ok(compiled)
 }
 
 impl CompileCache {

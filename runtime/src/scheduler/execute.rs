@@ -365,7 +365,9 @@ async fn execution(
             }
         };
         attempt.delay_before_ms = delay_before.as_secs_f64() * 1000.0;
-        if let Some(metrics) = crate::metrics::recording() {
+        // An interrupted run's attempt is counted by whoever takes the run
+        // up and finds how it ended.
+        if let Some(metrics) = crate::metrics::recording().filter(|_| !shared.base.interrupt.is_cancelled()) {
             metrics.attempt_ended(&shared.base.tenant.name, name, &attempt);
         }
         // Decided once, so the journal marks the execution's last attempt

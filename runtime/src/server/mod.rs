@@ -91,8 +91,9 @@ pub fn router(service: Arc<Service>) -> axum::Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(time_limit))
-        .layer(axum::middleware::from_fn(count_request))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        // Outside the panic catcher, so a request that panicked counts.
+        .layer(axum::middleware::from_fn(count_request))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(service)
 }
@@ -123,7 +124,10 @@ async fn metrics(
              without a Stepbox-Tenant header",
         ));
     }
-    Ok(crate::metrics::scrape(Arc::new(move || service.metric_snapshots())).await)
+    let text = crate::metrics::scrape(Arc::new(move || service.metric_snapshots()))
+        .await
+        .map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }
 
 /// Counts each request by its route's pattern (never its path: ids would
