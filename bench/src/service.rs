@@ -65,7 +65,7 @@ impl Bench {
     }
 
     async fn start_local(&self) -> anyhow::Result<String> {
-        Ok(self.service.start_run(&self.scope, "one", StartRun::default(), None).await?.0.id)
+        Ok(self.service.start_run(&self.scope, "one", StartRun::default(), None, None).await?.0.id)
     }
 
     async fn post_hook(&self, delivery: usize) -> anyhow::Result<String> {

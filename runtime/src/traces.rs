@@ -104,3 +104,84 @@ impl HttpClient for Client {
         })
     }
 }
+
+/// A W3C `traceparent` (`00-<trace id>-<span id>-<flags>`), checked: what
+/// a request or webhook names as the parent of the run it starts, and what
+/// an attempt's outgoing HTTP requests carry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TraceParent(String);
+
+impl TraceParent {
+    /// `value` if it is a well-formed `traceparent`; a malformed one is
+    /// ignored, as the W3C recommendation asks (a new trace starts).
+    pub fn parse(value: &str) -> Option<Self> {
+        let parts: Vec<&str> = value.trim().split('-').collect();
+        let hex =
+            |part: &str, len: usize| part.len() == len && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let nonzero = |part: &str| part.bytes().any(|b| b != b'0');
+        let [version, trace, span, flags] = parts[..] else { return None };
+        let valid = hex(version, 2)
+            && version != "ff"
+            && hex(trace, 32)
+            && nonzero(trace)
+            && hex(span, 16)
+            && nonzero(span)
+            && hex(flags, 2);
+        valid.then(|| TraceParent(value.trim().to_owned()))
+    }
+
+    /// The header's value.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The trace's id (32 hex digits).
+    pub fn trace_id(&self) -> &str {
+        &self.0[3..35]
+    }
+}
+
+/// Makes `span` a child of the span `parent` names (another process's).
+pub fn set_parent(span: &tracing::Span, parent: &TraceParent) {
+    use opentelemetry::propagation::TextMapPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let carrier = std::collections::HashMap::from([("traceparent".to_owned(), parent.0.clone())]);
+    let context = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
+    // A span no exporter sees has no parent to set.
+    let _ = span.set_parent(context);
+}
+
+/// The `traceparent` of `span`, when it is exported (else there is no
+/// trace to continue).
+pub fn traceparent(span: &tracing::Span) -> Option<TraceParent> {
+    use opentelemetry::propagation::TextMapPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry_sdk::propagation::TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+    carrier.get("traceparent").and_then(|value| TraceParent::parse(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_well_formed_traceparents_are_taken() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert_eq!(
+            TraceParent::parse(good).map(|p| p.trace_id().to_owned()).as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        for bad in [
+            "",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
+}

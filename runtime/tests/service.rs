@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Api, Server, journal_state, key_counts, output, sample, stderr, stepbox, temp_dir};
+use common::{Api, Server, journal_state, key_counts, output, sample, signature, stderr, stepbox, temp_dir};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use stepbox_tests::guests;
@@ -762,14 +762,6 @@ fn bundle_of(workflow: &Path) -> Value {
 }
 
 /// `X-Stepbox-Signature-256` for `body` under `secret`.
-fn signature(secret: &str, body: &[u8]) -> String {
-    use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(body);
-    let hex: String = mac.finalize().into_bytes().iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("sha256={hex}")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_signed_webhook_starts_one_run_per_delivery_and_an_unsigned_one_none() {
     let dir = temp_dir("serve-webhook");

@@ -18,28 +18,42 @@ use stepbox_tests::guests;
 /// them.
 type Received = Arc<Mutex<Vec<(String, Span)>>>;
 
-/// Starts an OTLP/HTTP receiver on a free port; returns its address.
-async fn receiver(received: Received) -> String {
-    let app = axum::Router::new().route(
-        "/v1/traces",
-        axum::routing::post(move |body: axum::body::Bytes| async move {
-            let request = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export");
-            let mut received = received.lock().unwrap();
-            for resource in request.resource_spans {
-                let service = resource
-                    .resource
-                    .iter()
-                    .flat_map(|resource| &resource.attributes)
-                    .find(|kv| kv.key == "service.name")
-                    .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
-                    .unwrap_or_default();
-                for scope in resource.scope_spans {
-                    received.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
+/// The `traceparent` of each request `GET /echo` took (`None`: it had
+/// none).
+type Echoed = Arc<Mutex<Vec<Option<String>>>>;
+
+/// Starts an OTLP/HTTP receiver on a free port, which also answers
+/// `GET /echo` for steps to call; returns its address.
+async fn receiver(received: Received, echoed: Echoed) -> String {
+    let app = axum::Router::new()
+        .route(
+            "/echo",
+            axum::routing::get(move |headers: axum::http::HeaderMap| async move {
+                let parent = headers.get("traceparent").and_then(|value| Some(value.to_str().ok()?.to_owned()));
+                echoed.lock().unwrap().push(parent);
+                "echo"
+            }),
+        )
+        .route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export");
+                let mut received = received.lock().unwrap();
+                for resource in request.resource_spans {
+                    let service = resource
+                        .resource
+                        .iter()
+                        .flat_map(|resource| &resource.attributes)
+                        .find(|kv| kv.key == "service.name")
+                        .and_then(|kv| text(kv.value.as_ref()?.value.as_ref()?))
+                        .unwrap_or_default();
+                    for scope in resource.scope_spans {
+                        received.extend(scope.spans.into_iter().map(|span| (service.clone(), span)));
+                    }
                 }
-            }
-            axum::http::StatusCode::OK
-        }),
-    );
+                axum::http::StatusCode::OK
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -73,7 +87,7 @@ fn attributes(span: &Span) -> HashMap<String, String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_is_one_trace_of_run_step_and_attempt_spans_with_their_measures_and_retries() {
     let received = Received::default();
-    let endpoint = receiver(received.clone()).await;
+    let endpoint = receiver(received.clone(), Echoed::default()).await;
     let dir = temp_dir("traces");
     let workflow = dir.join("traced.yaml");
     std::fs::write(
@@ -136,4 +150,138 @@ async fn a_run_is_one_trace_of_run_step_and_attempt_spans_with_their_measures_an
     let retries: Vec<_> = step_of["warm"].events.iter().filter(|event| event.name == "retry").collect();
     assert_eq!(retries.len(), 1, "{:?}", step_of["warm"].events);
     assert!(step_of["greet"].events.iter().all(|event| event.name != "retry"));
+}
+
+/// The spans `received` holds named `name`.
+fn spans_named(received: &Received, name: &str) -> Vec<Span> {
+    received.lock().unwrap().iter().map(|(_, span)| span).filter(|span| span.name == name).cloned().collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempts_http_requests_carry_its_traceparent_and_a_denied_one_is_an_event() {
+    let (received, echoed) = (Received::default(), Echoed::default());
+    let endpoint = receiver(received.clone(), echoed.clone()).await;
+    let host = endpoint.strip_prefix("http://").unwrap().to_owned();
+    let dir = temp_dir("traces-http");
+    let workflow = dir.join("calls.yaml");
+    std::fs::write(
+        &workflow,
+        format!(
+            "name: calls\ncomponents:\n  probe: {probe}\nsteps:\n  - id: call\n    uses: probe\n    with: {{ url: \"{endpoint}/echo\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n  - id: denied\n    uses: probe\n    with: {{ url: \"http://example.com/\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n",
+            probe = guests::HTTP_PROBE
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        stepbox(&dir.join("data"))
+            .args(["run", workflow.to_str().unwrap(), "--json"])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["steps"][0]["output"]["response"]["body"], "echo", "{report}");
+    let attempts = spans_named(&received, "attempt");
+    let of = |step: &str| attempts.iter().find(|span| attributes(span)["stepbox.step"] == step).unwrap().clone();
+    let (call, denied) = (of("call"), of("denied"));
+    // The request carried the attempt's span as its parent.
+    let echoed = echoed.lock().unwrap().clone();
+    assert_eq!(echoed, [Some(format!("00-{}-{}-01", hex(&call.trace_id), hex(&call.span_id)))]);
+    // The refused one is an event of its attempt, naming what was refused.
+    let event = denied.events.iter().find(|event| event.name == "capability denied").expect("a denial event");
+    let seen: HashMap<String, String> = event
+        .attributes
+        .iter()
+        .filter_map(|kv| Some((kv.key.clone(), text(kv.value.as_ref()?.value.as_ref()?)?)))
+        .collect();
+    assert_eq!(
+        (seen["stepbox.capability"].as_str(), seen["stepbox.host"].as_str()),
+        ("http", "example.com"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_traceparent_on_the_request_that_starts_a_run_becomes_its_parent() {
+    let received = Received::default();
+    let endpoint = receiver(received.clone(), Echoed::default()).await;
+    let dir = temp_dir("traces-serve");
+    let data = dir.join("data");
+    let token = common::output(&data, &["token", "create", "--tenant", "acme"]);
+    assert!(token.status.success());
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let server = common::Server::start_with(&data, &[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)]);
+    let project = dir.join("project");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::copy(guests::HELLO, project.join("hello.wasm")).unwrap();
+    std::fs::write(
+        project.join("greet.yaml"),
+        "name: greet\non:\n  webhook:\n    secret: hush-hush-hush-hush\ncomponents:\n  hello: hello.wasm\nsteps:\n  - id: hi\n    uses: hello\n    with: { name: trace }\n",
+    )
+    .unwrap();
+    let deployed = stepbox(std::path::Path::new("/nonexistent"))
+        .args(["deploy", project.join("greet.yaml").to_str().unwrap(), "--server", &server.url, "--token", &token])
+        .output()
+        .unwrap();
+    assert!(deployed.status.success(), "{}", String::from_utf8_lossy(&deployed.stderr));
+    let api = server.api(&token);
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let start = |traceparent: &'static str| {
+        api.http
+            .post(format!("{}/v1/workflows/greet/runs", server.url))
+            .bearer_auth(&token)
+            .header("traceparent", traceparent)
+            .json(&serde_json::json!({}))
+            .send()
+    };
+    let started: Value = start(parent).await.unwrap().json().await.unwrap();
+    let id = started["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.finished(&id).await["status"], "succeeded");
+    // A malformed one is ignored: the run starts a trace of its own.
+    let other: Value = start("00-not-a-trace-01").await.unwrap().json().await.unwrap();
+    let other = other["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.finished(&other).await["status"], "succeeded");
+    // A webhook's delivery continues the sender's trace alike.
+    let hooked = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let delivered: Value = api
+        .http
+        .post(format!("{}/v1/hooks/acme/greet", server.url))
+        .header("traceparent", hooked)
+        .header("x-stepbox-delivery", "d1")
+        .header("x-stepbox-signature-256", common::signature("hush-hush-hush-hush", b"{}"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let delivered = delivered["id"].as_str().unwrap().to_owned();
+    assert_eq!(api.finished(&delivered).await["status"], "succeeded");
+    // The server exports as it goes; its spans of both runs arrive.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let run_span =
+        |id: &str| spans_named(&received, "run").into_iter().find(|span| attributes(span)["stepbox.run_id"] == id);
+    while [&id, &other, &delivered].iter().any(|id| run_span(id).is_none()) {
+        assert!(std::time::Instant::now() < deadline, "the runs' spans were not exported");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let run = run_span(&id).unwrap();
+    assert_eq!(hex(&run.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(hex(&run.parent_span_id), "00f067aa0ba902b7");
+    let own = run_span(&other).unwrap();
+    assert!(own.parent_span_id.is_empty());
+    assert_ne!(own.trace_id, run.trace_id);
+    let hook = run_span(&delivered).unwrap();
+    assert_eq!(
+        (hex(&hook.trace_id), hex(&hook.parent_span_id)),
+        ("0af7651916cd43dd8448eb211c80319c".into(), "b7ad6b7169203331".into())
+    );
 }

@@ -154,6 +154,7 @@ pub(crate) async fn run(args: Args, data_dir: &std::path::Path) -> Result<u8, Cl
         } else {
             ExitCodes { retryable: args.retryable_exit }
         },
+        trace_parent: None,
     };
     let attempt = sandbox.run(&component, request).await;
     print_attempt(&attempt, args.json)?;

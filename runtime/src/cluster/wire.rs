@@ -50,6 +50,10 @@ pub(crate) struct TaskRequest {
     /// the worker says when it starts to run ([`crate::store::Queue::start`]).
     #[serde(default)]
     pub(crate) announce_start: bool,
+    /// The coordinator's span of the attempt, for the attempt's outgoing
+    /// HTTP requests.
+    #[serde(default)]
+    pub(crate) trace_parent: Option<crate::traces::TraceParent>,
 }
 
 /// [`Limits`] in exact numbers: their own serde form writes sizes rounded,
@@ -164,6 +168,7 @@ impl TaskRequest {
                 })
                 .collect(),
             announce_start,
+            trace_parent: attempt.request.trace_parent.clone(),
         }
     }
 
@@ -221,6 +226,7 @@ impl TaskRequest {
             limits,
             grants,
             exit_codes: ExitCodes { retryable: self.retryable_exit_codes },
+            trace_parent: self.trace_parent,
         };
         Prepared { request, secrets }.resolve(secrets_dir).map_err(|refused| {
             refused.failure().map_or_else(|| "its secrets could not be read".into(), |failure| failure.message.clone())

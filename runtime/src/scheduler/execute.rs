@@ -295,6 +295,18 @@ async fn execution(
                 if let Some((_, granted)) = reserved {
                     limits.fuel = granted;
                 }
+                let span = tracing::info_span!(
+                    "attempt",
+                    stepbox.step = %path,
+                    stepbox.attempt = number,
+                    stepbox.tenant = %shared.base.tenant.name,
+                    stepbox.component = %name,
+                    stepbox.component_digest = %component.digest(),
+                    stepbox.fuel = tracing::field::Empty,
+                    stepbox.peak_memory = tracing::field::Empty,
+                    stepbox.failure_class = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                );
                 let request = AttemptRequest {
                     context: StepContext {
                         run_id: shared.run_id.clone(),
@@ -309,19 +321,8 @@ async fn execution(
                     limits,
                     grants: grants.clone(),
                     exit_codes: step.exit_codes.clone(),
+                    trace_parent: crate::traces::traceparent(&span),
                 };
-                let span = tracing::info_span!(
-                    "attempt",
-                    stepbox.step = %path,
-                    stepbox.attempt = number,
-                    stepbox.tenant = %shared.base.tenant.name,
-                    stepbox.component = %name,
-                    stepbox.component_digest = %component.digest(),
-                    stepbox.fuel = tracing::field::Empty,
-                    stepbox.peak_memory = tracing::field::Empty,
-                    stepbox.failure_class = tracing::field::Empty,
-                    otel.status_code = tracing::field::Empty,
-                );
                 let attempt = match reattached.take() {
                     Some(attempt) => attempt,
                     None => {

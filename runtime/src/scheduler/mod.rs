@@ -139,6 +139,9 @@ pub struct RunOptions {
     /// memory once recorded: the report [`run`] returns has none; read the
     /// run's report from the store's history for them.
     pub journal: Option<Arc<dyn Journal>>,
+    /// The span the run's trace continues (a request's or a webhook's
+    /// `traceparent`); without one, the run starts a trace of its own.
+    pub trace_parent: Option<crate::traces::TraceParent>,
 }
 
 impl RunOptions {
@@ -161,6 +164,7 @@ impl RunOptions {
             waits: Arc::default(),
             dispatcher: None,
             journal: None,
+            trace_parent: None,
         }
     }
 }
@@ -263,6 +267,9 @@ pub async fn run(
         stepbox.tenant = %options.tenant.name,
         stepbox.status = tracing::field::Empty,
     );
+    if let Some(parent) = &options.trace_parent {
+        crate::traces::set_parent(&span, parent);
+    }
     let graph = run_graph(shared.clone(), options.fail_fast).instrument(span.clone()).await;
     interrupted.abort();
     let mut status = graph.status;

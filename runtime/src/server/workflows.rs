@@ -1,6 +1,7 @@
 //! `/v1/workflows`: deploying workflows, reading their versions, and
 //! starting runs of them.
 
+use crate::traces::TraceParent;
 use std::sync::Arc;
 
 use axum::Json;
@@ -137,6 +138,9 @@ pub async fn start_run(
         ),
         None => None,
     };
-    let (run, created) = service.start_run(&scope, &name, request, key).await?;
+    // A malformed one is ignored (the run starts a trace of its own), as
+    // the W3C recommendation asks.
+    let parent = headers.get("traceparent").and_then(|value| TraceParent::parse(value.to_str().ok()?));
+    let (run, created) = service.start_run(&scope, &name, request, key, parent).await?;
     Ok((if created { StatusCode::CREATED } else { StatusCode::OK }, Json(run)))
 }

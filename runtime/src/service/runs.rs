@@ -2,6 +2,7 @@
 //! background, listed, read, cancelled, resumed and retried, each call
 //! within the caller's scope.
 
+use crate::traces::TraceParent;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -111,6 +112,7 @@ impl Service {
         name: &str,
         request: StartRun,
         idempotency_key: Option<String>,
+        trace_parent: Option<TraceParent>,
     ) -> Result<(Run, bool), ServiceError> {
         self.accepting()?;
         scope.tenant()?;
@@ -133,7 +135,7 @@ impl Service {
                 named: "Idempotency-Key",
             }
         });
-        self.start_version(&version, &request.inputs, request.labels.clone(), once).await
+        self.start_version(&version, &request.inputs, request.labels.clone(), once, trace_parent).await
     }
 
     /// Starts a run of a deployed version with `inputs` (bound here) and
@@ -144,6 +146,7 @@ impl Service {
         inputs: &serde_json::Map<String, serde_json::Value>,
         labels: BTreeMap<String, String>,
         once: Option<Once>,
+        trace_parent: Option<TraceParent>,
     ) -> Result<(Run, bool), ServiceError> {
         let tenant_name = version.tenant.clone();
         let deployed = self.deployed(version).await?;
@@ -193,7 +196,7 @@ impl Service {
             }
         };
         let owned = Owned { workflow: deployed.workflow.clone(), run: run.clone(), inputs, tenant, lease };
-        self.launch(owned, reservation, Arc::default());
+        self.launch(owned, reservation, Arc::default(), trace_parent);
         // A run without a key starts while its record commits: its first
         // attempt's start record commits after it, often in the same group
         // commit. The caller hears of the run once it is durable.
@@ -205,7 +208,13 @@ impl Service {
 
     /// Drives an owned run in the background until it ends or is
     /// interrupted.
-    fn launch(self: &Arc<Self>, owned: Owned, reservation: Reservation, events: Arc<EventLog>) {
+    fn launch(
+        self: &Arc<Self>,
+        owned: Owned,
+        reservation: Reservation,
+        events: Arc<EventLog>,
+        trace_parent: Option<TraceParent>,
+    ) {
         let live = Arc::new(LiveRun {
             waits: Arc::default(),
             cancel: tokio_util::sync::CancellationToken::new(),
@@ -213,10 +222,16 @@ impl Service {
             events,
         });
         self.live.lock().runs.insert(owned.run.id.clone(), live.clone());
-        self.tasks.spawn(self.clone().drive(owned, live, reservation));
+        self.tasks.spawn(self.clone().drive(owned, live, reservation, trace_parent));
     }
 
-    async fn drive(self: Arc<Self>, owned: Owned, live: Arc<LiveRun>, reservation: Reservation) {
+    async fn drive(
+        self: Arc<Self>,
+        owned: Owned,
+        live: Arc<LiveRun>,
+        reservation: Reservation,
+        trace_parent: Option<TraceParent>,
+    ) {
         let (sender, mut receiver) = mpsc::unbounded_channel();
         let mut options = owned.options(self.db.clone(), self.dispatcher.clone());
         options.secrets_dir = self.config.secrets_dir.clone();
@@ -224,6 +239,7 @@ impl Service {
         options.interrupt = live.interrupt.clone();
         options.waits = live.waits.clone();
         options.events = Some(sender);
+        options.trace_parent = trace_parent;
         if let Some(queue) = &self.queue {
             options.executor = Some(queue.clone());
         }
@@ -583,7 +599,8 @@ impl Service {
             })
             .await?;
         events.reopen();
-        self.launch(owned, reservation, events);
+        // A run taken up again starts a trace of its own.
+        self.launch(owned, reservation, events, None);
         drop(claim);
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! idempotency keys as the API's, so a replay or a restart starts nothing
 //! twice.
 
+use crate::traces::TraceParent;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -121,7 +122,8 @@ impl Service {
             request: format!("{:x}", Sha256::digest(delivery.body)),
             named: "delivery id",
         };
-        self.start_version(&version, &inputs, labels, Some(once)).await
+        let parent = delivery.headers.get("traceparent").and_then(|value| TraceParent::parse(value));
+        self.start_version(&version, &inputs, labels, Some(once), parent).await
     }
 }
 
@@ -249,7 +251,7 @@ impl Service {
             ]);
             let once_key = format!("schedule:{}:{}:{key}:{tick}", version.name.len(), version.name);
             let once = Once { key: once_key.clone(), request: once_key, named: "schedule tick" };
-            if let Err(err) = self.start_version(version, &schedule.inputs, labels, Some(once)).await {
+            if let Err(err) = self.start_version(version, &schedule.inputs, labels, Some(once), None).await {
                 tracing::warn!(workflow = version.name, schedule = key, tick, "a tick could not start its run: {err}");
             }
         }

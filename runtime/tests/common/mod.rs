@@ -30,6 +30,15 @@ pub fn sample(scrape: &str, series: &str) -> Option<f64> {
     scrape.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// A webhook's `X-Stepbox-Signature-256` of `body` under `secret`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    let hex: String = mac.finalize().into_bytes().iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("sha256={hex}")
+}
+
 /// A fresh directory for one test.
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("stepbox-test-{name}-{}", std::process::id()));
@@ -145,9 +154,15 @@ pub struct Server {
 impl Server {
     /// Starts `stepbox serve` on a free port with `data` and `args`.
     pub fn start(data: &Path, args: &[&str]) -> Server {
+        Server::start_with(data, args, &[])
+    }
+
+    /// [`Server::start`] with `env` set for the server.
+    pub fn start_with(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = stepbox(data)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

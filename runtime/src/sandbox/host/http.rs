@@ -7,6 +7,7 @@ use http::uri::Scheme;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use crate::sandbox::grants::{HttpGrant, HttpSecret};
+use crate::traces::TraceParent;
 
 /// The response future wasmtime-wasi-http expects from a hook.
 type Sent = Box<
@@ -31,11 +32,15 @@ pub(crate) const FIELDS_LIMIT: usize = 16 * 1024;
 pub(crate) struct HttpPolicy {
     grants: Arc<[HttpGrant]>,
     secrets: Arc<[HttpSecret]>,
+    /// The attempt's span, sent as `traceparent` unless the step sends
+    /// its own.
+    trace_parent: Option<http::HeaderValue>,
 }
 
 impl HttpPolicy {
-    pub(crate) fn new(grants: Vec<HttpGrant>, secrets: Vec<HttpSecret>) -> Self {
-        HttpPolicy { grants: grants.into(), secrets: secrets.into() }
+    pub(crate) fn new(grants: Vec<HttpGrant>, secrets: Vec<HttpSecret>, trace_parent: Option<TraceParent>) -> Self {
+        let trace_parent = trace_parent.and_then(|parent| http::HeaderValue::from_str(parent.as_str()).ok());
+        HttpPolicy { grants: grants.into(), secrets: secrets.into(), trace_parent }
     }
 
     /// Whether one of `grants` lets `request` out.
@@ -117,10 +122,19 @@ impl WasiHttpHooks for HttpPolicy {
         _response_errors: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Sent {
         if !Self::allowed_by(&self.grants, &request) {
-            tracing::debug!(method = %request.method(), uri = %request.uri(), "HTTP request denied: not granted");
+            // An event of the attempt's span, where traces are exported.
+            tracing::info!(
+                stepbox.capability = "http",
+                stepbox.method = %request.method(),
+                stepbox.host = request.uri().host().unwrap_or(""),
+                "capability denied"
+            );
             return Box::new(async { Err(Error::HttpRequestDenied) });
         }
         let mut request = request;
+        if let Some(parent) = &self.trace_parent {
+            request.headers_mut().entry("traceparent").or_insert_with(|| parent.clone());
+        }
         if let Err(err) = self.fill_in_secrets(&mut request) {
             return Box::new(async { Err(err) });
         }
