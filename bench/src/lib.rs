@@ -75,6 +75,8 @@ pub enum Part {
     Service,
     /// Attempts handed to workers through the PostgreSQL queue.
     Cluster,
+    /// The wide graph with metrics recorded and traces exported.
+    Observe,
 }
 
 /// Runs every comparison, or only the `only` part; `progress` hears what
@@ -85,6 +87,7 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
         match part {
             Part::Service => service_rows(&mut report, sizes, &progress).await?,
             Part::Cluster => cluster_rows(&mut report, sizes, &progress).await?,
+            Part::Observe => observe_rows(&mut report, sizes, &progress).await?,
         }
         return Ok(report);
     }
@@ -239,6 +242,8 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
     report.compare("empty loop: fuel on", tight.fuel, bare, Target::None);
     report.compare("empty loop: epoch interruption on", tight.epoch, bare, Target::None);
 
+    // Last: it installs the process's tracing subscriber for good.
+    observe_rows(&mut report, sizes, &progress).await?;
     Ok(report)
 }
 
@@ -264,6 +269,58 @@ async fn service_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str
         Target::None,
     );
     Ok(())
+}
+
+/// What watching a run costs: the wide graph (journal on) with metrics
+/// recorded and every span exported over OTLP to a receiver in this
+/// process, against the same graph unwatched before it. Installs the
+/// process's tracing subscriber, so it runs once per process, last.
+async fn observe_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    progress("metrics and traces");
+    let dir = tempfile::tempdir()?;
+    let sandbox = sandbox(dir.path())?;
+    sandbox.load(Path::new(guests::NOOP))?;
+    let n = sizes.graph;
+    let graph = |name: &str| -> anyhow::Result<(Workflow, Option<Arc<dyn Store>>)> {
+        Ok((workflow(name, n, false)?, sqlite(&dir.path().join(name))?))
+    };
+    // A first run warms what the others share.
+    let (warm, store) = graph("warm")?;
+    timed_run(&sandbox, warm, store).await?;
+    let (plain, store) = graph("plain")?;
+    let (unwatched, _) = timed_run(&sandbox, plain, store).await?;
+    let endpoint = otlp_sink().await?;
+    stepbox::metrics::enable();
+    let (layer, exporting) =
+        stepbox::traces::layer(Some(&endpoint)).map_err(anyhow::Error::msg)?.context("no trace exporter")?;
+    tracing_subscriber::registry()
+        .with(layer)
+        .try_init()
+        .context("a tracing subscriber is installed already: measure this part in a process of its own")?;
+    let (watched, store) = graph("watched")?;
+    let (watched, _) = timed_run(&sandbox, watched, store).await?;
+    // The last spans go out when the exporter closes, untimed.
+    drop(exporting);
+    report.compare(
+        &format!("{n} independent no-op steps (journal on): metrics recorded and traces exported over OTLP"),
+        per_step(watched, n),
+        Some(("the same unwatched", per_step(unwatched, n))),
+        Target::AtMost(1.1),
+    );
+    Ok(())
+}
+
+/// An OTLP/HTTP receiver that takes every export and keeps nothing; its
+/// base address.
+async fn otlp_sink() -> anyhow::Result<String> {
+    let app = axum::Router::new().route("/v1/traces", axum::routing::post(|_: axum::body::Bytes| async { "" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(format!("http://{address}"))
 }
 
 /// The cluster's rows: attempts through the PostgreSQL queue to workers.

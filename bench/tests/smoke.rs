@@ -38,6 +38,7 @@ async fn every_comparison_runs_and_gives_a_reading() {
         "on 1 worker(s)",
         "on 2 worker(s)",
         "on 4 worker(s)",
+        "metrics recorded and traces exported over OTLP",
         "start on an idle worker, p50",
         "start on an idle worker, p99",
     ] {

@@ -38,23 +38,27 @@ impl Drop for Exporting {
 }
 
 /// The layer that exports stepbox's spans, and the guard that flushes them
-/// at exit; `None` when no OTLP endpoint is configured.
-pub fn layer<S>() -> Result<Option<(impl Layer<S>, Exporting)>, String>
+/// at exit: to `endpoint` (an OTLP/HTTP base address) when given, else as
+/// the environment says; `None` when neither names an endpoint.
+pub fn layer<S>(endpoint: Option<&str>) -> Result<Option<(impl Layer<S>, Exporting)>, String>
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
     let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
         .iter()
         .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()));
-    if !configured {
+    if !configured && endpoint.is_none() {
         return Ok(None);
     }
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
+    let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_http_client(Client::new()?)
-        .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|err| format!("cannot export traces to OTEL_EXPORTER_OTLP_ENDPOINT: {err}"))?;
+        .with_timeout(EXPORT_TIMEOUT);
+    if let Some(endpoint) = endpoint {
+        builder = builder.with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')));
+    }
+    let exporter =
+        builder.build().map_err(|err| format!("cannot export traces to OTEL_EXPORTER_OTLP_ENDPOINT: {err}"))?;
     let mut resource = Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name("stepbox");

@@ -182,7 +182,7 @@ where
     // Spans go out over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT says where;
     // what is left is exported when `_exporting` goes, at exit (after the
     // runtime, made later, has ended the spans still open).
-    let (traces, _exporting) = match crate::traces::layer() {
+    let (traces, _exporting) = match crate::traces::layer(None) {
         Ok(Some((layer, exporting))) => (Some(layer), Some(exporting)),
         Ok(None) => (None, None),
         Err(err) => {
