@@ -56,6 +56,6 @@ async fn every_comparison_runs_and_gives_a_reading() {
     }
     // Every target of the issue is attached to its comparison.
     let targets = report.rows.iter().filter(|row| row.target != Target::None).count();
-    assert_eq!(targets, 8, "{}", report.markdown());
+    assert_eq!(targets, 9, "{}", report.markdown());
     assert!(report.markdown().contains("| measurement | value | ratio | to | target |"));
 }

@@ -7,7 +7,7 @@
 //! count (the scheduler as an attempt ends, the journal writers, the
 //! compile cache, the API) record into it without a handle threaded through
 //! every layer. Nothing is recorded until something serves the metrics
-//! ([`enable`]), so a process nobody scrapes pays one atomic load per event.
+//! ([`record`]), so a process nobody scrapes pays one atomic load per event.
 //!
 //! Labels stay bounded whatever tenants do: no run ids, and at most
 //! [`MAX_TENANTS`] tenants, [`MAX_COMPONENTS`] component names per tenant
@@ -46,9 +46,10 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
-/// Starts recording: called by whatever serves the metrics.
-pub fn enable() {
-    ENABLED.store(true, Ordering::Relaxed);
+/// Starts recording (or, `false`, stops): whatever serves the metrics
+/// starts it.
+pub fn record(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
 }
 
 /// The process's metrics, while they are recorded.
@@ -361,7 +362,7 @@ pub async fn bind(address: &str) -> Result<tokio::net::TcpListener, String> {
         .map_err(|err| format!("cannot listen on {address}: {err}; choose another --metrics-listen"))?;
     let bound = listener.local_addr().map_err(|err| format!("cannot listen on {address}: {err}"))?;
     eprintln!("metrics at http://{bound}/metrics");
-    enable();
+    record(true);
     Ok(listener)
 }
 

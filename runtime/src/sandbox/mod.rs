@@ -4,6 +4,7 @@
 mod attempt;
 mod bindings;
 mod cache;
+pub(crate) use cache::hex;
 mod capture;
 mod component;
 mod engine;

@@ -321,7 +321,8 @@ async fn execution(
                     limits,
                     grants: grants.clone(),
                     exit_codes: step.exit_codes.clone(),
-                    trace_parent: crate::traces::traceparent(&span),
+                    // Only requests carry it.
+                    trace_parent: if grants.http.is_empty() { None } else { crate::traces::traceparent(&span) },
                 };
                 let attempt = match reattached.take() {
                     Some(attempt) => attempt,

@@ -63,7 +63,7 @@ impl utoipa::Modify for BearerAuth {
 /// `/v1/openapi.json`.
 pub fn router(service: Arc<Service>) -> axum::Router {
     // The API serves them, so they are counted from the start.
-    crate::metrics::enable();
+    crate::metrics::record(true);
     let max_deploy = usize::try_from(service.max_bundle_bytes()).unwrap_or(usize::MAX);
     // Base64 takes 4 bytes for 3, and the JSON around the files a little.
     let deploy_limit = max_deploy.saturating_mul(4) / 3 + MAX_BODY;

@@ -2,6 +2,7 @@
 //! a copy of the database does not hand out access. A token acts for one
 //! tenant, or (an admin token) for any.
 
+use crate::sandbox::hex;
 use sha2::{Digest, Sha256};
 
 use crate::run::now_ms;
@@ -60,10 +61,6 @@ pub fn authenticate(registry: &dyn Registry, secret: &str) -> Result<Option<Prin
         Some(tenant) => Principal::Tenant(tenant),
         None => Principal::Admin,
     }))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 #[cfg(test)]
