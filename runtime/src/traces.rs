@@ -57,8 +57,9 @@ where
     if let Some(endpoint) = endpoint {
         builder = builder.with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')));
     }
-    let exporter =
-        builder.build().map_err(|err| format!("cannot export traces to OTEL_EXPORTER_OTLP_ENDPOINT: {err}"))?;
+    let exporter = builder
+        .build()
+        .map_err(|err| format!("cannot export traces (check the OTEL_EXPORTER_OTLP_* variables): {err}"))?;
     let mut resource = Resource::builder();
     if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
         resource = resource.with_service_name("stepbox");
@@ -81,7 +82,19 @@ where
 #[derive(Debug)]
 struct Client {
     http: reqwest::Client,
-    runtime: tokio::runtime::Runtime,
+    /// Taken when dropped: a runtime dropped inside another panics.
+    runtime: Option<tokio::runtime::Runtime>,
+    /// When an export last failed (unix ms), so a collector that is away
+    /// is reported once a minute, not once a batch.
+    warned_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Client {
@@ -94,7 +107,22 @@ impl Client {
             .enable_all()
             .build()
             .map_err(|err| format!("cannot start the trace exporter's runtime: {err}"))?;
-        Ok(Client { http, runtime })
+        Ok(Client { http, runtime: Some(runtime), warned_ms: std::sync::atomic::AtomicU64::new(0) })
+    }
+
+    /// Says, at most once a minute, that an export failed: the exporter
+    /// drops the batch and says nothing itself.
+    fn warn(&self, why: &str) {
+        let now = crate::run::now_ms() as u64;
+        let last = self.warned_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= 60_000
+            && self
+                .warned_ms
+                .compare_exchange(last, now, std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed)
+                .is_ok()
+        {
+            eprintln!("warning: traces were not exported: {why}");
+        }
     }
 }
 
@@ -102,8 +130,9 @@ impl Client {
 impl HttpClient for Client {
     async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
         let request = reqwest::Request::try_from(request)?;
-        let http = self.http.clone();
-        self.runtime.block_on(async move {
+        let (http, url) = (self.http.clone(), request.url().clone());
+        let Some(runtime) = &self.runtime else { return Err("the exporter is closed".into()) };
+        let sent: Result<Response<Bytes>, HttpError> = runtime.block_on(async move {
             let response = http.execute(request).await?;
             let mut answer = Response::builder().status(response.status());
             for (name, value) in response.headers() {
@@ -111,7 +140,15 @@ impl HttpClient for Client {
             }
             let body = response.bytes().await?;
             Ok(answer.body(body)?)
-        })
+        });
+        match &sent {
+            Ok(response) if !response.status().is_success() => {
+                self.warn(&format!("{url} answered {}", response.status()));
+            }
+            Ok(_) => {}
+            Err(err) => self.warn(&format!("{url}: {err}")),
+        }
+        sent
     }
 }
 
@@ -119,25 +156,44 @@ impl HttpClient for Client {
 /// a request or webhook names as the parent of the run it starts, and what
 /// an attempt's outgoing HTTP requests carry.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct TraceParent(String);
+
+impl TryFrom<String> for TraceParent {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        TraceParent::parse(&value).ok_or_else(|| format!("`{value}` is not a traceparent"))
+    }
+}
+
+impl From<TraceParent> for String {
+    fn from(parent: TraceParent) -> String {
+        parent.0
+    }
+}
 
 impl TraceParent {
     /// `value` if it is a well-formed `traceparent`; a malformed one is
-    /// ignored, as the W3C recommendation asks (a new trace starts).
+    /// ignored, as the W3C recommendation asks (a new trace starts). A
+    /// later version's value is read as version 00 (its first four fields).
+    /// It comes back marked sampled: whoever sends it cannot keep a run out
+    /// of the traces the operator collects.
     pub fn parse(value: &str) -> Option<Self> {
-        let parts: Vec<&str> = value.trim().split('-').collect();
+        let value = value.trim();
         let hex =
             |part: &str, len: usize| part.len() == len && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         let nonzero = |part: &str| part.bytes().any(|b| b != b'0');
-        let [version, trace, span, flags] = parts[..] else { return None };
-        let valid = hex(version, 2)
-            && version != "ff"
-            && hex(trace, 32)
-            && nonzero(trace)
-            && hex(span, 16)
-            && nonzero(span)
-            && hex(flags, 2);
-        valid.then(|| TraceParent(value.trim().to_owned()))
+        let version = value.get(..2)?;
+        let known = match version {
+            "00" => value.len() == 55,
+            // Later versions may add fields after these four.
+            _ => hex(version, 2) && version != "ff" && (value.len() == 55 || value.as_bytes().get(55) == Some(&b'-')),
+        };
+        let parts: Vec<&str> = value.get(..55)?.split('-').collect();
+        let [_, trace, span, flags] = parts[..] else { return None };
+        let valid = known && hex(trace, 32) && nonzero(trace) && hex(span, 16) && nonzero(span) && hex(flags, 2);
+        valid.then(|| TraceParent(format!("00-{trace}-{span}-01")))
     }
 
     /// The header's value.
@@ -190,8 +246,14 @@ mod tests {
             "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
             "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01extra",
         ] {
             assert_eq!(TraceParent::parse(bad), None, "{bad}");
         }
+        // A later version's first four fields; sampled whatever it says.
+        let later = TraceParent::parse("cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00-what-comes-next");
+        assert_eq!(later.map(String::from).as_deref(), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        // Read back from a task only if it is one.
+        assert!(serde_json::from_str::<TraceParent>(r#""00-zz""#).is_err());
     }
 }

@@ -285,3 +285,33 @@ async fn a_traceparent_on_the_request_that_starts_a_run_becomes_its_parent() {
         ("0af7651916cd43dd8448eb211c80319c".into(), "b7ad6b7169203331".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_that_is_away_costs_the_run_nothing_and_is_said() {
+    // A port nothing listens on.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let dir = temp_dir("traces-away");
+    let workflow = dir.join("one.yaml");
+    std::fs::write(
+        &workflow,
+        format!(
+            "name: one\ncomponents:\n  hello: {}\nsteps:\n  - id: hi\n    uses: hello\n    with: {{ name: x }}\n",
+            guests::HELLO
+        ),
+    )
+    .unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        stepbox(&dir.join("data"))
+            .args(["run", workflow.to_str().unwrap()])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("warning: traces were not exported"), "{stderr}");
+}

@@ -277,6 +277,7 @@ async fn execution(
         };
         let mut attempt = match admitted {
             Admission::Refuse(message) => {
+                tracing::info!(stepbox.step = %path, stepbox.component = %name, "circuit open");
                 Attempt::refused(number, now_ms(), Failure::new(FailureKind::CircuitOpen, message))
             }
             Admission::Run => {
@@ -298,7 +299,7 @@ async fn execution(
                 let span = tracing::info_span!(
                     "attempt",
                     stepbox.step = %path,
-                    stepbox.attempt = number,
+                    stepbox.attempt = tracing::field::Empty,
                     stepbox.tenant = %shared.base.tenant.name,
                     stepbox.component = %name,
                     stepbox.component_digest = %component.digest(),
@@ -331,6 +332,8 @@ async fn execution(
                         attempt_once(shared, name, component, prepared, &path, cancel).instrument(span.clone()).await
                     }
                 };
+                // A worker's attempt counts on past the tries lost before it.
+                span.record("stepbox.attempt", attempt.attempt);
                 span.record("stepbox.fuel", attempt.fuel_consumed);
                 span.record("stepbox.peak_memory", attempt.peak_memory);
                 if let Some(failure) = attempt.failure() {
@@ -344,6 +347,7 @@ async fn execution(
                         FailureKind::Lost,
                         "the worker running this attempt stopped renewing its claim; it ran again on another",
                     );
+                    tracing::info!(stepbox.step = %path, stepbox.attempt = lost, "lost");
                     let lost = Attempt { started_ms: attempt.started_ms, ..Attempt::refused(lost, now_ms(), failure) };
                     if let Some(metrics) = crate::metrics::recording() {
                         metrics.attempt_ended(&shared.base.tenant.name, name, &lost);
