@@ -245,6 +245,12 @@ pub struct Snapshot {
     pub source: &'static str,
 }
 
+/// The queue's snapshot from `store`; `None`, and a warning, when the
+/// database cannot say (the scrape goes on without it).
+pub fn queue_snapshot(store: &dyn crate::store::Store) -> Option<Snapshot> {
+    store.snapshot().map_err(|err| tracing::warn!("the metrics leave out the queue: {err}")).ok()
+}
+
 /// The metrics in the Prometheus text format, with `snapshots` as gauges.
 pub fn render(snapshots: &[Snapshot]) -> String {
     let metrics = &*METRICS;

@@ -99,16 +99,7 @@ async fn a_run_is_one_trace_of_run_step_and_attempt_spans_with_their_measures_an
         ),
     )
     .unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        stepbox(&dir.join("data"))
-            .args(["run", workflow.to_str().unwrap(), "--json"])
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-            .env("OTEL_SERVICE_NAME", "stepbox-test")
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = run_exported(dir, workflow, endpoint, &[("OTEL_SERVICE_NAME", "stepbox-test")]).await;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     // Exported before the process exited.
@@ -152,6 +143,26 @@ async fn a_run_is_one_trace_of_run_step_and_attempt_spans_with_their_measures_an
     assert!(step_of["greet"].events.iter().all(|event| event.name != "retry"));
 }
 
+/// `stepbox run --json` of `workflow` in `dir`, exporting its traces to
+/// `endpoint`, with `env` set.
+async fn run_exported(
+    dir: std::path::PathBuf,
+    workflow: std::path::PathBuf,
+    endpoint: String,
+    env: &'static [(&'static str, &'static str)],
+) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        stepbox(&dir.join("data"))
+            .args(["run", workflow.to_str().unwrap(), "--json"])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// The spans `received` holds named `name`.
 fn spans_named(received: &Received, name: &str) -> Vec<Span> {
     received.lock().unwrap().iter().map(|(_, span)| span).filter(|span| span.name == name).cloned().collect()
@@ -176,15 +187,7 @@ async fn an_attempts_http_requests_carry_its_traceparent_and_a_denied_one_is_an_
         ),
     )
     .unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        stepbox(&dir.join("data"))
-            .args(["run", workflow.to_str().unwrap(), "--json"])
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = run_exported(dir, workflow, endpoint, &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["steps"][0]["output"]["response"]["body"], "echo", "{report}");
@@ -302,15 +305,7 @@ async fn a_collector_that_is_away_costs_the_run_nothing_and_is_said() {
         ),
     )
     .unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        stepbox(&dir.join("data"))
-            .args(["run", workflow.to_str().unwrap()])
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let out = run_exported(dir, workflow, endpoint, &[]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("warning: traces were not exported"), "{stderr}");

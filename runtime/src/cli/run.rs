@@ -250,12 +250,7 @@ fn serve_metrics(
     let dispatcher = Arc::downgrade(dispatcher);
     let snapshots: crate::metrics::Snapshots = Arc::new(move || {
         let mut snapshots: Vec<_> = dispatcher.upgrade().map(|dispatcher| dispatcher.snapshot()).into_iter().collect();
-        if let Some(queue) = &queue {
-            match queue.snapshot() {
-                Ok(snapshot) => snapshots.push(snapshot),
-                Err(err) => tracing::warn!("the metrics leave out the queue: {err}"),
-            }
-        }
+        snapshots.extend(queue.as_deref().and_then(crate::metrics::queue_snapshot));
         snapshots
     });
     let stop = CancellationToken::new();

@@ -75,13 +75,8 @@ pub(crate) async fn worker(args: WorkerArgs, place: &Place<'_>) -> Result<u8, Cl
     if let Some(address) = &args.metrics_listen {
         let listener = crate::metrics::bind(address).await.map_err(CliError::Usage)?;
         let queue = db.clone();
-        let snapshots: crate::metrics::Snapshots = Arc::new(move || match queue.snapshot() {
-            Ok(snapshot) => vec![snapshot],
-            Err(err) => {
-                tracing::warn!("the metrics leave out the queue: {err}");
-                Vec::new()
-            }
-        });
+        let snapshots: crate::metrics::Snapshots =
+            Arc::new(move || crate::metrics::queue_snapshot(&*queue).into_iter().collect());
         tokio::spawn(crate::metrics::serve(listener, snapshots, metrics_stop.clone().cancelled_owned()));
     }
     let stopping = stop.clone();

@@ -348,10 +348,7 @@ impl Service {
     pub fn metric_snapshots(&self) -> Vec<crate::metrics::Snapshot> {
         let mut snapshots = vec![self.dispatcher.snapshot()];
         if self.queue.is_some() {
-            match self.db.snapshot() {
-                Ok(queue) => snapshots.push(queue),
-                Err(err) => tracing::warn!("the metrics leave out the queue: {err}"),
-            }
+            snapshots.extend(crate::metrics::queue_snapshot(&*self.db));
         }
         snapshots
     }
