@@ -21,6 +21,10 @@ const PREVIEW1_PROGRAMS: [&str; 2] = ["wordcount", "scratch-fill"];
 /// OpenAPI document.
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 
+/// playwright-core, from npm: the console's tests drive Debian's chromium
+/// with it (its own browser downloads are not needed).
+const PLAYWRIGHT: &str = "playwright-core@1.64.1";
+
 fn main() {
     let root = guests::repository_root(1);
     guests::watch(&root);
@@ -28,10 +32,11 @@ fn main() {
     let langs =
         langs::Langs { root: &root, tools: target_dir.parent().unwrap().join("tools"), out: target_dir.join("langs") };
     // The other languages' tools download and build beside the Rust guests.
-    let mut schemathesis = PathBuf::new();
+    let (mut schemathesis, mut playwright) = (PathBuf::new(), PathBuf::new());
     let mut artifacts = std::thread::scope(|scope| {
         let others = scope.spawn(|| langs.build_all());
-        let tools = scope.spawn(|| langs.pip_tool("schemathesis", SCHEMATHESIS));
+        let tools =
+            scope.spawn(|| (langs.pip_tool("schemathesis", SCHEMATHESIS), langs.npm_tool("playwright", &[PLAYWRIGHT])));
         let mut artifacts = guests::cargo_build(&root, "wasm32-wasip2", &[]);
         for (name, path) in guests::cargo_build(&root, "wasm32-wasip1", &PREVIEW1_PROGRAMS) {
             artifacts.push((format!("{name}-wasip1"), path));
@@ -41,7 +46,7 @@ fn main() {
             Err(panic) => std::panic::resume_unwind(panic),
         }
         match tools.join() {
-            Ok(site) => schemathesis = site,
+            Ok((site, modules)) => (schemathesis, playwright) = (site, modules.join("playwright-core")),
             Err(panic) => std::panic::resume_unwind(panic),
         }
         artifacts
@@ -63,8 +68,10 @@ fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap());
     std::fs::write(out.join("guests.rs"), code).unwrap();
     let tools = format!(
-        "/// Where schemathesis is installed: its `bin/st`, with this directory as `PYTHONPATH`.\npub const SCHEMATHESIS: &str = {:?};\n",
-        schemathesis.display().to_string()
+        "/// Where schemathesis is installed: its `bin/st`, with this directory as `PYTHONPATH`.\npub const SCHEMATHESIS: &str = {:?};\n\
+         /// The playwright-core package, for `require`.\npub const PLAYWRIGHT: &str = {:?};\n",
+        schemathesis.display().to_string(),
+        playwright.display().to_string()
     );
     std::fs::write(out.join("tools.rs"), tools).unwrap();
 }

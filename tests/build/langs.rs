@@ -67,15 +67,7 @@ impl Langs<'_> {
     }
 
     fn javascript(&self) -> PathBuf {
-        let prefix = self.tools.join("js");
-        let tool = prefix.join("node_modules/.bin/componentize-js");
-        if !tool.exists() {
-            let mut npm = Command::new("npm");
-            npm.args(["install", "--no-audit", "--no-fund", "--prefix"])
-                .arg(&prefix)
-                .args([COMPONENTIZE_JS, PREVIEW2_SHIM]);
-            fetch(npm, "Node.js 20 or newer with npm (Debian: apt-get install nodejs npm)");
-        }
+        let tool = self.npm_tool("js", &[COMPONENTIZE_JS, PREVIEW2_SHIM]).join(".bin/componentize-js");
         let out = self.out.join("transform-js.wasm");
         // componentize-js reads the WIT relative to the current directory.
         let mut build = Command::new(tool);
@@ -127,6 +119,22 @@ impl Langs<'_> {
         let out = self.out.join("transform-c.wasm");
         std::fs::write(&out, component).expect("writing the C component");
         out
+    }
+
+    /// Packages from npm, installed into `target/tools/<dir>` once; returns
+    /// their `node_modules` directory.
+    pub fn npm_tool(&self, dir: &str, packages: &[&str]) -> PathBuf {
+        let prefix = self.tools.join(dir);
+        // The versions are part of the marker, so changing one installs anew.
+        let marker = prefix.join(format!(".installed-{}", packages.join("+").replace('/', "_")));
+        if !marker.exists() {
+            let _ = std::fs::remove_dir_all(&prefix);
+            let mut npm = Command::new("npm");
+            npm.args(["install", "--no-audit", "--no-fund", "--prefix"]).arg(&prefix).args(packages);
+            fetch(npm, "Node.js 20 or newer with npm (Debian: apt-get install nodejs npm)");
+            std::fs::write(&marker, "").expect("writing the install marker");
+        }
+        prefix.join("node_modules")
     }
 
     /// A Python package from PyPI, installed into `target/tools/<dir>` once;

@@ -1,4 +1,5 @@
-//! Fails with a retryable error until attempt `succeed_on_attempt`.
+//! Fails with a retryable error until attempt `succeed_on_attempt`,
+//! logging a warning each time.
 use serde::{Deserialize, Serialize};
 use stepbox_sdk::{Context, StepError, step};
 
@@ -15,6 +16,7 @@ struct Output {
 #[step]
 fn run(ctx: &Context, input: Input) -> Result<Output, StepError> {
     if ctx.attempt < input.succeed_on_attempt {
+        stepbox_sdk::warn!("attempt {}: the upstream answered 503", ctx.attempt);
         return Err(StepError::retryable(format!(
             "attempt {} of {}: the upstream is still warming up",
             ctx.attempt, input.succeed_on_attempt

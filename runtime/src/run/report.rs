@@ -97,13 +97,18 @@ pub struct RunReport {
 
 impl RunReport {
     /// Puts back the logs, stdout and stderr that left memory once recorded
-    /// (see [`Attempt::forget_records`]), from the run's report as the
-    /// journal holds it.
+    /// (see [`Attempt::forget_records`]), and the executions' inputs, which
+    /// only the journal holds, from the run's report as the journal holds
+    /// it.
     pub fn restore_records(&mut self, recorded: RunReport) {
         let mut kept: HashMap<(String, u32), Attempt> = HashMap::new();
+        let mut inputs: HashMap<String, Value> = HashMap::new();
         let mut pending: Vec<StepReport> = recorded.steps;
         while let Some(step) = pending.pop() {
             for execution in step.executions {
+                if let Some(input) = execution.input {
+                    inputs.insert(execution.idempotency_key.clone(), input);
+                }
                 for attempt in execution.attempts {
                     kept.insert((execution.idempotency_key.clone(), attempt.attempt), attempt);
                 }
@@ -113,6 +118,9 @@ impl RunReport {
         let mut steps: Vec<&mut StepReport> = self.steps.iter_mut().collect();
         while let Some(step) = steps.pop() {
             for execution in &mut step.executions {
+                if let Some(input) = inputs.remove(&execution.idempotency_key) {
+                    execution.input = Some(input);
+                }
                 for attempt in &mut execution.attempts {
                     if let Some(recorded) = kept.remove(&(execution.idempotency_key.clone(), attempt.attempt)) {
                         attempt.logs = recorded.logs;
@@ -224,6 +232,11 @@ pub struct ExecutionReport {
     pub output: Option<Value>,
     /// Why it failed before any attempt ran (a template error).
     pub error: Option<String>,
+    /// The input its attempts were given, as the journal keeps it (a
+    /// string saying its size for one over 64 KiB). Read from the journal,
+    /// not held while the run goes on.
+    #[serde(default)]
+    pub input: Option<Value>,
     /// It succeeded in an earlier process of this run (before a crash, or a
     /// retry); its output was reused and it did not run again.
     pub reused: bool,

@@ -216,6 +216,7 @@ async fn execution(
         output: None,
         error: None,
         reused: false,
+        input: None,
         attempts: Vec::new(),
     };
     if let Some(output) = shared.base.resume.completed.get(&idempotency_key) {
@@ -232,7 +233,7 @@ async fn execution(
             Ok((grants, input))
         });
     let (grants, input) = match prepared {
-        Ok(prepared) => prepared,
+        Ok((grants, input)) => (grants, input.to_string()),
         Err(err) => {
             report.status = StepStatus::Failed;
             report.error = Some(format!("template error in {err}"));
@@ -318,7 +319,7 @@ async fn execution(
                         workflow: shared.workflow.name.clone(),
                         kv_quota: shared.base.tenant.spec.kv,
                     },
-                    input: input.to_string(),
+                    input: input.clone(),
                     limits,
                     grants: grants.clone(),
                     exit_codes: step.exit_codes.clone(),
@@ -465,8 +466,10 @@ async fn attempt_once(
         // waiting for a slot, so the commit does not hold one: the records
         // of attempts queued together commit together.
         let key = &attempt.request.context.idempotency_key;
-        let started = shared
-            .record(|journal, run_id| journal.attempt_started(run_id, path, key, &Attempt::started(number, now_ms())));
+        let input = Some(attempt.request.input.as_str());
+        let started = shared.record(|journal, run_id| {
+            journal.attempt_started(run_id, path, key, &Attempt::started(number, now_ms()), input)
+        });
         if !shared.durable(started).await {
             return None;
         }

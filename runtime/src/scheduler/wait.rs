@@ -124,6 +124,7 @@ pub(super) async fn step(
         output: None,
         error: None,
         reused: false,
+        input: None,
         attempts: Vec::new(),
     };
     let resume = &shared.base.resume;
@@ -161,7 +162,7 @@ pub(super) async fn step(
     };
     let number = resume.attempts.get(&key).copied().unwrap_or(0) + 1;
     let attempt = Attempt { outcome, finished_ms: Some(now_ms()), ..Attempt::started(number, started_ms) };
-    let started = shared.record(|journal, run_id| journal.attempt_started(run_id, &path, &key, &attempt));
+    let started = shared.record(|journal, run_id| journal.attempt_started(run_id, &path, &key, &attempt, None));
     shared.durable(started).await;
     shared.record(|journal, run_id| journal.attempt_finished(run_id, &path, &key, &attempt, true));
     match &attempt.outcome {

@@ -3,6 +3,7 @@
 //! and writes JSON; the OpenAPI document is generated from the handlers'
 //! own annotations and served at `/v1/openapi.json`.
 
+mod console;
 mod error;
 mod extract;
 mod hooks;
@@ -46,6 +47,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
     tags(
         (name = "workflows", description = "Deployed workflows and their versions"),
         (name = "runs", description = "Runs: start, list, read, follow, cancel, resume, retry"),
+        (name = "session", description = "Who the token acts for"),
     )
 )]
 struct ApiDoc;
@@ -71,6 +73,8 @@ pub fn router(service: Arc<Service>) -> axum::Router {
     let rest = OpenApiRouter::new()
         .routes(routes!(workflows::list))
         .routes(routes!(workflows::get))
+        .routes(routes!(workflows::versions))
+        .routes(routes!(workflows::outline))
         .routes(routes!(workflows::start_run))
         .routes(routes!(runs::list))
         .routes(routes!(runs::get))
@@ -81,6 +85,7 @@ pub fn router(service: Arc<Service>) -> axum::Router {
         .routes(routes!(runs::resume))
         .routes(routes!(runs::retry))
         .routes(routes!(hooks::deliver))
+        .routes(routes!(me))
         .layer(DefaultBodyLimit::max(MAX_BODY));
     let (router, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(deploys).merge(rest).split_for_parts();
     api.info.version = env!("CARGO_PKG_VERSION").to_owned();
@@ -88,6 +93,7 @@ pub fn router(service: Arc<Service>) -> axum::Router {
     router
         .route("/v1/openapi.json", axum::routing::get(move || async move { Json(document.as_ref().clone()) }))
         .route("/metrics", axum::routing::get(metrics))
+        .merge(console::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(time_limit))
@@ -108,6 +114,30 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this endpoint does not take that method; `GET /v1/openapi.json` lists what it takes",
     )
+}
+
+/// Who a token is.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Me {
+    /// The tenant it acts for; `null` for an admin token acting for none.
+    pub tenant: Option<String>,
+}
+
+/// Says who the token acts for: the console signs in with it.
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "session",
+    responses((status = 200, body = Me), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("bearer" = []))
+)]
+async fn me(Caller(scope): Caller) -> Json<Me> {
+    Json(Me {
+        tenant: match scope {
+            Scope::Tenant(tenant) => Some(tenant),
+            Scope::All => None,
+        },
+    })
 }
 
 /// `GET /metrics`: the process's metrics, for an admin token (they name

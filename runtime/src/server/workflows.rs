@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Body, Caller, Params};
 use crate::run::Run;
-use crate::service::{BundleUpload, Service, StartRun};
+use crate::service::{BundleUpload, Outline, Service, StartRun};
 use crate::store::WorkflowVersion;
 
 /// The deployed workflows.
@@ -20,6 +20,13 @@ use crate::store::WorkflowVersion;
 pub struct WorkflowList {
     /// The newest version of each, by name.
     pub workflows: Vec<WorkflowVersion>,
+}
+
+/// A workflow's versions.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct VersionList {
+    /// Every version, newest first.
+    pub versions: Vec<WorkflowVersion>,
 }
 
 /// Which version to read.
@@ -92,6 +99,52 @@ pub async fn get(
 ) -> Result<Json<WorkflowVersion>, ApiError> {
     let Query(query) = query.map_err(super::bad_query)?;
     Ok(Json(service.workflow(&scope, &name, query.version).await?))
+}
+
+/// Lists every version of a workflow, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/workflows/{name}/versions",
+    tag = "workflows",
+    params(("name" = String, Path, description = "The workflow's name")),
+    responses(
+        (status = 200, body = VersionList),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn versions(
+    State(service): State<Arc<Service>>,
+    Caller(scope): Caller,
+    Params(name): Params<String>,
+) -> Result<Json<VersionList>, ApiError> {
+    Ok(Json(VersionList { versions: service.versions(&scope, &name).await? }))
+}
+
+/// One version of a workflow as a client draws it: its inputs, its steps
+/// with their edges (`depends_on`, `on_failure`), its schedules and
+/// whether a webhook starts it.
+#[utoipa::path(
+    get,
+    path = "/v1/workflows/{name}/outline",
+    tag = "workflows",
+    params(("name" = String, Path, description = "The workflow's name"), VersionQuery),
+    responses(
+        (status = 200, body = Outline),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn outline(
+    State(service): State<Arc<Service>>,
+    Caller(scope): Caller,
+    Params(name): Params<String>,
+    query: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Outline>, ApiError> {
+    let Query(query) = query.map_err(super::bad_query)?;
+    Ok(Json(service.outline(&scope, &name, query.version).await?))
 }
 
 /// Starts a run of a deployed workflow. With an `Idempotency-Key`, a

@@ -13,6 +13,7 @@
 mod bundle;
 mod clock;
 mod events;
+mod outline;
 mod owned;
 mod runs;
 mod tokens;
@@ -31,6 +32,7 @@ use tokio_util::task::TaskTracker;
 pub use bundle::{Bundle, BundleUpload, Bundles, MAX_FILES};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use events::{Batch, EventLog, KEEP as EVENTS_KEPT, Numbered};
+pub use outline::{Outline, ScheduleOutline, StepKind, StepOutline};
 pub(crate) use owned::{CancelLook, cancel_elsewhere};
 pub use owned::{Continue, ContinueError, Owned, continue_run};
 pub use runs::{RunPage, StartRun};

@@ -39,6 +39,11 @@ fn check_name(name: &str) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// The answer for a workflow name nothing was deployed under.
+pub(super) fn not_deployed(name: &str) -> ServiceError {
+    ServiceError::NotFound(format!("no workflow `{name}` is deployed; deploy it with `PUT /v1/workflows/{name}`"))
+}
+
 impl Service {
     /// Deploys `upload` as the newest version of the scope's tenant's
     /// workflow `name`, unless the newest version is that same bundle.
@@ -124,11 +129,11 @@ impl Service {
     ) -> Result<WorkflowVersion, ServiceError> {
         let (tenant, wanted) = (scope.tenant()?.to_owned(), name.to_owned());
         let found = self.blocking(move |db| Ok(db.workflow_version(&tenant, &wanted, version)?)).await?;
-        found.ok_or_else(|| {
-            ServiceError::NotFound(match version {
-                Some(version) => format!("workflow `{name}` has no version {version}; `GET /v1/workflows` lists yours"),
-                None => format!("no workflow `{name}` is deployed; deploy it with `PUT /v1/workflows/{name}`"),
-            })
+        found.ok_or_else(|| match version {
+            Some(version) => ServiceError::NotFound(format!(
+                "workflow `{name}` has no version {version}; `GET /v1/workflows/{name}/versions` lists them"
+            )),
+            None => not_deployed(name),
         })
     }
 

@@ -112,14 +112,14 @@ fn what_a_run_recorded_comes_back_as_its_report_and_its_resume_state() {
         let name = backend.name;
         let (lease, durable) = store.create_run(&run("r", "t", &[]), &Value::Null);
         let (a, b): (StepPath, StepPath) = ("a".parse().unwrap(), "b[1]".parse().unwrap());
-        drop(store.attempt_started("r", &a, "r/a", &Attempt::started(1, 1.0)));
+        drop(store.attempt_started("r", &a, "r/a", &Attempt::started(1, 1.0), Some(r#"{"who":"Ada"}"#)));
         let failed = Attempt {
             outcome: Outcome::Failed { failure: Failure::new(FailureKind::Timeout, "too slow") },
             finished_ms: Some(2.0),
             ..Attempt::started(1, 1.0)
         };
         drop(store.attempt_finished("r", &a, "r/a", &failed, false));
-        drop(store.attempt_started("r", &a, "r/a", &Attempt::started(2, 3.0)));
+        drop(store.attempt_started("r", &a, "r/a", &Attempt::started(2, 3.0), None));
         drop(store.attempt_finished("r", &a, "r/a", &finished(2, json!({"x": [1, 2]})), true));
         let step = StepReport {
             status: StepStatus::Succeeded,
@@ -129,7 +129,8 @@ fn what_a_run_recorded_comes_back_as_its_report_and_its_resume_state() {
             ..StepReport::pending(a.clone(), true)
         };
         drop(store.step_finished("r", 0, &step));
-        drop(store.attempt_started("r", &b, "r/b[1]", &Attempt::started(1, 5.0)));
+        let huge = format!("[{}1]", "1,".repeat(40_000));
+        drop(store.attempt_started("r", &b, "r/b[1]", &Attempt::started(1, 5.0), Some(&huge)));
         let outputs = json!({"out": 7}).as_object().unwrap().clone();
         // Awaiting the last record vouches for every one before it.
         wait(store.run_finished("r", RunStatus::Succeeded, &outputs, None)).unwrap();
@@ -157,6 +158,12 @@ fn what_a_run_recorded_comes_back_as_its_report_and_its_resume_state() {
         assert_eq!(attempts[1].output(), Some(&json!({"x": [1, 2]})), "{name}");
         assert_eq!((attempts[1].fuel_consumed, attempts[1].peak_memory), (1234, 65536), "{name}");
         assert_eq!(report.steps[1].status, StepStatus::Running, "{name}: only an attempt was recorded");
+        assert_eq!(a_report.executions[0].input, Some(json!({"who": "Ada"})), "{name}: the input it was given");
+        assert_eq!(
+            report.steps[1].executions[0].input,
+            Some(json!("[an input of 80003 bytes, not kept]")),
+            "{name}: a huge input is kept as its size"
+        );
 
         // Forgetting a step makes it run again; the run can reopen.
         store.forget_steps("r", &[a]).unwrap();
@@ -208,7 +215,7 @@ fn a_holder_that_lost_its_lease_records_nothing_more_of_the_run() {
         let (_other, durable) = paused.create_run(&run("o", "t", &[]), &Value::Null);
         wait(durable).unwrap();
         let a: StepPath = "a".parse().unwrap();
-        wait(paused.attempt_started("r", &a, "r/a", &Attempt::started(1, 1.0))).unwrap();
+        wait(paused.attempt_started("r", &a, "r/a", &Attempt::started(1, 1.0), None)).unwrap();
         paused.renew_lease(&mine, Duration::from_millis(1)).unwrap();
         std::thread::sleep(Duration::from_millis(5));
         let taker = reopen();
@@ -219,8 +226,8 @@ fn a_holder_that_lost_its_lease_records_nothing_more_of_the_run() {
         // and records: every record of the run taken over is refused, in
         // the same batch as another run's, which commits.
         let late = paused.attempt_finished("r", &a, "r/a", &finished(1, json!("late")), true);
-        let other = paused.attempt_started("o", &a, "o/a", &Attempt::started(1, 1.0));
-        let later = paused.attempt_started("r", &"b".parse().unwrap(), "r/b", &Attempt::started(1, 1.0));
+        let other = paused.attempt_started("o", &a, "o/a", &Attempt::started(1, 1.0), None);
+        let later = paused.attempt_started("r", &"b".parse().unwrap(), "r/b", &Attempt::started(1, 1.0), None);
         let outcome = wait(late);
         assert!(matches!(&outcome, Err(StoreError::LeaseLost(run)) if run == "r"), "{name}: {outcome:?}");
         assert!(outcome.unwrap_err().to_string().contains("taken over by another process"), "{name}");
@@ -243,7 +250,7 @@ fn a_holder_that_lost_its_lease_records_nothing_more_of_the_run() {
         // this taking are its own, whatever became of the last one's.
         let again = paused.acquire_lease("r", super::this_owner(), Duration::from_secs(60)).unwrap();
         assert!(again.epoch > theirs.epoch, "{name}");
-        wait(paused.attempt_started("r", &"b".parse().unwrap(), "r/b", &Attempt::started(1, 1.0))).unwrap();
+        wait(paused.attempt_started("r", &"b".parse().unwrap(), "r/b", &Attempt::started(1, 1.0), None)).unwrap();
         wait(paused.run_finished("r", RunStatus::Succeeded, &serde_json::Map::new(), None)).unwrap();
         wait(paused.release_lease(&again)).unwrap();
         let state = taker.resume_state("r").unwrap();
@@ -370,9 +377,13 @@ fn tokens_versions_ticks_waits_and_events_behave_the_same() {
         assert_eq!(store.workflow_version("acme", "orders", Some(1)).unwrap().unwrap().digest, "aaa", "{name}");
         assert_eq!(store.workflow_version("acme", "orders", None).unwrap().unwrap().digest, "bbb", "{name}");
         assert_eq!(store.list_workflows("acme").unwrap().len(), 1, "{name}");
+        let versions: Vec<u32> = store.workflow_versions("acme", "orders").unwrap().iter().map(|v| v.version).collect();
+        assert_eq!(versions, [2, 1], "{name}: newest first");
         let (other, _) = store.deploy("globex", "orders", "bbb", "w.yaml").unwrap();
         assert_eq!(other.version, 1, "{name}: another tenant's workflow of the name has versions of its own");
         assert_eq!(store.workflow_version("acme", "orders", Some(3)).unwrap(), None, "{name}");
+        assert_eq!(store.workflow_versions("globex", "orders").unwrap().len(), 1, "{name}: a tenant's own versions");
+        assert!(store.workflow_versions("acme", "nothing").unwrap().is_empty(), "{name}");
         assert_eq!(store.all_workflows().unwrap()[0].version, 2, "{name}");
 
         assert_eq!(store.schedule_tick("acme", "orders", "s0").unwrap(), None, "{name}");
@@ -407,9 +418,9 @@ fn a_records_failure_fails_the_later_records_of_its_run_only() {
         created(store, &run("ok", "t", &[]));
         let path: StepPath = "a".parse().unwrap();
         // No such run: its records break a foreign key.
-        let doomed = store.attempt_started("ghost", &path, "ghost/a", &Attempt::started(1, 1.0));
-        let later = store.attempt_started("ghost", &path, "ghost/a", &Attempt::started(2, 1.0));
-        let fine = store.attempt_started("ok", &path, "ok/a", &Attempt::started(1, 1.0));
+        let doomed = store.attempt_started("ghost", &path, "ghost/a", &Attempt::started(1, 1.0), None);
+        let later = store.attempt_started("ghost", &path, "ghost/a", &Attempt::started(2, 1.0), None);
+        let fine = store.attempt_started("ok", &path, "ok/a", &Attempt::started(1, 1.0), None);
         assert!(wait(doomed).is_err(), "{name}");
         assert!(wait(later).is_err(), "{name}: after a lost record");
         wait(fine).unwrap();
@@ -417,7 +428,7 @@ fn a_records_failure_fails_the_later_records_of_its_run_only() {
         // The run's last record ends that: the run can be recorded again.
         assert!(wait(store.run_finished("ghost", RunStatus::Failed, &Default::default(), None)).is_err(), "{name}");
         created(store, &run("ghost", "t", &[]));
-        wait(store.attempt_started("ghost", &path, "ghost/a", &Attempt::started(3, 1.0))).unwrap();
+        wait(store.attempt_started("ghost", &path, "ghost/a", &Attempt::started(3, 1.0), None)).unwrap();
     }
 }
 
@@ -432,7 +443,7 @@ fn forgetting_a_step_forgets_only_that_step_and_what_is_inside_it() {
         for path in paths {
             let key = format!("a/{path}");
             let step: StepPath = path.parse().unwrap();
-            drop(store.attempt_started("a", &step, &key, &Attempt::started(1, 0.0)));
+            drop(store.attempt_started("a", &step, &key, &Attempt::started(1, 0.0), None));
             wait(store.attempt_finished("a", &step, &key, &finished(1, Value::from(path)), true)).unwrap();
         }
         assert!("fetch%".parse::<StepPath>().is_err());
@@ -452,7 +463,7 @@ fn awaiting_a_record_makes_every_earlier_one_durable_and_records_share_commits()
         for n in 0..500 {
             let path: StepPath = format!("s[{n}]").parse().unwrap();
             // Dropped without waiting.
-            drop(store.attempt_started("a", &path, &format!("a/s[{n}]"), &Attempt::started(1, 0.0)));
+            drop(store.attempt_started("a", &path, &format!("a/s[{n}]"), &Attempt::started(1, 0.0), None));
         }
         wait(store.run_finished("a", RunStatus::Succeeded, &Default::default(), None)).unwrap();
         assert_eq!(store.resume_state("a").unwrap().attempts.len(), 500, "{}", backend.name);
@@ -470,7 +481,7 @@ fn closing_the_store_commits_what_is_queued() {
         created(&*store, &run("b", "t", &[]));
         for n in 0..50 {
             let path: StepPath = format!("s[{n}]").parse().unwrap();
-            drop(store.attempt_started("b", &path, &format!("b/s[{n}]"), &Attempt::started(1, 0.0)));
+            drop(store.attempt_started("b", &path, &format!("b/s[{n}]"), &Attempt::started(1, 0.0), None));
         }
         drop(store);
         assert_eq!(reopen().resume_state("b").unwrap().attempts.len(), 50, "{name}");
@@ -783,7 +794,7 @@ fn text_a_guest_controls_is_stored_alike_and_ids_no_store_holds_are_not_found() 
             ..Attempt::started(1, 1.0)
         };
         attempt.stdout.text = "out\0put".into();
-        drop(store.attempt_started("r", &path, "r/a", &Attempt::started(1, 1.0)));
+        drop(store.attempt_started("r", &path, "r/a", &Attempt::started(1, 1.0), None));
         drop(store.attempt_finished("r", &path, "r/a", &attempt, true));
         let step = StepReport {
             status: StepStatus::Failed,

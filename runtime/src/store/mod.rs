@@ -174,8 +174,16 @@ pub trait Journal: Send + Sync {
     fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError>;
     /// An attempt of the execution at `path` (idempotency key `key`) may
     /// start. Awaited before the attempt runs, so a crash leaves a trace of
-    /// every attempt that could have had effects.
-    fn attempt_started(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt) -> Durable;
+    /// every attempt that could have had effects. `input` is the JSON text
+    /// it is given, kept for reports (cut as [`rows::kept_input`] says).
+    fn attempt_started(
+        &self,
+        run_id: &str,
+        path: &StepPath,
+        key: &str,
+        attempt: &Attempt,
+        input: Option<&str>,
+    ) -> Durable;
     /// An attempt ended; when it was the `last` of its execution, the
     /// execution's result (its status, and its output) goes with it.
     fn attempt_finished(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt, last: bool) -> Durable;

@@ -82,6 +82,8 @@ pub trait Registry: Send + Sync {
     ) -> Result<Option<WorkflowVersion>, StoreError>;
     /// The newest version of each of a tenant's workflows, by name.
     fn list_workflows(&self, tenant: &str) -> Result<Vec<WorkflowVersion>, StoreError>;
+    /// Every version of a tenant's workflow, newest first.
+    fn workflow_versions(&self, tenant: &str, name: &str) -> Result<Vec<WorkflowVersion>, StoreError>;
 
     /// Keeps `bytes` under `digest`, for every process of the store to
     /// load: a component's SHA-256 (hex) for workers, a bundle's digest for

@@ -17,6 +17,23 @@ use crate::run::{
 /// Bytes of stdout, stderr and logs kept per attempt in the journal.
 const MAX_CAPTURE: usize = 64 * 1024;
 
+/// Bytes of an execution's input kept in the journal: a longer one (a
+/// template may build up to 16 MiB) is kept as a string saying its size.
+const MAX_INPUT: usize = 64 * 1024;
+
+/// An execution's input (JSON text) as the journal keeps it.
+pub(crate) fn kept_input(input: &str) -> String {
+    if input.len() <= MAX_INPUT {
+        input.to_owned()
+    } else {
+        Value::from(format!("[an input of {} bytes, not kept]", input.len())).to_string()
+    }
+}
+
+/// An attempt as read back: its execution's key and path, the attempt, and
+/// the input it was recorded with.
+pub(crate) type AttemptRecord = (String, StepPath, Attempt, Option<Value>);
+
 /// JSON as stored: text, so a value reads back with its keys in the order
 /// they were written.
 pub(crate) fn text(value: &Value) -> String {
@@ -190,7 +207,7 @@ pub(crate) fn run_status(
 pub(crate) fn assemble(
     steps: Vec<(i64, StepReport)>,
     executions: Vec<ExecutionReport>,
-    attempts: Vec<(String, StepPath, Attempt)>,
+    attempts: Vec<AttemptRecord>,
 ) -> Vec<StepReport> {
     let mut positions: HashMap<StepPath, i64> = HashMap::new();
     let mut steps: BTreeMap<StepPath, StepReport> = steps
@@ -202,7 +219,7 @@ pub(crate) fn assemble(
         .collect();
     let mut executions: BTreeMap<String, ExecutionReport> =
         executions.into_iter().map(|execution| (execution.idempotency_key.clone(), execution)).collect();
-    for (key, path, mut attempt) in attempts {
+    for (key, path, mut attempt, input) in attempts {
         let execution = executions.entry(key.clone()).or_insert_with(|| ExecutionReport {
             path,
             item: None,
@@ -211,10 +228,14 @@ pub(crate) fn assemble(
             output: None,
             error: None,
             reused: false,
+            input: None,
             attempts: Vec::new(),
         });
         if let Outcome::Succeeded { output } = &mut attempt.outcome {
             *output = execution.output.clone().unwrap_or(Value::Null);
+        }
+        if let Some(input) = input {
+            execution.input.get_or_insert(input);
         }
         execution.attempts.push(attempt);
     }
@@ -265,12 +286,13 @@ mod tests {
             status: StepStatus::Succeeded,
             output: Some(Value::from(path)),
             error: None,
+            input: None,
             reused: false,
             attempts: Vec::new(),
         };
         let attempt = |path: &str, n| {
             let outcome = Outcome::Succeeded { output: Value::Null };
-            (format!("r/{path}"), path.parse().unwrap(), Attempt { outcome, ..Attempt::started(n, 1.0) })
+            (format!("r/{path}"), path.parse().unwrap(), Attempt { outcome, ..Attempt::started(n, 1.0) }, None)
         };
         let steps = assemble(
             vec![step("b", 1), step("inc.x", 0), step("a", 0), step("inc", 2)],

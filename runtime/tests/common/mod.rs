@@ -308,3 +308,37 @@ impl Api {
         events
     }
 }
+
+/// A token made with `stepbox token create`: for `tenant`, or an admin's.
+pub fn token(data: &Path, tenant: Option<&str>) -> String {
+    let mut args = vec!["token", "create"];
+    match tenant {
+        Some(tenant) => args.extend(["--tenant", tenant]),
+        None => args.push("--admin"),
+    }
+    let out = output(data, &args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Deploys `workflow` with `stepbox deploy`; returns what it printed.
+pub fn deploy(server: &Server, token: &str, workflow: &Path) -> String {
+    let out = stepbox(Path::new("/nonexistent"))
+        .args(["deploy", workflow.to_str().unwrap(), "--server", &server.url, "--token", token])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A workflow project: `name.yaml` beside a copy of each component, as a
+/// user's repository holds them.
+pub fn project(dir: &Path, name: &str, yaml: &str, components: &[(&str, &str)]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    for (file, source) in components {
+        std::fs::copy(source, dir.join(file)).unwrap();
+    }
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    path
+}

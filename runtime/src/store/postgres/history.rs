@@ -191,6 +191,7 @@ impl History for PgStore {
                     output: rows::json(row.get(3)),
                     error: row.get(4),
                     item: None,
+                    input: None,
                     reused: false,
                     attempts: Vec::new(),
                 })
@@ -198,7 +199,7 @@ impl History for PgStore {
         )?;
         let attempts = self.rows(
             "SELECT key, step_id, attempt, status, kind, message, started_ms, finished_ms, fuel, peak_memory,
-                    logs, stdout, stderr, delay_before_ms
+                    logs, stdout, stderr, delay_before_ms, input
              FROM attempts WHERE run_id = $1 ORDER BY key, attempt"
                 .into(),
             id(),
@@ -218,7 +219,7 @@ impl History for PgStore {
                     stdout: row.get::<_, Option<String>>(11).unwrap_or_default(),
                     stderr: row.get::<_, Option<String>>(12).unwrap_or_default(),
                 };
-                Ok((row.get::<_, String>(0), parsed::<StepPath>(row, 1)?, attempt.read()))
+                Ok((row.get::<_, String>(0), parsed::<StepPath>(row, 1)?, attempt.read(), rows::json(row.get(14))))
             },
         )?;
         Ok(RunReport { run, output_errors: Vec::new(), steps: rows::assemble(steps, executions, attempts) })

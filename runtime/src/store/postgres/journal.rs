@@ -14,20 +14,58 @@ use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
 use crate::store::group::Kind;
 use crate::store::lease::{LEASE_TTL, leased};
-use crate::store::rows::{AttemptRow, ExecutionRow, clean, expiry, held, text};
+use crate::store::rows::{AttemptRow, ExecutionRow, clean, expiry, held, kept_input, text};
 use crate::store::{Durable, Journal, Lease, Renewed, ResumeState, StoreError};
 
 /// One journal record, as the writer commits it.
 pub(super) enum Record {
-    CreateRun { run: Run, fingerprint: String },
+    CreateRun {
+        run: Run,
+        fingerprint: String,
+    },
     ReleaseLease(Lease),
-    AttemptStarted { run_id: String, key: String, path: String, number: i64, started: f64, delay: f64 },
-    AttemptFinished { run_id: String, key: String, path: StepPath, row: AttemptRow, execution: Option<ExecutionRow> },
-    IncludeLoaded { run_id: String, path: String, fingerprint: String },
-    WaitStarted { run_id: String, key: String, path: String, event: String, started: f64, deadline: Option<f64> },
-    RunParked { run_id: String },
-    StepFinished { run_id: String, step: StepRow },
-    RunFinished { run_id: String, status: RunStatus, outputs: String, error: Option<String> },
+    AttemptStarted {
+        run_id: String,
+        key: String,
+        path: String,
+        number: i64,
+        started: f64,
+        delay: f64,
+        input: Option<String>,
+    },
+    AttemptFinished {
+        run_id: String,
+        key: String,
+        path: StepPath,
+        row: AttemptRow,
+        execution: Option<ExecutionRow>,
+    },
+    IncludeLoaded {
+        run_id: String,
+        path: String,
+        fingerprint: String,
+    },
+    WaitStarted {
+        run_id: String,
+        key: String,
+        path: String,
+        event: String,
+        started: f64,
+        deadline: Option<f64>,
+    },
+    RunParked {
+        run_id: String,
+    },
+    StepFinished {
+        run_id: String,
+        step: StepRow,
+    },
+    RunFinished {
+        run_id: String,
+        status: RunStatus,
+        outputs: String,
+        error: Option<String>,
+    },
 }
 
 /// A step's columns.
@@ -45,9 +83,10 @@ pub(super) struct StepRow {
 /// The journal's statements, each prepared once per connection.
 const RELEASE_LEASE: &str = "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL
                      WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3";
-const ATTEMPT_STARTED: &str = "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms)
-                     VALUES ($1, $2, $3, $4, 'running', $5, $6)
-                     ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = 'running', started_ms = excluded.started_ms";
+const ATTEMPT_STARTED: &str = "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms, input)
+                     VALUES ($1, $2, $3, $4, 'running', $5, $6, $7)
+                     ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = 'running', started_ms = excluded.started_ms,
+                                                                  input = excluded.input";
 const ATTEMPT_FINISHED: &str = "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
                                            fuel, peak_memory, logs, stdout, stderr, delay_before_ms)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
@@ -110,8 +149,8 @@ impl Record {
                 failpoint!("lease.before-release");
                 exec(tx, RELEASE_LEASE, &[&lease.run_id, &lease.owner, &lease.epoch.cast_signed()]).await.map(drop)
             }
-            Record::AttemptStarted { run_id, key, path, number, started, delay } => {
-                exec(tx, ATTEMPT_STARTED, &[run_id, key, number, path, started, delay]).await.map(drop)
+            Record::AttemptStarted { run_id, key, path, number, started, delay, input } => {
+                exec(tx, ATTEMPT_STARTED, &[run_id, key, number, path, started, delay, input]).await.map(drop)
             }
             Record::AttemptFinished { run_id, key, path, row, execution } => {
                 exec(
@@ -416,7 +455,14 @@ impl Journal for PgStore {
         })
     }
 
-    fn attempt_started(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt) -> Durable {
+    fn attempt_started(
+        &self,
+        run_id: &str,
+        path: &StepPath,
+        key: &str,
+        attempt: &Attempt,
+        input: Option<&str>,
+    ) -> Durable {
         let record = Record::AttemptStarted {
             run_id: run_id.to_owned(),
             key: key.to_owned(),
@@ -424,6 +470,7 @@ impl Journal for PgStore {
             number: i64::from(attempt.attempt),
             started: attempt.started_ms,
             delay: attempt.delay_before_ms,
+            input: input.map(kept_input),
         };
         self.writer.queue(run_id, Kind::Awaited, record)
     }

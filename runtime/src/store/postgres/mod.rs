@@ -219,6 +219,8 @@ const MIGRATIONS: &[&str] = &[
     // 8: a worker says when a claimed attempt starts to run, where its
     // coordinator counts starts against a rate limit.
     "ALTER TABLE tasks ADD COLUMN started BOOLEAN NOT NULL DEFAULT FALSE;",
+    // 9: the input an attempt was given, for reports.
+    "ALTER TABLE attempts ADD COLUMN input TEXT;",
 ];
 
 /// The schema version this build writes.
@@ -527,7 +529,7 @@ mod tests {
         wait(created).unwrap();
         proxy.set_down(true);
         let path: StepPath = "a".parse().unwrap();
-        let started = store.attempt_started("r", &path, "r/a", &Attempt::started(1, 1.0));
+        let started = store.attempt_started("r", &path, "r/a", &Attempt::started(1, 1.0), None);
         // Reads fail at once, saying so; the record waits for the database.
         assert!(matches!(store.load_run("r"), Err(StoreError::Unreachable { .. })));
         std::thread::sleep(Duration::from_millis(300));

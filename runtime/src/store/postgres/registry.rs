@@ -164,6 +164,16 @@ impl Registry for PgStore {
         )
     }
 
+    fn workflow_versions(&self, tenant: &str, name: &str) -> Result<Vec<WorkflowVersion>, StoreError> {
+        self.rows(
+            format!(
+                "SELECT {VERSION_COLUMNS} FROM workflow_versions WHERE tenant = $1 AND name = $2 ORDER BY version DESC"
+            ),
+            vec![Box::new(tenant.to_owned()), Box::new(name.to_owned())],
+            version_from,
+        )
+    }
+
     fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let (digest, bytes) = (digest.to_owned(), bytes.to_vec());
         self.call(move |client| async move {

@@ -7,7 +7,7 @@ use rusqlite::{OptionalExtension, Row, params};
 use serde_json::Value;
 
 use super::Database;
-use crate::run::{Attempt, ExecutionReport, Run, RunReport, RunStatus, StepPath, StepReport};
+use crate::run::{ExecutionReport, Run, RunReport, RunStatus, StepReport};
 use crate::store::rows::{self, AttemptRow};
 use crate::store::{History, RunFilter, StoreError};
 
@@ -158,16 +158,17 @@ impl History for Database {
                     output: rows::json(row.get(3)?),
                     error: row.get(4)?,
                     item: None,
+                    input: None,
                     reused: false,
                     attempts: Vec::new(),
                 })
             })?;
             rows.collect()
         })?;
-        let attempts: Vec<(String, StepPath, Attempt)> = self.read(|conn| {
+        let attempts: Vec<rows::AttemptRecord> = self.read(|conn| {
             let mut statement = conn.prepare(
                 "SELECT key, step_id, attempt, status, kind, message, started_ms, finished_ms, fuel, peak_memory,
-                        logs, stdout, stderr, delay_before_ms
+                        logs, stdout, stderr, delay_before_ms, input
                  FROM attempts WHERE run_id = ?1 ORDER BY key, attempt",
             )?;
             let rows = statement.query_map(params![run_id], |row| {
@@ -185,7 +186,7 @@ impl History for Database {
                     stdout: row.get::<_, Option<String>>(11)?.unwrap_or_default(),
                     stderr: row.get::<_, Option<String>>(12)?.unwrap_or_default(),
                 };
-                Ok((row.get(0)?, row.get(1)?, attempt.read()))
+                Ok((row.get(0)?, row.get(1)?, attempt.read(), rows::json(row.get(14)?)))
             })?;
             rows.collect()
         })?;

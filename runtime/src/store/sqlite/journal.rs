@@ -12,7 +12,7 @@ use super::writer::Kind;
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
 use crate::store::lease::{LEASE_TTL, leased};
-use crate::store::rows::{AttemptRow, ExecutionRow, clean, expiry, held, json, text};
+use crate::store::rows::{AttemptRow, ExecutionRow, clean, expiry, held, json, kept_input, text};
 use crate::store::{Durable, Journal, Lease, Renewed, ResumeState, StoreError};
 
 /// Inserts a new run's row and its labels, its lease held by this process
@@ -239,20 +239,28 @@ impl Journal for Database {
         })
     }
 
-    fn attempt_started(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt) -> Durable {
+    fn attempt_started(
+        &self,
+        run_id: &str,
+        path: &StepPath,
+        key: &str,
+        attempt: &Attempt,
+        input: Option<&str>,
+    ) -> Durable {
         let (id, key, number, path, started) =
             (run_id.to_owned(), key.to_owned(), attempt.attempt, path.clone(), attempt.started_ms);
-        let delay = attempt.delay_before_ms;
+        let (delay, input) = (attempt.delay_before_ms, input.map(kept_input));
         self.queue(
             run_id,
             Kind::Awaited,
             Box::new(move |conn| {
                 conn.prepare_cached(
-                    "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms)
-                     VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)
-                     ON CONFLICT DO UPDATE SET status = 'running', started_ms = excluded.started_ms",
+                    "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms, input)
+                     VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7)
+                     ON CONFLICT DO UPDATE SET status = 'running', started_ms = excluded.started_ms,
+                                               input = excluded.input",
                 )?
-                .execute(params![id, key, number, path, started, delay])
+                .execute(params![id, key, number, path, started, delay, input])
                 .map(drop)
             }),
         )
@@ -465,7 +473,7 @@ mod tests {
     /// Queues the start of attempt `attempt` of the execution `key`.
     fn start(db: &Database, run_id: &str, key: &str, attempt: u32) -> Durable {
         let path: StepPath = key.rsplit_once('/').map_or(key, |(_, path)| path).parse().unwrap();
-        db.attempt_started(run_id, &path, key, &Attempt::started(attempt, 0.0))
+        db.attempt_started(run_id, &path, key, &Attempt::started(attempt, 0.0), None)
     }
 
     #[tokio::test]

@@ -218,6 +218,8 @@ const SCHEMA: Schema = Schema {
         // 14: a worker says when a claimed attempt starts to run, where
         // its coordinator counts starts against a rate limit.
         "ALTER TABLE tasks ADD COLUMN started INTEGER NOT NULL DEFAULT 0;",
+        // 15: the input an attempt was given, for reports.
+        "ALTER TABLE attempts ADD COLUMN input TEXT;",
     ],
 };
 

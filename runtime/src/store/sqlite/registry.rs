@@ -155,6 +155,15 @@ impl Registry for Database {
         })
     }
 
+    fn workflow_versions(&self, tenant: &str, name: &str) -> Result<Vec<WorkflowVersion>, StoreError> {
+        self.read(|conn| {
+            let mut statement = conn.prepare_cached(&format!(
+                "SELECT {VERSION_COLUMNS} FROM workflow_versions WHERE tenant = ?1 AND name = ?2 ORDER BY version DESC"
+            ))?;
+            statement.query_map(params![tenant, name], version_from)?.collect()
+        })
+    }
+
     fn put_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute(
