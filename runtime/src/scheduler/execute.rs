@@ -330,7 +330,12 @@ async fn execution(
                     Some(attempt) => attempt,
                     None => {
                         let prepared = Prepared { request, secrets: step.grants.secrets.clone() };
-                        attempt_once(shared, name, component, prepared, &path, cancel).instrument(span.clone()).await
+                        // The journal keeps the input once per execution (and
+                        // once more for each process that takes it up).
+                        let keep_input = number == counted_from + 1;
+                        attempt_once(shared, name, component, prepared, &path, keep_input, cancel)
+                            .instrument(span.clone())
+                            .await
                     }
                 };
                 // A worker's attempt counts on past the tries lost before it.
@@ -453,6 +458,7 @@ async fn attempt_once(
     component: &crate::sandbox::StepComponent,
     attempt: Prepared,
     path: &StepPath,
+    keep_input: bool,
     cancel: &CancellationToken,
 ) -> Attempt {
     let number = attempt.request.context.attempt;
@@ -466,7 +472,7 @@ async fn attempt_once(
         // waiting for a slot, so the commit does not hold one: the records
         // of attempts queued together commit together.
         let key = &attempt.request.context.idempotency_key;
-        let input = Some(attempt.request.input.as_str());
+        let input = keep_input.then_some(attempt.request.input.as_str());
         let started = shared.record(|journal, run_id| {
             journal.attempt_started(run_id, path, key, &Attempt::started(number, now_ms()), input)
         });

@@ -132,12 +132,22 @@ pub async fn list(
     Ok(Json(service.runs(&scope, filter).await?))
 }
 
+/// How much of a report to read.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReportQuery {
+    /// `false` leaves out the attempts' logs, stdout and stderr and the
+    /// executions' inputs (`/logs` has them): for a view that reads the
+    /// report again as the run changes. `true` when left out.
+    records: Option<bool>,
+}
+
 /// A run's report: its steps, executions and attempts.
 #[utoipa::path(
     get,
     path = "/v1/runs/{id}",
     tag = "runs",
-    params(("id" = String, Path, description = "The run's id")),
+    params(("id" = String, Path, description = "The run's id"), ReportQuery),
     responses(
         (status = 200, body = RunReport),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -149,8 +159,13 @@ pub async fn get(
     State(service): State<Arc<Service>>,
     Caller(scope): Caller,
     Params(id): Params<String>,
+    query: Result<axum::extract::Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<RunReport>, ApiError> {
-    Ok(Json(service.report(&scope, &id).await?))
+    let axum::extract::Query(query) = query.map_err(super::bad_query)?;
+    Ok(Json(match query.records {
+        Some(false) => service.summary(&scope, &id).await?,
+        _ => service.report(&scope, &id).await?,
+    }))
 }
 
 /// The steps of a run with their attempts' logs, stdout and stderr.

@@ -483,6 +483,14 @@ impl Service {
         self.blocking(move |db| Ok(db.run_report(&wanted)?)).await
     }
 
+    /// A run's report without its attempts' logs, stdout and stderr and its
+    /// executions' inputs ([`crate::store::History::run_summary`]).
+    pub async fn summary(&self, scope: &Scope, id: &str) -> Result<RunReport, ServiceError> {
+        self.run(scope, id).await?;
+        let wanted = id.to_owned();
+        self.blocking(move |db| Ok(db.run_summary(&wanted)?)).await
+    }
+
     /// Runs in the caller's scope that match `filter`, a page of at most
     /// `filter.limit`.
     pub async fn runs(&self, scope: &Scope, mut filter: RunFilter) -> Result<RunPage, ServiceError> {
@@ -613,7 +621,7 @@ impl Service {
         if let Some(events) = live.or_else(|| self.finished.lock().get(id).cloned()) {
             return Ok(events);
         }
-        let report = self.report(scope, id).await?;
+        let report = self.summary(scope, id).await?;
         if report.run.status == RunStatus::Running {
             return Ok(self.follow(&report));
         }
@@ -649,7 +657,7 @@ impl Service {
                 let Some(log) = weak.upgrade() else { return };
                 let wanted = id.clone();
                 let read = std::time::Instant::now();
-                let Ok(report) = service.blocking(move |db| Ok(db.run_report(&wanted)?)).await else { continue };
+                let Ok(report) = service.blocking(move |db| Ok(db.run_summary(&wanted)?)).await else { continue };
                 // A big run's report takes long to read: read it less often,
                 // so following costs the node a tenth of its time at most.
                 pause = FOLLOW_EVERY.max(read.elapsed() * 10);

@@ -27,11 +27,19 @@ const MAX_NAME: usize = 128;
 
 /// A workflow name must be usable as one segment of a URL path.
 fn check_name(name: &str) -> Result<(), ServiceError> {
-    if name.is_empty() || name.len() > MAX_NAME || name.contains('/') || name.chars().any(char::is_control) {
+    // `.` and `..` would be path segments of their own in a URL.
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || name.contains('/')
+        || name.chars().any(char::is_control)
+        || name == "."
+        || name == ".."
+    {
         return Err(ServiceError::Invalid {
             code: "invalid_name",
             message: format!(
-                "`{}` cannot name a deployed workflow: use 1 to {MAX_NAME} bytes, without `/` or control characters",
+                "`{}` cannot name a deployed workflow: use 1 to {MAX_NAME} bytes, without `/` or control characters, \
+                 other than `.` and `..`",
                 name.escape_debug()
             ),
         });
@@ -169,7 +177,7 @@ mod tests {
 
     #[test]
     fn names_that_cannot_be_one_url_segment_are_refused() {
-        for name in ["", "a/b", "tab\there", &"x".repeat(MAX_NAME + 1)] {
+        for name in ["", "a/b", "tab\there", ".", "..", &"x".repeat(MAX_NAME + 1)] {
             assert_eq!(check_name(name).unwrap_err().code(), "invalid_name", "{name:?}");
         }
         check_name("order-processing.v2").unwrap();

@@ -120,7 +120,9 @@ fn what_a_run_recorded_comes_back_as_its_report_and_its_resume_state() {
         };
         drop(store.attempt_finished("r", &a, "r/a", &failed, false));
         drop(store.attempt_started("r", &a, "r/a", &Attempt::started(2, 3.0), None));
-        drop(store.attempt_finished("r", &a, "r/a", &finished(2, json!({"x": [1, 2]})), true));
+        let mut second = finished(2, json!({"x": [1, 2]}));
+        second.stdout.text = "printed".into();
+        drop(store.attempt_finished("r", &a, "r/a", &second, true));
         let step = StepReport {
             status: StepStatus::Succeeded,
             output: Some(json!({"x": [1, 2]})),
@@ -164,6 +166,14 @@ fn what_a_run_recorded_comes_back_as_its_report_and_its_resume_state() {
             Some(json!("[an input of 80003 bytes, not kept]")),
             "{name}: a huge input is kept as its size"
         );
+        assert_eq!(attempts[1].stdout.text, "printed", "{name}");
+        let summary = store.run_summary("r").unwrap();
+        let (kept, summed) = (&report.steps[0].executions[0], &summary.steps[0].executions[0]);
+        assert_eq!(summed.input, None, "{name}: a summary leaves the input out");
+        assert_eq!(summed.attempts[1].stdout.text, "", "{name}: and the records");
+        assert_eq!(summed.attempts.len(), kept.attempts.len(), "{name}");
+        assert_eq!((summed.status, &summed.output), (kept.status, &kept.output), "{name}: and keeps the rest");
+        assert_eq!(summed.attempts[0].outcome, kept.attempts[0].outcome, "{name}");
 
         // Forgetting a step makes it run again; the run can reopen.
         store.forget_steps("r", &[a]).unwrap();

@@ -236,6 +236,10 @@ pub trait History: Send + Sync {
     /// A run with its steps, executions and attempts as recorded: the same
     /// report the run printed, for what it got to record.
     fn run_report(&self, run_id: &str) -> Result<RunReport, StoreError>;
+    /// [`History::run_report`] without the attempts' logs, stdout and
+    /// stderr and the executions' inputs: what a view that follows a run
+    /// reads again at each change, without the bulk.
+    fn run_summary(&self, run_id: &str) -> Result<RunReport, StoreError>;
 }
 
 /// Executions that succeeded (their outputs, by idempotency key) and how

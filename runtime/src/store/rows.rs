@@ -30,6 +30,12 @@ pub(crate) fn kept_input(input: &str) -> String {
     }
 }
 
+/// The last columns of an attempt's row as a report reads them (the
+/// records, the delay before it, the input), in this order...
+pub(crate) const RECORDS: &str = "logs, stdout, stderr, delay_before_ms, input";
+/// ...and as a summary reads them: without the bulk.
+pub(crate) const NO_RECORDS: &str = "NULL, NULL, NULL, delay_before_ms, NULL";
+
 /// An attempt as read back: its execution's key and path, the attempt, and
 /// the input it was recorded with.
 pub(crate) type AttemptRecord = (String, StepPath, Attempt, Option<Value>);

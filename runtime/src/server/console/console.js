@@ -84,10 +84,11 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body) {
+/** Calls the API with the token; `signal` stops a page's calls when it is left. */
+async function api(method, path, body, signal) {
   const headers = { Authorization: `Bearer ${session.token}` };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
-  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal });
   const text = await response.text();
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch { data = null; }
@@ -102,18 +103,24 @@ async function api(method, path, body) {
 /**
  * Follows a run's server-sent events through `fetch` (which, unlike
  * EventSource, sends the token), reconnecting with the last id seen until
- * `signal` aborts. Each event calls `onEvent`; `active()` says whether the
- * run may still change, which sets how soon to reconnect.
+ * `signal` aborts: soon after a stream that brought events ends (a parked
+ * run goes on when its event comes), later and later after one that
+ * brought none or failed. A token that is refused
+ * signs out; a run that cannot be read is not followed.
  */
-async function follow(runId, signal, onEvent, active) {
+async function follow(runId, signal, onEvent) {
   let last = null;
+  let pause = 1000;
   while (!signal.aborted) {
     try {
       const headers = { Authorization: `Bearer ${session.token}`, Accept: 'text/event-stream' };
       if (last !== null) headers['Last-Event-ID'] = last;
       const response = await fetch(`/v1/runs/${enc(runId)}/events`, { headers, signal });
+      if (response.status === 401) return signOut('Your token is not valid any more (revoked?); sign in again.');
+      if (response.status >= 400 && response.status < 500) return;
       if (!response.ok) throw new Error(`the event stream answered ${response.status}`);
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      const from = last;
       let buffer = '';
       for (;;) {
         const { value, done } = await reader.read();
@@ -131,10 +138,14 @@ async function follow(runId, signal, onEvent, active) {
           if (data) onEvent(JSON.parse(data));
         }
       }
-    } catch (error) {
+      // A stream that brought nothing (a parked or finished run) is asked
+      // again less and less often.
+      pause = last === from ? Math.min(pause * 2, 10000) : 1000;
+    } catch {
       if (signal.aborted) return;
+      pause = Math.min(pause * 2, 30000);
     }
-    await sleep(active() ? 1000 : 5000, signal);
+    await sleep(pause * (0.75 + Math.random() / 2), signal);
   }
 }
 
@@ -160,19 +171,21 @@ async function route() {
     } catch (error) {
       return signInPage(error.message);
     }
-  }
-  const [path, query] = location.hash.replace(/^#/, '').split('?');
-  const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
-  const params = new URLSearchParams(query || '');
-  for (const link of document.querySelectorAll('#nav a')) {
-    const current = link.getAttribute('href').slice(2) === (parts[0] || 'runs');
-    if (current) link.setAttribute('aria-current', 'page');
-    else link.removeAttribute('aria-current');
+    if (signal.aborted) return;
   }
   try {
+    const [path, query] = location.hash.replace(/^#/, '').split('?');
+    const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+    if (parts.some((part) => part === '.' || part === '..')) throw new Error('No such page.');
+    const params = new URLSearchParams(query || '');
+    for (const link of document.querySelectorAll('#nav a')) {
+      const current = link.getAttribute('href').slice(2) === (parts[0] || 'runs');
+      if (current) link.setAttribute('aria-current', 'page');
+      else link.removeAttribute('aria-current');
+    }
     if (parts[0] === 'runs' && parts[1]) await runPage(parts[1], signal);
     else if (parts[0] === 'workflows' && parts[1]) await workflowPage(parts[1], params, signal);
-    else if (parts[0] === 'workflows') await workflowsPage();
+    else if (parts[0] === 'workflows') await workflowsPage(signal);
     else await runsPage(params, signal);
   } catch (error) {
     if (signal.aborted) return;
@@ -230,7 +243,8 @@ function signInPage(problem) {
 // ---- Runs -----------------------------------------------------------------
 
 async function runsPage(params, signal) {
-  const workflows = (await api('GET', '/v1/workflows')).workflows;
+  const workflows = (await api('GET', '/v1/workflows', undefined, signal)).workflows;
+  if (signal.aborted) return;
   const status = h('select', { id: 'filter-status', name: 'status' },
     h('option', { value: '' }, 'any'),
     RUN_STATUSES.map((name) => h('option', { value: name, selected: params.get('status') === name }, name)));
@@ -279,18 +293,28 @@ async function runsPage(params, signal) {
     h('td', { class: 'num' }, took(run.created_ms, run.finished_ms)),
     h('td', {}, Object.entries(run.labels).map(([k, v]) => h('code', {}, `${k}=${v} `))));
   const show = (page, append) => {
+    // The keyboard's place in the list is kept across a redraw.
+    const focused = document.activeElement && document.activeElement.closest && document.activeElement.closest('tr[data-run]');
     const rows = page.runs.map(row);
     if (append) body.append(...rows);
     else body.replaceChildren(...rows);
+    if (focused && !focused.isConnected) body.querySelector(`tr[data-run="${CSS.escape(focused.dataset.run)}"] a`)?.focus();
     if (!body.children.length) body.append(h('tr', {}, h('td', { colspan: 6, class: 'muted' }, 'No runs match.')));
     cursor = page.next_cursor;
     more.hidden = !cursor;
   };
   more.addEventListener('click', async () => {
-    show(await api('GET', query(20, cursor)), true);
-    shown = body.children.length;
+    try {
+      show(await api('GET', query(20, cursor), undefined, signal), true);
+      shown = body.children.length;
+    } catch (error) {
+      if (!signal.aborted) say(error.message, true);
+    }
   });
-  const refresh = async () => show(await api('GET', query(Math.min(Math.max(shown, 20), 500))), false);
+  const refresh = async () => {
+    const page = await api('GET', query(Math.min(Math.max(shown, 20), 500)), undefined, signal);
+    if (!signal.aborted) show(page, false);
+  };
   await refresh();
   // The list stays live: it is read again every two seconds while shown.
   (async () => {
@@ -305,18 +329,28 @@ async function runsPage(params, signal) {
 // ---- A run ----------------------------------------------------------------
 
 async function runPage(runId, signal) {
-  const state = { report: await api('GET', `/v1/runs/${enc(runId)}`), outline: null, selected: null, logs: new Map() };
+  const id = enc(runId);
+  // The page reads the run's summary (no logs, no inputs) again as it
+  // changes, and the chosen step's records only when that step changes.
+  const state = {
+    report: await api('GET', `/v1/runs/${id}?records=false`, undefined, signal),
+    outline: null,
+    selected: null,
+    records: null,
+    open: new Set(),
+  };
   const run = state.report;
   if (run.version) {
     try {
-      state.outline = await api('GET', `/v1/workflows/${enc(run.workflow)}/outline?version=${run.version}`);
+      state.outline = await api('GET', `/v1/workflows/${enc(run.workflow)}/outline?version=${run.version}`, undefined, signal);
     } catch { state.outline = null; }
   }
+  if (signal.aborted) return;
   const header = h('div');
   const actions = h('div', { class: 'actions', id: 'run-actions' });
   const graph = h('div', { class: 'graph', id: 'graph' });
   const steps = h('tbody');
-  const detail = h('section', { class: 'card', id: 'step-detail', 'aria-live': 'polite' });
+  const detail = h('section', { class: 'card', id: 'step-detail' });
   view().replaceChildren(
     header, actions,
     h('h2', {}, 'Graph'), graph,
@@ -326,39 +360,84 @@ async function runPage(runId, signal) {
         h('table', { id: 'steps' }, h('thead', {}, h('tr', {}, ['Step', 'Status', 'Attempts', 'Took'].map((n) => h('th', { scope: 'col' }, n)))), steps)),
       h('section', {}, h('h2', {}, 'Step'), detail)));
 
-  const select = (stepId, focusDetail) => {
+  // What a step's records were read for: read again when it changed.
+  const changeOf = (step) => step && `${step.status}/${step.finished_ms}/${step.executions.reduce((n, e) => n + e.attempts.length, 0)}`;
+  const loadRecords = async (stepId) => {
+    const step = flatten(state.report.steps).get(stepId);
+    if (!step || (state.records && state.records.id === stepId && state.records.change === changeOf(step))) return;
+    const change = changeOf(step);
+    try {
+      const found = await api('GET', `/v1/runs/${id}/logs?step=${enc(stepId)}`, undefined, signal);
+      if (state.selected === stepId) state.records = { id: stepId, change, step: found.steps[0] };
+    } catch (error) {
+      // A step with no records yet has none to show.
+      if (error.status !== 404 && !signal.aborted) say(error.message, true);
+    }
+  };
+  const select = async (stepId) => {
     state.selected = stepId;
     render();
-    if (focusDetail) detail.querySelector('h3')?.focus();
+    await loadRecords(stepId);
+    if (signal.aborted || state.selected !== stepId) return;
+    render();
+    detail.querySelector('h3')?.focus();
   };
-  drawGraph(graph, state, select);
 
-  let pending = null;
-  const refresh = () => {
-    if (pending) return;
-    pending = setTimeout(async () => {
-      pending = null;
-      try {
-        state.report = await api('GET', `/v1/runs/${enc(runId)}`);
+  // One read at a time; a change during a read asks for one more after it,
+  // spaced by how long reads take, so a big run is not read back to back.
+  let reading = false;
+  let again = false;
+  const refresh = async () => {
+    if (reading) {
+      again = true;
+      return;
+    }
+    reading = true;
+    try {
+      do {
+        again = false;
+        const began = performance.now();
+        const report = await api('GET', `/v1/runs/${id}?records=false`, undefined, signal);
+        if (signal.aborted) return;
+        state.report = report;
+        if (state.selected) await loadRecords(state.selected);
+        if (signal.aborted) return;
         render();
-      } catch (error) {
-        if (!signal.aborted) say(error.message, true);
-      }
-    }, 100);
+        await sleep(Math.max(100, 2 * (performance.now() - began)), signal);
+      } while (again && !signal.aborted);
+    } catch (error) {
+      if (!signal.aborted) say(error.message, true);
+    } finally {
+      reading = false;
+    }
+  };
+
+  let following = null;
+  const startFollowing = () => {
+    if (following && !following.signal.aborted) return;
+    following = new AbortController();
+    signal.addEventListener('abort', () => following.abort(), { once: true });
+    follow(runId, following.signal, (event) => {
+      refresh();
+      // A run that ended is no longer followed; an action starts again.
+      if (event.type === 'run_finished' && FINAL.includes(event.status)) following.abort();
+    });
   };
 
   const act = async (what, method, path, body) => {
     try {
-      await api(method, path, body);
+      await api(method, path, body, signal);
       say(what);
-      state.logs.clear();
+      startFollowing();
       refresh();
     } catch (error) {
       say(error.message, true);
     }
   };
 
+  let drawn = '';
   let shownDetail = null;
+  const rows = new Map();
   function render() {
     // What has the keyboard's focus is found again after the redraw.
     const focused = document.activeElement;
@@ -374,17 +453,17 @@ async function runPage(runId, signal) {
     header.replaceChildren(
       h('h1', {}, 'Run ', h('span', { class: 'mono' }, report.id)),
       h('dl', { class: 'meta' },
-        h('dt', {}, 'Status'), h('dd', { id: 'run-status' }, badge(report.status), report.cancel_requested ? ' (cancel asked for)' : ''),
+        h('dt', {}, 'Status'), h('dd', { id: 'run-status', 'aria-live': 'polite' }, badge(report.status), report.cancel_requested ? ' (cancel asked for)' : ''),
         h('dt', {}, 'Workflow'), h('dd', {}, h('a', { href: `#/workflows/${enc(report.workflow)}` }, report.workflow), report.version ? ` version ${report.version}` : ''),
         h('dt', {}, 'Started'), h('dd', {}, when(report.created_ms)),
         h('dt', {}, 'Took'), h('dd', {}, took(report.created_ms, report.finished_ms)),
         Object.keys(report.labels).length ? [h('dt', {}, 'Labels'), h('dd', {}, Object.entries(report.labels).map(([k, v]) => h('code', {}, `${k}=${v} `)))] : [],
         report.error ? [h('dt', {}, 'Error'), h('dd', { class: 'error' }, report.error)] : []),
-      h('details', {}, h('summary', {}, 'Inputs and outputs'),
+      h('details', { open: header.querySelector('details')?.open },
+        h('summary', {}, 'Inputs and outputs'),
         h('h3', {}, 'Inputs'), h('pre', {}, json(report.inputs)),
         h('h3', {}, 'Outputs'), h('pre', { id: 'run-outputs' }, report.outputs ? json(report.outputs) : 'none yet'),
         report.output_errors.length ? h('p', { class: 'error' }, report.output_errors.join('\n')) : ''));
-    const id = enc(report.id);
     const buttons = [];
     if (['running', 'waiting', 'interrupted'].includes(report.status) && !report.cancel_requested) {
       buttons.push(h('button', { type: 'button', class: 'danger', onclick: () => act('Cancelling the run.', 'POST', `/v1/runs/${id}/cancel`) }, 'Cancel run'));
@@ -398,30 +477,51 @@ async function runPage(runId, signal) {
     actions.replaceChildren(...buttons);
 
     const all = flatten(report.steps);
+    // The graph is laid out again only when its steps change (a run
+    // without an outline shows steps as they start).
+    const ids = graphIds(state);
+    if (ids.join('\n') !== drawn) {
+      drawn = ids.join('\n');
+      drawGraph(graph, state, ids, (stepId) => select(stepId));
+    }
     for (const node of graph.querySelectorAll('.node')) {
       const step = all.get(node.dataset.step);
       const status = step ? step.status : 'pending';
-      node.setAttribute('class', `node s-${status}${state.selected === node.dataset.step ? ' selected' : ''}`);
+      const chosen = state.selected === node.dataset.step;
+      node.setAttribute('class', `node s-${status}${chosen ? ' selected' : ''}`);
       node.setAttribute('aria-label', `step ${node.dataset.step}: ${status}`);
-      node.setAttribute('aria-pressed', state.selected === node.dataset.step ? 'true' : 'false');
+      node.setAttribute('aria-pressed', chosen ? 'true' : 'false');
       node.querySelector('text.word').textContent = status;
     }
-    steps.replaceChildren(...[...all.values()].map((step) => {
-      const path = step.id;
-      const attempts = step.executions.reduce((n, e) => n + e.attempts.length, 0);
-      return h('tr', {},
-        h('td', {}, h('button', { type: 'button', class: 'quiet mono', 'data-select': path, 'aria-pressed': state.selected === path ? 'true' : 'false', onclick: () => select(path, true) }, path)),
-        h('td', {}, badge(step.status)),
-        h('td', { class: 'num' }, attempts),
-        h('td', { class: 'num' }, took(step.started_ms, step.finished_ms)));
-    }));
+    // Rows are kept and updated in place, so a big run's table is not
+    // rebuilt at every change.
+    for (const [path, step] of all) {
+      let row = rows.get(path);
+      if (!row) {
+        row = {
+          button: h('button', { type: 'button', class: 'quiet mono', 'data-select': path, onclick: () => select(path) }, path),
+          status: h('td'), attempts: h('td', { class: 'num' }), took: h('td', { class: 'num' }),
+        };
+        row.element = h('tr', {}, h('td', {}, row.button), row.status, row.attempts, row.took);
+        rows.set(path, row);
+        steps.append(row.element);
+      }
+      row.button.setAttribute('aria-pressed', state.selected === path ? 'true' : 'false');
+      if (row.status.dataset.shown !== step.status) {
+        row.status.dataset.shown = step.status;
+        row.status.replaceChildren(badge(step.status));
+      }
+      row.attempts.textContent = step.executions.reduce((n, e) => n + e.attempts.length, 0);
+      row.took.textContent = took(step.started_ms, step.finished_ms);
+    }
     // The step's panel is drawn again only when it changed, so what is
     // typed in it survives events of other steps.
     const step = all.get(state.selected);
-    const key = JSON.stringify([state.selected, step, report.status, [...state.logs.keys()], !!state.outline]);
+    const records = state.records && state.records.id === state.selected ? state.records : null;
+    const key = [state.selected, changeOf(step), report.status, records && records.change, [...state.open].join(','), !!state.outline].join('|');
     if (key !== shownDetail) {
       shownDetail = key;
-      renderDetail(step);
+      renderDetail(records ? records.step : step);
     }
   }
 
@@ -444,16 +544,16 @@ async function runPage(runId, signal) {
       parts.push(h('div', { class: 'actions' }, h('button', {
         type: 'button',
         class: 'quiet',
-        onclick: () => act(`Retrying from ${step.id}.`, 'POST', `/v1/runs/${enc(report.id)}/retry`, { from: step.id }),
+        onclick: () => act(`Retrying from ${step.id}.`, 'POST', `/v1/runs/${id}/retry`, { from: step.id }),
       }, 'Retry from this step')));
     }
     if (step.output !== null && step.output !== undefined) parts.push(h('h4', {}, 'Output'), h('pre', { class: 'step-output' }, json(step.output)));
     const many = step.executions.length > 1;
-    for (const execution of step.executions) parts.push(executionView(report.id, step.id, execution, many));
+    for (const execution of step.executions) parts.push(executionView(execution, many));
     detail.replaceChildren(...parts);
   }
 
-  function executionView(runIdText, stepId, execution, many) {
+  function executionView(execution, many) {
     return h('div', { class: 'execution' },
       execution.item !== null && execution.item !== undefined ? h('h4', {}, 'Item ', h('code', {}, JSON.stringify(execution.item))) : '',
       execution.reused ? h('p', { class: 'muted' }, 'Reused: it succeeded before this run was resumed or retried.') : '',
@@ -461,37 +561,23 @@ async function runPage(runId, signal) {
       execution.input !== undefined && execution.input !== null ? [h('h4', {}, 'Input'), h('pre', { class: 'execution-input' }, json(execution.input))] : '',
       // A fan-out's step output is the list of its executions' outputs.
       many && execution.output !== null && execution.output !== undefined ? [h('h4', {}, 'Output'), h('pre', {}, json(execution.output))] : '',
-      execution.attempts.map((attempt) => attemptView(runIdText, stepId, execution, attempt)));
+      execution.attempts.map((attempt) => attemptView(execution, attempt)));
   }
 
-  function attemptView(runIdText, stepId, execution, attempt) {
+  function attemptView(execution, attempt) {
     const key = `${execution.idempotency_key}#${attempt.attempt}`;
-    const logs = h('div', { class: 'logs' });
-    const shown = state.logs.get(key);
-    if (shown) logs.append(...logsView(shown));
+    const open = state.open.has(key);
     const toggle = h('button', {
       type: 'button',
       class: 'quiet',
-      'aria-expanded': shown ? 'true' : 'false',
-      onclick: async () => {
-        if (state.logs.has(key)) {
-          state.logs.delete(key);
-          render();
-          return;
-        }
-        try {
-          const found = await api('GET', `/v1/runs/${enc(runIdText)}/logs?step=${enc(stepId)}`);
-          const recorded = found.steps.flatMap((s) => s.executions).find((e) => e.idempotency_key === execution.idempotency_key);
-          const record = recorded && recorded.attempts.find((a) => a.attempt === attempt.attempt);
-          state.logs.set(key, record || attempt);
-          render();
-          detail.querySelector(`[data-logs="${CSS.escape(key)}"]`)?.focus();
-        } catch (error) {
-          say(error.message, true);
-        }
-      },
+      'aria-expanded': open ? 'true' : 'false',
       'data-logs': key,
-    }, shown ? 'Hide logs' : 'Logs');
+      onclick: () => {
+        if (open) state.open.delete(key);
+        else state.open.add(key);
+        render();
+      },
+    }, open ? 'Hide logs' : 'Logs');
     const failure = attempt.failure;
     return h('div', { class: 'attempt', 'data-attempt': attempt.attempt },
       h('p', {},
@@ -502,22 +588,22 @@ async function runPage(runId, signal) {
         h('dt', {}, 'Fuel'), h('dd', {}, attempt.fuel_consumed.toLocaleString()),
         h('dt', {}, 'Peak memory'), h('dd', {}, bytes(attempt.peak_memory)),
         attempt.delay_before_ms ? [h('dt', {}, 'Backoff before'), h('dd', {}, `${Math.round(attempt.delay_before_ms)} ms`)] : []),
-      toggle, logs);
+      toggle, open ? h('div', { class: 'logs' }, logsView(attempt)) : '');
   }
 
   function logsView(attempt) {
-    const parts = [];
-    parts.push(h('h4', {}, 'Logs'));
-    parts.push(attempt.logs.length
-      ? h('pre', { class: 'log-lines' }, attempt.logs.map((line) => h('div', {}, h('span', { class: 'level' }, line.level), `${line.context}: ${line.message}`)))
-      : h('p', { class: 'muted' }, 'No log lines.'));
-    parts.push(h('h4', {}, 'stdout'), attempt.stdout.text ? h('pre', { class: 'stdout' }, attempt.stdout.text) : h('p', { class: 'muted' }, 'empty'));
-    parts.push(h('h4', {}, 'stderr'), attempt.stderr.text ? h('pre', { class: 'stderr' }, attempt.stderr.text) : h('p', { class: 'muted' }, 'empty'));
-    return parts;
+    return [
+      h('h4', {}, 'Logs'),
+      attempt.logs.length
+        ? h('pre', { class: 'log-lines' }, attempt.logs.map((line) => h('div', {}, h('span', { class: 'level' }, line.level), `${line.context}: ${line.message}`)))
+        : h('p', { class: 'muted' }, 'No log lines.'),
+      h('h4', {}, 'stdout'), attempt.stdout.text ? h('pre', { class: 'stdout' }, attempt.stdout.text) : h('p', { class: 'muted' }, 'empty'),
+      h('h4', {}, 'stderr'), attempt.stderr.text ? h('pre', { class: 'stderr' }, attempt.stderr.text) : h('p', { class: 'muted' }, 'empty'),
+    ];
   }
 
   render();
-  follow(runId, signal, refresh, () => !FINAL.includes(state.report.status));
+  if (!FINAL.includes(state.report.status)) startFollowing();
 }
 
 /** A form that sends the event a waiting step waits for. */
@@ -551,38 +637,57 @@ function flatten(steps, into = new Map()) {
   return into;
 }
 
+/** The most steps the graph draws; a bigger run is shown as its list. */
+const MAX_GRAPH = 400;
+
+/** The graph's steps: every declared one, and any the report has beside them. */
+function graphIds(state) {
+  const declared = state.outline ? state.outline.steps.map((step) => step.id) : [];
+  return [...new Set([...declared, ...state.report.steps.map((step) => step.id)])];
+}
+
 /**
  * Draws the run's top-level steps as a graph, left to right: a step's
  * column is one past the furthest of the steps it waits for (an
- * `on_failure` handler waits for the step it handles). Without an outline
- * (a run not started through the service) the steps stand in one column.
+ * `on_failure` handler waits for the step it handles), found in one pass
+ * in dependency order. Without an outline (a run not started through the
+ * service) the steps stand in one column.
  */
-function drawGraph(container, state, select) {
-  const declared = state.outline ? state.outline.steps : [];
-  // Every declared step, and any the report has beside them (a run not
-  // started through the service has no outline).
-  const ids = [...new Set([...declared.map((step) => step.id), ...state.report.steps.map((step) => step.id)])];
+function drawGraph(container, state, ids, select) {
+  if (ids.length > MAX_GRAPH) {
+    container.replaceChildren(h('p', { class: 'muted big-run' }, `${ids.length} steps are too many to draw; the list below has them all.`));
+    return;
+  }
   const before = new Map(ids.map((id) => [id, new Set()]));
-  const failureEdges = [];
-  for (const step of declared) {
+  const failureEdges = new Set();
+  for (const step of state.outline ? state.outline.steps : []) {
     if (!before.has(step.id)) continue;
     for (const dep of step.depends_on) if (before.has(dep)) before.get(step.id).add(dep);
     for (const handler of step.on_failure) {
       if (!before.has(handler)) continue;
       before.get(handler).add(step.id);
-      failureEdges.push(`${step.id}>${handler}`);
+      failureEdges.add(`${step.id}>${handler}`);
     }
   }
+  // Kahn's order: each step after all it waits for.
+  const after = new Map(ids.map((id) => [id, []]));
+  const waiting = new Map();
+  for (const [id, deps] of before) {
+    waiting.set(id, deps.size);
+    for (const dep of deps) after.get(dep).push(id);
+  }
   const column = new Map();
-  const place = (id, seen) => {
-    if (column.has(id)) return column.get(id);
-    if (seen.has(id)) return 0;
-    seen.add(id);
-    const c = [...before.get(id)].reduce((most, dep) => Math.max(most, place(dep, seen) + 1), 0);
-    column.set(id, c);
-    return c;
-  };
-  ids.forEach((id) => place(id, new Set()));
+  const ready = ids.filter((id) => waiting.get(id) === 0);
+  for (const id of ready) column.set(id, 0);
+  while (ready.length) {
+    const id = ready.shift();
+    for (const next of after.get(id)) {
+      column.set(next, Math.max(column.get(next) || 0, column.get(id) + 1));
+      waiting.set(next, waiting.get(next) - 1);
+      if (waiting.get(next) === 0) ready.push(next);
+    }
+  }
+  for (const id of ids) if (!column.has(id)) column.set(id, 0);
   const W = 170, H = 50, GX = 70, GY = 22, PAD = 16;
   const rows = new Map();
   const at = new Map();
@@ -600,7 +705,7 @@ function drawGraph(container, state, select) {
       const from = at.get(dep), to = at.get(id);
       const x1 = from.x + W, y1 = from.y + H / 2, x2 = to.x, y2 = to.y + H / 2, mid = (x1 + x2) / 2;
       svg.append(s('path', {
-        class: failureEdges.includes(`${dep}>${id}`) ? 'edge on-failure' : 'edge',
+        class: failureEdges.has(`${dep}>${id}`) ? 'edge on-failure' : 'edge',
         d: `M${x1},${y1} C${mid},${y1} ${mid},${y2} ${x2},${y2}`,
       }));
     }
@@ -608,15 +713,14 @@ function drawGraph(container, state, select) {
   for (const id of ids) {
     const { x, y } = at.get(id);
     const label = id.length > 20 ? `${id.slice(0, 19)}…` : id;
-    const activate = () => select(id, true);
     svg.append(s('g', {
       class: 'node s-pending', 'data-step': id, tabindex: '0', role: 'button', 'aria-label': `step ${id}`,
       transform: `translate(${x},${y})`,
-      onclick: activate,
+      onclick: () => select(id),
       onkeydown: (event) => {
         if (event.key === 'Enter' || event.key === ' ') {
           event.preventDefault();
-          activate();
+          select(id);
         }
       },
     },
@@ -631,8 +735,9 @@ function drawGraph(container, state, select) {
 
 // ---- Workflows ------------------------------------------------------------
 
-async function workflowsPage() {
-  const workflows = (await api('GET', '/v1/workflows')).workflows;
+async function workflowsPage(signal) {
+  const workflows = (await api('GET', '/v1/workflows', undefined, signal)).workflows;
+  if (signal.aborted) return;
   view().replaceChildren(h('h1', {}, 'Workflows'), h('section', { class: 'card' },
     workflows.length
       ? h('table', { id: 'workflows' },
@@ -645,10 +750,11 @@ async function workflowsPage() {
       : h('p', { class: 'muted' }, 'Nothing is deployed yet: `stepbox deploy WORKFLOW.yaml --server URL --token TOKEN`.')));
 }
 
-async function workflowPage(name, params) {
-  const versions = (await api('GET', `/v1/workflows/${enc(name)}/versions`)).versions;
+async function workflowPage(name, params, signal) {
+  const versions = (await api('GET', `/v1/workflows/${enc(name)}/versions`, undefined, signal)).versions;
   const wanted = Number(params.get('version')) || versions[0].version;
-  const outline = await api('GET', `/v1/workflows/${enc(name)}/outline?version=${wanted}`);
+  const outline = await api('GET', `/v1/workflows/${enc(name)}/outline?version=${wanted}`, undefined, signal);
+  if (signal.aborted) return;
   const hook = `${location.origin}/v1/hooks/${enc(session.tenant)}/${enc(name)}`;
   view().replaceChildren(
     h('h1', {}, 'Workflow ', name),

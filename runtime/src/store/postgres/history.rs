@@ -156,6 +156,17 @@ impl History for PgStore {
     }
 
     fn run_report(&self, run_id: &str) -> Result<RunReport, StoreError> {
+        self.report(run_id, rows::RECORDS)
+    }
+
+    fn run_summary(&self, run_id: &str) -> Result<RunReport, StoreError> {
+        self.report(run_id, rows::NO_RECORDS)
+    }
+}
+
+impl PgStore {
+    /// A run's report, its attempts' bulk read as the `records` columns say.
+    fn report(&self, run_id: &str, records: &str) -> Result<RunReport, StoreError> {
         let run = self.load_run(run_id)?;
         let id = || -> Vec<Param> { vec![Box::new(run_id.to_owned())] };
         let steps = self.rows(
@@ -198,10 +209,11 @@ impl History for PgStore {
             },
         )?;
         let attempts = self.rows(
-            "SELECT key, step_id, attempt, status, kind, message, started_ms, finished_ms, fuel, peak_memory,
-                    logs, stdout, stderr, delay_before_ms, input
-             FROM attempts WHERE run_id = $1 ORDER BY key, attempt"
-                .into(),
+            format!(
+                "SELECT key, step_id, attempt, status, kind, message, started_ms, finished_ms, fuel, peak_memory,
+                        {records}
+                 FROM attempts WHERE run_id = $1 ORDER BY key, attempt"
+            ),
             id(),
             |row| {
                 let kind = row.get::<_, Option<&str>>(4).map(str::parse).transpose()?;

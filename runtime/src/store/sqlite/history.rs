@@ -123,6 +123,17 @@ impl History for Database {
     }
 
     fn run_report(&self, run_id: &str) -> Result<RunReport, StoreError> {
+        self.report(run_id, rows::RECORDS)
+    }
+
+    fn run_summary(&self, run_id: &str) -> Result<RunReport, StoreError> {
+        self.report(run_id, rows::NO_RECORDS)
+    }
+}
+
+impl Database {
+    /// A run's report, its attempts' bulk read as the `records` columns say.
+    fn report(&self, run_id: &str, records: &str) -> Result<RunReport, StoreError> {
         let run = self.load_run(run_id)?;
         let steps: Vec<(i64, StepReport)> = self.read(|conn| {
             let mut statement = conn.prepare(
@@ -166,11 +177,11 @@ impl History for Database {
             rows.collect()
         })?;
         let attempts: Vec<rows::AttemptRecord> = self.read(|conn| {
-            let mut statement = conn.prepare(
+            let mut statement = conn.prepare(&format!(
                 "SELECT key, step_id, attempt, status, kind, message, started_ms, finished_ms, fuel, peak_memory,
-                        logs, stdout, stderr, delay_before_ms, input
+                        {records}
                  FROM attempts WHERE run_id = ?1 ORDER BY key, attempt",
-            )?;
+            ))?;
             let rows = statement.query_map(params![run_id], |row| {
                 let attempt = AttemptRow {
                     number: row.get(2)?,
