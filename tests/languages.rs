@@ -46,6 +46,25 @@ outputs:
   invoice: "{{ steps.invoice.output }}"
 "#;
 
+/// Whether the component at `path` names `import` (its import names are
+/// plain text in the binary).
+fn names(path: &str, import: &str) -> bool {
+    std::fs::read(path).unwrap().windows(import.len()).any(|window| window == import.as_bytes())
+}
+
+/// The JavaScript step is built against contract 0.1.0 (`wit/v0.1.0`), the
+/// others against 0.2.0: the test below runs both alike.
+#[test]
+fn the_javascript_step_targets_the_earlier_contract_and_the_others_the_current_one() {
+    assert!(names(guests::TRANSFORM_JS, "stepbox:step/types@0.1.0"));
+    assert!(!names(guests::TRANSFORM_JS, "stepbox:step/types@0.2.0"));
+    for (language, path) in [("rust", guests::TRANSFORM), ("python", guests::TRANSFORM_PY), ("c", guests::TRANSFORM_C)]
+    {
+        assert!(names(path, "stepbox:step/types@0.2.0"), "{language}");
+        assert!(!names(path, "stepbox:step/types@0.1.0"), "{language}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_step_in_four_languages_gives_the_same_results() {
     let dir = std::env::temp_dir().join(format!("stepbox-languages-{}", std::process::id()));

@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
-use serde_json::Value;
+use serde_json::{Value, json};
 use stepbox_tests::guests;
 
 /// The spans received, with the service name of the process that sent
@@ -209,6 +209,38 @@ async fn an_attempts_http_requests_carry_its_traceparent_and_a_denied_one_is_an_
         ("http", "example.com"),
         "{seen:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_reads_its_attempts_traceparent_and_none_while_traces_are_not_exported() {
+    let received = Received::default();
+    let endpoint = receiver(received.clone(), Echoed::default()).await;
+    let dir = temp_dir("traces-read");
+    let workflow = dir.join("read.yaml");
+    std::fs::write(
+        &workflow,
+        format!(
+            "name: read\ncomponents:\n  probe: {}\nsteps:\n  - id: look\n    uses: probe\n    with: {{ probe: trace }}\n",
+            guests::PROBE
+        ),
+    )
+    .unwrap();
+    let out = run_exported(dir.clone(), workflow.clone(), endpoint, &[]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let attempt = spans_named(&received, "attempt").pop().expect("the attempt's span");
+    let expected = format!("00-{}-{}-01", hex(&attempt.trace_id), hex(&attempt.span_id));
+    assert_eq!(report["steps"][0]["output"], json!({ "traceparent": expected, "trace_id": hex(&attempt.trace_id) }));
+
+    // Without an exporter there is no trace to join.
+    let quiet = tokio::task::spawn_blocking(move || {
+        stepbox(&dir.join("data")).args(["run", workflow.to_str().unwrap(), "--json"]).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(quiet.status.code(), Some(0), "{}", String::from_utf8_lossy(&quiet.stderr));
+    let report: Value = serde_json::from_slice(&quiet.stdout).unwrap();
+    assert_eq!(report["steps"][0]["output"], json!({ "traceparent": null, "trace_id": null }));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -72,6 +72,22 @@ pub struct Context {
     pub tenant: String,
 }
 
+impl Context {
+    /// The attempt's W3C `traceparent` (`00-<trace id>-<span id>-<flags>`)
+    /// while stepbox exports traces: pass it to the systems the step calls
+    /// so their spans join the run's trace (its `wasi:http` requests carry
+    /// it already).
+    pub fn trace_parent(&self) -> Option<String> {
+        bindings::stepbox::step::trace::traceparent()
+    }
+
+    /// The trace id of [`Context::trace_parent`]: 32 hex digits, the same
+    /// for every attempt of the run.
+    pub fn trace_id(&self) -> Option<String> {
+        self.trace_parent().and_then(|parent| parent.split('-').nth(1).map(str::to_owned))
+    }
+}
+
 impl From<bindings::stepbox::step::types::StepContext> for Context {
     fn from(ctx: bindings::stepbox::step::types::StepContext) -> Self {
         Context {

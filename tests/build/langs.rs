@@ -70,10 +70,12 @@ impl Langs<'_> {
         let tool = self.npm_tool("js", &[COMPONENTIZE_JS, PREVIEW2_SHIM]).join(".bin/componentize-js");
         let out = self.out.join("transform-js.wasm");
         // componentize-js reads the WIT relative to the current directory.
+        // This step is built against the earlier contract, 0.1.0, which
+        // stepbox still runs unchanged (the languages test checks both).
         let mut build = Command::new(tool);
         build
             .current_dir(self.root)
-            .args(["guest-examples/js/transform/transform.js", "-w", "wit", "-n", "step", "-o"])
+            .args(["guest-examples/js/transform/transform.js", "-w", "wit/v0.1.0", "-n", "step", "-o"])
             .arg(&out);
         run(build, "building guest-examples/js/transform");
         out

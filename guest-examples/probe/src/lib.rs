@@ -1,10 +1,10 @@
 //! Reports what the sandbox grants it, for the capability tests:
-//! `{"probe": "args" | "scratch" | "clock-and-random" | "leak-secret" | "leak-secret-in-error"}`.
+//! `{"probe": "args" | "scratch" | "clock-and-random" | "leak-secret" | "leak-secret-in-error" | "trace"}`.
 use std::hash::BuildHasher;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use stepbox_sdk::{StepError, config, step};
+use stepbox_sdk::{Context, StepError, config, step};
 
 #[derive(Deserialize)]
 struct Input {
@@ -12,8 +12,9 @@ struct Input {
 }
 
 #[step]
-fn run(input: Input) -> Result<Value, StepError> {
+fn run(ctx: &Context, input: Input) -> Result<Value, StepError> {
     match input.probe.as_str() {
+        "trace" => Ok(json!({ "traceparent": ctx.trace_parent(), "trace_id": ctx.trace_id() })),
         "args" => Ok(json!(std::env::args().collect::<Vec<_>>())),
         "scratch" => {
             let before: Vec<String> = std::fs::read_dir("/scratch")?

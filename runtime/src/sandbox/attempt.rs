@@ -66,8 +66,9 @@ pub struct AttemptRequest {
     pub grants: Grants,
     /// How a command's exit code is classified (step components ignore it).
     pub exit_codes: ExitCodes,
-    /// The attempt's span, for its outgoing HTTP requests to carry as
-    /// `traceparent`; `None` when traces are not exported.
+    /// The attempt's span as a `traceparent`, for the step to read
+    /// (`stepbox:step/trace`) and its outgoing HTTP requests to carry;
+    /// `None` when traces are not exported.
     pub trace_parent: Option<crate::traces::TraceParent>,
 }
 
@@ -197,7 +198,8 @@ pub(crate) async fn run(
             http.set_field_size_limit(super::host::http::FIELDS_LIMIT);
             http
         },
-        http_policy: HttpPolicy::new(grants.http, grants.http_secrets, trace_parent),
+        http_policy: HttpPolicy::new(grants.http, grants.http_secrets, trace_parent.clone()),
+        trace_parent,
         limiter: InstanceLimiter::new(&limits),
         logs: LogBuffer::new(context.step_id.clone(), logs_cap, redactor.clone(), host_memory.clone()),
         config: Arc::new(grants.config.into_iter().chain(grants.secrets).collect()),

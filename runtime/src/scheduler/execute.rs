@@ -323,8 +323,8 @@ async fn execution(
                     limits,
                     grants: grants.clone(),
                     exit_codes: step.exit_codes.clone(),
-                    // Only requests carry it.
-                    trace_parent: if grants.http.is_empty() { None } else { crate::traces::traceparent(&span) },
+                    // For the step to read, and for its HTTP requests.
+                    trace_parent: crate::traces::traceparent(&span),
                 };
                 let attempt = match reattached.take() {
                     Some(attempt) => attempt,

@@ -1,5 +1,5 @@
 //! The host state of one attempt and the host side of stepbox's imports:
-//! `wasi:logging`, `wasi:keyvalue`, `wasi:config`, the policy of
+//! `wasi:logging`, `wasi:keyvalue`, `wasi:config`, `stepbox:step/trace`, the policy of
 //! `wasi:http`, and the filesystem calls that hold a scratch directory to
 //! its size.
 
@@ -10,6 +10,7 @@ pub(crate) mod http_objects;
 pub(crate) mod keyvalue;
 pub(crate) mod logging;
 pub(crate) mod preview1;
+pub(crate) mod trace;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub(crate) struct StepState {
     pub(crate) table: ResourceTable,
     pub(crate) http: WasiHttpCtx,
     pub(crate) http_policy: http::HttpPolicy,
+    /// The attempt's trace context, while traces are exported.
+    pub(crate) trace_parent: Option<crate::traces::TraceParent>,
     pub(crate) limiter: InstanceLimiter,
     pub(crate) logs: logging::LogBuffer,
     pub(crate) config: Arc<BTreeMap<String, String>>,
@@ -51,6 +54,16 @@ pub(crate) struct StepState {
 
 /// `stepbox:step/types` declares types only.
 impl super::bindings::stepbox::step::types::Host for StepState {}
+
+/// What a component built against contract 0.1.0 imports besides what
+/// 0.2.0 links: its `types` interface, which declares types only (records
+/// and variants are matched by shape, so its `run` is called as 0.2.0's).
+pub(crate) fn add_earlier_contracts_to_linker(
+    linker: &mut wasmtime::component::Linker<StepState>,
+) -> anyhow::Result<()> {
+    linker.instance("stepbox:step/types@0.1.0")?;
+    Ok(())
+}
 
 impl WasiView for StepState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
