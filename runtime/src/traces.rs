@@ -207,6 +207,15 @@ impl TraceParent {
     }
 }
 
+/// Marks an attempt's span with its failure class and an error status,
+/// when it failed (the span declares both fields empty).
+pub fn record_failure(span: &tracing::Span, attempt: &crate::run::Attempt) {
+    if let Some(failure) = attempt.failure() {
+        span.record("stepbox.failure_class", failure.kind.as_str());
+        span.record("otel.status_code", "ERROR");
+    }
+}
+
 /// Makes `span` a child of the span `parent` names (another process's).
 pub fn set_parent(span: &tracing::Span, parent: &TraceParent) {
     use opentelemetry::propagation::TextMapPropagator;
@@ -219,12 +228,15 @@ pub fn set_parent(span: &tracing::Span, parent: &TraceParent) {
 
 /// The `traceparent` of `span`, when it is exported (else there is no
 /// trace to continue).
+/// Written from the span's ids directly (every attempt asks, so no
+/// propagator and no map).
 pub fn traceparent(span: &tracing::Span) -> Option<TraceParent> {
-    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let mut carrier = std::collections::HashMap::new();
-    opentelemetry_sdk::propagation::TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
-    carrier.get("traceparent").and_then(|value| TraceParent::parse(value))
+    let context = span.context();
+    let otel = context.span();
+    let ids = otel.span_context();
+    ids.is_valid().then(|| TraceParent(format!("00-{}-{}-01", ids.trace_id(), ids.span_id())))
 }
 
 #[cfg(test)]

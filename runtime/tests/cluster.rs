@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{key_counts, stderr, stepbox, temp_dir, use_database};
+use common::{Worker, key_counts, stderr, stepbox, temp_dir, use_database};
 use serde_json::Value;
 use stepbox_tests::guests;
 use stepbox_tests::postgres::TestDatabase;
@@ -20,48 +20,6 @@ use stepbox_tests::postgres::TestDatabase;
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A worker process, killed when dropped.
-struct Worker {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Worker {
-    /// Starts `stepbox worker` with its own data directory under `dir`
-    /// and waits until it is ready to claim.
-    fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Worker {
-        let log = dir.join(format!("{name}.log"));
-        let mut command = stepbox(&dir.join(name));
-        command.arg("worker").args(args).envs(env.iter().copied()).stderr(Stdio::piped());
-        let mut child = command.spawn().unwrap();
-        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("running up to") {
-            line.clear();
-            assert!(lines.read_line(&mut line).unwrap() > 0, "the worker exited at start");
-        }
-        let mut file = std::fs::File::create(&log).unwrap();
-        std::thread::spawn(move || std::io::copy(&mut lines, &mut file));
-        Worker { child, log }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill").args([signal, &self.child.id().to_string()]).status();
-        assert!(status.unwrap().success());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The owner of the task of execution `key` while one holds it.

@@ -6,13 +6,14 @@ mod common;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use common::{stepbox, temp_dir};
+use common::{Worker, stepbox, temp_dir};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use serde_json::{Value, json};
 use stepbox_tests::guests;
+use stepbox_tests::postgres::TestDatabase;
 
 /// The spans received, with the service name of the process that sent
 /// them.
@@ -341,4 +342,52 @@ async fn a_collector_that_is_away_costs_the_run_nothing_and_is_said() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("warning: traces were not exported"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_exports_its_attempts_span_under_the_coordinators_with_the_denials_as_events() {
+    let (received, echoed) = (Received::default(), Echoed::default());
+    let endpoint = receiver(received.clone(), echoed).await;
+    let host = endpoint.strip_prefix("http://").unwrap().to_owned();
+    let db = TestDatabase::create();
+    let dir = temp_dir("traces-worker");
+    let workflow = dir.join("calls.yaml");
+    std::fs::write(
+        &workflow,
+        format!(
+            "name: calls\ncomponents:\n  probe: {probe}\nsteps:\n  - id: call\n    uses: probe\n    with: {{ url: \"{endpoint}/echo\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n  - id: denied\n    uses: probe\n    with: {{ url: \"http://example.com/\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n",
+            probe = guests::HTTP_PROBE
+        ),
+    )
+    .unwrap();
+    let traced = [("STEPBOX_DB", db.url.as_str()), ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    let worker_env = [traced[0], traced[1], ("OTEL_SERVICE_NAME", "the-worker")];
+    let worker = Worker::start(&dir, "w", &[], &worker_env);
+    let (data, env) = (dir.join("coordinator"), traced.map(|(k, v)| (k.to_owned(), v.to_owned())));
+    let out = tokio::task::spawn_blocking(move || {
+        stepbox(&data).args(["run", workflow.to_str().unwrap(), "--queue", "--json"]).envs(env).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // A worker sends what it has when it stops.
+    worker.signal("-TERM");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while spans_named(&received, "worker attempt").len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the worker exported no spans:\n{}", worker.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let services: HashMap<Vec<u8>, String> =
+        received.lock().unwrap().iter().map(|(service, span)| (span.span_id.clone(), service.clone())).collect();
+    let attempts = spans_named(&received, "attempt");
+    let workers = spans_named(&received, "worker attempt");
+    for step in ["call", "denied"] {
+        let of = |spans: &[Span]| spans.iter().find(|span| attributes(span)["stepbox.step"] == step).unwrap().clone();
+        let (attempt, on_worker) = (of(&attempts), of(&workers));
+        assert_eq!(services[&on_worker.span_id], "the-worker", "{step}: exported by the worker");
+        assert_eq!(on_worker.trace_id, attempt.trace_id, "{step}: in the run's trace");
+        assert_eq!(on_worker.parent_span_id, attempt.span_id, "{step}: under the coordinator's attempt span");
+        let denied = on_worker.events.iter().any(|event| event.name == "capability denied");
+        assert_eq!(denied, step == "denied", "{step}: {:?}", on_worker.events);
+    }
 }

@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::broadcast::error::TryRecvError;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::wire::{TaskRequest, TaskResult};
 use crate::run::{Attempt, Failure, FailureKind, now_ms};
@@ -212,7 +213,26 @@ impl Worker {
         // Claims lost before this one were attempts too.
         let number = claim.task.attempt.saturating_add(claim.claims.saturating_sub(1));
         match self.prepare(claim, number).await {
-            Ok((component, request)) => self.sandbox.run(&component, request).await,
+            // Traced where the run is: the worker's span joins the
+            // coordinator's attempt span, and denials are its events.
+            Ok((component, request)) => match request.trace_parent.clone() {
+                Some(parent) => {
+                    let span = tracing::info_span!(
+                        "worker attempt",
+                        stepbox.step = %request.context.step_id,
+                        stepbox.attempt = number,
+                        stepbox.tenant = %request.context.tenant,
+                        stepbox.worker = %self.config.owner,
+                        stepbox.failure_class = tracing::field::Empty,
+                        otel.status_code = tracing::field::Empty,
+                    );
+                    crate::traces::set_parent(&span, &parent);
+                    let attempt = self.sandbox.run(&component, request).instrument(span.clone()).await;
+                    crate::traces::record_failure(&span, &attempt);
+                    attempt
+                }
+                None => self.sandbox.run(&component, request).await,
+            },
             Err(failure) => Attempt::refused(number, now_ms(), failure),
         }
     }

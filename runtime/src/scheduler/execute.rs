@@ -342,10 +342,7 @@ async fn execution(
                 span.record("stepbox.attempt", attempt.attempt);
                 span.record("stepbox.fuel", attempt.fuel_consumed);
                 span.record("stepbox.peak_memory", attempt.peak_memory);
-                if let Some(failure) = attempt.failure() {
-                    span.record("stepbox.failure_class", failure.kind.as_str());
-                    span.record("otel.status_code", "ERROR");
-                }
+                crate::traces::record_failure(&span, &attempt);
                 // Tries an executor lost (their worker stopped) before this
                 // one ran: each counts, as a crashed attempt does on resume.
                 for lost in number..attempt.attempt {

@@ -342,3 +342,45 @@ pub fn project(dir: &Path, name: &str, yaml: &str, components: &[(&str, &str)]) 
     std::fs::write(&path, yaml).unwrap();
     path
 }
+
+/// A worker process, killed when dropped.
+pub struct Worker {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Worker {
+    /// Starts `stepbox worker` with its own data directory under `dir`
+    /// and waits until it is ready to claim.
+    pub fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Worker {
+        let log = dir.join(format!("{name}.log"));
+        let mut command = stepbox(&dir.join(name));
+        command.arg("worker").args(args).envs(env.iter().copied()).stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("running up to") {
+            line.clear();
+            assert!(lines.read_line(&mut line).unwrap() > 0, "the worker exited at start");
+        }
+        let mut file = std::fs::File::create(&log).unwrap();
+        std::thread::spawn(move || std::io::copy(&mut lines, &mut file));
+        Worker { child, log }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill").args([signal, &self.child.id().to_string()]).status();
+        assert!(status.unwrap().success());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
