@@ -345,6 +345,42 @@ async fn a_collector_that_is_away_costs_the_run_nothing_and_is_said() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_retried_run_continues_its_first_drives_trace_beneath_it() {
+    let received = Received::default();
+    let endpoint = receiver(received.clone(), Echoed::default()).await;
+    let dir = temp_dir("traces-retry");
+    let workflow = dir.join("flaky.yaml");
+    std::fs::write(
+        &workflow,
+        format!(
+            "name: flaky\ncomponents:\n  flaky: {}\nsteps:\n  - id: call\n    uses: flaky\n    with: {{ succeed_on_attempt: 2 }}\n    retry: {{ attempts: 1 }}\n",
+            guests::FLAKY
+        ),
+    )
+    .unwrap();
+    let out = run_exported(dir.clone(), workflow, endpoint.clone(), &[]).await;
+    assert_eq!(out.status.code(), Some(1), "the first drive fails: {}", String::from_utf8_lossy(&out.stderr));
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["id"].as_str().unwrap().to_owned();
+    let retried = tokio::task::spawn_blocking(move || {
+        stepbox(&dir.join("data"))
+            .args(["retry", &id, "--json"])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(retried.status.code(), Some(0), "{}", String::from_utf8_lossy(&retried.stderr));
+    let mut runs = spans_named(&received, "run");
+    runs.sort_by_key(|span| span.start_time_unix_nano);
+    let [first, second] = &runs[..] else { panic!("two drives, two run spans: {runs:?}") };
+    assert_eq!(second.trace_id, first.trace_id, "one trace for the run");
+    assert_eq!(second.parent_span_id, first.span_id, "the retry beneath the first drive");
+    let statuses: Vec<String> = runs.iter().map(|span| attributes(span)["stepbox.status"].clone()).collect();
+    assert_eq!(statuses, ["failed", "succeeded"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_worker_exports_its_attempts_span_under_the_coordinators_with_the_denials_as_events() {
     let (received, echoed) = (Received::default(), Echoed::default());
     let endpoint = receiver(received.clone(), echoed).await;

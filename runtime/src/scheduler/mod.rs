@@ -267,8 +267,16 @@ pub async fn run(
         stepbox.tenant = %options.tenant.name,
         stepbox.status = tracing::field::Empty,
     );
-    if let Some(parent) = &options.trace_parent {
+    // A run taken up again continues the trace of its first drive,
+    // beneath it; the first drive records where that is.
+    let first_drive = shared.base.resume.trace.clone();
+    if let Some(parent) = first_drive.as_ref().or(options.trace_parent.as_ref()) {
         crate::traces::set_parent(&span, parent);
+    }
+    if first_drive.is_none()
+        && let Some(trace) = crate::traces::traceparent(&span)
+    {
+        drop(shared.record(|journal, run_id| journal.run_traced(run_id, &trace)));
     }
     let graph = run_graph(shared.clone(), options.fail_fast).instrument(span.clone()).await;
     interrupted.abort();

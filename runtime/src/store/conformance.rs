@@ -131,6 +131,12 @@ fn what_a_run_recorded_comes_back_as_its_report_and_its_resume_state() {
             ..StepReport::pending(a.clone(), true)
         };
         drop(store.step_finished("r", 0, &step));
+        let traced = |span: char| {
+            crate::traces::TraceParent::parse(&format!("00-{}-{}-01", "a".repeat(32), span.to_string().repeat(16)))
+                .unwrap()
+        };
+        drop(store.run_traced("r", &traced('b')));
+        drop(store.run_traced("r", &traced('c')));
         let huge = format!("[{}1]", "1,".repeat(40_000));
         drop(store.attempt_started("r", &b, "r/b[1]", &Attempt::started(1, 5.0), Some(&huge)));
         let outputs = json!({"out": 7}).as_object().unwrap().clone();
@@ -144,6 +150,7 @@ fn what_a_run_recorded_comes_back_as_its_report_and_its_resume_state() {
         assert!(!state.completed.contains_key("r/b[1]"), "{name}");
         assert_eq!(state.attempts.get("r/a"), Some(&2), "{name}");
         assert_eq!(state.attempts.get("r/b[1]"), Some(&1), "{name}");
+        assert_eq!(state.trace, Some(traced('b')), "{name}: the first drive's trace is kept");
 
         let report = store.run_report("r").unwrap();
         assert_eq!(report.run.status, RunStatus::Succeeded, "{name}");

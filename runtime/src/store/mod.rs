@@ -208,6 +208,10 @@ pub trait Journal: Send + Sync {
     /// The run parked: only waiting steps were left, so it stopped, to be
     /// resumed when an event comes or a wait times out. Its last record.
     fn run_parked(&self, run_id: &str) -> Durable;
+    /// The run's first traced drive has the span `trace`: later drives
+    /// (resumed, retried, woken) continue its trace beneath it. The first
+    /// one recorded is kept.
+    fn run_traced(&self, run_id: &str, trace: &crate::traces::TraceParent) -> Durable;
     /// The event `name` was sent to the run with `payload`. The first of a
     /// name is kept; returns whether this one was.
     fn event_received(&self, run_id: &str, name: &str, payload: &Value) -> Result<bool, StoreError>;
@@ -258,6 +262,8 @@ pub struct ResumeState {
     pub waits: HashMap<String, f64>,
     /// The events sent to the run, by name.
     pub events: HashMap<String, Value>,
+    /// The span of the run's first traced drive ([`Journal::run_traced`]).
+    pub trace: Option<crate::traces::TraceParent>,
 }
 
 /// Which runs `stepbox runs` and the API list.

@@ -56,6 +56,10 @@ pub(super) enum Record {
     RunParked {
         run_id: String,
     },
+    RunTraced {
+        run_id: String,
+        trace: String,
+    },
     StepFinished {
         run_id: String,
         step: StepRow,
@@ -101,6 +105,7 @@ const INCLUDE_LOADED: &str =
 const WAIT_STARTED: &str = "INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms)
                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
 const RUN_PARKED: &str = "UPDATE runs SET status = $2, updated_ms = $3 WHERE id = $1";
+const RUN_TRACED: &str = "UPDATE runs SET trace = $2 WHERE id = $1 AND trace IS NULL";
 const STEP_FINISHED: &str =
     "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms, required)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
@@ -132,6 +137,7 @@ pub(super) const STATEMENTS: &[&str] = &[
     INCLUDE_LOADED,
     WAIT_STARTED,
     RUN_PARKED,
+    RUN_TRACED,
     STEP_FINISHED,
     RUN_TOUCHED,
     RUN_FINISHED,
@@ -191,6 +197,7 @@ impl Record {
             Record::WaitStarted { run_id, key, path, event, started, deadline } => {
                 exec(tx, WAIT_STARTED, &[run_id, key, path, event, started, deadline]).await.map(drop)
             }
+            Record::RunTraced { run_id, trace } => exec(tx, RUN_TRACED, &[run_id, trace]).await.map(drop),
             Record::RunParked { run_id } => {
                 exec(tx, RUN_PARKED, &[run_id, &RunStatus::Waiting.as_str(), &(now_ms() as i64)]).await.map(drop)
             }
@@ -451,6 +458,9 @@ impl Journal for PgStore {
             for row in client.query("SELECT name, payload FROM run_events WHERE run_id = $1", &[id]).await? {
                 state.events.insert(row.get(0), crate::store::rows::json(row.get(1)).unwrap_or(Value::Null));
             }
+            let trace = client.query_opt("SELECT trace FROM runs WHERE id = $1", &[id]).await?;
+            let trace: Option<String> = trace.and_then(|row| row.get(0));
+            state.trace = trace.as_deref().and_then(crate::traces::TraceParent::parse);
             Ok(state)
         })
     }
@@ -514,6 +524,11 @@ impl Journal for PgStore {
 
     fn run_parked(&self, run_id: &str) -> Durable {
         self.writer.queue(run_id, Kind::Last, Record::RunParked { run_id: run_id.to_owned() })
+    }
+
+    fn run_traced(&self, run_id: &str, trace: &crate::traces::TraceParent) -> Durable {
+        let record = Record::RunTraced { run_id: run_id.to_owned(), trace: trace.as_str().to_owned() };
+        self.writer.queue(run_id, Kind::Lazy, record)
     }
 
     fn event_received(&self, run_id: &str, name: &str, payload: &Value) -> Result<bool, StoreError> {

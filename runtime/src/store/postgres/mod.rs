@@ -221,6 +221,9 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE tasks ADD COLUMN started BOOLEAN NOT NULL DEFAULT FALSE;",
     // 9: the input an attempt was given, for reports.
     "ALTER TABLE attempts ADD COLUMN input TEXT;",
+    // 10: the span of a run's first traced drive, which later drives
+    // continue.
+    "ALTER TABLE runs ADD COLUMN trace TEXT;",
 ];
 
 /// The schema version this build writes.

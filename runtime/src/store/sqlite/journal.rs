@@ -235,6 +235,11 @@ impl Journal for Database {
                 let (name, payload) = row?;
                 state.events.insert(name, json(Some(payload)).unwrap_or(Value::Null));
             }
+            let trace: Option<String> = conn
+                .query_row("SELECT trace FROM runs WHERE id = ?1", params![run_id], |row| row.get(0))
+                .optional()?
+                .flatten();
+            state.trace = trace.as_deref().and_then(crate::traces::TraceParent::parse);
             Ok(state)
         })
     }
@@ -333,6 +338,17 @@ impl Journal for Database {
                     params![id, RunStatus::Waiting, now_ms() as i64],
                 )
                 .map(drop)
+            }),
+        )
+    }
+
+    fn run_traced(&self, run_id: &str, trace: &crate::traces::TraceParent) -> Durable {
+        let (id, trace) = (run_id.to_owned(), trace.as_str().to_owned());
+        self.queue(
+            run_id,
+            Kind::Lazy,
+            Box::new(move |conn| {
+                conn.execute("UPDATE runs SET trace = ?2 WHERE id = ?1 AND trace IS NULL", params![id, trace]).map(drop)
             }),
         )
     }

@@ -220,6 +220,9 @@ const SCHEMA: Schema = Schema {
         "ALTER TABLE tasks ADD COLUMN started INTEGER NOT NULL DEFAULT 0;",
         // 15: the input an attempt was given, for reports.
         "ALTER TABLE attempts ADD COLUMN input TEXT;",
+        // 16: the span of a run's first traced drive, which later drives
+        // continue.
+        "ALTER TABLE runs ADD COLUMN trace TEXT;",
     ],
 };
 
