@@ -66,13 +66,17 @@ where
     }
     let provider = SdkTracerProvider::builder().with_resource(resource.build()).with_batch_exporter(exporter).build();
     // Spans carry what stepbox puts on them: no busy and idle clocks on
-    // every poll, no source locations or thread names (each an attribute
-    // per span, a cost per step).
+    // every poll, no source locations, thread names or targets (each an
+    // attribute per span, a cost per step). Nothing reads OpenTelemetry's
+    // current context, so entering a span (each poll of an attempt) does
+    // not set it.
     let layer = tracing_opentelemetry::layer()
         .with_tracer(provider.tracer("stepbox"))
         .with_tracked_inactivity(false)
         .with_location(false)
         .with_threads(false)
+        .with_target(false)
+        .with_context_activation(false)
         .with_filter(Targets::new().with_target("stepbox", LevelFilter::INFO));
     Ok(Some((layer, Exporting { provider })))
 }

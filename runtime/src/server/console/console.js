@@ -547,8 +547,12 @@ async function runPage(runId, signal) {
         onclick: () => act(`Retrying from ${step.id}.`, 'POST', `/v1/runs/${id}/retry`, { from: step.id }),
       }, 'Retry from this step')));
     }
-    if (step.output !== null && step.output !== undefined) parts.push(h('h4', {}, 'Output'), h('pre', { class: 'step-output' }, json(step.output)));
+    // One execution's input comes before the step's output; a fan-out's
+    // inputs and outputs are shown by execution.
     const many = step.executions.length > 1;
+    const only = !many && step.executions[0];
+    if (only) parts.push(inputView(only));
+    if (step.output !== null && step.output !== undefined) parts.push(h('h4', {}, 'Output'), h('pre', { class: 'step-output' }, json(step.output)));
     for (const execution of step.executions) parts.push(executionView(execution, many));
     detail.replaceChildren(...parts);
   }
@@ -558,10 +562,15 @@ async function runPage(runId, signal) {
       execution.item !== null && execution.item !== undefined ? h('h4', {}, 'Item ', h('code', {}, JSON.stringify(execution.item))) : '',
       execution.reused ? h('p', { class: 'muted' }, 'Reused: it succeeded before this run was resumed or retried.') : '',
       execution.error ? h('p', { class: 'error' }, execution.error) : '',
-      execution.input !== undefined && execution.input !== null ? [h('h4', {}, 'Input'), h('pre', { class: 'execution-input' }, json(execution.input))] : '',
-      // A fan-out's step output is the list of its executions' outputs.
+      many ? inputView(execution) : '',
       many && execution.output !== null && execution.output !== undefined ? [h('h4', {}, 'Output'), h('pre', {}, json(execution.output))] : '',
       execution.attempts.map((attempt) => attemptView(execution, attempt)));
+  }
+
+  function inputView(execution) {
+    return execution.input !== undefined && execution.input !== null
+      ? [h('h4', {}, 'Input'), h('pre', { class: 'execution-input' }, json(execution.input))]
+      : '';
   }
 
   function attemptView(execution, attempt) {
