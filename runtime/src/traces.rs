@@ -233,14 +233,15 @@ pub fn set_parent(span: &tracing::Span, parent: &TraceParent) {
 /// The `traceparent` of `span`, when it is exported (else there is no
 /// trace to continue).
 /// Written from the span's ids directly (every attempt asks, so no
-/// propagator and no map).
+/// propagator and no map). A span the sampler left out has none: nothing
+/// should hang beneath a span no collector gets.
 pub fn traceparent(span: &tracing::Span) -> Option<TraceParent> {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let context = span.context();
     let otel = context.span();
     let ids = otel.span_context();
-    ids.is_valid().then(|| TraceParent(format!("00-{}-{}-01", ids.trace_id(), ids.span_id())))
+    (ids.is_valid() && ids.is_sampled()).then(|| TraceParent(format!("00-{}-{}-01", ids.trace_id(), ids.span_id())))
 }
 
 #[cfg(test)]

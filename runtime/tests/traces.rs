@@ -213,7 +213,7 @@ async fn an_attempts_http_requests_carry_its_traceparent_and_a_denied_one_is_an_
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_step_reads_its_attempts_traceparent_and_none_while_traces_are_not_exported() {
+async fn a_step_reads_its_attempts_traceparent_and_none_while_traces_are_not_exported_or_sampled_out() {
     let received = Received::default();
     let endpoint = receiver(received.clone(), Echoed::default()).await;
     let dir = temp_dir("traces-read");
@@ -226,10 +226,16 @@ async fn a_step_reads_its_attempts_traceparent_and_none_while_traces_are_not_exp
         ),
     )
     .unwrap();
-    let out = run_exported(dir.clone(), workflow.clone(), endpoint, &[]).await;
+    let out = run_exported(dir.clone(), workflow.clone(), endpoint.clone(), &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let attempt = spans_named(&received, "attempt").pop().expect("the attempt's span");
+    // A span the sampler leaves out gives nothing to hang beneath it.
+    let sampled_out =
+        run_exported(dir.clone(), workflow.clone(), endpoint, &[("OTEL_TRACES_SAMPLER", "always_off")]).await;
+    assert_eq!(sampled_out.status.code(), Some(0), "{}", String::from_utf8_lossy(&sampled_out.stderr));
+    let sampled_out: Value = serde_json::from_slice(&sampled_out.stdout).unwrap();
+    assert_eq!(sampled_out["steps"][0]["output"], json!({ "traceparent": null, "trace_id": null }));
     let expected = format!("00-{}-{}-01", hex(&attempt.trace_id), hex(&attempt.span_id));
     assert_eq!(report["steps"][0]["output"], json!({ "traceparent": expected, "trace_id": hex(&attempt.trace_id) }));
 

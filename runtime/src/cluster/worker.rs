@@ -215,7 +215,7 @@ impl Worker {
         match self.prepare(claim, number).await {
             // Traced where the run is: the worker's span joins the
             // coordinator's attempt span, and denials are its events.
-            Ok((component, request)) => match request.trace_parent.clone() {
+            Ok((component, mut request)) => match request.trace_parent.clone() {
                 Some(parent) => {
                     let span = tracing::info_span!(
                         "worker attempt",
@@ -227,6 +227,9 @@ impl Worker {
                         otel.status_code = tracing::field::Empty,
                     );
                     crate::traces::set_parent(&span, &parent);
+                    // What the step reads and its requests carry hangs
+                    // beneath this span, when it is exported.
+                    request.trace_parent = crate::traces::traceparent(&span).or(Some(parent));
                     let attempt = self.sandbox.run(&component, request).instrument(span.clone()).await;
                     crate::traces::record_failure(&span, &attempt);
                     attempt

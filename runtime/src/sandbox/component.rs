@@ -85,7 +85,8 @@ pub enum LoadError {
     #[error(
         "{path} imports `{import}`, which stepbox does not provide; a step may import only the interfaces \
          of the `stepbox:step/step` world in wit/step.wit (wasi:cli, wasi:io, wasi:clocks, wasi:filesystem, \
-         wasi:random, wasi:sockets, wasi:http/outgoing-handler, wasi:logging, wasi:keyvalue, wasi:config)"
+         wasi:random, wasi:sockets, wasi:http/outgoing-handler, wasi:logging, wasi:keyvalue, wasi:config, \
+         stepbox:step/trace)"
     )]
     /// It imports an interface stepbox does not provide.
     UnknownImport {

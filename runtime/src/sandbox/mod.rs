@@ -67,7 +67,6 @@ impl Sandbox {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut component)?;
         host::http_objects::add_to_linker(&mut component)?;
         bindings::StepCore::add_to_linker::<_, HasSelf<_>>(&mut component, |state| state)?;
-        host::add_earlier_contracts_to_linker(&mut component)?;
         let mut module = wasmtime::Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::preview1)?;
         host::preview1::add_to_linker(&mut module)?;

@@ -607,7 +607,8 @@ impl Service {
             })
             .await?;
         events.reopen();
-        // A run taken up again starts a trace of its own.
+        // A run taken up again continues its first drive's trace (the
+        // journal keeps where), not a request's.
         self.launch(owned, reservation, events, None);
         drop(claim);
         Ok(())

@@ -52,18 +52,11 @@ pub(crate) struct StepState {
     pub(crate) http_held: http_objects::HttpHeld,
 }
 
-/// `stepbox:step/types` declares types only.
+/// `stepbox:step/types` declares types only. A component built against
+/// contract 0.1.0 imports `stepbox:step/types@0.1.0`: wasmtime links an
+/// import of types only without a definition, and matches `run`'s records
+/// and variants by shape, so it is called as 0.2.0's.
 impl super::bindings::stepbox::step::types::Host for StepState {}
-
-/// What a component built against contract 0.1.0 imports besides what
-/// 0.2.0 links: its `types` interface, which declares types only (records
-/// and variants are matched by shape, so its `run` is called as 0.2.0's).
-pub(crate) fn add_earlier_contracts_to_linker(
-    linker: &mut wasmtime::component::Linker<StepState>,
-) -> anyhow::Result<()> {
-    linker.instance("stepbox:step/types@0.1.0")?;
-    Ok(())
-}
 
 impl WasiView for StepState {
     fn ctx(&mut self) -> WasiCtxView<'_> {

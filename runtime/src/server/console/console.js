@@ -554,7 +554,7 @@ async function runPage(runId, signal) {
     if (only) parts.push(inputView(only));
     if (step.output !== null && step.output !== undefined) parts.push(h('h4', {}, 'Output'), h('pre', { class: 'step-output' }, json(step.output)));
     for (const execution of step.executions) parts.push(executionView(execution, many));
-    detail.replaceChildren(...parts);
+    detail.replaceChildren(...parts.flat(Infinity).filter((part) => part !== ''));
   }
 
   function executionView(execution, many) {
