@@ -53,7 +53,16 @@ fn deploy_all(server: &Server, token: &str, dir: &Path) {
         "name: nap\ncomponents:\n  sleepy: sleepy.wasm\nsteps:\n  - id: nap\n    uses: sleepy\n    with: { millis: 60000 }\n    limits: { timeout: 120s }\n",
         &[("sleepy.wasm", guests::SLEEPY)],
     );
-    for workflow in [pipeline, flaky, approval, nap] {
+    // More steps than the console draws: it lists them instead.
+    let steps: String =
+        (0..401).map(|n| format!("  - id: s{n}\n    uses: hello\n    with: {{ name: s{n} }}\n")).collect();
+    let wide = project(
+        &dir.join("wide"),
+        "wide",
+        &format!("name: wide\ncomponents:\n  hello: hello.wasm\nsteps:\n{steps}"),
+        &[("hello.wasm", guests::HELLO)],
+    );
+    for workflow in [pipeline, flaky, approval, nap, wide] {
         deploy(server, token, &workflow);
     }
 }
@@ -72,6 +81,9 @@ async fn in_a_real_browser_the_console_signs_in_watches_a_run_go_green_opens_log
     // A run that failed before anyone looked: its step's one attempt fails.
     let failed = api.start("flaky", json!({})).await;
     assert_eq!(api.finished(&failed).await["status"], "failed");
+    let wide = api.start("wide", json!({})).await;
+    let report = api.finished(&wide).await;
+    assert_eq!(report["status"], "succeeded", "{}", report["error"]);
 
     let screenshots =
         std::env::var_os("STEPBOX_CONSOLE_SCREENSHOTS").map_or_else(|| dir.join("screens"), PathBuf::from);
@@ -83,6 +95,7 @@ async fn in_a_real_browser_the_console_signs_in_watches_a_run_go_green_opens_log
         .env("STEPBOX_TOKEN", &acme)
         .env("STEPBOX_ADMIN_TOKEN", &admin)
         .env("FAILED_RUN", &failed)
+        .env("WIDE_RUN", &wide)
         .env("PLAYWRIGHT", tools::PLAYWRIGHT)
         .env("CHROMIUM", &browser)
         .env("SCREENSHOTS", &screenshots)

@@ -100,6 +100,12 @@ async function main() {
   await runStatus('succeeded');
   await page.locator('#step-detail [data-attempt="2"] [data-status="succeeded"]').waitFor();
 
+  step('a run of more steps than the graph draws lists them');
+  await page.goto(`${URL}/#/runs/${encodeURIComponent(process.env.WIDE_RUN)}`);
+  await page.locator('.graph .big-run', { hasText: '401 steps are too many to draw' }).waitFor();
+  assert.equal(await page.locator('#steps tbody tr').count(), 401);
+  assert.equal(await page.locator('#steps [data-status="succeeded"]').count(), 401);
+
   step('a run started with inputs waits, and the console approves it');
   await page.goto(`${URL}/#/workflows/approval`);
   await page.fill('#input-count', 'three');
