@@ -144,6 +144,16 @@ async fn a_run_is_one_trace_of_run_step_and_attempt_spans_with_their_measures_an
     assert!(step_of["greet"].events.iter().all(|event| event.name != "retry"));
 }
 
+/// `stepbox ARGS` with `data` as its data directory and `env` set, run
+/// off the test's runtime (its receiver answers meanwhile).
+async fn stepbox_off_runtime(
+    data: std::path::PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+) -> std::process::Output {
+    tokio::task::spawn_blocking(move || stepbox(&data).args(args).envs(env).output().unwrap()).await.unwrap()
+}
+
 /// `stepbox run --json` of `workflow` in `dir`, exporting its traces to
 /// `endpoint`, with `env` set.
 async fn run_exported(
@@ -152,16 +162,26 @@ async fn run_exported(
     endpoint: String,
     env: &'static [(&'static str, &'static str)],
 ) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        stepbox(&dir.join("data"))
-            .args(["run", workflow.to_str().unwrap(), "--json"])
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-            .envs(env.iter().copied())
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
+    let args = vec!["run".into(), workflow.display().to_string(), "--json".into()];
+    let mut env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint));
+    stepbox_off_runtime(dir.join("data"), args, env).await
+}
+
+/// `calls.yaml` in `dir`: step `call` asks `ENDPOINT/echo`, which its grant
+/// allows, and step `denied` asks a host it does not.
+fn calls_workflow(dir: &std::path::Path, endpoint: &str) -> std::path::PathBuf {
+    let host = endpoint.strip_prefix("http://").unwrap();
+    let workflow = dir.join("calls.yaml");
+    std::fs::write(
+        &workflow,
+        format!(
+            "name: calls\ncomponents:\n  probe: {probe}\nsteps:\n  - id: call\n    uses: probe\n    with: {{ url: \"{endpoint}/echo\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n  - id: denied\n    uses: probe\n    with: {{ url: \"http://example.com/\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n",
+            probe = guests::HTTP_PROBE
+        ),
+    )
+    .unwrap();
+    workflow
 }
 
 /// The spans `received` holds named `name`.
@@ -177,17 +197,8 @@ fn hex(bytes: &[u8]) -> String {
 async fn an_attempts_http_requests_carry_its_traceparent_and_a_denied_one_is_an_event() {
     let (received, echoed) = (Received::default(), Echoed::default());
     let endpoint = receiver(received.clone(), echoed.clone()).await;
-    let host = endpoint.strip_prefix("http://").unwrap().to_owned();
     let dir = temp_dir("traces-http");
-    let workflow = dir.join("calls.yaml");
-    std::fs::write(
-        &workflow,
-        format!(
-            "name: calls\ncomponents:\n  probe: {probe}\nsteps:\n  - id: call\n    uses: probe\n    with: {{ url: \"{endpoint}/echo\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n  - id: denied\n    uses: probe\n    with: {{ url: \"http://example.com/\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n",
-            probe = guests::HTTP_PROBE
-        ),
-    )
-    .unwrap();
+    let workflow = calls_workflow(&dir, &endpoint);
     let out = run_exported(dir, workflow, endpoint, &[]).await;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -240,11 +251,8 @@ async fn a_step_reads_its_attempts_traceparent_and_none_while_traces_are_not_exp
     assert_eq!(report["steps"][0]["output"], json!({ "traceparent": expected, "trace_id": hex(&attempt.trace_id) }));
 
     // Without an exporter there is no trace to join.
-    let quiet = tokio::task::spawn_blocking(move || {
-        stepbox(&dir.join("data")).args(["run", workflow.to_str().unwrap(), "--json"]).output().unwrap()
-    })
-    .await
-    .unwrap();
+    let args = vec!["run".into(), workflow.display().to_string(), "--json".into()];
+    let quiet = stepbox_off_runtime(dir.join("data"), args, Vec::new()).await;
     assert_eq!(quiet.status.code(), Some(0), "{}", String::from_utf8_lossy(&quiet.stderr));
     let report: Value = serde_json::from_slice(&quiet.stdout).unwrap();
     assert_eq!(report["steps"][0]["output"], json!({ "traceparent": null, "trace_id": null }));
@@ -367,15 +375,9 @@ async fn a_retried_run_continues_its_first_drives_trace_beneath_it() {
     let out = run_exported(dir.clone(), workflow, endpoint.clone(), &[]).await;
     assert_eq!(out.status.code(), Some(1), "the first drive fails: {}", String::from_utf8_lossy(&out.stderr));
     let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()["id"].as_str().unwrap().to_owned();
-    let retried = tokio::task::spawn_blocking(move || {
-        stepbox(&dir.join("data"))
-            .args(["retry", &id, "--json"])
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    let (args, env) =
+        (vec!["retry".into(), id, "--json".into()], vec![("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint)]);
+    let retried = stepbox_off_runtime(dir.join("data"), args, env).await;
     assert_eq!(retried.status.code(), Some(0), "{}", String::from_utf8_lossy(&retried.stderr));
     let mut runs = spans_named(&received, "run");
     runs.sort_by_key(|span| span.start_time_unix_nano);
@@ -390,27 +392,15 @@ async fn a_retried_run_continues_its_first_drives_trace_beneath_it() {
 async fn a_worker_exports_its_attempts_span_under_the_coordinators_with_the_denials_as_events() {
     let (received, echoed) = (Received::default(), Echoed::default());
     let endpoint = receiver(received.clone(), echoed).await;
-    let host = endpoint.strip_prefix("http://").unwrap().to_owned();
     let db = TestDatabase::create();
     let dir = temp_dir("traces-worker");
-    let workflow = dir.join("calls.yaml");
-    std::fs::write(
-        &workflow,
-        format!(
-            "name: calls\ncomponents:\n  probe: {probe}\nsteps:\n  - id: call\n    uses: probe\n    with: {{ url: \"{endpoint}/echo\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n  - id: denied\n    uses: probe\n    with: {{ url: \"http://example.com/\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n",
-            probe = guests::HTTP_PROBE
-        ),
-    )
-    .unwrap();
+    let workflow = calls_workflow(&dir, &endpoint);
     let traced = [("STEPBOX_DB", db.url.as_str()), ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
     let worker_env = [traced[0], traced[1], ("OTEL_SERVICE_NAME", "the-worker")];
     let worker = Worker::start(&dir, "w", &[], &worker_env);
-    let (data, env) = (dir.join("coordinator"), traced.map(|(k, v)| (k.to_owned(), v.to_owned())));
-    let out = tokio::task::spawn_blocking(move || {
-        stepbox(&data).args(["run", workflow.to_str().unwrap(), "--queue", "--json"]).envs(env).output().unwrap()
-    })
-    .await
-    .unwrap();
+    let args = vec!["run".into(), workflow.display().to_string(), "--queue".into(), "--json".into()];
+    let env = traced.map(|(k, v)| (k.to_owned(), v.to_owned())).to_vec();
+    let out = stepbox_off_runtime(dir.join("coordinator"), args, env).await;
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     // A worker sends what it has when it stops.
     worker.signal("-TERM");

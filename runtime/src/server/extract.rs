@@ -1,9 +1,10 @@
 //! What handlers take from a request, each refusing with an [`ApiError`]:
-//! the caller (from its bearer token), a JSON body and path parameters.
+//! the caller (from its bearer token), a JSON body, path parameters and a
+//! query string.
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, FromRequestParts, Json, Path, Request};
+use axum::extract::{FromRequest, FromRequestParts, Json, Path, Query, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
@@ -72,6 +73,20 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         let Json(value) = Json::<T>::from_request(request, state).await?;
         Ok(Body(value))
+    }
+}
+
+/// A query string, refused with a JSON error when it does not parse.
+pub struct Queried<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Queried<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Query(value) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", rejection.body_text()))?;
+        Ok(Queried(value))
     }
 }
 

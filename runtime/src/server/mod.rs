@@ -203,11 +203,6 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .into_response()
 }
 
-/// A query string that does not parse.
-fn bad_query(rejection: axum::extract::rejection::QueryRejection) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", rejection.body_text())
-}
-
 /// Serves the API on `listener` until `shutdown` resolves, then stops
 /// taking connections and waits for the answers in flight.
 pub async fn serve(

@@ -12,7 +12,7 @@ use futures_util::{Stream, StreamExt, stream};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Body, Caller, Params};
+use super::extract::{Body, Caller, Params, Queried};
 use crate::run::{Run, RunReport, RunStatus, StepReport};
 use crate::service::{Numbered, RunPage, Service};
 use crate::store::RunFilter;
@@ -159,9 +159,8 @@ pub async fn get(
     State(service): State<Arc<Service>>,
     Caller(scope): Caller,
     Params(id): Params<String>,
-    query: Result<axum::extract::Query<ReportQuery>, axum::extract::rejection::QueryRejection>,
+    Queried(query): Queried<ReportQuery>,
 ) -> Result<Json<RunReport>, ApiError> {
-    let axum::extract::Query(query) = query.map_err(super::bad_query)?;
     Ok(Json(match query.records {
         Some(false) => service.summary(&scope, &id).await?,
         _ => service.report(&scope, &id).await?,
@@ -201,9 +200,8 @@ pub async fn logs(
     State(service): State<Arc<Service>>,
     Caller(scope): Caller,
     Params(id): Params<String>,
-    query: Result<axum::extract::Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+    Queried(query): Queried<LogsQuery>,
 ) -> Result<Json<Logs>, ApiError> {
-    let axum::extract::Query(query) = query.map_err(super::bad_query)?;
     let report = service.report(&scope, &id).await?;
     let steps: Vec<StepReport> = report
         .all_steps()

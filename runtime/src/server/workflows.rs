@@ -5,12 +5,12 @@ use crate::traces::TraceParent;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{Body, Caller, Params};
+use super::extract::{Body, Caller, Params, Queried};
 use crate::run::Run;
 use crate::service::{BundleUpload, Outline, Service, StartRun};
 use crate::store::WorkflowVersion;
@@ -95,9 +95,8 @@ pub async fn get(
     State(service): State<Arc<Service>>,
     Caller(scope): Caller,
     Params(name): Params<String>,
-    query: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
+    Queried(query): Queried<VersionQuery>,
 ) -> Result<Json<WorkflowVersion>, ApiError> {
-    let Query(query) = query.map_err(super::bad_query)?;
     Ok(Json(service.workflow(&scope, &name, query.version).await?))
 }
 
@@ -141,9 +140,8 @@ pub async fn outline(
     State(service): State<Arc<Service>>,
     Caller(scope): Caller,
     Params(name): Params<String>,
-    query: Result<Query<VersionQuery>, axum::extract::rejection::QueryRejection>,
+    Queried(query): Queried<VersionQuery>,
 ) -> Result<Json<Outline>, ApiError> {
-    let Query(query) = query.map_err(super::bad_query)?;
     Ok(Json(service.outline(&scope, &name, query.version).await?))
 }
 
