@@ -242,7 +242,6 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
     report.compare("empty loop: fuel on", tight.fuel, bare, Target::None);
     report.compare("empty loop: epoch interruption on", tight.epoch, bare, Target::None);
 
-    // Last: it installs the process's tracing subscriber for good.
     observe_rows(&mut report, sizes, &progress).await?;
     Ok(report)
 }
@@ -274,51 +273,40 @@ async fn service_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str
 /// What watching a run costs: the wide graph (journal on) with metrics
 /// recorded and every span exported over OTLP to a receiver in this
 /// process, against the same graph unwatched, in turns (the median of
-/// each). Installs the process's tracing subscriber, so it runs once per
-/// process, last.
+/// each). The spans left when a watched run ends are exported after it,
+/// untimed.
 async fn observe_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    use tracing_subscriber::Layer as _;
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
     progress("metrics and traces");
     let dir = tempfile::tempdir()?;
     let sandbox = sandbox(dir.path())?;
     sandbox.load(Path::new(guests::NOOP))?;
     let n = sizes.graph;
     let endpoint = otlp_sink().await?;
-    let (layer, exporting) =
-        stepbox::traces::layer(Some(&endpoint)).map_err(anyhow::Error::msg)?.context("no trace exporter")?;
-    // Spans go to the exporter only while the filter lets them.
-    let (filter, watching) = tracing_subscriber::reload::Layer::new(tracing_subscriber::filter::LevelFilter::OFF);
-    tracing_subscriber::registry()
-        .with(layer.with_filter(filter))
-        .try_init()
-        .context("a tracing subscriber is installed already: measure this part in a process of its own")?;
-    let watch = |on: bool| -> anyhow::Result<()> {
-        stepbox::metrics::record(on);
-        let level = if on {
-            tracing_subscriber::filter::LevelFilter::INFO
-        } else {
-            tracing_subscriber::filter::LevelFilter::OFF
-        };
-        Ok(watching.reload(level)?)
-    };
     // A first run warms what the others share.
     let warm = workflow("warm", n, false)?;
     timed_run(&sandbox, warm, sqlite(&dir.path().join("warm"))?).await?;
     let (mut unwatched, mut watched) = (Vec::new(), Vec::new());
-    for turn in 0..3 {
+    // Five of each: on a shared machine two runs of the same graph can
+    // differ by a fifth.
+    for turn in 0..5 {
         for on in [false, true] {
-            watch(on)?;
+            stepbox::metrics::record(on);
+            let exporting = match on {
+                true => Some(
+                    stepbox::traces::export(Some(&endpoint))
+                        .map_err(anyhow::Error::msg)?
+                        .context("no trace exporter")?,
+                ),
+                false => None,
+            };
             let name = format!("{}-{turn}", if on { "watched" } else { "plain" });
             let (time, _) = timed_run(&sandbox, workflow(&name, n, false)?, sqlite(&dir.path().join(&name))?).await?;
             if on { &mut watched } else { &mut unwatched }.push(time);
+            drop(exporting);
         }
     }
-    watch(false)?;
-    // The last spans go out when the exporter closes, untimed.
-    drop(exporting);
+    stepbox::metrics::record(false);
     let median = |mut times: Vec<Duration>| {
         times.sort();
         per_step(times[times.len() / 2], n)
@@ -326,7 +314,7 @@ async fn observe_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str
     report.compare(
         &format!("{n} independent no-op steps (journal on): metrics recorded and traces exported over OTLP"),
         median(watched),
-        Some(("the same unwatched (medians of 3, in turns)", median(unwatched))),
+        Some(("the same unwatched (medians of 5, in turns)", median(unwatched))),
         Target::AtMost(1.1),
     );
     Ok(())

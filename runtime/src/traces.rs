@@ -2,53 +2,64 @@
 //! standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set:
 //! one trace per run, with a span for the run, each step and each attempt
 //! (tenant, component digest, fuel, peak memory, failure class) and events
-//! for retries. `OTEL_SERVICE_NAME` names the process (`stepbox` unless
-//! set), and the other `OTEL_EXPORTER_OTLP_*` variables (headers, timeout)
-//! apply as the OTLP exporter reads them.
+//! for retries and capability denials. `OTEL_SERVICE_NAME` names the
+//! process (`stepbox` unless set), and the other `OTEL_EXPORTER_OTLP_*` and
+//! `OTEL_TRACES_SAMPLER` variables apply as OpenTelemetry reads them.
 //!
-//! The spans are `tracing` spans of target `stepbox`; this module only
-//! turns them into OpenTelemetry ones. Without the variables nothing is
-//! exported and the spans cost a disabled callsite each.
+//! The scheduler makes OpenTelemetry spans itself ([`Span`]) rather than
+//! through `tracing` and a bridge: a no-op step makes two spans, and the
+//! bridge's per-span bookkeeping (a registry slot, attribute formatting,
+//! a lock and a clock read on every poll) cost several times what the
+//! spans do. `tracing` stays the process's log. While nothing is exported,
+//! a span is one read of a lock.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{
+    Span as _, SpanContext, Status, TraceContextExt as _, TraceFlags, TraceState, Tracer as _, TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HttpClient, HttpError, Request, Response};
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing_subscriber::Layer;
-use tracing_subscriber::filter::{LevelFilter, Targets};
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 
 /// How long one export may take.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Exports what is left when dropped.
+/// The tracer spans are made with, while they are exported ([`export`]).
+static TRACER: parking_lot::RwLock<Option<SdkTracer>> = parking_lot::RwLock::new(None);
+
+/// Spans are exported while this lives; dropped, it stops making them and
+/// exports what is left.
 pub struct Exporting {
     provider: SdkTracerProvider,
 }
 
 impl Drop for Exporting {
     fn drop(&mut self) {
+        TRACER.write().take();
         if let Err(err) = self.provider.shutdown_with_timeout(EXPORT_TIMEOUT) {
             eprintln!("warning: not every trace was exported: {err}");
         }
     }
 }
 
-/// The layer that exports stepbox's spans, and the guard that flushes them
-/// at exit: to `endpoint` (an OTLP/HTTP base address) when given, else as
-/// the environment says; `None` when neither names an endpoint.
-pub fn layer<S>(endpoint: Option<&str>) -> Result<Option<(impl Layer<S>, Exporting)>, String>
-where
-    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
-{
+/// Starts exporting spans: to `endpoint` (an OTLP/HTTP base address) when
+/// given, else as the environment says; `None` when neither names an
+/// endpoint. One export at a time per process.
+pub fn export(endpoint: Option<&str>) -> Result<Option<Exporting>, String> {
     let configured = ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]
         .iter()
         .any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()));
     if !configured && endpoint.is_none() {
         return Ok(None);
+    }
+    let mut tracer = TRACER.write();
+    if tracer.is_some() {
+        return Err("traces are exported already: end that export first".into());
     }
     let mut builder = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -65,20 +76,117 @@ where
         resource = resource.with_service_name("stepbox");
     }
     let provider = SdkTracerProvider::builder().with_resource(resource.build()).with_batch_exporter(exporter).build();
-    // Spans carry what stepbox puts on them: no busy and idle clocks on
-    // every poll, no source locations, thread names or targets (each an
-    // attribute per span, a cost per step). Nothing reads OpenTelemetry's
-    // current context, so entering a span (each poll of an attempt) does
-    // not set it.
-    let layer = tracing_opentelemetry::layer()
-        .with_tracer(provider.tracer("stepbox"))
-        .with_tracked_inactivity(false)
-        .with_location(false)
-        .with_threads(false)
-        .with_target(false)
-        .with_context_activation(false)
-        .with_filter(Targets::new().with_target("stepbox", LevelFilter::INFO));
-    Ok(Some((layer, Exporting { provider })))
+    *tracer = Some(provider.tracer("stepbox"));
+    Ok(Some(Exporting { provider }))
+}
+
+/// A span of a run, a step or an attempt, while traces are exported;
+/// nothing otherwise. Clones share it: it ends when the last goes (an
+/// attempt's span when the scheduler and the attempt's host are both done
+/// with it).
+#[derive(Debug, Clone, Default)]
+pub struct Span(Place);
+
+#[derive(Debug, Clone, Default)]
+enum Place {
+    /// Not traced.
+    #[default]
+    None,
+    /// A span of another process (the coordinator's attempt, on a worker
+    /// that does not export): what hangs beneath it names it, and events
+    /// go nowhere.
+    Remote(TraceParent),
+    /// A span of this process.
+    Open(Arc<Open>),
+}
+
+#[derive(Debug)]
+struct Open {
+    /// Holds the span: how OpenTelemetry makes a child of it.
+    context: Context,
+    /// Its `traceparent`, when sampled (every attempt's is read).
+    traceparent: Option<TraceParent>,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.context.span().end();
+    }
+}
+
+impl Span {
+    /// A span with no parent in this process: a run's (beneath `parent`,
+    /// another process's span or an earlier drive's, when given).
+    /// `attributes` are built only when the span is exported.
+    pub fn root(name: &'static str, parent: Option<&TraceParent>, attributes: impl FnOnce() -> Vec<KeyValue>) -> Span {
+        let parent = match parent {
+            Some(parent) => Context::new().with_remote_span_context(parent.span_context()),
+            None => Context::new(),
+        };
+        Span::open(name, &parent, attributes)
+    }
+
+    /// A span beneath this one; none when this one is not traced here.
+    pub fn child(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) -> Span {
+        match &self.0 {
+            Place::None => Span::default(),
+            Place::Remote(parent) => Span::root(name, Some(parent), attributes),
+            Place::Open(open) => Span::open(name, &open.context, attributes),
+        }
+    }
+
+    /// Another process's span, to hang this process's work beneath.
+    pub fn remote(parent: TraceParent) -> Span {
+        Span(Place::Remote(parent))
+    }
+
+    fn open(name: &'static str, parent: &Context, attributes: impl FnOnce() -> Vec<KeyValue>) -> Span {
+        let Some(tracer) = TRACER.read().clone() else { return Span::default() };
+        let span = tracer.build_with_context(tracer.span_builder(name).with_attributes(attributes()), parent);
+        let ids = span.span_context();
+        let traceparent = ids.is_sampled().then(|| TraceParent(format!("00-{}-{}-01", ids.trace_id(), ids.span_id())));
+        Span(Place::Open(Arc::new(Open { context: Context::new().with_span(span), traceparent })))
+    }
+
+    /// Sets attributes on the span, built only when it is exported.
+    pub fn record(&self, attributes: impl FnOnce() -> Vec<KeyValue>) {
+        if let Place::Open(open) = &self.0 {
+            open.context.span().set_attributes(attributes());
+        }
+    }
+
+    /// Adds an event, its attributes built only when the span is exported.
+    pub fn event(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) {
+        if let Place::Open(open) = &self.0 {
+            open.context.span().add_event(name, attributes());
+        }
+    }
+
+    /// Marks an attempt's span with its failure class and an error status,
+    /// when it failed.
+    pub fn record_failure(&self, attempt: &crate::run::Attempt) {
+        if let (Place::Open(open), Some(failure)) = (&self.0, attempt.failure()) {
+            let span = open.context.span();
+            span.set_attribute(KeyValue::new("stepbox.failure_class", failure.kind.as_str()));
+            span.set_status(Status::error(failure.kind.as_str()));
+        }
+    }
+
+    /// The span as a `traceparent`: what a step reads and its outgoing
+    /// requests carry. None when it is not traced, or the sampler left it
+    /// out (nothing should hang beneath a span no collector gets).
+    pub fn traceparent(&self) -> Option<&TraceParent> {
+        match &self.0 {
+            Place::None => None,
+            Place::Remote(parent) => Some(parent),
+            Place::Open(open) => open.traceparent.as_ref(),
+        }
+    }
+}
+
+/// A count as an attribute value (OpenTelemetry's integers are signed).
+pub fn count(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
 }
 
 /// The exporter's HTTP client: the project's reqwest, on a runtime of its
@@ -209,39 +317,15 @@ impl TraceParent {
     pub fn trace_id(&self) -> &str {
         &self.0[3..35]
     }
-}
 
-/// Marks an attempt's span with its failure class and an error status,
-/// when it failed (the span declares both fields empty).
-pub fn record_failure(span: &tracing::Span, attempt: &crate::run::Attempt) {
-    if let Some(failure) = attempt.failure() {
-        span.record("stepbox.failure_class", failure.kind.as_str());
-        span.record("otel.status_code", "ERROR");
+    /// The span it names, as another process's.
+    fn span_context(&self) -> SpanContext {
+        use opentelemetry::trace::{SpanId, TraceId};
+        // Checked as hex when made.
+        let trace = TraceId::from_hex(self.trace_id()).unwrap_or(TraceId::INVALID);
+        let span = SpanId::from_hex(&self.0[36..52]).unwrap_or(SpanId::INVALID);
+        SpanContext::new(trace, span, TraceFlags::SAMPLED, true, TraceState::default())
     }
-}
-
-/// Makes `span` a child of the span `parent` names (another process's).
-pub fn set_parent(span: &tracing::Span, parent: &TraceParent) {
-    use opentelemetry::propagation::TextMapPropagator;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let carrier = std::collections::HashMap::from([("traceparent".to_owned(), parent.0.clone())]);
-    let context = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&carrier);
-    // A span no exporter sees has no parent to set.
-    let _ = span.set_parent(context);
-}
-
-/// The `traceparent` of `span`, when it is exported (else there is no
-/// trace to continue).
-/// Written from the span's ids directly (every attempt asks, so no
-/// propagator and no map). A span the sampler left out has none: nothing
-/// should hang beneath a span no collector gets.
-pub fn traceparent(span: &tracing::Span) -> Option<TraceParent> {
-    use opentelemetry::trace::TraceContextExt;
-    use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let context = span.context();
-    let otel = context.span();
-    let ids = otel.span_context();
-    (ids.is_valid() && ids.is_sampled()).then(|| TraceParent(format!("00-{}-{}-01", ids.trace_id(), ids.span_id())))
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ pub fn request(input: serde_json::Value) -> AttemptRequest {
         limits: Limits::default(),
         grants: Grants::default(),
         exit_codes: Default::default(),
-        trace_parent: None,
+        span: Default::default(),
     }
 }
 

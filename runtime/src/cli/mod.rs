@@ -182,9 +182,8 @@ where
     // Spans go out over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT says where;
     // what is left is exported when `_exporting` goes, at exit (after the
     // runtime, made later, has ended the spans still open).
-    let (traces, _exporting) = match crate::traces::layer(None) {
-        Ok(Some((layer, exporting))) => (Some(layer), Some(exporting)),
-        Ok(None) => (None, None),
+    let _exporting = match crate::traces::export(None) {
+        Ok(exporting) => exporting,
         Err(err) => {
             eprintln!("error: {err}");
             return ExitCode::from(exit::USAGE);
@@ -195,7 +194,7 @@ where
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
     );
     // An embedding program may have installed its own subscriber already.
-    let _ = tracing_subscriber::registry().with(log).with(traces).try_init();
+    let _ = tracing_subscriber::registry().with(log).try_init();
     // Attempts' open files count against this process's limit, and each
     // attempt's share of it is what the soft limit allows.
     if let Err(err) = rlimit::increase_nofile_limit(u64::MAX) {

@@ -154,7 +154,7 @@ pub(crate) async fn run(args: Args, data_dir: &std::path::Path) -> Result<u8, Cl
         } else {
             ExitCodes { retryable: args.retryable_exit }
         },
-        trace_parent: None,
+        span: crate::traces::Span::default(),
     };
     let attempt = sandbox.run(&component, request).await;
     print_attempt(&attempt, args.json)?;

@@ -168,7 +168,7 @@ impl TaskRequest {
                 })
                 .collect(),
             announce_start,
-            trace_parent: attempt.request.trace_parent.clone(),
+            trace_parent: attempt.request.span.traceparent().cloned(),
         }
     }
 
@@ -226,7 +226,7 @@ impl TaskRequest {
             limits,
             grants,
             exit_codes: ExitCodes { retryable: self.retryable_exit_codes },
-            trace_parent: self.trace_parent,
+            span: self.trace_parent.map(crate::traces::Span::remote).unwrap_or_default(),
         };
         Prepared { request, secrets }.resolve(secrets_dir).map_err(|refused| {
             refused.failure().map_or_else(|| "its secrets could not be read".into(), |failure| failure.message.clone())

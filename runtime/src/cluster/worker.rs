@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
+use opentelemetry::KeyValue;
 use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::broadcast::error::TryRecvError;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use super::wire::{TaskRequest, TaskResult};
 use crate::run::{Attempt, Failure, FailureKind, now_ms};
@@ -214,28 +214,24 @@ impl Worker {
         let number = claim.task.attempt.saturating_add(claim.claims.saturating_sub(1));
         match self.prepare(claim, number).await {
             // Traced where the run is: the worker's span joins the
-            // coordinator's attempt span, and denials are its events.
-            Ok((component, mut request)) => match request.trace_parent.clone() {
-                Some(parent) => {
-                    let span = tracing::info_span!(
-                        "worker attempt",
-                        stepbox.step = %request.context.step_id,
-                        stepbox.attempt = number,
-                        stepbox.tenant = %request.context.tenant,
-                        stepbox.worker = %self.config.owner,
-                        stepbox.failure_class = tracing::field::Empty,
-                        otel.status_code = tracing::field::Empty,
-                    );
-                    crate::traces::set_parent(&span, &parent);
-                    // What the step reads and its requests carry hangs
-                    // beneath this span, when it is exported.
-                    request.trace_parent = crate::traces::traceparent(&span).or(Some(parent));
-                    let attempt = self.sandbox.run(&component, request).instrument(span.clone()).await;
-                    crate::traces::record_failure(&span, &attempt);
-                    attempt
+            // coordinator's attempt span, and denials are its events. A
+            // worker that does not export hands the coordinator's on.
+            Ok((component, mut request)) => {
+                let span = request.span.child("worker attempt", || {
+                    vec![
+                        KeyValue::new("stepbox.step", request.context.step_id.clone()),
+                        KeyValue::new("stepbox.attempt", i64::from(number)),
+                        KeyValue::new("stepbox.tenant", request.context.tenant.clone()),
+                        KeyValue::new("stepbox.worker", self.config.owner.clone()),
+                    ]
+                });
+                if span.traceparent().is_some() {
+                    request.span = span.clone();
                 }
-                None => self.sandbox.run(&component, request).await,
-            },
+                let attempt = self.sandbox.run(&component, request).await;
+                span.record_failure(&attempt);
+                attempt
+            }
             Err(failure) => Attempt::refused(number, now_ms(), failure),
         }
     }

@@ -66,10 +66,10 @@ pub struct AttemptRequest {
     pub grants: Grants,
     /// How a command's exit code is classified (step components ignore it).
     pub exit_codes: ExitCodes,
-    /// The attempt's span as a `traceparent`, for the step to read
-    /// (`stepbox:step/trace`) and its outgoing HTTP requests to carry;
-    /// `None` when traces are not exported.
-    pub trace_parent: Option<crate::traces::TraceParent>,
+    /// The attempt's span: the step reads it as a `traceparent`
+    /// (`stepbox:step/trace`), its outgoing HTTP requests carry it, and
+    /// its capability denials are its events. None when not traced.
+    pub span: crate::traces::Span,
 }
 
 /// Which non-zero exit codes of a command are worth another attempt; every
@@ -112,7 +112,7 @@ pub(crate) async fn run(
     component: &StepComponent,
     request: AttemptRequest,
 ) -> Attempt {
-    let AttemptRequest { context, input, limits, mut grants, exit_codes, trace_parent } = request;
+    let AttemptRequest { context, input, limits, mut grants, exit_codes, span } = request;
     // Values sent only in headers are redacted too: a server may echo them.
     let redactor = Redactor::new(grants.secrets.values().chain(grants.http_secrets.iter().map(|secret| &secret.value)));
     let stdio_cap = usize::try_from(limits.stdio.as_u64()).unwrap_or(usize::MAX);
@@ -198,8 +198,8 @@ pub(crate) async fn run(
             http.set_field_size_limit(super::host::http::FIELDS_LIMIT);
             http
         },
-        http_policy: HttpPolicy::new(grants.http, grants.http_secrets, trace_parent.clone()),
-        trace_parent,
+        http_policy: HttpPolicy::new(grants.http, grants.http_secrets, span.clone()),
+        span,
         limiter: InstanceLimiter::new(&limits),
         logs: LogBuffer::new(context.step_id.clone(), logs_cap, redactor.clone(), host_memory.clone()),
         config: Arc::new(grants.config.into_iter().chain(grants.secrets).collect()),

@@ -4,29 +4,33 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use opentelemetry::KeyValue;
 use rand::RngExt;
 use serde_json::Value;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use super::policy::Admission;
 use super::{Base, GraphReport, Prepared, RunEvent, Shared, Started, run_graph};
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, ExecutionReport, Failure, FailureKind, RunStatus, StepPath, StepReport, StepStatus, now_ms};
 use crate::sandbox::{AttemptRequest, StepContext};
+use crate::traces::Span;
 use crate::workflow::{Action, FanOut, Workflow, template};
 
-pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToken) -> (usize, StepReport) {
+/// Step `i`, under its own span (`span`).
+pub(super) async fn step(shared: Arc<Shared>, i: usize, cancel: CancellationToken, span: Span) -> (usize, StepReport) {
     let step = &shared.workflow.steps[i];
     let mut report = StepReport::pending(shared.path(i), step.required);
     report.status = StepStatus::Running;
     report.started_ms = Some(now_ms());
     match &step.action {
-        Action::Include { path, workflow } => include(&shared, i, path, workflow.as_ref(), &cancel, &mut report).await,
+        Action::Include { path, workflow } => {
+            include(&shared, i, path, workflow.as_ref(), &cancel, &span, &mut report).await
+        }
         Action::Wait { event, timeout } => super::wait::step(&shared, i, event, *timeout, &cancel, &mut report).await,
         Action::Run { component } => match items(&shared, i).and_then(|items| admit(&shared, items)) {
-            Ok(items) => fan_out(&shared, i, component, items, &cancel, &mut report).await,
+            Ok(items) => fan_out(&shared, i, component, items, &cancel, &span, &mut report).await,
             Err(reason) => {
                 report.status = StepStatus::Failed;
                 report.reason = Some(reason);
@@ -126,6 +130,7 @@ async fn fan_out(
     component: &str,
     items: Vec<Option<Value>>,
     cancel: &CancellationToken,
+    span: &Span,
     report: &mut StepReport,
 ) {
     let step = &shared.workflow.steps[i];
@@ -142,10 +147,9 @@ async fn fan_out(
         loop {
             while tasks.len() < window {
                 let Some((k, item)) = pending.next() else { break };
-                let (shared, cancel, component) = (shared.clone(), cancel.clone(), component.to_owned());
-                let execution = async move { (k, execution(&shared, i, &component, Some(k), item, &cancel).await) };
-                // Under the step's span, as a plain step's attempts are.
-                tasks.spawn(execution.in_current_span());
+                let (shared, cancel, component, span) =
+                    (shared.clone(), cancel.clone(), component.to_owned(), span.clone());
+                tasks.spawn(async move { (k, execution(&shared, i, &component, Some(k), item, &cancel, &span).await) });
             }
             let Some(joined) = tasks.join_next().await else { break };
             match joined {
@@ -160,7 +164,7 @@ async fn fan_out(
     } else {
         // A plain step is one execution, run in the step's own task.
         for item in items {
-            report.executions.push(execution(shared, i, component, None, item, cancel).await);
+            report.executions.push(execution(shared, i, component, None, item, cancel, span).await);
         }
     }
     if report.status == StepStatus::Failed {
@@ -201,6 +205,7 @@ async fn execution(
     index: Option<usize>,
     item: Option<Value>,
     cancel: &CancellationToken,
+    span: &Span,
 ) -> ExecutionReport {
     let step = &shared.workflow.steps[i];
     let path = match index {
@@ -278,7 +283,12 @@ async fn execution(
         };
         let mut attempt = match admitted {
             Admission::Refuse(message) => {
-                tracing::info!(stepbox.step = %path, stepbox.component = %name, "circuit open");
+                span.event("circuit open", || {
+                    vec![
+                        KeyValue::new("stepbox.step", path.to_string()),
+                        KeyValue::new("stepbox.component", name.to_owned()),
+                    ]
+                });
                 Attempt::refused(number, now_ms(), Failure::new(FailureKind::CircuitOpen, message))
             }
             Admission::Run => {
@@ -297,18 +307,14 @@ async fn execution(
                 if let Some((_, granted)) = reserved {
                     limits.fuel = granted;
                 }
-                let span = tracing::info_span!(
-                    "attempt",
-                    stepbox.step = %path,
-                    stepbox.attempt = tracing::field::Empty,
-                    stepbox.tenant = %shared.base.tenant.name,
-                    stepbox.component = %name,
-                    stepbox.component_digest = %component.digest(),
-                    stepbox.fuel = tracing::field::Empty,
-                    stepbox.peak_memory = tracing::field::Empty,
-                    stepbox.failure_class = tracing::field::Empty,
-                    otel.status_code = tracing::field::Empty,
-                );
+                let attempt_span = span.child("attempt", || {
+                    vec![
+                        KeyValue::new("stepbox.step", path.to_string()),
+                        KeyValue::new("stepbox.tenant", shared.base.tenant.name.clone()),
+                        KeyValue::new("stepbox.component", name.to_owned()),
+                        KeyValue::new("stepbox.component_digest", component.digest().to_string()),
+                    ]
+                });
                 let request = AttemptRequest {
                     context: StepContext {
                         run_id: shared.run_id.clone(),
@@ -323,8 +329,8 @@ async fn execution(
                     limits,
                     grants: grants.clone(),
                     exit_codes: step.exit_codes.clone(),
-                    // For the step to read, and for its HTTP requests.
-                    trace_parent: crate::traces::traceparent(&span),
+                    // For the step to read, its HTTP requests and its events.
+                    span: attempt_span.clone(),
                 };
                 let attempt = match reattached.take() {
                     Some(attempt) => attempt,
@@ -333,16 +339,19 @@ async fn execution(
                         // The journal keeps the input once per execution (and
                         // once more for each process that takes it up).
                         let keep_input = number == counted_from + 1;
-                        attempt_once(shared, name, component, prepared, &path, keep_input, cancel)
-                            .instrument(span.clone())
-                            .await
+                        attempt_once(shared, name, component, prepared, &path, keep_input, cancel).await
                     }
                 };
                 // A worker's attempt counts on past the tries lost before it.
-                span.record("stepbox.attempt", attempt.attempt);
-                span.record("stepbox.fuel", attempt.fuel_consumed);
-                span.record("stepbox.peak_memory", attempt.peak_memory);
-                crate::traces::record_failure(&span, &attempt);
+                attempt_span.record(|| {
+                    vec![
+                        KeyValue::new("stepbox.attempt", i64::from(attempt.attempt)),
+                        KeyValue::new("stepbox.fuel", crate::traces::count(attempt.fuel_consumed)),
+                        KeyValue::new("stepbox.peak_memory", crate::traces::count(attempt.peak_memory)),
+                    ]
+                });
+                attempt_span.record_failure(&attempt);
+                drop(attempt_span);
                 // Tries an executor lost (their worker stopped) before this
                 // one ran: each counts, as a crashed attempt does on resume.
                 for lost in number..attempt.attempt {
@@ -350,7 +359,12 @@ async fn execution(
                         FailureKind::Lost,
                         "the worker running this attempt stopped renewing its claim; it ran again on another",
                     );
-                    tracing::info!(stepbox.step = %path, stepbox.attempt = lost, "lost");
+                    span.event("lost", || {
+                        vec![
+                            KeyValue::new("stepbox.step", path.to_string()),
+                            KeyValue::new("stepbox.attempt", i64::from(lost)),
+                        ]
+                    });
                     let lost = Attempt { started_ms: attempt.started_ms, ..Attempt::refused(lost, now_ms(), failure) };
                     if let Some(metrics) = crate::metrics::recording() {
                         metrics.attempt_ended(&shared.base.tenant.name, name, &lost);
@@ -383,13 +397,14 @@ async fn execution(
         // exactly when the loop stops.
         let retry = attempt.failure().and_then(|f| retry_delay(step, f, number - counted_from, first_start));
         if let (Some(delay), Some(failure)) = (retry, attempt.failure()) {
-            tracing::info!(
-                stepbox.step = %path,
-                stepbox.attempt = number,
-                stepbox.failure_class = failure.kind.as_str(),
-                stepbox.delay_ms = delay.as_millis() as u64,
-                "retry"
-            );
+            span.event("retry", || {
+                vec![
+                    KeyValue::new("stepbox.step", path.to_string()),
+                    KeyValue::new("stepbox.attempt", i64::from(number)),
+                    KeyValue::new("stepbox.failure_class", failure.kind.as_str()),
+                    KeyValue::new("stepbox.delay_ms", crate::traces::count(delay.as_millis() as u64)),
+                ]
+            });
         }
         let ran = !matches!(attempt.failure(), Some(f) if f.kind == FailureKind::CircuitOpen);
         if ran {
@@ -508,6 +523,7 @@ async fn include(
     path: &str,
     loaded: Option<&Arc<Workflow>>,
     cancel: &CancellationToken,
+    span: &Span,
     report: &mut StepReport,
 ) {
     let step = &shared.workflow.steps[i];
@@ -538,7 +554,8 @@ async fn include(
         };
         let base = Base { stop: cancel.clone(), ..shared.base.clone() };
         let parent = Some(shared.path(i));
-        let child = Shared::new(shared.sandbox.clone(), workflow, components, &inputs, &options, base, parent);
+        let child =
+            Shared::new(shared.sandbox.clone(), workflow, components, &inputs, &options, base, parent, span.clone());
         Ok(run_graph_boxed(child).await)
     }
     .await;

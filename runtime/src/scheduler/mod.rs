@@ -15,10 +15,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 pub use dispatch::{Dispatcher, Slot};
 pub use executor::{Executor, Local, Prepared, Reattached, Running, Started};
@@ -259,26 +259,24 @@ pub async fn run(
             .unwrap_or_else(|| Arc::new(Local { sandbox: sandbox.clone(), secrets_dir: options.secrets_dir.clone() })),
         waits: options.waits.clone(),
     };
-    let shared = Shared::new(sandbox.clone(), workflow.clone(), components, &inputs, &options, base, None);
-    let span = tracing::info_span!(
-        "run",
-        stepbox.run_id = %options.run_id,
-        stepbox.workflow = %workflow.name,
-        stepbox.tenant = %options.tenant.name,
-        stepbox.status = tracing::field::Empty,
-    );
     // A run taken up again continues the trace of its first drive,
     // beneath it; the first drive records where that is.
-    let first_drive = shared.base.resume.trace.clone();
-    if let Some(parent) = first_drive.as_ref().or(options.trace_parent.as_ref()) {
-        crate::traces::set_parent(&span, parent);
-    }
+    let first_drive = base.resume.trace.clone();
+    let span = crate::traces::Span::root("run", first_drive.as_ref().or(options.trace_parent.as_ref()), || {
+        vec![
+            KeyValue::new("stepbox.run_id", options.run_id.clone()),
+            KeyValue::new("stepbox.workflow", workflow.name.clone()),
+            KeyValue::new("stepbox.tenant", options.tenant.name.clone()),
+        ]
+    });
+    let shared =
+        Shared::new(sandbox.clone(), workflow.clone(), components, &inputs, &options, base, None, span.clone());
     if first_drive.is_none()
-        && let Some(trace) = crate::traces::traceparent(&span)
+        && let Some(trace) = span.traceparent()
     {
-        drop(shared.record(|journal, run_id| journal.run_traced(run_id, &trace)));
+        drop(shared.record(|journal, run_id| journal.run_traced(run_id, trace)));
     }
-    let graph = run_graph(shared.clone(), options.fail_fast).instrument(span.clone()).await;
+    let graph = run_graph(shared.clone(), options.fail_fast).await;
     interrupted.abort();
     let mut status = graph.status;
     let stopped =
@@ -309,7 +307,7 @@ pub async fn run(
         error = stopped(&shared);
     }
     shared.emit(RunEvent::RunFinished { status });
-    span.record("stepbox.status", status.as_str());
+    span.record(|| vec![KeyValue::new("stepbox.status", status.as_str())]);
     let run = Run {
         id: options.run_id,
         workflow: workflow.name.clone(),
@@ -379,6 +377,9 @@ pub(crate) struct Shared {
     context: RunContext,
     /// The include step this workflow runs under, if it is included.
     parent: Option<StepPath>,
+    /// What this workflow's steps' spans hang beneath: the run's span, or
+    /// the include step's.
+    span: crate::traces::Span,
 }
 
 impl Shared {
@@ -391,6 +392,7 @@ impl Shared {
         options: &RunOptions,
         base: Base,
         parent: Option<StepPath>,
+        span: crate::traces::Span,
     ) -> Arc<Self> {
         let breakers = workflow
             .components
@@ -423,6 +425,7 @@ impl Shared {
             journal: options.journal.clone(),
             context,
             parent,
+            span,
             workflow,
         })
     }
@@ -530,8 +533,9 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
                     shared.context.steps.set(&steps[i].id, StepStatus::Running, None);
                     // `always` steps outlive --fail-fast, not a cancelled run.
                     let token = if steps[i].always { cancel.clone() } else { fail_fast_token.clone() };
-                    let span = tracing::info_span!("step", stepbox.step = %shared.path(i));
-                    let handle = running.spawn(execute::step(shared.clone(), i, token).instrument(span));
+                    let span =
+                        shared.span.child("step", || vec![KeyValue::new("stepbox.step", shared.path(i).to_string())]);
+                    let handle = running.spawn(execute::step(shared.clone(), i, token, span));
                     task_step.insert(handle.id(), i);
                     if matches!(steps[i].action, crate::workflow::Action::Run { .. }) {
                         step_work.insert(handle.id(), waits.busy());

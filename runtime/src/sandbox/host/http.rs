@@ -7,7 +7,8 @@ use http::uri::Scheme;
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
 
 use crate::sandbox::grants::{HttpGrant, HttpSecret};
-use crate::traces::TraceParent;
+use crate::traces::Span;
+use opentelemetry::KeyValue;
 
 /// The response future wasmtime-wasi-http expects from a hook.
 type Sent = Box<
@@ -35,12 +36,14 @@ pub(crate) struct HttpPolicy {
     /// The attempt's span, sent as `traceparent` unless the step sends
     /// its own.
     trace_parent: Option<http::HeaderValue>,
+    /// Where a refused request is told, as an event.
+    span: Span,
 }
 
 impl HttpPolicy {
-    pub(crate) fn new(grants: Vec<HttpGrant>, secrets: Vec<HttpSecret>, trace_parent: Option<TraceParent>) -> Self {
-        let trace_parent = trace_parent.and_then(|parent| http::HeaderValue::from_str(parent.as_str()).ok());
-        HttpPolicy { grants: grants.into(), secrets: secrets.into(), trace_parent }
+    pub(crate) fn new(grants: Vec<HttpGrant>, secrets: Vec<HttpSecret>, span: Span) -> Self {
+        let trace_parent = span.traceparent().and_then(|parent| http::HeaderValue::from_str(parent.as_str()).ok());
+        HttpPolicy { grants: grants.into(), secrets: secrets.into(), trace_parent, span }
     }
 
     /// Whether one of `grants` lets `request` out.
@@ -123,12 +126,13 @@ impl WasiHttpHooks for HttpPolicy {
     ) -> Sent {
         if !Self::allowed_by(&self.grants, &request) {
             // An event of the attempt's span, where traces are exported.
-            tracing::info!(
-                stepbox.capability = "http",
-                stepbox.method = %request.method(),
-                stepbox.host = request.uri().host().unwrap_or(""),
-                "capability denied"
-            );
+            self.span.event("capability denied", || {
+                vec![
+                    KeyValue::new("stepbox.capability", "http"),
+                    KeyValue::new("stepbox.method", request.method().to_string()),
+                    KeyValue::new("stepbox.host", request.uri().host().unwrap_or("").to_owned()),
+                ]
+            });
             return Box::new(async { Err(Error::HttpRequestDenied) });
         }
         let mut request = request;

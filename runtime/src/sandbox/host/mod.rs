@@ -34,8 +34,8 @@ pub(crate) struct StepState {
     pub(crate) table: ResourceTable,
     pub(crate) http: WasiHttpCtx,
     pub(crate) http_policy: http::HttpPolicy,
-    /// The attempt's trace context, while traces are exported.
-    pub(crate) trace_parent: Option<crate::traces::TraceParent>,
+    /// The attempt's span, while traces are exported.
+    pub(crate) span: crate::traces::Span,
     pub(crate) limiter: InstanceLimiter,
     pub(crate) logs: logging::LogBuffer,
     pub(crate) config: Arc<BTreeMap<String, String>>,

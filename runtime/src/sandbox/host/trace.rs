@@ -6,6 +6,6 @@ use crate::sandbox::bindings::stepbox::step::trace::Host;
 
 impl Host for StepState {
     async fn traceparent(&mut self) -> wasmtime::Result<Option<String>> {
-        Ok(self.trace_parent.as_ref().map(|parent| parent.as_str().to_owned()))
+        Ok(self.span.traceparent().map(|parent| parent.as_str().to_owned()))
     }
 }
