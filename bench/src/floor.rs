@@ -51,12 +51,11 @@ fn linker(engine: &Engine) -> anyhow::Result<Linker<State>> {
 
 /// One call of `run` with `input` in a new store, as bare as wasmtime
 /// allows.
-async fn call(engine: &Engine, pre: &InstancePre<State>, i: usize, input: &str) -> anyhow::Result<()> {
+async fn call(engine: &Engine, pre: &InstancePre<State>, i: usize, input: &str, sliced: bool) -> anyhow::Result<()> {
     let state = State { wasi: WasiCtx::builder().build(), table: ResourceTable::new() };
     let mut store = Store::new(engine, state);
-    // The engine meters fuel and interrupts on epochs, as stepbox's does.
-    let _ = store.set_fuel(u64::MAX / 2);
-    store.set_epoch_deadline(u64::MAX / 2);
+    // Fuel (and epochs) as the engine meters them.
+    fuel_up(&mut store, sliced);
     let instance = pre.instantiate_async(&mut store).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
     let run = instance
         .get_typed_func::<(Context, &str), (Result<String, StepError>,)>(&mut store, "run")
@@ -100,7 +99,7 @@ impl Floor {
             let (engine, pre) = (self.engine.clone(), self.pre.clone());
             workers.spawn(async move {
                 for i in (worker..n).step_by(parallel) {
-                    call(&engine, &pre, i, "null").await?;
+                    call(&engine, &pre, i, "null", true).await?;
                 }
                 anyhow::Ok(())
             });
@@ -120,47 +119,66 @@ pub async fn naive(path: &str, n: usize) -> anyhow::Result<Duration> {
         config.consume_fuel(true).epoch_interruption(true);
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let floor = Floor::new(&engine, path)?;
-        call(&floor.engine, &floor.pre, i, "null").await?;
+        call(&floor.engine, &floor.pre, i, "null", true).await?;
     }
     Ok(started.elapsed())
 }
 
+/// What a CPU-bound guest takes metered each way: fastest of several.
 pub struct LimitsCost {
+    /// No fuel, no epochs: wasmtime at its fastest.
     pub bare: Duration,
     pub fuel: Duration,
     pub epoch: Duration,
+    /// Fuel and epoch interruption both, as stepbox ran guests before.
+    pub both: Duration,
+    /// What stepbox runs: fuel, yielding to the async runtime each time a
+    /// slice of it runs out (`stepbox::sandbox::FUEL_SLICE`).
+    pub sliced: Duration,
 }
 
-/// Engines with fuel or epoch interruption on or off; otherwise wasmtime's
-/// defaults.
+/// An engine with fuel or epoch interruption on or off; otherwise
+/// wasmtime's defaults.
 fn engine(fuel: bool, epoch: bool) -> anyhow::Result<Engine> {
     let mut config = Config::new();
     config.wasm_component_model(true).consume_fuel(fuel).epoch_interruption(epoch);
     Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))
 }
 
-/// The fastest of `runs` timings of `each` with fuel and epochs off, fuel
-/// on, and epochs on; interleaved, so a noisy neighbour hits all three.
-async fn three_ways<F, Fut>(runs: usize, each: F) -> anyhow::Result<LimitsCost>
+/// The fastest of `runs` timings of `each(engine, sliced)` metered each
+/// way; interleaved, so a noisy neighbour hits them all.
+async fn each_way<F, Fut>(runs: usize, each: F) -> anyhow::Result<LimitsCost>
 where
-    F: Fn(Engine) -> Fut,
+    F: Fn(Engine, bool) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Duration>>,
 {
-    let mut best = [Duration::MAX; 3];
+    let ways =
+        [(false, false, false), (true, false, false), (false, true, false), (true, true, false), (true, false, true)];
+    let mut best = [Duration::MAX; 5];
     for _ in 0..runs {
-        for (slot, (fuel, epoch)) in [(false, false), (true, false), (false, true)].into_iter().enumerate() {
-            best[slot] = best[slot].min(each(engine(fuel, epoch)?).await?);
+        for (slot, (fuel, epoch, sliced)) in ways.into_iter().enumerate() {
+            best[slot] = best[slot].min(each(engine(fuel, epoch)?, sliced).await?);
         }
     }
-    Ok(LimitsCost { bare: best[0], fuel: best[1], epoch: best[2] })
+    let [bare, fuel, epoch, both, sliced] = best;
+    Ok(LimitsCost { bare, fuel, epoch, both, sliced })
+}
+
+/// Fuel for a guest: plenty, handed out a slice at a time when `sliced`.
+fn fuel_up<T>(store: &mut Store<T>, sliced: bool) {
+    let _ = store.set_fuel(u64::MAX / 2);
+    store.set_epoch_deadline(u64::MAX / 2);
+    if sliced {
+        let _ = store.fuel_async_yield_interval(Some(stepbox::sandbox::FUEL_SLICE));
+    }
 }
 
 /// The step component at `path` run with `input`.
 pub async fn step_limits_cost(path: &str, input: &str, runs: usize) -> anyhow::Result<LimitsCost> {
-    three_ways(runs, |engine| async move {
+    each_way(runs, |engine, sliced| async move {
         let floor = Floor::new(&engine, path)?;
         let started = Instant::now();
-        call(&engine, &floor.pre, 0, input).await?;
+        call(&engine, &floor.pre, 0, input, sliced).await?;
         Ok(started.elapsed())
     })
     .await
@@ -175,15 +193,15 @@ pub async fn loop_limits_cost(iterations: u64, runs: usize) -> anyhow::Result<Li
           (local.set $i (i64.add (local.get $i) (i64.const 1)))
           (br_if $again (i64.lt_u (local.get $i) (local.get $n))))
         (local.get $i)))"#;
-    three_ways(runs, |engine| async move {
+    each_way(runs, |engine, sliced| async move {
         let module = wasmtime::Module::new(&engine, wat::parse_str(wat)?).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let mut store = Store::new(&engine, ());
-        let _ = store.set_fuel(u64::MAX / 2);
-        store.set_epoch_deadline(u64::MAX / 2);
-        let instance = wasmtime::Instance::new(&mut store, &module, &[]).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        fuel_up(&mut store, sliced);
+        let instance =
+            wasmtime::Instance::new_async(&mut store, &module, &[]).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let spin = instance.get_typed_func::<i64, i64>(&mut store, "spin").map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let started = Instant::now();
-        let counted = spin.call(&mut store, iterations as i64).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let counted = spin.call_async(&mut store, iterations as i64).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
         anyhow::ensure!(counted as u64 == iterations, "the loop counted {counted}");
         Ok(started.elapsed())
     })

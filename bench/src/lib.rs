@@ -225,25 +225,34 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
     progress("fuel and epochs");
     let json = format!(r#"{{"work": "json", "rounds": {}, "size": 10000}}"#, sizes.cpu_rounds);
     let step = floor::step_limits_cost(guests::CRUNCH, &json, 3).await?;
-    let bare = Some(("no fuel, no epochs", step.bare));
     let what = format!("CPU-bound step ({} rounds of writing and reading 10,000 JSON records)", sizes.cpu_rounds);
-    report.time(&format!("{what}: no fuel, no epochs"), step.bare, None);
-    report.compare("JSON step: fuel on", step.fuel, bare, Target::AtMost(1.3));
-    report.compare("JSON step: epoch interruption on", step.epoch, bare, Target::None);
+    metering_rows(&mut report, &what, "JSON step", &step, Target::AtMost(1.3));
     let sieve = format!(r#"{{"work": "sieve", "rounds": {}, "size": 100000}}"#, sizes.cpu_rounds * 10);
     let step = floor::step_limits_cost(guests::CRUNCH, &sieve, 3).await?;
-    let bare = Some(("no fuel, no epochs", step.bare));
-    report.time(&format!("tight loops ({} rounds of a prime sieve)", sizes.cpu_rounds * 10), step.bare, None);
-    report.compare("sieve: fuel on", step.fuel, bare, Target::None);
-    report.compare("sieve: epoch interruption on", step.epoch, bare, Target::None);
+    let what = format!("tight loops ({} rounds of a prime sieve)", sizes.cpu_rounds * 10);
+    metering_rows(&mut report, &what, "sieve", &step, Target::AtMost(1.7));
     let tight = floor::loop_limits_cost(sizes.cpu_loop, 3).await?;
-    let bare = Some(("no fuel, no epochs", tight.bare));
-    report.time(&format!("worst case, an empty loop of {} iterations", sizes.cpu_loop), tight.bare, None);
-    report.compare("empty loop: fuel on", tight.fuel, bare, Target::None);
-    report.compare("empty loop: epoch interruption on", tight.epoch, bare, Target::None);
+    let what = format!("worst case, an empty loop of {} iterations", sizes.cpu_loop);
+    metering_rows(&mut report, &what, "empty loop", &tight, Target::None);
 
     observe_rows(&mut report, sizes, &progress).await?;
     Ok(report)
+}
+
+/// A CPU-bound guest metered each way, against no metering at all; the
+/// target is for what stepbox runs.
+fn metering_rows(report: &mut Report, what: &str, short: &str, cost: &floor::LimitsCost, target: Target) {
+    let bare = Some(("no fuel, no epochs", cost.bare));
+    report.time(&format!("{what}: no fuel, no epochs"), cost.bare, None);
+    report.compare(&format!("{short}: fuel on"), cost.fuel, bare, Target::None);
+    report.compare(&format!("{short}: epoch interruption on"), cost.epoch, bare, Target::None);
+    report.compare(&format!("{short}: fuel and epochs on (stepbox before)"), cost.both, bare, Target::None);
+    report.compare(
+        &format!("{short}: fuel yielding every {} (what stepbox runs)", stepbox::sandbox::FUEL_SLICE),
+        cost.sliced,
+        bare,
+        target,
+    );
 }
 
 /// The service's rows: runs started through its API, against in process.

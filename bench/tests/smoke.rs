@@ -29,6 +29,10 @@ async fn every_comparison_runs_and_gives_a_reading() {
         "sieve: epoch interruption on",
         "empty loop: fuel on",
         "empty loop: epoch interruption on",
+        "JSON step: fuel and epochs on (stepbox before)",
+        "JSON step: fuel yielding every",
+        "sieve: fuel yielding every",
+        "empty loop: fuel yielding every",
         "resident memory after 100 sequential steps",
         "peak resident memory",
         "POST …/runs to the first attempt's start, p50",
@@ -56,6 +60,6 @@ async fn every_comparison_runs_and_gives_a_reading() {
     }
     // Every target of the issue is attached to its comparison.
     let targets = report.rows.iter().filter(|row| row.target != Target::None).count();
-    assert_eq!(targets, 9, "{}", report.markdown());
+    assert_eq!(targets, 10, "{}", report.markdown());
     assert!(report.markdown().contains("| measurement | value | ratio | to | target |"));
 }
