@@ -130,10 +130,11 @@ pub struct LimitsCost {
     pub bare: Duration,
     pub fuel: Duration,
     pub epoch: Duration,
-    /// Fuel and epoch interruption both, as stepbox ran guests before.
+    /// Fuel and epoch interruption both: what stepbox runs.
     pub both: Duration,
-    /// What stepbox runs: fuel, yielding to the async runtime each time a
-    /// slice of it runs out (`stepbox::sandbox::FUEL_SLICE`).
+    /// Fuel alone, yielding to the async runtime each time a slice of it
+    /// runs out (`stepbox::sandbox::FUEL_SLICE`): what dropping epochs
+    /// would give, were fuel enough to bound a guest's time (it is not).
     pub sliced: Duration,
 }
 

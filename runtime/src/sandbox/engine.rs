@@ -1,15 +1,15 @@
-//! The one wasmtime engine of a process.
-//!
-//! Guests are metered with fuel and nothing else: fuel is consumed in
-//! slices (see `fuel_async_yield_interval` in `attempt.rs`), and at the end
-//! of each slice the guest yields to the async runtime, which is where a
-//! timeout or a cancellation takes effect. Epoch interruption would do the
-//! same a second time, at a cost of its own in every loop (BENCHMARKS.md).
+//! The one wasmtime engine of a process, and the thread that ticks its epoch.
+
+use std::time::Duration;
 
 use bytesize::ByteSize;
 
 use super::limits::{MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+/// How often the epoch advances: the longest a guest runs before it yields to
+/// the async runtime, so timeouts and cancellation act within about this much.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Bytes of each table slot kept resident between attempts (a guest's
 /// tables are a few KiB).
@@ -72,7 +72,26 @@ pub(crate) fn build(config: &EngineConfig) -> anyhow::Result<Engine> {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true)
         .consume_fuel(true)
+        .epoch_interruption(true)
         .strategy(wasmtime::Strategy::Cranelift)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&wasm).map_err(|err| anyhow::anyhow!("could not create the wasm engine: {err:#}"))
+}
+
+/// Advances the engine's epoch from a plain thread, outside the async
+/// runtime, so a busy runtime cannot delay the ticks that interrupt guests.
+/// The thread ends when the engine is dropped.
+pub(crate) fn start_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
+    let weak: EngineWeak = engine.weak();
+    std::thread::Builder::new()
+        .name("stepbox-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })
+        .map_err(|err| anyhow::anyhow!("could not start the epoch thread: {err}"))?;
+    Ok(())
 }

@@ -55,7 +55,8 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Builds the engine, links the host interfaces and claims a part of the scratch directory (removing what
+    /// Builds the engine, links the host interfaces, starts the epoch
+    /// ticker and claims a part of the scratch directory (removing what
     /// killed processes left there). `kv` backs every step's
     /// `wasi:keyvalue`.
     pub fn new(config: EngineConfig, kv: Arc<dyn KeyValueStore>) -> anyhow::Result<Self> {
@@ -69,6 +70,7 @@ impl Sandbox {
         let mut module = wasmtime::Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::preview1)?;
         host::preview1::add_to_linker(&mut module)?;
+        engine::start_epoch_ticker(&engine)?;
         let cache = config.data_dir.as_ref().map(|dir| CompileCache::new(dir.join("compiled"), &engine));
         let scratch = match &config.data_dir {
             Some(dir) => dir.join("scratch"),
