@@ -169,6 +169,21 @@ async fn a_huge_log_message_is_cut_and_a_flood_is_capped() {
     assert!(report.logs.last().unwrap().message.contains("more log messages dropped"));
 }
 
+/// Fuel counts wasm instructions, not host work: a loop of cheap calls
+/// into slow host code (each copies, checks and redacts 32 MiB for a few
+/// units of fuel) must still stop at its timeout, which the epoch check
+/// at every loop header sees to.
+#[tokio::test]
+async fn a_loop_of_slow_host_calls_stops_at_its_timeout() {
+    let mut req = request(json!({ "attack": "huge-log-loop", "size": 32 * 1024 * 1024 }));
+    req.limits.memory = ByteSize::mib(128);
+    req.limits.timeout = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let report = run(guests::HOST_ABUSE, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::Timeout, "{report:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn a_one_gib_host_call_argument_is_refused_before_the_host_copies_it() {
     let mut req = request(json!({ "attack": "huge-log", "size": 1024 * 1024 * 1024 }));

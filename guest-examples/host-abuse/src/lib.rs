@@ -36,6 +36,13 @@ fn run(input: Input) -> Result<serde_json::Value, StepError> {
             stepbox_sdk::log::log(stepbox_sdk::log::Level::Info, "abuse", &message);
             Ok(serde_json::json!(message.len()))
         }
+        // Cheap in fuel, dear in host work: only the clock stops it.
+        "huge-log-loop" => {
+            let message = "x".repeat(input.size);
+            loop {
+                stepbox_sdk::log::log(stepbox_sdk::log::Level::Info, "abuse", &message);
+            }
+        }
         "log-flood" => {
             for i in 0..input.size {
                 stepbox_sdk::info!("flood message {i} with some padding to make it longer");
