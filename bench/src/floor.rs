@@ -82,7 +82,7 @@ pub struct Floor {
 }
 
 impl Floor {
-    /// `engine` is stepbox's own, so both sides pay for the same settings.
+    /// The component at `path` on `engine`.
     pub fn new(engine: &Engine, path: &str) -> anyhow::Result<Self> {
         let component =
             wasmtime::component::Component::from_file(engine, path).map_err(|e| anyhow::anyhow!("{e:#}"))?;
@@ -109,6 +109,66 @@ impl Floor {
         }
         Ok(started.elapsed())
     }
+}
+
+/// The ways wasmtime can be set up to run a no-op step, each timed one at a
+/// time and `parallel` at a time.
+pub struct Floors {
+    /// `(what, one at a time, parallel)` for each setting, in the order
+    /// of [`SETTINGS`].
+    pub each: Vec<(&'static str, Duration, Duration)>,
+}
+
+/// How wasmtime can be set up: its defaults (instances allocated on
+/// demand, no fuel, no epochs); a pool whose slots keep their pages
+/// resident, still unmetered; and stepbox's own engine (that pool, fuel and
+/// epochs), last, which is not a floor but what stepbox pays to wasmtime.
+pub const SETTINGS: [&str; 3] = [
+    "wasmtime's default settings",
+    "pooled instances kept resident, no fuel or epochs",
+    "stepbox's engine settings (pool, fuel, epochs)",
+];
+
+impl Floors {
+    /// Times `n` no-op attempts of the component at `path` each way, the
+    /// settings interleaved so a noisy neighbour hits them all; `stepbox`
+    /// is stepbox's own engine.
+    pub async fn measure(stepbox: &Engine, path: &str, n: usize, parallel: usize) -> anyhow::Result<Self> {
+        let engines = [bare_engine(false)?, bare_engine(true)?, stepbox.clone()];
+        let floors = engines.iter().map(|engine| Floor::new(engine, path)).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut best = [(Duration::MAX, Duration::MAX); 3];
+        // The fastest of two turns of each.
+        for _ in 0..2 {
+            for (floor, best) in floors.iter().zip(&mut best) {
+                best.0 = best.0.min(floor.run(n, 1).await? / n as u32);
+                best.1 = best.1.min(floor.run(n, parallel).await? / n as u32);
+            }
+        }
+        Ok(Floors { each: SETTINGS.iter().zip(best).map(|(what, (one, many))| (*what, one, many)).collect() })
+    }
+
+    /// The floor: the fastest unmetered setting, one at a time and in
+    /// parallel, with its name.
+    pub fn fastest(&self) -> ((&'static str, Duration), (&'static str, Duration)) {
+        let bare = &self.each[..2];
+        let one = bare.iter().min_by_key(|(_, one, _)| *one).map(|(what, one, _)| (*what, *one));
+        let many = bare.iter().min_by_key(|(_, _, many)| *many).map(|(what, _, many)| (*what, *many));
+        (one.unwrap_or(("none", Duration::MAX)), many.unwrap_or(("none", Duration::MAX)))
+    }
+}
+
+/// An unmetered engine: wasmtime's defaults, or with a pool of instance
+/// slots that keep their touched pages resident between instances (as
+/// stepbox's pool does).
+fn bare_engine(pooled: bool) -> anyhow::Result<Engine> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    if pooled {
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.linear_memory_keep_resident(4 << 20).table_keep_resident(64 << 10);
+        config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
+    }
+    Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))
 }
 
 /// `n` attempts that each build an engine and compile the component anew.

@@ -77,6 +77,98 @@ pub enum Part {
     Cluster,
     /// The wide graph with metrics recorded and traces exported.
     Observe,
+    /// The floors, the wide graph and the chain, in process on SQLite.
+    Graph,
+}
+
+/// What later rows compare with.
+struct Graph {
+    floor_one: Duration,
+    wide_journal: Duration,
+    chain_journal: Duration,
+}
+
+/// The floors (wasmtime alone, each way), then the wide graph and the
+/// chain, with and without the journal, against them.
+async fn graph_rows(
+    report: &mut Report,
+    sizes: Sizes,
+    progress: &impl Fn(&str),
+    sandbox: &Sandbox,
+    dir: &Path,
+) -> anyhow::Result<Graph> {
+    let n = sizes.graph;
+    let parallel = scheduler::default_max_parallel();
+    progress("floor");
+    let floors = floor::Floors::measure(sandbox.engine(), guests::NOOP, n, parallel).await?;
+    let ((fastest_one, floor_one), (fastest_parallel, floor_parallel)) = floors.fastest();
+    for (what, one, many) in &floors.each {
+        let stepbox_settings = *what == floor::SETTINGS[2];
+        let (to_one, to_many) = match stepbox_settings {
+            true => (Some(("floor, one at a time", floor_one)), Some(("floor, parallel", floor_parallel))),
+            false => (None, None),
+        };
+        report.step(
+            &format!("wasmtime, {what}: instantiate + call a no-op step, one at a time"),
+            *one,
+            to_one,
+            Target::None,
+        );
+        report.step(&format!("wasmtime, {what}: the same, {parallel} at a time"), *many, to_many, Target::None);
+    }
+    report.step(&format!("floor, one at a time: the fastest, {fastest_one}"), floor_one, None, Target::None);
+    report.step(
+        &format!("floor, parallel: the fastest {parallel} at a time, {fastest_parallel}"),
+        floor_parallel,
+        None,
+        Target::None,
+    );
+
+    // Loading the component first puts it in the compile cache, so the
+    // runs measure scheduling and attempts, not a compile.
+    sandbox.load(Path::new(guests::NOOP))?;
+    let floor_wide = Some(("floor, parallel", floor_parallel));
+    let floor_chain = Some(("floor, one at a time", floor_one));
+    let mut wide_journal = Duration::ZERO;
+    for (journal, target) in [(false, 1.3), (true, 1.6)] {
+        let what = if journal { "journal" } else { "no journal" };
+        progress(&format!("wide graph, {what}"));
+        let store = if journal { sqlite(&dir.join("wide"))? } else { None };
+        let (time, commits) = timed_run(sandbox, workflow("wide", n, false)?, store).await?;
+        let time = per_step(time, n);
+        report.step(&format!("stepbox: {n} independent no-op steps, {what}"), time, floor_wide, Target::AtMost(target));
+        if journal {
+            wide_journal = time;
+            report.count("journal commits per step, independent steps", commits as f64 / n as f64);
+        }
+    }
+    // A link with the journal must wait for its start record's commit: the
+    // target is the floor's 1.5× beyond that one commit.
+    progress("fsync");
+    let commit = measure::durable_commit(&dir.join("fsync"))?;
+    report.time("one durable SQLite commit on this disk (WAL, synchronous=FULL)", commit, None);
+    let mut chain_journal = Duration::ZERO;
+    for journal in [false, true] {
+        let what = if journal { "journal" } else { "no journal" };
+        progress(&format!("chain, {what}"));
+        let store = if journal { sqlite(&dir.join("chain"))? } else { None };
+        let (time, commits) = timed_run(sandbox, workflow("chain", n, true)?, store).await?;
+        let time = per_step(time, n);
+        let target = if journal { Target::None } else { Target::AtMost(1.5) };
+        report.step(&format!("stepbox: a chain of {n} no-op steps, {what}"), time, floor_chain, target);
+        if journal {
+            chain_journal = time;
+            report.count("journal commits per link, chain", commits as f64 / n as f64);
+            report.step(
+                "chain, journal: a link's time beyond its one durable commit",
+                time.saturating_sub(commit),
+                floor_chain,
+                Target::AtMost(1.5),
+            );
+        }
+    }
+
+    Ok(Graph { floor_one, wide_journal, chain_journal })
 }
 
 /// Runs every comparison, or only the `only` part; `progress` hears what
@@ -88,6 +180,10 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
             Part::Service => service_rows(&mut report, sizes, &progress).await?,
             Part::Cluster => cluster_rows(&mut report, sizes, &progress).await?,
             Part::Observe => observe_rows(&mut report, sizes, &progress).await?,
+            Part::Graph => {
+                let dir = tempfile::tempdir()?;
+                graph_rows(&mut report, sizes, &progress, &sandbox(dir.path())?, dir.path()).await?;
+            }
         }
         return Ok(report);
     }
@@ -96,44 +192,9 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
     let n = sizes.graph;
     let parallel = scheduler::default_max_parallel();
 
-    progress("floor");
-    let floor = floor::Floor::new(sandbox.engine(), guests::NOOP)?;
-    let floor_one = per_step(floor.run(n, 1).await?, n);
-    let floor_parallel = per_step(floor.run(n, parallel).await?, n);
-    report.step("floor: bare wasmtime, instantiate + call a no-op step, one at a time", floor_one, None, Target::None);
-    report.step(&format!("floor: the same, {parallel} at a time"), floor_parallel, None, Target::None);
-
-    // Loading the component first puts it in the compile cache, so the
-    // runs measure scheduling and attempts, not a compile.
-    sandbox.load(Path::new(guests::NOOP))?;
-    let floor_wide = Some(("floor, parallel", floor_parallel));
-    let floor_chain = Some(("floor, one at a time", floor_one));
-    let mut wide_journal = Duration::ZERO;
-    for (journal, target) in [(false, 1.5), (true, 2.0)] {
-        let what = if journal { "journal" } else { "no journal" };
-        progress(&format!("wide graph, {what}"));
-        let store = if journal { sqlite(&dir.path().join("wide"))? } else { None };
-        let (time, commits) = timed_run(&sandbox, workflow("wide", n, false)?, store).await?;
-        let time = per_step(time, n);
-        report.step(&format!("stepbox: {n} independent no-op steps, {what}"), time, floor_wide, Target::AtMost(target));
-        if journal {
-            wide_journal = time;
-            report.count("journal commits per step, independent steps", commits as f64 / n as f64);
-        }
-    }
-    let mut chain_journal = Duration::ZERO;
-    for journal in [false, true] {
-        let what = if journal { "journal" } else { "no journal" };
-        progress(&format!("chain, {what}"));
-        let store = if journal { sqlite(&dir.path().join("chain"))? } else { None };
-        let (time, commits) = timed_run(&sandbox, workflow("chain", n, true)?, store).await?;
-        let time = per_step(time, n);
-        report.step(&format!("stepbox: a chain of {n} no-op steps, {what}"), time, floor_chain, Target::None);
-        if journal {
-            chain_journal = time;
-            report.count("journal commits per link, chain", commits as f64 / n as f64);
-        }
-    }
+    let graph = graph_rows(&mut report, sizes, &progress, &sandbox, dir.path()).await?;
+    let (floor_chain, wide_journal, chain_journal) =
+        (Some(("floor, one at a time", graph.floor_one)), graph.wide_journal, graph.chain_journal);
 
     // The same runs recorded in PostgreSQL (a database of the suite's own
     // on the local server), against SQLite.
@@ -183,10 +244,6 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
         Some(("resident before the run", before)),
         Target::None,
     );
-    progress("fsync");
-    let commit = measure::durable_commit(&dir.path().join("fsync"))?;
-    report.time("one durable SQLite commit on this disk (WAL, synchronous=FULL)", commit, None);
-
     progress("process per step");
     let processes = per_step(process_per_step(n, parallel).await?, n);
     report.step(

@@ -11,7 +11,11 @@ async fn every_comparison_runs_and_gives_a_reading() {
         report.rows.iter().find(|row| row.what.contains(what)).unwrap_or_else(|| panic!("no row for {what}"))
     };
     for what in [
-        "floor: bare wasmtime",
+        "wasmtime, wasmtime's default settings: instantiate + call",
+        "wasmtime, pooled instances kept resident, no fuel or epochs: the same",
+        "wasmtime, stepbox's engine settings (pool, fuel, epochs): instantiate + call",
+        "floor, one at a time: the fastest",
+        "floor, parallel: the fastest",
         "independent no-op steps, no journal",
         "independent no-op steps, journal",
         "chain of 100 no-op steps, no journal",
@@ -60,6 +64,6 @@ async fn every_comparison_runs_and_gives_a_reading() {
     }
     // Every target of the issue is attached to its comparison.
     let targets = report.rows.iter().filter(|row| row.target != Target::None).count();
-    assert_eq!(targets, 10, "{}", report.markdown());
+    assert_eq!(targets, 12, "{}", report.markdown());
     assert!(report.markdown().contains("| measurement | value | ratio | to | target |"));
 }
