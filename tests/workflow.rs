@@ -1009,3 +1009,47 @@ async fn a_run_whose_records_are_refused_because_another_process_took_it_over_st
     assert_eq!(recorded.owner.as_deref(), Some("elsewhere:1:aaaaaaaa"));
     assert!(taker.resume_state("taken").unwrap().completed.is_empty(), "nap's end was refused");
 }
+
+/// An executor with a bug: every attempt panics.
+struct Panicking;
+
+impl scheduler::Executor for Panicking {
+    fn run<'a>(
+        &'a self,
+        _: &'a stepbox::sandbox::StepComponent,
+        _: scheduler::Prepared,
+        _: Option<scheduler::Started<'a>>,
+    ) -> scheduler::Running<'a> {
+        Box::pin(async { panic!("a bug in the executor") })
+    }
+}
+
+#[tokio::test]
+async fn a_panic_while_running_a_step_fails_that_step_and_the_run_goes_on() {
+    // `first` is the only step that can run, so it runs in the driver's
+    // own task; `left` and `right` run side by side, in tasks of their own.
+    let workflow = load(
+        "name: panics
+steps:
+  - id: first
+    uses: hello
+    required: false
+  - id: left
+    uses: hello
+    depends_on: [first]
+  - id: right
+    uses: hello
+    depends_on: [first]
+",
+    );
+    let options = RunOptions { executor: Some(Arc::new(Panicking)), ..RunOptions::new("panics") };
+    let report = run_with(workflow, json!({}), options).await;
+    assert_eq!(report.run.status, RunStatus::Failed);
+    for id in ["first", "left", "right"] {
+        let step = step(&report, id);
+        assert_eq!(step.status, StepStatus::Failed, "{id}: {step:?}");
+        let reason = step.reason.as_deref().unwrap_or_default();
+        assert!(reason.starts_with("internal error while running the step: "), "{id}: {reason}");
+        assert!(reason.contains("panicked with message \"a bug in the executor\""), "{id}: {reason}");
+    }
+}

@@ -380,7 +380,11 @@ impl Grants {
                 .preopened_dir(scratch, SCRATCH, FsPerms::ReadWrite)
                 .map_err(|err| anyhow::anyhow!("cannot create the scratch directory: {err}"))?;
         }
-        let reserved: Vec<_> = reserved.iter().filter_map(|reserved| reserved.canonicalize().ok()).collect();
+        // Resolved only when there is a grant to check (a few syscalls each).
+        let reserved: Vec<_> = match self.dirs.is_empty() {
+            true => Vec::new(),
+            false => reserved.iter().filter_map(|reserved| reserved.canonicalize().ok()).collect(),
+        };
         for dir in &self.dirs {
             let cannot = |err: anyhow::Error| anyhow::anyhow!("cannot grant directory {}: {err:#}", dir.host.display());
             if let Some(reserved) = reserved.iter().find(|r| r.starts_with(&dir.host) || dir.host.starts_with(r)) {

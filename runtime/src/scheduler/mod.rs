@@ -11,9 +11,12 @@ mod policy;
 mod wait;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::FutureExt as _;
 
 use opentelemetry::KeyValue;
 use tokio::sync::mpsc;
@@ -276,7 +279,26 @@ pub async fn run(
     {
         drop(shared.record(|journal, run_id| journal.run_traced(run_id, trace)));
     }
-    let graph = run_graph(shared.clone(), options.fail_fast).await;
+    // Driven on the runtime's workers, not wherever the caller awaits (a
+    // `block_on` thread): a step's task then starts and ends on the worker
+    // that drives the graph, without two cross-thread wake-ups per step.
+    // Dropping the run's future still stops the graph.
+    let driving = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(run_graph(shared.clone(), options.fail_fast)));
+    let graph = match driving.await {
+        Ok(graph) => graph,
+        Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+        // The runtime is shutting down: the run stops where it is, as if
+        // interrupted, for a resume to continue.
+        Err(_) => {
+            options.interrupt.cancel();
+            GraphReport {
+                status: RunStatus::Interrupted,
+                outputs: Default::default(),
+                output_errors: Vec::new(),
+                steps: Vec::new(),
+            }
+        }
+    };
     interrupted.abort();
     let mut status = graph.status;
     let stopped =
@@ -523,6 +545,8 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
     let mut step_work = HashMap::new();
 
     loop {
+        // A step that finished in the driver's own task (see below).
+        let mut inline = None;
         while let Some(i) = ready.pop_front() {
             let decision = decide(&shared, i, &reports, &blocking, &cancel, &fail_fast_token, first_failure.as_deref());
             let report = &mut reports[i];
@@ -535,9 +559,22 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
                     let token = if steps[i].always { cancel.clone() } else { fail_fast_token.clone() };
                     let span =
                         shared.span.child("step", || vec![KeyValue::new("stepbox.step", shared.path(i).to_string())]);
-                    let handle = running.spawn(execute::step(shared.clone(), i, token, span));
+                    let step = execute::step(shared.clone(), i, token, span);
+                    let runs = matches!(steps[i].action, crate::workflow::Action::Run { .. });
+                    if runs && running.is_empty() && ready.is_empty() {
+                        // The only step that can run now (a link of a
+                        // chain): nothing else can become ready until it
+                        // ends, so it runs in this task, saving the wake-ups
+                        // of a task of its own. A panic in it is still the
+                        // step's failure. (A waiting or included step gets
+                        // a task: the run may park while it waits.)
+                        let ran = AssertUnwindSafe(step).catch_unwind().await;
+                        inline = Some(ran.map_err(|panic| (i, panic_message(panic.as_ref()))));
+                        break;
+                    }
+                    let handle = running.spawn(step);
                     task_step.insert(handle.id(), i);
-                    if matches!(steps[i].action, crate::workflow::Action::Run { .. }) {
+                    if runs {
                         step_work.insert(handle.id(), waits.busy());
                     }
                     continue;
@@ -559,22 +596,33 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
             settle(&shared, i, &reports[i], &mut first_failure, fail_fast, &fail_fast_token);
             release(i, &dependents, &mut remaining, &mut ready);
         }
-        drop(working.take());
-        let Some(joined) = running.join_next_with_id().await else { break };
-        working.replace(waits.busy());
-        let id = match &joined {
-            Ok((id, _)) => *id,
-            Err(err) => err.id(),
+        let finished = match inline {
+            Some(finished) => finished,
+            None => {
+                drop(working.take());
+                let Some(joined) = running.join_next_with_id().await else { break };
+                working.replace(waits.busy());
+                let id = match &joined {
+                    Ok((id, _)) => *id,
+                    Err(err) => err.id(),
+                };
+                step_work.remove(&id);
+                match joined {
+                    Ok((_, finished)) => Ok(finished),
+                    Err(err) => match task_step.get(&err.id()) {
+                        Some(&i) => Err((i, err.to_string())),
+                        None => continue,
+                    },
+                }
+            }
         };
-        step_work.remove(&id);
-        let (i, report) = match joined {
-            Ok((_, result)) => result,
-            Err(err) => {
+        let (i, report) = match finished {
+            Ok(finished) => finished,
+            Err((i, panic)) => {
                 // A panic in the scheduler's own code: record it, keep going.
-                let Some(&i) = task_step.get(&err.id()) else { continue };
                 let mut report = StepReport::pending(shared.path(i), steps[i].required);
                 report.status = StepStatus::Failed;
-                report.reason = Some(format!("internal error while running the step: {err}"));
+                report.reason = Some(format!("internal error while running the step: {panic}"));
                 (i, report)
             }
         };
@@ -600,6 +648,13 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
     };
     let (outputs, output_errors) = outputs(&shared);
     GraphReport { status, outputs, output_errors, steps: reports }
+}
+
+/// What a panic said, as `JoinError` shows it for a step in a task of its
+/// own.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let message = payload.downcast_ref::<&str>().copied().or(payload.downcast_ref::<String>().map(String::as_str));
+    format!("panicked with message {:?}", message.unwrap_or("Box<dyn Any>"))
 }
 
 fn decide(
