@@ -133,9 +133,7 @@ async fn graph_rows(
     for (journal, target) in [(false, 1.3), (true, 1.6)] {
         let what = if journal { "journal" } else { "no journal" };
         progress(&format!("wide graph, {what}"));
-        let store = if journal { sqlite(&dir.join("wide"))? } else { None };
-        let (time, commits) = timed_run(sandbox, workflow("wide", n, false)?, store).await?;
-        let time = per_step(time, n);
+        let (time, commits) = fastest_run(sandbox, "wide", n, false, journal.then(|| dir.join("wide"))).await?;
         report.step(&format!("stepbox: {n} independent no-op steps, {what}"), time, floor_wide, Target::AtMost(target));
         if journal {
             wide_journal = time;
@@ -151,9 +149,7 @@ async fn graph_rows(
     for journal in [false, true] {
         let what = if journal { "journal" } else { "no journal" };
         progress(&format!("chain, {what}"));
-        let store = if journal { sqlite(&dir.join("chain"))? } else { None };
-        let (time, commits) = timed_run(sandbox, workflow("chain", n, true)?, store).await?;
-        let time = per_step(time, n);
+        let (time, commits) = fastest_run(sandbox, "chain", n, true, journal.then(|| dir.join("chain"))).await?;
         let target = if journal { Target::None } else { Target::AtMost(1.5) };
         report.step(&format!("stepbox: a chain of {n} no-op steps, {what}"), time, floor_chain, target);
         if journal {
@@ -476,6 +472,28 @@ async fn timed_run(
     run(sandbox, Arc::new(workflow), options).await?;
     let elapsed = started.elapsed();
     Ok((elapsed, store.map_or(0, |store| store.journal_commits())))
+}
+
+/// The faster of two runs of `n` no-op steps (as the floor is the fastest
+/// of two turns), each recorded, when `journal` is given, in a fresh SQLite
+/// store beneath it: the time per step and the journal commits per step.
+async fn fastest_run(
+    sandbox: &Sandbox,
+    name: &str,
+    n: usize,
+    chain: bool,
+    journal: Option<std::path::PathBuf>,
+) -> anyhow::Result<(Duration, u64)> {
+    let mut fastest = (Duration::MAX, 0);
+    for turn in 0..2 {
+        let store = match &journal {
+            Some(dir) => sqlite(&dir.join(turn.to_string()))?,
+            None => None,
+        };
+        let (time, commits) = timed_run(sandbox, workflow(name, n, chain)?, store).await?;
+        fastest = fastest.min((per_step(time, n), commits));
+    }
+    Ok(fastest)
 }
 
 /// The SQLite store of a fresh data directory `dir`.

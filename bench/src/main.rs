@@ -3,6 +3,10 @@
 
 use clap::Parser;
 
+/// The allocator the `stepbox` binary uses, so the suite measures what runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The stepbox benchmark suite: every comparison side by side with its
 /// baseline, in one process, reported as ratios.
 #[derive(Parser)]
