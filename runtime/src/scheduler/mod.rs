@@ -284,19 +284,23 @@ pub async fn run(
     // that drives the graph, without two cross-thread wake-ups per step.
     // Dropping the run's future still stops the graph.
     let driving = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(run_graph(shared.clone(), options.fail_fast)));
-    let graph = match driving.await {
-        Ok(graph) => graph,
+    // `shut_down`: the async runtime is shutting down under the run, so
+    // nothing more is recorded and a resume continues it, as when
+    // interrupted.
+    let (graph, shut_down) = match driving.await {
+        Ok(graph) => (graph, false),
         Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-        // The runtime is shutting down: the run stops where it is, as if
-        // interrupted, for a resume to continue.
         Err(_) => {
-            options.interrupt.cancel();
-            GraphReport {
-                status: RunStatus::Interrupted,
-                outputs: Default::default(),
-                output_errors: Vec::new(),
-                steps: Vec::new(),
-            }
+            let steps = Vec::new();
+            (
+                GraphReport {
+                    status: RunStatus::Interrupted,
+                    outputs: Default::default(),
+                    output_errors: Vec::new(),
+                    steps,
+                },
+                true,
+            )
         }
     };
     interrupted.abort();
@@ -308,7 +312,8 @@ pub async fn run(
         status = RunStatus::Failed;
     }
     // Not finished: what it did is recorded, and a resume goes on.
-    let recorded = if options.interrupt.is_cancelled() {
+    let stopped_here = shut_down || options.interrupt.is_cancelled();
+    let recorded = if stopped_here {
         true
     } else if status == RunStatus::Waiting {
         let record = shared.record(|journal, run_id| journal.run_parked(run_id));
@@ -318,7 +323,7 @@ pub async fn run(
             shared.record(|journal, run_id| journal.run_finished(run_id, status, &graph.outputs, error.as_deref()));
         shared.durable(record).await
     };
-    if options.interrupt.is_cancelled() {
+    if stopped_here {
         // Interrupted, or taken over as it ended: its end is for whoever
         // takes it up to record.
         status = RunStatus::Interrupted;
@@ -570,6 +575,10 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
                         // a task: the run may park while it waits.)
                         let ran = AssertUnwindSafe(step).catch_unwind().await;
                         inline = Some(ran.map_err(|panic| (i, panic_message(panic.as_ref()))));
+                        // A step that ends without waiting (its output
+                        // reused on resume, a failed template) does not
+                        // let a long chain hold the worker without a yield.
+                        tokio::task::coop::consume_budget().await;
                         break;
                     }
                     let handle = running.spawn(step);

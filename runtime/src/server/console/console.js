@@ -526,6 +526,12 @@ async function runPage(runId, signal) {
   }
 
   function renderDetail(step) {
+    // What was typed in the step's event form survives a redraw of the
+    // same step's panel (its records or the outline arriving, say).
+    const typed = step && detail.dataset.step === step.id
+      ? [...detail.querySelectorAll('#event-name, #event-payload')].map((field) => [field.id, field.value])
+      : [];
+    detail.dataset.step = step ? step.id : '';
     if (!step) {
       detail.replaceChildren(h('p', { class: 'muted' }, 'Choose a step in the graph or the list (Tab to it, then Enter).'));
       return;
@@ -555,6 +561,10 @@ async function runPage(runId, signal) {
     if (step.output !== null && step.output !== undefined) parts.push(h('h4', {}, 'Output'), h('pre', { class: 'step-output' }, json(step.output)));
     for (const execution of step.executions) parts.push(executionView(execution, many));
     detail.replaceChildren(...parts.flat(Infinity).filter((part) => part !== ''));
+    for (const [fieldId, value] of typed) {
+      const field = detail.querySelector(`#${fieldId}`);
+      if (field) field.value = value;
+    }
   }
 
   function executionView(execution, many) {
