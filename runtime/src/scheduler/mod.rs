@@ -291,16 +291,8 @@ pub async fn run(
         Ok(graph) => (graph, false),
         Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
         Err(_) => {
-            let steps = Vec::new();
-            (
-                GraphReport {
-                    status: RunStatus::Interrupted,
-                    outputs: Default::default(),
-                    output_errors: Vec::new(),
-                    steps,
-                },
-                true,
-            )
+            let (outputs, output_errors, steps) = (Default::default(), Vec::new(), Vec::new());
+            (GraphReport { status: RunStatus::Interrupted, outputs, output_errors, steps }, true)
         }
     };
     interrupted.abort();
