@@ -3,6 +3,7 @@
 //! moves both sides alike.
 
 mod cluster;
+pub mod counts;
 mod floor;
 mod measure;
 mod service;
@@ -19,6 +20,7 @@ use stepbox::store::{Database, MemoryKeyValueStore, PgStore, Store};
 use stepbox::workflow::{StepBuilder, Workflow, WorkflowBuilder};
 use stepbox_tests::guests;
 
+use counts::Shape;
 use measure::per_step;
 pub use measure::{Report, Row, Target, Value};
 
@@ -42,6 +44,10 @@ pub struct Sizes {
     /// I/O-bound steps per run through the cluster's queue, and one-step
     /// runs for its latencies.
     pub cluster: (usize, usize),
+    /// Steps of the graphs whose instructions callgrind counts (see
+    /// [`counts::per_step`]); none at the smoke size, where a test of its
+    /// own does the counting.
+    pub counts: Option<counts::Sizes>,
 }
 
 /// What the issue asks for: 10,000 steps, 100,000 sequential ones.
@@ -54,6 +60,7 @@ pub const FULL: Sizes = Sizes {
     memory_runs: (1, 100),
     service: (200, 5_000),
     cluster: (2_000, 200),
+    counts: Some(counts::Sizes { small: 200, large: 1_200 }),
 };
 /// Every comparison, small enough for CI.
 pub const SMOKE: Sizes = Sizes {
@@ -65,6 +72,7 @@ pub const SMOKE: Sizes = Sizes {
     memory_runs: (1, 5),
     service: (5, 100),
     cluster: (40, 5),
+    counts: None,
 };
 
 /// Parts of the suite that can run alone: each measures its own
@@ -79,6 +87,8 @@ pub enum Part {
     Observe,
     /// The floors, the wide graph and the chain, in process on SQLite.
     Graph,
+    /// Instructions per no-op step, counted by valgrind's callgrind.
+    Counts,
 }
 
 /// What later rows compare with.
@@ -137,7 +147,7 @@ async fn graph_rows(
         report.step(&format!("stepbox: {n} independent no-op steps, {what}"), time, floor_wide, Target::AtMost(target));
         if journal {
             wide_journal = time;
-            report.count("journal commits per step, independent steps", commits as f64 / n as f64);
+            report.count("journal commits per step, independent steps", commits as f64 / n as f64, None);
         }
     }
     // A link with the journal must wait for its start record's commit: the
@@ -154,7 +164,7 @@ async fn graph_rows(
         report.step(&format!("stepbox: a chain of {n} no-op steps, {what}"), time, floor_chain, target);
         if journal {
             chain_journal = time;
-            report.count("journal commits per link, chain", commits as f64 / n as f64);
+            report.count("journal commits per link, chain", commits as f64 / n as f64, None);
             report.step(
                 "chain, journal: a link's time beyond its one durable commit",
                 time.saturating_sub(commit),
@@ -180,6 +190,7 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
                 let dir = tempfile::tempdir()?;
                 graph_rows(&mut report, sizes, &progress, &sandbox(dir.path())?, dir.path()).await?;
             }
+            Part::Counts => count_rows(&mut report, sizes, &progress)?,
         }
         return Ok(report);
     }
@@ -208,7 +219,7 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
             Some(("the same on SQLite", on_sqlite)),
             Target::None,
         );
-        report.count(&format!("journal commits per step on PostgreSQL, {shape}"), commits as f64 / n as f64);
+        report.count(&format!("journal commits per step on PostgreSQL, {shape}"), commits as f64 / n as f64, None);
     }
     drop(database);
 
@@ -289,7 +300,27 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
     metering_rows(&mut report, &what, "empty loop", &tight, Target::None);
 
     observe_rows(&mut report, sizes, &progress).await?;
+    count_rows(&mut report, sizes, &progress)?;
     Ok(report)
+}
+
+/// Instructions per no-op step of the wide graph and the chain, counted in
+/// runs of this executable's own `--count` (so only the suite's binary,
+/// not a test, asks for them).
+fn count_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)) -> anyhow::Result<()> {
+    let Some(steps) = sizes.counts else { return Ok(()) };
+    let exe = std::env::current_exe()?;
+    progress("instruction counts, floor");
+    let floor = counts::per_step(&exe, Shape::Floor, steps)?;
+    let what = "wasmtime alone on stepbox's engine: instantiate + call";
+    report.count(&format!("instructions per no-op step (callgrind, one slot): {what}"), floor, None);
+    for (shape, what) in [(Shape::Wide, "independent no-op steps"), (Shape::Chain, "a chain of no-op steps")] {
+        progress(&format!("instruction counts, {what}"));
+        let count = counts::per_step(&exe, shape, steps)?;
+        let what = format!("instructions per no-op step (callgrind, one slot): stepbox, {what}, no journal");
+        report.count(&what, count, Some(("wasmtime alone", floor)));
+    }
+    Ok(())
 }
 
 /// A CPU-bound guest metered each way, against no metering at all; the
@@ -415,8 +446,8 @@ async fn cluster_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str
                 Target::AtLeast(0.8 * workers as f64),
             );
         }
-        report.count(&format!("cluster, {workers} worker(s): share of the machine's CPU busy"), scaled.busy);
-        report.count(&format!("cluster, {workers} worker(s): PostgreSQL transactions per step"), scaled.commits);
+        report.count(&format!("cluster, {workers} worker(s): share of the machine's CPU busy"), scaled.busy, None);
+        report.count(&format!("cluster, {workers} worker(s): PostgreSQL transactions per step"), scaled.commits, None);
     }
     for (p, queued, local) in [("p50", times.queued.0, times.local.0), ("p99", times.queued.1, times.local.1)] {
         let what = format!("cluster: a step's start to its attempt's start on an idle worker, {p}");

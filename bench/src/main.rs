@@ -22,6 +22,22 @@ struct Args {
     /// Run only this part of the suite.
     #[arg(long, value_enum, value_name = "PART")]
     only: Option<stepbox_bench::Part>,
+    /// Only run the graphs whose instructions are counted, as the suite
+    /// does under callgrind (see `counts::workload`).
+    #[arg(long, value_enum, value_name = "SHAPE", hide = true, requires_all = ["small", "large", "data_dir"])]
+    count: Option<stepbox_bench::counts::Shape>,
+    /// Steps of the counted run's small graph.
+    #[arg(long, value_name = "N", hide = true)]
+    small: Option<usize>,
+    /// Steps of the counted run's large graph.
+    #[arg(long, value_name = "N", hide = true)]
+    large: Option<usize>,
+    /// Run the large graph last, not the small one again.
+    #[arg(long, hide = true)]
+    measure_large: bool,
+    /// The data directory of the counted run, and so its compile cache.
+    #[arg(long, value_name = "DIR", hide = true)]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,6 +53,12 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if let (Some(shape), Some(small), Some(large), Some(data_dir)) =
+        (args.count, args.small, args.large, &args.data_dir)
+    {
+        let sizes = stepbox_bench::counts::Sizes { small, large };
+        return runtime.block_on(stepbox_bench::counts::workload(shape, sizes, args.measure_large, data_dir));
+    }
     let report = runtime.block_on(stepbox_bench::suite(sizes, args.only, |what| eprintln!("running: {what}")))?;
     print!("{}", report.markdown());
     Ok(())

@@ -171,8 +171,10 @@ impl Report {
         self.rows.push(Row { what: what.to_owned(), value: shown, ratio, target });
     }
 
-    pub fn count(&mut self, what: &str, count: f64) {
-        self.rows.push(Row { what: what.to_owned(), value: Value::Count(count), ratio: None, target: Target::None });
+    /// A count, with its ratio to `baseline`'s when given.
+    pub fn count(&mut self, what: &str, count: f64, baseline: Option<(&str, f64)>) {
+        let ratio = baseline.map(|(name, base)| (name.to_owned(), count / base.max(1e-12)));
+        self.rows.push(Row { what: what.to_owned(), value: Value::Count(count), ratio, target: Target::None });
     }
 
     pub fn bytes(&mut self, what: &str, bytes: u64, baseline: Option<(&str, u64)>, target: Target) {
@@ -203,6 +205,7 @@ impl Report {
                 }
                 Value::Time(time) => duration(time),
                 Value::Bytes(bytes) => format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0)),
+                Value::Count(count) if count >= 1000.0 => format!("{count:.0}"),
                 Value::Count(count) => format!("{count:.3}"),
             };
             let (ratio, to) = match &row.ratio {

@@ -33,6 +33,12 @@ pub struct EngineConfig {
     /// short attempt about twice as fast (see BENCHMARKS.md); costs up to
     /// this much resident memory per recently used slot.
     pub keep_resident: ByteSize,
+    /// Address space reserved for each linear memory of the pool, at least
+    /// `max_memory`. At 4 GiB (the default) guard pages do the bounds
+    /// checks of 32-bit memories; below it compiled code checks bounds
+    /// itself, a little slower, and the pool reserves less: for a process
+    /// whose address space is limited (`ulimit -v`, valgrind's 128 GiB).
+    pub memory_reservation: ByteSize,
 }
 
 impl Default for EngineConfig {
@@ -42,11 +48,19 @@ impl Default for EngineConfig {
             max_memory: ByteSize::gib(4),
             data_dir: None,
             keep_resident: ByteSize::mib(4),
+            memory_reservation: ByteSize::gib(4),
         }
     }
 }
 
 pub(crate) fn build(config: &EngineConfig) -> anyhow::Result<Engine> {
+    anyhow::ensure!(
+        config.max_memory <= config.memory_reservation,
+        "the largest memory limit ({}) is above the address space reserved for a memory ({}); raise the \
+         reservation or lower the limit",
+        config.max_memory.display().iec(),
+        config.memory_reservation.display().iec()
+    );
     let instances = config.max_concurrent_attempts.max(1);
     let mut pool = PoolingAllocationConfig::default();
     // The pool holds, for every attempt that may run, as many core
@@ -71,6 +85,7 @@ pub(crate) fn build(config: &EngineConfig) -> anyhow::Result<Engine> {
 
     let mut wasm = Config::new();
     wasm.wasm_component_model(true)
+        .memory_reservation(config.memory_reservation.as_u64())
         .consume_fuel(true)
         .epoch_interruption(true)
         .strategy(wasmtime::Strategy::Cranelift)
@@ -94,4 +109,27 @@ pub(crate) fn start_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
         })
         .map_err(|err| anyhow::anyhow!("could not start the epoch thread: {err}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memory_limit_above_the_reservation_is_refused_by_name() {
+        let config =
+            EngineConfig { max_memory: ByteSize::gib(2), memory_reservation: ByteSize::gib(1), ..Default::default() };
+        let err = build(&config).unwrap_err().to_string();
+        assert!(
+            err.contains("(2.0 GiB)") && err.contains("(1.0 GiB)") && err.contains("raise the reservation"),
+            "{err}"
+        );
+        let fits = EngineConfig {
+            max_concurrent_attempts: 1,
+            max_memory: ByteSize::gib(1),
+            memory_reservation: ByteSize::gib(1),
+            ..Default::default()
+        };
+        build(&fits).unwrap();
+    }
 }
