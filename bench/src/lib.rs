@@ -89,6 +89,8 @@ pub enum Part {
     Graph,
     /// Instructions per no-op step, counted by valgrind's callgrind.
     Counts,
+    /// The wide graph and the chain recorded in PostgreSQL, against SQLite.
+    Postgres,
 }
 
 /// What later rows compare with.
@@ -177,6 +179,35 @@ async fn graph_rows(
     Ok(Graph { floor_one, wide_journal, chain_journal })
 }
 
+/// The wide graph and the chain recorded in PostgreSQL (a database of the
+/// suite's own on the local server), against the same on SQLite
+/// (`on_sqlite`: per step, wide and chain).
+async fn postgres_rows(
+    report: &mut Report,
+    n: usize,
+    progress: &impl Fn(&str),
+    sandbox: &Sandbox,
+    on_sqlite: (Duration, Duration),
+) -> anyhow::Result<()> {
+    progress("PostgreSQL");
+    let database = stepbox_tests::postgres::TestDatabase::create();
+    for (chain, shape, on_sqlite) in
+        [(false, "independent no-op steps", on_sqlite.0), (true, "chained no-op steps", on_sqlite.1)]
+    {
+        let store: Arc<dyn Store> = Arc::new(PgStore::open(&database.url)?);
+        let name = if chain { "chain" } else { "wide" };
+        let (time, commits) = timed_run(sandbox, workflow(name, n, chain)?, Some(store)).await?;
+        report.step(
+            &format!("stepbox on PostgreSQL: {n} {shape}"),
+            per_step(time, n),
+            Some(("the same on SQLite", on_sqlite)),
+            Target::None,
+        );
+        report.count(&format!("journal commits per step on PostgreSQL, {shape}"), commits as f64 / n as f64, None);
+    }
+    Ok(())
+}
+
 /// Runs every comparison, or only the `only` part; `progress` hears what
 /// is about to run.
 pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) -> anyhow::Result<Report> {
@@ -191,6 +222,18 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
                 graph_rows(&mut report, sizes, &progress, &sandbox(dir.path())?, dir.path()).await?;
             }
             Part::Counts => count_rows(&mut report, sizes, &progress)?,
+            Part::Postgres => {
+                let dir = tempfile::tempdir()?;
+                let sandbox = sandbox(dir.path())?;
+                sandbox.load(Path::new(guests::NOOP))?;
+                let n = sizes.graph;
+                let mut on_sqlite = [Duration::ZERO; 2];
+                for (chain, time) in [false, true].into_iter().zip(&mut on_sqlite) {
+                    let name = if chain { "chain" } else { "wide" };
+                    *time = fastest_run(&sandbox, name, n, chain, Some(dir.path().join(name))).await?.0;
+                }
+                postgres_rows(&mut report, n, &progress, &sandbox, on_sqlite.into()).await?;
+            }
         }
         return Ok(report);
     }
@@ -203,25 +246,7 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
     let (floor_chain, wide_journal, chain_journal) =
         (Some(("floor, one at a time", graph.floor_one)), graph.wide_journal, graph.chain_journal);
 
-    // The same runs recorded in PostgreSQL (a database of the suite's own
-    // on the local server), against SQLite.
-    progress("PostgreSQL");
-    let database = stepbox_tests::postgres::TestDatabase::create();
-    for (chain, shape, on_sqlite) in
-        [(false, "independent no-op steps", wide_journal), (true, "chained no-op steps", chain_journal)]
-    {
-        let store: Arc<dyn Store> = Arc::new(PgStore::open(&database.url)?);
-        let name = if chain { "chain" } else { "wide" };
-        let (time, commits) = timed_run(&sandbox, workflow(name, n, chain)?, Some(store)).await?;
-        report.step(
-            &format!("stepbox on PostgreSQL: {n} {shape}"),
-            per_step(time, n),
-            Some(("the same on SQLite", on_sqlite)),
-            Target::None,
-        );
-        report.count(&format!("journal commits per step on PostgreSQL, {shape}"), commits as f64 / n as f64, None);
-    }
-    drop(database);
+    postgres_rows(&mut report, n, &progress, &sandbox, (wide_journal, chain_journal)).await?;
 
     progress("memory");
     let (early, late) = sizes.memory_runs;

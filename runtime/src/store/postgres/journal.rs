@@ -112,7 +112,10 @@ const STEP_FINISHED: &str =
                      ON CONFLICT (run_id, step_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
                          output = excluded.output, started_ms = excluded.started_ms,
                          finished_ms = excluded.finished_ms, required = excluded.required";
-const RUN_TOUCHED: &str = "UPDATE runs SET updated_ms = $2 WHERE id = $1";
+/// Every run with a record in a batch, marked as recently active (for
+/// `stepbox runs`) once per batch: a wide graph's step records would
+/// otherwise update the run's row hundreds of times in one transaction.
+pub(super) const RUNS_TOUCHED: &str = "UPDATE runs SET updated_ms = $2 WHERE id = ANY($1)";
 const RUN_FINISHED: &str = "UPDATE runs SET status = $2, outputs = $3, error = $4, updated_ms = $5, finished_ms = $5,
      cancel_requested = FALSE WHERE id = $1";
 const RUN_TASKS_DELETED: &str = "DELETE FROM tasks WHERE run_id = $1";
@@ -139,7 +142,7 @@ pub(super) const STATEMENTS: &[&str] = &[
     RUN_PARKED,
     RUN_TRACED,
     STEP_FINISHED,
-    RUN_TOUCHED,
+    RUNS_TOUCHED,
     RUN_FINISHED,
     RUN_TASKS_DELETED,
     RUN_CREATED,
@@ -201,25 +204,23 @@ impl Record {
             Record::RunParked { run_id } => {
                 exec(tx, RUN_PARKED, &[run_id, &RunStatus::Waiting.as_str(), &(now_ms() as i64)]).await.map(drop)
             }
-            Record::StepFinished { run_id, step } => {
-                exec(
-                    tx,
-                    STEP_FINISHED,
-                    &[
-                        run_id,
-                        &step.path,
-                        &step.position,
-                        &step.status,
-                        &step.reason,
-                        &step.output,
-                        &step.started,
-                        &step.finished,
-                        &step.required,
-                    ],
-                )
-                .await?;
-                exec(tx, RUN_TOUCHED, &[run_id, &(now_ms() as i64)]).await.map(drop)
-            }
+            Record::StepFinished { run_id, step } => exec(
+                tx,
+                STEP_FINISHED,
+                &[
+                    run_id,
+                    &step.path,
+                    &step.position,
+                    &step.status,
+                    &step.reason,
+                    &step.output,
+                    &step.started,
+                    &step.finished,
+                    &step.required,
+                ],
+            )
+            .await
+            .map(drop),
             Record::RunFinished { run_id, status, outputs, error } => {
                 exec(tx, RUN_FINISHED, &[run_id, &status.as_str(), outputs, error, &(now_ms() as i64)]).await?;
                 // A finished run has no work out: what an earlier driver

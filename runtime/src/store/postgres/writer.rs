@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::journal::Record;
 use super::{pg_error, pool_error};
 use crate::failpoint::failpoint;
+use crate::run::now_ms;
 use crate::store::group::{Kind, LAZY_WINDOW, MAX_BATCH};
 use crate::store::lease::Held;
 use crate::store::{Durable, StoreError};
@@ -303,7 +304,13 @@ async fn write_once(pool: &Pool, place: &str, records: &[&Queued]) -> Result<Vec
         tx.query(&statement, &[&fenced]).await
     };
     let writes = futures_util::future::try_join_all(records.iter().map(|queued| queued.record.write(&tx)));
-    let (_, epochs) = futures_util::future::try_join(writes, epochs).await.map_err(err)?;
+    let runs: Vec<&str> =
+        records.iter().map(|queued| queued.run_id.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
+    let touched = async {
+        let statement = tx.prepare_cached(super::journal::RUNS_TOUCHED).await?;
+        tx.execute(&statement, &[&runs, &(now_ms() as i64)]).await
+    };
+    let (_, _, epochs) = futures_util::future::try_join3(writes, touched, epochs).await.map_err(err)?;
     let epochs: HashMap<&str, i64> = epochs.iter().map(|row| (row.get(0), row.get(1))).collect();
     let taken_over: BTreeSet<&str> = records
         .iter()

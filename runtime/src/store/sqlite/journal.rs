@@ -378,8 +378,8 @@ impl Journal for Database {
                      ON CONFLICT DO UPDATE SET status = excluded.status, reason = excluded.reason, output = excluded.output,
                          started_ms = excluded.started_ms, finished_ms = excluded.finished_ms, required = excluded.required",
                 )?
-                .execute(params![id, path, position, status, reason, output, started, finished, required])?;
-                touch(conn, &id)
+                .execute(params![id, path, position, status, reason, output, started, finished, required])
+                .map(drop)
             }),
         )
     }
@@ -454,13 +454,6 @@ fn insert_execution(conn: &Connection, row: &ExecutionRow, run_id: &str, key: &s
     )?
     .execute(params![run_id, key, row.path, row.status, row.output])
     .map(drop)
-}
-
-/// Marks the run as recently active, for `stepbox runs`.
-fn touch(conn: &Connection, run_id: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached("UPDATE runs SET updated_ms = ?2 WHERE id = ?1")?
-        .execute(params![run_id, now_ms() as i64])
-        .map(drop)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! a [`Durable`] it does not need to wait for: the run's next awaited record
 //! reports the failure.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -214,6 +214,16 @@ fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<u
     for (index, queued) in pending.iter().enumerate() {
         (queued.job)(&tx).map_err(|err| (Some(index), Lost::of(&err)))?;
         failpoint!("journal.batch.record-written");
+    }
+    // Every run with a record here was active: marked so (for `stepbox
+    // runs`) once per batch, not once a record, which in a wide graph
+    // would update the run's row hundreds of times in one transaction.
+    let now = crate::run::now_ms() as i64;
+    let runs: BTreeSet<&str> = pending.iter().map(|queued| queued.ticket.run_id.as_str()).collect();
+    for run_id in runs {
+        tx.prepare_cached("UPDATE runs SET updated_ms = ?2 WHERE id = ?1")
+            .and_then(|mut statement| statement.execute(rusqlite::params![run_id, now]))
+            .map_err(whole)?;
     }
     let mut epochs: HashMap<&str, Option<u64>> = HashMap::new();
     for (index, queued) in pending.iter().enumerate() {
