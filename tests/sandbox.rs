@@ -561,3 +561,36 @@ async fn the_timeout_ends_an_attempt_waiting_on_key_value_state_and_calls_it_lef
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(store.0.load(std::sync::atomic::Ordering::SeqCst), 16);
 }
+
+#[test]
+fn a_component_file_loads_again_when_it_changed() {
+    let sandbox = sandbox();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("step.wasm");
+    let original = std::fs::read(guests::NOOP).unwrap();
+    // The same size, another component: what a rebuild leaves in place.
+    let mut rebuilt = original.clone();
+    let last = rebuilt.len() - 1;
+    rebuilt[last] ^= 1;
+    let digest = |sandbox: &Sandbox| sandbox.load(&path).map(|c| c.digest()).unwrap_or_else(|err| err.to_string());
+    std::fs::write(&path, &original).unwrap();
+    let first = digest(sandbox);
+    // Changed at once (within a tick of the file clock), and again once the
+    // file has settled and the sandbox trusts its stamp.
+    for settle in [false, true] {
+        if settle {
+            std::thread::sleep(Duration::from_millis(1100));
+            assert_eq!(digest(sandbox), first);
+            assert_eq!(digest(sandbox), first, "loaded by its stamp");
+        }
+        std::fs::write(&path, &rebuilt).unwrap();
+        if settle {
+            // Settled too: its own stamp is trusted, and it is not the one
+            // recorded.
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+        assert_ne!(digest(sandbox), first, "a changed file was not read again (settled: {settle})");
+        std::fs::write(&path, &original).unwrap();
+        assert_eq!(digest(sandbox), first);
+    }
+}
