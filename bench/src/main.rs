@@ -52,13 +52,16 @@ fn main() -> anyhow::Result<()> {
              attempts run about twice as slow (unset it for numbers like BENCHMARKS.md's)"
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let (Some(shape), Some(small), Some(large), Some(data_dir)) =
         (args.count, args.small, args.large, &args.data_dir)
     {
+        // Two workers whatever the machine, so the count does not depend
+        // on how many cores it has.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let sizes = stepbox_bench::counts::Sizes { small, large };
         return runtime.block_on(stepbox_bench::counts::workload(shape, sizes, args.measure_large, data_dir));
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let report = runtime.block_on(stepbox_bench::suite(sizes, args.only, |what| eprintln!("running: {what}")))?;
     print!("{}", report.markdown());
     Ok(())

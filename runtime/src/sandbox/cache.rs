@@ -39,14 +39,11 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 /// Components a process has loaded, so loading one again (each run loads
-/// its workflow's components) costs a `stat`, or a hash of its bytes when
-/// the file changed, not a deserialization, and its attempts reuse the
-/// instance slots (and the memory kept resident in them) of the earlier
-/// ones. The least recently used goes first.
+/// its workflow's components) costs a hash, not a deserialization, and its
+/// attempts reuse the instance slots (and the memory kept resident in them)
+/// of the earlier ones. The least recently used goes first.
 pub(crate) struct Loaded {
     entries: Mutex<LruCache<Digest, StepComponent>>,
-    /// The digest of each file loaded, as it was when read.
-    files: Mutex<LruCache<PathBuf, (FileStamp, Digest)>>,
 }
 
 /// Components kept loaded at most.
@@ -54,38 +51,7 @@ const LOADED_CAPACITY: NonZeroUsize = NonZeroUsize::new(64).unwrap();
 
 impl Default for Loaded {
     fn default() -> Self {
-        Loaded {
-            entries: Mutex::new(LruCache::new(LOADED_CAPACITY)),
-            files: Mutex::new(LruCache::new(LOADED_CAPACITY)),
-        }
-    }
-}
-
-/// What identifies a file's contents without reading them: which file it
-/// is, its size, and when it was last modified and changed. The change
-/// time is the kernel's own, which no write or `utime` can set back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct FileStamp([i64; 7]);
-
-/// How long ago a file must have last changed for its stamp to vouch for
-/// its bytes: the kernel's clock for file times ticks coarsely (every few
-/// milliseconds), so a file written again within a tick of the read could
-/// keep its stamp.
-const SETTLED: Duration = Duration::from_secs(1);
-
-impl FileStamp {
-    /// The stamp of the file at `path`, if the file last changed long
-    /// enough ago ([`SETTLED`]) for the stamp to change with its bytes.
-    pub(crate) fn settled(path: &Path) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt as _;
-        let meta = std::fs::metadata(path).ok()?;
-        let changed = SystemTime::UNIX_EPOCH
-            .checked_add(Duration::new(u64::try_from(meta.ctime()).ok()?, u32::try_from(meta.ctime_nsec()).ok()?))?;
-        if SystemTime::now().duration_since(changed).ok()? < SETTLED {
-            return None;
-        }
-        let [dev, ino, size] = [meta.dev(), meta.ino(), meta.size()].map(u64::cast_signed);
-        Some(FileStamp([dev, ino, size, meta.mtime(), meta.mtime_nsec(), meta.ctime(), meta.ctime_nsec()]))
+        Loaded { entries: Mutex::new(LruCache::new(LOADED_CAPACITY)) }
     }
 }
 
@@ -96,19 +62,6 @@ impl Loaded {
 
     pub(crate) fn insert(&self, digest: Digest, component: StepComponent) {
         self.entries.lock().put(digest, component);
-    }
-
-    /// The component loaded from the file at `path`, if the file is
-    /// unchanged (`stamp`) since.
-    pub(crate) fn file(&self, path: &Path, stamp: &FileStamp) -> Option<StepComponent> {
-        let digest = self.files.lock().get(path).filter(|(was, _)| was == stamp).map(|(_, digest)| *digest)?;
-        self.get(&digest)
-    }
-
-    /// Notes that the file at `path`, stamped `stamp` before it was read,
-    /// held the component of `digest`.
-    pub(crate) fn file_read(&self, path: &Path, stamp: FileStamp, digest: Digest) {
-        self.files.lock().put(path.to_owned(), (stamp, digest));
     }
 }
 

@@ -93,32 +93,20 @@ impl Sandbox {
     }
 
     /// Compiles and validates the component at `path`. Compiling is
-    /// CPU-heavy: call it from a blocking context. A file loaded before
-    /// and unchanged since is neither read nor hashed again.
+    /// CPU-heavy: call it from a blocking context.
     pub fn load(&self, path: &Path) -> Result<StepComponent, LoadError> {
-        let stamp = cache::FileStamp::settled(path);
-        if let Some(loaded) = stamp.as_ref().and_then(|stamp| self.loaded.file(path, stamp)) {
-            loaded_from_memory();
-            return Ok(loaded.at(path));
-        }
         let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
-        let digest = cache::digest(&bytes);
-        let loaded = self.load_digested(path, &bytes, digest)?;
-        if let Some(stamp) = stamp {
-            self.loaded.file_read(path, stamp, digest);
-        }
-        Ok(loaded)
+        self.load_bytes(path, &bytes)
     }
 
     /// Like [`Sandbox::load`], for bytes already in memory; `path` is only
     /// used in messages. The same bytes load once per sandbox.
     pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<StepComponent, LoadError> {
-        self.load_digested(path, bytes, cache::digest(bytes))
-    }
-
-    fn load_digested(&self, path: &Path, bytes: &[u8], digest: cache::Digest) -> Result<StepComponent, LoadError> {
+        let digest = cache::digest(bytes);
         if let Some(loaded) = self.loaded.get(&digest) {
-            loaded_from_memory();
+            if let Some(metrics) = crate::metrics::recording() {
+                metrics.component_loaded(crate::metrics::CompileSource::Memory);
+            }
             return Ok(loaded.at(path));
         }
         let loaded = component::load_bytes(&self.engine, &self.linkers, self.cache.as_ref(), path, bytes, &digest)?;
@@ -153,12 +141,6 @@ impl Sandbox {
         let places =
             attempt::Places { scratch: &self.scratch, reserved: &reserved, max_resources: self.resource_share };
         attempt::run(&self.engine, self.kv.clone(), &places, component, request).await
-    }
-}
-
-fn loaded_from_memory() {
-    if let Some(metrics) = crate::metrics::recording() {
-        metrics.component_loaded(crate::metrics::CompileSource::Memory);
     }
 }
 
