@@ -112,9 +112,10 @@ const STEP_FINISHED: &str =
                      ON CONFLICT (run_id, step_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
                          output = excluded.output, started_ms = excluded.started_ms,
                          finished_ms = excluded.finished_ms, required = excluded.required";
-/// Every run with a record in a batch, marked as recently active (for
-/// `stepbox runs`) once per batch: a wide graph's step records would
-/// otherwise update the run's row hundreds of times in one transaction.
+/// Every run with a record in a batch, marked as recently active (the
+/// `updated_ms` column, for whoever reads the table) once per batch: a
+/// wide graph's step records would otherwise update the run's row hundreds
+/// of times in one transaction.
 pub(super) const RUNS_TOUCHED: &str = "UPDATE runs SET updated_ms = $2 WHERE id = ANY($1)";
 const RUN_FINISHED: &str = "UPDATE runs SET status = $2, outputs = $3, error = $4, updated_ms = $5, finished_ms = $5,
      cancel_requested = FALSE WHERE id = $1";

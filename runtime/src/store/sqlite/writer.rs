@@ -215,9 +215,10 @@ fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<u
         (queued.job)(&tx).map_err(|err| (Some(index), Lost::of(&err)))?;
         failpoint!("journal.batch.record-written");
     }
-    // Every run with a record here was active: marked so (for `stepbox
-    // runs`) once per batch, not once a record, which in a wide graph
-    // would update the run's row hundreds of times in one transaction.
+    // Every run with a record here was active: marked so (its
+    // `updated_ms`) once per batch, not once a record, which in a wide
+    // graph would update the run's row hundreds of times in one
+    // transaction.
     let now = crate::run::now_ms() as i64;
     let runs: BTreeSet<&str> = pending.iter().map(|queued| queued.ticket.run_id.as_str()).collect();
     for run_id in runs {
