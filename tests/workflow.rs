@@ -1053,3 +1053,49 @@ steps:
         assert!(reason.contains("panicked with message \"a bug in the executor\""), "{id}: {reason}");
     }
 }
+
+/// `bytes` with a custom section named `name` appended: a component that
+/// runs as `bytes` does but that no other test has loaded.
+fn with_custom_section(bytes: &[u8], name: &str) -> Vec<u8> {
+    let name_len = u8::try_from(name.len()).unwrap();
+    assert!(name.len() < 127, "one-byte LEB128 sizes only");
+    let mut out = bytes.to_vec();
+    out.extend([0, name_len + 1, name_len]);
+    out.extend(name.as_bytes());
+    out
+}
+
+#[tokio::test]
+async fn a_pinned_workflow_runs_the_bytes_it_pinned_and_refuses_a_file_changed_since() {
+    let dir = temp_dir();
+    let pinned = with_custom_section(&std::fs::read(guests::ECHO).unwrap(), &format!("pin-{}", dir.display()));
+    std::fs::write(dir.join("step.wasm"), &pinned).unwrap();
+    std::fs::write(
+        dir.join("sub.yaml"),
+        "name: sub\nsteps:\n  - id: inner\n    uses: step.wasm\n    with: { from: sub }\noutputs:\n  got: '{{ steps.inner.output }}'\n",
+    )
+    .unwrap();
+    let main = dir.join("main.yaml");
+    std::fs::write(&main, "name: main\nsteps:\n  - id: outer\n    uses: step.wasm\n    with: { from: main }\n  - id: sub\n    include: sub.yaml\n").unwrap();
+    let mut workflow = Workflow::load(&main).unwrap();
+    let fingerprint = workflow.pin().unwrap();
+    assert_eq!(fingerprint["components"]["step.wasm"], json!(stepbox::sandbox::component_digest(&pinned)));
+    assert_eq!(fingerprint["includes"]["sub"]["components"]["step.wasm"], fingerprint["components"]["step.wasm"]);
+
+    // Rewritten after the pin, before the sandbox ever loaded it: refused,
+    // not run.
+    std::fs::copy(guests::HELLO, dir.join("step.wasm")).unwrap();
+    let inputs = workflow.bind_inputs(&serde_json::Map::new()).unwrap();
+    let workflow = Arc::new(workflow);
+    let refused =
+        scheduler::run(sandbox(), workflow.clone(), inputs.clone(), RunOptions::new("pin-1")).await.unwrap_err();
+    assert!(refused.to_string().contains("changed since the run's workflow was read"), "{refused}");
+
+    // Once the sandbox holds the pinned bytes, runs take them from memory
+    // and never read the file (which still holds another component).
+    sandbox().load_bytes(&dir.join("step.wasm"), &pinned).unwrap();
+    let report = scheduler::run(sandbox(), workflow, inputs, RunOptions::new("pin-2")).await.unwrap();
+    assert_eq!(report.run.status, RunStatus::Succeeded, "{report:#?}");
+    assert_eq!(step(&report, "outer").output, Some(json!({ "from": "main" })));
+    assert_eq!(step(&report, "sub.inner").output, Some(json!({ "from": "sub" })));
+}

@@ -123,11 +123,11 @@ pub(crate) async fn run(args: Args, place: &Place<'_>, remote: Option<&Client>) 
     }
     // Absolute, so `stepbox resume` finds it from anywhere.
     let file = std::path::absolute(&args.file).unwrap_or_else(|_| args.file.clone());
-    let workflow = Arc::new(Workflow::load(&file)?);
+    let mut workflow = Workflow::load(&file)?;
     let bound = workflow.bind_inputs(&inputs)?;
-    let fingerprint = workflow
-        .fingerprint()
-        .map_err(|err| CliError::Invalid(format!("error: cannot read the workflow's files: {err}")))?;
+    let fingerprint =
+        workflow.pin().map_err(|err| CliError::Invalid(format!("error: cannot read the workflow's files: {err}")))?;
+    let workflow = Arc::new(workflow);
     let tenant = admit(place, &args.tenant, &workflow)?;
     // Bound before the run is recorded: a bad address leaves no run behind.
     let metrics = args.how.bind_metrics().await?;

@@ -36,6 +36,15 @@ pub enum LoadError {
         /// Why.
         source: std::io::Error,
     },
+    #[error(
+        "{path} changed since the run's workflow was read (its bytes no longer have the hash the run \
+         recorded); put the file back, or start a new run"
+    )]
+    /// The file's bytes are not the ones its run pinned.
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
     #[error("{path} is empty: expected a WebAssembly component built for wasm32-wasip2")]
     /// The file is empty.
     Empty {

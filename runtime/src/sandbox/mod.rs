@@ -4,7 +4,6 @@
 mod attempt;
 mod bindings;
 mod cache;
-pub(crate) use cache::hex;
 mod capture;
 mod component;
 mod engine;
@@ -23,6 +22,7 @@ use wasmtime::component::{HasSelf, Linker};
 
 pub use attempt::{AttemptRequest, ExitCodes, FUEL_SLICE, StepContext};
 pub use cache::CacheGc;
+pub(crate) use cache::{Digest, digest, hex};
 pub use component::{LoadError, StepComponent};
 pub use engine::EngineConfig;
 pub use grants::{DirGrant, Grants, HttpGrant, HttpSecret, SCRATCH};
@@ -103,15 +103,35 @@ impl Sandbox {
     /// used in messages. The same bytes load once per sandbox.
     pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<StepComponent, LoadError> {
         let digest = cache::digest(bytes);
-        if let Some(loaded) = self.loaded.get(&digest) {
-            if let Some(metrics) = crate::metrics::recording() {
-                metrics.component_loaded(crate::metrics::CompileSource::Memory);
-            }
-            return Ok(loaded.at(path));
+        if let Some(loaded) = self.loaded(path, &digest) {
+            return Ok(loaded);
         }
         let loaded = component::load_bytes(&self.engine, &self.linkers, self.cache.as_ref(), path, bytes, &digest)?;
         self.loaded.insert(digest, loaded.clone());
         Ok(loaded)
+    }
+
+    /// The component at `path` whose bytes hash to `pinned`, as
+    /// [`crate::workflow::Workflow::pin`] read them: from memory when this
+    /// sandbox has loaded those bytes, else read and refused if they changed.
+    pub(crate) fn load_pinned(&self, path: &Path, pinned: &Digest) -> Result<StepComponent, LoadError> {
+        if let Some(loaded) = self.loaded(path, pinned) {
+            return Ok(loaded);
+        }
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        if cache::digest(&bytes) != *pinned {
+            return Err(LoadError::Changed { path: path.to_owned() });
+        }
+        self.load_bytes(path, &bytes)
+    }
+
+    /// The component with this digest, if this sandbox holds it loaded.
+    pub(crate) fn loaded(&self, path: &Path, digest: &Digest) -> Option<StepComponent> {
+        let loaded = self.loaded.get(digest)?;
+        if let Some(metrics) = crate::metrics::recording() {
+            metrics.component_loaded(crate::metrics::CompileSource::Memory);
+        }
+        Some(loaded.at(path))
     }
 
     /// Cleans the compile cache (when there is one): removes entries this

@@ -598,13 +598,12 @@ async fn load_templated_include(
     let load = move || {
         let path = base_dir.join(path);
         tenant.confine_include(&base_dir, &path)?;
-        let workflow =
+        let mut workflow =
             Workflow::load_for(&path, &tenant).map_err(|err| format!("the included workflow is not valid:\n{err}"))?;
         tenant
             .check_at(&workflow, depth)
             .map_err(|err| format!("the included workflow goes over the tenant's ceilings:\n{err}"))?;
-        let fingerprint =
-            workflow.fingerprint().map_err(|err| format!("cannot read the included workflow's files: {err}"))?;
+        let fingerprint = workflow.pin().map_err(|err| format!("cannot read the included workflow's files: {err}"))?;
         Ok((workflow, fingerprint))
     };
     tokio::task::spawn_blocking(load).await.map_err(|err| format!("loading the included workflow failed: {err}"))?

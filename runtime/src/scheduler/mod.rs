@@ -179,16 +179,27 @@ pub fn default_max_parallel() -> usize {
     (2 * cores).max(4)
 }
 
-/// Compiles every component of a workflow, in parallel. Errors point at
-/// where each component is declared.
+/// Compiles every component of a workflow, in parallel. A component pinned
+/// by [`Workflow::pin`] that the sandbox holds is taken from memory without
+/// reading its file. Errors point at where each component is declared.
 pub async fn compile(workflow: &Workflow, sandbox: &Sandbox) -> Result<HashMap<String, StepComponent>, WorkflowError> {
+    let mut compiled = HashMap::new();
     let mut tasks = JoinSet::new();
     for component in workflow.components.values() {
+        if let Some(loaded) = component.digest.and_then(|digest| sandbox.loaded(&component.path, &digest)) {
+            compiled.insert(component.name.clone(), loaded);
+            continue;
+        }
         let sandbox = sandbox.clone();
         let component = component.clone();
-        tasks.spawn_blocking(move || (sandbox.load(&component.path), component));
+        tasks.spawn_blocking(move || {
+            let loaded = match &component.digest {
+                Some(digest) => sandbox.load_pinned(&component.path, digest),
+                None => sandbox.load(&component.path),
+            };
+            (loaded, component)
+        });
     }
-    let mut compiled = HashMap::new();
     let mut diagnostics = Vec::new();
     while let Some(joined) = tasks.join_next().await {
         match joined {

@@ -236,10 +236,10 @@ fn record_cancelled(db: &dyn Journal, run_id: &str) -> crate::store::Durable {
 /// The run's workflow from `path`, if neither it nor its components
 /// changed since the run was created with `fingerprint`.
 fn load_unchanged(run: &Run, path: &Path, fingerprint: &serde_json::Value) -> Result<Workflow, ContinueError> {
-    let workflow = Workflow::load(path)
+    let mut workflow = Workflow::load(path)
         .map_err(|err| ContinueError::Changed(format!("error: the run's workflow no longer loads:\n{err}")))?;
     let now = workflow
-        .fingerprint()
+        .pin()
         .map_err(|err| ContinueError::Changed(format!("error: cannot read the workflow's files: {err}")))?;
     let changes = fingerprint_changes(fingerprint, &now);
     if !changes.is_empty() {

@@ -157,8 +157,8 @@ impl Service {
             let dir = bundles.fetch(&*db, &digest).map_err(ServiceError::Internal)?;
             let tenant = tenant.for_bundle(&dir);
             let entry = dir.join(entry);
-            let workflow = Workflow::load_for(&entry, &tenant).map_err(ServiceError::invalid_workflow)?;
-            let fingerprint = workflow.fingerprint().map_err(|err| {
+            let mut workflow = Workflow::load_for(&entry, &tenant).map_err(ServiceError::invalid_workflow)?;
+            let fingerprint = workflow.pin().map_err(|err| {
                 ServiceError::Internal(format!("cannot read the deployed bundle {}: {err}", dir.display()))
             })?;
             Ok(Deployed { dir, workflow: Arc::new(workflow), fingerprint })

@@ -27,6 +27,7 @@ pub(crate) use parse::read as read_file;
 pub use spec::WorkflowSpec;
 
 use crate::run::FailureKind;
+use crate::sandbox::Digest;
 use crate::tenant::Tenant;
 
 use spec::{Backoff, BreakerSpec, InputSpec, LimitsSpec, RateLimitSpec};
@@ -101,6 +102,8 @@ pub struct Component {
     pub breaker: Option<BreakerSpec>,
     /// Where it is declared, for load errors.
     pub location: Location,
+    /// The sha256 its bytes had when [`Workflow::pin`] read them.
+    pub(crate) digest: Option<Digest>,
 }
 
 /// What a step runs.
@@ -268,25 +271,30 @@ impl Workflow {
         graph::downstream(&self.steps, start).into_iter()
     }
 
-    /// Hashes of the workflow file, of each component and of each literal
-    /// include (with its own components), so a resumed run can refuse files
-    /// that changed since it started.
-    pub fn fingerprint(&self) -> std::io::Result<Value> {
-        fn hash(path: &Path) -> std::io::Result<String> {
-            use sha2::Digest;
-            Ok(format!("{:x}", sha2::Sha256::digest(std::fs::read(path)?)))
+    /// Hashes the workflow file, each component and each literal include
+    /// (with its own components), so a resumed run can refuse files that
+    /// changed since it started, and pins each component to the hash read
+    /// here: a run of this workflow loads exactly those bytes (from memory,
+    /// without reading the file, when the sandbox holds them) and refuses a
+    /// file that changed since. Returns the hashes, as runs record them.
+    pub fn pin(&mut self) -> std::io::Result<Value> {
+        fn hash(path: &Path) -> std::io::Result<Digest> {
+            Ok(crate::sandbox::digest(&std::fs::read(path)?))
         }
         let mut components = serde_json::Map::new();
-        for component in self.components.values() {
-            components.insert(component.name.clone(), Value::String(hash(&component.path)?));
+        for component in self.components.values_mut() {
+            let digest = hash(&component.path)?;
+            component.digest = Some(digest);
+            components.insert(component.name.clone(), Value::String(crate::sandbox::hex(&digest)));
         }
         let mut includes = serde_json::Map::new();
-        for step in &self.steps {
-            if let Action::Include { workflow: Some(included), .. } = &step.action {
-                includes.insert(step.id.clone(), included.fingerprint()?);
+        for step in &mut self.steps {
+            if let Action::Include { workflow: Some(included), .. } = &mut step.action {
+                includes.insert(step.id.clone(), Arc::make_mut(included).pin()?);
             }
         }
-        Ok(serde_json::json!({ "workflow": hash(&self.file)?, "components": components, "includes": includes }))
+        let workflow = crate::sandbox::hex(&hash(&self.file)?);
+        Ok(serde_json::json!({ "workflow": workflow, "components": components, "includes": includes }))
     }
 
     /// The events its waiting steps wait for, its literal includes' too;

@@ -120,7 +120,7 @@ pub(super) fn validate(
         }
         components.insert(
             name.clone(),
-            Component { name: name.clone(), path, rate_limit, breaker, location: component.referenced },
+            Component { name: name.clone(), path, rate_limit, breaker, location: component.referenced, digest: None },
         );
     }
 
@@ -409,7 +409,14 @@ fn resolve_uses(
         }
         components.insert(
             name.clone(),
-            Component { name: name.clone(), path, rate_limit: None, breaker: None, location: uses.referenced },
+            Component {
+                name: name.clone(),
+                path,
+                rate_limit: None,
+                breaker: None,
+                location: uses.referenced,
+                digest: None,
+            },
         );
         return name;
     }
