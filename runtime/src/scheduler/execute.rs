@@ -52,10 +52,11 @@ fn items(shared: &Shared, i: usize) -> Result<Vec<Option<Value>>, String> {
             shared.base.tenant.name
         )
     };
-    let context = shared.context.with_item(None);
     let list = |value: &Value, what: &str| -> Result<Vec<Value>, String> {
         let value = match value {
-            Value::String(text) => template::evaluate(text, &context).map_err(|err| format!("`{what}`: {err}"))?,
+            Value::String(text) => {
+                template::evaluate(text, &shared.context.with_item(None)).map_err(|err| format!("`{what}`: {err}"))?
+            }
             other => other.clone(),
         };
         match value {
@@ -163,6 +164,7 @@ async fn fan_out(
         report.executions = executions.into_iter().flatten().collect();
     } else {
         // A plain step is one execution, run in the step's own task.
+        report.executions.reserve_exact(items.len());
         for item in items {
             report.executions.push(execution(shared, i, component, None, item, cancel, span).await);
         }

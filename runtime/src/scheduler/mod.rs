@@ -434,16 +434,13 @@ impl Shared {
             .values()
             .filter_map(|c| c.rate_limit.map(|spec| (c.name.clone(), RateLimiter::new(spec))))
             .collect();
-        let steps = Arc::new(StepsView::default());
-        for step in &workflow.steps {
-            steps.set(&step.id, StepStatus::Pending, None);
-        }
-        let context = RunContext {
-            inputs: template::to_jinja(inputs.as_map()),
-            vars: template::to_jinja(&workflow.vars),
-            run: minijinja::context! { id => options.run_id.clone(), workflow => workflow.name.clone(), tenant => options.tenant.name.clone() },
+        let steps = Arc::new(StepsView::new(workflow.steps.iter().map(|step| step.id.as_str())));
+        let context = RunContext::new(
+            template::to_jinja(inputs.as_map()),
+            template::to_jinja(&workflow.vars),
+            minijinja::context! { id => options.run_id.clone(), workflow => workflow.name.clone(), tenant => options.tenant.name.clone() },
             steps,
-        };
+        );
         Arc::new(Shared {
             sandbox,
             components,
@@ -544,13 +541,13 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
     let mut ready: VecDeque<usize> = (0..n).filter(|&i| remaining[i] == 0).collect();
     let fail_fast_token = cancel.child_token();
     let mut first_failure: Option<String> = None;
-    let mut running: JoinSet<(usize, StepReport)> = JoinSet::new();
-    let mut task_step: HashMap<tokio::task::Id, usize> = HashMap::new();
+    let mut running: JoinSet<Finished> = JoinSet::new();
     // While this loop works, or a component step runs, the run does not
-    // park (see `wait`).
+    // park (see `wait`). A step's work counts until this loop has taken in
+    // its end.
     let waits = shared.base.waits.clone();
     let mut working = Some(waits.busy());
-    let mut step_work = HashMap::new();
+    let mut step_work: Vec<Option<wait::Busy<'_>>> = std::iter::repeat_with(|| None).take(n).collect();
 
     loop {
         // A step that finished in the driver's own task (see below).
@@ -562,7 +559,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
                 Decision::Start => {
                     report.status = StepStatus::Running;
                     report.started_ms = Some(now_ms());
-                    shared.context.steps.set(&steps[i].id, StepStatus::Running, None);
+                    shared.context.steps.set(i, StepStatus::Running, None);
                     // `always` steps outlive --fail-fast, not a cancelled run.
                     let token = if steps[i].always { cancel.clone() } else { fail_fast_token.clone() };
                     let span =
@@ -573,21 +570,20 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
                         // The only step that can run now (a link of a
                         // chain): nothing else can become ready until it
                         // ends, so it runs in this task, saving the wake-ups
-                        // of a task of its own. A panic in it is still the
-                        // step's failure. (A waiting or included step gets
-                        // a task: the run may park while it waits.)
-                        let ran = AssertUnwindSafe(step).catch_unwind().await;
-                        inline = Some(ran.map_err(|panic| (i, panic_message(panic.as_ref()))));
+                        // of a task of its own. (A waiting or included step
+                        // gets a task: the run may park while it waits.)
+                        inline = Some(caught(i, step).await);
                         // A step that ends without waiting (its output
                         // reused on resume, a failed template) does not
                         // let a long chain hold the worker without a yield.
                         tokio::task::coop::consume_budget().await;
                         break;
                     }
-                    let handle = running.spawn(step);
-                    task_step.insert(handle.id(), i);
+                    // Boxed: the task then moves a pointer, not the step's
+                    // large future, each time tokio moves it.
+                    running.spawn(caught(i, Box::pin(step)));
                     if runs {
-                        step_work.insert(handle.id(), waits.busy());
+                        step_work[i] = Some(waits.busy());
                     }
                     continue;
                 }
@@ -612,20 +608,16 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
             Some(finished) => finished,
             None => {
                 drop(working.take());
-                let Some(joined) = running.join_next_with_id().await else { break };
+                let Some(joined) = running.join_next().await else { break };
                 working.replace(waits.busy());
-                let id = match &joined {
-                    Ok((id, _)) => *id,
-                    Err(err) => err.id(),
+                // Steps catch their own panics, so a task ends in error
+                // only when the runtime shuts down under the run.
+                let Ok(finished) = joined else { continue };
+                let i = match &finished {
+                    Ok((i, _)) | Err((i, _)) => *i,
                 };
-                step_work.remove(&id);
-                match joined {
-                    Ok((_, finished)) => Ok(finished),
-                    Err(err) => match task_step.get(&err.id()) {
-                        Some(&i) => Err((i, err.to_string())),
-                        None => continue,
-                    },
-                }
+                step_work[i] = None;
+                finished
             }
         };
         let (i, report) = match finished {
@@ -662,11 +654,15 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
     GraphReport { status, outputs, output_errors, steps: reports }
 }
 
-/// What a panic said, as `JoinError` shows it for a step in a task of its
-/// own.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let message = payload.downcast_ref::<&str>().copied().or(payload.downcast_ref::<String>().map(String::as_str));
-    format!("panicked with message {:?}", message.unwrap_or("Box<dyn Any>"))
+/// How step `i` ended: its report, or what it panicked with.
+type Finished = Result<(usize, StepReport), (usize, String)>;
+
+/// Step `i`'s future, a panic in it caught as the step's failure.
+async fn caught(i: usize, step: impl Future<Output = (usize, StepReport)>) -> Finished {
+    AssertUnwindSafe(step).catch_unwind().await.map_err(|panic| {
+        let message = panic.downcast_ref::<&str>().copied().or(panic.downcast_ref::<String>().map(String::as_str));
+        (i, format!("panicked with message {:?}", message.unwrap_or("Box<dyn Any>")))
+    })
 }
 
 fn decide(
@@ -734,7 +730,7 @@ fn settle(
 ) {
     let id = &shared.workflow.steps[i].id;
     shared.record(|journal, run_id| journal.step_finished(run_id, i, report));
-    shared.context.steps.set(id, report.status, report.output.clone());
+    shared.context.steps.set(i, report.status, report.output.clone());
     shared.emit(RunEvent::StepFinished {
         path: report.id.clone(),
         status: report.status,
