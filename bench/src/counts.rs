@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use bytesize::ByteSize;
 use stepbox::sandbox::{EngineConfig, Sandbox};
 use stepbox::scheduler::RunOptions;
-use stepbox::store::MemoryKeyValueStore;
+use stepbox::store::{Database, MemoryKeyValueStore, Store};
 use stepbox_tests::guests;
 
 /// What is counted, per no-op step.
@@ -24,6 +24,9 @@ pub enum Shape {
     Wide,
     /// No-op steps, each depending on the one before.
     Chain,
+    /// Independent no-op steps, each recorded in a SQLite journal (its
+    /// writer's thread counted too; the disk's time is not an instruction).
+    WideJournal,
 }
 
 impl Shape {
@@ -32,6 +35,7 @@ impl Shape {
             Shape::Floor => "floor",
             Shape::Wide => "wide",
             Shape::Chain => "chain",
+            Shape::WideJournal => "wide-journal",
         }
     }
 }
@@ -81,8 +85,14 @@ pub async fn workload(shape: Shape, sizes: Sizes, large: bool, data_dir: &Path) 
     // Both graphs are built in both processes, whichever runs last.
     let small = Arc::new(crate::workflow(shape.name(), sizes.small, chain)?);
     let large_graph = Arc::new(crate::workflow(shape.name(), sizes.large, chain)?);
-    for workflow in [&small, if large { &large_graph } else { &small }] {
-        let options = RunOptions { max_parallel: 1, ..RunOptions::new(shape.name()) };
+    // Each run's journal in a database of its own, gone with the process.
+    let journals = tempfile::tempdir()?;
+    for (turn, workflow) in [&small, if large { &large_graph } else { &small }].into_iter().enumerate() {
+        let mut options = RunOptions { max_parallel: 1, ..RunOptions::new(shape.name()) };
+        if shape == Shape::WideJournal {
+            let store: Arc<dyn Store> = Arc::new(Database::open(&journals.path().join(turn.to_string()))?);
+            crate::journal_in(&store, &mut options, shape.name()).await?;
+        }
         crate::run(&sandbox, workflow.clone(), options).await?;
     }
     Ok(())

@@ -336,12 +336,18 @@ fn count_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)) -> an
     let floor = counts::per_step(&exe, Shape::Floor, steps)?;
     let what = "wasmtime alone on stepbox's engine: instantiate + call";
     report.count(&format!("instructions per no-op step (callgrind, one slot): {what}"), floor, None);
+    let mut wide = None;
     for (shape, what) in [(Shape::Wide, "independent no-op steps"), (Shape::Chain, "a chain of no-op steps")] {
         progress(&format!("instruction counts, {what}"));
         let count = counts::per_step(&exe, shape, steps)?;
         let what = format!("instructions per no-op step (callgrind, one slot): stepbox, {what}, no journal");
         report.count(&what, count, Some(("wasmtime alone", floor)));
+        wide = wide.or(Some(count));
     }
+    progress("instruction counts, independent no-op steps, journal");
+    let journal = counts::per_step(&exe, Shape::WideJournal, steps)?;
+    let what = "instructions per no-op step (callgrind, one slot): stepbox, independent no-op steps, SQLite journal";
+    report.count(what, journal, wide.map(|wide| ("no journal", wide)));
     Ok(())
 }
 
@@ -514,17 +520,22 @@ async fn timed_run(
 ) -> anyhow::Result<(Duration, u64)> {
     let mut options = RunOptions::new(workflow.name.clone());
     if let Some(store) = &store {
-        let (_, created) = store.create_run(
-            &Run::new(options.run_id.clone(), &workflow.name, "", "default", Default::default()),
-            &json!({}),
-        );
-        created.await?;
-        options.journal = Some(store.clone());
+        journal_in(store, &mut options, &workflow.name).await?;
     }
     let started = Instant::now();
     run(sandbox, Arc::new(workflow), options).await?;
     let elapsed = started.elapsed();
     Ok((elapsed, store.map_or(0, |store| store.journal_commits())))
+}
+
+/// Records the run of `options` in `store`, as the CLI does: its row
+/// first, then every record of the run.
+async fn journal_in(store: &Arc<dyn Store>, options: &mut RunOptions, workflow: &str) -> anyhow::Result<()> {
+    let run = Run::new(options.run_id.clone(), workflow, "", "default", Default::default());
+    let (_, created) = store.create_run(&run, &json!({}));
+    created.await?;
+    options.journal = Some(store.clone());
+    Ok(())
 }
 
 /// The faster of two runs of `n` no-op steps (as the floor is the fastest
