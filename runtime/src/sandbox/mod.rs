@@ -103,9 +103,14 @@ impl Sandbox {
     /// used in messages. The same bytes load once per sandbox.
     pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<StepComponent, LoadError> {
         let digest = cache::digest(bytes);
-        if let Some(loaded) = self.loaded(path, &digest) {
-            return Ok(loaded);
+        match self.loaded(path, &digest) {
+            Some(loaded) => Ok(loaded),
+            None => self.compile(path, bytes, digest),
         }
+    }
+
+    /// Compiles `bytes`, whose sha256 is `digest`, and keeps it loaded.
+    fn compile(&self, path: &Path, bytes: &[u8], digest: Digest) -> Result<StepComponent, LoadError> {
         let loaded = component::load_bytes(&self.engine, &self.linkers, self.cache.as_ref(), path, bytes, &digest)?;
         self.loaded.insert(digest, loaded.clone());
         Ok(loaded)
@@ -122,7 +127,7 @@ impl Sandbox {
         if cache::digest(&bytes) != *pinned {
             return Err(LoadError::Changed { path: path.to_owned() });
         }
-        self.load_bytes(path, &bytes)
+        self.compile(path, &bytes, *pinned)
     }
 
     /// The component with this digest, if this sandbox holds it loaded.

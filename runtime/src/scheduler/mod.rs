@@ -548,6 +548,9 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
     let waits = shared.base.waits.clone();
     let mut working = Some(waits.busy());
     let mut step_work: Vec<Option<wait::Busy<'_>>> = std::iter::repeat_with(|| None).take(n).collect();
+    // Each step's task, to name the step of a task that ends without a
+    // report (looked up only then).
+    let mut tasks: Vec<Option<tokio::task::Id>> = vec![None; n];
 
     loop {
         // A step that finished in the driver's own task (see below).
@@ -581,7 +584,7 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
                     }
                     // Boxed: the task then moves a pointer, not the step's
                     // large future, each time tokio moves it.
-                    running.spawn(caught(i, Box::pin(step)));
+                    tasks[i] = Some(running.spawn(caught(i, Box::pin(step))).id());
                     if runs {
                         step_work[i] = Some(waits.busy());
                     }
@@ -610,9 +613,14 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
                 drop(working.take());
                 let Some(joined) = running.join_next().await else { break };
                 working.replace(waits.busy());
-                // Steps catch their own panics, so a task ends in error
-                // only when the runtime shuts down under the run.
-                let Ok(finished) = joined else { continue };
+                // A step catches its own panics; its task can still end in
+                // error (a panic while its future is dropped, the runtime
+                // shutting down), and that is the step's failure.
+                let finished = joined.or_else(|err| match tasks.iter().position(|&task| task == Some(err.id())) {
+                    Some(i) => Ok(Err((i, err.to_string()))),
+                    None => Err(err),
+                });
+                let Ok(finished) = finished else { continue };
                 let i = match &finished {
                     Ok((i, _)) | Err((i, _)) => *i,
                 };
