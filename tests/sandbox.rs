@@ -577,7 +577,8 @@ fn a_component_file_loads_again_when_it_changed() {
     let mut rebuilt = original.clone();
     let last = rebuilt.len() - 1;
     rebuilt[last] ^= 1;
-    let digest = |sandbox: &Sandbox| sandbox.load(&path).map(|c| c.digest()).unwrap_or_else(|err| err.to_string());
+    let digest =
+        |sandbox: &Sandbox| sandbox.load(&path).map(|c| c.digest().to_string()).unwrap_or_else(|err| err.to_string());
     std::fs::write(&path, &original).unwrap();
     let first = digest(sandbox);
     // Rewritten at once (within a tick of the file clock), and again once

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use opentelemetry::trace::{
-    Span as _, SpanContext, Status, TraceContextExt as _, TraceFlags, TraceState, Tracer as _, TracerProvider as _,
+    SpanContext, Status, TraceContextExt as _, TraceFlags, TraceState, Tracer as _, TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_http::{HttpClient, HttpError, Request, Response};
@@ -104,8 +104,9 @@ enum Place {
 struct Open {
     /// Holds the span: how OpenTelemetry makes a child of it.
     context: Context,
-    /// Its `traceparent`, when sampled (every attempt's is read).
-    traceparent: Option<TraceParent>,
+    /// Its `traceparent`, when sampled; written out the first time it is
+    /// read (by a step, or for its outgoing requests), as most are not.
+    traceparent: std::sync::OnceLock<Option<TraceParent>>,
 }
 
 impl Drop for Open {
@@ -143,9 +144,8 @@ impl Span {
     fn open(name: &'static str, parent: &Context, attributes: impl FnOnce() -> Vec<KeyValue>) -> Span {
         let Some(tracer) = TRACER.read().clone() else { return Span::default() };
         let span = tracer.build_with_context(tracer.span_builder(name).with_attributes(attributes()), parent);
-        let ids = span.span_context();
-        let traceparent = ids.is_sampled().then(|| TraceParent(format!("00-{}-{}-01", ids.trace_id(), ids.span_id())));
-        Span(Place::Open(Arc::new(Open { context: Context::new().with_span(span), traceparent })))
+        let context = Context::new().with_span(span);
+        Span(Place::Open(Arc::new(Open { context, traceparent: std::sync::OnceLock::new() })))
     }
 
     /// Sets attributes on the span, built only when it is exported.
@@ -179,7 +179,14 @@ impl Span {
         match &self.0 {
             Place::None => None,
             Place::Remote(parent) => Some(parent),
-            Place::Open(open) => open.traceparent.as_ref(),
+            Place::Open(open) => open
+                .traceparent
+                .get_or_init(|| {
+                    let span = open.context.span();
+                    let ids = span.span_context();
+                    ids.is_sampled().then(|| TraceParent(format!("00-{}-{}-01", ids.trace_id(), ids.span_id())))
+                })
+                .as_ref(),
         }
     }
 }

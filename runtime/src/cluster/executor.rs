@@ -59,7 +59,7 @@ impl QueueExecutor {
     /// load it by digest. The file is read again, so it must still be the
     /// one that was compiled.
     async fn keep(&self, component: &StepComponent) -> Result<String, String> {
-        let digest = component.digest();
+        let digest = component.digest().to_string();
         if self.kept.lock().contains(&digest) {
             return Ok(digest);
         }

@@ -8,6 +8,7 @@
 //! wasmtime's own preview1 implementation so its exit code arrives intact.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Module};
@@ -38,7 +39,7 @@ pub enum LoadError {
     },
     #[error(
         "{path} changed since the run's workflow was read (its bytes no longer have the hash the run \
-         recorded); put the file back, or start a new run"
+         recorded); put the file back, or start a new run (for a deployed workflow, deploy it again)"
     )]
     /// The file's bytes are not the ones its run pinned.
     Changed {
@@ -140,6 +141,8 @@ pub struct StepComponent {
     path: PathBuf,
     /// The sha256 of its bytes: what it travels by to other machines.
     digest: Digest,
+    /// The same in hex, made once: every attempt's span carries it.
+    hex: Arc<str>,
     pub(crate) entry: Entry,
 }
 
@@ -164,7 +167,7 @@ impl std::fmt::Debug for StepComponent {
 impl StepComponent {
     /// The same compiled component, as loaded from `path`.
     pub(crate) fn at(&self, path: &Path) -> StepComponent {
-        StepComponent { path: path.to_owned(), digest: self.digest, entry: self.entry.clone() }
+        StepComponent { path: path.to_owned(), hex: self.hex.clone(), digest: self.digest, entry: self.entry.clone() }
     }
 
     /// Where the component was loaded from.
@@ -173,8 +176,8 @@ impl StepComponent {
     }
 
     /// The sha256 of its bytes, in hex.
-    pub fn digest(&self) -> String {
-        super::cache::hex(&self.digest)
+    pub fn digest(&self) -> &Arc<str> {
+        &self.hex
     }
 
     /// Whether it is a WASI command (or preview1 module) rather than a step
@@ -227,7 +230,7 @@ pub(crate) fn load_bytes(
             return Err(LoadError::CoreModule { path });
         }
         let pre = linkers.module.instantiate_pre(&module).map_err(link_error)?;
-        return Ok(StepComponent { path, digest: *digest, entry: Entry::Module(pre) });
+        return Ok(StepComponent { path, digest: *digest, hex: hex(digest), entry: Entry::Module(pre) });
     }
     let component: Component = CompileCache::compile(cache, engine, bytes, digest).map_err(compile_error)?;
     let instance_pre = linkers.component.instantiate_pre(&component).map_err(link_error)?;
@@ -244,7 +247,11 @@ pub(crate) fn load_bytes(
         let exports = if exports.is_empty() { "none".to_owned() } else { exports.join(", ") };
         return Err(LoadError::MissingRun { path, exports });
     };
-    Ok(StepComponent { path, digest: *digest, entry })
+    Ok(StepComponent { path, digest: *digest, hex: hex(digest), entry })
+}
+
+fn hex(digest: &Digest) -> Arc<str> {
+    super::cache::hex(digest).into()
 }
 
 /// The first name in backquotes: how wasmtime names the import it could not

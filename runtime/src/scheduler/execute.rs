@@ -314,7 +314,7 @@ async fn execution(
                         KeyValue::new("stepbox.step", path.to_string()),
                         KeyValue::new("stepbox.tenant", shared.base.tenant.name.clone()),
                         KeyValue::new("stepbox.component", name.to_owned()),
-                        KeyValue::new("stepbox.component_digest", component.digest().to_string()),
+                        KeyValue::new("stepbox.component_digest", component.digest().clone()),
                     ]
                 });
                 let request = AttemptRequest {

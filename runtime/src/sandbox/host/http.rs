@@ -33,17 +33,14 @@ pub(crate) const FIELDS_LIMIT: usize = 16 * 1024;
 pub(crate) struct HttpPolicy {
     grants: Arc<[HttpGrant]>,
     secrets: Arc<[HttpSecret]>,
-    /// The attempt's span, sent as `traceparent` unless the step sends
-    /// its own.
-    trace_parent: Option<http::HeaderValue>,
-    /// Where a refused request is told, as an event.
+    /// The attempt's span: sent as `traceparent` unless the step sends its
+    /// own, and where a refused request is told, as an event.
     span: Span,
 }
 
 impl HttpPolicy {
     pub(crate) fn new(grants: Vec<HttpGrant>, secrets: Vec<HttpSecret>, span: Span) -> Self {
-        let trace_parent = span.traceparent().and_then(|parent| http::HeaderValue::from_str(parent.as_str()).ok());
-        HttpPolicy { grants: grants.into(), secrets: secrets.into(), trace_parent, span }
+        HttpPolicy { grants: grants.into(), secrets: secrets.into(), span }
     }
 
     /// Whether one of `grants` lets `request` out.
@@ -136,8 +133,10 @@ impl WasiHttpHooks for HttpPolicy {
             return Box::new(async { Err(Error::HttpRequestDenied) });
         }
         let mut request = request;
-        if let Some(parent) = &self.trace_parent {
-            request.headers_mut().entry("traceparent").or_insert_with(|| parent.clone());
+        if let Some(parent) =
+            self.span.traceparent().and_then(|parent| http::HeaderValue::from_str(parent.as_str()).ok())
+        {
+            request.headers_mut().entry("traceparent").or_insert(parent);
         }
         if let Err(err) = self.fill_in_secrets(&mut request) {
             return Box::new(async { Err(err) });
