@@ -27,6 +27,10 @@ pub enum Shape {
     /// Independent no-op steps, each recorded in a SQLite journal (its
     /// writer's thread counted too; the disk's time is not an instruction).
     WideJournal,
+    /// Independent no-op steps, metrics recorded and every span exported
+    /// over OTLP to a receiver in the process (the exporter's thread and
+    /// the receiver counted too).
+    WideWatched,
 }
 
 impl Shape {
@@ -36,6 +40,7 @@ impl Shape {
             Shape::Wide => "wide",
             Shape::Chain => "chain",
             Shape::WideJournal => "wide-journal",
+            Shape::WideWatched => "wide-watched",
         }
     }
 }
@@ -87,6 +92,14 @@ pub async fn workload(shape: Shape, sizes: Sizes, large: bool, data_dir: &Path) 
     let large_graph = Arc::new(crate::workflow(shape.name(), sizes.large, chain)?);
     // Each run's journal in a database of its own, gone with the process.
     let journals = tempfile::tempdir()?;
+    let exporting = match shape {
+        Shape::WideWatched => {
+            stepbox::metrics::record(true);
+            let endpoint = crate::otlp_sink().await?;
+            Some(stepbox::traces::export(Some(&endpoint)).map_err(anyhow::Error::msg)?.context("no trace exporter")?)
+        }
+        _ => None,
+    };
     for (turn, workflow) in [&small, if large { &large_graph } else { &small }].into_iter().enumerate() {
         let mut options = RunOptions { max_parallel: 1, ..RunOptions::new(shape.name()) };
         if shape == Shape::WideJournal {
@@ -95,6 +108,8 @@ pub async fn workload(shape: Shape, sizes: Sizes, large: bool, data_dir: &Path) 
         }
         crate::run(&sandbox, workflow.clone(), options).await?;
     }
+    // Every span exported before the count ends.
+    drop(exporting);
     Ok(())
 }
 
@@ -132,6 +147,9 @@ pub fn per_step(exe: &Path, shape: Shape, sizes: Sizes) -> anyhow::Result<f64> {
 fn run(mut command: Command, shape: Shape, sizes: Sizes, large: bool, data_dir: &Path) -> anyhow::Result<()> {
     // A backtrace captured whenever a store is dropped would be counted.
     command.env_remove("RUST_BACKTRACE").arg("--count").arg(shape.name());
+    // A queue that holds every span of the counted runs: none is dropped
+    // (and so not counted) when the exporter falls behind under valgrind.
+    command.env("OTEL_BSP_MAX_QUEUE_SIZE", "1000000");
     command.arg("--small").arg(sizes.small.to_string()).arg("--large").arg(sizes.large.to_string());
     if large {
         command.arg("--measure-large");

@@ -348,6 +348,11 @@ fn count_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)) -> an
     let journal = counts::per_step(&exe, Shape::WideJournal, steps)?;
     let what = "instructions per no-op step (callgrind, one slot): stepbox, independent no-op steps, SQLite journal";
     report.count(what, journal, wide.map(|wide| ("no journal", wide)));
+    progress("instruction counts, independent no-op steps, watched");
+    let watched = counts::per_step(&exe, Shape::WideWatched, steps)?;
+    let what = "instructions per no-op step (callgrind, one slot): stepbox, independent no-op steps, metrics recorded \
+                and traces exported over OTLP";
+    report.count(what, watched, wide.map(|wide| ("unwatched", wide)));
     Ok(())
 }
 
@@ -443,7 +448,7 @@ async fn observe_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str
 
 /// An OTLP/HTTP receiver that takes every export and keeps nothing; its
 /// base address.
-async fn otlp_sink() -> anyhow::Result<String> {
+pub(crate) async fn otlp_sink() -> anyhow::Result<String> {
     let app = axum::Router::new().route("/v1/traces", axum::routing::post(|_: axum::body::Bytes| async { "" }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;

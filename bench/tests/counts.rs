@@ -15,7 +15,7 @@ const SIZES: Sizes = Sizes { small: 20, large: 120 };
 const BUILD: &str = if cfg!(debug_assertions) { "test build" } else { "release build" };
 
 /// The figure BENCHMARKS.md records for `shape` in this build: its row of
-/// the instruction-count table, `| BUILD | FLOOR | WIDE | CHAIN | WIDE, JOURNAL |`.
+/// the instruction-count table, `| BUILD | FLOOR | WIDE | CHAIN | WIDE, JOURNAL | WIDE, WATCHED |`.
 fn recorded(shape: Shape) -> f64 {
     let benchmarks = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md")).unwrap();
     let row = benchmarks
@@ -27,6 +27,7 @@ fn recorded(shape: Shape) -> f64 {
         Shape::Wide => 3,
         Shape::Chain => 4,
         Shape::WideJournal => 5,
+        Shape::WideWatched => 6,
     };
     let cell = row.split('|').nth(column).unwrap_or_default().replace([',', ' '], "");
     cell.parse().unwrap_or_else(|err| panic!("BENCHMARKS.md's `{row}`: column {column} is not a count: {err}"))
@@ -63,4 +64,9 @@ fn instructions_per_step_of_the_chain_stay_within_a_tenth_of_the_record() {
 #[test]
 fn instructions_per_journaled_step_of_the_wide_graph_stay_within_a_tenth_of_the_record() {
     check(Shape::WideJournal);
+}
+
+#[test]
+fn instructions_per_watched_step_of_the_wide_graph_stay_within_a_tenth_of_the_record() {
+    check(Shape::WideWatched);
 }
