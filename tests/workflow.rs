@@ -1078,7 +1078,12 @@ async fn a_pinned_workflow_runs_the_bytes_it_pinned_and_refuses_a_file_changed_s
     let main = dir.join("main.yaml");
     std::fs::write(&main, "name: main\nsteps:\n  - id: outer\n    uses: step.wasm\n    with: { from: main }\n  - id: sub\n    include: sub.yaml\n").unwrap();
     let mut workflow = Workflow::load(&main).unwrap();
+    // The workflow file rewritten between load and pin: the fingerprint is
+    // of the bytes that were parsed.
+    let parsed = std::fs::read(&main).unwrap();
+    std::fs::write(&main, "name: other\nsteps: []\n").unwrap();
     let fingerprint = workflow.pin().unwrap();
+    assert_eq!(fingerprint["workflow"], json!(stepbox::sandbox::component_digest(&parsed)));
     assert_eq!(fingerprint["components"]["step.wasm"], json!(stepbox::sandbox::component_digest(&pinned)));
     assert_eq!(fingerprint["includes"]["sub"]["components"]["step.wasm"], fingerprint["components"]["step.wasm"]);
 

@@ -54,6 +54,9 @@ pub struct Workflow {
     pub outputs: BTreeMap<String, String>,
     /// What starts its runs once deployed to `stepbox serve`.
     pub triggers: Triggers,
+    /// The sha256 of the file's bytes as they were parsed; `None` for a
+    /// workflow not read from a file.
+    pub(crate) parsed: Option<Digest>,
 }
 
 /// What starts runs of a deployed workflow, checked.
@@ -271,12 +274,13 @@ impl Workflow {
         graph::downstream(&self.steps, start).into_iter()
     }
 
-    /// Hashes the workflow file, each component and each literal include
-    /// (with its own components), so a resumed run can refuse files that
-    /// changed since it started, and pins each component to the hash read
-    /// here: a run of this workflow loads exactly those bytes (from memory,
-    /// without reading the file, when the sandbox holds them) and refuses a
-    /// file that changed since. Returns the hashes, as runs record them.
+    /// Hashes the workflow file (the bytes that were parsed), each component
+    /// and each literal include (with its own components), so a resumed run
+    /// can refuse files that changed since it started, and pins each
+    /// component to the hash read here: a run of this workflow loads exactly
+    /// those bytes (from memory, without reading the file, when the sandbox
+    /// holds them) and refuses a file that changed since. Returns the
+    /// hashes, as runs record them.
     pub fn pin(&mut self) -> std::io::Result<Value> {
         fn hash(path: &Path) -> std::io::Result<Digest> {
             Ok(crate::sandbox::digest(&std::fs::read(path)?))
@@ -293,7 +297,12 @@ impl Workflow {
                 includes.insert(step.id.clone(), Arc::make_mut(included).pin()?);
             }
         }
-        let workflow = crate::sandbox::hex(&hash(&self.file)?);
+        // The bytes parsed, not the file as it is now: a run records the
+        // workflow it runs.
+        let workflow = crate::sandbox::hex(&match self.parsed {
+            Some(parsed) => parsed,
+            None => hash(&self.file)?,
+        });
         Ok(serde_json::json!({ "workflow": workflow, "components": components, "includes": includes }))
     }
 

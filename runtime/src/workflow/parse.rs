@@ -10,10 +10,14 @@ use super::diagnostic::{Diagnostics, WorkflowError, did_you_mean};
 
 /// Reads and decodes a file.
 pub(crate) fn read<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T, WorkflowError> {
-    let text = std::fs::read_to_string(path).map_err(|err| {
+    decode(path, &read_text(path, what)?)
+}
+
+/// The text of the `what` at `path`.
+pub(crate) fn read_text(path: &Path, what: &str) -> Result<String, WorkflowError> {
+    std::fs::read_to_string(path).map_err(|err| {
         WorkflowError::single(path, format!("cannot read the {what}: {err}"), Some("check the path".into()))
-    })?;
-    decode(path, &text)
+    })
 }
 
 /// Decodes YAML or JSON text with located errors.

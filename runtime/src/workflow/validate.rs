@@ -59,9 +59,12 @@ impl<'a> Loading<'a> {
 
 /// Reads and validates the workflow file at `path`.
 pub(super) fn load_file(path: &Path, loading: &mut Loading<'_>) -> Result<Workflow, WorkflowError> {
-    let spec: WorkflowSpec = parse::read(path, "workflow file")?;
+    let text = parse::read_text(path, "workflow file")?;
+    let spec: WorkflowSpec = parse::decode(path, &text)?;
     let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
-    validate(spec, path, &base_dir, loading)
+    let mut workflow = validate(spec, path, &base_dir, loading)?;
+    workflow.parsed = Some(crate::sandbox::digest(text.as_bytes()));
+    Ok(workflow)
 }
 
 pub(super) fn validate(
@@ -298,6 +301,7 @@ pub(super) fn validate(
         steps,
         outputs: spec.outputs.into_iter().map(|(name, value)| (name, value.value)).collect(),
         triggers,
+        parsed: None,
     };
     // A schedule's inputs are literal, so they are bound now, not at 3 a.m.
     let mut d = Diagnostics::new(file);
