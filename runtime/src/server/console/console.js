@@ -437,6 +437,9 @@ async function runPage(runId, signal) {
 
   let drawn = '';
   let shownDetail = null;
+  // Each waiting step's event form, made once and put back by every
+  // redraw of the panel: what is typed in it, and the focus, survive.
+  const eventForms = new Map();
   const rows = new Map();
   function render() {
     // What has the keyboard's focus is found again after the redraw.
@@ -526,12 +529,6 @@ async function runPage(runId, signal) {
   }
 
   function renderDetail(step) {
-    // What was typed in the step's event form survives a redraw of the
-    // same step's panel (its records or the outline arriving, say).
-    const typed = step && detail.dataset.step === step.id
-      ? [...detail.querySelectorAll('#event-name, #event-payload')].map((field) => [field.id, field.value])
-      : [];
-    detail.dataset.step = step ? step.id : '';
     if (!step) {
       detail.replaceChildren(h('p', { class: 'muted' }, 'Choose a step in the graph or the list (Tab to it, then Enter).'));
       return;
@@ -544,7 +541,8 @@ async function runPage(runId, signal) {
       declared && declared.component ? h('p', { class: 'muted' }, `runs component ${declared.component}`) : '',
     ];
     if (step.status === 'waiting' || (declared && declared.kind === 'wait' && !FINAL.includes(step.status) && step.status !== 'skipped')) {
-      parts.push(eventForm(report.id, declared ? declared.event : null, act));
+      if (!eventForms.has(step.id)) eventForms.set(step.id, eventForm(report.id, declared ? declared.event : null, act));
+      parts.push(eventForms.get(step.id));
     }
     if (['failed', 'cancelled'].includes(report.status)) {
       parts.push(h('div', { class: 'actions' }, h('button', {
@@ -560,11 +558,9 @@ async function runPage(runId, signal) {
     if (only) parts.push(inputView(only));
     if (step.output !== null && step.output !== undefined) parts.push(h('h4', {}, 'Output'), h('pre', { class: 'step-output' }, json(step.output)));
     for (const execution of step.executions) parts.push(executionView(execution, many));
+    const focused = document.activeElement;
     detail.replaceChildren(...parts.flat(Infinity).filter((part) => part !== ''));
-    for (const [fieldId, value] of typed) {
-      const field = detail.querySelector(`#${fieldId}`);
-      if (field) field.value = value;
-    }
+    if (focused && focused !== document.activeElement && detail.contains(focused)) focused.focus();
   }
 
   function executionView(execution, many) {
