@@ -336,23 +336,28 @@ fn count_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)) -> an
     let floor = counts::per_step(&exe, Shape::Floor, steps)?;
     let what = "wasmtime alone on stepbox's engine: instantiate + call";
     report.count(&format!("instructions per no-op step (callgrind, one slot): {what}"), floor, None);
-    let mut wide = None;
-    for (shape, what) in [(Shape::Wide, "independent no-op steps"), (Shape::Chain, "a chain of no-op steps")] {
+    let mut wide = 0.0;
+    for (shape, what, baseline) in [
+        (Shape::Wide, "independent no-op steps, no journal", None),
+        (Shape::Chain, "a chain of no-op steps, no journal", None),
+        (Shape::WideJournal, "independent no-op steps, SQLite journal", Some("no journal")),
+        (
+            Shape::WideWatched,
+            "independent no-op steps, metrics recorded and traces exported over OTLP",
+            Some("unwatched"),
+        ),
+    ] {
         progress(&format!("instruction counts, {what}"));
         let count = counts::per_step(&exe, shape, steps)?;
-        let what = format!("instructions per no-op step (callgrind, one slot): stepbox, {what}, no journal");
-        report.count(&what, count, Some(("wasmtime alone", floor)));
-        wide = wide.or(Some(count));
+        let to = match baseline {
+            Some(baseline) => (baseline, wide),
+            None => ("wasmtime alone", floor),
+        };
+        report.count(&format!("instructions per no-op step (callgrind, one slot): stepbox, {what}"), count, Some(to));
+        if shape == Shape::Wide {
+            wide = count;
+        }
     }
-    progress("instruction counts, independent no-op steps, journal");
-    let journal = counts::per_step(&exe, Shape::WideJournal, steps)?;
-    let what = "instructions per no-op step (callgrind, one slot): stepbox, independent no-op steps, SQLite journal";
-    report.count(what, journal, wide.map(|wide| ("no journal", wide)));
-    progress("instruction counts, independent no-op steps, watched");
-    let watched = counts::per_step(&exe, Shape::WideWatched, steps)?;
-    let what = "instructions per no-op step (callgrind, one slot): stepbox, independent no-op steps, metrics recorded \
-                and traces exported over OTLP";
-    report.count(what, watched, wide.map(|wide| ("unwatched", wide)));
     Ok(())
 }
 

@@ -139,10 +139,9 @@ pub enum LoadError {
 #[derive(Clone)]
 pub struct StepComponent {
     path: PathBuf,
-    /// The sha256 of its bytes: what it travels by to other machines.
-    digest: Digest,
-    /// The same in hex, made once: every attempt's span carries it.
-    hex: Arc<str>,
+    /// The sha256 of its bytes in hex, what it travels by to other
+    /// machines; made once, as every attempt's span carries it.
+    digest: Arc<str>,
     pub(crate) entry: Entry,
 }
 
@@ -167,7 +166,7 @@ impl std::fmt::Debug for StepComponent {
 impl StepComponent {
     /// The same compiled component, as loaded from `path`.
     pub(crate) fn at(&self, path: &Path) -> StepComponent {
-        StepComponent { path: path.to_owned(), hex: self.hex.clone(), digest: self.digest, entry: self.entry.clone() }
+        StepComponent { path: path.to_owned(), digest: self.digest.clone(), entry: self.entry.clone() }
     }
 
     /// Where the component was loaded from.
@@ -177,7 +176,7 @@ impl StepComponent {
 
     /// The sha256 of its bytes, in hex.
     pub fn digest(&self) -> &Arc<str> {
-        &self.hex
+        &self.digest
     }
 
     /// Whether it is a WASI command (or preview1 module) rather than a step
@@ -230,7 +229,7 @@ pub(crate) fn load_bytes(
             return Err(LoadError::CoreModule { path });
         }
         let pre = linkers.module.instantiate_pre(&module).map_err(link_error)?;
-        return Ok(StepComponent { path, digest: *digest, hex: hex(digest), entry: Entry::Module(pre) });
+        return Ok(StepComponent { path, digest: hex(digest), entry: Entry::Module(pre) });
     }
     let component: Component = CompileCache::compile(cache, engine, bytes, digest).map_err(compile_error)?;
     let instance_pre = linkers.component.instantiate_pre(&component).map_err(link_error)?;
@@ -247,7 +246,7 @@ pub(crate) fn load_bytes(
         let exports = if exports.is_empty() { "none".to_owned() } else { exports.join(", ") };
         return Err(LoadError::MissingRun { path, exports });
     };
-    Ok(StepComponent { path, digest: *digest, hex: hex(digest), entry })
+    Ok(StepComponent { path, digest: hex(digest), entry })
 }
 
 fn hex(digest: &Digest) -> Arc<str> {
