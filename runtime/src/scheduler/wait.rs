@@ -129,6 +129,9 @@ pub(super) async fn step(
     };
     let resume = &shared.base.resume;
     if let Some(output) = resume.completed.get(&key) {
+        // Again: a crash may have come between the attempt's records and
+        // this one.
+        drop(shared.record(|journal, run_id| journal.wait_ended(run_id, &key)));
         (execution.status, execution.output, execution.reused) = (StepStatus::Succeeded, Some(output.clone()), true);
         (report.status, report.output) = (StepStatus::Succeeded, Some(output.clone()));
         report.executions.push(execution);
@@ -165,6 +168,7 @@ pub(super) async fn step(
     let started = shared.record(|journal, run_id| journal.attempt_started(run_id, &path, &key, &attempt, None));
     shared.durable(started).await;
     shared.record(|journal, run_id| journal.attempt_finished(run_id, &path, &key, &attempt, true));
+    drop(shared.record(|journal, run_id| journal.wait_ended(run_id, &key)));
     match &attempt.outcome {
         Outcome::Succeeded { output } => {
             (execution.status, execution.output) = (StepStatus::Succeeded, Some(output.clone()));

@@ -17,6 +17,7 @@ mod group;
 #[cfg(test)]
 mod kv_conformance;
 mod lease;
+mod log;
 mod memory;
 mod postgres;
 mod queue;
@@ -205,6 +206,10 @@ pub trait Journal: Send + Sync {
         started_ms: f64,
         deadline_ms: Option<f64>,
     ) -> Durable;
+    /// The wait of the step with idempotency key `key` ended (its event
+    /// came, it timed out or was cancelled), after its attempt's records:
+    /// a parked run is woken only for waits that have not.
+    fn wait_ended(&self, run_id: &str, key: &str) -> Durable;
     /// The run parked: only waiting steps were left, so it stopped, to be
     /// resumed when an event comes or a wait times out. Its last record.
     fn run_parked(&self, run_id: &str) -> Durable;

@@ -98,20 +98,43 @@ fn capped_logs(attempt: &Attempt) -> String {
     text(&Value::Array(kept))
 }
 
-/// An attempt's columns.
+/// An attempt's columns (PostgreSQL's), or its fields in a log record
+/// (SQLite's, [`super::log`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct AttemptRow {
+    #[serde(rename = "attempt")]
     pub(crate) number: u32,
-    pub(crate) status: &'static str,
+    #[serde(deserialize_with = "status_named")]
+    pub(crate) status: StatusName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) kind: Option<FailureKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) message: Option<String>,
     pub(crate) started: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) finished: Option<f64>,
+    #[serde(default)]
     pub(crate) delay: f64,
+    #[serde(default)]
     pub(crate) fuel: i64,
+    #[serde(default)]
     pub(crate) peak_memory: i64,
+    /// The log records' JSON text.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) logs: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) stdout: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) stderr: String,
+}
+
+/// An attempt's status as [`attempt_status`] names it. An alias, so that
+/// serde does not take the field for text borrowed from the input.
+pub(crate) type StatusName = &'static str;
+
+fn status_named<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<&'static str, D::Error> {
+    let stored: std::borrow::Cow<'de, str> = serde::Deserialize::deserialize(deserializer)?;
+    Ok(attempt_status(&stored))
 }
 
 impl AttemptRow {
@@ -131,6 +154,29 @@ impl AttemptRow {
             stdout: capped(&attempt.stdout.text),
             stderr: capped(&attempt.stderr.text),
         }
+    }
+
+    /// An attempt that started and has not ended.
+    pub(crate) fn running(number: u32, started: f64, delay: f64) -> Self {
+        AttemptRow {
+            number,
+            status: "running",
+            kind: None,
+            message: None,
+            started,
+            finished: None,
+            delay,
+            fuel: 0,
+            peak_memory: 0,
+            logs: String::new(),
+            stdout: String::new(),
+            stderr: String::new(),
+        }
+    }
+
+    /// Without its logs, stdout and stderr: what a summary keeps.
+    pub(crate) fn drop_bulk(&mut self) {
+        (self.logs, self.stdout, self.stderr) = (String::new(), String::new(), String::new());
     }
 
     /// The attempt back from its columns. A succeeded attempt's output is

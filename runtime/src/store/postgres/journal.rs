@@ -53,6 +53,10 @@ pub(super) enum Record {
         started: f64,
         deadline: Option<f64>,
     },
+    WaitEnded {
+        run_id: String,
+        key: String,
+    },
     RunParked {
         run_id: String,
     },
@@ -104,6 +108,7 @@ const INCLUDE_LOADED: &str =
     "INSERT INTO includes (run_id, step_id, fingerprint) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
 const WAIT_STARTED: &str = "INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms)
                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
+const WAIT_ENDED: &str = "UPDATE waits SET ended = TRUE WHERE run_id = $1 AND key = $2";
 const RUN_PARKED: &str = "UPDATE runs SET status = $2, updated_ms = $3 WHERE id = $1";
 const RUN_TRACED: &str = "UPDATE runs SET trace = $2 WHERE id = $1 AND trace IS NULL";
 const STEP_FINISHED: &str =
@@ -201,6 +206,7 @@ impl Record {
             Record::WaitStarted { run_id, key, path, event, started, deadline } => {
                 exec(tx, WAIT_STARTED, &[run_id, key, path, event, started, deadline]).await.map(drop)
             }
+            Record::WaitEnded { run_id, key } => exec(tx, WAIT_ENDED, &[run_id, key]).await.map(drop),
             Record::RunTraced { run_id, trace } => exec(tx, RUN_TRACED, &[run_id, trace]).await.map(drop),
             Record::RunParked { run_id } => {
                 exec(tx, RUN_PARKED, &[run_id, &RunStatus::Waiting.as_str(), &(now_ms() as i64)]).await.map(drop)
@@ -522,6 +528,10 @@ impl Journal for PgStore {
             deadline: deadline_ms,
         };
         self.writer.queue(run_id, Kind::Awaited, record)
+    }
+
+    fn wait_ended(&self, run_id: &str, key: &str) -> Durable {
+        self.writer.queue(run_id, Kind::Lazy, Record::WaitEnded { run_id: run_id.to_owned(), key: key.to_owned() })
     }
 
     fn run_parked(&self, run_id: &str) -> Durable {

@@ -224,6 +224,10 @@ const MIGRATIONS: &[&str] = &[
     // 10: the span of a run's first traced drive, which later drives
     // continue.
     "ALTER TABLE runs ADD COLUMN trace TEXT;",
+    // 11: a wait says when it ended.
+    "ALTER TABLE waits ADD COLUMN ended BOOLEAN NOT NULL DEFAULT FALSE;
+    UPDATE waits SET ended = TRUE
+    WHERE EXISTS (SELECT 1 FROM executions AS x WHERE x.run_id = waits.run_id AND x.key = waits.key);",
 ];
 
 /// The schema version this build writes.

@@ -14,8 +14,8 @@ use crate::store::{Lease, Pending, Registry, Started, StoreError, TokenRecord, W
 const TOKEN_COLUMNS: &str = "id, tenant, name, created_ms, revoked_ms";
 const VERSION_COLUMNS: &str = "tenant, name, version, digest, entry, created_ms";
 
-/// A wait (`w`) whose step has no result yet.
-const PENDING: &str = "NOT EXISTS (SELECT 1 FROM executions AS x WHERE x.run_id = w.run_id AND x.key = w.key)";
+/// A wait (`w`) that has not ended.
+const PENDING: &str = "NOT w.ended";
 
 fn token_from(row: &Row) -> Result<TokenRecord, String> {
     Ok(TokenRecord {

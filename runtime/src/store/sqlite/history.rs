@@ -7,8 +7,8 @@ use rusqlite::{OptionalExtension, Row, params};
 use serde_json::Value;
 
 use super::Database;
-use crate::run::{ExecutionReport, Run, RunReport, RunStatus, StepReport};
-use crate::store::rows::{self, AttemptRow};
+use crate::run::{Run, RunReport, RunStatus};
+use crate::store::rows;
 use crate::store::{History, RunFilter, StoreError};
 
 const RUN_COLUMNS: &str = "id, workflow, workflow_path, tenant, inputs, status, outputs, error, created_ms, finished_ms, \
@@ -123,84 +123,20 @@ impl History for Database {
     }
 
     fn run_report(&self, run_id: &str) -> Result<RunReport, StoreError> {
-        self.report(run_id, rows::RECORDS)
+        self.report(run_id, true)
     }
 
     fn run_summary(&self, run_id: &str) -> Result<RunReport, StoreError> {
-        self.report(run_id, rows::NO_RECORDS)
+        self.report(run_id, false)
     }
 }
 
 impl Database {
-    /// A run's report, its attempts' bulk read as the `records` columns say.
-    fn report(&self, run_id: &str, records: &str) -> Result<RunReport, StoreError> {
+    /// A run's report; without `bulk`, without its attempts' logs, stdout,
+    /// stderr and inputs.
+    fn report(&self, run_id: &str, bulk: bool) -> Result<RunReport, StoreError> {
         let run = self.load_run(run_id)?;
-        let steps: Vec<(i64, StepReport)> = self.read(|conn| {
-            let mut statement = conn.prepare(
-                "SELECT step_id, position, status, reason, output, started_ms, finished_ms, required FROM steps
-                 WHERE run_id = ?1",
-            )?;
-            let rows = statement.query_map(params![run_id], |row| {
-                Ok((
-                    row.get(1)?,
-                    StepReport {
-                        id: row.get(0)?,
-                        status: row.get(2)?,
-                        reason: row.get(3)?,
-                        required: row.get(7)?,
-                        output: rows::json(row.get(4)?),
-                        started_ms: row.get(5)?,
-                        finished_ms: row.get(6)?,
-                        executions: Vec::new(),
-                        steps: Vec::new(),
-                    },
-                ))
-            })?;
-            rows.collect()
-        })?;
-        let executions: Vec<ExecutionReport> = self.read(|conn| {
-            let mut statement =
-                conn.prepare("SELECT key, step_id, status, output, error FROM executions WHERE run_id = ?1")?;
-            let rows = statement.query_map(params![run_id], |row| {
-                Ok(ExecutionReport {
-                    idempotency_key: row.get(0)?,
-                    path: row.get(1)?,
-                    status: row.get(2)?,
-                    output: rows::json(row.get(3)?),
-                    error: row.get(4)?,
-                    item: None,
-                    input: None,
-                    reused: false,
-                    attempts: Vec::new(),
-                })
-            })?;
-            rows.collect()
-        })?;
-        let attempts: Vec<rows::AttemptRecord> = self.read(|conn| {
-            let mut statement = conn.prepare(&format!(
-                "SELECT key, step_id, attempt, status, kind, message, started_ms, finished_ms, fuel, peak_memory,
-                        {records}
-                 FROM attempts WHERE run_id = ?1 ORDER BY key, attempt",
-            ))?;
-            let rows = statement.query_map(params![run_id], |row| {
-                let attempt = AttemptRow {
-                    number: row.get(2)?,
-                    status: rows::attempt_status(&row.get::<_, String>(3)?),
-                    kind: row.get(4)?,
-                    message: row.get(5)?,
-                    started: row.get::<_, Option<f64>>(6)?.unwrap_or_default(),
-                    finished: row.get(7)?,
-                    delay: row.get(13)?,
-                    fuel: row.get::<_, Option<i64>>(8)?.unwrap_or_default(),
-                    peak_memory: row.get::<_, Option<i64>>(9)?.unwrap_or_default(),
-                    logs: row.get::<_, Option<String>>(10)?.unwrap_or_default(),
-                    stdout: row.get::<_, Option<String>>(11)?.unwrap_or_default(),
-                    stderr: row.get::<_, Option<String>>(12)?.unwrap_or_default(),
-                };
-                Ok((row.get(0)?, row.get(1)?, attempt.read(), rows::json(row.get(14)?)))
-            })?;
-            rows.collect()
-        })?;
-        Ok(RunReport { run, output_errors: Vec::new(), steps: rows::assemble(steps, executions, attempts) })
+        let folded = self.read(|conn| super::journal::fold(conn, run_id, bulk))?;
+        Ok(RunReport { run, output_errors: Vec::new(), steps: folded.steps(run_id) })
     }
 }

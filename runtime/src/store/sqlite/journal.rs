@@ -8,11 +8,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use super::Database;
-use super::writer::Kind;
+use super::writer::{Job, Kind, append};
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
 use crate::store::lease::{LEASE_TTL, leased};
-use crate::store::rows::{AttemptRow, ExecutionRow, clean, expiry, held, json, kept_input, text};
+use crate::store::log::{Chunk, Folded, Record};
+use crate::store::rows::{clean, expiry, held, json, text};
 use crate::store::{Durable, Journal, Lease, Renewed, ResumeState, StoreError};
 
 /// Inserts a new run's row and its labels, its lease held by this process
@@ -49,7 +50,11 @@ impl Journal for Database {
         let lease = Lease::created(&run.id);
         let (record, fingerprint) = (run.clone(), fingerprint.clone());
         self.writer.held.forget(&run.id);
-        let created = self.queue(&run.id, Kind::Awaited, Box::new(move |conn| insert_run(conn, &record, &fingerprint)));
+        let created = self.queue(
+            &run.id,
+            Kind::Awaited,
+            Job::Statements(Box::new(move |conn| insert_run(conn, &record, &fingerprint))),
+        );
         self.writer.held.hold(&lease);
         let durable = Box::pin(async move {
             created.await?;
@@ -71,7 +76,7 @@ impl Journal for Database {
 
     fn forget_steps(&self, run_id: &str, steps: &[StepPath]) -> Result<(), StoreError> {
         self.write(|tx| {
-            for table in ["steps", "executions", "includes", "waits"] {
+            for table in ["includes", "waits"] {
                 let recorded: Vec<StepPath> = {
                     let mut statement = tx.prepare(&format!("SELECT step_id FROM {table} WHERE run_id = ?1"))?;
                     statement.query_map(params![run_id], |row| row.get(0))?.collect::<rusqlite::Result<_>>()?
@@ -81,7 +86,9 @@ impl Journal for Database {
                     delete.execute(params![run_id, path])?;
                 }
             }
-            Ok(())
+            let mut chunk = Chunk::new();
+            chunk.push(&Record::Forgotten { steps: steps.to_vec() }.text());
+            append(tx, run_id, &mut chunk)
         })
     }
 
@@ -193,7 +200,7 @@ impl Journal for Database {
         self.queue(
             &run_id,
             Kind::Last,
-            Box::new(move |conn| {
+            Job::Statements(Box::new(move |conn| {
                 failpoint!("lease.before-release");
                 conn.execute(
                     "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL
@@ -201,25 +208,14 @@ impl Journal for Database {
                     params![lease.run_id, lease.owner, lease.epoch.cast_signed()],
                 )
                 .map(drop)
-            }),
+            })),
         )
     }
 
     fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError> {
         self.read(|conn| {
             let mut state = ResumeState::default();
-            let mut statement =
-                conn.prepare("SELECT key, output FROM executions WHERE run_id = ?1 AND status = 'succeeded'")?;
-            for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
-                let (key, output) = row?;
-                state.completed.insert(key, json(output).unwrap_or(Value::Null));
-            }
-            let mut statement =
-                conn.prepare("SELECT key, MAX(attempt) FROM attempts WHERE run_id = ?1 GROUP BY key")?;
-            for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
-                let (key, attempts) = row?;
-                state.attempts.insert(key, attempts);
-            }
+            (state.completed, state.attempts) = fold(conn, run_id, false)?.resume(run_id);
             let mut statement = conn.prepare("SELECT step_id, fingerprint FROM includes WHERE run_id = ?1")?;
             for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
                 let (path, fingerprint) = row?;
@@ -248,44 +244,15 @@ impl Journal for Database {
         &self,
         run_id: &str,
         path: &StepPath,
-        key: &str,
+        _key: &str,
         attempt: &Attempt,
         input: Option<&str>,
     ) -> Durable {
-        let (id, key, number, path, started) =
-            (run_id.to_owned(), key.to_owned(), attempt.attempt, path.clone(), attempt.started_ms);
-        let (delay, input) = (attempt.delay_before_ms, input.map(kept_input));
-        self.queue(
-            run_id,
-            Kind::Awaited,
-            Box::new(move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms, input)
-                     VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6, ?7)
-                     ON CONFLICT DO UPDATE SET status = 'running', started_ms = excluded.started_ms,
-                                               input = excluded.input",
-                )?
-                .execute(params![id, key, number, path, started, delay, input])
-                .map(drop)
-            }),
-        )
+        self.queue(run_id, Kind::Awaited, Job::Log(Record::started(path, attempt, input).text()))
     }
 
-    fn attempt_finished(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt, last: bool) -> Durable {
-        let (id, key, path) = (run_id.to_owned(), key.to_owned(), path.clone());
-        let row = AttemptRow::of(attempt);
-        let execution = last.then(|| ExecutionRow::of(&path, attempt));
-        self.queue(
-            run_id,
-            Kind::Lazy,
-            Box::new(move |conn| {
-                insert_attempt(conn, &row, &id, &key, &path)?;
-                match &execution {
-                    Some(execution) => insert_execution(conn, execution, &id, &key),
-                    None => Ok(()),
-                }
-            }),
-        )
+    fn attempt_finished(&self, run_id: &str, path: &StepPath, _key: &str, attempt: &Attempt, last: bool) -> Durable {
+        self.queue(run_id, Kind::Lazy, Job::Log(Record::finished(path, attempt, last).text()))
     }
 
     fn include_loaded(&self, run_id: &str, path: &StepPath, fingerprint: &Value) -> Durable {
@@ -293,13 +260,13 @@ impl Journal for Database {
         self.queue(
             run_id,
             Kind::Awaited,
-            Box::new(move |conn| {
+            Job::Statements(Box::new(move |conn| {
                 conn.prepare_cached(
                     "INSERT INTO includes (run_id, step_id, fingerprint) VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
                 )?
                 .execute(params![id, path, fingerprint])
                 .map(drop)
-            }),
+            })),
         )
     }
 
@@ -316,14 +283,27 @@ impl Journal for Database {
         self.queue(
             run_id,
             Kind::Awaited,
-            Box::new(move |conn| {
+            Job::Statements(Box::new(move |conn| {
                 conn.prepare_cached(
                     "INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT DO NOTHING",
                 )?
                 .execute(params![id, key, path, event, started_ms, deadline_ms])
                 .map(drop)
-            }),
+            })),
+        )
+    }
+
+    fn wait_ended(&self, run_id: &str, key: &str) -> Durable {
+        let (id, key) = (run_id.to_owned(), key.to_owned());
+        self.queue(
+            run_id,
+            Kind::Lazy,
+            Job::Statements(Box::new(move |conn| {
+                conn.prepare_cached("UPDATE waits SET ended = 1 WHERE run_id = ?1 AND key = ?2")?
+                    .execute(params![id, key])
+                    .map(drop)
+            })),
         )
     }
 
@@ -332,13 +312,13 @@ impl Journal for Database {
         self.queue(
             run_id,
             Kind::Last,
-            Box::new(move |conn| {
+            Job::Statements(Box::new(move |conn| {
                 conn.execute(
                     "UPDATE runs SET status = ?2, updated_ms = ?3 WHERE id = ?1",
                     params![id, RunStatus::Waiting, now_ms() as i64],
                 )
                 .map(drop)
-            }),
+            })),
         )
     }
 
@@ -347,9 +327,9 @@ impl Journal for Database {
         self.queue(
             run_id,
             Kind::Lazy,
-            Box::new(move |conn| {
+            Job::Statements(Box::new(move |conn| {
                 conn.execute("UPDATE runs SET trace = ?2 WHERE id = ?1 AND trace IS NULL", params![id, trace]).map(drop)
-            }),
+            })),
         )
     }
 
@@ -364,24 +344,7 @@ impl Journal for Database {
     }
 
     fn step_finished(&self, run_id: &str, position: usize, step: &StepReport) -> Durable {
-        let id = run_id.to_owned();
-        let (path, position, status, required) = (step.id.clone(), position as i64, step.status, step.required);
-        let (reason, output) = (step.reason.as_deref().map(clean), step.output.as_ref().map(text));
-        let (started, finished) = (step.started_ms, step.finished_ms);
-        self.queue(
-            run_id,
-            Kind::Lazy,
-            Box::new(move |conn| {
-                conn.prepare_cached(
-                    "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms, required)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                     ON CONFLICT DO UPDATE SET status = excluded.status, reason = excluded.reason, output = excluded.output,
-                         started_ms = excluded.started_ms, finished_ms = excluded.finished_ms, required = excluded.required",
-                )?
-                .execute(params![id, path, position, status, reason, output, started, finished, required])
-                .map(drop)
-            }),
-        )
+        self.queue(run_id, Kind::Lazy, Job::Log(Record::step(position, step).text()))
     }
 
     fn run_finished(
@@ -395,7 +358,7 @@ impl Journal for Database {
         self.queue(
             run_id,
             Kind::Last,
-            Box::new(move |conn| {
+            Job::Statements(Box::new(move |conn| {
                 conn.execute(
                     "UPDATE runs SET status = ?2, outputs = ?3, error = ?4, updated_ms = ?5, finished_ms = ?5,
                      cancel_requested = 0 WHERE id = ?1",
@@ -404,56 +367,24 @@ impl Journal for Database {
                 // A finished run has no work out: what an earlier driver
                 // left in the queue goes, its holders fenced off.
                 conn.execute("DELETE FROM tasks WHERE run_id = ?1", params![id]).map(drop)
-            }),
+            })),
         )
     }
 }
 
-/// Writes an attempt's columns.
-fn insert_attempt(
-    conn: &Connection,
-    row: &AttemptRow,
-    run_id: &str,
-    key: &str,
-    path: &StepPath,
-) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
-                               fuel, peak_memory, logs, stdout, stderr, delay_before_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-         ON CONFLICT DO UPDATE SET status = excluded.status, kind = excluded.kind, message = excluded.message,
-             started_ms = excluded.started_ms, finished_ms = excluded.finished_ms, fuel = excluded.fuel,
-             peak_memory = excluded.peak_memory, logs = excluded.logs, stdout = excluded.stdout,
-             stderr = excluded.stderr, delay_before_ms = excluded.delay_before_ms",
-    )?
-    .execute(params![
-        run_id,
-        key,
-        row.number,
-        path,
-        row.status,
-        row.kind,
-        row.message,
-        row.started,
-        row.finished,
-        row.fuel,
-        row.peak_memory,
-        row.logs,
-        row.stdout,
-        row.stderr,
-        row.delay
-    ])
-    .map(drop)
-}
-
-/// Writes an execution's result.
-fn insert_execution(conn: &Connection, row: &ExecutionRow, run_id: &str, key: &str) -> rusqlite::Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO executions (run_id, key, step_id, status, output) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT DO UPDATE SET status = excluded.status, output = excluded.output",
-    )?
-    .execute(params![run_id, key, row.path, row.status, row.output])
-    .map(drop)
+/// A run's log, folded; without `bulk`, without the attempts' logs,
+/// stdout, stderr and inputs.
+pub(super) fn fold(conn: &Connection, run_id: &str, bulk: bool) -> rusqlite::Result<Folded> {
+    let mut folded = Folded::default();
+    let mut statement = conn.prepare_cached("SELECT records FROM run_log WHERE run_id = ?1 ORDER BY id")?;
+    let mut rows = statement.query(params![run_id])?;
+    while let Some(row) = rows.next()? {
+        let chunk = row.get_ref(0)?.as_str()?;
+        folded
+            .read(chunk, bulk)
+            .map_err(|err| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(err)))?;
+    }
+    Ok(folded)
 }
 
 #[cfg(test)]
@@ -489,8 +420,11 @@ mod tests {
     async fn a_failed_record_fails_the_later_records_of_its_run_only() {
         let (_dir, db) = open();
         let before = start(&db, "a", "a/first", 1);
-        let broken =
-            db.queue("a", Kind::Awaited, Box::new(|conn| conn.execute("INSERT INTO nowhere VALUES (1)", []).map(drop)));
+        let broken = db.queue(
+            "a",
+            Kind::Awaited,
+            Job::Statements(Box::new(|conn| conn.execute("INSERT INTO nowhere VALUES (1)", []).map(drop))),
+        );
         let after = start(&db, "a", "a/s", 1);
         let other = start(&db, "b", "b/s", 1);
         before.await.unwrap();

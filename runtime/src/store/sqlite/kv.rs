@@ -31,6 +31,7 @@ const SCHEMA: Schema = Schema {
             bytes INTEGER NOT NULL,
             keys INTEGER NOT NULL
         ) WITHOUT ROWID;"],
+    programs: &[],
 };
 
 /// The key-value database of a data directory.

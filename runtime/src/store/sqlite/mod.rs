@@ -9,6 +9,7 @@ mod journal;
 mod kv;
 mod queue;
 mod registry;
+mod to_log;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -29,7 +30,12 @@ pub use kv::{KV_FILE, KeyValueDatabase};
 /// the version is the number of migrations.
 pub(super) struct Schema {
     migrations: &'static [&'static str],
+    /// What SQL alone cannot do, by the version whose SQL runs first.
+    programs: &'static [(u32, Program)],
 }
+
+/// A migration's step written in Rust.
+type Program = fn(&Connection) -> rusqlite::Result<()>;
 
 impl Schema {
     const fn version(&self) -> u32 {
@@ -223,7 +229,21 @@ const SCHEMA: Schema = Schema {
         // 16: the span of a run's first traced drive, which later drives
         // continue.
         "ALTER TABLE runs ADD COLUMN trace TEXT;",
+        // 17: a run's attempts, executions and steps are records in its
+        // log ([`to_log`] moves the rows); a wait says when it ended.
+        // A row's rowid is above every row's when it is written, so a run's
+        // rows read back in the order written.
+        "CREATE TABLE run_log (
+            id INTEGER PRIMARY KEY,
+            run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+            records TEXT NOT NULL
+        );
+        CREATE INDEX run_log_by_run ON run_log (run_id, id);
+        ALTER TABLE waits ADD COLUMN ended INTEGER NOT NULL DEFAULT 0;
+        UPDATE waits SET ended = 1
+        WHERE EXISTS (SELECT 1 FROM executions AS x WHERE x.run_id = waits.run_id AND x.key = waits.key);",
     ],
+    programs: &[(17, to_log::move_rows)],
 };
 
 /// The file name inside the data directory.
@@ -365,8 +385,11 @@ fn configure(path: &Path, conn: &mut Connection, schema: &Schema) -> Result<(), 
         // Read again under the write lock: another process opening the same
         // database may have migrated it meanwhile.
         let version: u32 = tx.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(err)?;
-        for migration in schema.migrations.get(version as usize..).unwrap_or_default() {
+        for (made, migration) in schema.migrations.iter().enumerate().skip(version as usize) {
             tx.execute_batch(migration).map_err(err)?;
+            for (_, program) in schema.programs.iter().filter(|(after, _)| *after as usize == made + 1) {
+                program(&tx).map_err(err)?;
+            }
         }
         tx.pragma_update(None, "user_version", schema.version()).map_err(err)?;
         tx.commit().map_err(err)?;

@@ -9,12 +9,12 @@ use serde_json::Value;
 
 use super::Database;
 use super::journal::insert_run;
-use super::writer::Kind;
+use super::writer::{Job, Kind};
 use crate::run::{Run, now_ms};
 use crate::store::{Lease, Pending, Registry, Started, StoreError, TokenRecord, WorkflowVersion};
 
-/// A wait (`w`) whose step has no result yet.
-const PENDING: &str = "NOT EXISTS (SELECT 1 FROM executions AS x WHERE x.run_id = w.run_id AND x.key = w.key)";
+/// A wait (`w`) that has not ended.
+const PENDING: &str = "NOT w.ended";
 
 const TOKEN_COLUMNS: &str = "id, tenant, name, created_ms, revoked_ms";
 const VERSION_COLUMNS: &str = "tenant, name, version, digest, entry, created_ms";
@@ -248,7 +248,7 @@ impl Registry for Database {
         let created = self.queue(
             &run.id,
             Kind::Awaited,
-            Box::new(move |conn| {
+            Job::Statements(Box::new(move |conn| {
                 let started = match earlier_request(conn, &record.tenant, &key)? {
                     Some((run_id, earlier)) if earlier == request => Started::Existing(run_id),
                     Some((run_id, _)) => Started::Conflict(run_id),
@@ -263,7 +263,7 @@ impl Registry for Database {
                 };
                 *slot.lock() = Some(started);
                 Ok(())
-            }),
+            })),
         );
         let held = self.writer.held.clone();
         Box::pin(async move {

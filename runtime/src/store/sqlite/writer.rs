@@ -11,7 +11,7 @@
 //! a [`Durable`] it does not need to wait for: the run's next awaited record
 //! reports the failure.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +26,25 @@ use crate::failpoint::failpoint;
 pub(crate) use crate::store::group::Kind;
 use crate::store::group::{LAZY_WINDOW, MAX_BATCH};
 use crate::store::lease::Held;
+use crate::store::log::Chunk;
 use crate::store::{Durable, StoreError};
 
-/// One record's statements, run inside the batch's transaction (again, if
-/// another record of the batch failed and the batch is retried without it).
-pub(crate) type Job = Box<dyn Fn(&Connection) -> rusqlite::Result<()> + Send>;
+/// Statements run inside the batch's transaction (again, if another record
+/// of the batch failed and the batch is retried without it).
+pub(crate) type Statements = Box<dyn Fn(&Connection) -> rusqlite::Result<()> + Send>;
+
+/// What a queued record writes.
+pub(crate) enum Job {
+    /// Statements of its own.
+    Statements(Statements),
+    /// A record of the run's log ([`crate::store::log`]): the batch appends
+    /// each run's records as one row.
+    Log(String),
+}
+
+/// A run's log records in a batch go into one row until it holds this
+/// many bytes, then into another: bounds a row, and the memory to build it.
+pub(super) const CHUNK_BYTES: usize = 1 << 20;
 
 struct Queued {
     ticket: Ticket,
@@ -211,20 +225,30 @@ fn commit(
 fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<usize>, Lost)> {
     let whole = |err: rusqlite::Error| (None, Lost::of(&err));
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(whole)?;
+    // Each run's log records, with the index of the first: a row that
+    // fails fails its run from that record on.
+    let mut chunks: HashMap<&str, (usize, Chunk)> = HashMap::new();
     for (index, queued) in pending.iter().enumerate() {
-        (queued.job)(&tx).map_err(|err| (Some(index), Lost::of(&err)))?;
+        let run_id = queued.ticket.run_id.as_str();
+        match &queued.job {
+            Job::Statements(job) => job(&tx).map_err(|err| (Some(index), Lost::of(&err)))?,
+            Job::Log(record) => {
+                let (first, chunk) = chunks.entry(run_id).or_insert_with(|| (index, Chunk::new()));
+                if chunk.is_empty() {
+                    *first = index;
+                }
+                chunk.push(record);
+                if chunk.len() >= CHUNK_BYTES {
+                    append(&tx, run_id, chunk).map_err(|err| (Some(*first), Lost::of(&err)))?;
+                }
+            }
+        }
         failpoint!("journal.batch.record-written");
     }
-    // Every run with a record here was active: marked so (its
-    // `updated_ms`) once per batch, not once a record, which in a wide
-    // graph would update the run's row hundreds of times in one
-    // transaction.
-    let now = crate::run::now_ms() as i64;
-    let runs: BTreeSet<&str> = pending.iter().map(|queued| queued.ticket.run_id.as_str()).collect();
-    for run_id in runs {
-        tx.prepare_cached("UPDATE runs SET updated_ms = ?2 WHERE id = ?1")
-            .and_then(|mut statement| statement.execute(rusqlite::params![run_id, now]))
-            .map_err(whole)?;
+    for (run_id, (first, chunk)) in &mut chunks {
+        if !chunk.is_empty() {
+            append(&tx, run_id, chunk).map_err(|err| (Some(*first), Lost::of(&err)))?;
+        }
     }
     let mut epochs: HashMap<&str, Option<u64>> = HashMap::new();
     for (index, queued) in pending.iter().enumerate() {
@@ -250,6 +274,16 @@ fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<u
     tx.commit().map_err(whole)?;
     failpoint!("journal.batch.after-commit");
     Ok(())
+}
+
+/// Appends `chunk`'s records to the run's log as its next row, and empties
+/// it.
+pub(super) fn append(conn: &Connection, run_id: &str, chunk: &mut Chunk) -> rusqlite::Result<()> {
+    // No parameter in a WHERE clause: with STAT4, SQLite compiles such a
+    // statement again for each new value.
+    conn.prepare_cached("INSERT INTO run_log (run_id, records) VALUES (?1, ?2)")?
+        .execute(rusqlite::params![run_id, chunk.take()])
+        .map(drop)
 }
 
 fn fail_all(
