@@ -1104,3 +1104,35 @@ async fn a_pinned_workflow_runs_the_bytes_it_pinned_and_refuses_a_file_changed_s
     assert_eq!(step(&report, "outer").output, Some(json!({ "from": "main" })));
     assert_eq!(step(&report, "sub.inner").output, Some(json!({ "from": "sub" })));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resumed_run_records_again_no_step_it_only_reused() {
+    use stepbox::store::{History, Journal};
+    let dir = temp_dir();
+    let db = Arc::new(stepbox::store::Database::open(&dir.join("data")).unwrap());
+    let workflow = Arc::new(load(
+        "name: again\nsteps:\n  - id: a\n    uses: hello\n    with: { name: x }\n  - id: b\n    uses: hello\n    depends_on: [a]\n    with: { name: z }\n",
+    ));
+    let record = stepbox::run::Run::new("again".into(), "again", "", "default", Default::default());
+    let (_lease, created) = db.create_run(&record, &json!({}));
+    created.await.unwrap();
+    let inputs = workflow.bind_inputs(&Default::default()).unwrap();
+    let drive = || {
+        let journal: Arc<dyn Journal> = db.clone();
+        let options = RunOptions { journal: Some(journal), ..RunOptions::new("again") };
+        scheduler::run(sandbox(), workflow.clone(), inputs.clone(), options)
+    };
+    let report = drive().await.unwrap();
+    assert_eq!(report.run.status, RunStatus::Succeeded, "{report:?}");
+    let finished = |report: &RunReport| -> Vec<Option<f64>> { report.steps.iter().map(|s| s.finished_ms).collect() };
+    let first = finished(&db.run_report("again").unwrap());
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        db.reopen_run("again").unwrap();
+        let report = drive().await.unwrap();
+        assert_eq!(report.run.status, RunStatus::Succeeded);
+        assert!(report.steps.iter().all(|step| step.executions.iter().all(|e| e.reused)), "{report:?}");
+        assert_ne!(finished(&report), first, "the resumed run's steps end anew");
+    }
+    assert_eq!(finished(&db.run_report("again").unwrap()), first, "as first recorded: not recorded again");
+}

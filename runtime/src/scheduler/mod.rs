@@ -737,7 +737,14 @@ fn settle(
     fail_fast_token: &CancellationToken,
 ) {
     let id = &shared.workflow.steps[i].id;
-    shared.record(|journal, run_id| journal.step_finished(run_id, i, report));
+    // A resumed step that only reused its executions ends as it was
+    // recorded: recorded again, it would only grow the run's log.
+    let unchanged = shared.base.resume.steps.get(&report.id) == Some(&report.status)
+        && !report.executions.is_empty()
+        && report.executions.iter().all(|execution| execution.reused);
+    if !unchanged {
+        shared.record(|journal, run_id| journal.step_finished(run_id, i, report));
+    }
     shared.context.steps.set(i, report.status, report.output.clone());
     shared.emit(RunEvent::StepFinished {
         path: report.id.clone(),

@@ -438,6 +438,17 @@ fn tokens_versions_ticks_waits_and_events_behave_the_same() {
         assert_eq!(store.next_wait_deadline().unwrap(), None, "{name}: nor has a deadline");
         assert!(store.event_received("w", "shipped", &json!({})).unwrap(), "{name}");
         assert_eq!(store.runs_to_wake(100.0).unwrap(), ["w"], "{name}: the open wait's event came");
+
+        // Cancelled while it waited, its wait ended; resumed, the run reaches
+        // the wait again, which is open again, with its first start.
+        let lease = store.acquire_lease("w", super::this_owner(), super::LEASE_TTL).unwrap();
+        store.reopen_run("w").unwrap();
+        drop(store.wait_ended("w", "w/ship"));
+        drop(store.wait_started("w", &gate, "w/gate", "approve", 30.0, Some(5000.0)));
+        wait(store.run_parked("w")).unwrap();
+        wait(store.release_lease(&lease)).unwrap();
+        assert_eq!(store.runs_to_wake(100.0).unwrap(), ["w"], "{name}: the reopened wait's event is there");
+        assert_eq!(store.resume_state("w").unwrap().waits["w/gate"], 10.0, "{name}: its first start kept");
     }
 }
 
@@ -846,4 +857,56 @@ fn text_a_guest_controls_is_stored_alike_and_ids_no_store_holds_are_not_found() 
         assert!(matches!(store.load_run("r\0"), Err(StoreError::NoSuchRun(_))), "{name}");
         assert_eq!(store.find_token("h\0").unwrap(), None, "{name}");
     }
+}
+
+/// Rows as both stores wrote them before a run's attempts, executions and
+/// steps became its log: a for_each step whose second item failed once, a
+/// wait that ended, an attempt left running, and a step retried with
+/// `--from` (its attempt kept, its result forgotten).
+pub(super) const OLD_ROWS: &str = r#"
+    INSERT INTO runs (id, workflow, workflow_path, fingerprint, tenant, inputs, status, created_ms, updated_ms)
+    VALUES ('r', 'w', 'w.yaml', 'null', 't', '{}', 'waiting', 1, 1);
+    INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms, required)
+    VALUES ('r', 'a', 0, 'succeeded', NULL, '[1,2]', 1.0, 4.0, TRUE),
+           ('r', 'gate', 1, 'succeeded', NULL, '{"by":"ann"}', 5.0, 6.0, FALSE);
+    INSERT INTO executions (run_id, key, step_id, status, output)
+    VALUES ('r', 'r/a[0]', 'a[0]', 'succeeded', '1'), ('r', 'r/a[1]', 'a[1]', 'succeeded', '2'),
+           ('r', 'r/gate', 'gate', 'succeeded', '{"by":"ann"}');
+    INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
+                          fuel, peak_memory, logs, stdout, stderr, delay_before_ms, input)
+    VALUES ('r', 'r/a[0]', 1, 'a[0]', 'succeeded', NULL, NULL, 1.0, 2.0, 10, 4096, '[]', 'hi', '', 0, '{"n":0}'),
+           ('r', 'r/a[1]', 1, 'a[1]', 'failed', 'trap', 'boom', 1.0, 2.0, 5, 4096, '[]', '', 'oops', 0, '{"n":1}'),
+           ('r', 'r/a[1]', 2, 'a[1]', 'succeeded', NULL, NULL, 3.0, 4.0, 7, 4096, '[]', '', '', 250, '{"n":1}'),
+           ('r', 'r/gate', 1, 'gate', 'succeeded', NULL, NULL, 5.0, 6.0, 0, 0, '[]', '', '', 0, NULL),
+           ('r', 'r/c', 1, 'c', 'failed', 'timeout', 'slow', 5.0, 6.0, 0, 0, '[]', '', '', 0, NULL),
+           ('r', 'r/b', 1, 'b', 'running', NULL, NULL, 7.0, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL);
+    INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms)
+    VALUES ('r', 'r/gate', 'gate', 'approve', 5.0, NULL);
+    INSERT INTO run_events (run_id, name, payload, received_ms) VALUES ('r', 'approve', '{"by":"ann"}', 5.5);"#;
+
+/// [`OLD_ROWS`] read back from the log they moved into, as they read before.
+pub(super) fn assert_moved_into_the_log(store: &dyn Store, name: &str) {
+    let state = store.resume_state("r").unwrap();
+    assert_eq!(state.completed.len(), 3, "{name}");
+    assert_eq!((&state.completed["r/a[1]"], &state.completed["r/gate"]), (&json!(2), &json!({"by": "ann"})), "{name}");
+    let attempts = [("r/a[0]", 1), ("r/a[1]", 2), ("r/gate", 1), ("r/c", 1), ("r/b", 1)];
+    assert_eq!(state.attempts, attempts.into_iter().map(|(key, n)| (key.to_owned(), n)).collect(), "{name}");
+    assert!(store.runs_to_wake(100.0).unwrap().is_empty(), "{name}: the ended wait wakes nothing");
+
+    let report = store.run_report("r").unwrap();
+    let ids: Vec<String> = report.steps.iter().map(|step| step.id.to_string()).collect();
+    assert_eq!(ids, ["a", "gate", "b", "c"], "{name}");
+    let (a, gate, b, c) = (&report.steps[0], &report.steps[1], &report.steps[2], &report.steps[3]);
+    assert_eq!((a.status, a.output.clone(), a.finished_ms), (StepStatus::Succeeded, Some(json!([1, 2])), Some(4.0)));
+    assert!(!gate.required, "{name}");
+    let item = &a.executions[1];
+    assert_eq!((item.idempotency_key.as_str(), item.input.clone()), ("r/a[1]", Some(json!({"n": 1}))), "{name}");
+    let failure = item.attempts[0].failure().unwrap();
+    assert_eq!((failure.kind, failure.message.as_str()), (FailureKind::Trap, "boom"), "{name}");
+    assert_eq!((item.attempts[0].stderr.text.as_str(), item.attempts[0].fuel_consumed), ("oops", 5), "{name}");
+    assert_eq!((item.attempts[1].output(), item.attempts[1].delay_before_ms), (Some(&json!(2)), 250.0), "{name}");
+    assert_eq!(a.executions[0].attempts[0].stdout.text, "hi", "{name}");
+    assert_eq!((b.status, b.executions[0].attempts[0].finished_ms), (StepStatus::Running, None), "{name}");
+    assert_eq!((c.status, c.executions[0].status), (StepStatus::Running, StepStatus::Running), "{name}: forgotten");
+    assert_eq!(c.executions[0].attempts[0].failure().unwrap().kind, FailureKind::Timeout, "{name}");
 }

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::ResumeState;
 use super::rows::{self, AttemptRecord, AttemptRow};
 use crate::run::{Attempt, ExecutionReport, StepPath, StepReport, StepStatus};
 
@@ -27,19 +28,21 @@ pub(crate) enum Record {
     AttemptStarted {
         path: StepPath,
         attempt: u32,
+        #[serde(default, deserialize_with = "rows::number")]
         started_ms: f64,
+        #[serde(default, deserialize_with = "rows::number")]
         delay_before_ms: f64,
         /// The JSON text it is given, cut as [`rows::kept_input`] says.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         input: Option<String>,
     },
     /// An attempt ended; when it was the `last` of its execution, its
-    /// status and `output` are the execution's result.
+    /// status and `output` (JSON text) are the execution's result.
     AttemptFinished {
         path: StepPath,
         last: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        output: Option<Value>,
+        output: Option<String>,
         attempt: AttemptRow,
     },
     /// A step reached its final status.
@@ -68,7 +71,7 @@ impl Record {
     }
 
     pub(crate) fn finished(path: &StepPath, attempt: &Attempt, last: bool) -> Self {
-        let output = if last { attempt.output().cloned() } else { None };
+        let output = if last { attempt.output().map(rows::text) } else { None };
         Record::AttemptFinished { path: path.clone(), last, output, attempt: AttemptRow::of(attempt) }
     }
 
@@ -78,7 +81,7 @@ impl Record {
             position: position as i64,
             status: step.status,
             reason: step.reason.as_deref().map(rows::clean),
-            output: step.output.clone(),
+            output: step.output.as_ref().map(rows::text),
             started_ms: step.started_ms,
             finished_ms: step.finished_ms,
             required: step.required,
@@ -87,6 +90,11 @@ impl Record {
 }
 
 /// A step's final record.
+///
+/// Outputs are kept as JSON text, as the stores' columns keep them: a record
+/// then nests no deeper than its own fields, so no output, however deep,
+/// can make a run's log unreadable (serde_json stops at 128 levels), and
+/// one that cannot be read back reads as missing, as from a column.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct StepRow {
     pub(crate) path: StepPath,
@@ -95,7 +103,7 @@ pub(crate) struct StepRow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) reason: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) output: Option<Value>,
+    pub(crate) output: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) started_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,32 +111,50 @@ pub(crate) struct StepRow {
     pub(crate) required: bool,
 }
 
-/// Records of one run appended together: a JSON array of them.
-pub(crate) struct Chunk(String);
+/// A run's log records in a batch go into one row until it holds this many
+/// bytes, then into another: bounds a row, and the memory to build it.
+const CHUNK_BYTES: usize = 1 << 20;
 
-impl Chunk {
-    pub(crate) fn new() -> Self {
-        Chunk(String::new())
+/// A batch's log records gathered into rows, one per run (and another each
+/// [`CHUNK_BYTES`]), each a JSON array of records in the order queued.
+#[derive(Default)]
+pub(crate) struct Chunks<'a> {
+    open: HashMap<&'a str, Row<'a>>,
+}
+
+/// One row of a run's log.
+pub(crate) struct Row<'a> {
+    pub(crate) run_id: &'a str,
+    /// The index in its batch of the row's first record: if the row cannot
+    /// be written, its run fails from there.
+    pub(crate) first: usize,
+    /// The records, as a JSON array.
+    pub(crate) records: String,
+}
+
+impl<'a> Chunks<'a> {
+    /// Adds `record`, the `index`th of its batch; returns its run's row if
+    /// that is now full.
+    pub(crate) fn push(&mut self, run_id: &'a str, index: usize, record: &str) -> Option<Row<'a>> {
+        let row = self.open.entry(run_id).or_insert_with(|| Row { run_id, first: index, records: String::new() });
+        row.records.push(if row.records.is_empty() { '[' } else { ',' });
+        row.records.push_str(record);
+        if row.records.len() < CHUNK_BYTES {
+            return None;
+        }
+        self.open.remove(run_id).map(Row::closed)
     }
 
-    pub(crate) fn push(&mut self, record: &str) {
-        self.0.push(if self.0.is_empty() { '[' } else { ',' });
-        self.0.push_str(record);
+    /// The rows not yet full.
+    pub(crate) fn rows(self) -> impl Iterator<Item = Row<'a>> {
+        self.open.into_values().map(Row::closed)
     }
+}
 
-    pub(crate) fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The array's text, and an empty chunk in its place.
-    pub(crate) fn take(&mut self) -> String {
-        let mut text = std::mem::take(&mut self.0);
-        text.push(']');
-        text
+impl Row<'_> {
+    fn closed(mut self) -> Self {
+        self.records.push(']');
+        self
     }
 }
 
@@ -137,7 +163,7 @@ impl Chunk {
 pub(crate) struct Folded {
     steps: HashMap<StepPath, StepRow>,
     /// Executions that ended: their status and output.
-    executions: HashMap<StepPath, (StepStatus, Option<Value>)>,
+    executions: HashMap<StepPath, (StepStatus, Option<String>)>,
     attempts: BTreeMap<(StepPath, u32), (AttemptRow, Option<String>)>,
 }
 
@@ -186,21 +212,22 @@ impl Folded {
         }
     }
 
-    /// What a resume needs: the outputs of the executions that succeeded
-    /// and the highest attempt number of each execution, by idempotency
-    /// key.
-    pub(crate) fn resume(self, run_id: &str) -> (HashMap<String, Value>, HashMap<String, u32>) {
+    /// What a resume needs from the log: the outputs of the executions
+    /// that succeeded and the highest attempt number of each execution, by
+    /// idempotency key, and each step's recorded status.
+    pub(crate) fn resume(self, run_id: &str) -> ResumeState {
         let completed = self
             .executions
             .into_iter()
             .filter(|(_, (status, _))| *status == StepStatus::Succeeded)
-            .map(|(path, (_, output))| (ExecutionReport::key(run_id, &path), output.unwrap_or(Value::Null)))
+            .map(|(path, (_, output))| (ExecutionReport::key(run_id, &path), rows::json(output).unwrap_or(Value::Null)))
             .collect();
         let mut attempts = HashMap::new();
         for (path, number) in self.attempts.into_keys() {
             attempts.insert(ExecutionReport::key(run_id, &path), number);
         }
-        (completed, attempts)
+        let steps = self.steps.into_iter().map(|(path, row)| (path, row.status)).collect();
+        ResumeState { completed, attempts, steps, ..ResumeState::default() }
     }
 
     /// The run's steps, nested as [`rows::assemble`] does.
@@ -212,7 +239,7 @@ impl Folded {
                 let report = StepReport {
                     status: row.status,
                     reason: row.reason,
-                    output: row.output,
+                    output: rows::json(row.output),
                     started_ms: row.started_ms,
                     finished_ms: row.finished_ms,
                     ..StepReport::pending(row.path, row.required)
@@ -227,7 +254,7 @@ impl Folded {
                 idempotency_key: ExecutionReport::key(run_id, &path),
                 path,
                 status,
-                output,
+                output: rows::json(output),
                 error: None,
                 item: None,
                 input: None,
@@ -250,11 +277,13 @@ mod tests {
     use crate::run::{Failure, FailureKind, Outcome};
 
     fn chunk(records: &[Record]) -> String {
-        let mut chunk = Chunk::new();
-        for record in records {
-            chunk.push(&record.text());
+        let mut chunks = Chunks::default();
+        for (index, record) in records.iter().enumerate() {
+            assert!(chunks.push("r", index, &record.text()).is_none());
         }
-        chunk.take()
+        let mut rows: Vec<Row<'_>> = chunks.rows().collect();
+        assert_eq!((rows.len(), rows[0].first), (1, 0));
+        rows.remove(0).records
     }
 
     #[test]
@@ -305,8 +334,48 @@ mod tests {
         folded.read(&first, false).unwrap();
         folded.read(&second, false).unwrap();
         folded.read(&chunk(&[Record::Forgotten { steps: vec![path.clone()] }]), false).unwrap();
-        let (completed, attempts) = folded.resume("r");
-        assert!(completed.is_empty(), "a forgotten step's result is not reused");
-        assert_eq!(attempts["r/a"], 2, "its attempts still count");
+        let state = folded.resume("r");
+        assert!(state.completed.is_empty(), "a forgotten step's result is not reused");
+        assert!(state.steps.is_empty(), "nor its status");
+        assert_eq!(state.attempts["r/a"], 2, "its attempts still count");
+    }
+
+    #[test]
+    fn a_runs_records_fill_a_row_up_to_a_mebibyte_then_another() {
+        let record = Record::Forgotten { steps: vec!["x".parse().unwrap(); 300] }.text();
+        let mut chunks = Chunks::default();
+        let mut full = Vec::new();
+        for index in 0..2000 {
+            full.extend(chunks.push(if index % 2 == 0 { "a" } else { "b" }, index, &record));
+        }
+        assert_eq!(full.len(), 2, "a's and b's 1,000 records of about 1.2 KB each fill a row each");
+        let filled = |run| full.iter().find(|row| row.run_id == run).unwrap();
+        assert_eq!((filled("a").first, filled("b").first), (0, 1));
+        let rest: Vec<Row<'_>> = chunks.rows().collect();
+        let a = rest.iter().find(|row| row.run_id == "a").unwrap();
+        assert_eq!(a.first, filled("a").records.matches("forgotten").count() * 2, "the next row starts after it");
+        for row in full.iter().chain(&rest) {
+            let records: Vec<Record> = serde_json::from_str(&row.records).unwrap();
+            assert!(!records.is_empty());
+        }
+    }
+
+    #[test]
+    fn an_output_too_deep_to_read_back_leaves_the_rest_of_the_log_readable() {
+        let mut deep = Value::from(1);
+        for _ in 0..200 {
+            deep = Value::Array(vec![deep]);
+        }
+        let (path, other): (StepPath, StepPath) = ("deep".parse().unwrap(), "fine".parse().unwrap());
+        let outcome = |output| Outcome::Succeeded { output };
+        let deep_attempt = Attempt { outcome: outcome(deep), finished_ms: Some(2.0), ..Attempt::started(1, 1.0) };
+        let fine = Attempt { outcome: outcome(Value::from("ok")), finished_ms: Some(2.0), ..Attempt::started(1, 1.0) };
+        let mut folded = Folded::default();
+        let log = chunk(&[Record::finished(&path, &deep_attempt, true), Record::finished(&other, &fine, true)]);
+        folded.read(&log, true).unwrap();
+        let steps = folded.steps("r");
+        assert_eq!(steps.len(), 2);
+        let output = |i: usize| steps[i].executions[0].output.clone();
+        assert_eq!((output(0), output(1)), (None, Some(Value::from("ok"))), "read as missing, as from a column");
     }
 }

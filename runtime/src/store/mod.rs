@@ -196,7 +196,8 @@ pub trait Journal: Send + Sync {
     /// The waiting step at `path` (idempotency key `key`) waits for `event`
     /// since `started_ms`, until `deadline_ms` when it has a timeout. The
     /// first record of a wait is kept, so its timeout counts from when it
-    /// was first reached, across resumes.
+    /// was first reached, across resumes; reached again (a cancelled run
+    /// resumed), an ended wait is open again.
     fn wait_started(
         &self,
         run_id: &str,
@@ -259,6 +260,8 @@ pub struct ResumeState {
     pub completed: HashMap<String, Value>,
     /// The highest attempt number of each execution.
     pub attempts: HashMap<String, u32>,
+    /// The final status each step was recorded with, by path.
+    pub steps: HashMap<StepPath, crate::run::StepStatus>,
     /// The fingerprints of workflows included through a template, by the
     /// include step's path.
     pub includes: HashMap<String, Value>,

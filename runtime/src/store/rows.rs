@@ -30,12 +30,6 @@ pub(crate) fn kept_input(input: &str) -> String {
     }
 }
 
-/// The last columns of an attempt's row as a report reads them (the
-/// records, the delay before it, the input), in this order...
-pub(crate) const RECORDS: &str = "logs, stdout, stderr, delay_before_ms, input";
-/// ...and as a summary reads them: without the bulk.
-pub(crate) const NO_RECORDS: &str = "NULL, NULL, NULL, delay_before_ms, NULL";
-
 /// An attempt as read back: its execution's key and path, the attempt, and
 /// the input it was recorded with.
 pub(crate) type AttemptRecord = (String, StepPath, Attempt, Option<Value>);
@@ -98,8 +92,8 @@ fn capped_logs(attempt: &Attempt) -> String {
     text(&Value::Array(kept))
 }
 
-/// An attempt's columns (PostgreSQL's), or its fields in a log record
-/// (SQLite's, [`super::log`]).
+/// An attempt's fields in a log record ([`super::log`]), and its columns
+/// in the tables of the stores' earlier schemas.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct AttemptRow {
     #[serde(rename = "attempt")]
@@ -110,10 +104,11 @@ pub(crate) struct AttemptRow {
     pub(crate) kind: Option<FailureKind>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) message: Option<String>,
+    #[serde(default, deserialize_with = "number")]
     pub(crate) started: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) finished: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "number")]
     pub(crate) delay: f64,
     #[serde(default)]
     pub(crate) fuel: i64,
@@ -126,6 +121,13 @@ pub(crate) struct AttemptRow {
     pub(crate) stdout: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub(crate) stderr: String,
+}
+
+/// A number as JSON holds it, where `null` (serde_json's text for a
+/// number that is not finite) reads as 0: no number can make a log
+/// unreadable.
+pub(crate) fn number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// An attempt's status as [`attempt_status`] names it. An alias, so that
@@ -210,19 +212,6 @@ pub(crate) fn attempt_status(stored: &str) -> &'static str {
         "running" => "running",
         "succeeded" => "succeeded",
         _ => "failed",
-    }
-}
-
-/// An execution's result, taken from its last attempt.
-pub(crate) struct ExecutionRow {
-    pub(crate) path: StepPath,
-    pub(crate) status: &'static str,
-    pub(crate) output: Option<String>,
-}
-
-impl ExecutionRow {
-    pub(crate) fn of(path: &StepPath, attempt: &Attempt) -> Self {
-        ExecutionRow { path: path.clone(), status: attempt.outcome.as_str(), output: attempt.output().map(text) }
     }
 }
 

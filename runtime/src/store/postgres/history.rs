@@ -9,8 +9,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
 use super::{Param, PgStore};
-use crate::run::{ExecutionReport, Run, RunReport, RunStatus, StepPath, StepReport};
-use crate::store::rows::{self, AttemptRow};
+use crate::run::{Run, RunReport, RunStatus};
+use crate::store::rows;
 use crate::store::{History, RunFilter, StoreError};
 
 const RUN_COLUMNS: &str = "id, workflow, workflow_path, tenant, inputs, status, outputs, error, created_ms, finished_ms, \
@@ -156,84 +156,20 @@ impl History for PgStore {
     }
 
     fn run_report(&self, run_id: &str) -> Result<RunReport, StoreError> {
-        self.report(run_id, rows::RECORDS)
+        self.report(run_id, true)
     }
 
     fn run_summary(&self, run_id: &str) -> Result<RunReport, StoreError> {
-        self.report(run_id, rows::NO_RECORDS)
+        self.report(run_id, false)
     }
 }
 
 impl PgStore {
-    /// A run's report, its attempts' bulk read as the `records` columns say.
-    fn report(&self, run_id: &str, records: &str) -> Result<RunReport, StoreError> {
+    /// A run's report; without `bulk`, without its attempts' logs, stdout,
+    /// stderr and inputs.
+    fn report(&self, run_id: &str, bulk: bool) -> Result<RunReport, StoreError> {
         let run = self.load_run(run_id)?;
-        let id = || -> Vec<Param> { vec![Box::new(run_id.to_owned())] };
-        let steps = self.rows(
-            "SELECT step_id, position, status, reason, output, started_ms, finished_ms, required FROM steps
-             WHERE run_id = $1"
-                .into(),
-            id(),
-            |row| {
-                Ok((
-                    row.get(1),
-                    StepReport {
-                        id: parsed(row, 0)?,
-                        status: parsed(row, 2)?,
-                        reason: row.get(3),
-                        required: row.get(7),
-                        output: rows::json(row.get(4)),
-                        started_ms: row.get(5),
-                        finished_ms: row.get(6),
-                        executions: Vec::new(),
-                        steps: Vec::new(),
-                    },
-                ))
-            },
-        )?;
-        let executions = self.rows(
-            "SELECT key, step_id, status, output, error FROM executions WHERE run_id = $1".into(),
-            id(),
-            |row| {
-                Ok(ExecutionReport {
-                    idempotency_key: row.get(0),
-                    path: parsed(row, 1)?,
-                    status: parsed(row, 2)?,
-                    output: rows::json(row.get(3)),
-                    error: row.get(4),
-                    item: None,
-                    input: None,
-                    reused: false,
-                    attempts: Vec::new(),
-                })
-            },
-        )?;
-        let attempts = self.rows(
-            format!(
-                "SELECT key, step_id, attempt, status, kind, message, started_ms, finished_ms, fuel, peak_memory,
-                        {records}
-                 FROM attempts WHERE run_id = $1 ORDER BY key, attempt"
-            ),
-            id(),
-            |row| {
-                let kind = row.get::<_, Option<&str>>(4).map(str::parse).transpose()?;
-                let attempt = AttemptRow {
-                    number: u32::try_from(row.get::<_, i64>(2)).unwrap_or(u32::MAX),
-                    status: rows::attempt_status(row.get(3)),
-                    kind,
-                    message: row.get(5),
-                    started: row.get::<_, Option<f64>>(6).unwrap_or_default(),
-                    finished: row.get(7),
-                    delay: row.get(13),
-                    fuel: row.get::<_, Option<i64>>(8).unwrap_or_default(),
-                    peak_memory: row.get::<_, Option<i64>>(9).unwrap_or_default(),
-                    logs: row.get::<_, Option<String>>(10).unwrap_or_default(),
-                    stdout: row.get::<_, Option<String>>(11).unwrap_or_default(),
-                    stderr: row.get::<_, Option<String>>(12).unwrap_or_default(),
-                };
-                Ok((row.get::<_, String>(0), parsed::<StepPath>(row, 1)?, attempt.read(), rows::json(row.get(14))))
-            },
-        )?;
-        Ok(RunReport { run, output_errors: Vec::new(), steps: rows::assemble(steps, executions, attempts) })
+        let steps = self.fold(run_id, bulk)?.steps(run_id);
+        Ok(RunReport { run, output_errors: Vec::new(), steps })
     }
 }

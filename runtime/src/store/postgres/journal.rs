@@ -10,118 +10,38 @@ use tokio_postgres::types::ToSql;
 
 use super::PgStore;
 use super::listen::CANCELS;
+use super::writer::Entry;
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
 use crate::store::group::Kind;
 use crate::store::lease::{LEASE_TTL, leased};
-use crate::store::rows::{AttemptRow, ExecutionRow, clean, expiry, held, kept_input, text};
+use crate::store::log;
+use crate::store::rows::{clean, expiry, held, text};
 use crate::store::{Durable, Journal, Lease, Renewed, ResumeState, StoreError};
 
 /// One journal record, as the writer commits it.
 pub(super) enum Record {
-    CreateRun {
-        run: Run,
-        fingerprint: String,
-    },
+    CreateRun { run: Run, fingerprint: String },
     ReleaseLease(Lease),
-    AttemptStarted {
-        run_id: String,
-        key: String,
-        path: String,
-        number: i64,
-        started: f64,
-        delay: f64,
-        input: Option<String>,
-    },
-    AttemptFinished {
-        run_id: String,
-        key: String,
-        path: StepPath,
-        row: AttemptRow,
-        execution: Option<ExecutionRow>,
-    },
-    IncludeLoaded {
-        run_id: String,
-        path: String,
-        fingerprint: String,
-    },
-    WaitStarted {
-        run_id: String,
-        key: String,
-        path: String,
-        event: String,
-        started: f64,
-        deadline: Option<f64>,
-    },
-    WaitEnded {
-        run_id: String,
-        key: String,
-    },
-    RunParked {
-        run_id: String,
-    },
-    RunTraced {
-        run_id: String,
-        trace: String,
-    },
-    StepFinished {
-        run_id: String,
-        step: StepRow,
-    },
-    RunFinished {
-        run_id: String,
-        status: RunStatus,
-        outputs: String,
-        error: Option<String>,
-    },
-}
-
-/// A step's columns.
-pub(super) struct StepRow {
-    path: String,
-    position: i64,
-    status: &'static str,
-    required: bool,
-    reason: Option<String>,
-    output: Option<String>,
-    started: Option<f64>,
-    finished: Option<f64>,
+    IncludeLoaded { run_id: String, path: String, fingerprint: String },
+    WaitStarted { run_id: String, key: String, path: String, event: String, started: f64, deadline: Option<f64> },
+    WaitEnded { run_id: String, key: String },
+    RunParked { run_id: String },
+    RunTraced { run_id: String, trace: String },
+    RunFinished { run_id: String, status: RunStatus, outputs: String, error: Option<String> },
 }
 
 /// The journal's statements, each prepared once per connection.
 const RELEASE_LEASE: &str = "UPDATE runs SET lease_owner = NULL, lease_expires_ms = NULL
                      WHERE id = $1 AND lease_owner = $2 AND lease_epoch = $3";
-const ATTEMPT_STARTED: &str = "INSERT INTO attempts (run_id, key, attempt, step_id, status, started_ms, delay_before_ms, input)
-                     VALUES ($1, $2, $3, $4, 'running', $5, $6, $7)
-                     ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = 'running', started_ms = excluded.started_ms,
-                                                                  input = excluded.input";
-const ATTEMPT_FINISHED: &str = "INSERT INTO attempts (run_id, key, attempt, step_id, status, kind, message, started_ms, finished_ms,
-                                           fuel, peak_memory, logs, stdout, stderr, delay_before_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-                     ON CONFLICT (run_id, key, attempt) DO UPDATE SET status = excluded.status, kind = excluded.kind,
-                         message = excluded.message, started_ms = excluded.started_ms, finished_ms = excluded.finished_ms,
-                         fuel = excluded.fuel, peak_memory = excluded.peak_memory, logs = excluded.logs,
-                         stdout = excluded.stdout, stderr = excluded.stderr, delay_before_ms = excluded.delay_before_ms";
-const EXECUTION: &str = "INSERT INTO executions (run_id, key, step_id, status, output) VALUES ($1, $2, $3, $4, $5)
-                         ON CONFLICT (run_id, key) DO UPDATE SET status = excluded.status, output = excluded.output";
 const INCLUDE_LOADED: &str =
     "INSERT INTO includes (run_id, step_id, fingerprint) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
 const WAIT_STARTED: &str = "INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms)
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (run_id, key) DO UPDATE SET ended = FALSE";
 const WAIT_ENDED: &str = "UPDATE waits SET ended = TRUE WHERE run_id = $1 AND key = $2";
 const RUN_PARKED: &str = "UPDATE runs SET status = $2, updated_ms = $3 WHERE id = $1";
 const RUN_TRACED: &str = "UPDATE runs SET trace = $2 WHERE id = $1 AND trace IS NULL";
-const STEP_FINISHED: &str =
-    "INSERT INTO steps (run_id, step_id, position, status, reason, output, started_ms, finished_ms, required)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                     ON CONFLICT (run_id, step_id) DO UPDATE SET status = excluded.status, reason = excluded.reason,
-                         output = excluded.output, started_ms = excluded.started_ms,
-                         finished_ms = excluded.finished_ms, required = excluded.required";
-/// Every run with a record in a batch, marked as recently active (the
-/// `updated_ms` column, for whoever reads the table) once per batch: a
-/// wide graph's step records would otherwise update the run's row hundreds
-/// of times in one transaction.
-pub(super) const RUNS_TOUCHED: &str = "UPDATE runs SET updated_ms = $2 WHERE id = ANY($1)";
+const RUN_LOG: &str = "INSERT INTO run_log (run_id, records) VALUES ($1, $2)";
 const RUN_FINISHED: &str = "UPDATE runs SET status = $2, outputs = $3, error = $4, updated_ms = $5, finished_ms = $5,
      cancel_requested = FALSE WHERE id = $1";
 const RUN_TASKS_DELETED: &str = "DELETE FROM tasks WHERE run_id = $1";
@@ -140,15 +60,12 @@ const RUN_LABEL: &str = "INSERT INTO run_labels (run_id, key, value) VALUES ($1,
 /// statement is being prepared.
 pub(super) const STATEMENTS: &[&str] = &[
     RELEASE_LEASE,
-    ATTEMPT_STARTED,
-    ATTEMPT_FINISHED,
-    EXECUTION,
     INCLUDE_LOADED,
     WAIT_STARTED,
+    WAIT_ENDED,
     RUN_PARKED,
     RUN_TRACED,
-    STEP_FINISHED,
-    RUNS_TOUCHED,
+    RUN_LOG,
     RUN_FINISHED,
     RUN_TASKS_DELETED,
     RUN_CREATED,
@@ -164,42 +81,6 @@ impl Record {
                 failpoint!("lease.before-release");
                 exec(tx, RELEASE_LEASE, &[&lease.run_id, &lease.owner, &lease.epoch.cast_signed()]).await.map(drop)
             }
-            Record::AttemptStarted { run_id, key, path, number, started, delay, input } => {
-                exec(tx, ATTEMPT_STARTED, &[run_id, key, number, path, started, delay, input]).await.map(drop)
-            }
-            Record::AttemptFinished { run_id, key, path, row, execution } => {
-                exec(
-                    tx,
-                    ATTEMPT_FINISHED,
-                    &[
-                        run_id,
-                        key,
-                        &i64::from(row.number),
-                        &path.to_string(),
-                        &row.status,
-                        &row.kind.map(|kind| kind.as_str()),
-                        &row.message,
-                        &row.started,
-                        &row.finished,
-                        &row.fuel,
-                        &row.peak_memory,
-                        &row.logs,
-                        &row.stdout,
-                        &row.stderr,
-                        &row.delay,
-                    ],
-                )
-                .await?;
-                if let Some(execution) = execution {
-                    exec(
-                        tx,
-                        EXECUTION,
-                        &[run_id, key, &execution.path.to_string(), &execution.status, &execution.output],
-                    )
-                    .await?;
-                }
-                Ok(())
-            }
             Record::IncludeLoaded { run_id, path, fingerprint } => {
                 exec(tx, INCLUDE_LOADED, &[run_id, path, fingerprint]).await.map(drop)
             }
@@ -211,23 +92,6 @@ impl Record {
             Record::RunParked { run_id } => {
                 exec(tx, RUN_PARKED, &[run_id, &RunStatus::Waiting.as_str(), &(now_ms() as i64)]).await.map(drop)
             }
-            Record::StepFinished { run_id, step } => exec(
-                tx,
-                STEP_FINISHED,
-                &[
-                    run_id,
-                    &step.path,
-                    &step.position,
-                    &step.status,
-                    &step.reason,
-                    &step.output,
-                    &step.started,
-                    &step.finished,
-                    &step.required,
-                ],
-            )
-            .await
-            .map(drop),
             Record::RunFinished { run_id, status, outputs, error } => {
                 exec(tx, RUN_FINISHED, &[run_id, &status.as_str(), outputs, error, &(now_ms() as i64)]).await?;
                 // A finished run has no work out: what an earlier driver
@@ -271,12 +135,38 @@ pub(super) async fn insert_run(
     Ok(())
 }
 
+/// Appends a row to its run's log.
+pub(super) async fn append(tx: &Transaction<'_>, row: &log::Row<'_>) -> Result<u64, tokio_postgres::Error> {
+    exec(tx, RUN_LOG, &[&row.run_id, &row.records]).await
+}
+
 /// Runs `sql` in `tx` as a statement prepared once per connection (the
 /// pool's statement cache keeps it), so the records of a batch, sent
 /// together, cost one round trip between them rather than two each.
 async fn exec(tx: &Transaction<'_>, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, tokio_postgres::Error> {
     let statement = tx.prepare_cached(sql).await?;
     tx.execute(&statement, params).await
+}
+
+impl PgStore {
+    /// A run's log, folded; without `bulk`, without the attempts' logs,
+    /// stdout, stderr and inputs. Read here, off the store's runtime: a
+    /// long run's log is work.
+    pub(super) fn fold(&self, run_id: &str, bulk: bool) -> Result<log::Folded, StoreError> {
+        let id = run_id.to_owned();
+        let rows: Vec<String> = self.call(move |client| async move {
+            let rows = client.query("SELECT records FROM run_log WHERE run_id = $1 ORDER BY id", &[&id]).await?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })?;
+        let mut folded = log::Folded::default();
+        for chunk in &rows {
+            folded.read(chunk, bulk).map_err(|err| StoreError::Database {
+                place: self.place().to_owned(),
+                detail: format!("the log of run {run_id} cannot be read ({err})"),
+            })?;
+        }
+        Ok(folded)
+    }
 }
 
 impl Journal for PgStore {
@@ -311,7 +201,7 @@ impl Journal for PgStore {
         let (run_id, steps) = (run_id.to_owned(), steps.to_vec());
         self.call(move |mut client| async move {
             let tx = client.transaction().await?;
-            for table in ["steps", "executions", "includes", "waits"] {
+            for table in ["includes", "waits"] {
                 let recorded = tx.query(&format!("SELECT step_id FROM {table} WHERE run_id = $1"), &[&run_id]).await?;
                 for path in recorded.iter().map(|row| row.get::<_, &str>(0)) {
                     let within =
@@ -324,6 +214,11 @@ impl Journal for PgStore {
                         .await?;
                     }
                 }
+            }
+            let mut chunks = log::Chunks::default();
+            chunks.push(&run_id, 0, &log::Record::Forgotten { steps }.text());
+            for row in chunks.rows() {
+                append(&tx, &row).await?;
             }
             tx.commit().await
         })
@@ -442,21 +337,10 @@ impl Journal for PgStore {
     }
 
     fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError> {
+        let mut state = self.fold(run_id, false)?.resume(run_id);
         let run_id = run_id.to_owned();
         self.call(move |client| async move {
-            let mut state = ResumeState::default();
             let id = &run_id;
-            for row in client
-                .query("SELECT key, output FROM executions WHERE run_id = $1 AND status = 'succeeded'", &[id])
-                .await?
-            {
-                state.completed.insert(row.get(0), crate::store::rows::json(row.get(1)).unwrap_or(Value::Null));
-            }
-            for row in
-                client.query("SELECT key, MAX(attempt) FROM attempts WHERE run_id = $1 GROUP BY key", &[id]).await?
-            {
-                state.attempts.insert(row.get(0), u32::try_from(row.get::<_, i64>(1)).unwrap_or(u32::MAX));
-            }
             for row in client.query("SELECT step_id, fingerprint FROM includes WHERE run_id = $1", &[id]).await? {
                 state.includes.insert(row.get(0), crate::store::rows::json(row.get(1)).unwrap_or(Value::Null));
             }
@@ -477,31 +361,15 @@ impl Journal for PgStore {
         &self,
         run_id: &str,
         path: &StepPath,
-        key: &str,
+        _key: &str,
         attempt: &Attempt,
         input: Option<&str>,
     ) -> Durable {
-        let record = Record::AttemptStarted {
-            run_id: run_id.to_owned(),
-            key: key.to_owned(),
-            path: path.to_string(),
-            number: i64::from(attempt.attempt),
-            started: attempt.started_ms,
-            delay: attempt.delay_before_ms,
-            input: input.map(kept_input),
-        };
-        self.writer.queue(run_id, Kind::Awaited, record)
+        self.writer.queue(run_id, Kind::Awaited, Entry::Log(log::Record::started(path, attempt, input).text()))
     }
 
-    fn attempt_finished(&self, run_id: &str, path: &StepPath, key: &str, attempt: &Attempt, last: bool) -> Durable {
-        let record = Record::AttemptFinished {
-            run_id: run_id.to_owned(),
-            key: key.to_owned(),
-            path: path.clone(),
-            row: AttemptRow::of(attempt),
-            execution: last.then(|| ExecutionRow::of(path, attempt)),
-        };
-        self.writer.queue(run_id, Kind::Lazy, record)
+    fn attempt_finished(&self, run_id: &str, path: &StepPath, _key: &str, attempt: &Attempt, last: bool) -> Durable {
+        self.writer.queue(run_id, Kind::Lazy, Entry::Log(log::Record::finished(path, attempt, last).text()))
     }
 
     fn include_loaded(&self, run_id: &str, path: &StepPath, fingerprint: &Value) -> Durable {
@@ -558,17 +426,7 @@ impl Journal for PgStore {
     }
 
     fn step_finished(&self, run_id: &str, position: usize, step: &StepReport) -> Durable {
-        let step = StepRow {
-            path: step.id.to_string(),
-            position: i64::try_from(position).unwrap_or(i64::MAX),
-            status: step.status.as_str(),
-            required: step.required,
-            reason: step.reason.as_deref().map(clean),
-            output: step.output.as_ref().map(text),
-            started: step.started_ms,
-            finished: step.finished_ms,
-        };
-        self.writer.queue(run_id, Kind::Lazy, Record::StepFinished { run_id: run_id.to_owned(), step })
+        self.writer.queue(run_id, Kind::Lazy, Entry::Log(log::Record::step(position, step).text()))
     }
 
     fn run_finished(

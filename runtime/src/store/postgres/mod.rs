@@ -228,6 +228,49 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE waits ADD COLUMN ended BOOLEAN NOT NULL DEFAULT FALSE;
     UPDATE waits SET ended = TRUE
     WHERE EXISTS (SELECT 1 FROM executions AS x WHERE x.run_id = waits.run_id AND x.key = waits.key);",
+    // 12: a run's attempts, executions and steps are records in its log
+    // ([`crate::store::log`]), as on SQLite. Each old row moves as a row of
+    // one record, inserted in the order a fold reads them (every attempt's
+    // start before its end, the steps last), so no run's rows make a value
+    // near PostgreSQL's 1 GB limit. A row's id is above every row's when it
+    // is written, so a run's rows read back in the order written.
+    "CREATE TABLE run_log (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        records TEXT NOT NULL
+    );
+    CREATE INDEX run_log_by_run ON run_log (run_id, id);
+    INSERT INTO run_log (run_id, records)
+    SELECT run_id, json_build_array(record)::text FROM (
+        SELECT a.run_id, 0 AS grp, a.key, a.attempt AS number, 0 AS part,
+            json_build_object('attempt_started', json_build_object(
+                'path', a.step_id, 'attempt', a.attempt, 'started_ms', COALESCE(a.started_ms, 0),
+                'delay_before_ms', a.delay_before_ms, 'input', a.input)) AS record
+        FROM attempts AS a
+        UNION ALL
+        SELECT a.run_id, 0, a.key, a.attempt, 1,
+            json_build_object('attempt_finished', json_build_object(
+                'path', a.step_id, 'last', l.last, 'output', CASE WHEN l.last THEN x.output END,
+                'attempt', json_build_object(
+                    'attempt', a.attempt, 'status', a.status, 'kind', a.kind, 'message', a.message,
+                    'started', COALESCE(a.started_ms, 0), 'finished', a.finished_ms, 'delay', a.delay_before_ms,
+                    'fuel', COALESCE(a.fuel, 0), 'peak_memory', COALESCE(a.peak_memory, 0),
+                    'logs', COALESCE(a.logs, ''), 'stdout', COALESCE(a.stdout, ''), 'stderr', COALESCE(a.stderr, ''))))
+        FROM attempts AS a
+        LEFT JOIN executions AS x ON x.run_id = a.run_id AND x.key = a.key
+        CROSS JOIN LATERAL (SELECT x.key IS NOT NULL AND a.attempt =
+            (SELECT MAX(m.attempt) FROM attempts AS m WHERE m.run_id = a.run_id AND m.key = a.key) AS last) AS l
+        WHERE a.status <> 'running' OR l.last
+        UNION ALL
+        SELECT s.run_id, 1, s.step_id, s.position, 0,
+            json_build_object('step_finished', json_build_object(
+                'path', s.step_id, 'position', s.position, 'status', s.status, 'reason', s.reason,
+                'output', s.output, 'started_ms', s.started_ms, 'finished_ms', s.finished_ms, 'required', s.required))
+        FROM steps AS s
+    ) AS records ORDER BY run_id, grp, key, number, part;
+    DROP TABLE attempts;
+    DROP TABLE executions;
+    DROP TABLE steps;",
 ];
 
 /// The schema version this build writes.
@@ -449,6 +492,22 @@ mod tests {
         for open in opened {
             assert_eq!(open.join().unwrap(), Ok(()));
         }
+    }
+
+    #[test]
+    fn rows_of_a_version_10_database_move_into_its_run_logs() {
+        use crate::store::conformance::{OLD_ROWS, assert_moved_into_the_log};
+        let database = TestDatabase::create();
+        database.query(&format!(
+            "{}; CREATE TABLE stepbox_schema (version BIGINT NOT NULL); INSERT INTO stepbox_schema VALUES (10); {OLD_ROWS}",
+            MIGRATIONS[..10].join(";\n")
+        ));
+        let store = PgStore::open(&database.url).unwrap();
+        assert_moved_into_the_log(&store, "postgres");
+        let tables = database.query(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_name IN ('steps', 'executions', 'attempts')",
+        );
+        assert_eq!(tables[0][0].as_deref(), Some("0"), "the old tables are gone");
     }
 
     #[test]

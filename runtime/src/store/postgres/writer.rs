@@ -17,9 +17,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::journal::Record;
 use super::{pg_error, pool_error};
 use crate::failpoint::failpoint;
-use crate::run::now_ms;
 use crate::store::group::{Kind, LAZY_WINDOW, MAX_BATCH};
 use crate::store::lease::Held;
+use crate::store::log::Chunks;
 use crate::store::{Durable, StoreError};
 
 /// How long the writer keeps trying to reach the database before it fails
@@ -31,8 +31,24 @@ struct Queued {
     kind: Kind,
     /// The lease epoch the run must still have ([`Held::fence`]).
     fence: Option<u64>,
-    record: Record,
+    entry: Entry,
     done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// What a queued record writes.
+pub(super) enum Entry {
+    /// Statements of its own (a run's creation among them, hence boxed:
+    /// log records are the many).
+    Record(Box<Record>),
+    /// A record of the run's log ([`crate::store::log`]): a batch appends
+    /// each run's records as one row.
+    Log(String),
+}
+
+impl From<Record> for Entry {
+    fn from(record: Record) -> Self {
+        Entry::Record(Box::new(record))
+    }
 }
 
 /// The queue in front of the writer task.
@@ -86,11 +102,12 @@ impl Writer {
         self.commits.load(Ordering::Relaxed)
     }
 
-    /// Queues `record` of `run_id`, to commit only while the run's lease is
+    /// Queues a record of `run_id`, to commit only while the run's lease is
     /// still the one this handle holds, if it holds one.
-    pub(super) fn queue(&self, run_id: &str, kind: Kind, record: Record) -> Durable {
+    pub(super) fn queue(&self, run_id: &str, kind: Kind, entry: impl Into<Entry>) -> Durable {
         let (done, receiver) = oneshot::channel();
-        let queued = Queued { run_id: run_id.to_owned(), kind, fence: self.held.fence(run_id), record, done };
+        let entry = entry.into();
+        let queued = Queued { run_id: run_id.to_owned(), kind, fence: self.held.fence(run_id), entry, done };
         let sent = self.queue.lock().as_ref().is_some_and(|queue| queue.send(queued).is_ok());
         Box::pin(async move {
             match (sent, receiver.await) {
@@ -303,14 +320,21 @@ async fn write_once(pool: &Pool, place: &str, records: &[&Queued]) -> Result<Vec
         let statement = tx.prepare_cached(super::journal::LEASE_EPOCHS).await?;
         tx.query(&statement, &[&fenced]).await
     };
-    let writes = futures_util::future::try_join_all(records.iter().map(|queued| queued.record.write(&tx)));
-    let runs: Vec<&str> =
-        records.iter().map(|queued| queued.run_id.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
-    let touched = async {
-        let statement = tx.prepare_cached(super::journal::RUNS_TOUCHED).await?;
-        tx.execute(&statement, &[&runs, &(now_ms() as i64)]).await
-    };
-    let (_, _, epochs) = futures_util::future::try_join3(writes, touched, epochs).await.map_err(err)?;
+    // Sent in this order: the records with statements of their own (a
+    // run's creation among them), then the runs' log rows.
+    let mut chunks = Chunks::default();
+    let mut rows = Vec::new();
+    let mut writes = Vec::new();
+    for (index, queued) in records.iter().enumerate() {
+        match &queued.entry {
+            Entry::Record(record) => writes.push(record.write(&tx)),
+            Entry::Log(record) => rows.extend(chunks.push(&queued.run_id, index, record)),
+        }
+    }
+    rows.extend(chunks.rows());
+    let writes = futures_util::future::try_join_all(writes);
+    let appends = futures_util::future::try_join_all(rows.iter().map(|row| super::journal::append(&tx, row)));
+    let (_, _, epochs) = futures_util::future::try_join3(writes, appends, epochs).await.map_err(err)?;
     let epochs: HashMap<&str, i64> = epochs.iter().map(|row| (row.get(0), row.get(1))).collect();
     let taken_over: BTreeSet<&str> = records
         .iter()

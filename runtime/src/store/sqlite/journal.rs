@@ -12,7 +12,7 @@ use super::writer::{Job, Kind, append};
 use crate::failpoint::failpoint;
 use crate::run::{Attempt, Run, RunStatus, StepPath, StepReport, now_ms};
 use crate::store::lease::{LEASE_TTL, leased};
-use crate::store::log::{Chunk, Folded, Record};
+use crate::store::log::{Chunks, Folded, Record};
 use crate::store::rows::{clean, expiry, held, json, text};
 use crate::store::{Durable, Journal, Lease, Renewed, ResumeState, StoreError};
 
@@ -86,9 +86,9 @@ impl Journal for Database {
                     delete.execute(params![run_id, path])?;
                 }
             }
-            let mut chunk = Chunk::new();
-            chunk.push(&Record::Forgotten { steps: steps.to_vec() }.text());
-            append(tx, run_id, &mut chunk)
+            let mut chunks = Chunks::default();
+            chunks.push(run_id, 0, &Record::Forgotten { steps: steps.to_vec() }.text());
+            chunks.rows().try_for_each(|row| append(tx, &row))
         })
     }
 
@@ -214,8 +214,7 @@ impl Journal for Database {
 
     fn resume_state(&self, run_id: &str) -> Result<ResumeState, StoreError> {
         self.read(|conn| {
-            let mut state = ResumeState::default();
-            (state.completed, state.attempts) = fold(conn, run_id, false)?.resume(run_id);
+            let mut state = fold(conn, run_id, false)?.resume(run_id);
             let mut statement = conn.prepare("SELECT step_id, fingerprint FROM includes WHERE run_id = ?1")?;
             for row in statement.query_map(params![run_id], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))? {
                 let (path, fingerprint) = row?;
@@ -286,7 +285,7 @@ impl Journal for Database {
             Job::Statements(Box::new(move |conn| {
                 conn.prepare_cached(
                     "INSERT INTO waits (run_id, key, step_id, event, started_ms, deadline_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT DO NOTHING",
+                     ON CONFLICT DO UPDATE SET ended = 0",
                 )?
                 .execute(params![id, key, path, event, started_ms, deadline_ms])
                 .map(drop)

@@ -26,7 +26,7 @@ use crate::failpoint::failpoint;
 pub(crate) use crate::store::group::Kind;
 use crate::store::group::{LAZY_WINDOW, MAX_BATCH};
 use crate::store::lease::Held;
-use crate::store::log::Chunk;
+use crate::store::log::{Chunks, Row};
 use crate::store::{Durable, StoreError};
 
 /// Statements run inside the batch's transaction (again, if another record
@@ -41,10 +41,6 @@ pub(crate) enum Job {
     /// each run's records as one row.
     Log(String),
 }
-
-/// A run's log records in a batch go into one row until it holds this
-/// many bytes, then into another: bounds a row, and the memory to build it.
-pub(super) const CHUNK_BYTES: usize = 1 << 20;
 
 struct Queued {
     ticket: Ticket,
@@ -225,30 +221,21 @@ fn commit(
 fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<usize>, Lost)> {
     let whole = |err: rusqlite::Error| (None, Lost::of(&err));
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(whole)?;
-    // Each run's log records, with the index of the first: a row that
-    // fails fails its run from that record on.
-    let mut chunks: HashMap<&str, (usize, Chunk)> = HashMap::new();
+    let mut chunks = Chunks::default();
     for (index, queued) in pending.iter().enumerate() {
         let run_id = queued.ticket.run_id.as_str();
         match &queued.job {
             Job::Statements(job) => job(&tx).map_err(|err| (Some(index), Lost::of(&err)))?,
             Job::Log(record) => {
-                let (first, chunk) = chunks.entry(run_id).or_insert_with(|| (index, Chunk::new()));
-                if chunk.is_empty() {
-                    *first = index;
-                }
-                chunk.push(record);
-                if chunk.len() >= CHUNK_BYTES {
-                    append(&tx, run_id, chunk).map_err(|err| (Some(*first), Lost::of(&err)))?;
+                if let Some(row) = chunks.push(run_id, index, record) {
+                    append(&tx, &row).map_err(|err| (Some(row.first), Lost::of(&err)))?;
                 }
             }
         }
         failpoint!("journal.batch.record-written");
     }
-    for (run_id, (first, chunk)) in &mut chunks {
-        if !chunk.is_empty() {
-            append(&tx, run_id, chunk).map_err(|err| (Some(*first), Lost::of(&err)))?;
-        }
+    for row in chunks.rows() {
+        append(&tx, &row).map_err(|err| (Some(row.first), Lost::of(&err)))?;
     }
     let mut epochs: HashMap<&str, Option<u64>> = HashMap::new();
     for (index, queued) in pending.iter().enumerate() {
@@ -276,13 +263,12 @@ fn try_commit(conn: &mut Connection, pending: &[Queued]) -> Result<(), (Option<u
     Ok(())
 }
 
-/// Appends `chunk`'s records to the run's log as its next row, and empties
-/// it.
-pub(super) fn append(conn: &Connection, run_id: &str, chunk: &mut Chunk) -> rusqlite::Result<()> {
+/// Appends a row to its run's log.
+pub(super) fn append(conn: &Connection, row: &Row<'_>) -> rusqlite::Result<()> {
     // No parameter in a WHERE clause: with STAT4, SQLite compiles such a
     // statement again for each new value.
     conn.prepare_cached("INSERT INTO run_log (run_id, records) VALUES (?1, ?2)")?
-        .execute(rusqlite::params![run_id, chunk.take()])
+        .execute(rusqlite::params![row.run_id, row.records])
         .map(drop)
 }
 
