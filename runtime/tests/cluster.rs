@@ -719,6 +719,12 @@ fn chaos_across_three_workers_and_the_coordinator_changes_no_output_and_runs_no_
     use_database(None);
 }
 
+/// The attempts recorded as succeeded (their execution's path and number),
+/// as the run logs' records hold them.
+const SUCCEEDED_ATTEMPTS: &str = "SELECT r->'attempt_finished'->>'path', r->'attempt_finished'->'attempt'->>'attempt'
+     FROM run_log, json_array_elements(records::json) AS r
+     WHERE r->'attempt_finished'->'attempt'->>'status' = 'succeeded' ORDER BY 1";
+
 #[test]
 fn postgresql_restarted_under_load_loses_nothing_committed_and_every_process_carries_on() {
     const STEPS: usize = 300;
@@ -739,7 +745,7 @@ fn postgresql_restarted_under_load_loses_nothing_committed_and_every_process_car
     let run = start_run(&dir.join("coordinator"), &workflow);
     // Under load: a tenth of the steps done, the rest claimed or waiting.
     let before: Vec<(String, String)> = wait_for(Duration::from_secs(60), || {
-        let done = db.query("SELECT key, attempt FROM attempts WHERE status = 'succeeded' ORDER BY key");
+        let done = db.query(SUCCEEDED_ATTEMPTS);
         let done: Vec<(String, String)> =
             done.into_iter().map(|row| (row[0].clone().unwrap(), row[1].clone().unwrap())).collect();
         (done.len() >= STEPS / 10).then_some(done)
@@ -757,7 +763,7 @@ fn postgresql_restarted_under_load_loses_nothing_committed_and_every_process_car
     let shown = common::json(&dir.join("coordinator"), &["show", id, "--json"]);
     succeeded_once(&shown, &common::effects(&dir), "after the restart");
     // What was committed before the restart is there, unchanged.
-    let after = db.query("SELECT key, attempt FROM attempts WHERE status = 'succeeded' ORDER BY key");
+    let after = db.query(SUCCEEDED_ATTEMPTS);
     for (key, attempt) in &before {
         assert!(
             after.iter().any(|row| row[0].as_deref() == Some(key) && row[1].as_deref() == Some(attempt)),
