@@ -150,21 +150,48 @@ async fn exec(tx: &Transaction<'_>, sql: &str, params: &[&(dyn ToSql + Sync)]) -
 
 impl PgStore {
     /// A run's log, folded; without `bulk`, without the attempts' logs,
-    /// stdout, stderr and inputs. Read here, off the store's runtime: a
-    /// long run's log is work.
+    /// stdout, stderr and inputs. Its rows stream to this thread one at a
+    /// time, so a long log neither waits whole in memory nor takes the
+    /// store's runtime to fold.
     pub(super) fn fold(&self, run_id: &str, bulk: bool) -> Result<log::Folded, StoreError> {
-        let id = run_id.to_owned();
-        let rows: Vec<String> = self.call(move |client| async move {
-            let rows = client.query("SELECT records FROM run_log WHERE run_id = $1 ORDER BY id", &[&id]).await?;
-            Ok(rows.iter().map(|row| row.get(0)).collect())
-        })?;
+        let (rows, received) = std::sync::mpsc::sync_channel::<String>(2);
+        let (pool, id) = (self.pool.clone(), run_id.to_owned());
+        let place = self.place().to_owned();
+        let read = self.handle.spawn(async move {
+            let client = pool.get().await.map_err(|err| super::pool_error(&place, err))?;
+            let err = |err: tokio_postgres::Error| super::pg_error(&place, &err);
+            let stream = client
+                .query_raw("SELECT records FROM run_log WHERE run_id = $1 ORDER BY id", [&id as &(dyn ToSql + Sync)])
+                .await
+                .map_err(err)?;
+            let mut stream = std::pin::pin!(stream);
+            while let Some(row) = futures_util::StreamExt::next(&mut stream).await {
+                let row = row.map_err(err)?;
+                // The reader stopped (an unreadable row): so does this.
+                let sent = tokio::task::block_in_place(|| rows.send(row.get(0)));
+                if sent.is_err() {
+                    break;
+                }
+            }
+            Ok::<(), StoreError>(())
+        });
         let mut folded = log::Folded::default();
-        for chunk in &rows {
-            folded.read(chunk, bulk).map_err(|err| StoreError::Database {
+        let mut unreadable = None;
+        for chunk in &received {
+            if let Err(err) = folded.read(&chunk, bulk) {
+                unreadable = Some(err);
+                break;
+            }
+        }
+        drop(received);
+        let read = super::block(&self.handle, async move { read.await.unwrap_or(Err(StoreError::WriterStopped)) });
+        if let Some(err) = unreadable {
+            return Err(StoreError::Database {
                 place: self.place().to_owned(),
                 detail: format!("the log of run {run_id} cannot be read ({err})"),
-            })?;
+            });
         }
+        read?;
         Ok(folded)
     }
 }

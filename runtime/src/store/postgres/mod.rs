@@ -234,7 +234,11 @@ const MIGRATIONS: &[&str] = &[
     // start before its end, the steps last), so no run's rows make a value
     // near PostgreSQL's 1 GB limit. A row's id is above every row's when it
     // is written, so a run's rows read back in the order written.
-    "CREATE TABLE run_log (
+    // Nothing may write the old tables meanwhile: a node of an earlier
+    // stepbox would lose what it wrote (stop them all to upgrade; they
+    // could not write the new schema anyway).
+    "LOCK TABLE attempts, executions, steps IN ACCESS EXCLUSIVE MODE;
+    CREATE TABLE run_log (
         id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
         records TEXT NOT NULL
@@ -401,6 +405,9 @@ async fn migrate(pool: &Pool, place: &str) -> Result<(), StoreError> {
     let mut client = pool.get().await.map_err(|err| pool_error(place, err))?;
     let err = |err: tokio_postgres::Error| pg_error(place, &err);
     let tx = client.transaction().await.map_err(err)?;
+    // Another node's migration may take longer than the connection's
+    // lock timeout: this one waits for it, however long.
+    tx.batch_execute("SET LOCAL lock_timeout = 0").await.map_err(err)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(err)?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS stepbox_schema (version BIGINT NOT NULL)").await.map_err(err)?;
     let found: Option<i64> =

@@ -54,8 +54,9 @@ fn each_record(
     let mut rows = statement.query(params![run_id])?;
     while let Some(row) = rows.next()? {
         let Ok(path) = row.get::<_, String>(0)?.parse::<StepPath>() else { continue };
+        let Ok(number) = u32::try_from(row.get::<_, i64>(1)?) else { continue };
         let attempt = AttemptRow {
-            number: row.get(1)?,
+            number,
             status: rows::attempt_status(&row.get::<_, String>(2)?),
             kind: row.get::<_, Option<String>>(3)?.and_then(|kind| kind.parse().ok()),
             message: row.get(4)?,
@@ -66,7 +67,7 @@ fn each_record(
             logs: row.get::<_, Option<String>>(9)?.unwrap_or_default(),
             stdout: row.get::<_, Option<String>>(10)?.unwrap_or_default(),
             stderr: row.get::<_, Option<String>>(11)?.unwrap_or_default(),
-            delay: row.get(12)?,
+            delay: row.get::<_, Option<f64>>(12)?.unwrap_or_default(),
         };
         record(Record::AttemptStarted {
             path: path.clone(),
@@ -92,13 +93,13 @@ fn each_record(
         let (Ok(path), Ok(status)) = (path, status) else { continue };
         record(Record::StepFinished(StepRow {
             path,
-            position: row.get(1)?,
+            position: row.get::<_, Option<i64>>(1)?.unwrap_or(i64::MAX),
             status,
             reason: row.get(3)?,
             output: row.get(4)?,
             started_ms: row.get(5)?,
             finished_ms: row.get(6)?,
-            required: row.get(7)?,
+            required: row.get::<_, Option<bool>>(7)?.unwrap_or(true),
         }))?;
     }
     Ok(())
