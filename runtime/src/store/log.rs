@@ -181,8 +181,10 @@ impl Folded {
         match record {
             Record::AttemptStarted { path, attempt, started_ms, delay_before_ms, input } => {
                 let input = input.filter(|_| bulk);
-                let running = AttemptRow::running(attempt, started_ms, delay_before_ms);
-                let (row, kept) = self.attempts.entry((path, attempt)).or_insert((running, None));
+                let (row, kept) = self
+                    .attempts
+                    .entry((path, attempt))
+                    .or_insert_with(|| (AttemptRow::running(attempt, started_ms, delay_before_ms), None));
                 (row.status, row.started) = ("running", started_ms);
                 *kept = input;
             }
