@@ -16,8 +16,8 @@
 //! [`OTHER`].
 
 use std::collections::{HashMap, HashSet};
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -111,6 +111,35 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     request_seconds: Histograms<RouteLabels>,
     labels: Mutex<Bounded>,
+    /// Each tenant's components' attempt series, by their labels: found in
+    /// the families once, as a family hashes the labels on every lookup.
+    attempt_series: Mutex<HashMap<String, HashMap<String, Arc<AttemptSeries>>>>,
+}
+
+/// The attempt series of one tenant's component (handles that share
+/// their counts with the families').
+struct AttemptSeries {
+    tenant: String,
+    component: String,
+    /// The counter of each outcome seen so far.
+    outcomes: Mutex<Vec<(&'static str, Counter)>>,
+    seconds: Histogram,
+    fuel: Histogram,
+    memory: Histogram,
+}
+
+impl AttemptSeries {
+    /// The counter of attempts that ended in `outcome`.
+    fn outcome(&self, metrics: &Metrics, outcome: &'static str) -> Counter {
+        let mut outcomes = self.outcomes.lock();
+        if let Some((_, counter)) = outcomes.iter().find(|(seen, _)| *seen == outcome) {
+            return counter.clone();
+        }
+        let labels = AttemptLabels { tenant: self.tenant.clone(), component: self.component.clone(), outcome };
+        let counter = metrics.attempts.get_or_create(&labels).clone();
+        outcomes.push((outcome, counter.clone()));
+        counter
+    }
 }
 
 /// Where a component came from when a run or an attempt asked for it.
@@ -137,6 +166,7 @@ impl Metrics {
             requests: Family::default(),
             request_seconds: Family::new_with_constructor(|| Histogram::new(FAST_SECONDS)),
             labels: Mutex::new(Bounded::default()),
+            attempt_series: Mutex::default(),
         }
     }
 
@@ -144,24 +174,43 @@ impl Metrics {
     /// lost). Its duration, fuel and memory count only if it ran: a
     /// refused or lost one measured nothing of its own.
     pub fn attempt_ended(&self, tenant: &str, component: &str, attempt: &Attempt) {
-        let (tenant, component) = self.labels.lock().component(tenant, component);
+        let series = self.attempt_series(tenant, component);
         let outcome = match &attempt.outcome {
             Outcome::Succeeded { .. } => "succeeded",
             Outcome::Failed { failure } => failure.kind.as_str(),
             Outcome::Running => "running",
         };
-        self.attempts.get_or_create(&AttemptLabels { tenant: tenant.clone(), component, outcome }).inc();
+        series.outcome(self, outcome).inc();
         // An instance that ran held some memory.
         if attempt.peak_memory == 0 {
             return;
         }
-        let labels = TenantLabels { tenant };
         if let Some(finished) = attempt.finished_ms {
-            let seconds = (finished - attempt.started_ms).max(0.0) / 1000.0;
-            self.attempt_seconds.get_or_create(&labels).observe(seconds);
+            series.seconds.observe((finished - attempt.started_ms).max(0.0) / 1000.0);
         }
-        self.attempt_fuel.get_or_create(&labels).observe(attempt.fuel_consumed as f64);
-        self.attempt_memory.get_or_create(&labels).observe(attempt.peak_memory as f64);
+        series.fuel.observe(attempt.fuel_consumed as f64);
+        series.memory.observe(attempt.peak_memory as f64);
+    }
+
+    /// The series of `tenant`'s `component`, under their bounded labels.
+    fn attempt_series(&self, tenant: &str, component: &str) -> Arc<AttemptSeries> {
+        let mut kept = self.attempt_series.lock();
+        if let Some(series) = kept.get(tenant).and_then(|components| components.get(component)) {
+            return series.clone();
+        }
+        // Kept under the labels, so names that count as `(other)` share
+        // one entry and tenants cannot grow the map.
+        let (tenant, component) = self.labels.lock().component(tenant, component);
+        let labels = TenantLabels { tenant: tenant.clone() };
+        let series = AttemptSeries {
+            seconds: self.attempt_seconds.get_or_create(&labels).clone(),
+            fuel: self.attempt_fuel.get_or_create(&labels).clone(),
+            memory: self.attempt_memory.get_or_create(&labels).clone(),
+            outcomes: Mutex::default(),
+            tenant: tenant.clone(),
+            component: component.clone(),
+        };
+        kept.entry(tenant).or_default().entry(component).or_insert_with(|| Arc::new(series)).clone()
     }
 
     /// A journal writer committed `records` in one transaction.

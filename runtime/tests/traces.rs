@@ -23,9 +23,26 @@ type Received = Arc<Mutex<Vec<(String, Span)>>>;
 /// none).
 type Echoed = Arc<Mutex<Vec<Option<String>>>>;
 
+/// How a test's collector behaves, and what it saw besides the spans.
+#[derive(Clone, Default)]
+struct Collector {
+    /// The first this many exports are answered 503 (a collector that
+    /// cannot take them now).
+    refuse_first: usize,
+    /// How long each export waits before it is answered.
+    hold: std::time::Duration,
+    /// Each export's request headers, as they came.
+    headers: Arc<Mutex<Vec<axum::http::HeaderMap>>>,
+}
+
 /// Starts an OTLP/HTTP receiver on a free port, which also answers
 /// `GET /echo` for steps to call; returns its address.
 async fn receiver(received: Received, echoed: Echoed) -> String {
+    collector(received, echoed, Collector::default()).await
+}
+
+/// [`receiver`], behaving as `collector` says.
+async fn collector(received: Received, echoed: Echoed, collector: Collector) -> String {
     let app = axum::Router::new()
         .route(
             "/echo",
@@ -37,7 +54,16 @@ async fn receiver(received: Received, echoed: Echoed) -> String {
         )
         .route(
             "/v1/traces",
-            axum::routing::post(move |body: axum::body::Bytes| async move {
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+                tokio::time::sleep(collector.hold).await;
+                let seen = {
+                    let mut seen = collector.headers.lock().unwrap();
+                    seen.push(headers);
+                    seen.len()
+                };
+                if seen <= collector.refuse_first {
+                    return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                }
                 let request = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf export");
                 let mut received = received.lock().unwrap();
                 for resource in request.resource_spans {
@@ -168,15 +194,21 @@ async fn run_exported(
     stepbox_off_runtime(dir.join("data"), args, env).await
 }
 
+/// The host step `denied` asks: longer than any host can be.
+fn refused_host() -> String {
+    format!("{}.example.com", "a".repeat(300))
+}
+
 /// `calls.yaml` in `dir`: step `call` asks `ENDPOINT/echo`, which its grant
-/// allows, and step `denied` asks a host it does not.
+/// allows, and step `denied` asks a host it does not ([`refused_host`]).
 fn calls_workflow(dir: &std::path::Path, endpoint: &str) -> std::path::PathBuf {
     let host = endpoint.strip_prefix("http://").unwrap();
+    let refused = refused_host();
     let workflow = dir.join("calls.yaml");
     std::fs::write(
         &workflow,
         format!(
-            "name: calls\ncomponents:\n  probe: {probe}\nsteps:\n  - id: call\n    uses: probe\n    with: {{ url: \"{endpoint}/echo\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n  - id: denied\n    uses: probe\n    with: {{ url: \"http://example.com/\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n",
+            "name: calls\ncomponents:\n  probe: {probe}\nsteps:\n  - id: call\n    uses: probe\n    with: {{ url: \"{endpoint}/echo\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n  - id: denied\n    uses: probe\n    with: {{ url: \"http://{refused}/\" }}\n    network: {{ http: [\"GET@{host}\"] }}\n",
             probe = guests::HTTP_PROBE
         ),
     )
@@ -216,9 +248,11 @@ async fn an_attempts_http_requests_carry_its_traceparent_and_a_denied_one_is_an_
         .iter()
         .filter_map(|kv| Some((kv.key.clone(), text(kv.value.as_ref()?.value.as_ref()?)?)))
         .collect();
+    // The host as far as a host can be long: what a step writes into its
+    // spans is bounded.
     assert_eq!(
         (seen["stepbox.capability"].as_str(), seen["stepbox.host"].as_str()),
-        ("http", "example.com"),
+        ("http", &refused_host()[..253]),
         "{seen:?}"
     );
 }
@@ -343,19 +377,118 @@ async fn a_collector_that_is_away_costs_the_run_nothing_and_is_said() {
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
     let dir = temp_dir("traces-away");
-    let workflow = dir.join("one.yaml");
-    std::fs::write(
-        &workflow,
-        format!(
-            "name: one\ncomponents:\n  hello: {}\nsteps:\n  - id: hi\n    uses: hello\n    with: {{ name: x }}\n",
-            guests::HELLO
-        ),
-    )
-    .unwrap();
+    let workflow = greetings(&dir, 1);
     let out = run_exported(dir, workflow, endpoint, &[]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("warning: traces were not exported"), "{stderr}");
+}
+
+/// `greet.yaml` in `dir`: `steps` independent steps that greet.
+fn greetings(dir: &std::path::Path, steps: usize) -> std::path::PathBuf {
+    let workflow = dir.join("greet.yaml");
+    let steps: String =
+        (0..steps).map(|n| format!("  - id: hi{n}\n    uses: hello\n    with: {{ name: x }}\n")).collect();
+    std::fs::write(&workflow, format!("name: greet\ncomponents:\n  hello: {}\nsteps:\n{steps}", guests::HELLO))
+        .unwrap();
+    workflow
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_collectors_address_and_headers_come_from_the_standard_variables() {
+    let (received, seen) = (Received::default(), Collector::default());
+    let endpoint = collector(received.clone(), Echoed::default(), seen.clone()).await;
+    let dir = temp_dir("traces-settings");
+    let workflow = greetings(&dir, 1);
+    // The traces' own address wins over the general one (where nothing
+    // listens), and is taken as it is; the traces' own headers replace
+    // the general ones of the same name; values are percent-decoded.
+    let traces = format!("{endpoint}/v1/traces");
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into(), traces),
+        ("OTEL_EXPORTER_OTLP_HEADERS".into(), "authorization=Bearer%20s3cret, x-which = general".into()),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS".into(), "x-which=traces".into()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), "http://127.0.0.1:9".into()),
+    ];
+    let args = vec!["run".into(), workflow.display().to_string(), "--json".into()];
+    let out = stepbox_off_runtime(dir.join("data"), args, env).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    assert_eq!(spans_named(&received, "attempt").len(), 1);
+    let headers = seen.headers.lock().unwrap().clone();
+    assert!(!headers.is_empty());
+    for headers in headers {
+        assert_eq!(headers["authorization"], "Bearer s3cret");
+        assert_eq!(headers["x-which"], "traces");
+        assert_eq!(headers["content-type"], "application/x-protobuf");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_export_the_collector_cannot_take_now_is_sent_again() {
+    let received = Received::default();
+    let seen = Collector { refuse_first: 2, ..Collector::default() };
+    let endpoint = collector(received.clone(), Echoed::default(), seen.clone()).await;
+    let dir = temp_dir("traces-retry");
+    let workflow = greetings(&dir, 3);
+    let out = run_exported(dir, workflow, endpoint, &[]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    // Refused twice, taken the third time: every span arrives, and nothing
+    // is said.
+    assert!(!stderr.contains("warning"), "{stderr}");
+    assert_eq!(seen.headers.lock().unwrap().len(), 3);
+    assert_eq!(
+        (
+            spans_named(&received, "run").len(),
+            spans_named(&received, "step").len(),
+            spans_named(&received, "attempt").len()
+        ),
+        (1, 3, 3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_beyond_the_queue_are_dropped_and_said_while_the_collector_is_slow() {
+    let received = Received::default();
+    // Each export is answered after two seconds: meanwhile the run ends, and
+    // its spans find the queue (one span) full.
+    let seen = Collector { hold: std::time::Duration::from_secs(2), ..Collector::default() };
+    let endpoint = collector(received.clone(), Echoed::default(), seen).await;
+    let dir = temp_dir("traces-queue");
+    let workflow = greetings(&dir, 6);
+    let out = run_exported(dir, workflow, endpoint, &[("OTEL_BSP_MAX_QUEUE_SIZE", "1")]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("spans were dropped"), "{stderr}");
+    // 13 spans were made (a run, six steps, six attempts); at most one
+    // waited at a time, besides the one being sent.
+    let got = received.lock().unwrap().len();
+    assert!((1..13).contains(&got), "{got} spans arrived");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exporter_setting_stepbox_cannot_honour_is_an_error_that_names_it() {
+    let dir = temp_dir("traces-bad");
+    let workflow = greetings(&dir, 1);
+    for (name, value) in [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "ten seconds"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://collector"),
+    ] {
+        let env =
+            vec![("OTEL_EXPORTER_OTLP_ENDPOINT".into(), "http://127.0.0.1:9".into()), (name.into(), value.into())];
+        let args = vec!["run".into(), workflow.display().to_string()];
+        let out = stepbox_off_runtime(dir.join("data"), args, env).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}={value}: {stderr}");
+        let named = if name.ends_with("ENDPOINT") { "ftp://collector" } else { name };
+        assert!(stderr.contains(named), "{name}={value}: {stderr}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -309,9 +309,10 @@ async fn execution(
                 if let Some((_, granted)) = reserved {
                     limits.fuel = granted;
                 }
+                let step_id = path.to_string();
                 let attempt_span = span.child("attempt", || {
                     vec![
-                        KeyValue::new("stepbox.step", path.to_string()),
+                        KeyValue::new("stepbox.step", step_id.clone()),
                         KeyValue::new("stepbox.tenant", shared.base.tenant.name.clone()),
                         KeyValue::new("stepbox.component", name.to_owned()),
                         KeyValue::new("stepbox.component_digest", component.digest().clone()),
@@ -320,7 +321,7 @@ async fn execution(
                 let request = AttemptRequest {
                     context: StepContext {
                         run_id: shared.run_id.clone(),
-                        step_id: path.to_string(),
+                        step_id,
                         attempt: number,
                         idempotency_key: idempotency_key.clone(),
                         tenant: shared.base.tenant.name.clone(),
