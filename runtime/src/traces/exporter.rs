@@ -27,6 +27,12 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRIES: u32 = 3;
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 
+/// The longest `Retry-After` believed, in seconds (as opentelemetry-otlp).
+const MAX_RETRY_AFTER: u64 = 600;
+
+/// How much of a collector's answer is read.
+const MAX_ANSWER: usize = 64 << 10;
+
 /// Where and how spans are sent: what the standard `OTEL_EXPORTER_OTLP_*`
 /// and `OTEL_BSP_*` variables say, each checked.
 #[derive(Debug)]
@@ -50,36 +56,41 @@ impl Settings {
     /// error that names it.
     pub(super) fn read(endpoint: Option<&str>) -> Result<Option<Settings>, String> {
         let base = |base: &str| format!("{}/v1/traces", base.trim_end_matches('/'));
-        let endpoint = match (endpoint, var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")?, var("OTEL_EXPORTER_OTLP_ENDPOINT")?)
-        {
-            (Some(endpoint), _, _) => base(endpoint),
-            (None, Some(traces), _) => traces,
-            (None, None, Some(endpoint)) => base(&endpoint),
-            (None, None, None) => return Ok(None),
-        };
-        let endpoint = reqwest::Url::parse(&endpoint)
-            .ok()
-            .filter(|url| matches!(url.scheme(), "http" | "https"))
-            .ok_or_else(|| format!("cannot export traces to `{endpoint}`: give OTEL_EXPORTER_OTLP_ENDPOINT an http:// or https:// address"))?;
+        let (endpoint, from) =
+            match (endpoint, var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")?, var("OTEL_EXPORTER_OTLP_ENDPOINT")?) {
+                (Some(endpoint), _, _) => (base(endpoint), "the endpoint"),
+                (None, Some(traces), _) => (traces, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+                (None, None, Some(endpoint)) => (base(&endpoint), "OTEL_EXPORTER_OTLP_ENDPOINT"),
+                (None, None, None) => return Ok(None),
+            };
+        let endpoint =
+            reqwest::Url::parse(&endpoint).ok().filter(|url| matches!(url.scheme(), "http" | "https")).ok_or_else(
+                || format!("cannot export traces to `{endpoint}`: give {from} an http:// or https:// address"),
+            )?;
         for name in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
-            if let Some(protocol) = var(name)?.filter(|protocol| protocol.trim() != "http/protobuf") {
+            if let Some(protocol) = var(name)?.filter(|protocol| !protocol.trim().eq_ignore_ascii_case("http/protobuf"))
+            {
                 return Err(format!(
                     "{name} is `{protocol}`, but stepbox exports traces over OTLP/HTTP in protobuf only: set it to http/protobuf, or unset it"
                 ));
             }
         }
         for name in ["OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"] {
-            if let Some(compression) = var(name)?.filter(|compression| compression.trim() != "none") {
+            if let Some(compression) = var(name)?.filter(|compression| !compression.trim().eq_ignore_ascii_case("none"))
+            {
                 return Err(format!(
                     "{name} is `{compression}`, but stepbox sends traces uncompressed: set it to none, or unset it"
                 ));
             }
         }
+        // The traces' own headers, when set, replace the general ones
+        // whole (a general credential does not go to a traces collector
+        // set apart), as opentelemetry-otlp does.
         let mut headers = HeaderMap::new();
-        // The traces' own headers replace the general ones of the same name.
-        for name in ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"] {
+        for name in ["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"] {
             if let Some(list) = var(name)? {
-                headers.extend(parse_headers(&list).map_err(|why| format!("{name}: {why}"))?);
+                headers = parse_headers(&list).map_err(|why| format!("{name}: {why}"))?;
+                break;
             }
         }
         let timeout = match var("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")? {
@@ -121,15 +132,18 @@ fn count(name: &str, default: usize) -> Result<usize, String> {
     }
 }
 
-/// A duration the variable `name` gives in milliseconds; `default` when unset.
+/// A duration the variable `name` gives in milliseconds, at least 1;
+/// `default` when unset.
 fn millis(name: &str, default: Duration) -> Result<Duration, String> {
     match var(name)? {
         None => Ok(default),
         Some(value) => value
             .trim()
             .parse::<u64>()
+            .ok()
+            .filter(|&ms| ms > 0)
             .map(Duration::from_millis)
-            .map_err(|_| format!("{name} is `{value}`: give a whole number of milliseconds")),
+            .ok_or_else(|| format!("{name} is `{value}`: give a whole number of milliseconds above 0")),
     }
 }
 
@@ -196,7 +210,7 @@ const MAX_WAITING_BYTES: usize = 64 << 20;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// The room a thread's scratch buffer keeps between spans.
-const MAX_SCRATCH: usize = 1 << 20;
+const MAX_SCRATCH: usize = 64 << 10;
 
 impl Waiting {
     /// Queues one encoded span, unless `queue` spans or
@@ -271,7 +285,11 @@ impl Queue {
     /// Queues the span `encode` writes (with [`otlp::span`]); drops it
     /// when the queue is full or shut down.
     pub(super) fn push(&self, encode: impl FnOnce(&mut Vec<u8>)) {
-        SCRATCH.with_borrow_mut(|scratch| {
+        // A span dropped while its thread ends, after the scratch buffer
+        // has gone, is not exported.
+        let _ = SCRATCH.try_with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let scratch = &mut *scratch;
             scratch.clear();
             encode(scratch);
             if self.shared.waiting.lock().add(scratch, self.queue, self.batch) {
@@ -316,6 +334,9 @@ impl Sender {
         let http = reqwest::Client::builder()
             .user_agent(concat!("stepbox/", env!("CARGO_PKG_VERSION")))
             .default_headers(settings.headers.clone())
+            // A collector's token goes to the collector named, not to
+            // wherever it redirects.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|err| format!("cannot make the trace exporter's HTTP client: {err}"))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -327,6 +348,16 @@ impl Sender {
 
     /// Waits for work and sends it, until shut down.
     fn run(self, shared: &Shared) {
+        /// Says the thread stopped however it ends, so a shutdown does not
+        /// wait for it in vain.
+        struct Stopped<'a>(&'a Shared);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                self.0.waiting.lock().stopped = true;
+                self.0.stopped.notify_all();
+            }
+        }
+        let _stopped = Stopped(shared);
         let mut due = Instant::now() + self.settings.delay;
         loop {
             let mut waiting = shared.waiting.lock();
@@ -367,8 +398,6 @@ impl Sender {
                 }
             }
             if stopping.is_some() {
-                shared.waiting.lock().stopped = true;
-                shared.stopped.notify_all();
                 return;
             }
             due = Instant::now() + self.settings.delay;
@@ -396,9 +425,16 @@ impl Sender {
                     .send()
                     .await;
                 let why = match sent {
-                    Ok(response) if response.status().is_success() => {
-                        // Read to the end, so the connection is kept.
-                        let _ = response.bytes().await;
+                    Ok(mut response) if response.status().is_success() => {
+                        // Read to the end, so the connection is kept, unless
+                        // the answer is longer than any answer should be.
+                        let mut read = 0;
+                        while let Ok(Some(chunk)) = response.chunk().await {
+                            read += chunk.len();
+                            if read > MAX_ANSWER {
+                                break;
+                            }
+                        }
                         return Ok(());
                     }
                     Ok(response) => {
@@ -414,13 +450,13 @@ impl Sender {
                             .get(reqwest::header::RETRY_AFTER)
                             .and_then(|value| value.to_str().ok()?.trim().parse::<u64>().ok())
                         {
-                            wait = Duration::from_secs(after);
+                            wait = Duration::from_secs(after.min(MAX_RETRY_AFTER));
                         }
                         why
                     }
                     Err(err) => format!("{url}: {err}"),
                 };
-                if retries == RETRIES || Instant::now() + wait >= deadline {
+                if retries == RETRIES || Instant::now().checked_add(wait).is_none_or(|then| then >= deadline) {
                     return Err(why);
                 }
                 tokio::time::sleep(wait).await;

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::trace::{
     Event, SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceFlags, TraceState,
 };
-use opentelemetry::{Context, InstrumentationScope, KeyValue};
+use opentelemetry::{Context, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{Config, SamplingDecision};
 
@@ -127,9 +127,28 @@ struct Recorded {
     status: Status,
 }
 
+/// The longest text a span keeps in one value. What tenants and steps
+/// choose lands in spans (a step's path, the host of a request its grants
+/// refuse), and an open span holds it in the host's memory, up to the span
+/// limits' 128 attributes and 128 events.
+const MAX_TEXT: usize = 1024;
+
+/// Cuts the text values of `attributes` to [`MAX_TEXT`] bytes.
+fn clip(attributes: &mut [KeyValue]) {
+    for attribute in attributes {
+        if let Value::String(text) = &attribute.value
+            && text.as_str().len() > MAX_TEXT
+        {
+            let text = text.as_str();
+            attribute.value = Value::from(text[..text.floor_char_boundary(MAX_TEXT)].to_owned());
+        }
+    }
+}
+
 impl Recorded {
     /// Adds `attributes`, within the span's limit.
-    fn add(&mut self, limit: u32, attributes: Vec<KeyValue>) {
+    fn add(&mut self, limit: u32, mut attributes: Vec<KeyValue>) {
+        clip(&mut attributes);
         if self.attributes.is_empty() && attributes.len() <= limit as usize {
             // A span's first attributes: room for the few it records later.
             self.attributes = attributes;
@@ -271,6 +290,7 @@ impl Span {
                 let mut attributes = attributes();
                 let dropped = attributes.len().saturating_sub(limits.max_attributes_per_event as usize);
                 attributes.truncate(limits.max_attributes_per_event as usize);
+                clip(&mut attributes);
                 let dropped = u32::try_from(dropped).unwrap_or(u32::MAX);
                 recorded.events.push(Event::new(name, SystemTime::now(), attributes, dropped));
             } else {

@@ -126,10 +126,8 @@ impl WasiHttpHooks for HttpPolicy {
             self.span.event("capability denied", || {
                 vec![
                     KeyValue::new("stepbox.capability", "http"),
-                    // Clipped: what the step wrote waits in the export
-                    // queue, 128 events a span.
-                    KeyValue::new("stepbox.method", clipped(request.method().as_str(), 32)),
-                    KeyValue::new("stepbox.host", clipped(request.uri().host().unwrap_or(""), 253)),
+                    KeyValue::new("stepbox.method", request.method().to_string()),
+                    KeyValue::new("stepbox.host", request.uri().host().unwrap_or("").to_owned()),
                 ]
             });
             return Box::new(async { Err(Error::HttpRequestDenied) });
@@ -149,9 +147,4 @@ impl WasiHttpHooks for HttpPolicy {
             Ok((response.map(BodyExt::boxed_unsync), Box::new(connection) as Box<dyn Future<Output = _> + Send>))
         })
     }
-}
-
-/// `text`, cut to at most `max` bytes.
-fn clipped(text: &str, max: usize) -> String {
-    text[..text.floor_char_boundary(max)].to_owned()
 }
