@@ -129,16 +129,20 @@ struct AttemptSeries {
 }
 
 impl AttemptSeries {
-    /// The counter of attempts that ended in `outcome`.
-    fn outcome(&self, metrics: &Metrics, outcome: &'static str) -> Counter {
+    /// Counts an attempt that ended in `outcome`.
+    fn count(&self, metrics: &Metrics, outcome: &'static str) {
         let mut outcomes = self.outcomes.lock();
-        if let Some((_, counter)) = outcomes.iter().find(|(seen, _)| *seen == outcome) {
-            return counter.clone();
+        match outcomes.iter().find(|(seen, _)| *seen == outcome) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                let labels = AttemptLabels { tenant: self.tenant.clone(), component: self.component.clone(), outcome };
+                let counter = metrics.attempts.get_or_create(&labels).clone();
+                counter.inc();
+                outcomes.push((outcome, counter));
+            }
         }
-        let labels = AttemptLabels { tenant: self.tenant.clone(), component: self.component.clone(), outcome };
-        let counter = metrics.attempts.get_or_create(&labels).clone();
-        outcomes.push((outcome, counter.clone()));
-        counter
     }
 }
 
@@ -180,7 +184,7 @@ impl Metrics {
             Outcome::Failed { failure } => failure.kind.as_str(),
             Outcome::Running => "running",
         };
-        series.outcome(self, outcome).inc();
+        series.count(self, outcome);
         // An instance that ran held some memory.
         if attempt.peak_memory == 0 {
             return;

@@ -386,8 +386,9 @@ impl Sender {
             drop(waiting);
             if dropped > 0 {
                 self.warn(&format!(
-                    "{dropped} spans were dropped: {} were waiting already (OTEL_BSP_MAX_QUEUE_SIZE)",
-                    self.settings.queue
+                    "{dropped} spans were dropped: the queue was full ({} spans, OTEL_BSP_MAX_QUEUE_SIZE, or {} MiB)",
+                    self.settings.queue,
+                    MAX_WAITING_BYTES >> 20
                 ));
             }
             for batch in batches {

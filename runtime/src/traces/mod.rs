@@ -36,10 +36,13 @@ use opentelemetry_sdk::trace::{Config, SamplingDecision};
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What spans are made with, while they are exported ([`export`]).
-static TRACER: parking_lot::RwLock<Option<Arc<Tracer>>> = parking_lot::RwLock::new(None);
+static TRACER: parking_lot::RwLock<Option<&'static Tracer>> = parking_lot::RwLock::new(None);
 
 /// The sampler, ids and limits OpenTelemetry's environment configures, and
-/// the queue ended spans go to.
+/// the queue ended spans go to. Each export's is leaked: a process exports
+/// once or a few times, and its spans (children made after the export ended
+/// among them) reach it without counting references, which every runtime
+/// thread would write for every span.
 #[derive(Debug)]
 struct Tracer {
     config: Config,
@@ -49,7 +52,7 @@ struct Tracer {
 /// Spans are exported while this lives; dropped, it stops making them and
 /// exports what is left.
 pub struct Exporting {
-    tracer: Arc<Tracer>,
+    tracer: &'static Tracer,
 }
 
 impl Drop for Exporting {
@@ -75,8 +78,9 @@ pub fn export(endpoint: Option<&str>) -> Result<Option<Exporting>, String> {
         resource = resource.with_service_name("stepbox");
     }
     let header = otlp::Header::new(&resource.build(), &InstrumentationScope::builder("stepbox").build());
-    let tracer = Arc::new(Tracer { config: Config::default(), queue: exporter::Queue::start(settings, header)? });
-    *current = Some(tracer.clone());
+    let tracer: &'static Tracer =
+        Box::leak(Box::new(Tracer { config: Config::default(), queue: exporter::Queue::start(settings, header)? }));
+    *current = Some(tracer);
     Ok(Some(Exporting { tracer }))
 }
 
@@ -102,7 +106,7 @@ enum Place {
 
 #[derive(Debug)]
 struct Open {
-    tracer: Arc<Tracer>,
+    tracer: &'static Tracer,
     /// Its ids, and whether the sampler kept it.
     context: SpanContext,
     /// Its parent's span id (invalid for none), and whether the parent is
@@ -192,7 +196,8 @@ impl Span {
     /// another process's span or an earlier drive's, when given).
     /// `attributes` are built only when the span is exported.
     pub fn root(name: &'static str, parent: Option<&TraceParent>, attributes: impl FnOnce() -> Vec<KeyValue>) -> Span {
-        Span::open(name, parent.map(TraceParent::span_context).as_ref(), attributes)
+        let Some(tracer) = *TRACER.read() else { return Span::default() };
+        Span::open(tracer, name, parent.map(TraceParent::span_context).as_ref(), attributes)
     }
 
     /// A span beneath this one; none when this one is not traced here.
@@ -200,7 +205,7 @@ impl Span {
         match &self.0 {
             Place::None => Span::default(),
             Place::Remote(parent) => Span::root(name, Some(parent), attributes),
-            Place::Open(open) => Span::open(name, Some(&open.context), attributes),
+            Place::Open(open) => Span::open(open.tracer, name, Some(&open.context), attributes),
         }
     }
 
@@ -215,8 +220,12 @@ impl Span {
     /// decides a child as its parent within a process (the parent-based
     /// ones by the parent, the trace-id ratio by the trace id they share,
     /// always on and off alike), so the sampler is asked once a run.
-    fn open(name: &'static str, parent: Option<&SpanContext>, attributes: impl FnOnce() -> Vec<KeyValue>) -> Span {
-        let Some(tracer) = TRACER.read().clone() else { return Span::default() };
+    fn open(
+        tracer: &'static Tracer,
+        name: &'static str,
+        parent: Option<&SpanContext>,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Span {
         let config = &tracer.config;
         let mut recorded = Recorded::default();
         let limit = config.span_limits.max_attributes_per_span;
