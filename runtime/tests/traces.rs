@@ -422,6 +422,31 @@ async fn text_a_tenant_chooses_is_cut_to_a_kibibyte_in_spans() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_sampler_by_trace_id_keeps_or_leaves_out_each_runs_trace_whole() {
+    let received = Received::default();
+    let endpoint = receiver(received.clone(), Echoed::default()).await;
+    let dir = temp_dir("traces-ratio");
+    let workflow = greetings(&dir, 2);
+    const HALF: &[(&str, &str)] = &[("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0.5")];
+    let runs = 16;
+    for _ in 0..runs {
+        let out = run_exported(dir.clone(), workflow.clone(), endpoint.clone(), HALF).await;
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The sampler is asked once a run; the steps and attempts follow.
+    let mut traces: HashMap<Vec<u8>, Vec<String>> = HashMap::new();
+    for (_, span) in received.lock().unwrap().iter() {
+        traces.entry(span.trace_id.clone()).or_default().push(span.name.clone());
+    }
+    for names in traces.values_mut() {
+        names.sort();
+        assert_eq!(names, &["attempt", "attempt", "run", "step", "step"], "a trace kept whole");
+    }
+    // Some kept, some left out (each of 16 both ways by chance: 1 in 32,768).
+    assert!((1..runs).contains(&traces.len()), "{} of {runs} traces kept", traces.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_collectors_address_and_headers_come_from_the_standard_variables() {
     let dir = temp_dir("traces-settings");
     let workflow = greetings(&dir, 1);
