@@ -121,30 +121,28 @@ fn var(name: &str) -> Result<Option<String>, String> {
 
 /// A number the variable `name` gives, at least 1; `default` when unset.
 fn count(name: &str, default: usize) -> Result<usize, String> {
-    match var(name)? {
-        None => Ok(default),
-        Some(value) => value
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|&n| n > 0)
-            .ok_or_else(|| format!("{name} is `{value}`: give a whole number above 0")),
-    }
+    Ok(positive(name, "a whole number")?.map_or(default, |n| usize::try_from(n).unwrap_or(usize::MAX)))
 }
 
 /// A duration the variable `name` gives in milliseconds, at least 1;
 /// `default` when unset.
 fn millis(name: &str, default: Duration) -> Result<Duration, String> {
-    match var(name)? {
-        None => Ok(default),
-        Some(value) => value
-            .trim()
-            .parse::<u64>()
-            .ok()
-            .filter(|&ms| ms > 0)
-            .map(Duration::from_millis)
-            .ok_or_else(|| format!("{name} is `{value}`: give a whole number of milliseconds above 0")),
-    }
+    Ok(positive(name, "a whole number of milliseconds")?.map_or(default, Duration::from_millis))
+}
+
+/// The whole number above 0 the variable `name` gives (`what` says what
+/// it is to a user who gave something else); `None` when unset.
+fn positive(name: &str, what: &str) -> Result<Option<u64>, String> {
+    var(name)?
+        .map(|value| {
+            value
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("{name} is `{value}`: give {what} above 0"))
+        })
+        .transpose()
 }
 
 /// `key=value,key=value`, each value percent-decoded, as the
