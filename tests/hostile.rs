@@ -184,6 +184,31 @@ async fn a_loop_of_slow_host_calls_stops_at_its_timeout() {
     assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
 }
 
+/// A loop of a few instructions that each move 32 or 64 MiB
+/// (`guests/fill-loop.wat`): counted by the instruction, its fuel would
+/// last for hours. wasmtime charges `memory.fill` and `memory.copy` a unit
+/// a byte, so the default fuel runs out within a fraction of a second; with
+/// fuel to spare, the timeout stops it.
+#[tokio::test]
+async fn a_loop_of_bulk_memory_instructions_pays_fuel_by_the_byte_and_stops_at_its_timeout() {
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/guests/fill-loop.wat"));
+    let component = sandbox().load_bytes(path, &wat::parse_file(path).unwrap()).unwrap();
+    let mut req = request(json!(null));
+    req.limits.memory = ByteSize::mib(128);
+    req.limits.timeout = Duration::from_secs(60);
+    let started = std::time::Instant::now();
+    let report = sandbox().run(&component, req.clone()).await;
+    assert_eq!(failure_kind(&report), FailureKind::OutOfFuel, "{report:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+
+    req.limits.fuel = u64::MAX / 2;
+    req.limits.timeout = Duration::from_millis(500);
+    let started = std::time::Instant::now();
+    let report = sandbox().run(&component, req).await;
+    assert_eq!(failure_kind(&report), FailureKind::Timeout, "{report:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn a_one_gib_host_call_argument_is_refused_before_the_host_copies_it() {
     let mut req = request(json!({ "attack": "huge-log", "size": 1024 * 1024 * 1024 }));
