@@ -184,6 +184,43 @@ async fn a_loop_of_slow_host_calls_stops_at_its_timeout() {
     assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
 }
 
+/// Attempts share the async runtime's threads: a guest that only computes,
+/// or only calls slow host code, yields often enough that a task beside it
+/// on the same thread (this test's runtime has one) runs every few
+/// milliseconds, not once its timeout ends it. Without yields the ticker
+/// would wait the whole second.
+#[tokio::test]
+async fn a_busy_guest_leaves_its_thread_to_others_every_few_milliseconds() {
+    for (guest, input) in [
+        (guests::SPIN, json!(null)),
+        (guests::HOST_ABUSE, json!({ "attack": "huge-log-loop", "size": 1024 * 1024 })),
+    ] {
+        let mut req = request(input);
+        req.limits.fuel = u64::MAX;
+        req.limits.memory = ByteSize::mib(128);
+        req.limits.timeout = Duration::from_secs(1);
+        let worst = std::sync::Arc::new(std::sync::Mutex::new(Duration::ZERO));
+        let ticker = tokio::spawn({
+            let worst = worst.clone();
+            async move {
+                let mut last = std::time::Instant::now();
+                loop {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    let now = std::time::Instant::now();
+                    let mut worst = worst.lock().unwrap();
+                    *worst = (*worst).max(now - last);
+                    last = now;
+                }
+            }
+        });
+        let report = run(guest, req).await;
+        ticker.abort();
+        assert_eq!(failure_kind(&report), FailureKind::Timeout, "{guest}: {report:?}");
+        let worst = *worst.lock().unwrap();
+        assert!(worst < Duration::from_millis(250), "{guest}: the thread was held for {worst:?}");
+    }
+}
+
 /// A loop of a few instructions that each move 32 or 64 MiB
 /// (`guests/fill-loop.wat`): counted by the instruction, its fuel would
 /// last for hours. wasmtime charges `memory.fill` and `memory.copy` a unit

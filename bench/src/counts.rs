@@ -80,7 +80,7 @@ pub async fn workload(shape: Shape, sizes: Sizes, large: bool, data_dir: &Path) 
     let sandbox = Sandbox::new(config, Arc::new(MemoryKeyValueStore::new()))?;
     let measured = if large { sizes.large } else { sizes.small };
     if shape == Shape::Floor {
-        let floor = crate::floor::Floor::new(sandbox.engine(), guests::NOOP)?;
+        let floor = crate::floor::Floor::new(sandbox.engine(), guests::NOOP, true)?;
         for n in [sizes.small, measured] {
             floor.run(n, 1).await?;
         }

@@ -50,12 +50,11 @@ fn linker(engine: &Engine) -> anyhow::Result<Linker<State>> {
 }
 
 /// One call of `run` with `input` in a new store, as bare as wasmtime
-/// allows.
-async fn call(engine: &Engine, pre: &InstancePre<State>, i: usize, input: &str, sliced: bool) -> anyhow::Result<()> {
+/// allows, metered as stepbox meters an attempt when `stepbox`.
+async fn call(engine: &Engine, pre: &InstancePre<State>, i: usize, input: &str, stepbox: bool) -> anyhow::Result<()> {
     let state = State { wasi: WasiCtx::builder().build(), table: ResourceTable::new() };
     let mut store = Store::new(engine, state);
-    // Fuel (and epochs) as the engine meters them.
-    fuel_up(&mut store, sliced);
+    fuel_up(&mut store, stepbox);
     let instance = pre.instantiate_async(&mut store).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
     let run = instance
         .get_typed_func::<(Context, &str), (Result<String, StepError>,)>(&mut store, "run")
@@ -79,15 +78,18 @@ async fn call(engine: &Engine, pre: &InstancePre<State>, i: usize, input: &str, 
 pub struct Floor {
     engine: Engine,
     pre: InstancePre<State>,
+    /// Whether each call is metered as stepbox meters an attempt.
+    stepbox: bool,
 }
 
 impl Floor {
-    /// The component at `path` on `engine`.
-    pub fn new(engine: &Engine, path: &str) -> anyhow::Result<Self> {
+    /// The component at `path` on `engine`, each call metered as stepbox
+    /// meters an attempt when `stepbox`.
+    pub fn new(engine: &Engine, path: &str, stepbox: bool) -> anyhow::Result<Self> {
         let component =
             wasmtime::component::Component::from_file(engine, path).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let pre = linker(engine)?.instantiate_pre(&component).map_err(|e| anyhow::anyhow!("{e:#}"))?;
-        Ok(Floor { engine: engine.clone(), pre })
+        Ok(Floor { engine: engine.clone(), pre, stepbox })
     }
 
     /// `n` attempts, `parallel` at a time (on tokio's threads, as
@@ -96,10 +98,10 @@ impl Floor {
         let started = Instant::now();
         let mut workers = tokio::task::JoinSet::new();
         for worker in 0..parallel {
-            let (engine, pre) = (self.engine.clone(), self.pre.clone());
+            let (engine, pre, stepbox) = (self.engine.clone(), self.pre.clone(), self.stepbox);
             workers.spawn(async move {
                 for i in (worker..n).step_by(parallel) {
-                    call(&engine, &pre, i, "null", true).await?;
+                    call(&engine, &pre, i, "null", stepbox).await?;
                 }
                 anyhow::Ok(())
             });
@@ -121,8 +123,9 @@ pub struct Floors {
 
 /// How wasmtime can be set up: its defaults (instances allocated on
 /// demand, no fuel, no epochs); a pool whose slots keep their pages
-/// resident, still unmetered; stepbox's own engine (that pool, fuel and
-/// epochs), which is not a floor but what stepbox pays to wasmtime; and,
+/// resident, still unmetered; stepbox's own engine (that pool, metered as
+/// `stepbox::sandbox::meter` meters an attempt), which is not a floor but
+/// what stepbox pays to wasmtime; and,
 /// last, that pool resetting only the pages the kernel reports written
 /// (`PAGEMAP_SCAN`), not a floor either: in wasmtime 48 it leaves a dirty
 /// page the kernel has swapped out or is migrating as the attempt left
@@ -130,7 +133,7 @@ pub struct Floors {
 pub const SETTINGS: [&str; 4] = [
     "wasmtime's default settings",
     "pooled instances kept resident, no fuel or epochs",
-    "stepbox's engine settings (pool, fuel, epochs)",
+    "stepbox's engine settings (pool, fuel in slices, the yield hook)",
     "pooled, only written pages reset (PAGEMAP_SCAN; unsafe between tenants in wasmtime 48)",
 ];
 
@@ -141,7 +144,11 @@ impl Floors {
     pub async fn measure(stepbox: &Engine, path: &str, n: usize, parallel: usize) -> anyhow::Result<Self> {
         let engines =
             [bare_engine(Pool::None)?, bare_engine(Pool::Resident)?, stepbox.clone(), bare_engine(Pool::Scanned)?];
-        let floors = engines.iter().map(|engine| Floor::new(engine, path)).collect::<anyhow::Result<Vec<_>>>()?;
+        let floors = engines
+            .iter()
+            .enumerate()
+            .map(|(i, engine)| Floor::new(engine, path, i == 2))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut best = [(Duration::MAX, Duration::MAX); SETTINGS.len()];
         // The fastest of two turns of each.
         for _ in 0..2 {
@@ -197,9 +204,9 @@ pub async fn naive(path: &str, n: usize) -> anyhow::Result<Duration> {
     let started = Instant::now();
     for i in 0..n {
         let mut config = Config::new();
-        config.consume_fuel(true).epoch_interruption(true);
+        config.consume_fuel(true);
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
-        let floor = Floor::new(&engine, path)?;
+        let floor = Floor::new(&engine, path, true)?;
         call(&floor.engine, &floor.pre, i, "null", true).await?;
     }
     Ok(started.elapsed())
@@ -211,12 +218,12 @@ pub struct LimitsCost {
     pub bare: Duration,
     pub fuel: Duration,
     pub epoch: Duration,
-    /// Fuel and epoch interruption both: what stepbox runs.
+    /// Fuel and epoch interruption both: what stepbox ran until the tenth
+    /// session.
     pub both: Duration,
-    /// Fuel alone, yielding to the async runtime each time a slice of it
-    /// runs out (`stepbox::sandbox::FUEL_SLICE`): what dropping epochs
-    /// would give, were fuel enough to bound a guest's time (it is not).
-    pub sliced: Duration,
+    /// Fuel in slices, yielding after slow host calls: what stepbox runs
+    /// ([`stepbox::sandbox::meter`]).
+    pub stepbox: Duration,
 }
 
 /// An engine with fuel or epoch interruption on or off; otherwise
@@ -227,7 +234,7 @@ fn engine(fuel: bool, epoch: bool) -> anyhow::Result<Engine> {
     Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))
 }
 
-/// The fastest of `runs` timings of `each(engine, sliced)` metered each
+/// The fastest of `runs` timings of `each(engine, stepbox)` metered each
 /// way; interleaved, so a noisy neighbour hits them all.
 async fn each_way<F, Fut>(runs: usize, each: F) -> anyhow::Result<LimitsCost>
 where
@@ -238,29 +245,31 @@ where
         [(false, false, false), (true, false, false), (false, true, false), (true, true, false), (true, false, true)];
     let mut best = [Duration::MAX; 5];
     for _ in 0..runs {
-        for (slot, (fuel, epoch, sliced)) in ways.into_iter().enumerate() {
-            best[slot] = best[slot].min(each(engine(fuel, epoch)?, sliced).await?);
+        for (slot, (fuel, epoch, stepbox)) in ways.into_iter().enumerate() {
+            best[slot] = best[slot].min(each(engine(fuel, epoch)?, stepbox).await?);
         }
     }
-    let [bare, fuel, epoch, both, sliced] = best;
-    Ok(LimitsCost { bare, fuel, epoch, both, sliced })
+    let [bare, fuel, epoch, both, stepbox] = best;
+    Ok(LimitsCost { bare, fuel, epoch, both, stepbox })
 }
 
-/// Fuel for a guest: plenty, handed out a slice at a time when `sliced`.
-fn fuel_up<T>(store: &mut Store<T>, sliced: bool) {
-    let _ = store.set_fuel(u64::MAX / 2);
-    store.set_epoch_deadline(u64::MAX / 2);
-    if sliced {
-        let _ = store.fuel_async_yield_interval(Some(stepbox::sandbox::FUEL_SLICE));
+/// Fuel for a guest, plenty: metered as stepbox meters an attempt when
+/// `stepbox`, else all at once (on an engine without fuel, nothing).
+fn fuel_up<T: Send + 'static>(store: &mut Store<T>, stepbox: bool) {
+    if stepbox {
+        stepbox::sandbox::meter(store, u64::MAX / 2);
+    } else {
+        let _ = store.set_fuel(u64::MAX / 2);
+        store.set_epoch_deadline(u64::MAX / 2);
     }
 }
 
 /// The step component at `path` run with `input`.
 pub async fn step_limits_cost(path: &str, input: &str, runs: usize) -> anyhow::Result<LimitsCost> {
-    each_way(runs, |engine, sliced| async move {
-        let floor = Floor::new(&engine, path)?;
+    each_way(runs, |engine, stepbox| async move {
+        let floor = Floor::new(&engine, path, stepbox)?;
         let started = Instant::now();
-        call(&engine, &floor.pre, 0, input, sliced).await?;
+        call(&engine, &floor.pre, 0, input, stepbox).await?;
         Ok(started.elapsed())
     })
     .await
@@ -275,10 +284,10 @@ pub async fn loop_limits_cost(iterations: u64, runs: usize) -> anyhow::Result<Li
           (local.set $i (i64.add (local.get $i) (i64.const 1)))
           (br_if $again (i64.lt_u (local.get $i) (local.get $n))))
         (local.get $i)))"#;
-    each_way(runs, |engine, sliced| async move {
+    each_way(runs, |engine, stepbox| async move {
         let module = wasmtime::Module::new(&engine, wat::parse_str(wat)?).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let mut store = Store::new(&engine, ());
-        fuel_up(&mut store, sliced);
+        fuel_up(&mut store, stepbox);
         let instance =
             wasmtime::Instance::new_async(&mut store, &module, &[]).await.map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let spin = instance.get_typed_func::<i64, i64>(&mut store, "spin").map_err(|e| anyhow::anyhow!("{e:#}"))?;

@@ -91,6 +91,8 @@ pub enum Part {
     Counts,
     /// The wide graph and the chain recorded in PostgreSQL, against SQLite.
     Postgres,
+    /// What fuel and time limits cost CPU-bound guests.
+    Metering,
 }
 
 /// What later rows compare with.
@@ -223,6 +225,7 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
                 graph_rows(&mut report, sizes, &progress, &sandbox(dir.path())?, dir.path()).await?;
             }
             Part::Counts => count_rows(&mut report, sizes, &progress)?,
+            Part::Metering => limits_rows(&mut report, sizes, &progress).await?,
             Part::Postgres => {
                 let dir = tempfile::tempdir()?;
                 let sandbox = sandbox(dir.path())?;
@@ -309,19 +312,7 @@ pub async fn suite(sizes: Sizes, only: Option<Part>, progress: impl Fn(&str)) ->
     service_rows(&mut report, sizes, &progress).await?;
     cluster_rows(&mut report, sizes, &progress).await?;
 
-    progress("fuel and epochs");
-    let json = format!(r#"{{"work": "json", "rounds": {}, "size": 10000}}"#, sizes.cpu_rounds);
-    let step = floor::step_limits_cost(guests::CRUNCH, &json, 3).await?;
-    let what = format!("CPU-bound step ({} rounds of writing and reading 10,000 JSON records)", sizes.cpu_rounds);
-    metering_rows(&mut report, &what, "JSON step", &step, Target::AtMost(1.3));
-    let sieve = format!(r#"{{"work": "sieve", "rounds": {}, "size": 100000}}"#, sizes.cpu_rounds * 10);
-    let step = floor::step_limits_cost(guests::CRUNCH, &sieve, 3).await?;
-    let what = format!("tight loops ({} rounds of a prime sieve)", sizes.cpu_rounds * 10);
-    metering_rows(&mut report, &what, "sieve", &step, Target::AtMost(1.7));
-    let tight = floor::loop_limits_cost(sizes.cpu_loop, 3).await?;
-    let what = format!("worst case, an empty loop of {} iterations", sizes.cpu_loop);
-    metering_rows(&mut report, &what, "empty loop", &tight, Target::None);
-
+    limits_rows(&mut report, sizes, &progress).await?;
     observe_rows(&mut report, sizes, &progress).await?;
     count_rows(&mut report, sizes, &progress)?;
     Ok(report)
@@ -364,17 +355,44 @@ fn count_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)) -> an
 
 /// A CPU-bound guest metered each way, against no metering at all; the
 /// target is for what stepbox runs (fuel and epochs).
+/// What fuel and time limits cost CPU-bound guests: a JSON step, a sieve
+/// and an empty loop, metered each way.
+async fn limits_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)) -> anyhow::Result<()> {
+    progress("fuel and time limits");
+    let json = format!(r#"{{"work": "json", "rounds": {}, "size": 10000}}"#, sizes.cpu_rounds);
+    let step = floor::step_limits_cost(guests::CRUNCH, &json, 3).await?;
+    let what = format!("CPU-bound step ({} rounds of writing and reading 10,000 JSON records)", sizes.cpu_rounds);
+    metering_rows(report, &what, "JSON step", &step, Target::AtMost(1.3));
+    let sieve = format!(r#"{{"work": "sieve", "rounds": {}, "size": 100000}}"#, sizes.cpu_rounds * 10);
+    let step = floor::step_limits_cost(guests::CRUNCH, &sieve, 3).await?;
+    let what = format!("tight loops ({} rounds of a prime sieve)", sizes.cpu_rounds * 10);
+    metering_rows(report, &what, "sieve", &step, Target::AtMost(1.7));
+    let tight = floor::loop_limits_cost(sizes.cpu_loop, 3).await?;
+    let what = format!("worst case, an empty loop of {} iterations", sizes.cpu_loop);
+    metering_rows(report, &what, "empty loop", &tight, Target::None);
+
+    Ok(())
+}
+
 fn metering_rows(report: &mut Report, what: &str, short: &str, cost: &floor::LimitsCost, target: Target) {
     let bare = Some(("no fuel, no epochs", cost.bare));
     report.time(&format!("{what}: no fuel, no epochs"), cost.bare, None);
     report.compare(&format!("{short}: fuel on"), cost.fuel, bare, Target::None);
     report.compare(&format!("{short}: epoch interruption on"), cost.epoch, bare, Target::None);
-    report.compare(&format!("{short}: fuel and epochs on (what stepbox runs)"), cost.both, bare, target);
     report.compare(
-        &format!("{short}: fuel alone, yielding every {} units", stepbox::sandbox::FUEL_SLICE),
-        cost.sliced,
+        &format!("{short}: fuel and epochs on (what stepbox ran until 2026-12-05)"),
+        cost.both,
         bare,
         Target::None,
+    );
+    report.compare(
+        &format!(
+            "{short}: fuel in slices of {}, yielding after slow host calls (what stepbox runs)",
+            stepbox::sandbox::FUEL_SLICE
+        ),
+        cost.stepbox,
+        bare,
+        target,
     );
 }
 

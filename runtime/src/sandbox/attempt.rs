@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime::{Engine, Store, Trap};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi_http::WasiHttpCtx;
 
@@ -25,9 +25,6 @@ use super::redact::Redactor;
 use super::scratch::{ScratchHandles, ScratchRoot, ScratchSpace};
 use crate::run::{Attempt, Failure, FailureKind, LogRecord, Outcome, now_ms};
 use crate::store::{KvQuota, KvScope};
-
-/// Fuel handed to compiled code at a time (see `fuel_async_yield_interval`).
-pub const FUEL_SLICE: u64 = 10_000_000;
 
 /// The most bytes one host call may copy out of the guest (strings, lists):
 /// wasmtime refuses more, so a guest cannot make the host allocate without
@@ -213,18 +210,9 @@ pub(crate) async fn run(
     let mut store = Store::new(engine, state);
     store.limiter(|state| &mut state.limiter);
     store.set_hostcall_fuel(HOST_CALL_BYTES);
-    // Fuel cannot fail to be set on an engine built with fuel metering.
-    let _ = store.set_fuel(limits.fuel);
-    // The epoch, not fuel, is what makes a guest yield on time: fuel counts
-    // wasm instructions only, so a loop of cheap calls into slow host code
-    // (a huge log message, over and over) could run for an hour of host
-    // work on one slice of fuel. Every loop header checks the epoch.
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(|_| Ok(UpdateDeadline::YieldCustom(1, Box::pin(tokio::task::yield_now()))));
-    // Compiled code keeps its fuel count in a register and writes it back
-    // only when a slice of fuel runs out; slices make the count readable
-    // after a timeout cuts a call off (to within one slice).
-    let _ = store.fuel_async_yield_interval(Some(FUEL_SLICE));
+    // Fuel in slices, which also makes the count readable after a timeout
+    // cuts a call off (compiled code writes it back as a slice ends).
+    super::meter(&mut store, limits.fuel);
 
     let wit_context = WitContext {
         run_id: context.run_id,
@@ -254,7 +242,7 @@ pub(crate) async fn run(
             }
         }
     };
-    // The guest yields at every epoch tick and host calls are async, so the
+    // The guest yields as it computes and host calls are async, so the
     // timeout fires whether the guest computes or waits.
     let result = tokio::time::timeout(limits.timeout, call).await;
 

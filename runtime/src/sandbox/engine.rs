@@ -1,15 +1,9 @@
-//! The one wasmtime engine of a process, and the thread that ticks its epoch.
-
-use std::time::Duration;
+//! The one wasmtime engine of a process.
 
 use bytesize::ByteSize;
 
 use super::limits::{MAX_INSTANCES, MAX_MEMORIES, MAX_TABLES};
-use wasmtime::{Config, Engine, EngineWeak, InstanceAllocationStrategy, PoolingAllocationConfig};
-
-/// How often the epoch advances: the longest a guest runs before it yields to
-/// the async runtime, so timeouts and cancellation act within about this much.
-pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// Bytes of each table slot kept resident between attempts (a guest's
 /// tables are a few KiB).
@@ -86,29 +80,11 @@ pub(crate) fn build(config: &EngineConfig) -> anyhow::Result<Engine> {
     let mut wasm = Config::new();
     wasm.wasm_component_model(true)
         .memory_reservation(config.memory_reservation.as_u64())
+        // Fuel, not epochs, keeps guests to time (see `meter`).
         .consume_fuel(true)
-        .epoch_interruption(true)
         .strategy(wasmtime::Strategy::Cranelift)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&wasm).map_err(|err| anyhow::anyhow!("could not create the wasm engine: {err:#}"))
-}
-
-/// Advances the engine's epoch from a plain thread, outside the async
-/// runtime, so a busy runtime cannot delay the ticks that interrupt guests.
-/// The thread ends when the engine is dropped.
-pub(crate) fn start_epoch_ticker(engine: &Engine) -> anyhow::Result<()> {
-    let weak: EngineWeak = engine.weak();
-    std::thread::Builder::new()
-        .name("stepbox-epoch".into())
-        .spawn(move || {
-            while let Some(engine) = weak.upgrade() {
-                engine.increment_epoch();
-                drop(engine);
-                std::thread::sleep(EPOCH_TICK);
-            }
-        })
-        .map_err(|err| anyhow::anyhow!("could not start the epoch thread: {err}"))?;
-    Ok(())
 }
 
 #[cfg(test)]

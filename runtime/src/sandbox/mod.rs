@@ -11,6 +11,7 @@ mod grants;
 mod host;
 mod host_memory;
 mod limits;
+mod meter;
 mod redact;
 mod scratch;
 
@@ -20,13 +21,14 @@ use std::sync::Arc;
 use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
-pub use attempt::{AttemptRequest, ExitCodes, FUEL_SLICE, StepContext};
+pub use attempt::{AttemptRequest, ExitCodes, StepContext};
 pub use cache::CacheGc;
 pub(crate) use cache::{Digest, digest, hex};
 pub use component::{LoadError, StepComponent};
 pub use engine::EngineConfig;
 pub use grants::{DirGrant, Grants, HttpGrant, HttpSecret, SCRATCH};
 pub use limits::Limits;
+pub use meter::{FUEL_SLICE, meter};
 pub use redact::REDACTED;
 
 use crate::run::{Attempt, Failure, FailureKind, now_ms};
@@ -55,8 +57,7 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Builds the engine, links the host interfaces, starts the epoch
-    /// ticker and claims a part of the scratch directory (removing what
+    /// Builds the engine, links the host interfaces and claims a part of the scratch directory (removing what
     /// killed processes left there). `kv` backs every step's
     /// `wasi:keyvalue`.
     pub fn new(config: EngineConfig, kv: Arc<dyn KeyValueStore>) -> anyhow::Result<Self> {
@@ -70,7 +71,6 @@ impl Sandbox {
         let mut module = wasmtime::Linker::new(&engine);
         wasmtime_wasi::p1::add_to_linker_async(&mut module, StepState::preview1)?;
         host::preview1::add_to_linker(&mut module)?;
-        engine::start_epoch_ticker(&engine)?;
         let cache = config.data_dir.as_ref().map(|dir| CompileCache::new(dir.join("compiled"), &engine));
         let scratch = match &config.data_dir {
             Some(dir) => dir.join("scratch"),
