@@ -191,10 +191,9 @@ async fn a_loop_of_slow_host_calls_stops_at_its_timeout() {
 /// would wait the whole second.
 #[tokio::test]
 async fn a_busy_guest_leaves_its_thread_to_others_every_few_milliseconds() {
-    for (guest, input) in [
-        (guests::SPIN, json!(null)),
-        (guests::HOST_ABUSE, json!({ "attack": "huge-log-loop", "size": 1024 * 1024 })),
-    ] {
+    for (guest, input) in
+        [(guests::SPIN, json!(null)), (guests::HOST_ABUSE, json!({ "attack": "huge-log-loop", "size": 1024 * 1024 }))]
+    {
         let mut req = request(input);
         req.limits.fuel = u64::MAX;
         req.limits.memory = ByteSize::mib(128);

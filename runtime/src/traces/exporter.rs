@@ -196,6 +196,9 @@ struct Waiting {
     /// When to give up on what is left, once shutting down.
     stopping: Option<Instant>,
     stopped: bool,
+    /// The bytes the last full batch took: a new batch starts with that
+    /// much room, so it is not grown (and copied) under the lock.
+    room: usize,
 }
 
 /// Bytes of encoded spans that may wait, whatever `OTEL_BSP_MAX_QUEUE_SIZE`
@@ -227,8 +230,11 @@ impl Waiting {
         let full = |last: &Batch| last.spans >= batch || last.bytes.len() + span.len() > MAX_BATCH_BYTES;
         let started = match self.batches.back() {
             Some(last) if !full(last) => false,
-            _ => {
-                self.batches.push_back(Batch::default());
+            last => {
+                if let Some(last) = last {
+                    self.room = last.bytes.len();
+                }
+                self.batches.push_back(Batch { spans: 0, bytes: Vec::with_capacity(self.room.max(span.len())) });
                 // The batch before it is ready.
                 self.batches.len() > 1
             }
@@ -253,7 +259,7 @@ impl Waiting {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Batch {
     spans: usize,
     /// The spans' `ScopeSpans.spans` fields.
