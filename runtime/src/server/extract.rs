@@ -33,12 +33,19 @@ impl FromRequestParts<Arc<Service>> for Caller {
             .map(str::trim)
             .ok_or_else(|| unauthorized("the Authorization header must be `Bearer TOKEN`"))?
             .to_owned();
-        let db = service.database().clone();
-        let principal = tokio::task::spawn_blocking(move || authenticate(db.as_ref(), &token))
-            .await
-            .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string()))?
-            .map_err(|err| ApiError::from(crate::service::ServiceError::Store(err)))?
-            .ok_or_else(|| unauthorized("the API token is not valid, or it was revoked"))?;
+        let principal = match service.tokens().get(&token) {
+            Some(principal) => principal,
+            None => {
+                let (db, secret) = (service.database().clone(), token.clone());
+                let principal = tokio::task::spawn_blocking(move || authenticate(db.as_ref(), &secret))
+                    .await
+                    .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string()))?
+                    .map_err(|err| ApiError::from(crate::service::ServiceError::Store(err)))?
+                    .ok_or_else(|| unauthorized("the API token is not valid, or it was revoked"))?;
+                service.tokens().remember(&token, principal.clone());
+                principal
+            }
+        };
         let acting = match parts.headers.get(TENANT_HEADER) {
             Some(value) => Some(value.to_str().ok().filter(|name| !name.is_empty()).ok_or_else(|| {
                 ApiError::new(StatusCode::BAD_REQUEST, "invalid_tenant", "the Stepbox-Tenant header must name a tenant")

@@ -36,7 +36,8 @@ pub use outline::{Outline, ScheduleOutline, StepKind, StepOutline};
 pub(crate) use owned::{CancelLook, cancel_elsewhere};
 pub use owned::{Continue, ContinueError, Owned, continue_run};
 pub use runs::{RunPage, StartRun};
-pub use tokens::{NewToken, Principal, TOKEN_PREFIX, authenticate, create as create_token};
+pub(crate) use tokens::LiveTokens;
+pub use tokens::{NewToken, Principal, TOKEN_PREFIX, TOKEN_TTL, authenticate, create as create_token};
 pub use triggers::Delivery;
 pub use workflows::Deployed;
 
@@ -262,6 +263,8 @@ pub struct Service {
     finished: Mutex<lru::LruCache<String, Arc<EventLog>>>,
     /// The event logs of runs other nodes drive, followed while read.
     followed: Mutex<HashMap<String, std::sync::Weak<EventLog>>>,
+    /// API tokens lately found live.
+    tokens: LiveTokens,
     tasks: TaskTracker,
     /// Cancelled when the service stops taking new work.
     closing: CancellationToken,
@@ -319,6 +322,7 @@ impl Service {
             deployed: Mutex::new(lru::LruCache::new(NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN))),
             finished: Mutex::new(lru::LruCache::new(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN))),
             followed: Mutex::default(),
+            tokens: LiveTokens::new(tokens::TOKEN_TTL),
             live: Arc::default(),
             tasks: TaskTracker::new(),
             closing: CancellationToken::new(),
@@ -358,6 +362,11 @@ impl Service {
     /// The store, for the server's own reads (tokens).
     pub fn database(&self) -> &Arc<dyn Store> {
         &self.db
+    }
+
+    /// API tokens lately found live.
+    pub(crate) fn tokens(&self) -> &LiveTokens {
+        &self.tokens
     }
 
     /// The tenant `name` with its ceilings: from the tenants file, or an

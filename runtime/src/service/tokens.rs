@@ -2,7 +2,10 @@
 //! a copy of the database does not hand out access. A token acts for one
 //! tenant, or (an admin token) for any.
 
+use std::time::{Duration, Instant};
+
 use crate::sandbox::hex;
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
 use crate::run::now_ms;
@@ -63,6 +66,52 @@ pub fn authenticate(registry: &dyn Registry, secret: &str) -> Result<Option<Prin
     }))
 }
 
+/// How long a token found live is believed without reading the registry
+/// again, so a revoked token stops working within this long. Revoking is
+/// another process's write (`stepbox token revoke`) that nothing tells a
+/// server of, and reading the registry on every request cost the API a
+/// third of its runs a second (BENCHMARKS.md, "The service").
+pub const TOKEN_TTL: Duration = Duration::from_secs(1);
+
+/// Tokens a server remembers at most. Only live tokens are remembered, so
+/// callers with made-up tokens cannot fill it.
+const REMEMBERED: usize = 10_000;
+
+/// Tokens lately found live, by the SHA-256 of their secret.
+pub(crate) struct LiveTokens {
+    recent: Mutex<lru::LruCache<[u8; 32], (Principal, Instant)>>,
+    ttl: Duration,
+}
+
+impl LiveTokens {
+    /// Remembers each token found live for `ttl`.
+    pub(crate) fn new(ttl: Duration) -> Self {
+        let capacity = std::num::NonZeroUsize::new(REMEMBERED).unwrap_or(std::num::NonZeroUsize::MIN);
+        LiveTokens { recent: Mutex::new(lru::LruCache::new(capacity)), ttl }
+    }
+
+    /// Who the bearer of `secret` is, if the token was found live less
+    /// than the ttl ago.
+    pub(crate) fn get(&self, secret: &str) -> Option<Principal> {
+        let key: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let mut recent = self.recent.lock();
+        match recent.get(&key) {
+            Some((principal, found)) if found.elapsed() < self.ttl => Some(principal.clone()),
+            Some(_) => {
+                recent.pop(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The token of `secret` was found live, acting for `principal`.
+    pub(crate) fn remember(&self, secret: &str, principal: Principal) {
+        let key: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        self.recent.lock().put(key, (principal, Instant::now()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +133,19 @@ mod tests {
         assert!(!file.windows(needle.len()).chain(wal.windows(needle.len())).any(|window| window == needle));
         assert!(db.revoke_token(&token.record.id).unwrap());
         assert_eq!(authenticate(&db, &token.secret).unwrap(), None);
+    }
+
+    #[test]
+    fn a_live_token_is_remembered_for_its_ttl_and_no_longer() {
+        let secret = "sbx_0123";
+        let remembering = LiveTokens::new(Duration::from_secs(3600));
+        assert_eq!(remembering.get(secret), None);
+        remembering.remember(secret, Principal::Tenant("acme".into()));
+        assert_eq!(remembering.get(secret), Some(Principal::Tenant("acme".into())));
+        assert_eq!(remembering.get("sbx_0124"), None);
+        let forgetting = LiveTokens::new(Duration::ZERO);
+        forgetting.remember(secret, Principal::Admin);
+        assert_eq!(forgetting.get(secret), None);
+        assert!(forgetting.recent.lock().is_empty(), "a stale token is dropped when found stale");
     }
 }
