@@ -3,22 +3,31 @@
 //! a cancellation to stop it, and for other attempts to share the threads.
 //!
 //! A guest yields when a slice of fuel runs out (compiled code counts fuel
-//! in a register and checks it at every loop header and call), and on its
-//! way back from a host call when [`YIELD_AFTER`] has passed since it last
-//! yielded there. Fuel alone does not bound time: host work costs the
-//! guest no fuel, so a loop of cheap calls into slow host code (a huge log
-//! message, copied, checked and redacted on every call) could run through
-//! one slice for an hour. wasmtime's epoch interruption would also bound
-//! it, but it checks a counter at every loop header and function entry on
-//! top of the fuel check, which costs CPU-bound guests a third to a half
-//! again (BENCHMARKS.md, "Fuel and time").
+//! in a register and checks it at function entries and loop headers), and
+//! on its way back from a host call when [`YIELD_AFTER`] has passed since
+//! it last yielded there. A slice is small because a unit of fuel is not a
+//! unit of time: ordinary code runs a unit in under a nanosecond, but a
+//! load that misses the caches and the TLB takes 100–300 ns for its one
+//! unit, so a guest chasing pointers through its memory runs a slice of a
+//! million units for 150–300 ms (`guests/chase.wat`). Fuel alone does not
+//! bound time either: host work costs the guest no fuel, so a loop of
+//! cheap calls into slow host code (a huge log message, copied, checked and
+//! redacted on every call) could run through one slice for an hour; the
+//! hook sees to that. wasmtime's epoch interruption would bound both, but
+//! it checks a counter at every loop header and function entry on top of
+//! the fuel check, which cost CPU-bound guests more than the slices and
+//! the hook do (BENCHMARKS.md, "Fuel and time"). One instruction is never
+//! cut short: a `memory.fill` over a 4 GiB memory runs to its end (paying
+//! a unit of fuel a byte before it starts), as it did under epochs.
 
 use std::time::{Duration, Instant};
 
 use wasmtime::{CallHook, CallHookHandler, Store, StoreContextMut};
 
-/// Fuel handed to compiled code at a time (see `fuel_async_yield_interval`).
-pub const FUEL_SLICE: u64 = 1_000_000;
+/// Fuel handed to compiled code at a time (see `fuel_async_yield_interval`):
+/// a tenth of a millisecond of ordinary code, and some 30 ms at most when
+/// every unit waits on memory.
+pub const FUEL_SLICE: u64 = 100_000;
 
 /// How long a guest may run, counting its host calls, before it yields on
 /// its way back from one.
