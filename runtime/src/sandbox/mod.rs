@@ -57,9 +57,9 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Builds the engine, links the host interfaces and claims a part of the scratch directory (removing what
-    /// killed processes left there). `kv` backs every step's
-    /// `wasi:keyvalue`.
+    /// Builds the engine, links the host interfaces and claims a part of
+    /// the scratch directory (removing what killed processes left there).
+    /// `kv` backs every step's `wasi:keyvalue`.
     pub fn new(config: EngineConfig, kv: Arc<dyn KeyValueStore>) -> anyhow::Result<Self> {
         let engine = engine::build(&config)?;
         let mut component = Linker::new(&engine);

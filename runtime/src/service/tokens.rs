@@ -93,7 +93,7 @@ impl LiveTokens {
     /// Who the bearer of `secret` is, if the token was found live less
     /// than the ttl ago.
     pub(crate) fn get(&self, secret: &str) -> Option<Principal> {
-        let key: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let key = Self::key(secret);
         let mut recent = self.recent.lock();
         match recent.get(&key) {
             Some((principal, found)) if found.elapsed() < self.ttl => Some(principal.clone()),
@@ -107,8 +107,12 @@ impl LiveTokens {
 
     /// The token of `secret` was found live, acting for `principal`.
     pub(crate) fn remember(&self, secret: &str, principal: Principal) {
-        let key: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-        self.recent.lock().put(key, (principal, Instant::now()));
+        self.recent.lock().put(Self::key(secret), (principal, Instant::now()));
+    }
+
+    /// What a token is remembered by: not the secret itself.
+    fn key(secret: &str) -> [u8; 32] {
+        Sha256::digest(secret.as_bytes()).into()
     }
 }
 
