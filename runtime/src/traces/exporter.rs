@@ -197,7 +197,8 @@ struct Waiting {
     stopping: Option<Instant>,
     stopped: bool,
     /// The bytes the last full batch took: a new batch starts with that
-    /// much room, so it is not grown (and copied) under the lock.
+    /// much room (up to [`MAX_ROOM`]), so it is not grown (and copied)
+    /// under the lock.
     room: usize,
 }
 
@@ -209,6 +210,11 @@ const MAX_WAITING_BYTES: usize = 64 << 20;
 /// Bytes one request carries at most (collectors refuse larger bodies:
 /// OpenTelemetry's own takes up to 20 MiB).
 const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// The most room a new batch starts with: a batch that gets fewer bytes
+/// than the one before holds room the bound on waiting bytes does not
+/// count, so it is kept small beside [`MAX_WAITING_BYTES`].
+const MAX_ROOM: usize = 1 << 20;
 
 /// The room a thread's scratch buffer keeps between spans.
 const MAX_SCRATCH: usize = 64 << 10;
@@ -234,7 +240,8 @@ impl Waiting {
                 if let Some(last) = last {
                     self.room = last.bytes.len();
                 }
-                self.batches.push_back(Batch { spans: 0, bytes: Vec::with_capacity(self.room.max(span.len())) });
+                self.batches
+                    .push_back(Batch { spans: 0, bytes: Vec::with_capacity(self.room.min(MAX_ROOM).max(span.len())) });
                 // The batch before it is ready.
                 self.batches.len() > 1
             }
