@@ -37,12 +37,13 @@ impl FromRequestParts<Arc<Service>> for Caller {
             Some(principal) => principal,
             None => {
                 let (db, secret) = (service.database().clone(), token.clone());
+                let asked = std::time::Instant::now();
                 let principal = tokio::task::spawn_blocking(move || authenticate(db.as_ref(), &secret))
                     .await
                     .map_err(|err| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", err.to_string()))?
                     .map_err(|err| ApiError::from(crate::service::ServiceError::Store(err)))?
                     .ok_or_else(|| unauthorized("the API token is not valid, or it was revoked"))?;
-                service.tokens().remember(&token, principal.clone());
+                service.tokens().remember(&token, principal.clone(), asked);
                 principal
             }
         };

@@ -105,9 +105,11 @@ impl LiveTokens {
         }
     }
 
-    /// The token of `secret` was found live, acting for `principal`.
-    pub(crate) fn remember(&self, secret: &str, principal: Principal) {
-        self.recent.lock().put(Self::key(secret), (principal, Instant::now()));
+    /// The token of `secret` was found live, acting for `principal`, by a
+    /// read of the registry that began at `asked`: the ttl counts from
+    /// then, so a slow read does not stretch it.
+    pub(crate) fn remember(&self, secret: &str, principal: Principal, asked: Instant) {
+        self.recent.lock().put(Self::key(secret), (principal, asked));
     }
 
     /// What a token is remembered by: not the secret itself.
@@ -140,16 +142,31 @@ mod tests {
     }
 
     #[test]
-    fn a_live_token_is_remembered_for_its_ttl_and_no_longer() {
+    fn a_live_token_is_remembered_for_its_ttl_from_its_read_and_no_longer() {
         let secret = "sbx_0123";
         let remembering = LiveTokens::new(Duration::from_secs(3600));
         assert_eq!(remembering.get(secret), None);
-        remembering.remember(secret, Principal::Tenant("acme".into()));
+        remembering.remember(secret, Principal::Tenant("acme".into()), Instant::now());
         assert_eq!(remembering.get(secret), Some(Principal::Tenant("acme".into())));
         assert_eq!(remembering.get("sbx_0124"), None);
         let forgetting = LiveTokens::new(Duration::ZERO);
-        forgetting.remember(secret, Principal::Admin);
+        forgetting.remember(secret, Principal::Admin, Instant::now());
         assert_eq!(forgetting.get(secret), None);
         assert!(forgetting.recent.lock().is_empty(), "a stale token is dropped when found stale");
+        // A read that began a ttl ago is stale however late it returned.
+        let second = LiveTokens::new(Duration::from_secs(1));
+        let asked = Instant::now().checked_sub(Duration::from_secs(2)).unwrap();
+        second.remember(secret, Principal::Admin, asked);
+        assert_eq!(second.get(secret), None);
+    }
+
+    #[test]
+    fn at_most_ten_thousand_tokens_are_remembered() {
+        let remembering = LiveTokens::new(Duration::from_secs(3600));
+        for i in 0..REMEMBERED + 100 {
+            remembering.remember(&format!("sbx_{i}"), Principal::Admin, Instant::now());
+        }
+        assert_eq!(remembering.recent.lock().len(), REMEMBERED);
+        assert_eq!(remembering.get("sbx_0"), None, "the least recently used went first");
     }
 }

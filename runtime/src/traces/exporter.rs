@@ -196,10 +196,6 @@ struct Waiting {
     /// When to give up on what is left, once shutting down.
     stopping: Option<Instant>,
     stopped: bool,
-    /// The bytes the last full batch took: a new batch starts with that
-    /// much room (up to [`MAX_ROOM`]), so it is not grown (and copied)
-    /// under the lock.
-    room: usize,
 }
 
 /// Bytes of encoded spans that may wait, whatever `OTEL_BSP_MAX_QUEUE_SIZE`
@@ -210,11 +206,6 @@ const MAX_WAITING_BYTES: usize = 64 << 20;
 /// Bytes one request carries at most (collectors refuse larger bodies:
 /// OpenTelemetry's own takes up to 20 MiB).
 const MAX_BATCH_BYTES: usize = 4 << 20;
-
-/// The most room a new batch starts with: a batch that gets fewer bytes
-/// than the one before holds room the bound on waiting bytes does not
-/// count, so it is kept small beside [`MAX_WAITING_BYTES`].
-const MAX_ROOM: usize = 1 << 20;
 
 /// The room a thread's scratch buffer keeps between spans.
 const MAX_SCRATCH: usize = 64 << 10;
@@ -236,12 +227,8 @@ impl Waiting {
         let full = |last: &Batch| last.spans >= batch || last.bytes.len() + span.len() > MAX_BATCH_BYTES;
         let started = match self.batches.back() {
             Some(last) if !full(last) => false,
-            last => {
-                if let Some(last) = last {
-                    self.room = last.bytes.len();
-                }
-                self.batches
-                    .push_back(Batch { spans: 0, bytes: Vec::with_capacity(self.room.min(MAX_ROOM).max(span.len())) });
+            _ => {
+                self.batches.push_back(Batch::default());
                 // The batch before it is ready.
                 self.batches.len() > 1
             }
@@ -266,7 +253,7 @@ impl Waiting {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Batch {
     spans: usize,
     /// The spans' `ScopeSpans.spans` fields.
