@@ -125,8 +125,8 @@ pub struct Floors {
 /// demand, no fuel, no epochs); a pool whose slots keep their pages
 /// resident, still unmetered; stepbox's own engine (that pool, metered as
 /// `stepbox::sandbox::meter` meters an attempt), which is not a floor but
-/// what stepbox pays to wasmtime; and,
-/// last, that pool resetting only the pages the kernel reports written
+/// what stepbox pays to wasmtime; and, last, that pool resetting only the
+/// pages the kernel reports written
 /// (`PAGEMAP_SCAN`), not a floor either: in wasmtime 48 it leaves a dirty
 /// page the kernel has swapped out or is migrating as the attempt left
 /// it, for the next attempt in the slot to read (BENCHMARKS.md).
@@ -160,8 +160,8 @@ impl Floors {
         Ok(Floors { each: SETTINGS.iter().zip(best).map(|(what, (one, many))| (*what, one, many)).collect() })
     }
 
-    /// The floor: the fastest unmetered setting safe between tenants, one at a time and in
-    /// parallel, with its name.
+    /// The floor: the fastest unmetered setting safe between tenants, one
+    /// at a time and in parallel, with its name.
     pub fn fastest(&self) -> ((&'static str, Duration), (&'static str, Duration)) {
         let bare = &self.each[..2];
         let one = bare.iter().min_by_key(|(_, one, _)| *one).map(|(what, one, _)| (*what, *one));

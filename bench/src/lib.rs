@@ -370,7 +370,6 @@ async fn limits_rows(report: &mut Report, sizes: Sizes, progress: &impl Fn(&str)
     let tight = floor::loop_limits_cost(sizes.cpu_loop, 3).await?;
     let what = format!("worst case, an empty loop of {} iterations", sizes.cpu_loop);
     metering_rows(report, &what, "empty loop", &tight, Target::None);
-
     Ok(())
 }
 

@@ -31,7 +31,7 @@ pub const FUEL_SLICE: u64 = 100_000;
 
 /// How long a guest may run, counting its host calls, before it yields on
 /// its way back from one.
-pub(crate) const YIELD_AFTER: Duration = Duration::from_millis(5);
+const YIELD_AFTER: Duration = Duration::from_millis(5);
 
 /// Gives `store` `fuel`, handed out in slices, and the hook that yields
 /// after slow host calls.
