@@ -126,10 +126,10 @@ pub struct Floors {
 /// resident, still unmetered; stepbox's own engine (that pool, metered as
 /// `stepbox::sandbox::meter` meters an attempt), which is not a floor but
 /// what stepbox pays to wasmtime; and, last, that pool resetting only the
-/// pages the kernel reports written
-/// (`PAGEMAP_SCAN`), not a floor either: in wasmtime 48 it leaves a dirty
-/// page the kernel has swapped out or is migrating as the attempt left
-/// it, for the next attempt in the slot to read (BENCHMARKS.md).
+/// pages the kernel reports written (`PAGEMAP_SCAN`), not a floor either:
+/// in wasmtime 48 it leaves a dirty page the kernel has swapped out or is
+/// migrating as the attempt left it, for the next attempt in the slot to
+/// read (BENCHMARKS.md).
 pub const SETTINGS: [&str; 4] = [
     "wasmtime's default settings",
     "pooled instances kept resident, no fuel or epochs",
