@@ -188,9 +188,19 @@ struct Shared {
 struct Waiting {
     /// Spans waiting, encoded, in batches of at most `batch`.
     batches: VecDeque<Batch>,
-    /// How many spans `batches` holds, and how many bytes.
+    /// How many spans `batches` holds.
     spans: usize,
+    /// How many bytes `batches` holds, room included: what
+    /// [`MAX_WAITING_BYTES`] bounds.
     bytes: usize,
+    /// The room each batch keeps before and after its spans for the
+    /// request's head and tail ([`otlp::Header::room`]).
+    around: (usize, usize),
+    /// How many bytes of spans the last batch sent held: the room a new
+    /// batch starts with when none waits (one that follows another starts
+    /// with as much as that one holds), so a batch seldom grows, and is
+    /// copied, as it fills.
+    expect: usize,
     /// Spans dropped because `queue` were waiting, not yet said.
     dropped: u64,
     /// When to give up on what is left, once shutting down.
@@ -200,43 +210,66 @@ struct Waiting {
 
 /// Bytes of encoded spans that may wait, whatever `OTEL_BSP_MAX_QUEUE_SIZE`
 /// allows: a span can carry text a step chose (the host of a request it
-/// was refused), so a count of spans alone does not bound memory.
+/// was refused), so a count of spans alone does not bound memory. What
+/// counts is what the batches have allocated, room not yet filled
+/// included.
 const MAX_WAITING_BYTES: usize = 64 << 20;
 
-/// Bytes one request carries at most (collectors refuse larger bodies:
-/// OpenTelemetry's own takes up to 20 MiB).
+/// Bytes of spans one request carries at most (collectors refuse larger
+/// bodies: OpenTelemetry's own takes up to 20 MiB).
 const MAX_BATCH_BYTES: usize = 4 << 20;
 
 /// The room a thread's scratch buffer keeps between spans.
 const MAX_SCRATCH: usize = 64 << 10;
 
 impl Waiting {
-    /// Queues one encoded span, unless `queue` spans or
-    /// [`MAX_WAITING_BYTES`] wait already or the queue is shutting down;
-    /// true when a batch became ready to send.
+    /// Nothing waiting yet; each batch keeps `around` bytes of room before
+    /// and after its spans.
+    fn new(around: (usize, usize)) -> Waiting {
+        Waiting { around, ..Waiting::default() }
+    }
+
+    /// Queues one encoded span, unless `queue` spans wait already, the
+    /// room it takes would take the queue past [`MAX_WAITING_BYTES`], or
+    /// the queue is shutting down; true when a batch became ready to send.
     fn add(&mut self, span: &[u8], queue: usize, batch: usize) -> bool {
         if self.stopping.is_some() {
             return false;
         }
-        if self.spans >= queue || self.bytes + span.len() > MAX_WAITING_BYTES {
+        let (head, tail) = self.around;
+        let full = |last: &Batch| last.spans >= batch || last.bytes.len() - head + span.len() > MAX_BATCH_BYTES;
+        // The room the span takes: a new batch's, or more of the last one's.
+        let (started, had, room) = match self.batches.back() {
+            Some(last) if !full(last) => {
+                let (had, needs) = (last.bytes.capacity(), last.bytes.len() + span.len() + tail);
+                (false, had, if needs <= had { had } else { needs.max((2 * had).min(head + MAX_BATCH_BYTES + tail)) })
+            }
+            // A batch that follows another expects as much as that one
+            // holds, a first as much as the last one sent held, and a
+            // quarter more, as spans differ in size.
+            last => {
+                let expect = last.map_or(self.expect, |last| last.bytes.len() - head);
+                (true, 0, head + span.len().max(expect + expect / 4) + tail)
+            }
+        };
+        if self.spans >= queue || self.bytes - had + room > MAX_WAITING_BYTES {
             self.dropped += 1;
             return false;
         }
-        self.spans += 1;
-        self.bytes += span.len();
-        let full = |last: &Batch| last.spans >= batch || last.bytes.len() + span.len() > MAX_BATCH_BYTES;
-        let started = match self.batches.back() {
-            Some(last) if !full(last) => false,
-            _ => {
-                self.batches.push_back(Batch::default());
-                // The batch before it is ready.
-                self.batches.len() > 1
-            }
-        };
-        let Some(last) = self.batches.back_mut() else { return started };
-        last.spans += 1;
+        if started {
+            let mut bytes = Vec::with_capacity(room);
+            bytes.resize(head, 0);
+            self.batches.push_back(Batch { spans: 0, bytes });
+        }
+        let followed = self.batches.len() > 1;
+        let Some(last) = self.batches.back_mut() else { return false };
+        last.bytes.reserve_exact(room - last.bytes.len());
         last.bytes.extend_from_slice(span);
-        started || last.spans == batch
+        last.spans += 1;
+        self.spans += 1;
+        self.bytes = self.bytes - had + last.bytes.capacity();
+        // The batch before a new one is ready.
+        (started && followed) || last.spans == batch
     }
 
     /// The oldest batch, if it is ready: full, or followed by another.
@@ -248,15 +281,17 @@ impl Waiting {
     fn take_first(&mut self) -> Option<Batch> {
         let first = self.batches.pop_front()?;
         self.spans -= first.spans;
-        self.bytes -= first.bytes.len();
+        self.bytes -= first.bytes.capacity();
+        self.expect = first.bytes.len() - self.around.0;
         Some(first)
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Batch {
     spans: usize,
-    /// The spans' `ScopeSpans.spans` fields.
+    /// The room for the request's head, then the spans' `ScopeSpans.spans`
+    /// fields, with room after them for its tail.
     bytes: Vec<u8>,
 }
 
@@ -269,7 +304,11 @@ thread_local! {
 impl Queue {
     /// Starts the exporting thread.
     pub(super) fn start(settings: Settings, header: otlp::Header) -> Result<Queue, String> {
-        let shared = Arc::new(Shared { waiting: Mutex::default(), work: Condvar::new(), stopped: Condvar::new() });
+        let shared = Arc::new(Shared {
+            waiting: Mutex::new(Waiting::new(header.room())),
+            work: Condvar::new(),
+            stopped: Condvar::new(),
+        });
         let (queue, batch) = (settings.queue, settings.batch);
         let sender = Sender::new(settings, header)?;
         let thread = shared.clone();
@@ -392,7 +431,7 @@ impl Sender {
             for batch in batches {
                 let deadline = Instant::now() + self.settings.timeout;
                 let deadline = stopping.map_or(deadline, |stopping| stopping.min(deadline));
-                if let Err(why) = self.send(self.header.request(&batch.bytes), deadline) {
+                if let Err(why) = self.send(self.header.wrap(batch.bytes), deadline) {
                     self.warn(&why);
                 }
             }
@@ -405,8 +444,7 @@ impl Sender {
 
     /// Posts one request, sending it again (up to [`RETRIES`] times) while
     /// the collector cannot take it now, until `deadline`.
-    fn send(&self, body: Vec<u8>, deadline: Instant) -> Result<(), String> {
-        let body = bytes::Bytes::from(body);
+    fn send(&self, body: bytes::Bytes, deadline: Instant) -> Result<(), String> {
         let url = &self.settings.endpoint;
         self.runtime.block_on(async {
             let (mut wait, mut retries) = (FIRST_RETRY, 0);
@@ -478,19 +516,27 @@ impl Sender {
 mod tests {
     use super::*;
 
+    /// The bytes the batches of `waiting` have allocated.
+    fn allocated(waiting: &Waiting) -> usize {
+        waiting.batches.iter().map(|batch| batch.bytes.capacity()).sum()
+    }
+
     #[test]
     fn what_waits_is_bounded_in_spans_and_in_bytes_and_batched_by_both() {
         let mut waiting = Waiting::default();
-        // Spans of 1 MiB: four to a batch, 64 in all, whatever the count
+        // Spans of 1 MiB: four to a batch. The first batch grows to 4 MiB;
+        // each after it starts with room for as much and a quarter more,
+        // and that room counts: 52 spans fit in 64 MiB, whatever the count
         // allows.
         let big = vec![7u8; 1 << 20];
         let ready: Vec<bool> = (0..100).map(|_| waiting.add(&big, 10_000, 512)).collect();
-        assert_eq!((waiting.spans, waiting.bytes, waiting.dropped), (64, MAX_WAITING_BYTES, 36));
+        assert_eq!((waiting.spans, waiting.bytes, waiting.dropped), (52, MAX_WAITING_BYTES, 48));
+        assert_eq!(allocated(&waiting), waiting.bytes);
         assert!(waiting.batches.iter().all(|batch| batch.bytes.len() <= MAX_BATCH_BYTES && batch.spans == 4));
         // Each batch is ready as the next one starts.
-        assert_eq!(ready.iter().filter(|ready| **ready).count(), 15);
+        assert_eq!(ready.iter().filter(|ready| **ready).count(), 12);
         let first = waiting.ready(512).expect("a batch followed by others is ready");
-        assert_eq!((first.spans, waiting.spans, waiting.bytes), (4, 60, 60 << 20));
+        assert_eq!((first.spans, waiting.spans, waiting.bytes), (4, 48, 60 << 20));
         // Small spans: a batch is ready when it holds `batch`; no more than
         // `queue` wait.
         let mut waiting = Waiting::default();
@@ -507,5 +553,23 @@ mod tests {
         waiting.stopping = Some(Instant::now());
         assert!(!waiting.add(b"late", 5, 2));
         assert_eq!((waiting.spans, waiting.dropped), (0, 5));
+    }
+
+    #[test]
+    fn room_a_batch_does_not_fill_counts_against_the_bound() {
+        // One span a batch (OTEL_BSP_MAX_EXPORT_BATCH_SIZE=1), large and
+        // small in turn: a small span's batch starts with the room the
+        // large one before it took, and that room is counted.
+        let mut waiting = Waiting::new((64, 16));
+        let (big, small) = (vec![7u8; 1 << 20], vec![7u8; 10]);
+        for i in 0..1_000 {
+            waiting.add(if i % 2 == 0 { &big } else { &small }, 10_000, 1);
+            assert_eq!(allocated(&waiting), waiting.bytes);
+            assert!(waiting.bytes <= MAX_WAITING_BYTES);
+        }
+        assert!(waiting.dropped > 0);
+        // What leaves the queue leaves the count.
+        while waiting.take_first().is_some() {}
+        assert_eq!((waiting.spans, waiting.bytes), (0, 0));
     }
 }

@@ -48,24 +48,36 @@ impl Header {
         Header { resource: (about, resource_url), scope: (named, scope_url) }
     }
 
-    /// An `ExportTraceServiceRequest` of `spans`, the bytes [`span`]
-    /// wrote for each.
-    pub(super) fn request(&self, spans: &[u8]) -> Vec<u8> {
+    /// The room a batch keeps before its spans and after them, for
+    /// [`Header::wrap`] to write the request's head and tail in place.
+    pub(super) fn room(&self) -> (usize, usize) {
+        // Each length takes at most ten bytes as a varint.
+        let head = 2 * (1 + 10) + self.resource.0.len() + self.scope.0.len();
+        (head, self.scope.1.len() + self.resource.1.len())
+    }
+
+    /// An `ExportTraceServiceRequest` of the spans in `batch`: the bytes
+    /// [`span`] wrote for each, after `self.room().0` bytes of room. The
+    /// request is written around them, so a batch of spans is not copied
+    /// to be sent.
+    pub(super) fn wrap(&self, mut batch: Vec<u8>) -> bytes::Bytes {
+        let (room, _) = self.room();
         let (resource, resource_url) = &self.resource;
         let (scope, scope_url) = &self.scope;
-        let scope_spans = scope.len() + spans.len() + scope_url.len();
+        let scope_spans = scope.len() + (batch.len() - room) + scope_url.len();
         let resource_spans = resource.len() + field_len(scope_spans) + resource_url.len();
-        let mut out = Vec::with_capacity(field_len(resource_spans));
-        key(&mut out, 1, LEN);
-        varint(&mut out, resource_spans as u64);
-        out.extend_from_slice(resource);
-        key(&mut out, 2, LEN);
-        varint(&mut out, scope_spans as u64);
-        out.extend_from_slice(scope);
-        out.extend_from_slice(spans);
-        out.extend_from_slice(scope_url);
-        out.extend_from_slice(resource_url);
-        out
+        let mut head = Vec::with_capacity(room);
+        key(&mut head, 1, LEN);
+        varint(&mut head, resource_spans as u64);
+        head.extend_from_slice(resource);
+        key(&mut head, 2, LEN);
+        varint(&mut head, scope_spans as u64);
+        head.extend_from_slice(scope);
+        let start = room - head.len();
+        batch[start..room].copy_from_slice(&head);
+        batch.extend_from_slice(scope_url);
+        batch.extend_from_slice(resource_url);
+        bytes::Bytes::from(batch).slice(start..)
     }
 }
 
@@ -433,7 +445,8 @@ mod tests {
             .with_schema_url("https://schema/2")
             .build();
         let spans = spans(&scope);
-        let mut written = Vec::new();
+        let header = Header::new(&resource, &scope);
+        let mut written = vec![0; header.room().0];
         for data in &spans {
             let ended = Ended {
                 context: &data.span_context,
@@ -449,12 +462,12 @@ mod tests {
             };
             span(&mut written, &ended);
         }
-        let header = Header::new(&resource, &scope);
-        let ours = ExportTraceServiceRequest::decode(&header.request(&written)[..]).expect("a request that decodes");
+        let request = header.wrap(written);
+        let ours = ExportTraceServiceRequest::decode(&request[..]).expect("a request that decodes");
         let theirs =
             ExportTraceServiceRequest { resource_spans: group_spans_by_resource_and_scope(spans, &(&resource).into()) };
         assert_eq!(ours, theirs);
         // And byte for byte what prost writes of the same message.
-        assert_eq!(header.request(&written), theirs.encode_to_vec());
+        assert_eq!(request, theirs.encode_to_vec());
     }
 }
