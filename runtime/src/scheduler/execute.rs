@@ -311,12 +311,15 @@ async fn execution(
                 }
                 let step_id = path.to_string();
                 let attempt_span = span.child("attempt", || {
-                    vec![
+                    // With room for the three recorded as it ends, and a failure.
+                    let mut attributes = Vec::with_capacity(8);
+                    attributes.extend([
                         KeyValue::new("stepbox.step", step_id.clone()),
                         KeyValue::new("stepbox.tenant", shared.base.tenant.name.clone()),
                         KeyValue::new("stepbox.component", name.to_owned()),
                         KeyValue::new("stepbox.component_digest", component.digest().clone()),
-                    ]
+                    ]);
+                    attributes
                 });
                 let request = AttemptRequest {
                     context: StepContext {

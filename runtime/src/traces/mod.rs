@@ -154,9 +154,9 @@ impl Recorded {
     fn add(&mut self, limit: u32, mut attributes: Vec<KeyValue>) {
         clip(&mut attributes);
         if self.attributes.is_empty() && attributes.len() <= limit as usize {
-            // A span's first attributes: room for the few it records later.
+            // A span's first attributes, kept as they come (with whatever
+            // room their maker left for what the span records later).
             self.attributes = attributes;
-            self.attributes.reserve(4);
             return;
         }
         for attribute in attributes {
