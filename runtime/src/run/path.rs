@@ -69,7 +69,13 @@ impl StepPath {
 
 impl fmt::Display for StepPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.ids.join("."))?;
+        // Written id by id: a path is made text for every attempt.
+        for (i, id) in self.ids.iter().enumerate() {
+            if i > 0 {
+                f.write_str(".")?;
+            }
+            f.write_str(id)?;
+        }
         match self.item {
             Some(index) => write!(f, "[{index}]"),
             None => Ok(()),
