@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
-use opentelemetry::KeyValue;
 use parking_lot::Mutex;
 use serde_json::Value;
 use tokio::sync::broadcast::error::TryRecvError;
@@ -217,13 +216,11 @@ impl Worker {
             // coordinator's attempt span, and denials are its events. A
             // worker that does not export hands the coordinator's on.
             Ok((component, mut request)) => {
-                let span = request.span.child("worker attempt", || {
-                    vec![
-                        KeyValue::new("stepbox.step", request.context.step_id.clone()),
-                        KeyValue::new("stepbox.attempt", i64::from(number)),
-                        KeyValue::new("stepbox.tenant", request.context.tenant.clone()),
-                        KeyValue::new("stepbox.worker", self.config.owner.clone()),
-                    ]
+                let span = request.span.child("worker attempt", |span| {
+                    span.text("stepbox.step", &request.context.step_id)
+                        .int("stepbox.attempt", i64::from(number))
+                        .text("stepbox.tenant", &request.context.tenant)
+                        .text("stepbox.worker", &self.config.owner);
                 });
                 if span.traceparent().is_some() {
                     request.span = span.clone();

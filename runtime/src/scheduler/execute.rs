@@ -310,16 +310,11 @@ async fn execution(
                     limits.fuel = granted;
                 }
                 let step_id = path.to_string();
-                let attempt_span = span.child("attempt", || {
-                    // With room for the three recorded as it ends, and a failure.
-                    let mut attributes = Vec::with_capacity(8);
-                    attributes.extend([
-                        KeyValue::new("stepbox.step", step_id.clone()),
-                        KeyValue::new("stepbox.tenant", shared.base.tenant.name.clone()),
-                        KeyValue::new("stepbox.component", name.to_owned()),
-                        KeyValue::new("stepbox.component_digest", component.digest().clone()),
-                    ]);
-                    attributes
+                let attempt_span = span.child("attempt", |span| {
+                    span.text("stepbox.step", &step_id)
+                        .text("stepbox.tenant", &shared.base.tenant.name)
+                        .text("stepbox.component", name)
+                        .text("stepbox.component_digest", component.digest());
                 });
                 let request = AttemptRequest {
                     context: StepContext {
@@ -349,12 +344,10 @@ async fn execution(
                     }
                 };
                 // A worker's attempt counts on past the tries lost before it.
-                attempt_span.record(|| {
-                    vec![
-                        KeyValue::new("stepbox.attempt", i64::from(attempt.attempt)),
-                        KeyValue::new("stepbox.fuel", crate::traces::count(attempt.fuel_consumed)),
-                        KeyValue::new("stepbox.peak_memory", crate::traces::count(attempt.peak_memory)),
-                    ]
+                attempt_span.record(|span| {
+                    span.int("stepbox.attempt", i64::from(attempt.attempt))
+                        .int("stepbox.fuel", crate::traces::count(attempt.fuel_consumed))
+                        .int("stepbox.peak_memory", crate::traces::count(attempt.peak_memory));
                 });
                 attempt_span.record_failure(&attempt);
                 drop(attempt_span);

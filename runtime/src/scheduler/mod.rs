@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use futures_util::FutureExt as _;
 
-use opentelemetry::KeyValue;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -276,12 +275,10 @@ pub async fn run(
     // A run taken up again continues the trace of its first drive,
     // beneath it; the first drive records where that is.
     let first_drive = base.resume.trace.clone();
-    let span = crate::traces::Span::root("run", first_drive.as_ref().or(options.trace_parent.as_ref()), || {
-        vec![
-            KeyValue::new("stepbox.run_id", options.run_id.clone()),
-            KeyValue::new("stepbox.workflow", workflow.name.clone()),
-            KeyValue::new("stepbox.tenant", options.tenant.name.clone()),
-        ]
+    let span = crate::traces::Span::root("run", first_drive.as_ref().or(options.trace_parent.as_ref()), |span| {
+        span.text("stepbox.run_id", &options.run_id)
+            .text("stepbox.workflow", &workflow.name)
+            .text("stepbox.tenant", &options.tenant.name);
     });
     let shared =
         Shared::new(sandbox.clone(), workflow.clone(), components, &inputs, &options, base, None, span.clone());
@@ -337,7 +334,9 @@ pub async fn run(
         error = stopped(&shared);
     }
     shared.emit(RunEvent::RunFinished { status });
-    span.record(|| vec![KeyValue::new("stepbox.status", status.as_str())]);
+    span.record(|span| {
+        span.text("stepbox.status", status.as_str());
+    });
     let run = Run {
         id: options.run_id,
         workflow: workflow.name.clone(),
@@ -565,8 +564,9 @@ pub(crate) async fn run_graph(shared: Arc<Shared>, fail_fast: bool) -> GraphRepo
                     shared.context.steps.set(i, StepStatus::Running, None);
                     // `always` steps outlive --fail-fast, not a cancelled run.
                     let token = if steps[i].always { cancel.clone() } else { fail_fast_token.clone() };
-                    let span =
-                        shared.span.child("step", || vec![KeyValue::new("stepbox.step", shared.path(i).to_string())]);
+                    let span = shared.span.child("step", |span| {
+                        span.text("stepbox.step", &shared.path(i).to_string());
+                    });
                     let step = execute::step(shared.clone(), i, token, span);
                     let runs = matches!(steps[i].action, crate::workflow::Action::Run { .. });
                     if runs && running.is_empty() && ready.is_empty() {

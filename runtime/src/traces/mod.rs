@@ -123,8 +123,11 @@ struct Open {
 
 #[derive(Debug, Default)]
 struct Recorded {
-    attributes: Vec<KeyValue>,
-    /// Attributes and events beyond the span limits, counted.
+    /// Its attributes, written as OTLP's `Span.attributes` as they come.
+    attributes: Vec<u8>,
+    /// How many `attributes` holds, and how many more the span limits
+    /// dropped.
+    kept_attributes: u32,
     dropped_attributes: u32,
     events: Vec<Event>,
     dropped_events: u32,
@@ -137,35 +140,70 @@ struct Recorded {
 /// limits' 128 attributes and 128 events.
 const MAX_TEXT: usize = 1024;
 
+/// `text` cut to [`MAX_TEXT`] bytes.
+fn clipped(text: &str) -> &str {
+    &text[..text.floor_char_boundary(MAX_TEXT)]
+}
+
 /// Cuts the text values of `attributes` to [`MAX_TEXT`] bytes.
 fn clip(attributes: &mut [KeyValue]) {
     for attribute in attributes {
         if let Value::String(text) = &attribute.value
             && text.as_str().len() > MAX_TEXT
         {
-            let text = text.as_str();
-            attribute.value = Value::from(text[..text.floor_char_boundary(MAX_TEXT)].to_owned());
+            attribute.value = Value::from(clipped(text.as_str()).to_owned());
         }
     }
 }
 
-impl Recorded {
-    /// Adds `attributes`, within the span's limit.
-    fn add(&mut self, limit: u32, mut attributes: Vec<KeyValue>) {
-        clip(&mut attributes);
-        if self.attributes.is_empty() && attributes.len() <= limit as usize {
-            // A span's first attributes, kept as they come (with whatever
-            // room their maker left for what the span records later).
-            self.attributes = attributes;
-            return;
+/// What a span is given as attributes: each is written as OTLP's bytes
+/// at once, so no text is copied into owned values to be encoded when the
+/// span ends. Past the span limits' count they are counted, not kept.
+pub struct Attributes<'a> {
+    recorded: &'a mut Recorded,
+    limit: u32,
+}
+
+impl Attributes<'_> {
+    /// A text attribute, cut to 1 KiB.
+    pub fn text(&mut self, name: &str, value: &str) -> &mut Self {
+        self.add(|out| otlp::text_attribute(out, name, clipped(value)))
+    }
+
+    /// A whole-number attribute.
+    pub fn int(&mut self, name: &str, value: i64) -> &mut Self {
+        self.add(|out| otlp::int_attribute(out, name, value))
+    }
+
+    /// Attributes OpenTelemetry made (its sampler's).
+    fn values(&mut self, attributes: &mut [KeyValue]) {
+        clip(attributes);
+        for attribute in attributes.iter() {
+            self.add(|out| otlp::attribute(out, attribute.key.as_str(), &attribute.value));
         }
-        for attribute in attributes {
-            if self.attributes.len() < limit as usize {
-                self.attributes.push(attribute);
-            } else {
-                self.dropped_attributes = self.dropped_attributes.saturating_add(1);
+    }
+
+    fn add(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> &mut Self {
+        let recorded = &mut *self.recorded;
+        if recorded.kept_attributes < self.limit {
+            if recorded.attributes.capacity() == 0 {
+                // Room for a span's usual attributes at once, not grown
+                // (and copied) by a few bytes at a time.
+                recorded.attributes.reserve(256);
             }
+            write(&mut recorded.attributes);
+            recorded.kept_attributes += 1;
+        } else {
+            recorded.dropped_attributes = recorded.dropped_attributes.saturating_add(1);
         }
+        self
+    }
+}
+
+impl Recorded {
+    /// Attributes for `attributes` to write, within `limit` in all.
+    fn attributes(&mut self, limit: u32) -> Attributes<'_> {
+        Attributes { recorded: self, limit }
     }
 }
 
@@ -194,14 +232,14 @@ impl Drop for Open {
 impl Span {
     /// A span with no parent in this process: a run's (beneath `parent`,
     /// another process's span or an earlier drive's, when given).
-    /// `attributes` are built only when the span is exported.
-    pub fn root(name: &'static str, parent: Option<&TraceParent>, attributes: impl FnOnce() -> Vec<KeyValue>) -> Span {
+    /// `attributes` are written only when the span is exported.
+    pub fn root(name: &'static str, parent: Option<&TraceParent>, attributes: impl FnOnce(&mut Attributes)) -> Span {
         let Some(tracer) = *TRACER.read() else { return Span::default() };
         Span::open(tracer, name, parent.map(TraceParent::span_context).as_ref(), attributes)
     }
 
     /// A span beneath this one; none when this one is not traced here.
-    pub fn child(&self, name: &'static str, attributes: impl FnOnce() -> Vec<KeyValue>) -> Span {
+    pub fn child(&self, name: &'static str, attributes: impl FnOnce(&mut Attributes)) -> Span {
         match &self.0 {
             Place::None => Span::default(),
             Place::Remote(parent) => Span::root(name, Some(parent), attributes),
@@ -224,7 +262,7 @@ impl Span {
         tracer: &'static Tracer,
         name: &'static str,
         parent: Option<&SpanContext>,
-        attributes: impl FnOnce() -> Vec<KeyValue>,
+        attributes: impl FnOnce(&mut Attributes),
     ) -> Span {
         let config = &tracer.config;
         let mut recorded = Recorded::default();
@@ -232,26 +270,22 @@ impl Span {
         let (trace_id, flags, trace_state) = match parent {
             Some(parent) if !parent.is_remote() => {
                 if parent.is_sampled() {
-                    recorded.add(limit, attributes());
+                    attributes(&mut recorded.attributes(limit));
                 }
                 (parent.trace_id(), parent.trace_flags(), parent.trace_state().clone())
             }
             _ => {
                 let trace_id = parent.map_or_else(|| config.id_generator.new_trace_id(), SpanContext::trace_id);
-                let attributes = attributes();
                 let parent = parent.map(|parent| Context::new().with_remote_span_context(parent.clone()));
-                let sampled = config.sampler.should_sample(
-                    parent.as_ref(),
-                    trace_id,
-                    name,
-                    &SpanKind::Internal,
-                    &attributes,
-                    &[],
-                );
+                // No sampler OpenTelemetry's environment can choose reads
+                // the attributes, so they are written only once sampled.
+                let mut sampled =
+                    config.sampler.should_sample(parent.as_ref(), trace_id, name, &SpanKind::Internal, &[], &[]);
                 let flags = match sampled.decision {
                     SamplingDecision::RecordAndSample => {
-                        recorded.add(limit, attributes);
-                        recorded.add(limit, sampled.attributes);
+                        let mut kept = recorded.attributes(limit);
+                        attributes(&mut kept);
+                        kept.values(&mut sampled.attributes);
                         TraceFlags::SAMPLED
                     }
                     // Recorded only to be sampled: nothing else reads a span.
@@ -281,10 +315,10 @@ impl Span {
         }
     }
 
-    /// Sets attributes on the span, built only when it is exported.
-    pub fn record(&self, attributes: impl FnOnce() -> Vec<KeyValue>) {
+    /// Sets attributes on the span, written only when it is exported.
+    pub fn record(&self, attributes: impl FnOnce(&mut Attributes)) {
         if let Some((open, mut recorded)) = self.recording() {
-            recorded.add(open.tracer.config.span_limits.max_attributes_per_span, attributes());
+            attributes(&mut recorded.attributes(open.tracer.config.span_limits.max_attributes_per_span));
         }
     }
 
@@ -315,7 +349,7 @@ impl Span {
             && let Some((open, mut recorded)) = self.recording()
         {
             let limit = open.tracer.config.span_limits.max_attributes_per_span;
-            recorded.add(limit, vec![KeyValue::new("stepbox.failure_class", failure.kind.as_str())]);
+            recorded.attributes(limit).text("stepbox.failure_class", failure.kind.as_str());
             recorded.status = Status::error(failure.kind.as_str());
         }
     }

@@ -91,7 +91,8 @@ pub(super) struct Ended<'a> {
     pub name: &'a str,
     pub start: SystemTime,
     pub end: SystemTime,
-    pub attributes: &'a [KeyValue],
+    /// Its attributes, as [`attribute`] and its kin wrote them.
+    pub attributes: &'a [u8],
     pub dropped_attributes: u32,
     pub events: &'a [Event],
     pub dropped_events: u32,
@@ -113,7 +114,7 @@ pub(super) fn span(out: &mut Vec<u8>, span: &Ended) {
         number(body, 6, INTERNAL);
         fixed64(body, 7, nanos(span.start));
         fixed64(body, 8, nanos(span.end));
-        attributes(body, 9, span.attributes);
+        body.extend_from_slice(span.attributes);
         number(body, 10, span.dropped_attributes.into());
         for event in span.events {
             message(body, 11, 1, |body| {
@@ -165,18 +166,39 @@ fn attributes<'a>(out: &mut Vec<u8>, field: u32, attributes: impl IntoIterator<I
     }
 }
 
+/// A span's attribute (one of `Span.attributes`), written when it is
+/// given, for [`span`] to copy as it is.
+pub(super) fn attribute(out: &mut Vec<u8>, name: &str, value: &Value) {
+    key_value(out, 9, name, value);
+}
+
+/// A span's text attribute, written without making it a [`Value`].
+pub(super) fn text_attribute(out: &mut Vec<u8>, name: &str, value: &str) {
+    key_value_with(out, 9, name, field_len(value.len()), |out| always_string(out, 1, value));
+}
+
+/// A span's whole-number attribute.
+pub(super) fn int_attribute(out: &mut Vec<u8>, name: &str, value: i64) {
+    key_value_with(out, 9, name, 1 + varint_len(value as u64), |out| int_value(out, value));
+}
+
 /// A `KeyValue`, its lengths reckoned before it is written: attributes
 /// are most of a span, and moving each into place would cost more than
 /// writing it.
 #[inline]
 fn key_value(out: &mut Vec<u8>, field: u32, name: &str, value: &Value) {
-    let any = any_value_len(value);
+    key_value_with(out, field, name, any_value_len(value), |out| any_value(out, value));
+}
+
+/// A `KeyValue` whose `AnyValue` takes `any` bytes, as `value` writes it.
+#[inline]
+fn key_value_with(out: &mut Vec<u8>, field: u32, name: &str, any: usize, value: impl FnOnce(&mut Vec<u8>)) {
     key(out, field, LEN);
     varint(out, (field_len(name.len()) + field_len(any)) as u64);
     always_string(out, 1, name);
     key(out, 2, LEN);
     varint(out, any as u64);
-    any_value(out, value);
+    value(out);
 }
 
 /// The one field of an `AnyValue` its value sets (written even when it is
@@ -448,13 +470,23 @@ mod tests {
         let header = Header::new(&resource, &scope);
         let mut written = vec![0; header.room().0];
         for data in &spans {
+            let mut attributes = Vec::new();
+            for (i, kv) in data.attributes.iter().enumerate() {
+                // Each way an attribute is written.
+                let name = kv.key.as_str();
+                match &kv.value {
+                    Value::String(text) if i % 2 == 0 => text_attribute(&mut attributes, name, text.as_str()),
+                    Value::I64(n) => int_attribute(&mut attributes, name, *n),
+                    value => attribute(&mut attributes, name, value),
+                }
+            }
             let ended = Ended {
                 context: &data.span_context,
                 parent: (data.parent_span_id, data.parent_span_is_remote),
                 name: &data.name,
                 start: data.start_time,
                 end: data.end_time,
-                attributes: &data.attributes,
+                attributes: &attributes,
                 dropped_attributes: data.dropped_attributes_count,
                 events: &data.events.events,
                 dropped_events: data.events.dropped_count,
