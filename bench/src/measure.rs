@@ -171,6 +171,15 @@ impl Report {
         self.rows.push(Row { what: what.to_owned(), value: shown, ratio, target });
     }
 
+    /// A time measured in turns with a baseline named `baseline`, and the
+    /// ratio the turns give (the median of each turn's own ratio, which
+    /// a machine's drift from one turn to the next moves less than a
+    /// ratio of two medians).
+    pub fn paired(&mut self, what: &str, value: Duration, baseline: &str, ratio: f64, target: Target) {
+        let ratio = Some((baseline.to_owned(), ratio));
+        self.rows.push(Row { what: what.to_owned(), value: Value::Time(value), ratio, target });
+    }
+
     /// A count, with its ratio to `baseline`'s when given.
     pub fn count(&mut self, what: &str, count: f64, baseline: Option<(&str, f64)>) {
         let ratio = baseline.map(|(name, base)| (name.to_owned(), count / base.max(1e-12)));
