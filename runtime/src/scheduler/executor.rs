@@ -82,15 +82,16 @@ pub struct Local {
 }
 
 impl Executor for Local {
+    /// Starts at once (the attempt runs here, so its start is now) and
+    /// boxes the sandbox's future itself, not one wrapped around it: an
+    /// attempt's future is kilobytes, copied whole each time it is moved.
     fn run<'a>(&'a self, component: &'a StepComponent, attempt: Prepared, started: Option<Started<'a>>) -> Running<'a> {
-        Box::pin(async move {
-            if let Some(started) = started {
-                started();
-            }
-            match attempt.resolve(self.secrets_dir.as_deref()) {
-                Ok(request) => self.sandbox.run(component, request).await,
-                Err(refused) => *refused,
-            }
-        })
+        if let Some(started) = started {
+            started();
+        }
+        match attempt.resolve(self.secrets_dir.as_deref()) {
+            Ok(request) => Box::pin(self.sandbox.run(component, request)),
+            Err(refused) => Box::pin(std::future::ready(*refused)),
+        }
     }
 }
