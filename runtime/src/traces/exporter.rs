@@ -201,7 +201,8 @@ struct Waiting {
     /// with as much as that one holds), so a batch seldom grows, and is
     /// copied, as it fills.
     expect: usize,
-    /// Spans dropped because `queue` were waiting, not yet said.
+    /// Spans dropped because `queue` spans or [`MAX_WAITING_BYTES`]
+    /// were waiting, not yet said.
     dropped: u64,
     /// When to give up on what is left, once shutting down.
     stopping: Option<Instant>,
@@ -238,21 +239,34 @@ impl Waiting {
         }
         let (head, tail) = self.around;
         let full = |last: &Batch| last.spans >= batch || last.bytes.len() - head + span.len() > MAX_BATCH_BYTES;
-        // The room the span takes: a new batch's, or more of the last one's.
-        let (started, had, room) = match self.batches.back() {
-            Some(last) if !full(last) => {
+        let started = self.batches.back().is_none_or(full);
+        if started {
+            self.close_last();
+        }
+        // The room the span takes (a new batch's, or more of the last
+        // one's): as much as is expected when the bound allows it, else
+        // only what the span needs.
+        let (had, wants, needs) = match self.batches.back() {
+            Some(last) if !started => {
                 let (had, needs) = (last.bytes.capacity(), last.bytes.len() + span.len() + tail);
-                (false, had, if needs <= had { had } else { needs.max((2 * had).min(head + MAX_BATCH_BYTES + tail)) })
+                let doubled = (2 * had).min(head + MAX_BATCH_BYTES + tail);
+                (had, if needs <= had { had } else { needs.max(doubled) }, needs.max(had))
             }
             // A batch that follows another expects as much as that one
             // holds, a first as much as the last one sent held, and a
             // quarter more, as spans differ in size.
             last => {
-                let expect = last.map_or(self.expect, |last| last.bytes.len() - head);
-                (true, 0, head + span.len().max(expect + expect / 4) + tail)
+                let expect = last.map_or(self.expect, |last| last.bytes.len() - head).min(MAX_BATCH_BYTES);
+                (0, head + span.len().max(expect + expect / 4) + tail, head + span.len() + tail)
             }
         };
-        if self.spans >= queue || self.bytes - had + room > MAX_WAITING_BYTES {
+        let fits = |room: usize| self.bytes - had + room <= MAX_WAITING_BYTES;
+        let room = match (fits(wants), fits(needs)) {
+            (true, _) => wants,
+            (false, true) => needs,
+            (false, false) => 0,
+        };
+        if self.spans >= queue || room == 0 {
             self.dropped += 1;
             return false;
         }
@@ -270,6 +284,21 @@ impl Waiting {
         self.bytes = self.bytes - had + last.bytes.capacity();
         // The batch before a new one is ready.
         (started && followed) || last.spans == batch
+    }
+
+    /// Gives back what the last batch did not fill, as a new one starts
+    /// after it, when that is more than it holds: room kept for spans that
+    /// came smaller than the batch before would otherwise count against the
+    /// bound until the batch is sent.
+    fn close_last(&mut self) {
+        let tail = self.around.1;
+        if let Some(last) = self.batches.back_mut()
+            && last.bytes.capacity() > 2 * (last.bytes.len() + tail)
+        {
+            let had = last.bytes.capacity();
+            last.bytes.shrink_to(last.bytes.len() + tail);
+            self.bytes = self.bytes - had + last.bytes.capacity();
+        }
     }
 
     /// The oldest batch, if it is ready: full, or followed by another.
@@ -571,5 +600,51 @@ mod tests {
         // What leaves the queue leaves the count.
         while waiting.take_first().is_some() {}
         assert_eq!((waiting.spans, waiting.bytes), (0, 0));
+    }
+
+    #[test]
+    fn a_closed_batch_keeps_no_more_than_twice_what_it_holds() {
+        // Batches of large spans and of small ones in turn: a small batch
+        // starts with the large one's room and gives back what it did not
+        // fill once the next starts, so what waits is at least about half
+        // what the bound counts.
+        let mut waiting = Waiting::new((64, 16));
+        let (large, small) = (vec![7u8; 8_000], vec![7u8; 300]);
+        let mut i = 0;
+        while waiting.dropped == 0 {
+            waiting.add(if (i / 512) % 2 == 0 { &large } else { &small }, 1_000_000, 512);
+            i += 1;
+        }
+        assert_eq!(allocated(&waiting), waiting.bytes);
+        let closed = waiting.batches.len() - 1;
+        assert!(
+            waiting.batches.iter().take(closed).all(|batch| batch.bytes.capacity() <= 2 * (batch.bytes.len() + 16))
+        );
+        let held: usize = waiting.batches.iter().map(|batch| batch.bytes.len()).sum();
+        let open = waiting.batches[closed].bytes.capacity();
+        assert!(held >= (MAX_WAITING_BYTES - open) / 2, "{held} bytes held");
+    }
+
+    #[test]
+    fn one_huge_span_does_not_make_the_next_batch_huge() {
+        let mut waiting = Waiting::new((64, 16));
+        waiting.add(&vec![7u8; 6 << 20], 10, 512);
+        waiting.add(b"small", 10, 512);
+        let next = waiting.batches.back().expect("a second batch");
+        assert!(next.bytes.capacity() <= 64 + MAX_BATCH_BYTES + MAX_BATCH_BYTES / 4 + 16);
+        assert_eq!(allocated(&waiting), waiting.bytes);
+    }
+
+    #[test]
+    fn a_span_that_fits_is_kept_though_a_doubled_batch_would_not() {
+        // As if other batches held all but 3 MiB.
+        let mut waiting = Waiting::new((0, 0));
+        waiting.bytes = MAX_WAITING_BYTES - (3 << 20);
+        let span = vec![7u8; 1 << 20];
+        for _ in 0..3 {
+            waiting.add(&span, 10, 512);
+        }
+        // The third would double the batch to 4 MiB; it takes 3.
+        assert_eq!((waiting.spans, waiting.dropped, waiting.bytes), (3, 0, MAX_WAITING_BYTES));
     }
 }

@@ -175,7 +175,8 @@ impl Attributes<'_> {
         self.add(|out| otlp::int_attribute(out, name, value))
     }
 
-    /// Attributes OpenTelemetry made (its sampler's).
+    /// Attributes OpenTelemetry made: a sampler may add them (none of
+    /// those its environment chooses does yet).
     fn values(&mut self, attributes: &mut [KeyValue]) {
         clip(attributes);
         for attribute in attributes.iter() {
@@ -232,7 +233,7 @@ impl Drop for Open {
 impl Span {
     /// A span with no parent in this process: a run's (beneath `parent`,
     /// another process's span or an earlier drive's, when given).
-    /// `attributes` are written only when the span is exported.
+    /// `attributes` are written only when the span is sampled.
     pub fn root(name: &'static str, parent: Option<&TraceParent>, attributes: impl FnOnce(&mut Attributes)) -> Span {
         let Some(tracer) = *TRACER.read() else { return Span::default() };
         Span::open(tracer, name, parent.map(TraceParent::span_context).as_ref(), attributes)
@@ -315,14 +316,14 @@ impl Span {
         }
     }
 
-    /// Sets attributes on the span, written only when it is exported.
+    /// Sets attributes on the span, written only when it is sampled.
     pub fn record(&self, attributes: impl FnOnce(&mut Attributes)) {
         if let Some((open, mut recorded)) = self.recording() {
             attributes(&mut recorded.attributes(open.tracer.config.span_limits.max_attributes_per_span));
         }
     }
 
-    /// Adds an event, its attributes built only when the span is exported.
+    /// Adds an event, its attributes built only when the span is sampled.
     /// A span keeps as many as OpenTelemetry's span limits allow (a step
     /// can make an event of every request it is refused) and counts the
     /// rest.

@@ -59,7 +59,8 @@ impl Header {
     /// An `ExportTraceServiceRequest` of the spans in `batch`: the bytes
     /// [`span`] wrote for each, after `self.room().0` bytes of room. The
     /// request is written around them, so a batch of spans is not copied
-    /// to be sent.
+    /// to be sent, as long as the batch has `self.room().1` bytes of
+    /// capacity left for the tail.
     pub(super) fn wrap(&self, mut batch: Vec<u8>) -> bytes::Bytes {
         let (room, _) = self.room();
         let (resource, resource_url) = &self.resource;
