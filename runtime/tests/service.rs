@@ -597,13 +597,18 @@ fn approval(dir: &Path, timeout: &str, side_millis: u64) -> PathBuf {
 
 /// Waits until run `id` has `status`.
 async fn wait_for_status(api: &Api, id: &str, status: &str) -> Value {
+    wait_for(api, id, status, |report| report["status"] == status).await
+}
+
+/// Waits until run `id`'s report is `what`, as `is` tells.
+async fn wait_for(api: &Api, id: &str, what: &str, is: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, report) = api.get(&format!("/v1/runs/{id}")).await;
-        if report["status"] == status {
+        if is(&report) {
             return report;
         }
-        assert!(Instant::now() < deadline, "run {id} never became {status}: {report}");
+        assert!(Instant::now() < deadline, "run {id} never became {what}: {report}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -620,9 +625,10 @@ async fn a_waiting_step_parks_its_run_across_a_restart_until_its_event_comes() {
     let events = api.events(&id, None, |event| event["type"] == "run_finished").await;
     assert!(events.iter().any(|(_, e)| e["type"] == "wait_started" && e["event"] == "approve"), "{events:?}");
     assert_eq!(events.last().unwrap().1["status"], "waiting");
-    // Parked: no process holds it.
-    let report = wait_for_status(&api, &id, "waiting").await;
-    assert!(report.get("owner").is_none(), "{report}");
+    // Parked: no process holds it. The drive lets its lease go just after
+    // it records the run as waiting, so that comes a moment later.
+    let report =
+        wait_for(&api, &id, "parked", |report| report["status"] == "waiting" && report.get("owner").is_none()).await;
     assert_eq!(report["steps"][1]["status"], "waiting");
 
     // An event for no step, or to another tenant's run, is refused.
