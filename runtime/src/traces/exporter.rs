@@ -260,16 +260,11 @@ impl Waiting {
                 (0, head + span.len().max(expect + expect / 4) + tail, head + span.len() + tail)
             }
         };
-        let fits = |room: usize| self.bytes - had + room <= MAX_WAITING_BYTES;
-        let room = match (fits(wants), fits(needs)) {
-            (true, _) => wants,
-            (false, true) => needs,
-            (false, false) => 0,
-        };
-        if self.spans >= queue || room == 0 {
+        let fits = |room: &usize| self.bytes - had + room <= MAX_WAITING_BYTES;
+        let Some(room) = [wants, needs].into_iter().find(fits).filter(|_| self.spans < queue) else {
             self.dropped += 1;
             return false;
-        }
+        };
         if started {
             let mut bytes = Vec::with_capacity(room);
             bytes.resize(head, 0);
